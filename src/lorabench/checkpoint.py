@@ -1,0 +1,169 @@
+"""HF checkpoints in and out: the explicit name map between HF Llama and our modules, shard-by-shard loading,
+and canonical random weights.
+
+Loading reads one tensor at a time from each shard (safetensors ``safe_open``; ``torch.load(mmap=True)`` for
+``pytorch_model*.bin``) and copies it into a model allocated directly on the target device and dtype, so peak
+host memory stays at about one shard and device memory at one copy of the weights.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, ModelConfig
+
+# HF LlamaForCausalLM name -> our name; {i} is the layer index.
+_LAYER_MAP = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn.q_proj",
+    "self_attn.k_proj": "attn.k_proj",
+    "self_attn.v_proj": "attn.v_proj",
+    "self_attn.o_proj": "attn.o_proj",
+    "post_attention_layernorm": "mlp_norm",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+}
+_TOP_MAP = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head"}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_NATIVE_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def hf_to_native(module: str) -> str:
+    """'model.layers.3.self_attn.q_proj' -> 'layers.3.attn.q_proj' (module names, no '.weight')."""
+    if module in _TOP_MAP:
+        return _TOP_MAP[module]
+    m = _LAYER_RE.match(module)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    raise KeyError(module)
+
+
+def native_to_hf(module: str) -> str:
+    inv_top = {v: k for k, v in _TOP_MAP.items()}
+    if module in inv_top:
+        return inv_top[module]
+    inv_layer = {v: k for k, v in _LAYER_MAP.items()}
+    m = _NATIVE_LAYER_RE.match(module)
+    if m and m.group(2) in inv_layer:
+        return f"model.layers.{m.group(1)}.{inv_layer[m.group(2)]}"
+    raise KeyError(module)
+
+
+def hf_param_names(cfg: ModelConfig) -> list[str]:
+    """Every HF parameter name in the canonical order (the order HF's state_dict lists them)."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(cfg.num_hidden_layers):
+        for sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+            names.append(f"model.layers.{i}.{sub}.weight")
+    names.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def hf_param_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"embed_tokens": (cfg.vocab_size, h), "lm_head": (cfg.vocab_size, h), "q_proj": (h, h),
+              "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (cfg.intermediate_size, h),
+              "up_proj": (cfg.intermediate_size, h), "down_proj": (h, cfg.intermediate_size)}
+    for key, shape in shapes.items():
+        if f"{key}." in name:
+            return shape
+    return (h,)  # the norms
+
+
+def random_hf_weights(cfg: ModelConfig, seed: int, device, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Canonical random weights as (HF name, tensor): N(0, 0.02) matrices (HF's initializer_range), ones for the
+    norms, drawn in ``hf_param_names`` order from one generator on ``device``. Every engine that is handed this
+    stream through its name map starts from identical weights, without a CPU round-trip."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name in hf_param_names(cfg):
+        shape = hf_param_shape(cfg, name)
+        if len(shape) == 1:
+            yield name, torch.ones(shape, device=device, dtype=dtype)
+        else:
+            yield name, torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=g)
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The weight shards of an HF model folder: safetensors (single or indexed) first, then pytorch_model*.bin."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ConfigError(f"--model-dir {d}: no such folder (give an HF-format Llama folder, or --init random)")
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = d / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [f for f in files if not (d / f).is_file()]
+            if missing:
+                raise ConfigError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+            return [d / f for f in files]
+        if (d / single).is_file():
+            return [d / single]
+    raise ConfigError(f"--model-dir {d}: no model.safetensors(.index.json) or pytorch_model*.bin; "
+                      "download the full HF checkpoint there, or use --init random")
+
+
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor, one shard open at a time, tensors read lazily."""
+    for f in checkpoint_files(model_dir):
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    yield k, sf.get_tensor(k)
+        else:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            for k in list(sd):
+                yield k, sd.pop(k)
+
+
+def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_native: bool, source: str):
+    """Copy (HF name, tensor) pairs into ``model``'s parameters, converting dtype/device on the way.
+    ``to_native``: map names through ``hf_to_native`` (our engine) or use them as they are (HF model).
+    Fails naming the source on a missing, unexpected or mis-shaped tensor."""
+    params = dict(model.named_parameters())
+    seen = set()
+    for hf_name, t in tensors:
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer older HF checkpoints carry; we compute it
+        name = hf_name
+        if to_native:
+            try:
+                name = hf_to_native(hf_name.rsplit(".", 1)[0]) + "." + hf_name.rsplit(".", 1)[1]
+            except KeyError:
+                raise ConfigError(f"{source}: unexpected tensor {hf_name!r} (not a Llama weight)") from None
+        if name not in params:
+            raise ConfigError(f"{source}: unexpected tensor {hf_name!r}")
+        p = params[name]
+        if tuple(p.shape) != tuple(t.shape):
+            raise ConfigError(f"{source}: {hf_name} has shape {tuple(t.shape)}, the config says {tuple(p.shape)}; "
+                              "does config.json match the weights?")
+        with torch.no_grad():
+            p.copy_(t)
+        seen.add(name)
+    tied = {n for n, p in params.items() if any(p is q for m, q in params.items() if m != n and m in seen)}
+    missing = [n for n in params if n not in seen and n not in tied and ".lora_" not in n]
+    if missing:
+        raise ConfigError(f"{source}: missing tensors for {', '.join(missing[:5])}"
+                          f"{' ...' if len(missing) > 5 else ''}")
+
+
+def write_hf_dir(out_dir: str | Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor]):
+    """Write config.json + model.safetensors in HF layout (used to build the bundled tiny model and in tests)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})

@@ -1,0 +1,149 @@
+"""lorabench command line: ``run`` (fine-tune and measure), ``eval`` (MMLU 5-shot), ``bench`` (engines side by side).
+
+    lorabench run                                   # the bundled tiny default, CPU, under a minute
+    lorabench run --model-dir /data/Llama-2-7b-hf --data /data/samsum --preset flagperf-fp16 --device cuda
+    lorabench run --init random --model llama2-7b --data synthetic --preset bf16 --max-steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import TRAIN_PRESETS, ConfigError, resolve_preset
+
+TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
+    "--precision": ("precision", str, "fp32, tf32, fp16 (fp16 weights + GradScaler) or bf16"),
+    "--batch-size": ("batch_size", int, "local batch size (packed sequences per micro-batch per chip)"),
+    "--seq-len": ("seq_len", int, "tokens per packed sequence"),
+    "--grad-accum": ("grad_accum", int, "micro-batches per optimiser step"),
+    "--epochs": ("epochs", int, "passes over the training data"),
+    "--max-steps": ("max_steps", int, "stop after this many optimiser steps"),
+    "--lr": ("lr", float, "AdamW learning rate"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay"),
+    "--lr-gamma": ("lr_gamma", float, "StepLR decay per epoch"),
+    "--warmup-steps": ("warmup_steps", int, "steps left out of the timing"),
+    "--eval-batches": ("eval_batches", int, "validation batches after training (0 skips)"),
+    "--seed": ("seed", int, "seed for random weights, adapter init, shuffling and dropout"),
+}
+LORA_FLAGS = {
+    "--lora-r": ("r", int, "adapter rank"),
+    "--lora-alpha": ("alpha", float, "adapter scale numerator (scale = alpha / r)"),
+    "--lora-dropout": ("dropout", float, "dropout on the adapter input"),
+    "--lora-targets": ("targets", lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+                       "comma-separated projections, e.g. q_proj,v_proj"),
+}
+
+
+def _add_model_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--model-dir", type=Path, help="HF-format Llama folder (config.json, tokenizer, safetensors or "
+                   ".bin shards); default: the bundled tiny model")
+    g.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                   help="random: exact architecture with random weights made on the device (no weight files)")
+    g.add_argument("--model", dest="model_preset", help="shape preset for --init random without --model-dir "
+                   "(llama2-7b, llama2-13b, tiny)")
+    g.add_argument("--engine", default="native", help="native (ours, default) or reference (transformers + PEFT)")
+    g.add_argument("--attn", default="eager", choices=("eager", "sdpa"), help="attention of the reference engine")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _add_mmlu_flags(p: argparse.ArgumentParser, default_dir: bool):
+    g = p.add_argument_group("MMLU")
+    g.add_argument("--mmlu", help="MMLU folder (dev/ + test/ CSVs, or cais/mmlu parquet) or HF dataset name"
+                   + ("; default: the bundled tiny sample with the tiny model, none otherwise" if default_dir else ""))
+    if default_dir:
+        g.add_argument("--no-mmlu", action="store_true", help="skip the MMLU check")
+    g.add_argument("--subjects", help="comma-separated subjects (default: all found)")
+    g.add_argument("--shots", type=int, default=5, help="few-shot examples per question")
+    g.add_argument("--mmlu-batch-size", type=int, default=None, help="questions per forward pass")
+    g.add_argument("--limit", type=int, help="at most this many test questions per subject")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lorabench", description="LoRA fine-tuning benchmark and trainer for Llama "
+                                 "models (FlagPerf llama2_7b_finetune, measured honestly).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="fine-tune with LoRA and measure (default: bundled tiny model on CPU)",
+                         description="Fine-tune with LoRA on samsum-format data; writes <run-dir>/result.json, "
+                         "report.md and the adapter (PEFT format).")
+    run.add_argument("--preset", default=None, help=f"one of {', '.join(TRAIN_PRESETS)} (default: tiny for the "
+                     "bundled model, flagperf-fp32 otherwise)")
+    run.add_argument("--data", help="samsum corpus.7z, a folder of train/val/test files, a .json/.jsonl/.csv/"
+                     ".parquet file, an HF dataset name, or 'synthetic'; default: the bundled tiny data")
+    run.add_argument("--tf32", action="store_true", help="TF32 matmuls with fp32 weights (precision tf32)")
+    _add_model_flags(run)
+    g = run.add_argument_group("training (override the preset)")
+    for flag, (_, typ, hlp) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
+        g.add_argument(flag, type=typ, default=None, help=hlp)
+    run.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device the table does not know")
+    run.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-<preset>-<engine>)")
+    run.add_argument("--cache-dir", type=Path, help="packed-data cache (default: $LORABENCH_CACHE or "
+                     "~/.cache/lorabench)")
+    run.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_mmlu_flags(run, default_dir=True)
+    return ap
+
+
+def cmd_run(a) -> int:
+    from .runner import TINY_DATA, TINY_MMLU, TINY_MODEL, Job, run_job
+
+    bundled = a.model_dir is None and a.model_preset is None
+    if a.init == "random" and a.model_dir is None and a.model_preset is None:
+        raise ConfigError("--init random needs --model (a shape preset such as llama2-7b) or --model-dir")
+    preset = a.preset or ("tiny" if bundled else "flagperf-fp32")
+    train_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in TRAIN_FLAGS.items()}
+    lora_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in LORA_FLAGS.items()}
+    if a.tf32:
+        if (train_kw["precision"] or TRAIN_PRESETS[preset].train.precision) not in ("fp32", "tf32"):
+            raise ConfigError("--tf32 applies to fp32 weights; drop it or use --precision fp32")
+        train_kw["precision"] = "tf32"
+    p = resolve_preset(preset, train_kw, lora_kw)
+    data = a.data or (str(TINY_DATA) if bundled or a.model_dir == TINY_MODEL else None)
+    if data is None:
+        raise ConfigError("--data is required with your own model (samsum folder/file, or 'synthetic')")
+    mmlu = None
+    if not a.no_mmlu and (a.mmlu or bundled):
+        mmlu = {"dir": a.mmlu or str(TINY_MMLU), "subjects": a.subjects, "shots": a.shots,
+                "batch_size": a.mmlu_batch_size, "limit": a.limit}
+    run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
+    job = Job(train=p.train, lora=p.lora, preset=preset, fix_hp=p.fix_hp, engine=a.engine,
+              model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
+              data=data, device=a.device, attn=a.attn, peak_tflops=a.peak_tflops, run_dir=run_dir,
+              save_adapter=not a.no_save_adapter, cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu)
+    result = run_job(job)
+    from .report import render_report
+
+    print(render_report(result))
+    print(f"wrote {run_dir / 'result.json'} and {run_dir / 'report.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run}[args.cmd](args)
+    except ConfigError as e:
+        print(f"lorabench: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"lorabench: error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("lorabench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            print("lorabench: error: out of device memory; lower --batch-size or --seq-len, or use a smaller "
+                  f"precision ({str(e).splitlines()[0]})", file=sys.stderr)
+            return 4
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

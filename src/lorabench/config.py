@@ -1,0 +1,211 @@
+"""Typed configs for lorabench: the model shape, the LoRA adapter and the training run.
+
+Every config is a dataclass with a docstring per field and validation in ``__post_init__``; named presets live
+in small dicts (``MODEL_PRESETS``, ``TRAIN_PRESETS``) and are plain data. The CLI exposes every field as a flag.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag or file and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (the fields of an HF ``config.json`` that matter)."""
+
+    vocab_size: int = 32000
+    """Number of token ids."""
+    hidden_size: int = 4096
+    """Width of the residual stream."""
+    intermediate_size: int = 11008
+    """Width of the SwiGLU MLP."""
+    num_hidden_layers: int = 32
+    """Number of decoder blocks."""
+    num_attention_heads: int = 32
+    """Query heads."""
+    num_key_value_heads: int = 32
+    """Key/value heads (fewer than query heads means grouped-query attention)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model was trained for."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon inside RMSNorm."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    tie_word_embeddings: bool = False
+    """Whether lm_head shares the input embedding (Llama-2: no)."""
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"model config: {f} must be positive, got {getattr(self, f)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model config: hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"model config: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_json(cls, path: str | Path) -> "ModelConfig":
+        """Read an HF ``config.json`` (or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json; --model-dir must be an HF-format model folder")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in raw.items() if k in known and v is not None}
+        kw.setdefault("num_key_value_heads", raw.get("num_attention_heads", cls.num_key_value_heads))
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ConfigError(f"{path}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        return cls(**kw)
+
+    def to_hf_dict(self) -> dict:
+        """The HF ``config.json`` content for this shape (LlamaForCausalLM)."""
+        d = asdict(self)
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 initializer_range=0.02, attention_bias=False, mlp_bias=False, torch_dtype="float32",
+                 pad_token_id=None)
+        return d
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Llama-2-7B / 13B: the published config.json values (REFERENCE section 2).
+    "llama2-7b": ModelConfig(),
+    "llama2-13b": ModelConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                              num_attention_heads=40, num_key_value_heads=40),
+    # The bundled tiny model (src/lorabench/assets/tiny-llama); grouped-query attention on purpose so the
+    # parity tests cover it.
+    "tiny": ModelConfig(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512),
+}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapter settings (FlagPerf's case: r 8, alpha 32, dropout 0.05 on q_proj and v_proj)."""
+
+    r: int = 8
+    """Rank of the adapter."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter output is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """Projection names that get an adapter (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."""
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ConfigError(f"--lora-r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise ConfigError(f"--lora-targets: unknown {bad or 'empty list'}; choose from {', '.join(LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: data shape, optimiser, precision and bookkeeping."""
+
+    precision: str = "fp32"
+    """fp32 (weights and math in fp32), tf32 (fp32 weights, TF32 matmuls), fp16 (fp16 weights + GradScaler,
+    as FlagPerf's model.half()), bf16 (bf16 weights). Adapter weights stay fp32, as PEFT keeps them."""
+    batch_size: int = 2
+    """Local batch size (LBS): packed sequences per micro-batch per chip."""
+    seq_len: int = 512
+    """Tokens per packed sequence (FlagPerf's MPE)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (GAS)."""
+    epochs: int = 3
+    """Passes over the training data."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (None: run all epochs)."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_gamma: float = 0.85
+    """StepLR decay applied after every epoch."""
+    warmup_steps: int = 3
+    """Optimiser steps left out of the timing statistics (compilation, allocator warm-up)."""
+    eval_batches: int | None = 16
+    """Validation batches for eval loss after training (0: skip; None: all)."""
+    seed: int = 42
+    """Seed for weights made at random, adapter init, shuffling and dropout."""
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("batch_size", "seq_len", "grad_accum", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point: training settings plus the LoRA config (the seed's rows, and the tiny default)."""
+
+    train: TrainConfig
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    fix_hp: str = "/"
+    """What the preset changes from the case's defaults, as the seed's table words it."""
+
+
+TRAIN_PRESETS: dict[str, Preset] = {
+    # The seed's first row: fp32, LBS 2, seq 512 (REFERENCE section 1).
+    "flagperf-fp32": Preset(TrainConfig(precision="fp32", batch_size=2, seq_len=512)),
+    # The seed's second row: fp16 weights (model.half()) + GradScaler, LBS 4.
+    "flagperf-fp16": Preset(TrainConfig(precision="fp16", batch_size=4, seq_len=512),
+                            fix_hp="precision=fp16, local_batchsize=4"),
+    "bf16": Preset(TrainConfig(precision="bf16", batch_size=4, seq_len=512), fix_hp="precision=bf16, local_batchsize=4"),
+    # The bundled tiny default: short sequences and a larger lr so that a CPU run shows learning in seconds.
+    "tiny": Preset(TrainConfig(precision="fp32", batch_size=8, seq_len=128, epochs=2, lr=2e-3, warmup_steps=2,
+                               eval_batches=None),
+                   fix_hp="tiny model, seq_len=128, LBS 8, lr 2e-3"),
+}
+
+
+def resolve_preset(name: str, train_overrides: dict, lora_overrides: dict) -> Preset:
+    """A preset with the user's flags applied (only keys whose value is not None)."""
+    if name not in TRAIN_PRESETS:
+        raise ConfigError(f"--preset: unknown {name!r}; choose from {', '.join(TRAIN_PRESETS)}")
+    p = TRAIN_PRESETS[name]
+    t = {k: v for k, v in train_overrides.items() if v is not None}
+    lo = {k: v for k, v in lora_overrides.items() if v is not None}
+    return Preset(replace(p.train, **t), replace(p.lora, **lo), p.fix_hp)

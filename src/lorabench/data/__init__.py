@@ -1,0 +1,1 @@
+"""Data: tokenizers (tokenizer.py), samsum loading (samsum.py), prompt formatting and packing (packing.py)."""

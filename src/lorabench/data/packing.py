@@ -1,0 +1,69 @@
+"""FlagPerf's samsum SFT data: prompt template, tokenisation, packing into fixed-length chunks, on-disk cache.
+
+Each record becomes ``"Summarize this dialog:\\n{dialogue}\\n---\\nSummary:\\n{summary}"`` tokenised with BOS (as the
+tokenizer config says) and EOS appended; all samples are concatenated in order and cut into ``seq_len`` chunks;
+the incomplete tail is dropped (REFERENCE section 1). Labels are the inputs (the model shifts them). Samples
+therefore share chunks and attend across their boundaries, exactly as the case trains.
+
+The packed array is cached as ``<cache>/<key>.npy`` with key = hash(tokenizer files, records content, seq_len,
+template), so a second run with the same data skips tokenisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .tokenizer import Tokenizer
+
+PROMPT = "Summarize this dialog:\n{dialogue}\n---\nSummary:\n"
+_CACHE_VERSION = "1"
+
+
+def format_sample(rec: dict) -> str:
+    return PROMPT.format(dialogue=rec["dialogue"]) + rec["summary"]
+
+
+def pack(token_lists: list[list[int]], seq_len: int) -> np.ndarray:
+    """Concatenate and cut into [n_chunks, seq_len] (int32); the remainder shorter than seq_len is dropped."""
+    flat = np.fromiter((t for ids in token_lists for t in ids), dtype=np.int32)
+    n = len(flat) // seq_len
+    return flat[: n * seq_len].reshape(n, seq_len)
+
+
+def tokenize_records(records: list[dict], tok: Tokenizer) -> list[list[int]]:
+    ids = tok.encode_batch([format_sample(r) for r in records])
+    return [tok.with_bos(x) + [tok.eos_id] for x in ids]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LORABENCH_CACHE", Path.home() / ".cache" / "lorabench"))
+
+
+def cache_key(records: list[dict], tok: Tokenizer, seq_len: int) -> str:
+    h = hashlib.sha256(f"{_CACHE_VERSION}|{PROMPT}|{tok.fingerprint}|{seq_len}|".encode())
+    for r in records:
+        h.update(r["dialogue"].encode() + b"\x00" + r["summary"].encode() + b"\x01")
+    return h.hexdigest()[:24]
+
+
+def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir: Path | None = None,
+                   ) -> tuple[np.ndarray, bool]:
+    """The packed chunks for ``records`` and whether they came from the cache."""
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    path = cache_dir / "packed" / f"{cache_key(records, tok, seq_len)}.npy"
+    if path.is_file():
+        try:
+            return np.load(path), True
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+    arr = pack(tokenize_records(records, tok), seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+    return arr, False

@@ -1,0 +1,136 @@
+"""samsum-format records ({"dialogue", "summary"}) from every form users have them in.
+
+``--data`` may be: samsum's ``corpus.7z`` (needs py7zr); a folder with train/val/test files (``.json`` list,
+``.jsonl``, ``.csv`` or ``.parquet``); one such file (used as the training split); or an HF dataset name when the
+``datasets`` package is installed and online. Every row is checked: a missing column or a non-string value fails
+with the file, the row and what is wrong.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..config import ConfigError
+
+SPLITS = {"train": ("train",), "validation": ("val", "validation", "valid", "dev"), "test": ("test",)}
+_EXTS = (".json", ".jsonl", ".csv", ".parquet")
+
+
+class DataError(ConfigError):
+    """Bad training data: names the file and row."""
+
+
+def load_split(source: str | Path, split: str) -> tuple[list[dict], str]:
+    """Records of ``split`` (train / validation / test) and a label naming where they came from.
+    Returns ([], label) when the source has no such split (e.g. a single file has no validation split)."""
+    if split not in SPLITS:
+        raise ValueError(split)
+    p = Path(source)
+    if p.is_dir():
+        for stem in SPLITS[split]:
+            for ext in _EXTS:
+                f = p / f"{stem}{ext}"
+                if f.is_file():
+                    return read_file(f), str(f)
+        if split == "train":
+            raise DataError(f"--data {p}: no train.json/.jsonl/.csv/.parquet in this folder")
+        return [], str(p)
+    if p.is_file():
+        if p.suffix == ".7z":
+            return _read_7z(p, split)
+        if split != "train":
+            return [], str(p)
+        return read_file(p), str(p)
+    if "/" in str(source) and not str(source).startswith((".", "/")) and not p.exists():
+        return _read_hub(str(source), split)
+    raise DataError(f"--data {source}: no such file or folder")
+
+
+def read_file(path: Path) -> list[dict]:
+    ext = path.suffix.lower()
+    if ext not in _EXTS:
+        raise DataError(f"{path}: unsupported data file type {ext!r}; use {', '.join(_EXTS)} or corpus.7z")
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        return validate(pq.read_table(path).to_pylist(), str(path))
+    return parse_bytes(path.read_bytes(), ext, str(path))
+
+
+def parse_bytes(raw: bytes, ext: str, label: str) -> list[dict]:
+    text = raw.decode("utf-8-sig")
+    if ext == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{label}: not valid JSON at line {e.lineno}: {e.msg}") from None
+        if isinstance(rows, dict) and "data" in rows:
+            rows = rows["data"]
+        if not isinstance(rows, list):
+            raise DataError(f"{label}: expected a JSON list of {{'dialogue', 'summary'}} objects")
+        return validate(rows, label)
+    if ext == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{label}: line {i} is not valid JSON ({e.msg})") from None
+        return validate(rows, label, row_word="line")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    return validate(rows, label, first_row=2)
+
+
+def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1) -> list[dict]:
+    out = []
+    for i, r in enumerate(rows):
+        where = f"{label}: {row_word} {i + first_row}"
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: expected an object with 'dialogue' and 'summary', got {type(r).__name__}")
+        for col in ("dialogue", "summary"):
+            if col not in r:
+                raise DataError(f"{where}: missing column {col!r} (columns present: {', '.join(map(str, r))})")
+            if not isinstance(r[col], str):
+                raise DataError(f"{where}: {col!r} must be a string, got {type(r[col]).__name__}")
+        out.append({"dialogue": r["dialogue"], "summary": r["summary"]})
+    if not out:
+        raise DataError(f"{label}: no rows")
+    return out
+
+
+def _read_7z(path: Path, split: str) -> tuple[list[dict], str]:
+    try:
+        import py7zr
+    except ImportError:
+        raise DataError(f"{path}: reading samsum's corpus.7z needs py7zr (pip install py7zr), "
+                        "or unpack it and pass the folder") from None
+    with py7zr.SevenZipFile(path, "r") as z:
+        names = z.getnames()
+        want = [n for n in names if Path(n).stem in SPLITS[split] and Path(n).suffix == ".json"]
+        if not want:
+            if split == "train":
+                raise DataError(f"{path}: no train.json inside (found {', '.join(names)})")
+            return [], str(path)
+        data = z.read([want[0]])
+    return parse_bytes(data[want[0]].read(), ".json", f"{path}:{want[0]}"), f"{path}:{want[0]}"
+
+
+def _read_hub(name: str, split: str) -> tuple[list[dict], str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--data {name}: not a local path, and reading a hub dataset needs the 'datasets' package "
+                        "(and internet); download the data and pass its folder instead") from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except ValueError:
+        return [], name
+    except Exception as e:  # offline, unknown name, ...
+        raise DataError(f"--data {name}: could not load from the hub ({e})") from None
+    return validate(list(ds), f"{name}[{split}]"), f"{name}[{split}]"

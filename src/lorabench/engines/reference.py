@@ -1,0 +1,83 @@
+"""The reference engine: transformers ``LlamaForCausalLM`` + PEFT ``LoraConfig``, the stack FlagPerf's case runs.
+
+Attention is ``eager`` by default, as the case's transformers 4.31 ran it; ``attn="sdpa"`` is available. Base
+weights come from the same stream as the native engine's (a checkpoint folder or the canonical random weights),
+and the adapters start from the same canonical values, so both engines train the same thing.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import iter_checkpoint, load_into, random_hf_weights
+from ..config import ConfigError, LoRAConfig, ModelConfig
+from . import Engine, canonical_adapters
+
+
+def _require():
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--engine reference needs transformers and peft ({e.name} is missing): "
+                          "pip install 'lorabench[reference]'") from None
+
+
+class ReferenceEngine(Engine):
+    name = "reference"
+
+    def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
+                 attn: str = "eager"):
+        _require()
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        if attn not in ("eager", "sdpa"):
+            raise ConfigError(f"--attn must be eager or sdpa, got {attn!r}")
+        self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
+        hf_cfg = LlamaConfig(**model_cfg.to_hf_dict())
+        hf_cfg._attn_implementation = attn
+        with torch.device(device):
+            base = LlamaForCausalLM(hf_cfg).to(dtype)
+        if hasattr(base, "set_attn_implementation"):
+            base.set_attn_implementation(attn)
+        stream = random_hf_weights(model_cfg, seed, device, dtype) if model_dir is None else iter_checkpoint(model_dir)
+        load_into(base, stream, False, "random init" if model_dir is None else str(model_dir))
+        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, peft_cfg)
+        self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, labels=labels, use_cache=False).loss
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits.float()
+
+    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_base_model().model(input_ids=ids, use_cache=False).last_hidden_state
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.get_base_model().lm_head(h).float()
+
+    def _lora_layers(self) -> dict:
+        from peft.tuners.lora import LoraLayer
+
+        out = {}
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LoraLayer):
+                out[name.removeprefix("base_model.model.")] = mod
+        return out
+
+    def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {k: (m.lora_A["default"].weight, m.lora_B["default"].weight) for k, m in self._lora_layers().items()}
+
+    def set_adapters(self, adapters: dict, source: str):
+        layers = self._lora_layers()
+        if set(layers) != set(adapters):
+            raise ConfigError(f"{source}: adapter modules do not match the model "
+                              f"(extra {sorted(set(adapters) - set(layers))[:3]}, "
+                              f"missing {sorted(set(layers) - set(adapters))[:3]})")
+        with torch.no_grad():
+            for k, (a, b) in adapters.items():
+                layers[k].lora_A["default"].weight.copy_(a)
+                layers[k].lora_B["default"].weight.copy_(b)

@@ -1,0 +1,159 @@
+"""Our LoRA: a frozen base Linear plus a trainable low-rank update, injected by projection name.
+
+y = x W^T + (dropout(x) A^T B^T) * alpha / r, with A [r, in] initialised kaiming-uniform (a = sqrt 5, i.e.
+U(-1/sqrt(in), 1/sqrt(in)), as PEFT does) and B [out, r] zero, so training starts from the base model. The adapter
+weights stay fp32 whatever the base dtype, and the adapter path is computed in fp32, as PEFT does by default; the
+sum is cast back to the base dtype. Adapters save and load in PEFT's format (``adapter_config.json`` +
+``adapter_model.safetensors``, keys ``base_model.model.<hf module>.lora_A.weight``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError, LoRAConfig
+
+
+class LoRALinear(nn.Module):
+    """A bias-free Linear whose ``weight`` is frozen, with ``lora_A``/``lora_B`` trainable."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = nn.Parameter(base.weight.data, requires_grad=False)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
+        self.r, self.scale, self.dropout = r, alpha / r, dropout
+        if dev.type != "meta":
+            self.reset_adapter()
+
+    def reset_adapter(self, generator: torch.Generator | None = None):
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+            self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        a = x.to(self.lora_A.dtype)
+        if self.dropout and self.training:
+            a = F.dropout(a, self.dropout)
+        return (out + F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scale).to(out.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale * B A in the base dtype (for export and the merge invariant)."""
+        return (self.weight.float() + self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, dropout={self.dropout}"
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Replace every Linear whose attribute name is in cfg.targets by a LoRALinear; freeze everything else.
+    Returns the qualified names of the wrapped modules."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if child_name in cfg.targets and isinstance(child, nn.Linear):
+                setattr(mod, child_name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ConfigError(f"--lora-targets {','.join(cfg.targets)} matched no Linear layer in the model")
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def init_adapters(model: nn.Module, seed: int):
+    """Initialise every adapter from one seed in module order (the canonical order shared by both engines)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for m in lora_modules(model).values():
+        bound = 1.0 / math.sqrt(m.in_features)
+        a = torch.empty(m.lora_A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=g)
+        with torch.no_grad():
+            m.lora_A.copy_(a)
+            m.lora_B.zero_()
+
+
+def peft_adapter_config(cfg: LoRAConfig, base_model: str | None) -> dict:
+    """The adapter_config.json PEFT writes for LoraConfig(r, lora_alpha, lora_dropout, target_modules, CAUSAL_LM)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "use_rslora": False, "use_dora": False, "revision": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def save_adapter(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: LoRAConfig, out_dir: str | Path,
+                 base_model: str | None = None):
+    """Write a PEFT-format adapter. ``adapters`` maps HF module names (model.layers.0.self_attn.q_proj) to (A, B).
+    Written into a temporary folder first and renamed, so a failure leaves nothing half-written."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for hf_name, (a, b) in adapters.items():
+        tensors[f"base_model.model.{hf_name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{hf_name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(peft_adapter_config(cfg, base_model), indent=2))
+    if out_dir.exists():
+        for f in out_dir.iterdir():
+            f.unlink()
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Read a PEFT LoRA adapter folder: its config and {HF module name: (A, B)}."""
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{cfg_path}: missing; --adapter must be a folder written by lorabench or PEFT")
+    raw = json.loads(cfg_path.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not LORA")
+    targets = raw.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ConfigError(f"{cfg_path}: regex target_modules {targets!r} are not supported; list module names")
+    cfg = LoRAConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
+                     targets=tuple(targets))
+    if raw.get("use_dora") or raw.get("use_rslora") or raw.get("rank_pattern") or raw.get("alpha_pattern"):
+        raise ConfigError(f"{cfg_path}: DoRA, rsLoRA and per-module rank/alpha patterns are not supported")
+    if w_path.is_file():
+        sd = load_file(str(w_path))
+    elif (d / "adapter_model.bin").is_file():
+        sd = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ConfigError(f"{d}: no adapter_model.safetensors or adapter_model.bin")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if not k.startswith("base_model.model.") or ".lora_" not in k:
+            raise ConfigError(f"{w_path}: unexpected key {k!r} (only LoRA A/B weights are supported)")
+        mod, rest = k[len("base_model.model."):].split(".lora_", 1)
+        which = rest.split(".")[0]  # "A" or "B" (PEFT may also write lora_A.default.weight)
+        pairs.setdefault(mod, {})[which] = v
+    out = {}
+    for mod, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ConfigError(f"{w_path}: module {mod} lacks lora_{'A' if 'A' not in ab else 'B'}")
+        out[mod] = (ab["A"], ab["B"])
+    return cfg, out

@@ -1,0 +1,81 @@
+"""Throughput, FLOPs and MFU, the way lorabench reports them.
+
+FLOPs per token (REFERENCE section 3, PaLM appendix B adapted to LoRA):
+
+    4 * N_frozen + 6 * N_lora + 12 * L * H * Q * T
+
+A frozen matrix costs 2 FLOPs per weight forward and 2 for the input gradient, with no weight gradient; an
+adapter weight costs all three (6); attention scores and values cost 2 * 2 * L * H * Q * T forward and twice
+that backward (no causal discount, no recomputation counted). N_frozen excludes the input embedding (a lookup)
+and includes lm_head. MFU = tokens/s * FLOPs/token / peak, with the peak of the dtype the matmuls run in.
+"""
+from __future__ import annotations
+
+import statistics
+
+from .config import LoRAConfig, ModelConfig
+from .model import count_params
+
+# Dense datasheet peaks in TFLOP/s (REFERENCE section 3). Keys are matched against the CUDA device name.
+PEAK_TFLOPS = {
+    "H100": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},  # SXM
+    "H200": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},  # SXM
+}
+# FlagPerf's MFU: tokens/s * 2 * 7e9 / 1.56e14 (the A100 TF32 peak), whatever the precision (REFERENCE 1).
+FLAGPERF_PEAK = 1.56e14
+
+
+def lora_param_count(cfg: ModelConfig, lora: LoRAConfig) -> int:
+    h, kv, inter = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    return cfg.num_hidden_layers * sum(lora.r * (i + o) for t, (i, o) in shapes.items() if t in lora.targets)
+
+
+def flops_per_token(cfg: ModelConfig, lora: LoRAConfig, seq_len: int) -> float:
+    n_frozen = count_params(cfg)["non_embedding"]
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    return 4 * n_frozen + 6 * lora_param_count(cfg, lora) + attn
+
+
+def peak_flops(device_name: str | None, precision: str, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s for the matmul dtype of ``precision`` on this device; None when unknown (no guessing)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not device_name:
+        return None
+    name = device_name.upper()
+    if "H100" in name and ("PCIE" in name or "NVL" in name):
+        return None  # different clocks and peaks than the SXM part; give --peak-tflops
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table[precision] * 1e12
+    return None
+
+
+def mfu(tokens_per_s: float, flops_tok: float, peak: float | None) -> float | None:
+    return None if not peak else tokens_per_s * flops_tok / peak
+
+
+def mfu_flagperf(tokens_per_s: float, n_params: int) -> float:
+    """FlagPerf's figure: tokens/s * 2 * N / 1.56e14. Their case uses the nominal N = 7e9; we use the model's
+    real parameter count (6.74e9 for Llama-2-7B), so our value reads 3.7% lower for the same speed."""
+    return tokens_per_s * 2 * n_params / FLAGPERF_PEAK
+
+
+def step_stats(step_times: list[float], tokens_per_step: int, warmup: int) -> dict:
+    """Tokens/s per chip from per-step wall times (warm-up steps excluded; all steps if too few remain).
+    ``tokens_per_s_per_chip`` is FlagPerf's: tokens per step / mean step time; the median is reported too."""
+    timed = step_times[warmup:] if len(step_times) > warmup else step_times
+    if not timed:
+        return {"tokens_per_s_per_chip": None, "tokens_per_s_per_chip_median": None, "timed_steps": 0}
+    mean, med = statistics.fmean(timed), statistics.median(timed)
+    return {
+        "tokens_per_s_per_chip": tokens_per_step / mean,
+        "tokens_per_s_per_chip_median": tokens_per_step / med,
+        "step_time_mean_s": mean,
+        "step_time_median_s": med,
+        "step_time_stdev_s": statistics.stdev(timed) if len(timed) > 1 else 0.0,
+        "timed_steps": len(timed),
+    }

@@ -1,0 +1,358 @@
+"""MMLU 5-shot, exact and fast (REFERENCE section 4).
+
+Prompt, byte for byte lm-evaluation-harness's default MMLU template::
+
+    The following are multiple choice questions (with answers) about {subject with spaces}.\\n\\n
+    {shot question.strip()}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {letter}\\n\\n     (first k dev rows)
+    {test question.strip()}\\nA. ...\\nD. {d}\\nAnswer:
+
+Each letter is scored by the summed log-likelihood of its continuation " A".." D": context and continuation are
+tokenised together and split where the context's own tokens end (as lm-eval does), BOS first when the tokenizer
+config adds one. When every continuation is one token that extends the context, one forward pass per question
+serves all four letters. A context too long for the model drops shots one at a time, then is left-truncated.
+
+Speed: questions are sorted by length and batched (right padding needs no mask under a causal model), only the
+scored positions go through lm_head, and — native engine — the token prefix every question of a subject shares
+(description + shots) is run once, its KV cache reused for all of the subject's questions.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .data.tokenizer import Tokenizer
+from .report import markdown_table, write_text_atomic
+
+LETTERS = "ABCD"
+# Subject -> category, the map of the original evaluation code (hendrycks/test categories).
+_CATS = {
+    "STEM": "abstract_algebra astronomy college_biology college_chemistry college_computer_science "
+            "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+            "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+            "high_school_mathematics high_school_physics high_school_statistics machine_learning",
+    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                  "prehistory professional_law world_religions",
+    "social sciences": "econometrics high_school_geography high_school_government_and_politics "
+                       "high_school_macroeconomics high_school_microeconomics high_school_psychology "
+                       "human_sexuality professional_psychology public_relations security_studies sociology "
+                       "us_foreign_policy",
+    "other": "anatomy business_ethics clinical_knowledge college_medicine global_facts human_aging management "
+             "marketing medical_genetics miscellaneous nutrition professional_accounting professional_medicine "
+             "virology",
+}
+CATEGORY = {s: c for c, subjects in _CATS.items() for s in subjects.split()}
+
+
+@dataclass
+class Question:
+    subject: str
+    index: int
+    """0-based row in the subject's test file."""
+    question: str
+    choices: list[str]
+    gold: int
+
+
+@dataclass
+class Subject:
+    name: str
+    dev: list[Question]
+    test: list[Question]
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+def load_mmlu(source: str | Path, subjects: list[str] | None = None, limit: int | None = None) -> list[Subject]:
+    """Subjects (sorted by name) from the original CSV layout, the cais/mmlu parquet layout, or an HF name."""
+    p = Path(source)
+    if p.is_dir() and (p / "test").is_dir() and any((p / "test").glob("*_test.csv")):
+        found = {f.name[: -len("_test.csv")] for f in (p / "test").glob("*_test.csv")}
+        names = _pick(found, subjects, str(p))
+        out = []
+        for s in names:
+            dev_f, test_f = p / "dev" / f"{s}_dev.csv", p / "test" / f"{s}_test.csv"
+            if not dev_f.is_file():
+                raise ConfigError(f"{dev_f}: missing (each subject needs its dev file for the shots)")
+            out.append(Subject(s, read_csv(dev_f, s), read_csv(test_f, s)[:limit]))
+        return out
+    if p.is_dir():
+        return _load_parquet_layout(p, subjects, limit)
+    if not p.exists() and "/" in str(source):
+        return _load_hub(str(source), subjects, limit)
+    raise ConfigError(f"--mmlu {source}: not a folder with test/*_test.csv (original layout) or dev/test parquet "
+                      "files (cais/mmlu layout)")
+
+
+def read_csv(path: Path, subject: str) -> list[Question]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if len(row) != 6:
+                raise ConfigError(f"{path}: row {i + 1} has {len(row)} fields; expected 6 "
+                                  "(question,A,B,C,D,answer)")
+            if row[5].strip() not in LETTERS:
+                raise ConfigError(f"{path}: row {i + 1} answer {row[5]!r} is not one of A, B, C, D")
+            rows.append(Question(subject, i, row[0], row[1:5], LETTERS.index(row[5].strip())))
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    return rows
+
+
+def _pick(found: set[str], subjects: list[str] | None, where: str) -> list[str]:
+    if not subjects:
+        return sorted(found)
+    unknown = [s for s in subjects if s not in found]
+    if unknown:
+        raise ConfigError(f"--subjects: {', '.join(unknown)} not in {where} (available: {', '.join(sorted(found))})")
+    return sorted(subjects)
+
+
+def _rows_to_subjects(rows_by_split: dict[str, list[dict]], subjects, limit, where: str) -> list[Subject]:
+    by: dict[str, dict[str, list[Question]]] = {}
+    for split, rows in rows_by_split.items():
+        counters: dict[str, int] = {}
+        for i, r in enumerate(rows):
+            try:
+                s, q, ch, a = r["subject"], r["question"], list(r["choices"]), int(r["answer"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ConfigError(f"{where} [{split}] row {i}: needs question, subject, choices, answer ({e})") from None
+            if len(ch) != 4 or not 0 <= a < 4:
+                raise ConfigError(f"{where} [{split}] row {i}: needs 4 choices and an answer index 0-3")
+            idx = counters.get(s, 0)
+            counters[s] = idx + 1
+            by.setdefault(s, {"dev": [], "test": []})[split].append(Question(s, idx, q, ch, a))
+    names = _pick({s for s, d in by.items() if d["test"]}, subjects, where)
+    return [Subject(s, by[s]["dev"], by[s]["test"][:limit]) for s in names]
+
+
+def _load_parquet_layout(d: Path, subjects, limit) -> list[Subject]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"--mmlu {d}: reading the parquet layout needs pyarrow (pip install pyarrow)") from None
+    root = d / "all" if (d / "all").is_dir() else d
+    rows = {}
+    for split in ("dev", "test"):
+        files = sorted(root.glob(f"{split}-*.parquet")) + sorted(root.glob(f"{split}.parquet"))
+        if not files:
+            raise ConfigError(f"--mmlu {d}: no {split}*.parquet (expected cais/mmlu's all/{split}-*.parquet)")
+        rows[split] = [r for f in files for r in pq.read_table(f).to_pylist()]
+    return _rows_to_subjects(rows, subjects, limit, str(root))
+
+
+def _load_hub(name: str, subjects, limit) -> list[Subject]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"--mmlu {name}: not a local folder, and a hub dataset needs the 'datasets' package "
+                          "(and internet); download MMLU and pass its folder") from None
+    rows = {split: list(datasets.load_dataset(name, "all", split=split)) for split in ("dev", "test")}
+    return _rows_to_subjects(rows, subjects, limit, name)
+
+
+# -- prompts ----------------------------------------------------------------------------------------------------
+def description(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def format_question(q: Question, with_answer: bool) -> str:
+    text = q.question.strip() + "".join(f"\n{L}. {c}" for L, c in zip(LETTERS, q.choices)) + "\nAnswer:"
+    return text + (f" {LETTERS[q.gold]}" if with_answer else "")
+
+
+def build_context(subject: Subject, q: Question, shots: int) -> str:
+    parts = [format_question(s, True) for s in subject.dev[:shots]] + [format_question(q, False)]
+    return description(subject.name) + "\n\n".join(parts)
+
+
+@dataclass
+class Request:
+    """One question's tokens: the shared context and each choice's continuation."""
+
+    q: Question
+    context: list[int]
+    conts: list[list[int]]
+    shots: int
+    truncated: bool = False
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(c) == 1 for c in self.conts)
+
+
+def encode_pair(tok: Tokenizer, context: str, cont: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing spaces move from context to continuation; encode both together and cut where
+    the context's own encoding ends."""
+    n = len(context) - len(context.rstrip(" "))
+    if n:
+        context, cont = context[:-n], context[-n:] + cont
+    whole = tok.with_bos(tok.encode(context + cont))
+    ctx = tok.with_bos(tok.encode(context))
+    return whole[: len(ctx)], whole[len(ctx):]
+
+
+def make_request(tok: Tokenizer, subject: Subject, q: Question, shots: int, max_len: int) -> Request:
+    for k in range(min(shots, len(subject.dev)), -1, -1):
+        context = build_context(subject, q, k)
+        pairs = [encode_pair(tok, context, " " + L) for L in LETTERS]
+        if all(p[0] == pairs[0][0] for p in pairs):
+            ctx, conts = pairs[0][0], [p[1] for p in pairs]
+        else:  # the split differs per letter: score whole sequences
+            ctx, conts = [], [p[0] + p[1] for p in pairs]
+        longest = len(ctx) + max(len(c) for c in conts)
+        if longest <= max_len:
+            return Request(q, ctx, conts, k)
+    cut = longest - max_len  # zero shots and still too long: keep the last max_len tokens
+    return Request(q, ctx[cut:], conts, 0, truncated=True)
+
+
+# -- scoring ----------------------------------------------------------------------------------------------------
+def _pad(seqs: list[list[int]], device) -> torch.Tensor:
+    T = max(len(s) for s in seqs)
+    return torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device, dtype=torch.long)
+
+
+@torch.no_grad()
+def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], targets: list[list[int]],
+                     device, prefix=None) -> list[torch.Tensor]:
+    """Log-probs of targets[i] (token ids) at positions[i] of each padded sequence, in one forward pass.
+    ``positions`` index the logits that predict each target. ``prefix``: (kv_caches, length) shared by all."""
+    ids = _pad(seqs, device)
+    if prefix is None:
+        h = engine.forward_hidden(ids)
+    else:
+        kv, P = prefix
+        T = ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = torch.cat((torch.ones(T, P, dtype=torch.bool, device=device), causal), dim=1)[None, None]
+        h = engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=mask)
+    rows = torch.tensor([i for i, p in enumerate(positions) for _ in p], device=device)
+    cols = torch.tensor([c for p in positions for c in p], device=device)
+    logp = torch.log_softmax(engine.head(h[rows, cols]), dim=-1)
+    flat = logp[torch.arange(len(rows), device=device), torch.tensor([t for ts in targets for t in ts], device=device)]
+    return list(torch.split(flat, [len(p) for p in positions]))
+
+
+def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
+                   progress=None) -> list[list[float]]:
+    """[A, B, C, D] log-likelihoods per request, in request order."""
+    out: list[list[float] | None] = [None] * len(reqs)
+    fast = [i for i, r in enumerate(reqs) if r.single_token and r.context]
+    slow = [i for i in range(len(reqs)) if i not in set(fast)]
+    groups: dict[tuple, list[int]] = {}
+    for i in fast:  # same subject and shot count -> same prefix
+        groups.setdefault((reqs[i].q.subject, reqs[i].shots), []).append(i)
+    for idxs in groups.values():
+        prefix, P = None, 0
+        if use_prefix_cache and len(idxs) > 1 and getattr(engine, "supports_prefix_cache", False):
+            P = _common_prefix([reqs[i].context for i in idxs]) - 1  # keep >= 1 token in every suffix
+            if P > 0:
+                ids = torch.tensor([reqs[idxs[0]].context[:P]], device=device)
+                prefix = (engine.prefix_kv(ids), P)
+        idxs = sorted(idxs, key=lambda i: len(reqs[i].context))
+        for b in range(0, len(idxs), batch_size):
+            chunk = idxs[b:b + batch_size]
+            seqs = [reqs[i].context[P:] for i in chunk]
+            lp = _score_sequences(engine, seqs, [[len(s) - 1] * 4 for s in seqs],
+                                  [[c[0] for c in reqs[i].conts] for i in chunk], device, prefix)
+            for i, v in zip(chunk, lp):
+                out[i] = v.float().tolist()
+            if progress:
+                progress.update(len(chunk))
+    for i in slow:  # general path: each letter's whole sequence, summed over its continuation tokens
+        r = reqs[i]
+        seqs = [r.context + c for c in r.conts]
+        pos = [list(range(len(r.context) - 1, len(s) - 1)) if r.context else list(range(len(s) - len(c) - 1, len(s) - 1))
+               for s, c in zip(seqs, r.conts)]
+        lp = _score_sequences(engine, seqs, pos, [c for c in r.conts], device)
+        out[i] = [v.float().sum().item() for v in lp]
+        if progress:
+            progress.update(1)
+    return out
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+# -- the whole evaluation -----------------------------------------------------------------------------------------
+def evaluate_mmlu(engine, model_dir, opts: dict, device, precision: str, out_dir: Path | None,
+                  progress: bool = True) -> dict:
+    """Run MMLU with ``opts`` (dir, subjects, shots, batch_size, limit[, prefix_cache]); write
+    mmlu_predictions.jsonl, mmlu.json and mmlu.md to ``out_dir``; return the summary."""
+    from tqdm.auto import tqdm
+
+    if model_dir is None:
+        raise ConfigError("MMLU needs the model's tokenizer: give --model-dir")
+    subjects_arg = opts.get("subjects")
+    if isinstance(subjects_arg, str):
+        subjects_arg = [s.strip() for s in subjects_arg.split(",") if s.strip()]
+    shots = opts.get("shots", 5)
+    if shots < 0:
+        raise ConfigError(f"--shots must be >= 0, got {shots}")
+    subjects = load_mmlu(opts["dir"], subjects_arg, opts.get("limit"))
+    tok = Tokenizer(model_dir)
+    max_len = engine.model_cfg.max_position_embeddings
+    reqs = [make_request(tok, s, q, shots, max_len) for s in subjects for q in s.test]
+    bs = opts.get("batch_size") or (32 if device.type == "cuda" else 8)
+    engine.eval()
+    with tqdm(total=len(reqs), desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
+        scores = score_requests(engine, reqs, device, bs, opts.get("prefix_cache", True), bar)
+    engine.train()
+    summary = summarize(reqs, scores, shots)
+    if out_dir is not None:
+        write_outputs(Path(out_dir), reqs, scores, summary)
+    return summary
+
+
+def summarize(reqs: list[Request], scores: list[list[float]], shots: int) -> dict:
+    per_subject: dict[str, list[int]] = {}
+    for r, s in zip(reqs, scores):
+        correct = int(max(range(4), key=lambda k: s[k]) == r.q.gold)
+        per_subject.setdefault(r.q.subject, []).append(correct)
+    cats: dict[str, list[int]] = {}
+    for subj, c in per_subject.items():
+        cats.setdefault(CATEGORY.get(subj, "unknown"), []).extend(c)
+    n = sum(len(c) for c in per_subject.values())
+    return {
+        "acc": sum(sum(c) for c in per_subject.values()) / n if n else math.nan,
+        "acc_macro": sum(sum(c) / len(c) for c in per_subject.values()) / len(per_subject) if per_subject else math.nan,
+        "questions": n, "shots": shots,
+        "shots_dropped": sum(r.shots < shots for r in reqs), "truncated": sum(r.truncated for r in reqs),
+        "categories": {k: {"acc": sum(v) / len(v), "questions": len(v)} for k, v in sorted(cats.items())},
+        "subjects": {k: {"acc": sum(v) / len(v), "questions": len(v), "category": CATEGORY.get(k, "unknown")}
+                     for k, v in sorted(per_subject.items())},
+    }
+
+
+def write_outputs(out_dir: Path, reqs, scores, summary: dict):
+    lines = [json.dumps({"subject": r.q.subject, "index": r.q.index, "gold": LETTERS[r.q.gold],
+                         "pred": LETTERS[max(range(4), key=lambda k: s[k])], "logprobs": s})
+             for r, s in zip(reqs, scores)]
+    write_text_atomic(out_dir / "mmlu_predictions.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(out_dir / "mmlu.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "mmlu.md", render_mmlu(summary))
+
+
+def render_mmlu(summary: dict) -> str:
+    head = (f"# MMLU {summary['shots']}-shot\n\nmicro accuracy {summary['acc']:.4f} over {summary['questions']} "
+            f"questions; macro over subjects {summary['acc_macro']:.4f}; shots dropped for "
+            f"{summary['shots_dropped']} questions, left-truncated {summary['truncated']}\n\n")
+    cats = markdown_table([{"category": k, "acc": f"{v['acc']:.4f}", "questions": v["questions"]}
+                           for k, v in summary["categories"].items()])
+    subs = markdown_table([{"subject": k, "category": v["category"], "acc": f"{v['acc']:.4f}",
+                            "questions": v["questions"]} for k, v in summary["subjects"].items()])
+    return head + cats + "\n\n" + subs + "\n"

@@ -1,0 +1,153 @@
+"""Our Llama decoder in plain PyTorch: RMSNorm, rotary embeddings, SDPA attention (GQA-capable), SwiGLU MLP.
+
+The maths follows the HF ``LlamaForCausalLM`` reference so that the two agree to 1e-5 in fp32 (tests/test_model.py):
+RMSNorm normalises in fp32 and casts back before the weight; rotary cos/sin are computed in fp32; the logits are
+upcast to fp32 before the cross-entropy. Weights come in through ``checkpoint.py`` (explicit HF name map).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+# SDPA learned grouped-query attention (enable_gqa) in torch 2.5; older torch gets repeated k/v instead.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, offset: int = 0):
+    """cos, sin of shape [seq_len, head_dim] for positions offset..offset+seq_len-1 (computed in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by position: x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
+        """x [B, T, C]. kv_cache: optional (k, v) of earlier positions [B, Hkv, S, D] to attend to (prefix reuse).
+        attn_mask: optional boolean [B or 1, 1, T, S+T] (True = attend); None means plain causal."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if kv_cache is not None:
+            k = torch.cat((kv_cache[0].expand(B, -1, -1, -1), k), dim=2)
+            v = torch.cat((kv_cache[1].expand(B, -1, -1, -1), v), dim=2)
+        rep = self.n_heads // self.n_kv
+        kw = {}
+        if rep > 1:
+            if _SDPA_HAS_GQA:
+                kw["enable_gqa"] = True
+            else:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if attn_mask is None and kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
+        a, new_kv = self.attn(self.attn_norm(x), cos, sin, attn_mask, kv_cache)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), new_kv
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama. ``forward(ids)`` gives fp32-upcast logits; ``loss(ids, labels)`` the causal-LM loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def hidden(self, ids: torch.Tensor, attn_mask=None, kv_caches=None, position_offset: int = 0,
+               return_kv: bool = False):
+        """Final-norm hidden states [B, T, C]; optionally with each layer's (k, v) for prefix caching."""
+        x = self.embed(ids)
+        cos, sin = rope_cos_sin(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype,
+                                offset=position_offset)
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
+            if return_kv:
+                kvs.append(kv)
+        x = self.norm(x)
+        return (x, kvs) if return_kv else x
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(ids)).float()
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy; labels are aligned with ids (shifted here), -100 is ignored."""
+        logits = self.lm_head(self.hidden(ids)).float()
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+
+def count_params(cfg: ModelConfig) -> dict:
+    """Parameter counts by role, from the shape alone (used by the FLOPs formula)."""
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * cfg.intermediate_size + 2 * h
+    embed = cfg.vocab_size * h
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    total = embed + cfg.num_hidden_layers * per_layer + h + head
+    return {"total": total, "embedding": embed, "per_layer": per_layer, "non_embedding": total - embed
+            + (embed if cfg.tie_word_embeddings else 0)}

@@ -1,0 +1,182 @@
+"""One run, assembled: engine + data + the training loop + metrics (+ MMLU) -> result.json and report.md.
+
+``lorabench run`` and every row of ``lorabench bench`` call ``run_job``, so the benchmark measures exactly what
+users run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainConfig
+from .engines import build_engine
+from .model import count_params
+from .report import GIB, environment, render_report, write_json_atomic, write_text_atomic
+from .train import dist_info, train_loop
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_MODEL = ASSETS / "tiny-llama"
+TINY_DATA = ASSETS / "samsum-tiny"
+TINY_MMLU = ASSETS / "mmlu-tiny"
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Job:
+    """Everything one run needs, resolved (the CLI builds it from flags and a preset)."""
+
+    train: TrainConfig
+    lora: LoRAConfig
+    preset: str = "tiny"
+    fix_hp: str = "/"
+    engine: str = "native"
+    model_dir: Path | None = TINY_MODEL
+    """HF model folder (config, tokenizer, weights). With init='random' only its config and tokenizer are used."""
+    init: str = "pretrained"
+    """'pretrained' (weights from model_dir) or 'random' (canonical random weights on the device)."""
+    model_preset: str | None = None
+    """Shape preset for init='random' without a model_dir (e.g. llama2-7b)."""
+    data: str = str(TINY_DATA)
+    """samsum source (see data/samsum.py) or 'synthetic'."""
+    device: str = "auto"
+    attn: str = "eager"
+    peak_tflops: float | None = None
+    run_dir: Path | None = None
+    save_adapter: bool = True
+    cache_dir: Path | None = None
+    progress: bool = True
+    mmlu: dict | None = None
+    """MMLU options (dir, subjects, shots, batch_size, limit) or None to skip."""
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this torch build sees no CUDA device; use --device cpu")
+    return dev
+
+
+def model_config(job: Job) -> ModelConfig:
+    if job.model_dir is not None:
+        return ModelConfig.from_hf_json(job.model_dir)
+    if job.model_preset not in MODEL_PRESETS:
+        raise ConfigError(f"--model: unknown {job.model_preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+    return MODEL_PRESETS[job.model_preset]
+
+
+def load_data(job: Job, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(train chunks, validation chunks or None, description)."""
+    t = job.train
+    if job.data == "synthetic":
+        from .data.synthetic import synthetic_chunks
+
+        rank, world = dist_info()
+        n = max(64, t.batch_size * t.grad_accum * world * (t.max_steps or 50))
+        return synthetic_chunks(n, t.seq_len, cfg.vocab_size, seed=t.seed), None, "synthetic (learnable bigram walk)"
+    if job.model_dir is None:
+        raise ConfigError("--data needs a tokenizer: give --model-dir (with --init random only its config.json and "
+                          "tokenizer are used), or --data synthetic")
+    from .data.packing import packed_dataset
+    from .data.samsum import load_split
+    from .data.tokenizer import Tokenizer
+
+    tok = Tokenizer(job.model_dir)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"{job.model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
+    records, label = load_split(job.data, "train")
+    train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir)
+    val_records, _ = load_split(job.data, "validation")
+    val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir)[0] if val_records else None
+    desc = f"{label} ({len(records)} samples{', cached' if cached else ''})"
+    return train, val, desc
+
+
+def run_job(job: Job) -> dict:
+    """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
+    rank, world = dist_info()
+    device = resolve_device(job.device)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    t, lo = job.train, job.lora
+    if t.precision == "tf32" and device.type != "cuda":
+        raise ConfigError("--tf32 / precision tf32 needs a CUDA device")
+    cfg = model_config(job)
+    if t.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {t.seq_len} exceeds the model's max_position_embeddings "
+                          f"{cfg.max_position_embeddings}")
+    train_data, val_data, data_desc = load_data(job, cfg)
+    weights_dir = job.model_dir if job.init == "pretrained" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_build = time.perf_counter()
+    engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],
+                          seed=t.seed, attn=job.attn)
+    build_s = time.perf_counter() - t_build
+    out = train_loop(engine, train_data, t, device, val_data=val_data, progress=job.progress)
+    stats = M.step_stats(out["series"]["step_time_s"], out["tokens_per_step"], t.warmup_steps)
+    dev_name = environment(device)["device_name"]
+    fpt = M.flops_per_token(cfg, lo, t.seq_len)
+    n_params = count_params(cfg)["total"]
+    tps = stats["tokens_per_s_per_chip"]
+    losses = out["series"]["loss"]
+    metrics = {
+        **stats,
+        "mfu": None if tps is None else M.mfu(tps, fpt, M.peak_flops(dev_name if device.type == "cuda" else None,
+                                                                      t.precision, job.peak_tflops)),
+        "mfu_flagperf": None if tps is None else M.mfu_flagperf(tps, n_params),
+        "flops_per_token": fpt,
+        "peak_flops": M.peak_flops(dev_name if device.type == "cuda" else None, t.precision, job.peak_tflops),
+        **memory_stats(device),
+        "train_loss_avg": out["epoch_loss_avg"][-1] if out["epoch_loss_avg"] else None,
+        "train_loss_epoch_avgs": out["epoch_loss_avg"],
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_final": losses[-1] if losses else None,
+        "eval_loss": out.get("eval_loss"),
+        "eval_perplexity": None if out.get("eval_loss") is None else float(np.exp(out["eval_loss"])),
+        "skipped_steps": out["skipped_steps"],
+        "steps": out["steps"],
+        "build_s": build_s,
+        "mmlu_acc": None,
+    }
+    config = {
+        **asdict(t), "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
+        "lora_targets": list(lo.targets), "preset": job.preset, "fix_hp": job.fix_hp, "engine": job.engine,
+        "attn": job.attn if job.engine == "reference" else "sdpa", "init": job.init,
+        "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
+        "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
+        "data": data_desc, "train_chunks": len(train_data), "device": str(device), "world_size": world, "nnodes": 1,
+        **job.extra,
+    }
+    result = {"config": config, "env": environment(device), "metrics": metrics,
+              "series": {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr")}}
+    run_dir = Path(job.run_dir) if job.run_dir else None
+    if rank == 0 and run_dir is not None and job.save_adapter:
+        engine.save_adapter(run_dir / "adapter")
+        result["adapter_dir"] = str(run_dir / "adapter")
+    if job.mmlu:
+        from .mmlu import evaluate_mmlu
+
+        mm = evaluate_mmlu(engine, job.model_dir, job.mmlu, device, t.precision, run_dir if rank == 0 else None,
+                           progress=job.progress)
+        metrics.update(mmlu_acc=mm["acc"], mmlu_acc_macro=mm["acc_macro"], mmlu_questions=mm["questions"],
+                       mmlu_shots=mm["shots"], mmlu_categories=mm["categories"])
+    if rank == 0 and run_dir is not None:
+        write_json_atomic(run_dir / "result.json", result)
+        write_text_atomic(run_dir / "report.md", render_report(result))
+    return result
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_mem_allocated_gib": None, "peak_mem_reserved_gib": None, "device_mem_total_gib": None}
+    return {"peak_mem_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "peak_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+            "device_mem_total_gib": torch.cuda.get_device_properties(device).total_memory / GIB}

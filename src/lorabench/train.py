@@ -1,0 +1,154 @@
+"""The training loop: one plain function that every entry point (run, bench) drives.
+
+AdamW on the adapter parameters, StepLR(gamma) stepped once per epoch, gradient accumulation, precisions
+fp32 / tf32 / fp16 (GradScaler; skipped steps counted) / bf16. Every packed chunk has the same number of target
+tokens, so averaging the micro-batch means over ``grad_accum`` gives exactly the loss of the whole step.
+
+Timing is honest: the device is synchronised before each clock read, one reading per optimiser step, and the
+caller drops the warm-up steps. Rank-aware: under torchrun each rank takes every world_size-th chunk, adapter
+gradients are all-reduced, and only rank 0 shows progress (writing results is the caller's, on rank 0).
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TrainConfig
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def matmul_precision(precision: str):
+    """TF32 on only for the tf32 precision; restored afterwards."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _batches(data: np.ndarray, order: np.ndarray, batch_size: int):
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        yield data[order[i:i + batch_size]]
+
+
+def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device, val_data: np.ndarray | None = None,
+               progress: bool = True) -> dict:
+    """Train ``engine`` on packed chunks ``data`` [N, seq_len]; returns the per-step series and losses."""
+    rank, world = dist_info()
+    if data.ndim != 2 or data.shape[1] != cfg.seq_len:
+        raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}]")
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = (len(data) // world) // per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the training data packs into {len(data)} chunks of {cfg.seq_len} tokens, fewer than one "
+                          f"step needs ({per_step} x {world} ranks); lower --batch-size/--grad-accum/--seq-len")
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    torch.manual_seed(cfg.seed + rank)  # dropout masks
+    params = engine.trainable_params()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}
+    epoch_losses, skipped = [], 0
+    bar = _progress(total, progress and rank == 0)
+    step = 0
+    engine.train()
+    with matmul_precision(cfg.precision):
+        for epoch in range(cfg.epochs):
+            if step >= total:
+                break
+            order = np.random.default_rng(cfg.seed + epoch).permutation(len(data))[rank::world]
+            losses = []
+            batches = _batches(data, order, cfg.batch_size)
+            for _ in range(steps_per_epoch):
+                if step >= total:
+                    break
+                synchronize(device)
+                t0 = time.perf_counter()
+                step_loss = torch.zeros((), device=device)
+                for _ in range(cfg.grad_accum):
+                    ids = torch.from_numpy(next(batches)).to(device=device, dtype=torch.long, non_blocking=True)
+                    loss = engine.loss(ids, ids) / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                    step_loss += loss.detach()
+                if world > 1:
+                    for p in params:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+                    torch.distributed.all_reduce(step_loss)
+                    step_loss /= world
+                if scaler.is_enabled():
+                    scale = scaler.get_scale()
+                    scaler.step(opt)
+                    scaler.update()
+                    skipped += int(scaler.get_scale() < scale)
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss_val = step_loss.item()
+                synchronize(device)
+                dt = time.perf_counter() - t0
+                if not math.isfinite(loss_val) and not scaler.is_enabled():
+                    raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; try a lower --lr "
+                                             "or a wider precision")
+                step += 1
+                losses.append(loss_val)
+                for k, v in (("step", step), ("epoch", epoch + 1), ("loss", loss_val), ("step_time_s", dt),
+                             ("lr", opt.param_groups[0]["lr"])):
+                    series[k].append(v)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
+            epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+            sched.step()
+    bar.close()
+    out = {"series": series, "epoch_loss_avg": epoch_losses, "skipped_steps": skipped, "steps": step,
+           "tokens_per_step": per_step * cfg.seq_len}
+    if val_data is not None and len(val_data) and cfg.eval_batches != 0:
+        out["eval_loss"] = evaluate_loss(engine, val_data, cfg, device)
+    return out
+
+
+@torch.no_grad()
+def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device) -> float | None:
+    """Mean loss over the first ``eval_batches`` batches of ``data`` (in order), every chunk weighted equally."""
+    rank, world = dist_info()
+    engine.eval()
+    n = len(data) // cfg.batch_size
+    if cfg.eval_batches is not None:
+        n = min(n, cfg.eval_batches)
+    total, count = 0.0, 0
+    with matmul_precision(cfg.precision):
+        for i in range(rank, n, world):
+            ids = torch.from_numpy(data[i * cfg.batch_size:(i + 1) * cfg.batch_size]).to(device, torch.long)
+            total += engine.loss(ids, ids).item()
+            count += 1
+    engine.train()
+    if world > 1:
+        t = torch.tensor([total, count], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        total, count = t.tolist()
+    return total / count if count else None
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)

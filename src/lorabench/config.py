@@ -61,6 +61,9 @@ class ModelConfig:
     def from_hf_json(cls, path: str | Path) -> "ModelConfig":
         """Read an HF ``config.json`` (or the folder holding it)."""
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"--model-dir {path}: no such folder (give an HF-format Llama folder, or --init random "
+                              "--model llama2-7b)")
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():

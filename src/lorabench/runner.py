@@ -132,7 +132,7 @@ def run_job(job: Job) -> dict:
         "mfu": None if tps is None else M.mfu(tps, fpt, M.peak_flops(dev_name if device.type == "cuda" else None,
                                                                       t.precision, job.peak_tflops)),
         "mfu_flagperf": None if tps is None else M.mfu_flagperf(tps, n_params),
-        "flops_per_token": fpt,
+        "flops_per_token": float(fpt),
         "peak_flops": M.peak_flops(dev_name if device.type == "cuda" else None, t.precision, job.peak_tflops),
         **memory_stats(device),
         "train_loss_avg": out["epoch_loss_avg"][-1] if out["epoch_loss_avg"] else None,

@@ -1,0 +1,114 @@
+"""samsum loading, FlagPerf's prompt, packing (hand-worked), the packed-data cache, and data errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lorabench.data.packing import format_sample, pack, packed_dataset, tokenize_records
+from lorabench.data.samsum import DataError, load_split
+from lorabench.data.tokenizer import Tokenizer
+from lorabench.runner import TINY_DATA, TINY_MODEL
+
+
+def test_prompt_is_flagperfs_template():
+    rec = {"dialogue": "Anna: hi\r\nTom: hello", "summary": "They greet."}
+    assert format_sample(rec) == "Summarize this dialog:\nAnna: hi\r\nTom: hello\n---\nSummary:\nThey greet."
+
+
+def test_pack_hand_worked():
+    # samples [1 5 6 2] [1 7 2] [1 8 9 9 2] -> stream 1 5 6 2 1 7 2 1 8 9 9 2 -> chunks of 5, tail of 2 dropped
+    out = pack([[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 9, 2]], 5)
+    assert out.tolist() == [[1, 5, 6, 2, 1], [7, 2, 1, 8, 9]]
+    assert out.dtype == np.int32
+
+
+def test_tokenize_adds_bos_and_eos():
+    tok = Tokenizer(TINY_MODEL)
+    rec = {"dialogue": "Anna: hi", "summary": "Anna says hi."}
+    (ids,) = tokenize_records([rec], tok)
+    assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2
+    assert ids[1:-1] == tok.encode(format_sample(rec))
+    assert tok.decode(ids[1:-1]) == format_sample(rec)
+
+
+def test_cache_hit_and_key(tmp_path):
+    tok = Tokenizer(TINY_MODEL)
+    recs, _ = load_split(TINY_DATA, "train")
+    a, cached_a = packed_dataset(recs[:50], tok, 64, tmp_path)
+    b, cached_b = packed_dataset(recs[:50], tok, 64, tmp_path)
+    c, cached_c = packed_dataset(recs[:51], tok, 64, tmp_path)
+    assert (cached_a, cached_b, cached_c) == (False, True, False)
+    assert np.array_equal(a, b) and len(c) >= len(a)
+    assert len(list((tmp_path / "packed").glob("*.npy"))) == 2
+
+
+def write_rows(path, rows, kind):
+    if kind == "json":
+        path.write_text(json.dumps(rows))
+    elif kind == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif kind == "csv":
+        import csv
+
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "dialogue", "summary"])
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+ROWS = [{"id": str(i), "dialogue": f"A: line {i}\r\nB: ok, \"quoted\", {i}", "summary": f"sum {i}"} for i in range(5)]
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl", "csv", "parquet"])
+def test_every_file_format_gives_the_same_records(tmp_path, kind):
+    f = tmp_path / f"train.{kind}"
+    write_rows(f, ROWS, kind)
+    recs, label = load_split(f, "train")
+    assert recs == [{"dialogue": r["dialogue"], "summary": r["summary"]} for r in ROWS]
+    assert load_split(f, "validation")[0] == []
+    # a folder with train/val files
+    d = tmp_path / "folder"
+    d.mkdir()
+    write_rows(d / f"train.{kind}", ROWS, kind)
+    write_rows(d / f"val.{kind}", ROWS[:2], kind)
+    assert load_split(d, "train")[0] == recs and len(load_split(d, "validation")[0]) == 2
+
+
+def test_malformed_rows_name_file_and_row(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"dialogue": "a", "summary": "b"}\n{"dialogue": "a"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl: line 2: missing column 'summary'"):
+        load_split(f, "train")
+    f.write_text('{"dialogue": "a", "summary": "b"}\n{not json\n')
+    with pytest.raises(DataError, match=r"train.jsonl: line 2 is not valid JSON"):
+        load_split(f, "train")
+    g = tmp_path / "train.json"
+    g.write_text(json.dumps([{"dialogue": "a", "summary": None}]))
+    with pytest.raises(DataError, match=r"train.json: row 1: 'summary' must be a string, got NoneType"):
+        load_split(g, "train")
+    h = tmp_path / "train.csv"
+    h.write_text("dialogue,text\nhello,world\n")
+    with pytest.raises(DataError, match=r"train.csv: row 2: missing column 'summary'"):
+        load_split(h, "train")
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_split(tmp_path / "absent", "train")
+    with pytest.raises(DataError, match="no train.json"):
+        load_split(tmp_path / "empty_dir_that_exists" if (tmp_path / "empty_dir_that_exists").mkdir() is None
+                   else None, "train")
+
+
+def test_7z_without_py7zr_says_what_to_do(tmp_path, monkeypatch):
+    import sys
+
+    f = tmp_path / "corpus.7z"
+    f.write_bytes(b"7z")
+    monkeypatch.setitem(sys.modules, "py7zr", None)
+    with pytest.raises(DataError, match="needs py7zr"):
+        load_split(f, "train")

@@ -1,0 +1,164 @@
+"""Our LoRA against PEFT: outputs, adapter gradients, adapter files both ways; invariants of the adapter."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorabench.checkpoint import load_into, native_to_hf
+from lorabench.config import ConfigError, LoRAConfig
+from lorabench.engines.native import NativeEngine
+from lorabench.lora import inject_lora, lora_modules, read_adapter
+from lorabench.model import Llama
+
+from conftest import SMALL, hf_model
+
+
+def peft_model(hf, lora: LoRAConfig):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(hf, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                         target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM"))
+
+
+def random_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.1)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)  # non-zero: B = 0 hides bugs
+
+
+def pair(lora_cfg, seed=0):
+    """Our model and a PEFT model with identical base and adapter weights."""
+    hf = hf_model(SMALL, seed=seed)
+    ours = Llama(SMALL)
+    load_into(ours, hf.state_dict().items(), True, "hf")
+    inject_lora(ours, lora_cfg)
+    random_adapters(ours, seed)
+    pm = peft_model(hf, lora_cfg)
+    with torch.no_grad():
+        for name, m in lora_modules(ours).items():
+            layer = pm.get_submodule("base_model.model." + native_to_hf(name))
+            layer.lora_A["default"].weight.copy_(m.lora_A)
+            layer.lora_B["default"].weight.copy_(m.lora_B)
+    return ours, pm
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("k_proj", "o_proj", "gate_proj", "down_proj")])
+def test_outputs_and_adapter_grads_match_peft(targets):
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=targets)
+    ours, pm = pair(lora)
+    ids = torch.randint(0, SMALL.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    loss_o = ours.loss(ids, ids)
+    loss_p = pm(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss_o, loss_p, atol=1e-5, rtol=1e-5)
+    loss_o.backward()
+    loss_p.backward()
+    n = 0
+    for name, m in lora_modules(ours).items():
+        layer = pm.get_submodule("base_model.model." + native_to_hf(name))
+        torch.testing.assert_close(m.lora_A.grad, layer.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.lora_B.grad, layer.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-5)
+        assert m.lora_A.grad.abs().max() > 0
+        n += 1
+    assert n == SMALL.num_hidden_layers * len(targets)
+
+
+def test_only_adapters_train_and_frozen_weights_stay_bit_identical(lora_cfg):
+    ours, _ = pair(lora_cfg)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, SMALL.vocab_size, (2, 16))
+    ours.loss(ids, ids).backward()
+    opt.step()
+    for n, p in ours.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+            assert p.grad is None, f"{n} got a gradient"
+        else:
+            assert not torch.equal(p, adapters[n]), f"{n} did not move"
+
+
+def test_merged_weights_equal_unmerged_output(lora_cfg):
+    ours, _ = pair(lora_cfg)
+    ids = torch.randint(0, SMALL.vocab_size, (2, 16))
+    with torch.no_grad():
+        before = ours(ids)
+        for m in lora_modules(ours).values():
+            m.weight.copy_(m.merged_weight())
+            m.lora_B.zero_()
+        torch.testing.assert_close(ours(ids), before, atol=1e-5, rtol=1e-5)
+
+
+def test_init_is_pefts_kaiming_uniform_and_zero_b():
+    m = Llama(SMALL)
+    inject_lora(m, LoRAConfig(r=8))
+    layer = m.layers[0].attn.q_proj
+    bound = SMALL.hidden_size ** -0.5
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert layer.lora_A.dtype == torch.float32
+
+
+def test_our_adapter_loads_in_peft(tmp_path, lora_cfg):
+    from peft import PeftModel
+
+    hf = hf_model(SMALL, seed=2)
+    hf.save_pretrained(tmp_path / "base")
+    eng = NativeEngine(SMALL, lora_cfg, model_dir=tmp_path / "base", device=torch.device("cpu"),
+                       dtype=torch.float32, seed=0)
+    random_adapters(eng.model, 3)
+    eng.save_adapter(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    pm = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    # every adapter tensor landed: no missing or unexpected keys
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    loaded = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
+    assert set(saved) == set(loaded)
+    for k in saved:
+        assert torch.equal(saved[k], loaded[k]), k
+    ids = torch.randint(0, SMALL.vocab_size, (2, 16))
+    eng.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(eng.logits(ids), pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_adapter_loads_in_ours(tmp_path, lora_cfg):
+    hf = hf_model(SMALL, seed=2)
+    hf.save_pretrained(tmp_path / "base")
+    pm = peft_model(hf_model(SMALL, seed=2), lora_cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "peft_adapter")
+    eng = NativeEngine(SMALL, lora_cfg, model_dir=tmp_path / "base", device=torch.device("cpu"),
+                       dtype=torch.float32, seed=0)
+    eng.load_adapter(tmp_path / "peft_adapter")
+    eng.eval()
+    pm.eval()
+    ids = torch.randint(0, SMALL.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(eng.logits(ids), pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_mismatch_fails_clearly(tmp_path, lora_cfg):
+    eng = NativeEngine(SMALL, lora_cfg, model_dir=None, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    eng.save_adapter(tmp_path / "a")
+    other = NativeEngine(SMALL, LoRAConfig(r=8, targets=("q_proj",)), model_dir=None, device=torch.device("cpu"),
+                         dtype=torch.float32, seed=0)
+    with pytest.raises(ConfigError, match="same LoRA settings"):
+        other.load_adapter(tmp_path / "a")
+    with pytest.raises(ConfigError, match="adapter_config.json: missing"):
+        read_adapter(tmp_path / "nothing")

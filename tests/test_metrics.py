@@ -1,0 +1,48 @@
+"""FLOPs per token, peak table, MFU and the timing statistics."""
+from __future__ import annotations
+
+import pytest
+
+from lorabench.config import MODEL_PRESETS, LoRAConfig
+from lorabench.metrics import flops_per_token, lora_param_count, mfu, mfu_flagperf, peak_flops, step_stats
+
+L7 = MODEL_PRESETS["llama2-7b"]
+
+
+def test_flops_per_token_llama2_7b_seq512():
+    lora = LoRAConfig()  # r 8 on q_proj, v_proj
+    assert lora_param_count(L7, lora) == 32 * 2 * 8 * (4096 + 4096)  # 4,194,304
+    # by hand: 4 * 6,607,343,616 + 6 * 4,194,304 + 12 * 32 * 32 * 128 * 512
+    hand = 4 * 6_607_343_616 + 6 * 4_194_304 + 12 * 32 * 32 * 128 * 512
+    assert flops_per_token(L7, lora, 512) == hand == 27_259_846_656
+    # REFERENCE section 3 quotes 27.23 G (seq 512) and 32.87 G (seq 4096): the frozen-weight and attention terms;
+    # its figures leave out the adapters' 6 * N_lora = 25.2 MFLOP (0.09%), which we count.
+    adapters = 6 * lora_param_count(L7, lora)
+    assert flops_per_token(L7, lora, 512) - adapters == pytest.approx(27.23e9, rel=1e-3)
+    assert flops_per_token(L7, lora, 4096) - adapters == pytest.approx(32.87e9, rel=1e-3)
+
+
+def test_peak_table_is_dtype_aware_and_says_unknown():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+    assert peak_flops("NVIDIA H200", "tf32") == 494.7e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") is None
+    assert peak_flops("Some Future GPU", "bf16") is None
+    assert peak_flops(None, "fp32") is None
+    assert peak_flops("Some Future GPU", "bf16", override_tflops=100) == 100e12
+    assert mfu(1000.0, 1e9, None) is None
+    assert mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
+
+
+def test_flagperf_mfu_reproduces_seed_with_nominal_7e9():
+    # seed fp16 row: 4017 tok/s -> 36.1% with N = 7e9 (REFERENCE section 1)
+    # 4017 * 2 * 7e9 / 1.56e14 = 0.36050: the seed's 36.1% is this rounded half-up
+    assert f"{100 * mfu_flagperf(4017, 7_000_000_000):.2f}" == "36.05"
+
+
+def test_step_stats_excludes_warmup():
+    s = step_stats([10.0, 5.0, 1.0, 1.0, 2.0], tokens_per_step=100, warmup=2)
+    assert s["timed_steps"] == 3
+    assert s["tokens_per_s_per_chip"] == pytest.approx(100 / (4 / 3))
+    assert s["tokens_per_s_per_chip_median"] == pytest.approx(100.0)
+    assert step_stats([1.0], 100, warmup=3)["timed_steps"] == 1  # too few steps: all are timed

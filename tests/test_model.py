@@ -1,0 +1,114 @@
+"""Our Llama against HF LlamaForCausalLM: same weights, fp32, CPU -> logits and loss within 1e-5."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.checkpoint import iter_checkpoint, load_into
+from lorabench.config import ConfigError, ModelConfig
+from lorabench.model import Llama, count_params
+
+from conftest import SMALL, hf_model
+
+
+def native_from_hf(hf, cfg):
+    m = Llama(cfg).float().eval()
+    load_into(m, hf.state_dict().items(), True, "hf model")
+    return m
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_logits_and_loss_match_hf(attn):
+    hf = hf_model(SMALL, attn=attn)
+    ours = native_from_hf(hf, SMALL)
+    ids = torch.randint(0, SMALL.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=ids)
+        logits = ours(ids)
+        loss = ours.loss(ids, ids)
+    assert logits.shape == ref.logits.shape
+    torch.testing.assert_close(logits, ref.logits.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_query_and_rope_theta_matter():
+    """The parity test must be able to fail: a different rope_theta changes the logits."""
+    hf = hf_model(SMALL)
+    other = ModelConfig(**{**SMALL.__dict__, "rope_theta": 500000.0})
+    ours = native_from_hf(hf, other)
+    ids = torch.randint(0, SMALL.vocab_size, (1, 40))
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max() > 1e-3
+
+
+def test_load_from_transformers_safetensors_dir(tmp_path):
+    hf = hf_model(SMALL, seed=3)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = ModelConfig.from_hf_json(tmp_path)
+    assert cfg == SMALL
+    ours = Llama(cfg).eval()
+    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_load_sharded_bin_checkpoint(tmp_path):
+    """pytorch_model-0000x-of-0000y.bin shards with an index are read shard by shard."""
+    import json
+
+    hf = hf_model(SMALL, seed=4)
+    sd = hf.state_dict()
+    names = list(sd)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:]), 1):
+        fname = f"pytorch_model-0000{i}-of-00002.bin"
+        torch.save({k: sd[k].clone() for k in part}, tmp_path / fname)
+        weight_map.update({k: fname for k in part})
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ours = Llama(SMALL).eval()
+    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
+    ids = torch.randint(0, SMALL.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_and_misshaped_tensors_fail_clearly(tmp_path):
+    hf = hf_model(SMALL)
+    sd = dict(hf.state_dict())
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(ConfigError, match="missing tensors for layers.1.mlp.up_proj.weight"):
+        load_into(Llama(SMALL), sd.items(), True, "ckpt")
+    sd = dict(hf.state_dict())
+    sd["model.norm.weight"] = torch.ones(3)
+    with pytest.raises(ConfigError, match="model.norm.weight has shape"):
+        load_into(Llama(SMALL), sd.items(), True, "ckpt")
+    with pytest.raises(ConfigError, match="no such folder"):
+        list(iter_checkpoint(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        list(iter_checkpoint(tmp_path))
+
+
+def test_param_count_llama2_7b():
+    from lorabench.config import MODEL_PRESETS
+
+    c = count_params(MODEL_PRESETS["llama2-7b"])
+    assert c["total"] == 6_738_415_616  # published Llama-2-7B count (REFERENCE section 2)
+    assert c["non_embedding"] == 6_607_343_616
+    assert c["per_layer"] == 202_383_360
+
+
+def test_count_matches_module_numel():
+    assert count_params(SMALL)["total"] == sum(p.numel() for p in Llama(SMALL).parameters())
+
+
+def test_random_init_builds_on_meta_free_path_and_is_deterministic():
+    from lorabench.checkpoint import random_hf_weights
+
+    a = dict(random_hf_weights(SMALL, 7, "cpu", torch.float32))
+    b = dict(random_hf_weights(SMALL, 7, "cpu", torch.float32))
+    c = dict(random_hf_weights(SMALL, 8, "cpu", torch.float32))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
+    assert abs(a["model.layers.0.mlp.up_proj.weight"].std().item() - 0.02) < 0.002

@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_mmlu_flags(run, default_dir=True)
+
+    ev = sub.add_parser("eval", help="MMLU k-shot accuracy of a model (+ adapter)",
+                        description="MMLU k-shot as lm-evaluation-harness scores it; writes mmlu.json, mmlu.md and "
+                        "mmlu_predictions.jsonl to --run-dir.")
+    _add_model_flags(ev)
+    ev.add_argument("--adapter", type=Path, help="PEFT-format LoRA adapter folder (lorabench's or PEFT's)")
+    ev.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="weights dtype (default: bf16 on GPU, "
+                    "fp32 on CPU)")
+    ev.add_argument("--no-prefix-cache", action="store_true", help="recompute the shared few-shot prefix for "
+                    "every question (slower; for checking)")
+    ev.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-eval)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_mmlu_flags(ev, default_dir=False)
     return ap
 
 
@@ -122,10 +135,55 @@ def cmd_run(a) -> int:
     return 0
 
 
+def cmd_eval(a) -> int:
+    import json
+
+    import torch
+
+    from .config import LoRAConfig, ModelConfig
+    from .engines import build_engine
+    from .lora import read_adapter
+    from .mmlu import evaluate_mmlu, render_mmlu
+    from .report import write_json_atomic
+    from .runner import TINY_MMLU, TINY_MODEL, resolve_device
+
+    model_dir = a.model_dir or TINY_MODEL
+    mmlu_dir = a.mmlu or (str(TINY_MMLU) if a.model_dir is None else None)
+    if mmlu_dir is None:
+        raise ConfigError("--mmlu is required: the MMLU folder (dev/ and test/ CSVs, or cais/mmlu parquet)")
+    device = resolve_device(a.device)
+    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    lora = read_adapter(a.adapter)[0] if a.adapter else LoRAConfig()
+    cfg = ModelConfig.from_hf_json(model_dir)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    t0 = time.perf_counter()
+    engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
+                          device=device, dtype=dtype, seed=0, attn=a.attn)
+    if a.adapter:
+        engine.load_adapter(a.adapter)
+    load_s = time.perf_counter() - t0
+    run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-eval"
+    opts = {"dir": mmlu_dir, "subjects": a.subjects, "shots": a.shots, "batch_size": a.mmlu_batch_size,
+            "limit": a.limit, "prefix_cache": not a.no_prefix_cache}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    summary = evaluate_mmlu(engine, model_dir, opts, device, precision, run_dir, progress=not a.no_progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    eval_s = time.perf_counter() - t1
+    print(render_mmlu(summary))
+    info = {"load_s": load_s, "eval_s": eval_s, "precision": precision, "engine": a.engine,
+            "adapter": str(a.adapter) if a.adapter else None, "model_dir": str(model_dir), "init": a.init}
+    write_json_atomic(run_dir / "eval.json", {**info, "mmlu": summary})
+    print(json.dumps({"acc": summary["acc"], "questions": summary["questions"], **info}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run}[args.cmd](args)
+        return {"run": cmd_run, "eval": cmd_eval}[args.cmd](args)
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         return 2

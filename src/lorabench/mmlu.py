@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .data import looks_like_hub_name
 from .data.tokenizer import Tokenizer
 from .report import markdown_table, write_text_atomic
 
@@ -83,8 +84,10 @@ def load_mmlu(source: str | Path, subjects: list[str] | None = None, limit: int 
         return out
     if p.is_dir():
         return _load_parquet_layout(p, subjects, limit)
-    if not p.exists() and "/" in str(source):
+    if looks_like_hub_name(source):
         return _load_hub(str(source), subjects, limit)
+    if not p.exists():
+        raise ConfigError(f"--mmlu {source}: no such folder")
     raise ConfigError(f"--mmlu {source}: not a folder with test/*_test.csv (original layout) or dev/test parquet "
                       "files (cais/mmlu layout)")
 
@@ -150,7 +153,7 @@ def _load_hub(name: str, subjects, limit) -> list[Subject]:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"--mmlu {name}: not a local folder, and a hub dataset needs the 'datasets' package "
+        raise ConfigError(f"--mmlu {name}: no such folder; read as a hub dataset name it needs the 'datasets' package "
                           "(and internet); download MMLU and pass its folder") from None
     rows = {split: list(datasets.load_dataset(name, "all", split=split)) for split in ("dev", "test")}
     return _rows_to_subjects(rows, subjects, limit, name)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
+from . import looks_like_hub_name
 
 SPLITS = {"train": ("train",), "validation": ("val", "validation", "valid", "dev"), "test": ("test",)}
 _EXTS = (".json", ".jsonl", ".csv", ".parquet")
@@ -43,7 +44,7 @@ def load_split(source: str | Path, split: str) -> tuple[list[dict], str]:
         if split != "train":
             return [], str(p)
         return read_file(p), str(p)
-    if "/" in str(source) and not str(source).startswith((".", "/")) and not p.exists():
+    if looks_like_hub_name(source):
         return _read_hub(str(source), split)
     raise DataError(f"--data {source}: no such file or folder")
 
@@ -125,7 +126,7 @@ def _read_hub(name: str, split: str) -> tuple[list[dict], str]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"--data {name}: not a local path, and reading a hub dataset needs the 'datasets' package "
+        raise DataError(f"--data {name}: no such file or folder; read as a hub dataset name it needs the 'datasets' package "
                         "(and internet); download the data and pass its folder instead") from None
     try:
         ds = datasets.load_dataset(name, split=split)

@@ -1,0 +1,186 @@
+"""MMLU: exact prompts, lm-eval's scoring, batched == unbatched == prefix-cached, both layouts, errors."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from lorabench.config import ConfigError, LoRAConfig, ModelConfig
+from lorabench.data.tokenizer import Tokenizer
+from lorabench.engines import build_engine
+from lorabench.mmlu import (CATEGORY, LETTERS, Question, Subject, build_context, load_mmlu, make_request,
+                            score_requests, summarize)
+from lorabench.runner import TINY_MMLU, TINY_MODEL
+
+from conftest import need_shared_mmlu
+
+CPU = torch.device("cpu")
+
+
+def test_prompt_is_lm_evals_template_byte_for_byte():
+    shots = [Question("high_school_geography", i, q, ["w", "x", "y", "z"], g)
+             for i, (q, g) in enumerate([("Shot one?", 0), ("Shot two?", 3)])]
+    q = Question("high_school_geography", 0, "  Which river is longest? \n", ["Nile", "Amazon", "Po", "Rhine"], 0)
+    text = build_context(Subject("high_school_geography", shots, [q]), q, shots=2)
+    assert text == (
+        "The following are multiple choice questions (with answers) about high school geography.\n\n"
+        "Shot one?\nA. w\nB. x\nC. y\nD. z\nAnswer: A\n\n"
+        "Shot two?\nA. w\nB. x\nC. y\nD. z\nAnswer: D\n\n"
+        "Which river is longest?\nA. Nile\nB. Amazon\nC. Po\nD. Rhine\nAnswer:")
+    assert build_context(Subject("high_school_geography", shots, [q]), q, shots=0).startswith(
+        "The following are multiple choice questions (with answers) about high school geography.\n\nWhich river")
+
+
+def test_real_question_that_needs_stripping():
+    root = need_shared_mmlu()
+    (sub,) = load_mmlu(root, ["business_ethics"])
+    q = sub.test[3]
+    assert q.question.startswith(" ______ is an employee's preferred ratio")
+    text = build_context(sub, q, 5)
+    assert "\n\n______ is an employee's preferred ratio" in text
+    assert text.startswith("The following are multiple choice questions (with answers) about business ethics.\n\n"
+                           + sub.dev[0].question.strip() + "\nA. " + sub.dev[0].choices[0] + "\n")
+    assert text.endswith("\nD. " + q.choices[3] + "\nAnswer:")
+
+
+def test_full_set_counts_and_categories():
+    root = need_shared_mmlu()
+    subs = load_mmlu(root)
+    assert len(subs) == 57 and sum(len(s.test) for s in subs) == 14042 and sum(len(s.dev) for s in subs) == 285
+    assert {s.name for s in subs} == set(CATEGORY)
+
+
+def tiny_engine():
+    cfg = ModelConfig.from_hf_json(TINY_MODEL)
+    return build_engine("native", cfg, LoRAConfig(), model_dir=TINY_MODEL, device=CPU, dtype=torch.float32, seed=0)
+
+
+def tiny_requests(extra_real=False):
+    tok = Tokenizer(TINY_MODEL)
+    subs = load_mmlu(TINY_MMLU)
+    if extra_real:
+        subs += load_mmlu(need_shared_mmlu(), ["astronomy", "marketing"], limit=6)
+    return [make_request(tok, s, q, 5, 512) for s in subs for q in s.test]
+
+
+def test_batched_equals_unbatched_equals_prefix_cached():
+    eng = tiny_engine()
+    eng.eval()
+    reqs = tiny_requests()
+    one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False))
+    batched = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=False))
+    cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True))
+    torch.testing.assert_close(batched, one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)
+    # and against a plain full forward of each context, read at its last position
+    r = reqs[3]
+    with torch.no_grad():
+        logp = torch.log_softmax(eng.logits(torch.tensor([r.context]))[0, -1], -1)
+    torch.testing.assert_close(one[3], logp[[c[0] for c in r.conts]], atol=1e-5, rtol=0)
+
+
+def test_prefix_cache_with_real_subjects_and_long_prompts():
+    eng = tiny_engine()
+    eng.eval()
+    reqs = tiny_requests(extra_real=True)
+    assert any(r.shots < 5 for r in reqs)  # the tiny model's 512 context forces dropped shots on real subjects
+    one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False))
+    cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True))
+    torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)
+
+
+class RiggedEngine:
+    """Always prefers one letter's token: accuracy must equal the share of questions whose gold is that letter."""
+
+    model_cfg = ModelConfig.from_hf_json(TINY_MODEL)
+    supports_prefix_cache = False
+
+    def __init__(self, token_id, vocab):
+        self.token_id, self.vocab = token_id, vocab
+
+    def forward_hidden(self, ids):
+        return torch.zeros(*ids.shape, 1)
+
+    def head(self, h):
+        out = torch.zeros(*h.shape[:-1], self.vocab)
+        out[..., self.token_id] = 5.0
+        return out
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+
+def test_rigged_model_scores_exactly_the_gold_share():
+    tok = Tokenizer(TINY_MODEL)
+    reqs = tiny_requests()
+    letter_tok = reqs[0].conts[1][0]  # " B"
+    eng = RiggedEngine(letter_tok, tok.vocab_size)
+    scores = score_requests(eng, reqs, CPU, batch_size=4, use_prefix_cache=True)
+    s = summarize(reqs, scores, 5)
+    share = sum(r.q.gold == 1 for r in reqs) / len(reqs)
+    assert 0 < share < 1
+    assert s["acc"] == pytest.approx(share)
+
+
+def test_both_layouts_give_the_same_prompts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    subs = load_mmlu(TINY_MMLU)
+    (tmp_path / "all").mkdir()
+    for split in ("dev", "test"):
+        rows = [{"question": q.question, "subject": s.name, "choices": q.choices, "answer": q.gold}
+                for s in subs for q in getattr(s, split)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "all" / f"{split}-00000-of-00001.parquet")
+    other = load_mmlu(tmp_path)
+    assert [s.name for s in other] == [s.name for s in subs]
+    for a, b in zip(subs, other):
+        assert [build_context(a, q, 5) for q in a.test] == [build_context(b, q, 5) for q in b.test]
+        assert [q.index for q in b.test] == list(range(len(b.test)))
+
+
+def test_malformed_rows_and_unknown_subjects(tmp_path):
+    shutil.copytree(TINY_MMLU, tmp_path / "m")
+    f = tmp_path / "m" / "test" / "elementary_mathematics_test.csv"
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(lines[:2] + ["What?,1,2,3"] + lines[3:]) + "\n")
+    with pytest.raises(ConfigError, match=r"elementary_mathematics_test.csv: row 3 has 4 fields"):
+        load_mmlu(tmp_path / "m")
+    f.write_text("\n".join(lines[:1] + ["What?,1,2,3,4,E"]) + "\n")
+    with pytest.raises(ConfigError, match=r"row 2 answer 'E' is not one of A, B, C, D"):
+        load_mmlu(tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"--subjects: astrology not in"):
+        load_mmlu(TINY_MMLU, ["astrology"])
+    with pytest.raises(ConfigError, match="nothing: no such folder"):
+        load_mmlu(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="not a folder with test/"):
+        load_mmlu(f)
+
+
+def test_too_long_drops_shots_then_truncates():
+    tok = Tokenizer(TINY_MODEL)
+    (sub,) = load_mmlu(TINY_MMLU, ["elementary_mathematics"])
+    q = sub.test[0]
+    full = make_request(tok, sub, q, 5, 10_000)
+    assert full.shots == 5 and not full.truncated
+    tight = make_request(tok, sub, q, 5, len(full.context) - 5)
+    assert tight.shots == 4 and len(tight.context) + 1 <= len(full.context) - 5
+    tiny = make_request(tok, sub, q, 5, 8)
+    assert tiny.shots == 0 and tiny.truncated and len(tiny.context) + 1 == 8
+
+
+def test_eval_command_writes_predictions(tmp_path):
+    import json
+
+    from lorabench.cli import main
+
+    assert main(["eval", "--device", "cpu", "--no-progress", "--run-dir", str(tmp_path), "--limit", "3"]) == 0
+    preds = [json.loads(x) for x in (tmp_path / "mmlu_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and {p["gold"] for p in preds} <= set(LETTERS)
+    assert [p["index"] for p in preds if p["subject"] == "elementary_mathematics"] == [0, 1, 2]
+    s = json.loads((tmp_path / "mmlu.json").read_text())
+    assert s["questions"] == 6 and s["categories"]["STEM"]["questions"] == 6

@@ -98,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-eval)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_mmlu_flags(ev, default_dir=False)
+
+    b = sub.add_parser("bench", help="engines x presets side by side on random weights and synthetic tokens",
+                       description="Each engine x preset runs as its own `lorabench run --init random --data "
+                       "synthetic` process; prints one table and writes bench.json/bench.md under --run-dir.")
+    b.add_argument("--engines", default="native,reference", help="comma-separated: native, reference, "
+                   "reference+liger, reference+compile")
+    b.add_argument("--presets", default="flagperf-fp32,flagperf-fp16,bf16", help=f"comma-separated of "
+                   f"{', '.join(TRAIN_PRESETS)}")
+    b.add_argument("--model", help="shape preset (default: llama2-7b on a GPU, tiny on CPU)")
+    b.add_argument("--steps", type=int, default=20, help="optimiser steps per row")
+    b.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timing")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    b.add_argument("--batch-size", type=int, help="override every preset's batch size")
+    b.add_argument("--seq-len", type=int, help="override every preset's sequence length")
+    b.add_argument("--lora-dropout", type=float, help="override the dropout (0 for exact loss parity)")
+    b.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported as failed")
+    b.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-bench)")
     return ap
 
 
@@ -180,10 +197,36 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    import torch
+
+    from .bench import run_bench, table
+    from .engines import ENGINES
+
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    presets = [p.strip() for p in a.presets.split(",") if p.strip()]
+    bad = [e for e in engines if e not in ENGINES] + [p for p in presets if p not in TRAIN_PRESETS]
+    if bad or not engines or not presets:
+        raise ConfigError(f"--engines/--presets: unknown {bad or 'empty list'}; engines: {', '.join(ENGINES)}; "
+                          f"presets: {', '.join(TRAIN_PRESETS)}")
+    if a.steps <= a.warmup_steps:
+        raise ConfigError(f"--steps {a.steps} must exceed --warmup-steps {a.warmup_steps}")
+    model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
+    overrides = []
+    for flag, v in (("--batch-size", a.batch_size), ("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout)):
+        if v is not None:
+            overrides += [flag, str(v)]
+    run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
+    rows = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir, overrides, a.timeout)
+    print(table(rows))
+    print(f"wrote {run_dir / 'bench.json'} and {run_dir / 'bench.md'}")
+    return 0 if any("error" not in r for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "eval": cmd_eval}[args.cmd](args)
+        return {"run": cmd_run, "eval": cmd_eval, "bench": cmd_bench}[args.cmd](args)
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         return 2

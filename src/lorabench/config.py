@@ -194,6 +194,8 @@ TRAIN_PRESETS: dict[str, Preset] = {
     # The seed's first row: fp32, LBS 2, seq 512 (REFERENCE section 1).
     "flagperf-fp32": Preset(TrainConfig(precision="fp32", batch_size=2, seq_len=512)),
     # The seed's second row: fp16 weights (model.half()) + GradScaler, LBS 4.
+    # The same with TF32 matmuls: how FlagPerf's "fp32" number is reachable on an A100 at all (REFERENCE 1).
+    "flagperf-tf32": Preset(TrainConfig(precision="tf32", batch_size=2, seq_len=512), fix_hp="TF32 matmuls"),
     "flagperf-fp16": Preset(TrainConfig(precision="fp16", batch_size=4, seq_len=512),
                             fix_hp="precision=fp16, local_batchsize=4"),
     "bf16": Preset(TrainConfig(precision="bf16", batch_size=4, seq_len=512), fix_hp="precision=bf16, local_batchsize=4"),

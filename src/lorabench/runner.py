@@ -114,12 +114,13 @@ def run_job(job: Job) -> dict:
                           f"{cfg.max_position_embeddings}")
     train_data, val_data, data_desc = load_data(job, cfg)
     weights_dir = job.model_dir if job.init == "pretrained" else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t_build = time.perf_counter()
     engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],
                           seed=t.seed, attn=job.attn)
     build_s = time.perf_counter() - t_build
+    if device.type == "cuda":  # peaks of the training itself (the weights stay allocated, so they count)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     out = train_loop(engine, train_data, t, device, val_data=val_data, progress=job.progress)
     stats = M.step_stats(out["series"]["step_time_s"], out["tokens_per_step"], t.warmup_steps)
     dev_name = environment(device)["device_name"]

@@ -14,7 +14,7 @@ import torch
 from ..config import ConfigError, LoRAConfig, ModelConfig
 from ..lora import read_adapter, save_adapter
 
-ENGINES = ("native", "reference")
+ENGINES = ("native", "reference", "reference+liger", "reference+compile")
 
 
 class Engine:
@@ -71,9 +71,9 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
         from .native import NativeEngine
 
         return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=dtype, seed=seed)
-    if name == "reference":
+    if name == "reference" or name.startswith("reference+"):
         from .reference import ReferenceEngine
 
         return ReferenceEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=dtype, seed=seed,
-                               attn=attn)
+                               attn=attn, variant=name.partition("+")[2] or None)
     raise ConfigError(f"--engine: unknown {name!r}; choose from {', '.join(ENGINES)}")

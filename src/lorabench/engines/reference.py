@@ -1,16 +1,32 @@
 """The reference engine: transformers ``LlamaForCausalLM`` + PEFT ``LoraConfig``, the stack FlagPerf's case runs.
 
-Attention is ``eager`` by default, as the case's transformers 4.31 ran it; ``attn="sdpa"`` is available. Base
+Attention is ``eager`` by default, as the case's transformers 4.31 ran it; ``attn="sdpa"`` is available. Two
+variants stand for the strongest off-the-shelf stacks (REFERENCE section 6), both with SDPA attention:
+``reference+liger`` (Liger kernels patched into transformers' Llama: RoPE, RMSNorm, SwiGLU, fused linear
+cross-entropy; needs liger-kernel) and ``reference+compile`` (torch.compile of the PEFT model). Base
 weights come from the same stream as the native engine's (a checkpoint folder or the canonical random weights),
 and the adapters start from the same canonical values, so both engines train the same thing.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
 from ..checkpoint import iter_checkpoint, load_into, random_hf_weights
 from ..config import ConfigError, LoRAConfig, ModelConfig
 from . import Engine, canonical_adapters
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build HF modules directly in ``dtype`` (no fp32 copy of a 7B model on the way)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _require():
@@ -26,18 +42,30 @@ class ReferenceEngine(Engine):
     name = "reference"
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 attn: str = "eager"):
+                 attn: str = "eager", variant: str | None = None):
         _require()
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
 
         if attn not in ("eager", "sdpa"):
             raise ConfigError(f"--attn must be eager or sdpa, got {attn!r}")
+        if variant not in (None, "liger", "compile"):
+            raise ConfigError(f"--engine reference+{variant}: unknown variant; use reference+liger or reference+compile")
+        if variant:
+            attn = "sdpa"
+            self.name = f"reference+{variant}"
+        if variant == "liger":
+            try:
+                from liger_kernel.transformers import apply_liger_kernel_to_llama
+            except ImportError:
+                raise ConfigError("--engine reference+liger needs liger-kernel (pip install liger-kernel)") from None
+            apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
+                                        cross_entropy=False)
         self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
         hf_cfg = LlamaConfig(**model_cfg.to_hf_dict())
         hf_cfg._attn_implementation = attn
-        with torch.device(device):
-            base = LlamaForCausalLM(hf_cfg).to(dtype)
+        with torch.device(device), _default_dtype(dtype):
+            base = LlamaForCausalLM(hf_cfg)
         if hasattr(base, "set_attn_implementation"):
             base.set_attn_implementation(attn)
         stream = random_hf_weights(model_cfg, seed, device, dtype) if model_dir is None else iter_checkpoint(model_dir)
@@ -46,9 +74,10 @@ class ReferenceEngine(Engine):
                               target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, peft_cfg)
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
+        self._fwd = torch.compile(self.model) if variant == "compile" else self.model
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, labels=labels, use_cache=False).loss
+        return self._fwd(input_ids=ids, labels=labels, use_cache=False).loss
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, use_cache=False).logits.float()

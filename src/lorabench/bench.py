@@ -1,0 +1,96 @@
+"""``lorabench bench``: engines x presets side by side on random weights of the exact architecture.
+
+Every row is ``lorabench run --init random --data synthetic`` in its own process (a crash or OOM is reported in
+its row and the rest go on), so a row measures exactly what users run. Rows of one preset start from identical
+weights (canonical random weights and adapters from one seed) and see identical batches, so their per-step losses
+must agree: the table prints the largest gap between each engine and the reference.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .report import markdown_table, write_json_atomic, write_text_atomic
+
+
+def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, device: str, row_dir: Path,
+            overrides: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "lorabench", "run", "--init", "random", "--model", model, "--data", "synthetic",
+           "--preset", preset, "--engine", engine, "--max-steps", str(steps), "--warmup-steps", str(warmup),
+           "--device", device, "--run-dir", str(row_dir), "--no-mmlu", "--no-save-adapter", "--no-progress",
+           "--eval-batches", "0", *overrides]
+    row = {"engine": engine, "preset": preset, "model": model, "cmd": " ".join(cmd[1:])}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timed out after {timeout:.0f} s"}
+    row["wall_s"] = time.perf_counter() - t0
+    result_path = row_dir / "result.json"
+    if proc.returncode != 0 or not result_path.is_file():
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        return {**row, "error": lines[-1][:300] if lines else f"exit code {proc.returncode}"}
+    r = json.loads(result_path.read_text())
+    m = r["metrics"]
+    keep = ("tokens_per_s_per_chip", "tokens_per_s_per_chip_median", "mfu", "mfu_flagperf", "flops_per_token",
+            "peak_mem_allocated_gib", "peak_mem_reserved_gib", "step_time_mean_s", "step_time_stdev_s",
+            "skipped_steps", "build_s")
+    return {**row, **{k: m.get(k) for k in keep}, "loss_final": m["train_loss_final"], "losses": r["series"]["loss"],
+            "batch_size": r["config"]["batch_size"], "seq_len": r["config"]["seq_len"],
+            "precision": r["config"]["precision"], "device_name": r["env"]["device_name"]}
+
+
+def compare(rows: list[dict]) -> None:
+    """Add speed-up and largest per-step loss gap against the plain reference row of the same preset."""
+    refs = {r["preset"]: r for r in rows if r["engine"] == "reference" and "error" not in r}
+    for r in rows:
+        ref = refs.get(r["preset"])
+        if ref is None or "error" in r or r is ref:
+            continue
+        r["speedup_vs_reference"] = r["tokens_per_s_per_chip"] / ref["tokens_per_s_per_chip"]
+        n = min(len(r["losses"]), len(ref["losses"]))
+        gaps = [abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], ref["losses"][:n])]
+        r["max_rel_loss_gap_vs_reference"] = max(gaps) if gaps else None
+
+
+def table(rows: list[dict]) -> str:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append({"engine": r["engine"], "preset": r["preset"], "tok/s/chip": "error", "MFU": "",
+                        "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80], "max loss gap": ""})
+            continue
+        out.append({
+            "engine": r["engine"], "preset": r["preset"], "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f"),
+            "MFU": "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+            "peak alloc GiB": f(r["peak_mem_allocated_gib"], ".1f"), "loss@N": f(r["loss_final"], ".4f"),
+            "vs reference": f(r.get("speedup_vs_reference"), ".2f") + ("x" if r.get("speedup_vs_reference") else ""),
+            "max loss gap": "-" if r.get("max_rel_loss_gap_vs_reference") is None
+            else f"{100 * r['max_rel_loss_gap_vs_reference']:.3f}%",
+        })
+    return markdown_table(out)
+
+
+def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
+              run_dir: Path, overrides: list[str], timeout: float, log=print) -> list[dict]:
+    rows = []
+    for preset in presets:
+        for engine in engines:
+            log(f"bench: {engine} / {preset} ...", flush=True)
+            row = run_row(engine, preset, model, steps, warmup, device, run_dir / f"{preset}__{engine}", overrides,
+                          timeout)
+            log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}", flush=True)
+            rows.append(row)
+    compare(rows)
+    dev = next((r["device_name"] for r in rows if "device_name" in r), None)
+    write_json_atomic(run_dir / "bench.json", {"device_name": dev, "model": model, "steps": steps, "warmup": warmup,
+                                               "overrides": overrides, "rows": rows})
+    text = f"# lorabench bench: {model}, {steps} steps ({warmup} warm-up), {dev}\n\n{table(rows)}\n"
+    write_text_atomic(run_dir / "bench.md", text)
+    return rows

@@ -47,6 +47,8 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--engine", default="native", help="native (ours, default) or reference (transformers + PEFT)")
     g.add_argument("--attn", default="eager", choices=("eager", "sdpa"), help="attention of the reference engine")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the native engine's blocks for training (default: on with CUDA)")
 
 
 def _add_mmlu_flags(p: argparse.ArgumentParser, default_dir: bool):
@@ -142,7 +144,7 @@ def cmd_run(a) -> int:
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
     job = Job(train=p.train, lora=p.lora, preset=preset, fix_hp=p.fix_hp, engine=a.engine,
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
-              data=data, device=a.device, attn=a.attn, peak_tflops=a.peak_tflops, run_dir=run_dir,
+              data=data, device=a.device, attn=a.attn, compile=a.compile, peak_tflops=a.peak_tflops, run_dir=run_dir,
               save_adapter=not a.no_save_adapter, cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu)
     result = run_job(job)
     from .report import render_report

@@ -2,8 +2,11 @@
 
 y = x W^T + (dropout(x) A^T B^T) * alpha / r, with A [r, in] initialised kaiming-uniform (a = sqrt 5, i.e.
 U(-1/sqrt(in), 1/sqrt(in)), as PEFT does) and B [out, r] zero, so training starts from the base model. The adapter
-weights stay fp32 whatever the base dtype, and the adapter path is computed in fp32, as PEFT does by default; the
-sum is cast back to the base dtype. Adapters save and load in PEFT's format (``adapter_config.json`` +
+weights stay fp32 whatever the base dtype (master weights, as PEFT keeps them); the adapter path is computed in
+the activations' dtype, as autocast would (PEFT upcasts the activations to fp32 instead: an fp32 copy of every
+adapted input, saved for the backward, and FFMA matmuls; in fp32 both are the same computation, and in bf16 the
+loss curves agree within rounding, checked by tests/test_engines.py and the GPU benchmark). Adapters save and
+load in PEFT's format (``adapter_config.json`` +
 ``adapter_model.safetensors``, keys ``base_model.model.<hf module>.lora_A.weight``).
 """
 from __future__ import annotations
@@ -43,10 +46,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
-        a = x.to(self.lora_A.dtype)
-        if self.dropout and self.training:
-            a = F.dropout(a, self.dropout)
-        return (out + F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scale).to(out.dtype)
+        a = F.dropout(x, self.dropout) if self.dropout and self.training else x
+        return out + F.linear(F.linear(a, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B A in the base dtype (for export and the merge invariant)."""

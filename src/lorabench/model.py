@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kernels.cross_entropy import frozen_head_cross_entropy
 
 # SDPA learned grouped-query attention (enable_gqa) in torch 2.5; older torch gets repeated k/v instead.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -117,6 +118,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.compiled_layers: tuple | None = None
 
     def hidden(self, ids: torch.Tensor, attn_mask=None, kv_caches=None, position_offset: int = 0,
                return_kv: bool = False):
@@ -125,7 +127,10 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype,
                                 offset=position_offset)
         kvs = []
-        for i, layer in enumerate(self.layers):
+        layers = self.layers
+        if self.compiled_layers is not None and self.training and kv_caches is None and attn_mask is None:
+            layers = self.compiled_layers
+        for i, layer in enumerate(layers):
             x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
             if return_kv:
                 kvs.append(kv)
@@ -136,10 +141,22 @@ class Llama(nn.Module):
         return self.lm_head(self.hidden(ids)).float()
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy; labels are aligned with ids (shifted here), -100 is ignored."""
-        logits = self.lm_head(self.hidden(ids)).float()
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        """Mean next-token cross-entropy; labels are aligned with ids (shifted here), -100 is ignored.
+        With a frozen lm_head the logits are never kept (kernels/cross_entropy.py)."""
+        h = self.hidden(ids)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        if not self.lm_head.weight.requires_grad:
+            return frozen_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets)
+        logits = self.lm_head(h).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
+
+    def compile_blocks(self):
+        """Compile each decoder block for training (one graph serves all blocks); evaluation with KV caches or
+        masks keeps the eager blocks."""
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.layers))
+        self.compiled_layers = tuple(torch.compile(layer) for layer in self.layers)
 
 
 def count_params(cfg: ModelConfig) -> dict:

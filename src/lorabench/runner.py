@@ -45,6 +45,8 @@ class Job:
     """samsum source (see data/samsum.py) or 'synthetic'."""
     device: str = "auto"
     attn: str = "eager"
+    compile: bool | None = None
+    """torch.compile the native engine's blocks (None: on for CUDA devices)."""
     peak_tflops: float | None = None
     run_dir: Path | None = None
     save_adapter: bool = True
@@ -114,9 +116,10 @@ def run_job(job: Job) -> dict:
                           f"{cfg.max_position_embeddings}")
     train_data, val_data, data_desc = load_data(job, cfg)
     weights_dir = job.model_dir if job.init == "pretrained" else None
+    compile_ = job.compile if job.compile is not None else (device.type == "cuda" and job.engine == "native")
     t_build = time.perf_counter()
     engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],
-                          seed=t.seed, attn=job.attn)
+                          seed=t.seed, attn=job.attn, compile=compile_)
     build_s = time.perf_counter() - t_build
     if device.type == "cuda":  # peaks of the training itself (the weights stay allocated, so they count)
         torch.cuda.empty_cache()
@@ -150,7 +153,7 @@ def run_job(job: Job) -> dict:
     config = {
         **asdict(t), "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
         "lora_targets": list(lo.targets), "preset": job.preset, "fix_hp": job.fix_hp, "engine": job.engine,
-        "attn": job.attn if job.engine == "reference" else "sdpa", "init": job.init,
+        "attn": job.attn if job.engine == "reference" else "sdpa", "init": job.init, "compile": compile_,
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
         "data": data_desc, "train_chunks": len(train_data), "device": str(device), "world_size": world, "nnodes": 1,

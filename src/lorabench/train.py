@@ -63,7 +63,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
         total = min(total, cfg.max_steps)
     torch.manual_seed(cfg.seed + rank)  # dropout masks
     params = engine.trainable_params()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}

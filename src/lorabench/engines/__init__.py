@@ -64,13 +64,14 @@ def canonical_adapters(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict[st
 
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
-                 device: torch.device, dtype: torch.dtype, seed: int, attn: str = "eager"):
+                 device: torch.device, dtype: torch.dtype, seed: int, attn: str = "eager", compile: bool = False):
     """Build engine ``name`` with base weights from ``model_dir`` (None: canonical random weights from ``seed``)
-    and canonical adapters from ``seed``."""
+    and canonical adapters from ``seed``. ``compile``: torch.compile the native engine's blocks for training."""
     if name == "native":
         from .native import NativeEngine
 
-        return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=dtype, seed=seed)
+        return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=dtype, seed=seed,
+                            compile=compile)
     if name == "reference" or name.startswith("reference+"):
         from .reference import ReferenceEngine
 

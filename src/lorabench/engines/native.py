@@ -13,7 +13,8 @@ from . import Engine, canonical_adapters
 class NativeEngine(Engine):
     name = "native"
 
-    def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int):
+    def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
+                 compile: bool = False):
         self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)
@@ -27,6 +28,8 @@ class NativeEngine(Engine):
             load_into(model, iter_checkpoint(model_dir), True, str(model_dir))
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
+        if compile:
+            model.compile_blocks()
 
     # -- the engine interface -------------------------------------------------------------------------------
     def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

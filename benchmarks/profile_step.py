@@ -23,11 +23,12 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--compile", action="store_true", help="compile the native engine's blocks")
     a = ap.parse_args()
     dev = torch.device("cuda")
     cfg = MODEL_PRESETS[a.model]
     eng = build_engine(a.engine, cfg, LoRAConfig(), model_dir=None, device=dev, dtype=DTYPES[a.precision], seed=0,
-                       attn="sdpa")
+                       attn="sdpa", compile=a.compile)
     data = torch.from_numpy(synthetic_chunks(a.batch_size * (a.steps + 3), a.seq_len, cfg.vocab_size)).long().to(dev)
     opt = torch.optim.AdamW(eng.trainable_params(), lr=1e-4)
 
@@ -46,7 +47,7 @@ def main():
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
-    print(f"{a.engine} {a.precision} LBS {a.batch_size} T {a.seq_len}: {total / a.steps / 1e3:.1f} ms GPU per step")
+    print(f"{a.engine}{' compiled' if a.compile else ''} {a.precision} LBS {a.batch_size} T {a.seq_len}: {total / a.steps / 1e3:.1f} ms GPU per step")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:a.top]:
         print(f"{100 * e.device_time_total / total:5.1f}%  {e.device_time_total / a.steps / 1e3:7.2f} ms  "
               f"x{e.count // a.steps:<4d} {e.key[:90]}")

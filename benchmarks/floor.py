@@ -36,15 +36,15 @@ def timed(fn, reps=20, warmup=5) -> float:
 def floor(model: str, batch: int, seq: int, dtype=torch.bfloat16) -> dict:
     cfg = MODEL_PRESETS[model]
     n, h, kv = batch * seq, cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {  # (in, out): count per step
-        (h, h): 2 * cfg.num_hidden_layers,  # q, o
-        (h, kv): 2 * cfg.num_hidden_layers,  # k, v
-        (h, cfg.intermediate_size): 2 * cfg.num_hidden_layers,  # gate, up
-        (cfg.intermediate_size, h): cfg.num_hidden_layers,  # down
-        (h, cfg.vocab_size): 1,  # lm_head
-    }
+    shapes = [  # (in, out, count per step); a list, since q and k have the same shape without GQA
+        (h, h, 2 * cfg.num_hidden_layers),  # q, o
+        (h, kv, 2 * cfg.num_hidden_layers),  # k, v
+        (h, cfg.intermediate_size, 2 * cfg.num_hidden_layers),  # gate, up
+        (cfg.intermediate_size, h, cfg.num_hidden_layers),  # down
+        (h, cfg.vocab_size, 1),  # lm_head
+    ]
     total, flops = 0.0, 0.0
-    for (i, o), count in shapes.items():
+    for i, o, count in shapes:
         x = torch.randn(n, i, device="cuda", dtype=dtype)
         w = torch.randn(o, i, device="cuda", dtype=dtype) * 0.02
         dy = torch.randn(n, o, device="cuda", dtype=dtype)

@@ -49,15 +49,22 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--naive-per-subject", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="questions per subject for the fast path (all)")
+    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    dev = torch.device("cuda")
-    cfg = MODEL_PRESETS["llama2-7b"]
+    dev = torch.device(a.device)
+    cfg = MODEL_PRESETS[a.model]
+
+    def sync():
+        if dev.type == "cuda":
+            sync()
+
     tmp = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
     mmlu_tokenizer(a.mmlu, tmp, cfg.vocab_size)
     tok = Tokenizer(tmp)
     print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
-    eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, dtype=torch.bfloat16, seed=0)
+    eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, dtype=torch.bfloat16 if dev.type == 'cuda' else torch.float32, seed=0)
     eng.eval()
     subjects = load_mmlu(a.mmlu, limit=a.limit)
     t0 = time.perf_counter()
@@ -68,15 +75,15 @@ def main():
           f"shots dropped {sum(r.shots < 5 for r in reqs)}, truncated {sum(r.truncated for r in reqs)}; "
           f"prompts built and tokenised in {prep_s:.1f} s")
     score_requests(eng, reqs[:64], dev, a.batch_size, True)  # warm-up (kernels, allocator)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     fast = score_requests(eng, reqs, dev, a.batch_size, True)
-    torch.cuda.synchronize()
+    sync()
     fast_s = time.perf_counter() - t0
     sample = [r for s in subjects for r in [x for x in reqs if x.q.subject == s.name][:a.naive_per_subject]]
     t0 = time.perf_counter()
     naive = score_requests(eng, sample, dev, 1, False)
-    torch.cuda.synchronize()
+    sync()
     naive_s = time.perf_counter() - t0
     naive_total = naive_s / len(sample) * len(reqs)
     idx = {id(r): i for i, r in enumerate(reqs)}
@@ -89,7 +96,7 @@ def main():
     print(f"| naive, one question per pass (measured sample) | {len(sample)} | {naive_s:.1f} | "
           f"{len(sample) / naive_s:.1f} |")
     print(f"| naive, extrapolated to all | {len(reqs)} | {naive_total:.0f} | {len(sample) / naive_s:.1f} |")
-    print(f"speed-up {naive_total / fast_s:.1f}x on {torch.cuda.get_device_name()}; sample: predictions agree "
+    print(f"speed-up {naive_total / fast_s:.1f}x on {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; sample: predictions agree "
           f"{agree}/{len(sample)}, max |logprob diff| {max(diffs):.4f} (bf16); random-weight accuracy {acc:.3f}")
 
 

@@ -60,7 +60,9 @@ def tiny_requests(extra_real=False):
     tok = Tokenizer(TINY_MODEL)
     subs = load_mmlu(TINY_MMLU)
     if extra_real:
-        subs += load_mmlu(need_shared_mmlu(), ["astronomy", "marketing"], limit=6)
+        # long prompts: shots dropped; high_school_us_history also mixes a left-truncated context (which shares no
+        # prefix with the others) into a group
+        subs += load_mmlu(need_shared_mmlu(), ["astronomy", "high_school_us_history", "marketing"], limit=6)
     return [make_request(tok, s, q, 5, 512) for s in subs for q in s.test]
 
 
@@ -85,6 +87,7 @@ def test_prefix_cache_with_real_subjects_and_long_prompts():
     eng.eval()
     reqs = tiny_requests(extra_real=True)
     assert any(r.shots < 5 for r in reqs)  # the tiny model's 512 context forces dropped shots on real subjects
+    assert any(r.truncated for r in reqs)
     one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False))
     cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True))
     torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)

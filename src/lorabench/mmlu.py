@@ -254,10 +254,10 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
     for idxs in groups.values():
         prefix, P = None, 0
         if use_prefix_cache and len(idxs) > 1 and getattr(engine, "supports_prefix_cache", False):
-            P = _common_prefix([reqs[i].context for i in idxs]) - 1  # keep >= 1 token in every suffix
-            if P > 0:
-                ids = torch.tensor([reqs[idxs[0]].context[:P]], device=device)
-                prefix = (engine.prefix_kv(ids), P)
+            shared = _common_prefix([reqs[i].context for i in idxs]) - 1  # keep >= 1 token in every suffix
+            if shared > 0:  # (a left-truncated context can share nothing with the others)
+                P = shared
+                prefix = (engine.prefix_kv(torch.tensor([reqs[idxs[0]].context[:P]], device=device)), P)
         idxs = sorted(idxs, key=lambda i: len(reqs[i].context))
         for b in range(0, len(idxs), batch_size):
             chunk = idxs[b:b + batch_size]

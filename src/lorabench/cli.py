@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, help="override every preset's sequence length")
     b.add_argument("--lora-dropout", type=float, help="override the dropout (0 for exact loss parity)")
     b.add_argument("--lr", type=float, help="override the learning rate (e.g. 1e-3 to see random weights learn)")
+    b.add_argument("--attn", choices=("eager", "sdpa"), help="attention of the plain reference rows")
     b.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported as failed")
     b.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-bench)")
     return ap
@@ -217,7 +218,7 @@ def cmd_bench(a) -> int:
     model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
     overrides = []
     for flag, v in (("--batch-size", a.batch_size), ("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
-                    ("--lr", a.lr)):
+                    ("--lr", a.lr), ("--attn", a.attn)):
         if v is not None:
             overrides += [flag, str(v)]
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"

@@ -189,30 +189,52 @@ class Request:
         return all(len(c) == 1 for c in self.conts)
 
 
-def encode_pair(tok: Tokenizer, context: str, cont: str) -> tuple[list[int], list[int]]:
-    """lm-eval's split: trailing spaces move from context to continuation; encode both together and cut where
-    the context's own encoding ends."""
-    n = len(context) - len(context.rstrip(" "))
-    if n:
-        context, cont = context[:-n], context[-n:] + cont
-    whole = tok.with_bos(tok.encode(context + cont))
-    ctx = tok.with_bos(tok.encode(context))
-    return whole[: len(ctx)], whole[len(ctx):]
+def encode_pairs(tok: Tokenizer, contexts: list[str], cont: str) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's split, for many contexts at once: trailing spaces move from context to continuation; context and
+    continuation are encoded together and cut where the context's own encoding ends."""
+    ctx_s, whole_s = [], []
+    for c in contexts:
+        n = len(c) - len(c.rstrip(" "))
+        ctx_s.append(c[:-n] if n else c)
+        whole_s.append((c[:-n] if n else c) + (c[-n:] if n else "") + cont)
+    ctx_ids, whole_ids = tok.encode_batch(ctx_s), tok.encode_batch(whole_s)
+    out = []
+    for c, w in zip(ctx_ids, whole_ids):
+        c, w = tok.with_bos(c), tok.with_bos(w)
+        out.append((w[: len(c)], w[len(c):]))
+    return out
+
+
+def make_requests(tok: Tokenizer, items: list[tuple[Subject, Question]], shots: int, max_len: int) -> list[Request]:
+    """Tokenised requests for (subject, question) pairs, batched through the tokenizer. A prompt longer than
+    ``max_len`` drops shots one at a time; with none left it keeps its last ``max_len`` tokens."""
+    out: list[Request | None] = [None] * len(items)
+    k_of = [min(shots, len(s.dev)) for s, _ in items]
+    pending = list(range(len(items)))
+    while pending:
+        contexts = [build_context(items[i][0], items[i][1], k_of[i]) for i in pending]
+        per_letter = [encode_pairs(tok, contexts, " " + L) for L in LETTERS]
+        still = []
+        for j, i in enumerate(pending):
+            pairs = [per_letter[L][j] for L in range(4)]
+            if all(p[0] == pairs[0][0] for p in pairs):
+                ctx, conts = pairs[0][0], [p[1] for p in pairs]
+            else:  # the split differs per letter: score whole sequences
+                ctx, conts = [], [p[0] + p[1] for p in pairs]
+            longest = len(ctx) + max(len(c) for c in conts)
+            if longest <= max_len:
+                out[i] = Request(items[i][1], ctx, conts, k_of[i])
+            elif k_of[i] > 0:
+                k_of[i] -= 1
+                still.append(i)
+            else:  # zero shots and still too long: keep the last max_len tokens
+                out[i] = Request(items[i][1], ctx[longest - max_len:], conts, 0, truncated=True)
+        pending = still
+    return out
 
 
 def make_request(tok: Tokenizer, subject: Subject, q: Question, shots: int, max_len: int) -> Request:
-    for k in range(min(shots, len(subject.dev)), -1, -1):
-        context = build_context(subject, q, k)
-        pairs = [encode_pair(tok, context, " " + L) for L in LETTERS]
-        if all(p[0] == pairs[0][0] for p in pairs):
-            ctx, conts = pairs[0][0], [p[1] for p in pairs]
-        else:  # the split differs per letter: score whole sequences
-            ctx, conts = [], [p[0] + p[1] for p in pairs]
-        longest = len(ctx) + max(len(c) for c in conts)
-        if longest <= max_len:
-            return Request(q, ctx, conts, k)
-    cut = longest - max_len  # zero shots and still too long: keep the last max_len tokens
-    return Request(q, ctx[cut:], conts, 0, truncated=True)
+    return make_requests(tok, [(subject, q)], shots, max_len)[0]
 
 
 # -- scoring ----------------------------------------------------------------------------------------------------
@@ -309,7 +331,7 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, precision: str, out_dir
     subjects = load_mmlu(opts["dir"], subjects_arg, opts.get("limit"))
     tok = Tokenizer(model_dir)
     max_len = engine.model_cfg.max_position_embeddings
-    reqs = [make_request(tok, s, q, shots, max_len) for s in subjects for q in s.test]
+    reqs = make_requests(tok, [(s, q) for s in subjects for q in s.test], shots, max_len)
     bs = opts.get("batch_size") or (32 if device.type == "cuda" else 8)
     engine.eval()
     with tqdm(total=len(reqs), desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:

@@ -189,19 +189,27 @@ class Request:
         return all(len(c) == 1 for c in self.conts)
 
 
-def encode_pairs(tok: Tokenizer, contexts: list[str], cont: str) -> list[tuple[list[int], list[int]]]:
-    """lm-eval's split, for many contexts at once: trailing spaces move from context to continuation; context and
-    continuation are encoded together and cut where the context's own encoding ends."""
-    ctx_s, whole_s = [], []
-    for c in contexts:
-        n = len(c) - len(c.rstrip(" "))
-        ctx_s.append(c[:-n] if n else c)
-        whole_s.append((c[:-n] if n else c) + (c[-n:] if n else "") + cont)
-    ctx_ids, whole_ids = tok.encode_batch(ctx_s), tok.encode_batch(whole_s)
-    out = []
-    for c, w in zip(ctx_ids, whole_ids):
-        c, w = tok.with_bos(c), tok.with_bos(w)
-        out.append((w[: len(c)], w[len(c):]))
+def _split_trailing_space(context: str, cont: str) -> tuple[str, str]:
+    n = len(context) - len(context.rstrip(" "))
+    return (context[:-n], context[-n:] + cont) if n else (context, cont)
+
+
+def encode_pairs(tok: Tokenizer, contexts: list[str], conts: list[str]) -> list[list[tuple[list[int], list[int]]]]:
+    """lm-eval's split, for many contexts and continuations at once: trailing spaces move from context to
+    continuation; context and continuation are encoded together and cut where the context's own encoding ends.
+    Returns [context][continuation] -> (context ids, continuation ids)."""
+    split = [[_split_trailing_space(c, x) for x in conts] for c in contexts]
+    unique_ctx = sorted({s[0] for row in split for s in row})
+    ctx_ids = dict(zip(unique_ctx, tok.encode_batch(unique_ctx)))
+    wholes = tok.encode_batch([c + x for row in split for c, x in row])
+    out, k = [], 0
+    for row in split:
+        pairs = []
+        for c, _ in row:
+            ci, w = tok.with_bos(ctx_ids[c]), tok.with_bos(wholes[k])
+            pairs.append((w[: len(ci)], w[len(ci):]))
+            k += 1
+        out.append(pairs)
     return out
 
 
@@ -213,10 +221,10 @@ def make_requests(tok: Tokenizer, items: list[tuple[Subject, Question]], shots: 
     pending = list(range(len(items)))
     while pending:
         contexts = [build_context(items[i][0], items[i][1], k_of[i]) for i in pending]
-        per_letter = [encode_pairs(tok, contexts, " " + L) for L in LETTERS]
+        encoded = encode_pairs(tok, contexts, [" " + L for L in LETTERS])
         still = []
         for j, i in enumerate(pending):
-            pairs = [per_letter[L][j] for L in range(4)]
+            pairs = encoded[j]
             if all(p[0] == pairs[0][0] for p in pairs):
                 ctx, conts = pairs[0][0], [p[1] for p in pairs]
             else:  # the split differs per letter: score whole sequences

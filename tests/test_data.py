@@ -112,3 +112,21 @@ def test_7z_without_py7zr_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "py7zr", None)
     with pytest.raises(DataError, match="needs py7zr"):
         load_split(f, "train")
+
+
+def test_samsum_corpus_7z(tmp_path):
+    """samsum's own archive layout: corpus.7z holding train.json / val.json / test.json."""
+    py7zr = pytest.importorskip("py7zr")
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "train.json").write_text(json.dumps(ROWS))
+    (src / "val.json").write_text(json.dumps(ROWS[:2]))
+    (src / "test.json").write_text(json.dumps(ROWS[2:]))
+    archive = tmp_path / "corpus.7z"
+    with py7zr.SevenZipFile(archive, "w") as z:
+        for name in ("train.json", "val.json", "test.json"):
+            z.write(src / name, name)
+    train, label = load_split(archive, "train")
+    assert train == [{"dialogue": r["dialogue"], "summary": r["summary"]} for r in ROWS]
+    assert label.endswith("corpus.7z:train.json")
+    assert len(load_split(archive, "validation")[0]) == 2 and len(load_split(archive, "test")[0]) == 3

@@ -41,16 +41,20 @@ def test_grouped_query_and_rope_theta_matter():
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() > 1e-3
 
 
-def test_load_from_transformers_safetensors_dir(tmp_path):
-    hf = hf_model(SMALL, seed=3)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    cfg = ModelConfig.from_hf_json(tmp_path)
-    assert cfg == SMALL
-    ours = Llama(cfg).eval()
-    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
+def assert_loads_like_hf(model_dir, hf):
+    """Our model, loaded from ``model_dir`` through the name map, gives hf's logits."""
+    ours = Llama(ModelConfig.from_hf_json(model_dir) if (model_dir / "config.json").is_file() else SMALL).eval()
+    load_into(ours, iter_checkpoint(model_dir), True, str(model_dir))
     ids = torch.randint(0, SMALL.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_load_from_transformers_safetensors_dir(tmp_path):
+    hf = hf_model(SMALL, seed=3)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    assert ModelConfig.from_hf_json(tmp_path) == SMALL
+    assert_loads_like_hf(tmp_path, hf)
 
 
 def test_load_sharded_bin_checkpoint(tmp_path):
@@ -67,11 +71,7 @@ def test_load_sharded_bin_checkpoint(tmp_path):
         torch.save({k: sd[k].clone() for k in part}, tmp_path / fname)
         weight_map.update({k: fname for k in part})
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    ours = Llama(SMALL).eval()
-    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
-    ids = torch.randint(0, SMALL.vocab_size, (1, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert_loads_like_hf(tmp_path, hf)
 
 
 def test_missing_and_misshaped_tensors_fail_clearly(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tempfile
 from pathlib import Path
 
 from ..config import ConfigError
@@ -118,8 +119,10 @@ def _read_7z(path: Path, split: str) -> tuple[list[dict], str]:
             if split == "train":
                 raise DataError(f"{path}: no train.json inside (found {', '.join(names)})")
             return [], str(path)
-        data = z.read([want[0]])
-    return parse_bytes(data[want[0]].read(), ".json", f"{path}:{want[0]}"), f"{path}:{want[0]}"
+        with tempfile.TemporaryDirectory() as tmp:  # extract() works across py7zr versions (read() was removed)
+            z.extract(path=tmp, targets=[want[0]])
+            raw = (Path(tmp) / want[0]).read_bytes()
+    return parse_bytes(raw, ".json", f"{path}:{want[0]}"), f"{path}:{want[0]}"
 
 
 def _read_hub(name: str, split: str) -> tuple[list[dict], str]:

@@ -148,12 +148,28 @@ def cmd_run(a) -> int:
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
               data=data, device=a.device, attn=a.attn, compile=a.compile, peak_tflops=a.peak_tflops, run_dir=run_dir,
               save_adapter=not a.no_save_adapter, cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu)
-    result = run_job(job)
-    from .report import render_report
+    from .train import init_distributed
 
-    print(render_report(result))
-    print(f"wrote {run_dir / 'result.json'} and {run_dir / 'report.md'}")
+    joined = init_distributed()
+    try:
+        result = run_job(job)
+    finally:
+        if joined:
+            import torch
+
+            torch.distributed.destroy_process_group()
+    if _rank_env() == 0:  # under torchrun only rank 0 reports
+        from .report import render_report
+
+        print(render_report(result))
+        print(f"wrote {run_dir / 'result.json'} and {run_dir / 'report.md'}")
     return 0
+
+
+def _rank_env() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_eval(a) -> int:

@@ -17,7 +17,7 @@ from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainCo
 from .engines import build_engine
 from .model import count_params
 from .report import GIB, environment, render_report, write_json_atomic, write_text_atomic
-from .train import dist_info, train_loop
+from .train import barrier, dist_info, train_loop
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_MODEL = ASSETS / "tiny-llama"
@@ -114,7 +114,11 @@ def run_job(job: Job) -> dict:
     if t.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {t.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
+    if rank != 0:
+        barrier()  # rank 0 tokenises and fills the cache first
     train_data, val_data, data_desc = load_data(job, cfg)
+    if rank == 0:
+        barrier()
     weights_dir = job.model_dir if job.init == "pretrained" else None
     compile_ = job.compile if job.compile is not None else (device.type == "cuda" and job.engine == "native")
     t_build = time.perf_counter()
@@ -165,13 +169,13 @@ def run_job(job: Job) -> dict:
     if rank == 0 and run_dir is not None and job.save_adapter:
         engine.save_adapter(run_dir / "adapter")
         result["adapter_dir"] = str(run_dir / "adapter")
-    if job.mmlu:
+    if job.mmlu and rank == 0:  # the adapters are identical on every rank: rank 0 evaluates
         from .mmlu import evaluate_mmlu
 
-        mm = evaluate_mmlu(engine, job.model_dir, job.mmlu, device, t.precision, run_dir if rank == 0 else None,
-                           progress=job.progress)
+        mm = evaluate_mmlu(engine, job.model_dir, job.mmlu, device, t.precision, run_dir, progress=job.progress)
         metrics.update(mmlu_acc=mm["acc"], mmlu_acc_macro=mm["acc_macro"], mmlu_questions=mm["questions"],
                        mmlu_shots=mm["shots"], mmlu_categories=mm["categories"])
+    barrier()
     if rank == 0 and run_dir is not None:
         write_json_atomic(run_dir / "result.json", result)
         write_text_atomic(run_dir / "report.md", render_report(result))

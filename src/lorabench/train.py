@@ -5,8 +5,10 @@ fp32 / tf32 / fp16 (GradScaler; skipped steps counted) / bf16. Every packed chun
 tokens, so averaging the micro-batch means over ``grad_accum`` gives exactly the loss of the whole step.
 
 Timing is honest: the device is synchronised before each clock read, one reading per optimiser step, and the
-caller drops the warm-up steps. Rank-aware: under torchrun each rank takes every world_size-th chunk, adapter
-gradients are all-reduced, and only rank 0 shows progress (writing results is the caller's, on rank 0).
+caller drops the warm-up steps. Data parallel under torchrun: each step's global batch is the next
+batch_size x grad_accum x world_size chunks of the epoch's order, rank r takes micro-batch slices r, r + W, ...,
+adapter gradients are averaged with one all-reduce, and only rank 0 shows progress (writing results is the
+caller's, on rank 0). So W ranks train exactly as one process with grad_accum x W (tests/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -26,6 +28,24 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU. Returns whether
+    it did; each rank then uses cuda:LOCAL_RANK."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def barrier():
+    if dist_info()[1] > 1:
+        torch.distributed.barrier()
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -42,9 +62,22 @@ def matmul_precision(precision: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _batches(data: np.ndarray, order: np.ndarray, batch_size: int):
-    for i in range(0, len(order) - batch_size + 1, batch_size):
-        yield data[order[i:i + batch_size]]
+def _step_batches(data: np.ndarray, order: np.ndarray, step: int, cfg: TrainConfig, rank: int, world: int):
+    """This rank's micro-batches of optimiser step ``step`` (0-based within the epoch)."""
+    bs, per_step = cfg.batch_size, cfg.batch_size * cfg.grad_accum * world
+    block = order[step * per_step:(step + 1) * per_step]
+    for m in range(cfg.grad_accum):
+        j = (m * world + rank) * bs
+        yield data[block[j:j + bs]]
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], world: int):
+    """Average tensors across ranks with one collective on a flat buffer."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
 
 
 def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device, val_data: np.ndarray | None = None,
@@ -54,7 +87,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     if data.ndim != 2 or data.shape[1] != cfg.seq_len:
         raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}]")
     per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = (len(data) // world) // per_step
+    steps_per_epoch = len(data) // (per_step * world)
     if steps_per_epoch == 0:
         raise ConfigError(f"the training data packs into {len(data)} chunks of {cfg.seq_len} tokens, fewer than one "
                           f"step needs ({per_step} x {world} ranks); lower --batch-size/--grad-accum/--seq-len")
@@ -75,26 +108,21 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
         for epoch in range(cfg.epochs):
             if step >= total:
                 break
-            order = np.random.default_rng(cfg.seed + epoch).permutation(len(data))[rank::world]
+            order = np.random.default_rng(cfg.seed + epoch).permutation(len(data))
             losses = []
-            batches = _batches(data, order, cfg.batch_size)
-            for _ in range(steps_per_epoch):
+            for epoch_step in range(steps_per_epoch):
                 if step >= total:
                     break
                 synchronize(device)
                 t0 = time.perf_counter()
                 step_loss = torch.zeros((), device=device)
-                for _ in range(cfg.grad_accum):
-                    ids = torch.from_numpy(next(batches)).to(device=device, dtype=torch.long, non_blocking=True)
+                for batch in _step_batches(data, order, epoch_step, cfg, rank, world):
+                    ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
                     loss = engine.loss(ids, ids) / cfg.grad_accum
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
                 if world > 1:
-                    for p in params:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
-                    torch.distributed.all_reduce(step_loss)
-                    step_loss /= world
+                    _all_reduce_mean([p.grad for p in params] + [step_loss.view(1)], world)
                 if scaler.is_enabled():
                     scale = scaler.get_scale()
                     scaler.step(opt)

@@ -1,0 +1,45 @@
+"""Data parallel under torchrun (gloo on CPU): 2 ranks train exactly as 1 process with twice the grad_accum."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+COMMON = ["run", "--device", "cpu", "--no-progress", "--no-mmlu", "--max-steps", "4", "--lora-dropout", "0",
+          "--eval-batches", "2", "--batch-size", "2", "--seq-len", "64"]
+
+
+def lorabench(args, tmp_path, nproc=1):
+    env = {**os.environ, "LORABENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lorabench"]
+    else:
+        cmd = [sys.executable, "-m", "lorabench"]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path):
+    dp = lorabench(COMMON + ["--grad-accum", "1", "--run-dir", str(tmp_path / "dp")], tmp_path, nproc=2)
+    one = lorabench(COMMON + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
+    assert dp.stdout.count("# lorabench run") == 1  # only rank 0 reports
+    r_dp = json.loads((tmp_path / "dp" / "result.json").read_text())
+    r_one = json.loads((tmp_path / "one" / "result.json").read_text())
+    assert r_dp["config"]["world_size"] == 2 and r_one["config"]["world_size"] == 1
+    np.testing.assert_allclose(r_dp["series"]["loss"], r_one["series"]["loss"], atol=1e-5, rtol=0)
+    assert r_dp["metrics"]["eval_loss"] == pytest.approx(r_one["metrics"]["eval_loss"], abs=1e-5)
+    a = load_file(tmp_path / "dp" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained

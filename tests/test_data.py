@@ -130,3 +130,27 @@ def test_samsum_corpus_7z(tmp_path):
     assert train == [{"dialogue": r["dialogue"], "summary": r["summary"]} for r in ROWS]
     assert label.endswith("corpus.7z:train.json")
     assert len(load_split(archive, "validation")[0]) == 2 and len(load_split(archive, "test")[0]) == 3
+
+
+def test_hub_dataset_name_goes_through_datasets(monkeypatch):
+    """'owner/name' (not a local path) is read with datasets.load_dataset, one split at a time."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        if split == "test":
+            raise ValueError("no such split")
+        return ROWS[:3] if split == "train" else ROWS[:1]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    recs, label = load_split("Samsung/samsum", "train")
+    assert len(recs) == 3 and label == "Samsung/samsum[train]"
+    assert len(load_split("Samsung/samsum", "validation")[0]) == 1
+    assert load_split("Samsung/samsum", "test")[0] == []
+    assert calls == [("Samsung/samsum", "train"), ("Samsung/samsum", "validation"), ("Samsung/samsum", "test")]
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="needs the 'datasets' package"):
+        load_split("Samsung/samsum", "train")

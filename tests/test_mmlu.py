@@ -187,3 +187,20 @@ def test_eval_command_writes_predictions(tmp_path):
     assert [p["index"] for p in preds if p["subject"] == "elementary_mathematics"] == [0, 1, 2]
     s = json.loads((tmp_path / "mmlu.json").read_text())
     assert s["questions"] == 6 and s["categories"]["STEM"]["questions"] == 6
+
+
+def test_hub_name_reads_cais_layout_through_datasets(monkeypatch):
+    import sys
+    import types
+
+    subs = load_mmlu(TINY_MMLU)
+
+    def load_dataset(name, config, split):
+        assert (name, config) == ("cais/mmlu", "all")
+        return [{"question": q.question, "subject": s.name, "choices": q.choices, "answer": q.gold}
+                for s in subs for q in getattr(s, split)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    other = load_mmlu("cais/mmlu", ["elementary_mathematics"], limit=4)
+    assert [s.name for s in other] == ["elementary_mathematics"] and len(other[0].test) == 4
+    assert build_context(other[0], other[0].test[1], 5) == build_context(subs[1], subs[1].test[1], 5)

@@ -59,7 +59,9 @@ def _add_mmlu_flags(p: argparse.ArgumentParser, default_dir: bool):
         g.add_argument("--no-mmlu", action="store_true", help="skip the MMLU check")
     g.add_argument("--subjects", help="comma-separated subjects (default: all found)")
     g.add_argument("--shots", type=int, default=5, help="few-shot examples per question")
-    g.add_argument("--mmlu-batch-size", type=int, default=None, help="questions per forward pass")
+    names = ["--mmlu-batch-size"] if default_dir else ["--batch-size", "--mmlu-batch-size"]
+    g.add_argument(*names, dest="mmlu_batch_size", type=int, default=None,
+                   help="questions per forward pass (default: 32 on GPU, 8 on CPU)")
     g.add_argument("--limit", type=int, help="at most this many test questions per subject")
 
 

@@ -322,21 +322,30 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 
 # -- the whole evaluation -----------------------------------------------------------------------------------------
+def check_mmlu_options(opts: dict, model_dir) -> list[Subject]:
+    """Validate MMLU options (and read the questions) so a bad flag fails before any training."""
+    if model_dir is None:
+        raise ConfigError("MMLU needs the model's tokenizer: give --model-dir (or --no-mmlu)")
+    if opts.get("shots", 5) < 0:
+        raise ConfigError(f"--shots must be >= 0, got {opts['shots']}")
+    if opts.get("limit") is not None and opts["limit"] <= 0:
+        raise ConfigError(f"--limit must be positive, got {opts['limit']}")
+    if opts.get("batch_size") is not None and opts["batch_size"] <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {opts['batch_size']}")
+    subjects = opts.get("subjects")
+    if isinstance(subjects, str):
+        subjects = [s.strip() for s in subjects.split(",") if s.strip()]
+    return load_mmlu(opts["dir"], subjects, opts.get("limit"))
+
+
 def evaluate_mmlu(engine, model_dir, opts: dict, device, precision: str, out_dir: Path | None,
                   progress: bool = True) -> dict:
     """Run MMLU with ``opts`` (dir, subjects, shots, batch_size, limit[, prefix_cache]); write
     mmlu_predictions.jsonl, mmlu.json and mmlu.md to ``out_dir``; return the summary."""
     from tqdm.auto import tqdm
 
-    if model_dir is None:
-        raise ConfigError("MMLU needs the model's tokenizer: give --model-dir")
-    subjects_arg = opts.get("subjects")
-    if isinstance(subjects_arg, str):
-        subjects_arg = [s.strip() for s in subjects_arg.split(",") if s.strip()]
+    subjects = check_mmlu_options(opts, model_dir)
     shots = opts.get("shots", 5)
-    if shots < 0:
-        raise ConfigError(f"--shots must be >= 0, got {shots}")
-    subjects = load_mmlu(opts["dir"], subjects_arg, opts.get("limit"))
     tok = Tokenizer(model_dir)
     max_len = engine.model_cfg.max_position_embeddings
     reqs = make_requests(tok, [(s, q) for s in subjects for q in s.test], shots, max_len)

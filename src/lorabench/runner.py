@@ -114,6 +114,10 @@ def run_job(job: Job) -> dict:
     if t.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {t.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
+    if job.mmlu:  # fail before training, not after it
+        from .mmlu import check_mmlu_options
+
+        check_mmlu_options(job.mmlu, job.model_dir)
     if rank != 0:
         barrier()  # rank 0 tokenises and fills the cache first
     train_data, val_data, data_desc = load_data(job, cfg)

@@ -57,6 +57,15 @@ def test_load_from_transformers_safetensors_dir(tmp_path):
     assert_loads_like_hf(tmp_path, hf)
 
 
+def test_load_sharded_safetensors_with_index(tmp_path):
+    """transformers' own sharding (model-0000x-of-0000y.safetensors + index) is read shard by shard."""
+    hf = hf_model(SMALL, seed=5)
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    assert_loads_like_hf(tmp_path, hf)
+
+
 def test_load_sharded_bin_checkpoint(tmp_path):
     """pytorch_model-0000x-of-0000y.bin shards with an index are read shard by shard."""
     import json

@@ -207,7 +207,7 @@ def cmd_eval(a) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    summary = evaluate_mmlu(engine, model_dir, opts, device, precision, run_dir, progress=not a.no_progress)
+    summary = evaluate_mmlu(engine, model_dir, opts, device, run_dir, progress=not a.no_progress)
     if device.type == "cuda":
         torch.cuda.synchronize()
     eval_s = time.perf_counter() - t1

@@ -338,13 +338,15 @@ def check_mmlu_options(opts: dict, model_dir) -> list[Subject]:
     return load_mmlu(opts["dir"], subjects, opts.get("limit"))
 
 
-def evaluate_mmlu(engine, model_dir, opts: dict, device, precision: str, out_dir: Path | None,
-                  progress: bool = True) -> dict:
+def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
+                  progress: bool = True, subjects: list[Subject] | None = None) -> dict:
     """Run MMLU with ``opts`` (dir, subjects, shots, batch_size, limit[, prefix_cache]); write
-    mmlu_predictions.jsonl, mmlu.json and mmlu.md to ``out_dir``; return the summary."""
+    mmlu_predictions.jsonl, mmlu.json and mmlu.md to ``out_dir``; return the summary. ``subjects``: the
+    questions as ``check_mmlu_options`` already read them."""
     from tqdm.auto import tqdm
 
-    subjects = check_mmlu_options(opts, model_dir)
+    if subjects is None:
+        subjects = check_mmlu_options(opts, model_dir)
     shots = opts.get("shots", 5)
     tok = Tokenizer(model_dir)
     max_len = engine.model_cfg.max_position_embeddings

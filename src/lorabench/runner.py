@@ -114,10 +114,11 @@ def run_job(job: Job) -> dict:
     if t.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {t.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
+    mmlu_subjects = None
     if job.mmlu:  # fail before training, not after it
         from .mmlu import check_mmlu_options
 
-        check_mmlu_options(job.mmlu, job.model_dir)
+        mmlu_subjects = check_mmlu_options(job.mmlu, job.model_dir)
     if rank != 0:
         barrier()  # rank 0 tokenises and fills the cache first
     train_data, val_data, data_desc = load_data(job, cfg)
@@ -134,18 +135,18 @@ def run_job(job: Job) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     out = train_loop(engine, train_data, t, device, val_data=val_data, progress=job.progress)
     stats = M.step_stats(out["series"]["step_time_s"], out["tokens_per_step"], t.warmup_steps)
-    dev_name = environment(device)["device_name"]
+    env = environment(device)
+    peak = M.peak_flops(env["device_name"] if device.type == "cuda" else None, t.precision, job.peak_tflops)
     fpt = M.flops_per_token(cfg, lo, t.seq_len)
     n_params = count_params(cfg)["total"]
     tps = stats["tokens_per_s_per_chip"]
     losses = out["series"]["loss"]
     metrics = {
         **stats,
-        "mfu": None if tps is None else M.mfu(tps, fpt, M.peak_flops(dev_name if device.type == "cuda" else None,
-                                                                      t.precision, job.peak_tflops)),
+        "mfu": None if tps is None else M.mfu(tps, fpt, peak),
         "mfu_flagperf": None if tps is None else M.mfu_flagperf(tps, n_params),
         "flops_per_token": float(fpt),
-        "peak_flops": M.peak_flops(dev_name if device.type == "cuda" else None, t.precision, job.peak_tflops),
+        "peak_flops": peak,
         **memory_stats(device),
         "train_loss_avg": out["epoch_loss_avg"][-1] if out["epoch_loss_avg"] else None,
         "train_loss_epoch_avgs": out["epoch_loss_avg"],
@@ -167,7 +168,7 @@ def run_job(job: Job) -> dict:
         "data": data_desc, "train_chunks": len(train_data), "device": str(device), "world_size": world, "nnodes": 1,
         **job.extra,
     }
-    result = {"config": config, "env": environment(device), "metrics": metrics,
+    result = {"config": config, "env": env, "metrics": metrics,
               "series": {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr")}}
     run_dir = Path(job.run_dir) if job.run_dir else None
     if rank == 0 and run_dir is not None and job.save_adapter:
@@ -176,7 +177,8 @@ def run_job(job: Job) -> dict:
     if job.mmlu and rank == 0:  # the adapters are identical on every rank: rank 0 evaluates
         from .mmlu import evaluate_mmlu
 
-        mm = evaluate_mmlu(engine, job.model_dir, job.mmlu, device, t.precision, run_dir, progress=job.progress)
+        mm = evaluate_mmlu(engine, job.model_dir, job.mmlu, device, run_dir, progress=job.progress,
+                           subjects=mmlu_subjects)
         metrics.update(mmlu_acc=mm["acc"], mmlu_acc_macro=mm["acc_macro"], mmlu_questions=mm["questions"],
                        mmlu_shots=mm["shots"], mmlu_categories=mm["categories"])
     barrier()

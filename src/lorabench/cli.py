@@ -182,32 +182,32 @@ def cmd_eval(a) -> int:
     from .config import LoRAConfig, ModelConfig
     from .engines import build_engine
     from .lora import read_adapter
-    from .mmlu import evaluate_mmlu, render_mmlu
+    from .mmlu import check_mmlu_options, evaluate_mmlu, render_mmlu
     from .report import write_json_atomic
-    from .runner import TINY_MMLU, TINY_MODEL, resolve_device
+    from .runner import DTYPES, TINY_MMLU, TINY_MODEL, resolve_device
 
     model_dir = a.model_dir or TINY_MODEL
     mmlu_dir = a.mmlu or (str(TINY_MMLU) if a.model_dir is None else None)
     if mmlu_dir is None:
         raise ConfigError("--mmlu is required: the MMLU folder (dev/ and test/ CSVs, or cais/mmlu parquet)")
+    opts = {"dir": mmlu_dir, "subjects": a.subjects, "shots": a.shots, "batch_size": a.mmlu_batch_size,
+            "limit": a.limit, "prefix_cache": not a.no_prefix_cache}
+    subjects = check_mmlu_options(opts, model_dir)  # bad flags fail before the model loads
     device = resolve_device(a.device)
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     lora = read_adapter(a.adapter)[0] if a.adapter else LoRAConfig()
     cfg = ModelConfig.from_hf_json(model_dir)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     t0 = time.perf_counter()
     engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
-                          device=device, dtype=dtype, seed=0, attn=a.attn)
+                          device=device, dtype=DTYPES[precision], seed=0, attn=a.attn)
     if a.adapter:
         engine.load_adapter(a.adapter)
     load_s = time.perf_counter() - t0
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-eval"
-    opts = {"dir": mmlu_dir, "subjects": a.subjects, "shots": a.shots, "batch_size": a.mmlu_batch_size,
-            "limit": a.limit, "prefix_cache": not a.no_prefix_cache}
     if device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    summary = evaluate_mmlu(engine, model_dir, opts, device, run_dir, progress=not a.no_progress)
+    summary = evaluate_mmlu(engine, model_dir, opts, device, run_dir, progress=not a.no_progress, subjects=subjects)
     if device.type == "cuda":
         torch.cuda.synchronize()
     eval_s = time.perf_counter() - t1

@@ -9,7 +9,7 @@ import torch
 from lorabench.config import ConfigError, LoRAConfig, ModelConfig
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.engines import build_engine
-from lorabench.mmlu import (CATEGORY, LETTERS, Question, Subject, build_context, load_mmlu, make_request,
+from lorabench.mmlu import (CATEGORY, LETTERS, Question, Subject, build_context, load_mmlu, make_request, make_requests,
                             score_requests, summarize)
 from lorabench.runner import TINY_MMLU, TINY_MODEL
 
@@ -204,3 +204,42 @@ def test_hub_name_reads_cais_layout_through_datasets(monkeypatch):
     other = load_mmlu("cais/mmlu", ["elementary_mathematics"], limit=4)
     assert [s.name for s in other] == ["elementary_mathematics"] and len(other[0].test) == 4
     assert build_context(other[0], other[0].test[1], 5) == build_context(subs[1], subs[1].test[1], 5)
+
+
+class CharTokenizer:
+    """Characters as tokens, with one merge: ': ' before a final 'B' becomes one token. So ' A' is two
+    tokens (multi-token continuation) and letter B's context ends differently from the others' (per-letter split)."""
+
+    bos_id, eos_id, add_bos = 1, 2, True
+
+    def encode(self, text):
+        ids = [3 + ord(ch) % 2000 for ch in text]
+        if text.endswith(": B"):
+            ids[-3:-1] = [2040]
+        return ids
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def with_bos(self, ids):
+        return [1] + ids
+
+
+def test_multi_token_and_per_letter_splits_score_only_the_continuation():
+    eng = tiny_engine()
+    eng.eval()
+    (sub,) = load_mmlu(TINY_MMLU, ["elementary_mathematics"], limit=2)
+    reqs = make_requests(CharTokenizer(), [(sub, q) for q in sub.test], 1, 512)
+    r = reqs[0]
+    assert not r.single_token
+    assert r.contexts[1] != r.contexts[0] and r.conts[1] == [3 + ord("B")]  # B: context ends in the merge
+    assert r.conts[0] == [3 + ord(" "), 3 + ord("A")]  # A: the space and the letter
+    scores = score_requests(eng, reqs, CPU, batch_size=4, use_prefix_cache=True)
+    for r, s in zip(reqs, scores):
+        for k in range(4):
+            seq = r.contexts[k] + r.conts[k]
+            with torch.no_grad():
+                logp = torch.log_softmax(eng.logits(torch.tensor([seq]))[0], -1)
+            n = len(r.contexts[k])
+            want = sum(logp[n - 1 + j, t].item() for j, t in enumerate(r.conts[k]))
+            assert s[k] == pytest.approx(want, abs=1e-5)

@@ -176,17 +176,23 @@ def build_context(subject: Subject, q: Question, shots: int) -> str:
 
 @dataclass
 class Request:
-    """One question's tokens: the shared context and each choice's continuation."""
+    """One question's tokens: each letter's context (the same list for all four unless the tokenizer splits
+    context and continuation differently per letter) and each letter's continuation."""
 
     q: Question
-    context: list[int]
+    contexts: list[list[int]]
     conts: list[list[int]]
     shots: int
     truncated: bool = False
 
     @property
+    def context(self) -> list[int]:
+        return self.contexts[0]
+
+    @property
     def single_token(self) -> bool:
-        return all(len(c) == 1 for c in self.conts)
+        """One forward pass of the shared context serves all four letters."""
+        return all(c == self.contexts[0] for c in self.contexts) and all(len(c) == 1 for c in self.conts)
 
 
 def _split_trailing_space(context: str, cont: str) -> tuple[str, str]:
@@ -224,19 +230,16 @@ def make_requests(tok: Tokenizer, items: list[tuple[Subject, Question]], shots: 
         encoded = encode_pairs(tok, contexts, [" " + L for L in LETTERS])
         still = []
         for j, i in enumerate(pending):
-            pairs = encoded[j]
-            if all(p[0] == pairs[0][0] for p in pairs):
-                ctx, conts = pairs[0][0], [p[1] for p in pairs]
-            else:  # the split differs per letter: score whole sequences
-                ctx, conts = [], [p[0] + p[1] for p in pairs]
-            longest = len(ctx) + max(len(c) for c in conts)
+            ctxs, conts = [p[0] for p in encoded[j]], [p[1] for p in encoded[j]]
+            longest = max(len(c) + len(x) for c, x in zip(ctxs, conts))
             if longest <= max_len:
-                out[i] = Request(items[i][1], ctx, conts, k_of[i])
+                out[i] = Request(items[i][1], ctxs, conts, k_of[i])
             elif k_of[i] > 0:
                 k_of[i] -= 1
                 still.append(i)
-            else:  # zero shots and still too long: keep the last max_len tokens
-                out[i] = Request(items[i][1], ctx[longest - max_len:], conts, 0, truncated=True)
+            else:  # zero shots and still too long: keep the last max_len tokens (at least one of the context)
+                cut = [min(len(c) - 1, len(c) + len(x) - max_len) for c, x in zip(ctxs, conts)]
+                out[i] = Request(items[i][1], [c[k:] for c, k in zip(ctxs, cut)], conts, 0, truncated=True)
         pending = still
     return out
 
@@ -276,8 +279,8 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
                    progress=None) -> list[list[float]]:
     """[A, B, C, D] log-likelihoods per request, in request order."""
     out: list[list[float] | None] = [None] * len(reqs)
-    fast = [i for i, r in enumerate(reqs) if r.single_token and r.context]
-    slow = [i for i in range(len(reqs)) if i not in set(fast)]
+    fast = [i for i, r in enumerate(reqs) if r.single_token]
+    slow = [i for i, r in enumerate(reqs) if not r.single_token]
     groups: dict[tuple, list[int]] = {}
     for i in fast:  # same subject and shot count -> same prefix
         groups.setdefault((reqs[i].q.subject, reqs[i].shots), []).append(i)
@@ -298,12 +301,11 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
                 out[i] = v.float().tolist()
             if progress:
                 progress.update(len(chunk))
-    for i in slow:  # general path: each letter's whole sequence, summed over its continuation tokens
+    for i in slow:  # general path: each letter's context + continuation, summed over the continuation tokens
         r = reqs[i]
-        seqs = [r.context + c for c in r.conts]
-        pos = [list(range(len(r.context) - 1, len(s) - 1)) if r.context else list(range(len(s) - len(c) - 1, len(s) - 1))
-               for s, c in zip(seqs, r.conts)]
-        lp = _score_sequences(engine, seqs, pos, [c for c in r.conts], device)
+        seqs = [c + x for c, x in zip(r.contexts, r.conts)]
+        pos = [list(range(len(c) - 1, len(c) + len(x) - 1)) for c, x in zip(r.contexts, r.conts)]
+        lp = _score_sequences(engine, seqs, pos, r.conts, device)
         out[i] = [v.float().sum().item() for v in lp]
         if progress:
             progress.update(1)

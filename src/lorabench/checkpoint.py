@@ -131,9 +131,13 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
     """Copy (HF name, tensor) pairs into ``model``'s parameters, converting dtype/device on the way.
     ``to_native``: map names through ``hf_to_native`` (our engine) or use them as they are (HF model).
     Fails naming the source on a missing, unexpected or mis-shaped tensor."""
+    from tqdm.auto import tqdm
+
     params = dict(model.named_parameters())
     seen = set()
-    for hf_name, t in tensors:
+    # a bar only on a terminal (disable=None): a 7B checkpoint takes tens of seconds to read
+    for hf_name, t in tqdm(tensors, total=len(params), desc=f"load {source}", unit="tensor", disable=None,
+                           leave=False, dynamic_ncols=True):
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer older HF checkpoints carry; we compute it
         name = hf_name

@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             print("lorabench: error: out of device memory; lower --batch-size or --seq-len, or use a smaller "
                   f"precision ({str(e).splitlines()[0]})", file=sys.stderr)
             return 4
+        if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            print(f"lorabench: error: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "rerun with --no-compile", file=sys.stderr)
+            return 5
         raise
 
 

@@ -44,11 +44,10 @@ def _add_model_flags(p: argparse.ArgumentParser):
                    help="random: exact architecture with random weights made on the device (no weight files)")
     g.add_argument("--model", dest="model_preset", help="shape preset for --init random without --model-dir "
                    "(llama2-7b, llama2-13b, tiny)")
-    g.add_argument("--engine", default="native", help="native (ours, default) or reference (transformers + PEFT)")
+    g.add_argument("--engine", default="native", help="native (ours, default), reference (transformers + PEFT, the "
+                   "seed's stack), reference+liger or reference+compile")
     g.add_argument("--attn", default="eager", choices=("eager", "sdpa"), help="attention of the reference engine")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the native engine's blocks for training (default: on with CUDA)")
 
 
 def _add_mmlu_flags(p: argparse.ArgumentParser, default_dir: bool):
@@ -79,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                      ".parquet file, an HF dataset name, or 'synthetic'; default: the bundled tiny data")
     run.add_argument("--tf32", action="store_true", help="TF32 matmuls with fp32 weights (precision tf32)")
     _add_model_flags(run)
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the native engine's blocks for training (default: on with CUDA)")
     g = run.add_argument_group("training (override the preset)")
     for flag, (_, typ, hlp) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
         g.add_argument(flag, type=typ, default=None, help=hlp)

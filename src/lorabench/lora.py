@@ -38,10 +38,10 @@ class LoRALinear(nn.Module):
         if dev.type != "meta":
             self.reset_adapter()
 
-    def reset_adapter(self, generator: torch.Generator | None = None):
+    def reset_adapter(self):
         bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            self.lora_A.uniform_(-bound, bound, generator=generator)
+            self.lora_A.uniform_(-bound, bound)
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,17 +75,6 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def init_adapters(model: nn.Module, seed: int):
-    """Initialise every adapter from one seed in module order (the canonical order shared by both engines)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for m in lora_modules(model).values():
-        bound = 1.0 / math.sqrt(m.in_features)
-        a = torch.empty(m.lora_A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=g)
-        with torch.no_grad():
-            m.lora_A.copy_(a)
-            m.lora_B.zero_()
 
 
 def peft_adapter_config(cfg: LoRAConfig, base_model: str | None) -> dict:

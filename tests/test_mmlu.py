@@ -243,3 +243,22 @@ def test_multi_token_and_per_letter_splits_score_only_the_continuation():
             n = len(r.contexts[k])
             want = sum(logp[n - 1 + j, t].item() for j, t in enumerate(r.conts[k]))
             assert s[k] == pytest.approx(want, abs=1e-5)
+
+
+def test_prefix_mask_forms_agree():
+    """The lower-right causal bias and the explicit boolean mask give the same attention (GQA included)."""
+    from lorabench import mmlu
+
+    if mmlu._CAUSAL_LOWER_RIGHT is None:
+        pytest.skip("this torch has no lower-right causal bias with GQA")
+    import torch.nn.functional as F
+
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    saved = mmlu._CAUSAL_LOWER_RIGHT
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mmlu._prefix_mask(5, 7, CPU), enable_gqa=True)
+    try:
+        mmlu._CAUSAL_LOWER_RIGHT = None
+        b = F.scaled_dot_product_attention(q, k, v, attn_mask=mmlu._prefix_mask(5, 7, CPU), enable_gqa=True)
+    finally:
+        mmlu._CAUSAL_LOWER_RIGHT = saved
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

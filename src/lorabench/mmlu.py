@@ -249,6 +249,29 @@ def make_request(tok: Tokenizer, subject: Subject, q: Question, shots: int, max_
 
 
 # -- scoring ----------------------------------------------------------------------------------------------------
+def _lower_right_causal():
+    """torch's lower-right causal bias (query i sees keys up to P + i) where SDPA takes it with GQA, else None."""
+    try:
+        import inspect
+
+        from torch.nn.attention.bias import CausalBias, causal_lower_right
+    except ImportError:
+        return None
+    return causal_lower_right if "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters else None
+
+
+_CAUSAL_LOWER_RIGHT = _lower_right_causal()
+
+
+def _prefix_mask(T: int, P: int, device):
+    """Suffix queries see the whole cached prefix and the suffix causally. The lower-right causal bias says that
+    without a materialised mask (and lets SDPA pick its flash kernel); a boolean mask otherwise."""
+    if _CAUSAL_LOWER_RIGHT is not None:
+        return _CAUSAL_LOWER_RIGHT(T, P + T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return torch.cat((torch.ones(T, P, dtype=torch.bool, device=device), causal), dim=1)[None, None]
+
+
 def _pad(seqs: list[list[int]], device) -> torch.Tensor:
     T = max(len(s) for s in seqs)
     return torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device, dtype=torch.long)
@@ -264,10 +287,7 @@ def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], 
         h = engine.forward_hidden(ids)
     else:
         kv, P = prefix
-        T = ids.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        mask = torch.cat((torch.ones(T, P, dtype=torch.bool, device=device), causal), dim=1)[None, None]
-        h = engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=mask)
+        h = engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=_prefix_mask(ids.shape[1], P, device))
     rows = torch.tensor([i for i, p in enumerate(positions) for _ in p], device=device)
     cols = torch.tensor([c for p in positions for c in p], device=device)
     logp = torch.log_softmax(engine.head(h[rows, cols]), dim=-1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -103,10 +104,8 @@ def save_adapter(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: Lo
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(peft_adapter_config(cfg, base_model), indent=2))
-    if out_dir.exists():
-        for f in out_dir.iterdir():
-            f.unlink()
-        out_dir.rmdir()
+    if out_dir.exists():  # replacing an earlier adapter: the new one is complete before the old one goes
+        shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
 
 

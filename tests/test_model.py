@@ -121,3 +121,18 @@ def test_random_init_builds_on_meta_free_path_and_is_deterministic():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
     assert abs(a["model.layers.0.mlp.up_proj.weight"].std().item() - 0.02) < 0.002
+
+
+def test_tied_embeddings_load_with_or_without_lm_head():
+    tied = ModelConfig(**{**SMALL.__dict__, "tie_word_embeddings": True})
+    emb = torch.randn(SMALL.vocab_size, SMALL.hidden_size)
+    sd = {k: v for k, v in Llama(SMALL).state_dict().items() if not k.startswith(("embed", "lm_head"))}
+    from lorabench.checkpoint import native_to_hf
+
+    hf = {f"{native_to_hf(k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v for k, v in sd.items()}
+    for extra in ({"model.embed_tokens.weight": emb}, {"model.embed_tokens.weight": emb, "lm_head.weight": emb}):
+        m = Llama(tied)
+        load_into(m, {**hf, **extra}.items(), True, "ckpt")
+        assert m.lm_head.weight is m.embed.weight and torch.equal(m.embed.weight, emb)
+    with pytest.raises(ConfigError, match="missing tensors for embed.weight"):
+        load_into(Llama(tied), hf.items(), True, "ckpt")

@@ -133,8 +133,9 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
     Fails naming the source on a missing, unexpected or mis-shaped tensor."""
     from tqdm.auto import tqdm
 
-    params = dict(model.named_parameters())
-    seen = set()
+    # every name a parameter answers to, tied aliases included (lm_head.weight when it is the embedding)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: set[int] = set()
     # a bar only on a terminal (disable=None): a 7B checkpoint takes tens of seconds to read
     for hf_name, t in tqdm(tensors, total=len(params), desc=f"load {source}", unit="tensor", disable=None,
                            leave=False, dynamic_ncols=True):
@@ -154,9 +155,8 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
                               "does config.json match the weights?")
         with torch.no_grad():
             p.copy_(t)
-        seen.add(name)
-    tied = {n for n, p in params.items() if any(p is q for m, q in params.items() if m != n and m in seen)}
-    missing = [n for n in params if n not in seen and n not in tied and ".lora_" not in n]
+        seen.add(id(p))
+    missing = [n for n, p in params.items() if id(p) not in seen and ".lora_" not in n]
     if missing:
         raise ConfigError(f"{source}: missing tensors for {', '.join(missing[:5])}"
                           f"{' ...' if len(missing) > 5 else ''}")

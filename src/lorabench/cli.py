@@ -129,7 +129,7 @@ def cmd_run(a) -> int:
     from .runner import TINY_DATA, TINY_MMLU, TINY_MODEL, Job, run_job
 
     bundled = a.model_dir is None and a.model_preset is None
-    if a.init == "random" and a.model_dir is None and a.model_preset is None:
+    if a.init == "random" and bundled:
         raise ConfigError("--init random needs --model (a shape preset such as llama2-7b) or --model-dir")
     preset = a.preset or ("tiny" if bundled else "flagperf-fp32")
     train_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in TRAIN_FLAGS.items()}

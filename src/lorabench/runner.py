@@ -6,7 +6,7 @@ users run.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,6 @@ class Job:
     progress: bool = True
     mmlu: dict | None = None
     """MMLU options (dir, subjects, shots, batch_size, limit) or None to skip."""
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,7 +165,6 @@ def run_job(job: Job) -> dict:
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
         "data": data_desc, "train_chunks": len(train_data), "device": str(device), "world_size": world, "nnodes": 1,
-        **job.extra,
     }
     result = {"config": config, "env": env, "metrics": metrics,
               "series": {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr")}}

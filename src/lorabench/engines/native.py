@@ -55,24 +55,23 @@ class NativeEngine(Engine):
 
     def set_adapters(self, adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], source: str):
         mods = lora_modules(self.model)
-        missing = set(mods) - {hf_to_native(k) for k in adapters if _is_known(k)}
-        unknown = [k for k in adapters if not _is_known(k) or hf_to_native(k) not in mods]
+        native = {}
+        for k in adapters:
+            try:
+                native[k] = hf_to_native(k)
+            except KeyError:
+                native[k] = None
+        unknown = [k for k, n in native.items() if n not in mods]
+        missing = set(mods) - set(native.values())
         if unknown or missing:
             raise ConfigError(f"{source}: adapter does not fit the model "
                               f"(unexpected: {unknown[:3]}, missing: {sorted(missing)[:3]})")
         with torch.no_grad():
             for k, (a, b) in adapters.items():
-                m = mods[hf_to_native(k)]
+                m = mods[native[k]]
                 if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
                     raise ConfigError(f"{source}: {k} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
                                       f"expected {tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}")
                 m.lora_A.copy_(a)
                 m.lora_B.copy_(b)
 
-
-def _is_known(hf_module: str) -> bool:
-    try:
-        hf_to_native(hf_module)
-        return True
-    except KeyError:
-        return False

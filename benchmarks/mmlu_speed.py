@@ -2,7 +2,8 @@
 
 Random weights are fine for timing; what matters is the token work, so a 32,000-entry BPE tokenizer is trained on
 the MMLU text itself (the Llama-2 tokenizer is not available offline) and the context limit is Llama-2's 4096.
-The fast path runs all 14,042 questions; the naive loop (one question per forward pass, whole prompt, no batching,
+The fast path runs all 14,042 questions end to end (read, tokenise in a worker process while scoring, score) for
+each variant of blocks (eager / compiled) and batch size; the naive loop (one question per forward pass, whole prompt, no batching,
 no cache) runs a per-subject sample and is extrapolated by its measured mean time per question. The predictions of
 both paths are compared on the sample.
 
@@ -22,7 +23,7 @@ import torch
 from lorabench.config import MODEL_PRESETS, LoRAConfig
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.engines import build_engine
-from lorabench.mmlu import load_mmlu, make_requests, score_requests
+from lorabench.mmlu import evaluate_mmlu, load_mmlu, make_requests, score_requests
 
 
 def mmlu_tokenizer(mmlu_dir: Path, out: Path, vocab: int) -> None:
@@ -46,9 +47,11 @@ def mmlu_tokenizer(mmlu_dir: Path, out: Path, vocab: int) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mmlu", type=Path, default=Path("../shared/data/mmlu"))
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--variants", default="eager:32,compiled:64,compiled:128",
+                    help="comma-separated blocks:batch, blocks eager or compiled (compiled ones run last; the "
+                    "first compiled run includes compiling)")
     ap.add_argument("--naive-per-subject", type=int, default=3)
-    ap.add_argument("--limit", type=int, default=None, help="questions per subject for the fast path (all)")
+    ap.add_argument("--limit", type=int, default=None, help="questions per subject (all)")
     ap.add_argument("--model", default="llama2-7b")
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
@@ -65,11 +68,10 @@ def main():
     tok = Tokenizer(tmp)
     print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
     t_load = time.perf_counter()
-    eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, dtype=torch.bfloat16 if dev.type == 'cuda' else torch.float32, seed=0)
-    eng.eval()
+    eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev,
+                       dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=0)
     sync()
     print(f"model built in {time.perf_counter() - t_load:.1f} s")
-    t_all = time.perf_counter()
     subjects = load_mmlu(a.mmlu, limit=a.limit)
     t0 = time.perf_counter()
     reqs = make_requests(tok, [(s, q) for s in subjects for q in s.test], 5, cfg.max_position_embeddings)
@@ -77,12 +79,21 @@ def main():
     tokens = sum(len(r.context) for r in reqs)
     print(f"{len(reqs)} questions, {tokens} context tokens (mean {tokens / len(reqs):.0f}), "
           f"shots dropped {sum(r.shots < 5 for r in reqs)}, truncated {sum(r.truncated for r in reqs)}; "
-          f"prompts built and tokenised in {prep_s:.1f} s")
-    t0 = time.perf_counter()
-    fast = score_requests(eng, reqs, dev, a.batch_size, True)
-    sync()
-    fast_s = time.perf_counter() - t0
-    end_to_end_s = time.perf_counter() - t_all
+          f"tokenised in one go (no overlap) in {prep_s:.1f} s")
+    rows, fast = [], None
+    variants = sorted((v.split(":") for v in a.variants.split(",")), key=lambda v: v[0] == "compiled")
+    for blocks, bs in variants:
+        if blocks == "compiled" and eng.model.compiled_layers is None:
+            eng.model.compile_blocks()
+        sync()
+        t0 = time.perf_counter()  # end to end after load: read the CSVs, tokenise (overlapped), score
+        summary = evaluate_mmlu(eng, tmp, {"dir": str(a.mmlu), "limit": a.limit, "batch_size": int(bs)}, dev,
+                                None, progress=False, subjects=load_mmlu(a.mmlu, limit=a.limit))
+        sync()
+        rows.append((f"{blocks} blocks, batch {bs}", time.perf_counter() - t0, summary["acc"]))
+        print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
+    fast = score_requests(eng, reqs, dev, int(variants[-1][1]), True)  # for the comparison with the naive loop
+    eng.model.compiled_layers = eng.model.eval_layers = None  # the naive loop as FlagPerf runs it: eager
     sample = [r for s in subjects for r in [x for x in reqs if x.q.subject == s.name][:a.naive_per_subject]]
     t0 = time.perf_counter()
     naive = score_requests(eng, sample, dev, 1, False)
@@ -93,16 +104,15 @@ def main():
     diffs = [max(abs(x - y) for x, y in zip(naive[j], fast[idx[id(r)]])) for j, r in enumerate(sample)]
     agree = sum(max(range(4), key=lambda k: naive[j][k]) == max(range(4), key=lambda k: fast[idx[id(r)]][k])
                 for j, r in enumerate(sample))
-    acc = sum(max(range(4), key=lambda k: s[k]) == r.q.gold for r, s in zip(reqs, fast)) / len(reqs)
-    print(f"| path | questions | seconds | questions/s |\n|---|---|---|---|")
-    print(f"| batched + prefix cache (ours), scoring only | {len(reqs)} | {fast_s:.1f} | {len(reqs) / fast_s:.0f} |")
-    print(f"| ours end to end after load (read CSVs, tokenise, score) | {len(reqs)} | {end_to_end_s:.1f} | "
-          f"{len(reqs) / end_to_end_s:.0f} |")
-    print(f"| naive, one question per pass (measured sample) | {len(sample)} | {naive_s:.1f} | "
-          f"{len(sample) / naive_s:.1f} |")
-    print(f"| naive, extrapolated to all | {len(reqs)} | {naive_total:.0f} | {len(sample) / naive_s:.1f} |")
-    print(f"speed-up {naive_total / fast_s:.1f}x on {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; sample: predictions agree "
-          f"{agree}/{len(sample)}, max |logprob diff| {max(diffs):.4f} (bf16); random-weight accuracy {acc:.3f}")
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"\nMMLU 5-shot, {len(reqs)} questions, {a.model} shape, random weights, {card}")
+    print("| path | seconds end to end after load | questions/s | vs naive |\n|---|---|---|---|")
+    for name, sec, acc in rows:
+        print(f"| ours, {name} | {sec:.1f} | {len(reqs) / sec:.0f} | {naive_total / sec:.1f}x |")
+    print(f"| naive, one question per pass, eager ({len(sample)} measured in {naive_s:.1f} s, extrapolated) | "
+          f"{naive_total:.0f} | {len(sample) / naive_s:.1f} | 1.0x |")
+    print(f"sample: predictions agree {agree}/{len(sample)}, max |logprob diff| {max(diffs):.4f} (bf16); "
+          f"accuracy of each run (random weights): {', '.join(f'{r[2]:.4f}' for r in rows)}")
 
 
 if __name__ == "__main__":

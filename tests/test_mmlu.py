@@ -1,6 +1,7 @@
 """MMLU: exact prompts, lm-eval's scoring, batched == unbatched == prefix-cached, both layouts, errors."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ from lorabench.config import ConfigError, LoRAConfig, ModelConfig
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.engines import build_engine
 from lorabench.mmlu import (CATEGORY, LETTERS, Question, Subject, build_context, load_mmlu, make_request, make_requests,
-                            score_requests, summarize)
+                            evaluate_mmlu, score_requests, subject_requests, summarize)
 from lorabench.runner import TINY_MMLU, TINY_MODEL
 
 from conftest import need_shared_mmlu
@@ -73,8 +74,10 @@ def test_batched_equals_unbatched_equals_prefix_cached():
     one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False))
     batched = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=False))
     cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True))
+    cached_one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=True))  # lone rows
     torch.testing.assert_close(batched, one, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached_one, one, atol=1e-5, rtol=0)
     # and against a plain full forward of each context, read at its last position
     r = reqs[3]
     with torch.no_grad():
@@ -262,3 +265,28 @@ def test_prefix_mask_forms_agree():
     finally:
         mmlu._CAUSAL_LOWER_RIGHT = saved
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_background_tokenising_gives_the_same_requests():
+    """The worker process that tokenises while scoring runs builds exactly the requests of the inline path."""
+    subs = load_mmlu(TINY_MMLU)
+    inline = [r for chunk in subject_requests(TINY_MODEL, subs, 5, 512, background=False) for r in chunk]
+    worker = [r for chunk in subject_requests(TINY_MODEL, subs, 5, 512, background=True) for r in chunk]
+    assert len(subs) == 2 and len(worker) == len(inline) == sum(len(s.test) for s in subs)
+    for a, b in zip(inline, worker):
+        assert (a.q, a.contexts, a.conts, a.shots, a.truncated) == (b.q, b.contexts, b.conts, b.shots, b.truncated)
+
+
+def test_compiled_blocks_score_like_eager(tmp_path):
+    """The GPU default compiles the blocks; its shape-generic eval graphs (prefix, suffix batches of every size)
+    give the eager scores in fp32."""
+    pytest.importorskip("torch._inductor")
+    eng = tiny_engine()
+    opts = {"dir": str(TINY_MMLU), "batch_size": 3}
+    eager = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "eager", progress=False)
+    eng.model.compile_blocks()
+    compiled = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "compiled", progress=False)
+    assert compiled["acc"] == eager["acc"]
+    read = [[json.loads(x)["logprobs"] for x in (tmp_path / d / "mmlu_predictions.jsonl").read_text().splitlines()]
+            for d in ("eager", "compiled")]
+    torch.testing.assert_close(torch.tensor(read[1]), torch.tensor(read[0]), atol=1e-5, rtol=0)

@@ -136,3 +136,29 @@ def test_tied_embeddings_load_with_or_without_lm_head():
         assert m.lm_head.weight is m.embed.weight and torch.equal(m.embed.weight, emb)
     with pytest.raises(ConfigError, match="missing tensors for embed.weight"):
         load_into(Llama(tied), hf.items(), True, "ckpt")
+
+
+def test_matmul_attention_equals_sdpa():
+    """The TF32 path's attention (two matmuls) computes SDPA's causal attention: loss and every gradient, fp32,
+    grouped-query shape."""
+    from lorabench.config import LoRAConfig
+    from lorabench.lora import inject_lora
+
+    ids = torch.randint(0, SMALL.vocab_size, (2, 29), generator=torch.Generator().manual_seed(3))
+    out = []
+    for impl in ("sdpa", "matmul"):
+        m = native_from_hf(hf_model(SMALL), SMALL)
+        inject_lora(m, LoRAConfig(r=4, alpha=16, dropout=0.0))
+        torch.manual_seed(0)
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)  # B != 0, so the gradients reach through attention both ways
+        m.set_attention(impl)
+        loss = m.loss(ids, ids)
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-6, rtol=1e-6)
+    for g1, g0 in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention 'nope'"):
+        m.set_attention("nope")

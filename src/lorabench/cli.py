@@ -64,6 +64,11 @@ def _add_mmlu_flags(p: argparse.ArgumentParser, default_dir: bool):
     g.add_argument("--limit", type=int, help="at most this many test questions per subject")
 
 
+def _add_compile_flag(p):
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the native engine's blocks (default: on with CUDA)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lorabench", description="LoRA fine-tuning benchmark and trainer for Llama "
                                  "models (FlagPerf llama2_7b_finetune, measured honestly).")
@@ -78,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                      ".parquet file, an HF dataset name, or 'synthetic'; default: the bundled tiny data")
     run.add_argument("--tf32", action="store_true", help="TF32 matmuls with fp32 weights (precision tf32)")
     _add_model_flags(run)
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile the native engine's blocks for training (default: on with CUDA)")
+    _add_compile_flag(run)
     g = run.add_argument_group("training (override the preset)")
     for flag, (_, typ, hlp) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
         g.add_argument(flag, type=typ, default=None, help=hlp)
@@ -98,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", type=Path, help="PEFT-format LoRA adapter folder (lorabench's or PEFT's)")
     ev.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="weights dtype (default: bf16 on GPU, "
                     "fp32 on CPU)")
+    _add_compile_flag(ev)
     ev.add_argument("--no-prefix-cache", action="store_true", help="recompute the shared few-shot prefix for "
                     "every question (slower; for checking)")
     ev.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-eval)")
@@ -200,7 +205,8 @@ def cmd_eval(a) -> int:
     cfg = ModelConfig.from_hf_json(model_dir)
     t0 = time.perf_counter()
     engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
-                          device=device, dtype=DTYPES[precision], seed=0, attn=a.attn)
+                          device=device, dtype=DTYPES[precision], seed=0, attn=a.attn,
+                          compile=a.compile if a.compile is not None else device.type == "cuda" and a.engine == "native")
     if a.adapter:
         engine.load_adapter(a.adapter)
     load_s = time.perf_counter() - t0

@@ -232,6 +232,8 @@ def make_requests(tok: Tokenizer, items: list[tuple[Subject, Question]], shots: 
         for j, i in enumerate(pending):
             ctxs, conts = [p[0] for p in encoded[j]], [p[1] for p in encoded[j]]
             longest = max(len(c) + len(x) for c, x in zip(ctxs, conts))
+            if all(c == ctxs[0] for c in ctxs):
+                ctxs = [ctxs[0]] * len(ctxs)  # one shared list (a quarter of the memory and pickling)
             if longest <= max_len:
                 out[i] = Request(items[i][1], ctxs, conts, k_of[i])
             elif k_of[i] > 0:
@@ -246,6 +248,39 @@ def make_requests(tok: Tokenizer, items: list[tuple[Subject, Question]], shots: 
 
 def make_request(tok: Tokenizer, subject: Subject, q: Question, shots: int, max_len: int) -> Request:
     return make_requests(tok, [(subject, q)], shots, max_len)[0]
+
+
+_WORKER_TOKENIZER: dict = {}
+
+
+def _tokenise_subject(model_dir: str, subject: Subject, shots: int, max_len: int) -> list[Request]:
+    """Worker side of ``subject_requests``: the tokenizer is read once per worker process."""
+    tok = _WORKER_TOKENIZER.get(model_dir)
+    if tok is None:
+        tok = _WORKER_TOKENIZER.setdefault(model_dir, Tokenizer(model_dir))
+    return make_requests(tok, [(subject, q) for q in subject.test], shots, max_len)
+
+
+def subject_requests(model_dir, subjects: list[Subject], shots: int, max_len: int, background: bool):
+    """Yield each subject's requests in order. ``background``: the first subject is tokenised here, the rest in a
+    worker process while the caller scores (the tokenizer holds the GIL, so a thread would not overlap)."""
+    tok = Tokenizer(model_dir)
+    if not background or len(subjects) < 2:
+        for s in subjects:
+            yield make_requests(tok, [(s, q) for q in s.test], shots, max_len)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_tokenise_subject, str(model_dir), s, shots, max_len) for s in subjects[1:]]
+        try:
+            yield make_requests(tok, [(subjects[0], q) for q in subjects[0].test], shots, max_len)
+            for f in futures:
+                yield f.result()
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 # -- scoring ----------------------------------------------------------------------------------------------------
@@ -295,6 +330,7 @@ def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], 
     return list(torch.split(flat, [len(p) for p in positions]))
 
 
+@torch.no_grad()
 def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
                    progress=None) -> list[list[float]]:
     """[A, B, C, D] log-likelihoods per request, in request order."""
@@ -314,9 +350,10 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
         idxs = sorted(idxs, key=lambda i: len(reqs[i].context))
         for b in range(0, len(idxs), batch_size):
             chunk = idxs[b:b + batch_size]
-            seqs = [reqs[i].context[P:] for i in chunk]
+            rows = chunk * 2 if len(chunk) == 1 and prefix else chunk  # a lone question goes twice: compiled
+            seqs = [reqs[i].context[P:] for i in rows]  # blocks then keep one graph for every batch size
             lp = _score_sequences(engine, seqs, [[len(s) - 1] * 4 for s in seqs],
-                                  [[c[0] for c in reqs[i].conts] for i in chunk], device, prefix)
+                                  [[c[0] for c in reqs[i].conts] for i in rows], device, prefix)
             for i, v in zip(chunk, lp):
                 out[i] = v.float().tolist()
             if progress:
@@ -344,6 +381,10 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 
 # -- the whole evaluation -----------------------------------------------------------------------------------------
+DEFAULT_BATCH_GPU = 32
+BACKGROUND_TOKENIZE_MIN = 2000
+"""Questions from which tokenising runs in a worker process, overlapped with scoring."""
+
 def check_mmlu_options(opts: dict, model_dir) -> list[Subject]:
     """Validate MMLU options (and read the questions) so a bad flag fails before any training."""
     if model_dir is None:
@@ -370,14 +411,21 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     if subjects is None:
         subjects = check_mmlu_options(opts, model_dir)
     shots = opts.get("shots", 5)
-    tok = Tokenizer(model_dir)
     max_len = engine.model_cfg.max_position_embeddings
-    reqs = make_requests(tok, [(s, q) for s in subjects for q in s.test], shots, max_len)
-    bs = opts.get("batch_size") or (32 if device.type == "cuda" else 8)
+    n = sum(len(s.test) for s in subjects)
+    background = opts.get("background_tokenize")
+    if background is None:  # a worker process pays off once tokenising takes seconds
+        background = n >= BACKGROUND_TOKENIZE_MIN
+    bs = opts.get("batch_size") or (DEFAULT_BATCH_GPU if device.type == "cuda" else 8)
+    reqs, scores = [], []
     engine.eval()
-    with tqdm(total=len(reqs), desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
-        scores = score_requests(engine, reqs, device, bs, opts.get("prefix_cache", True), bar)
-    engine.train()
+    try:
+        with tqdm(total=n, desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
+            for chunk in subject_requests(model_dir, subjects, shots, max_len, background):
+                reqs += chunk
+                scores += score_requests(engine, chunk, device, bs, opts.get("prefix_cache", True), bar)
+    finally:
+        engine.train()
     summary = summarize(reqs, scores, shots)
     if out_dir is not None:
         write_outputs(Path(out_dir), reqs, scores, summary)

@@ -16,6 +16,11 @@ from .kernels.cross_entropy import frozen_head_cross_entropy
 # SDPA learned grouped-query attention (enable_gqa) in torch 2.5; older torch gets repeated k/v instead.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
+ATTENTION_IMPLS = ("sdpa", "cudnn", "flash", "efficient", "matmul")
+"""How training attends: ``sdpa`` lets torch pick its kernel; ``cudnn``/``flash``/``efficient`` put that SDPA
+kernel first (torch falls back where it cannot run); ``matmul`` is softmax(QK^T)V as two matmuls, which TF32 runs
+on the tensor cores where SDPA's fp32 kernels do not. Evaluation with caches or masks always uses SDPA."""
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -55,6 +60,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
+        self.impl = "sdpa"
+
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
         """x [B, T, C]. kv_cache: optional (k, v) of earlier positions [B, Hkv, S, D] to attend to (prefix reuse).
         attn_mask: optional boolean [B or 1, 1, T, S+T] (True = attend); None means plain causal."""
@@ -74,11 +81,43 @@ class Attention(nn.Module):
                 kw["enable_gqa"] = True
             else:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if attn_mask is None and kv_cache is None:
+        if attn_mask is None and kv_cache is None and self.impl == "matmul":
+            y = matmul_attention(q, k, v, rep)
+        elif attn_mask is None and kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
+
+
+def matmul_attention(q, k, v, rep: int):
+    """Causal softmax(q k^T / sqrt(d)) v with plain matmuls (the softmax in fp32), k/v repeated for GQA."""
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    T = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def _sdpa_priority(impl: str):
+    """A context that puts the SDPA kernel ``impl`` names first (no-op for sdpa/matmul or an old torch)."""
+    import contextlib
+
+    names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+    if impl not in names:
+        return contextlib.nullcontext()
+    try:
+        import inspect
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return contextlib.nullcontext()
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        return contextlib.nullcontext()
+    first = getattr(SDPBackend, names[impl])
+    rest = [getattr(SDPBackend, n) for n in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")]
+    return sdpa_kernel([first] + [b for b in rest if b != first], set_priority=True)
 
 
 class MLP(nn.Module):
@@ -119,6 +158,16 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.compiled_layers: tuple | None = None
+        self.eval_layers: tuple | None = None
+        self.attention = "sdpa"
+
+    def set_attention(self, impl: str):
+        """Pick the training attention (one of ATTENTION_IMPLS)."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention {impl!r}: choose from {', '.join(ATTENTION_IMPLS)}")
+        self.attention = impl
+        for layer in self.layers:
+            layer.attn.impl = impl
 
     def hidden(self, ids: torch.Tensor, attn_mask=None, kv_caches=None, position_offset: int = 0,
                return_kv: bool = False):
@@ -128,12 +177,14 @@ class Llama(nn.Module):
                                 offset=position_offset)
         kvs = []
         layers = self.layers
-        if self.compiled_layers is not None and self.training and kv_caches is None and attn_mask is None:
-            layers = self.compiled_layers
-        for i, layer in enumerate(layers):
-            x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
-            if return_kv:
-                kvs.append(kv)
+        if self.compiled_layers is not None:  # evaluation (no grad, caches, masks): the shape-generic graphs
+            training = torch.is_grad_enabled() and kv_caches is None and attn_mask is None and not return_kv
+            layers = self.compiled_layers if training else self.eval_layers
+        with _sdpa_priority(self.attention):
+            for i, layer in enumerate(layers):
+                x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
+                if return_kv:
+                    kvs.append(kv)
         x = self.norm(x)
         return (x, kvs) if return_kv else x
 
@@ -151,12 +202,14 @@ class Llama(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
 
     def compile_blocks(self):
-        """Compile each decoder block for training (one graph serves all blocks); evaluation with KV caches or
-        masks keeps the eager blocks."""
+        """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has
+        one shape); for evaluation with prefix caches (batch and length vary), shape-generic from the start, so a
+        whole MMLU run compiles a few graphs only."""
         import torch._dynamo
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.layers))
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(self.layers))
         self.compiled_layers = tuple(torch.compile(layer) for layer in self.layers)
+        self.eval_layers = tuple(torch.compile(layer, dynamic=True) for layer in self.layers)
 
 
 def count_params(cfg: ModelConfig) -> dict:

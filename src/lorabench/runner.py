@@ -5,6 +5,7 @@ users run.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,6 +101,19 @@ def load_data(job: Job, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray | None
     return train, val, desc
 
 
+def native_attention(precision: str, device: torch.device) -> str:
+    """The native engine's training attention: plain matmuls under TF32 on a GPU (SDPA's fp32 kernels leave the
+    tensor cores idle), SDPA otherwise. $LORABENCH_NATIVE_ATTENTION overrides it (for A/B benchmarks)."""
+    from .model import ATTENTION_IMPLS
+
+    forced = os.environ.get("LORABENCH_NATIVE_ATTENTION")
+    if forced:
+        if forced not in ATTENTION_IMPLS:
+            raise ConfigError(f"$LORABENCH_NATIVE_ATTENTION={forced!r}: choose from {', '.join(ATTENTION_IMPLS)}")
+        return forced
+    return "matmul" if precision == "tf32" and device.type == "cuda" else "sdpa"
+
+
 def run_job(job: Job) -> dict:
     """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
     rank, world = dist_info()
@@ -125,9 +139,10 @@ def run_job(job: Job) -> dict:
         barrier()
     weights_dir = job.model_dir if job.init == "pretrained" else None
     compile_ = job.compile if job.compile is not None else (device.type == "cuda" and job.engine == "native")
+    attention = native_attention(t.precision, device)
     t_build = time.perf_counter()
     engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],
-                          seed=t.seed, attn=job.attn, compile=compile_)
+                          seed=t.seed, attn=job.attn, compile=compile_, attention=attention)
     build_s = time.perf_counter() - t_build
     if device.type == "cuda":  # peaks of the training itself (the weights stay allocated, so they count)
         torch.cuda.empty_cache()
@@ -161,7 +176,7 @@ def run_job(job: Job) -> dict:
     config = {
         **asdict(t), "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
         "lora_targets": list(lo.targets), "preset": job.preset, "fix_hp": job.fix_hp, "engine": job.engine,
-        "attn": job.attn if job.engine == "reference" else "sdpa", "init": job.init, "compile": compile_,
+        "attn": job.attn if job.engine.startswith("reference") else attention, "init": job.init, "compile": compile_,
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
         "data": data_desc, "train_chunks": len(train_data), "device": str(device), "world_size": world, "nnodes": 1,

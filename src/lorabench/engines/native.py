@@ -14,7 +14,7 @@ class NativeEngine(Engine):
     name = "native"
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 compile: bool = False):
+                 compile: bool = False, attention: str = "sdpa"):
         self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)
@@ -26,6 +26,7 @@ class NativeEngine(Engine):
             load_into(model, random_hf_weights(model_cfg, seed, device, dtype), True, "random init")
         else:
             load_into(model, iter_checkpoint(model_dir), True, str(model_dir))
+        model.set_attention(attention)
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         if compile:

@@ -270,8 +270,8 @@ def test_prefix_mask_forms_agree():
 def test_background_tokenising_gives_the_same_requests():
     """The worker process that tokenises while scoring runs builds exactly the requests of the inline path."""
     subs = load_mmlu(TINY_MMLU)
-    inline = [r for chunk in subject_requests(TINY_MODEL, subs, 5, 512, background=False) for r in chunk]
-    worker = [r for chunk in subject_requests(TINY_MODEL, subs, 5, 512, background=True) for r in chunk]
+    inline = [r for chunk in subject_requests(TINY_MODEL, subs, 5, 512, background=0) for r in chunk]
+    worker = [r for chunk in subject_requests(TINY_MODEL, subs, 5, 512, background=2) for r in chunk]
     assert len(subs) == 2 and len(worker) == len(inline) == sum(len(s.test) for s in subs)
     for a, b in zip(inline, worker):
         assert (a.q, a.contexts, a.conts, a.shots, a.truncated) == (b.q, b.contexts, b.conts, b.shots, b.truncated)

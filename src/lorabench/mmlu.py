@@ -261,9 +261,10 @@ def _tokenise_subject(model_dir: str, subject: Subject, shots: int, max_len: int
     return make_requests(tok, [(subject, q) for q in subject.test], shots, max_len)
 
 
-def subject_requests(model_dir, subjects: list[Subject], shots: int, max_len: int, background: bool):
-    """Yield each subject's requests in order. ``background``: the first subject is tokenised here, the rest in a
-    worker process while the caller scores (the tokenizer holds the GIL, so a thread would not overlap)."""
+def subject_requests(model_dir, subjects: list[Subject], shots: int, max_len: int, background: int):
+    """Yield each subject's requests in order. ``background``: that many worker processes tokenise while the
+    caller scores (the tokenizer holds the GIL, so a thread would not overlap); the first subject is tokenised
+    here. 0: all here."""
     tok = Tokenizer(model_dir)
     if not background or len(subjects) < 2:
         for s in subjects:
@@ -272,7 +273,7 @@ def subject_requests(model_dir, subjects: list[Subject], shots: int, max_len: in
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(int(background), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_tokenise_subject, str(model_dir), s, shots, max_len) for s in subjects[1:]]
         try:
             yield make_requests(tok, [(subjects[0], q) for q in subjects[0].test], shots, max_len)
@@ -383,7 +384,8 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 # -- the whole evaluation -----------------------------------------------------------------------------------------
 DEFAULT_BATCH_GPU = 32
 BACKGROUND_TOKENIZE_MIN = 2000
-"""Questions from which tokenising runs in a worker process, overlapped with scoring."""
+"""Questions from which tokenising runs in worker processes, overlapped with scoring."""
+TOKENIZE_WORKERS = 2
 
 def check_mmlu_options(opts: dict, model_dir) -> list[Subject]:
     """Validate MMLU options (and read the questions) so a bad flag fails before any training."""
@@ -413,9 +415,9 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     shots = opts.get("shots", 5)
     max_len = engine.model_cfg.max_position_embeddings
     n = sum(len(s.test) for s in subjects)
-    background = opts.get("background_tokenize")
-    if background is None:  # a worker process pays off once tokenising takes seconds
-        background = n >= BACKGROUND_TOKENIZE_MIN
+    background = opts.get("tokenize_workers")
+    if background is None:  # worker processes pay off once tokenising takes seconds
+        background = TOKENIZE_WORKERS if n >= BACKGROUND_TOKENIZE_MIN else 0
     bs = opts.get("batch_size") or (DEFAULT_BATCH_GPU if device.type == "cuda" else 8)
     reqs, scores = [], []
     engine.eval()

@@ -102,8 +102,10 @@ def load_data(job: Job, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray | None
 
 
 def native_attention(precision: str, device: torch.device) -> str:
-    """The native engine's training attention: plain matmuls under TF32 on a GPU (SDPA's fp32 kernels leave the
-    tensor cores idle), SDPA otherwise. $LORABENCH_NATIVE_ATTENTION overrides it (for A/B benchmarks)."""
+    """The native engine's training attention on a GPU: cuDNN's SDPA kernel first for fp16/bf16 (on an H200 it
+    runs causal attention forward + backward 1.2-1.9x faster than the flash kernel torch picks by default,
+    benchmarks/NOTES.md), plain matmuls under TF32 (SDPA's fp32 kernels leave the tensor cores idle); SDPA's own
+    choice otherwise. $LORABENCH_NATIVE_ATTENTION overrides it (for A/B benchmarks)."""
     from .model import ATTENTION_IMPLS
 
     forced = os.environ.get("LORABENCH_NATIVE_ATTENTION")
@@ -111,7 +113,9 @@ def native_attention(precision: str, device: torch.device) -> str:
         if forced not in ATTENTION_IMPLS:
             raise ConfigError(f"$LORABENCH_NATIVE_ATTENTION={forced!r}: choose from {', '.join(ATTENTION_IMPLS)}")
         return forced
-    return "matmul" if precision == "tf32" and device.type == "cuda" else "sdpa"
+    if device.type != "cuda":
+        return "sdpa"
+    return {"tf32": "matmul", "fp16": "cudnn", "bf16": "cudnn"}.get(precision, "sdpa")
 
 
 def run_job(job: Job) -> dict:

@@ -24,11 +24,14 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--compile", action="store_true", help="compile the native engine's blocks")
+    ap.add_argument("--attention", help="native training attention (model.ATTENTION_IMPLS; default sdpa)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     cfg = MODEL_PRESETS[a.model]
     eng = build_engine(a.engine, cfg, LoRAConfig(), model_dir=None, device=dev, dtype=DTYPES[a.precision], seed=0,
                        attn="sdpa", compile=a.compile)
+    if a.attention:
+        eng.model.set_attention(a.attention)
     data = torch.from_numpy(synthetic_chunks(a.batch_size * (a.steps + 3), a.seq_len, cfg.vocab_size)).long().to(dev)
     opt = torch.optim.AdamW(eng.trainable_params(), lr=1e-4)
 
@@ -45,13 +48,18 @@ def main():
         for i in range(a.steps):
             step(3 + i)
         torch.cuda.synchronize()
+    print_top(prof, a.steps, f"{a.engine}{' compiled' if a.compile else ''} {a.precision} LBS {a.batch_size} "
+              f"T {a.seq_len}{' attention ' + a.attention if a.attention else ''}", "step", a.top)
+
+
+def print_top(prof, reps: int, title: str, unit: str, top: int):
+    """GPU time per ``unit`` (the profiled region ran ``reps`` of them) and the top kernels by time."""
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
-    print(f"{a.engine}{' compiled' if a.compile else ''} {a.precision} LBS {a.batch_size} T {a.seq_len}: {total / a.steps / 1e3:.1f} ms GPU per step")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:a.top]:
-        print(f"{100 * e.device_time_total / total:5.1f}%  {e.device_time_total / a.steps / 1e3:7.2f} ms  "
-              f"x{e.count // a.steps:<4d} {e.key[:90]}")
-
+    print(f"{title}: {total / reps / 1e3:.1f} ms GPU per {unit}")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        print(f"{100 * e.device_time_total / total:5.1f}%  {e.device_time_total / reps / 1e3:7.2f} ms  "
+              f"x{e.count // reps:<4d} {e.key[:90]}")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,58 @@
+"""Where MMLU scoring's GPU time goes: torch.profiler over a few subjects (compiled blocks, prefix cache), top
+kernels, and the same subjects with the boolean-mask attention instead of the lower-right causal bias.
+
+    PYTHONPATH=src python benchmarks/profile_mmlu.py --mmlu ../shared/data/mmlu
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lorabench.mmlu as mmlu
+from lorabench.config import MODEL_PRESETS, LoRAConfig
+from lorabench.data.tokenizer import Tokenizer
+from lorabench.engines import build_engine
+from mmlu_speed import mmlu_tokenizer
+from profile_step import print_top
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mmlu", type=Path, default=Path("../shared/data/mmlu"))
+    ap.add_argument("--subjects", default="college_medicine,high_school_psychology,professional_law")
+    ap.add_argument("--limit", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--top", type=int, default=20)
+    a = ap.parse_args()
+    dev, cfg = torch.device("cuda"), MODEL_PRESETS["llama2-7b"]
+    tmp = Path(tempfile.mkdtemp())
+    mmlu_tokenizer(a.mmlu, tmp, cfg.vocab_size)
+    tok = Tokenizer(tmp)
+    eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, dtype=torch.bfloat16, seed=0,
+                       compile=True)
+    eng.eval()
+    subs = mmlu.load_mmlu(a.mmlu, a.subjects.split(","), limit=a.limit)
+    reqs = mmlu.make_requests(tok, [(s, q) for s in subs for q in s.test], 5, cfg.max_position_embeddings)
+    tokens = sum(len(r.context) for r in reqs)
+    for variant in ("lower-right causal bias", "boolean mask"):
+        if variant == "boolean mask":
+            mmlu._CAUSAL_LOWER_RIGHT = None
+        mmlu.score_requests(eng, reqs, dev, a.batch_size, True)  # compile / warm up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        mmlu.score_requests(eng, reqs, dev, a.batch_size, True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            mmlu.score_requests(eng, reqs, dev, a.batch_size, True)
+            torch.cuda.synchronize()
+        print(f"\n{variant}: {len(reqs)} questions ({tokens} context tokens) in {wall:.2f} s wall")
+        print_top(prof, 1, variant, "run", a.top)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ from lorabench.config import ConfigError, LoRAConfig, ModelConfig
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.engines import build_engine
 from lorabench.mmlu import (CATEGORY, LETTERS, Question, Subject, build_context, load_mmlu, make_request, make_requests,
-                            evaluate_mmlu, score_requests, subject_requests, summarize)
+                            evaluate_mmlu, length_batches, score_requests, subject_requests, summarize)
 from lorabench.runner import TINY_MMLU, TINY_MODEL
 
 from conftest import need_shared_mmlu
@@ -290,3 +290,17 @@ def test_compiled_blocks_score_like_eager(tmp_path):
     read = [[json.loads(x)["logprobs"] for x in (tmp_path / d / "mmlu_predictions.jsonl").read_text().splitlines()]
             for d in ("eager", "compiled")]
     torch.testing.assert_close(torch.tensor(read[1]), torch.tensor(read[0]), atol=1e-5, rtol=0)
+
+
+def test_length_batches_by_count_tokens_and_padding():
+    lengths = [5, 1, 3, 3, 9, 2, 40]
+    # count only: ascending runs of two
+    assert length_batches(lengths, 2, None) == [[1, 5], [2, 3], [0, 4], [6]]
+    # token cap 12: [1,2,3,3] pads to 4x3=12; adding 5 would pad to 5x5=25; 40 exceeds the cap alone
+    assert length_batches(lengths, 10, 12, max_padding=10.0) == [[1, 5, 2, 3], [0], [4], [6]]
+    # padding cap 20%: 1 then 2 pads to 4 for 3 real tokens (33%) -> new batch; 2, 3, 3 pads to 9 for 8 (12.5%)
+    # fits; adding 5 would pad to 20 for 13 (54%)
+    assert length_batches(lengths, 10, 1000, max_padding=0.2) == [[1], [5, 2, 3], [0], [4], [6]]
+    # every index exactly once, whatever the caps
+    for bs, bt in ((1, None), (3, 7), (100, 1)):
+        assert sorted(i for b in length_batches(lengths, bs, bt) for i in b) == list(range(len(lengths)))

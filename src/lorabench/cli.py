@@ -60,7 +60,8 @@ def _add_mmlu_flags(p: argparse.ArgumentParser, default_dir: bool):
     g.add_argument("--shots", type=int, default=5, help="few-shot examples per question")
     names = ["--mmlu-batch-size"] if default_dir else ["--batch-size", "--mmlu-batch-size"]
     g.add_argument(*names, dest="mmlu_batch_size", type=int, default=None,
-                   help="questions per forward pass (default: 32 on GPU, 8 on CPU)")
+                   help="at most this many questions per forward pass (default: 256 on GPU, within 16k tokens "
+                   "and 20%% padding; 8 on CPU)")
     g.add_argument("--limit", type=int, help="at most this many test questions per subject")
 
 

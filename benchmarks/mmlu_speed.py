@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--variants", default="compiled:256",
                     help="comma-separated blocks:batch[:tokenize workers], blocks eager or compiled (compiled ones "
                     "run last; the first compiled run includes compiling); workers default to evaluate_mmlu's")
-    ap.add_argument("--naive-per-subject", type=int, default=3)
+    ap.add_argument("--naive-per-subject", type=int, default=3, help="0: only the end-to-end runs")
     ap.add_argument("--limit", type=int, default=None, help="questions per subject (all)")
     ap.add_argument("--model", default="llama2-7b")
     ap.add_argument("--device", default="cuda")
@@ -72,14 +72,6 @@ def main():
                        dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=0)
     sync()
     print(f"model built in {time.perf_counter() - t_load:.1f} s")
-    subjects = load_mmlu(a.mmlu, limit=a.limit)
-    t0 = time.perf_counter()
-    reqs = make_requests(tok, [(s, q) for s in subjects for q in s.test], 5, cfg.max_position_embeddings)
-    prep_s = time.perf_counter() - t0
-    tokens = sum(len(r.context) for r in reqs)
-    print(f"{len(reqs)} questions, {tokens} context tokens (mean {tokens / len(reqs):.0f}), "
-          f"shots dropped {sum(r.shots < 5 for r in reqs)}, truncated {sum(r.truncated for r in reqs)}; "
-          f"tokenised in one go (no overlap) in {prep_s:.1f} s")
     rows = []
     variants = sorted((v.split(":") for v in a.variants.split(",")), key=lambda v: v[0] == "compiled")
     for blocks, bs, *workers in variants:
@@ -95,6 +87,19 @@ def main():
         name = f"{blocks} blocks, batch {bs}" + (f", {workers[0]} tokenising workers" if workers else "")
         rows.append((name, time.perf_counter() - t0, summary["acc"]))
         print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
+    if a.naive_per_subject == 0:
+        print(f"\nMMLU 5-shot, {summary['questions']} questions, {a.model} shape, random weights, "
+              f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}: "
+              + "; ".join(f"{name} {sec:.1f} s end to end" for name, sec, _ in rows))
+        return
+    subjects = load_mmlu(a.mmlu, limit=a.limit)
+    t0 = time.perf_counter()
+    reqs = make_requests(tok, [(s, q) for s in subjects for q in s.test], 5, cfg.max_position_embeddings)
+    prep_s = time.perf_counter() - t0
+    tokens = sum(len(r.context) for r in reqs)
+    print(f"{len(reqs)} questions, {tokens} context tokens (mean {tokens / len(reqs):.0f}), "
+          f"shots dropped {sum(r.shots < 5 for r in reqs)}, truncated {sum(r.truncated for r in reqs)}; "
+          f"tokenised in one go (no overlap) in {prep_s:.1f} s")
     t0 = time.perf_counter()  # the last variant's scoring alone, on the requests tokenised up front
     fast = score_requests(eng, reqs, dev, int(variants[-1][1]), True, batch_tokens=DEFAULT_BATCH_TOKENS)
     sync()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,27 +309,34 @@ def _prefix_mask(T: int, P: int, device):
     return torch.cat((torch.ones(T, P, dtype=torch.bool, device=device), causal), dim=1)[None, None]
 
 
+def _to_device(data, device) -> torch.Tensor:
+    """A long tensor on ``device`` without stalling the host: through pinned memory, asynchronously, on a GPU
+    (a plain copy would wait for every queued kernel, and the host could not prepare the next batch meanwhile)."""
+    t = torch.tensor(data, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _pad(seqs: list[list[int]], device) -> torch.Tensor:
     T = max(len(s) for s in seqs)
-    return torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device, dtype=torch.long)
+    return _to_device([s + [0] * (T - len(s)) for s in seqs], device)
 
 
 @torch.no_grad()
 def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], targets: list[list[int]],
-                     device, prefix=None) -> list[torch.Tensor]:
-    """Log-probs of targets[i] (token ids) at positions[i] of each padded sequence, in one forward pass.
-    ``positions`` index the logits that predict each target. ``prefix``: (kv_caches, length) shared by all."""
+                     device, prefix=None) -> torch.Tensor:
+    """Log-probs of targets[i] (token ids) at positions[i] of each padded sequence, in one forward pass, flat
+    and still on the device. ``positions`` index the logits that predict each target. ``prefix``: (kv_caches,
+    length) shared by all."""
     ids = _pad(seqs, device)
     if prefix is None:
         h = engine.forward_hidden(ids)
     else:
         kv, P = prefix
         h = engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=_prefix_mask(ids.shape[1], P, device))
-    rows = torch.tensor([i for i, p in enumerate(positions) for _ in p], device=device)
-    cols = torch.tensor([c for p in positions for c in p], device=device)
+    rows = _to_device([i for i, p in enumerate(positions) for _ in p], device)
+    cols = _to_device([c for p in positions for c in p], device)
     logp = torch.log_softmax(engine.head(h[rows, cols]), dim=-1)
-    flat = logp[torch.arange(len(rows), device=device), torch.tensor([t for ts in targets for t in ts], device=device)]
-    return list(torch.split(flat, [len(p) for p in positions]))
+    return logp.gather(1, _to_device([[t] for ts in targets for t in ts], device))[:, 0].float()
 
 
 def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None,
@@ -372,23 +380,26 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
             shared = _common_prefix([reqs[i].context for i in idxs]) - 1  # keep >= 1 token in every suffix
             if shared > 0:  # (a left-truncated context can share nothing with the others)
                 P = shared
-                prefix = (engine.prefix_kv(torch.tensor([reqs[idxs[0]].context[:P]], device=device)), P)
+                prefix = (engine.prefix_kv(_to_device([reqs[idxs[0]].context[:P]], device)), P)
+        done, pending = [], []  # the host queues every batch of the group, then reads the scores back once
         for batch in length_batches([len(reqs[i].context) - P for i in idxs], batch_size, batch_tokens):
             chunk = [idxs[j] for j in batch]
             rows = chunk * 2 if len(chunk) == 1 and prefix else chunk  # a lone question goes twice: compiled
             seqs = [reqs[i].context[P:] for i in rows]  # blocks then keep one graph for every batch size
-            lp = _score_sequences(engine, seqs, [[len(s) - 1] * 4 for s in seqs],
-                                  [[c[0] for c in reqs[i].conts] for i in rows], device, prefix)
-            for i, v in zip(chunk, lp):
-                out[i] = v.float().tolist()
-            if progress:
-                progress.update(len(chunk))
+            flat = _score_sequences(engine, seqs, [[len(s) - 1] * 4 for s in seqs],
+                                    [[c[0] for c in reqs[i].conts] for i in rows], device, prefix)
+            done += chunk
+            pending.append(flat[:4 * len(chunk)])
+        for i, v in zip(done, torch.cat(pending).view(-1, 4).tolist()):
+            out[i] = v
+        if progress:
+            progress.update(len(done))
     for i in slow:  # general path: each letter's context + continuation, summed over the continuation tokens
         r = reqs[i]
         seqs = [c + x for c, x in zip(r.contexts, r.conts)]
         pos = [list(range(len(c) - 1, len(c) + len(x) - 1)) for c, x in zip(r.contexts, r.conts)]
-        lp = _score_sequences(engine, seqs, pos, r.conts, device)
-        out[i] = [v.float().sum().item() for v in lp]
+        flat = _score_sequences(engine, seqs, pos, r.conts, device)
+        out[i] = [v.sum().item() for v in torch.split(flat, [len(p) for p in pos])]
         if progress:
             progress.update(1)
     return out
@@ -414,7 +425,9 @@ batch 45% of MMLU's tokens would be padding; these caps keep it at 13% in 300 ba
 shared-prefix cache keeps batches within one subject)."""
 BACKGROUND_TOKENIZE_MIN = 2000
 """Questions from which tokenising runs in worker processes, overlapped with scoring."""
-TOKENIZE_WORKERS = 2
+TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
+"""On an H200 host (16 cores) 4 workers keep up with the GPU: full MMLU end to end 62.7 s vs scoring alone
+59.6 s; 1 worker: 76.7 s (benchmarks/NOTES.md)."""
 
 def check_mmlu_options(opts: dict, model_dir) -> list[Subject]:
     """Validate MMLU options (and read the questions) so a bad flag fails before any training."""

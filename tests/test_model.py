@@ -162,3 +162,36 @@ def test_matmul_attention_equals_sdpa():
         torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="attention 'nope'"):
         m.set_attention("nope")
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("k_proj", "gate_proj", "up_proj")])
+def test_fused_projections_compute_the_same(targets):
+    """One GEMM for q/k/v and one for gate/up (weights concatenated, adapters per projection) gives the unfused
+    loss and adapter gradients in fp32; the parts stay views of the fused weight, so export still sees them."""
+    from lorabench.config import LoRAConfig
+    from lorabench.lora import inject_lora, lora_modules
+
+    ids = torch.randint(0, SMALL.vocab_size, (2, 23), generator=torch.Generator().manual_seed(4))
+    out = []
+    for fuse in (False, True):
+        m = native_from_hf(hf_model(SMALL), SMALL)
+        inject_lora(m, LoRAConfig(r=4, alpha=16, dropout=0.0, targets=targets))
+        torch.manual_seed(0)
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)
+        if fuse:
+            m.fuse_projections()
+            attn = m.layers[1].attn
+            assert attn.qkv_weight.shape[0] == attn.q_proj.weight.shape[0] + 2 * attn.k_proj.weight.shape[0]
+            assert attn.k_proj.weight.data_ptr() == attn.qkv_weight[attn.q_proj.weight.shape[0]:].data_ptr()
+            assert "layers.0.attn.qkv_weight" not in m.state_dict()
+        loss = m.loss(ids, ids)
+        loss.backward()
+        out.append((loss.detach(), {n: (l.lora_A.grad, l.lora_B.grad) for n, l in lora_modules(m).items()},
+                    {n: l.merged_weight() for n, l in lora_modules(m).items()}))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-6, rtol=1e-6)
+    assert out[1][1].keys() == out[0][1].keys()
+    for n in out[0][1]:
+        torch.testing.assert_close(out[1][1][n], out[0][1][n], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out[1][2][n], out[0][2][n], atol=0, rtol=0)

@@ -46,9 +46,12 @@ class LoRALinear(nn.Module):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        return F.linear(x, self.weight) + self.delta(x)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution alone: dropout(x) A^T B^T * scale (a fused base GEMM adds it itself)."""
         a = F.dropout(x, self.dropout) if self.dropout and self.training else x
-        return out + F.linear(F.linear(a, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+        return F.linear(F.linear(a, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B A in the base dtype (for export and the merge invariant)."""

@@ -61,14 +61,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
         self.impl = "sdpa"
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by Llama.fuse_projections
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
         """x [B, T, C]. kv_cache: optional (k, v) of earlier positions [B, Hkv, S, D] to attend to (prefix reuse).
         attn_mask: optional boolean [B or 1, 1, T, S+T] (True = attend); None means plain causal."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = fused_projections(x, self.qkv_weight, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
         if kv_cache is not None:
@@ -88,6 +93,25 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
+
+
+def fuse_weights(module: nn.Module, names: tuple[str, ...], buffer: str):
+    """Concatenate the frozen weights of ``module``'s projections ``names`` into one non-persistent buffer and
+    make each projection's weight a view of its rows (loading, export and merging still see the parts)."""
+    parts = [getattr(module, n) for n in names]
+    fused = torch.cat([p.weight.detach() for p in parts])
+    setattr(module, buffer, fused)  # registered (as None, non-persistent) by the module
+    row = 0
+    for p in parts:
+        n = p.weight.shape[0]
+        p.weight = nn.Parameter(fused[row:row + n], requires_grad=False)
+        row += n
+
+
+def fused_projections(x, weight, parts):
+    """x W_cat^T in one GEMM, split back into the parts' outputs, each plus its adapter's delta if it has one."""
+    outs = F.linear(x, weight).split([p.weight.shape[0] for p in parts], dim=-1)
+    return tuple(o + p.delta(x) if hasattr(p, "delta") else o for o, p in zip(outs, parts))
 
 
 def matmul_attention(q, k, v, rep: int):
@@ -126,9 +150,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by Llama.fuse_projections
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        else:
+            g, u = fused_projections(x, self.gate_up_weight, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(g) * u)
 
 
 class Block(nn.Module):
@@ -200,6 +229,13 @@ class Llama(nn.Module):
             return frozen_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets)
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
+
+    def fuse_projections(self):
+        """One GEMM for q/k/v and one for gate/up in every layer (frozen weights concatenated; adapters stay per
+        projection). Call after the weights are loaded. Experimental: not yet measured on a GPU."""
+        for layer in self.layers:
+            fuse_weights(layer.attn, ("q_proj", "k_proj", "v_proj"), "qkv_weight")
+            fuse_weights(layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight")
 
     def compile_blocks(self):
         """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has

@@ -14,7 +14,7 @@ class NativeEngine(Engine):
     name = "native"
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 compile: bool = False, attention: str = "sdpa"):
+                 compile: bool = False, attention: str = "sdpa", fuse: bool = False):
         self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)
@@ -29,6 +29,8 @@ class NativeEngine(Engine):
         model.set_attention(attention)
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
+        if fuse:
+            model.fuse_projections()
         if compile:
             model.compile_blocks()
 

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# What the 2026-11-28 session could not run (see NOTES.md): GPU numerics check, MMLU re-measure, the dropout-0.05
-# curve at a stable lr, and a best-LBS sweep. Needs the MMLU folder at .mmlu (or MMLU=path) and liger wheels on
-# PYTHONPATH for the liger row.
+# Ready for the next GPU call (one H200/H100, ~9 min): what session 2 of 2026-11-28 could not measure.
+# 1. MMLU end to end with the current defaults (4 tokenising workers on 16 cores, length/padding-capped batches,
+#    async uploads, one read-back per subject): the 60 s goal.
+# 2. Fused q/k/v and gate/up projections (LORABENCH_FUSED_PROJECTIONS=1) vs not, tf32 and bf16 LBS 16, with the
+#    reference rows they are judged against (tf32: reference; LBS 16: reference+compile) and reference+liger at
+#    tf32 (its memory is the bar for every row).
+# Needs the MMLU folder at .mmlu and the liger wheel on PYTHONPATH (see README) for the liger row.
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LORABENCH_CACHE=/tmp/lbcache
-MMLU=${MMLU:-.mmlu}
-python benchmarks/gpu_check.py 2>&1 | grep -v Warn
-timeout 240 python benchmarks/mmlu_speed.py --mmlu "$MMLU" 2>&1 | grep -v Warn
-python -m lorabench bench --presets bf16 --engines native,reference --steps 50 --warmup-steps 5 --lr 3e-4 \
-    --run-dir "${OUT:-runs}/curve_dropout" 2>&1 | grep -E "^\|"
-python benchmarks/floor.py --configs 8x512,16x512,24x512
-for lbs in 8 24; do
-  python -m lorabench bench --presets bf16 --engines native,reference+compile,reference+liger --batch-size $lbs \
-      --steps 10 --warmup-steps 4 --run-dir "${OUT:-runs}/lbs$lbs" 2>&1 | grep -E "^\| (native|ref)"
-done
+R=/tmp/runs; mkdir -p $R
+nvidia-smi --query-gpu=name --format=csv,noheader
+timeout 150 python benchmarks/mmlu_speed.py --mmlu .mmlu --variants compiled:256 --naive-per-subject 0 2>&1 \
+    | grep -v Warn | tail -2
+python -m lorabench bench --presets flagperf-tf32 --engines native,reference,reference+liger --steps 12 \
+    --warmup-steps 4 --run-dir $R/tf32 2>&1 | grep -E "^\|"
+LORABENCH_FUSED_PROJECTIONS=1 python -m lorabench bench --presets flagperf-tf32 --engines native --steps 12 \
+    --warmup-steps 4 --run-dir $R/tf32_fused 2>&1 | grep -E "^\| native"
+python -m lorabench bench --presets bf16 --engines native,reference+compile --batch-size 16 --steps 10 \
+    --warmup-steps 4 --run-dir $R/lbs16 2>&1 | grep -E "^\|"
+LORABENCH_FUSED_PROJECTIONS=1 python -m lorabench bench --presets bf16 --engines native --batch-size 16 \
+    --steps 10 --warmup-steps 4 --run-dir $R/lbs16_fused 2>&1 | grep -E "^\| native"
+for d in tf32 tf32_fused lbs16 lbs16_fused; do cp $R/$d/bench.json ${OUT:-/tmp}/bench_$d.json 2>/dev/null; done

@@ -11,9 +11,11 @@ tokenised together and split where the context's own tokens end (as lm-eval does
 config adds one. When every continuation is one token that extends the context, one forward pass per question
 serves all four letters. A context too long for the model drops shots one at a time, then is left-truncated.
 
-Speed: questions are sorted by length and batched (right padding needs no mask under a causal model), only the
-scored positions go through lm_head, and — native engine — the token prefix every question of a subject shares
-(description + shots) is run once, its KV cache reused for all of the subject's questions.
+Speed: questions are sorted by length and batched (right padding needs no mask under a causal model; batches are
+capped by count, tokens and padding), only the scored positions go through lm_head, and — native engine — the
+token prefix every question of a subject shares (description + shots) is run once, its KV cache reused for all of
+the subject's questions. On a GPU the blocks run compiled (shape-generic graphs), worker processes tokenise the
+next subjects while the GPU scores, and the host queues a subject's batches without waiting for results.
 """
 from __future__ import annotations
 

@@ -301,6 +301,33 @@ def test_length_batches_by_count_tokens_and_padding():
     # padding cap 20%: 1 then 2 pads to 4 for 3 real tokens (33%) -> new batch; 2, 3, 3 pads to 9 for 8 (12.5%)
     # fits; adding 5 would pad to 20 for 13 (54%)
     assert length_batches(lengths, 10, 1000, max_padding=0.2) == [[1], [5, 2, 3], [0], [4], [6]]
+    # K/V cap 30 after a 10-token prefix: two items of 2 need 2 x 12 = 24; a third of 3 would need 39
+    assert length_batches([1, 2, 3], 10, None, prefix=10, kv_tokens=30) == [[0, 1], [2]]
     # every index exactly once, whatever the caps
     for bs, bt in ((1, None), (3, 7), (100, 1)):
         assert sorted(i for b in length_batches(lengths, bs, bt) for i in b) == list(range(len(lengths)))
+
+
+def test_out_of_memory_halves_the_batches_and_retries(tmp_path, capsys):
+    """A batch too big for the device: the run halves its caps and finishes with the same scores."""
+    eng = tiny_engine()
+    opts = {"dir": str(TINY_MMLU), "batch_size": 8}
+    ref = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "ref", progress=False)
+    sizes = []
+    plain = eng.forward_hidden
+
+    def small_memory(ids, *args, **kw):
+        sizes.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return plain(ids, *args, **kw)
+
+    eng.forward_hidden = small_memory
+    got = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "oom", progress=False)
+    assert max(sizes) > 2 and sizes[-1] <= 2
+    read = [[json.loads(x)["logprobs"] for x in (tmp_path / d / "mmlu_predictions.jsonl").read_text().splitlines()]
+            for d in ("ref", "oom")]
+    torch.testing.assert_close(torch.tensor(read[1]), torch.tensor(read[0]), atol=1e-5, rtol=0)
+    assert got["acc"] == ref["acc"]
+    out = capsys.readouterr()
+    assert "out of device memory" in out.out + out.err

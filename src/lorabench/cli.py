@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         import torch
 
-        if isinstance(e, torch.OutOfMemoryError):
+        if isinstance(e, torch.cuda.OutOfMemoryError):
             print("lorabench: error: out of device memory; lower --batch-size or --seq-len, or use a smaller "
                   f"precision ({str(e).splitlines()[0]})", file=sys.stderr)
             return 4

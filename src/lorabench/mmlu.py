@@ -341,11 +341,12 @@ def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], 
     return logp.gather(1, _to_device([[t] for ts in targets for t in ts], device))[:, 0].float()
 
 
-def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None,
-                   max_padding: float = 0.2) -> list[list[int]]:
+def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None, max_padding: float = 0.2,
+                   prefix: int = 0, kv_tokens: int | None = None) -> list[list[int]]:
     """Indices of ``lengths`` in ascending length, cut into batches of at most ``batch_size`` items. With
     ``batch_tokens``, a batch also stays within that many tokens padding included, and padding within
-    ``max_padding`` of its real tokens (a long single item gets a batch of its own)."""
+    ``max_padding`` of its real tokens; with ``kv_tokens``, items x (``prefix`` + longest) stays within it (the
+    cached prefix is copied per item for attention). A single item that breaks a cap gets a batch of its own."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out: list[list[int]] = []
     real = 0
@@ -355,6 +356,8 @@ def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None
         if not full and batch_tokens:
             padded = (n + 1) * lengths[i]
             full = padded > batch_tokens or padded > (1 + max_padding) * (real + lengths[i])
+        if not full and kv_tokens:
+            full = (n + 1) * (prefix + lengths[i]) > kv_tokens
         if full:
             out.append([i])
             real = lengths[i]
@@ -366,10 +369,10 @@ def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None
 
 @torch.no_grad()
 def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
-                   progress=None, batch_tokens: int | None = None) -> list[list[float]]:
+                   progress=None, batch_tokens: int | None = None, kv_tokens: int | None = None) -> list[list[float]]:
     """[A, B, C, D] log-likelihoods per request, in request order. A batch holds at most ``batch_size``
-    questions and, when ``batch_tokens`` is set, at most that many tokens padding included (suffixes after a
-    cached prefix)."""
+    questions and, when set, at most ``batch_tokens`` tokens padding included (suffixes after a cached prefix)
+    and ``kv_tokens`` tokens of keys and values per layer (prefix + suffix, per question)."""
     out: list[list[float] | None] = [None] * len(reqs)
     fast = [i for i, r in enumerate(reqs) if r.single_token]
     slow = [i for i, r in enumerate(reqs) if not r.single_token]
@@ -384,7 +387,8 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
                 P = shared
                 prefix = (engine.prefix_kv(_to_device([reqs[idxs[0]].context[:P]], device)), P)
         done, pending = [], []  # the host queues every batch of the group, then reads the scores back once
-        for batch in length_batches([len(reqs[i].context) - P for i in idxs], batch_size, batch_tokens):
+        for batch in length_batches([len(reqs[i].context) - P for i in idxs], batch_size, batch_tokens,
+                                    prefix=P, kv_tokens=kv_tokens):
             chunk = [idxs[j] for j in batch]
             rows = chunk * 2 if len(chunk) == 1 and prefix else chunk  # a lone question goes twice: compiled
             seqs = [reqs[i].context[P:] for i in rows]  # blocks then keep one graph for every batch size
@@ -425,6 +429,9 @@ DEFAULT_BATCH_TOKENS = 16384
 (length_batches). A fixed count of length-sorted questions pads each subject's long tail: at 128 questions a
 batch 45% of MMLU's tokens would be padding; these caps keep it at 13% in 300 batches of ~3k tokens (the
 shared-prefix cache keeps batches within one subject)."""
+KV_COPY_BYTES = 2 << 30
+"""Per layer, the batch's copies of the cached prefix keys and values stay within 2 GiB (131,072 tokens of
+Llama-2-7B in bf16): at most ~3 GB transient, whatever the prefix length."""
 BACKGROUND_TOKENIZE_MIN = 2000
 """Questions from which tokenising runs in worker processes, overlapped with scoring."""
 TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
@@ -462,22 +469,48 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     background = opts.get("tokenize_workers")
     if background is None:  # worker processes pay off once tokenising takes seconds
         background = TOKENIZE_WORKERS if n >= BACKGROUND_TOKENIZE_MIN else 0
-    bs = opts.get("batch_size") or (DEFAULT_BATCH_GPU if device.type == "cuda" else 8)
-    batch_tokens = opts.get("batch_tokens", DEFAULT_BATCH_TOKENS if device.type == "cuda" else None)
+    gpu = device.type == "cuda"
+    caps = {"batch_size": opts.get("batch_size") or (DEFAULT_BATCH_GPU if gpu else 8),
+            "batch_tokens": opts.get("batch_tokens", DEFAULT_BATCH_TOKENS if gpu else None),
+            "kv_tokens": opts.get("kv_tokens", _kv_tokens(engine) if gpu else None)}
     reqs, scores = [], []
     engine.eval()
     try:
         with tqdm(total=n, desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
             for chunk in subject_requests(model_dir, subjects, shots, max_len, background):
                 reqs += chunk
-                scores += score_requests(engine, chunk, device, bs, opts.get("prefix_cache", True), bar,
-                                         batch_tokens)
+                scores += _score_backing_off(engine, chunk, device, caps, opts.get("prefix_cache", True), bar)
+                bar.update(len(chunk))
     finally:
         engine.train()
     summary = summarize(reqs, scores, shots)
     if out_dir is not None:
         write_outputs(Path(out_dir), reqs, scores, summary)
     return summary
+
+
+def _kv_tokens(engine) -> int:
+    """Keys + values per layer that fit KV_COPY_BYTES in the engine's dtype (the cached prefix is copied per
+    question of a batch)."""
+    cfg = engine.model_cfg
+    elem = next(engine.model.parameters()).element_size()
+    return KV_COPY_BYTES // (2 * cfg.num_key_value_heads * cfg.head_dim * elem)
+
+
+def _score_backing_off(engine, chunk: list[Request], device, caps: dict, use_cache: bool, bar) -> list:
+    """score_requests with ``caps``; out of device memory, halve them (for the rest of the run) and retry."""
+    while True:
+        try:
+            return score_requests(engine, chunk, device, caps["batch_size"], use_cache,
+                                  batch_tokens=caps["batch_tokens"], kv_tokens=caps["kv_tokens"])
+        except torch.cuda.OutOfMemoryError:
+            if caps["batch_size"] == 1:
+                raise
+            caps.update({k: max(1, v // 2) for k, v in caps.items() if v})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            bar.write(f"mmlu: out of device memory; retrying {chunk[0].q.subject} with at most "
+                      f"{caps['batch_size']} questions per batch (--mmlu-batch-size sets the start)")
 
 
 def summarize(reqs: list[Request], scores: list[list[float]], shots: int) -> dict:

@@ -23,7 +23,8 @@ import torch
 from lorabench.config import MODEL_PRESETS, LoRAConfig
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.engines import build_engine
-from lorabench.mmlu import DEFAULT_BATCH_TOKENS, evaluate_mmlu, load_mmlu, make_requests, score_requests
+from lorabench.mmlu import (DEFAULT_BATCH_TOKENS, evaluate_mmlu, kv_token_cap, load_mmlu, make_requests,
+                            score_requests)
 
 
 def mmlu_tokenizer(mmlu_dir: Path, out: Path, vocab: int) -> None:
@@ -101,7 +102,8 @@ def main():
           f"shots dropped {sum(r.shots < 5 for r in reqs)}, truncated {sum(r.truncated for r in reqs)}; "
           f"tokenised in one go (no overlap) in {prep_s:.1f} s")
     t0 = time.perf_counter()  # the last variant's scoring alone, on the requests tokenised up front
-    fast = score_requests(eng, reqs, dev, int(variants[-1][1]), True, batch_tokens=DEFAULT_BATCH_TOKENS)
+    fast = score_requests(eng, reqs, dev, int(variants[-1][1]), True, batch_tokens=DEFAULT_BATCH_TOKENS,
+                          kv_tokens=kv_token_cap(eng))
     sync()
     score_s = time.perf_counter() - t0
     print(f"scoring alone ({variants[-1][0]} blocks, batch {variants[-1][1]}): {score_s:.1f} s", flush=True)

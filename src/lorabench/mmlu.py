@@ -472,7 +472,7 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     gpu = device.type == "cuda"
     caps = {"batch_size": opts.get("batch_size") or (DEFAULT_BATCH_GPU if gpu else 8),
             "batch_tokens": opts.get("batch_tokens", DEFAULT_BATCH_TOKENS if gpu else None),
-            "kv_tokens": opts.get("kv_tokens", _kv_tokens(engine) if gpu else None)}
+            "kv_tokens": opts.get("kv_tokens", kv_token_cap(engine) if gpu else None)}
     reqs, scores = [], []
     engine.eval()
     try:
@@ -489,7 +489,7 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     return summary
 
 
-def _kv_tokens(engine) -> int:
+def kv_token_cap(engine) -> int:
     """Keys + values per layer that fit KV_COPY_BYTES in the engine's dtype (the cached prefix is copied per
     question of a batch)."""
     cfg = engine.model_cfg

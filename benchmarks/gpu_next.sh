@@ -13,11 +13,11 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 150 python benchmarks/mmlu_speed.py --mmlu .mmlu --variants compiled:256 --naive-per-subject 0 2>&1 \
     | grep -v Warn | tail -2
 python -m lorabench bench --presets flagperf-tf32 --engines native,reference,reference+liger --steps 12 \
-    --warmup-steps 4 --run-dir $R/tf32 2>&1 | grep -E "^\|"
-LORABENCH_FUSED_PROJECTIONS=1 python -m lorabench bench --presets flagperf-tf32 --engines native --steps 12 \
+    --warmup-steps 4 --run-dir $R/tf32 2>&1 | grep -E "^(\||- floor)"
+LORABENCH_FUSED_PROJECTIONS=1 python -m lorabench bench --presets flagperf-tf32 --engines native --steps 12 --no-floor \
     --warmup-steps 4 --run-dir $R/tf32_fused 2>&1 | grep -E "^\| native"
 python -m lorabench bench --presets bf16 --engines native,reference+compile --batch-size 16 --steps 10 \
-    --warmup-steps 4 --run-dir $R/lbs16 2>&1 | grep -E "^\|"
-LORABENCH_FUSED_PROJECTIONS=1 python -m lorabench bench --presets bf16 --engines native --batch-size 16 \
+    --warmup-steps 4 --run-dir $R/lbs16 2>&1 | grep -E "^(\||- floor)"
+LORABENCH_FUSED_PROJECTIONS=1 python -m lorabench bench --presets bf16 --engines native --batch-size 16 --no-floor \
     --steps 10 --warmup-steps 4 --run-dir $R/lbs16_fused 2>&1 | grep -E "^\| native"
 for d in tf32 tf32_fused lbs16 lbs16_fused; do cp $R/$d/bench.json ${OUT:-/tmp}/bench_$d.json 2>/dev/null; done

@@ -29,3 +29,41 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
     assert nat["max_rel_loss_gap_vs_reference"] < 1e-5
     if liger_missing:
         assert "liger-kernel" in rows["reference+liger"]["error"]
+
+
+def test_floor_counts_every_frozen_matrix():
+    """The floor's GEMM list covers each frozen linear weight once (q and k share a shape; GQA shrinks k/v)."""
+    from lorabench.config import MODEL_PRESETS
+    from lorabench.floor import gemm_shapes
+    from lorabench.model import count_params
+
+    from conftest import SMALL
+
+    for cfg in (MODEL_PRESETS["llama2-7b"], SMALL):
+        norms = cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)  # non_embedding counts lm_head, tied or not
+        assert sum(i * o * n for i, o, n in gemm_shapes(cfg)) == count_params(cfg)["non_embedding"] - norms
+
+
+def test_rows_get_their_share_of_the_floor(monkeypatch):
+    import lorabench.floor
+    from lorabench.bench import add_floors, floor_lines, table
+
+    calls = []
+
+    def fake_floor(cfg, batch, seq, precision):
+        calls.append((batch, seq, precision))
+        return {"batch": batch, "seq": seq, "tokens_per_s": 2000.0, "gemm_tflops": 700.0, "precision": precision,
+                "attn_by_kernel_ms": {"flash": 1.3, "cudnn": 0.7}}
+
+    monkeypatch.setattr(lorabench.floor, "floor_for_precision", fake_floor)
+    base = {"batch_size": 4, "seq_len": 512, "precision": "bf16", "mfu": None, "peak_mem_allocated_gib": 1.0,
+            "loss_final": 1.0}
+    rows = [{**base, "engine": "native", "preset": "bf16", "tokens_per_s_per_chip": 1500.0},
+            {**base, "engine": "reference", "preset": "bf16", "tokens_per_s_per_chip": 1000.0},
+            {"engine": "reference+liger", "preset": "bf16", "error": "no liger"}]
+    floors = add_floors(rows, "llama2-7b", log=lambda *a, **k: None)
+    assert calls == [(4, 512, "bf16")]  # once per preset
+    assert rows[0]["of_floor"] == 0.75 and rows[1]["of_floor"] == 0.5 and "of_floor" not in rows[2]
+    assert "75.0%" in table(rows)
+    assert floor_lines(floors) == ("- floor, bf16 (LBS 4, seq 512): 2000 tok/s (frozen GEMMs at 700 TFLOP/s + "
+                                   "cudnn attention; nothing else)")

@@ -3,7 +3,8 @@
 Every row is ``lorabench run --init random --data synthetic`` in its own process (a crash or OOM is reported in
 its row and the rest go on), so a row measures exactly what users run. Rows of one preset start from identical
 weights (canonical random weights and adapters from one seed) and see identical batches, so their per-step losses
-must agree: the table prints the largest gap between each engine and the reference.
+must agree: the table prints the largest gap between each engine and the reference. On a GPU the bench then times
+the floor (floor.py) at each preset's shape in the same run and prints each row's share of it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from .report import markdown_table, write_json_atomic, write_text_atomic
 
@@ -56,6 +59,41 @@ def compare(rows: list[dict]) -> None:
         r["max_rel_loss_gap_vs_reference"] = max(gaps) if gaps else None
 
 
+def add_floors(rows: list[dict], model: str, log=print) -> dict:
+    """Time the floor (floor.py) at each preset's shape and precision on this process's GPU; each row gets its
+    share of it. Returns {preset: floor result or error}."""
+    from .config import MODEL_PRESETS
+    from .floor import floor_for_precision
+
+    floors: dict[str, dict] = {}
+    for r in rows:
+        if "error" in r or r["preset"] in floors:
+            continue
+        log(f"bench: floor for {r['preset']} ...", flush=True)
+        try:
+            floors[r["preset"]] = floor_for_precision(MODEL_PRESETS[model], r["batch_size"], r["seq_len"],
+                                                      r["precision"])
+        except RuntimeError as e:  # out of memory, or a dtype the card cannot run
+            floors[r["preset"]] = {"error": str(e).splitlines()[0][:200]}
+    for r in rows:
+        f = floors.get(r["preset"], {})
+        if "error" not in r and "tokens_per_s" in f:
+            r["of_floor"] = r["tokens_per_s_per_chip"] / f["tokens_per_s"]
+    return floors
+
+
+def floor_lines(floors: dict) -> str:
+    out = []
+    for preset, f in floors.items():
+        if "error" in f:
+            out.append(f"- floor, {preset}: failed ({f['error']})")
+            continue
+        kernel = min(f["attn_by_kernel_ms"], key=f["attn_by_kernel_ms"].get)
+        out.append(f"- floor, {preset} (LBS {f['batch']}, seq {f['seq']}): {f['tokens_per_s']:.0f} tok/s "
+                   f"(frozen GEMMs at {f['gemm_tflops']:.0f} TFLOP/s + {kernel} attention; nothing else)")
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
@@ -64,7 +102,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             out.append({"engine": r["engine"], "preset": r["preset"], "tok/s/chip": "error", "MFU": "",
-                        "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80], "max loss gap": ""})
+                        "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80], "max loss gap": "",
+                        "of floor": ""})
             continue
         out.append({
             "engine": r["engine"], "preset": r["preset"], "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f"),
@@ -73,12 +112,15 @@ def table(rows: list[dict]) -> str:
             "vs reference": f(r.get("speedup_vs_reference"), ".2f") + ("x" if r.get("speedup_vs_reference") else ""),
             "max loss gap": "-" if r.get("max_rel_loss_gap_vs_reference") is None
             else f"{100 * r['max_rel_loss_gap_vs_reference']:.3f}%",
+            "of floor": "-" if r.get("of_floor") is None else f"{100 * r['of_floor']:.1f}%",
         })
     return markdown_table(out)
 
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
-              run_dir: Path, overrides: list[str], timeout: float, log=print) -> list[dict]:
+              run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True):
+    """Run every engine x preset row, compare them, and (on a GPU, unless ``floor`` is False) time the floor.
+    Returns (rows, floors); writes bench.json and bench.md to ``run_dir``."""
     rows = []
     for preset in presets:
         for engine in engines:
@@ -88,9 +130,13 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
             log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}", flush=True)
             rows.append(row)
     compare(rows)
+    gpu = device != "cpu" and torch.cuda.is_available()
+    floors = add_floors(rows, model, log) if floor and gpu else {}
     dev = next((r["device_name"] for r in rows if "device_name" in r), None)
     write_json_atomic(run_dir / "bench.json", {"device_name": dev, "model": model, "steps": steps, "warmup": warmup,
-                                               "overrides": overrides, "rows": rows})
+                                               "overrides": overrides, "rows": rows, "floors": floors})
     text = f"# lorabench bench: {model}, {steps} steps ({warmup} warm-up), {dev}\n\n{table(rows)}\n"
+    if floors:
+        text += "\n" + floor_lines(floors) + "\n"
     write_text_atomic(run_dir / "bench.md", text)
-    return rows
+    return rows, floors

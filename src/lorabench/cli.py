@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=float, help="override the learning rate (e.g. 1e-3 to see random weights learn)")
     b.add_argument("--attn", choices=("eager", "sdpa"), help="attention of the plain reference rows")
     b.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported as failed")
+    b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
     b.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-bench)")
     return ap
 
@@ -230,7 +231,7 @@ def cmd_eval(a) -> int:
 def cmd_bench(a) -> int:
     import torch
 
-    from .bench import run_bench, table
+    from .bench import floor_lines, run_bench, table
     from .engines import ENGINES
 
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
@@ -248,8 +249,11 @@ def cmd_bench(a) -> int:
         if v is not None:
             overrides += [flag, str(v)]
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
-    rows = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir, overrides, a.timeout)
+    rows, floors = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir, overrides,
+                             a.timeout, floor=not a.no_floor)
     print(table(rows))
+    if floors:
+        print(floor_lines(floors))
     print(f"wrote {run_dir / 'bench.json'} and {run_dir / 'bench.md'}")
     return 0 if any("error" not in r for r in rows) else 1
 

@@ -1,0 +1,101 @@
+"""The floor: time only the work no LoRA trainer can avoid, and convert it to tokens/s.
+
+Per step, for every frozen matrix of the model (q, k, v, o, gate, up, down in each layer, and lm_head): the forward
+GEMM and the input-gradient GEMM (no weight gradient: the weights are frozen); plus causal attention forward +
+backward with the fastest kernel available (SDPA's flash, cuDNN and memory-efficient kernels, and plain matmuls;
+each is timed and reported). Each GEMM shape is timed on its own with CUDA events (median of repeats after
+warm-up) and multiplied by how often a step runs it. Adapters, norms, RoPE, SwiGLU, the loss and the optimizer are
+left out, so real training cannot reach this number; the gap to it is what an engine still wastes.
+``lorabench bench`` prints it beside the engines' rows; ``benchmarks/floor.py`` prints it alone.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .model import matmul_attention
+
+
+def gemm_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """(in, out, times per step) of every frozen matrix; a list, since q and k share a shape without GQA."""
+    h, kv, L = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.num_hidden_layers
+    return [(h, cfg.num_attention_heads * cfg.head_dim, L), (cfg.num_attention_heads * cfg.head_dim, h, L),  # q, o
+            (h, kv, 2 * L),  # k, v
+            (h, cfg.intermediate_size, 2 * L), (cfg.intermediate_size, h, L),  # gate, up; down
+            (h, cfg.vocab_size, 1)]  # lm_head
+
+
+def timed(fn, reps: int = 20, warmup: int = 5) -> float:
+    """Median seconds of ``fn`` on the current CUDA device."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def attention_times(cfg: ModelConfig, batch: int, seq: int, dtype) -> dict[str, float]:
+    """Seconds of one layer's causal attention forward + backward, per kernel that runs the shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, cfg.num_attention_heads, seq, cfg.head_dim, device="cuda", dtype=dtype,
+                    requires_grad=True)
+    k = torch.randn(batch, cfg.num_key_value_heads, seq, cfg.head_dim, device="cuda", dtype=dtype,
+                    requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    go = torch.randn_like(q)
+    rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    kw = {"enable_gqa": True} if rep > 1 else {}
+    out = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def sdpa(backend=backend):
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw).backward(go)
+        try:
+            out[name] = timed(sdpa)
+        except RuntimeError:  # the kernel does not take this dtype/shape on this card
+            pass
+    out["matmul"] = timed(lambda: matmul_attention(q, k, v, rep).backward(go))
+    return out
+
+
+def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16) -> dict:
+    """The floor of one step of ``batch`` x ``seq`` tokens in ``dtype`` (TF32 as the caller has set it)."""
+    import warnings
+
+    n = batch * seq
+    total, flops = 0.0, 0.0
+    for i, o, count in gemm_shapes(cfg):
+        x = torch.randn(n, i, device="cuda", dtype=dtype)
+        w = torch.randn(o, i, device="cuda", dtype=dtype) * 0.02
+        dy = torch.randn(n, o, device="cuda", dtype=dtype)
+        total += count * (timed(lambda: x @ w.t()) + timed(lambda: dy @ w))
+        flops += count * 2 * (2 * n * i * o)
+        del x, w, dy
+    with warnings.catch_warnings():  # SDPA warns for every kernel that cannot take the shape
+        warnings.simplefilter("ignore")
+        attn = attention_times(cfg, batch, seq, dtype)
+    t_attn = min(attn.values()) * cfg.num_hidden_layers  # the fastest kernel this torch has for the shape
+    total += t_attn
+    return {"batch": batch, "seq": seq, "gemm_s": total - t_attn, "attn_s": t_attn,
+            "attn_by_kernel_ms": {k: 1e3 * v for k, v in attn.items()},
+            "gemm_tflops": flops / (total - t_attn) / 1e12, "tokens_per_s": n / total}
+
+
+def floor_for_precision(cfg: ModelConfig, batch: int, seq: int, precision: str) -> dict:
+    """The floor for a training precision (fp32, tf32, fp16, bf16), TF32 on only for tf32."""
+    from .runner import DTYPES
+    from .train import matmul_precision
+
+    with matmul_precision(precision):
+        return {**floor(cfg, batch, seq, DTYPES[precision]), "precision": precision}

@@ -73,8 +73,8 @@ def add_floors(rows: list[dict], model: str, log=print) -> dict:
         try:
             floors[r["preset"]] = floor_for_precision(MODEL_PRESETS[model], r["batch_size"], r["seq_len"],
                                                       r["precision"])
-        except RuntimeError as e:  # out of memory, or a dtype the card cannot run
-            floors[r["preset"]] = {"error": str(e).splitlines()[0][:200]}
+        except Exception as e:  # out of memory, a dtype the card cannot run: the rows still get written
+            floors[r["preset"]] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     for r in rows:
         f = floors.get(r["preset"], {})
         if "error" not in r and "tokens_per_s" in f:

@@ -103,9 +103,10 @@ def load_data(job: Job, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray | None
 
 def native_attention(precision: str, device: torch.device) -> str:
     """The native engine's training attention on a GPU: cuDNN's SDPA kernel first for fp16/bf16 (on an H200 it
-    runs causal attention forward + backward 1.2-1.9x faster than the flash kernel torch picks by default,
-    benchmarks/NOTES.md), plain matmuls under TF32 (SDPA's fp32 kernels leave the tensor cores idle); SDPA's own
-    choice otherwise. $LORABENCH_NATIVE_ATTENTION overrides it (for A/B benchmarks)."""
+    runs causal attention forward + backward 1.2-1.9x faster than the flash kernel eager SDPA picks; torch 2.11's
+    compiled graphs pick it anyway, other versions may not: benchmarks/NOTES.md), plain matmuls under TF32 (6%
+    faster there than SDPA's fp32 kernel); SDPA's own choice otherwise. $LORABENCH_NATIVE_ATTENTION overrides it
+    (for A/B benchmarks)."""
     from .model import ATTENTION_IMPLS
 
     forced = os.environ.get("LORABENCH_NATIVE_ATTENTION")

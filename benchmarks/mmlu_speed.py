@@ -2,10 +2,11 @@
 
 Random weights are fine for timing; what matters is the token work, so a 32,000-entry BPE tokenizer is trained on
 the MMLU text itself (the Llama-2 tokenizer is not available offline) and the context limit is Llama-2's 4096.
-The fast path runs all 14,042 questions end to end (read, tokenise in a worker process while scoring, score) for
-each variant of blocks (eager / compiled) and batch size; the naive loop (one question per forward pass, whole prompt, no batching,
-no cache) runs a per-subject sample and is extrapolated by its measured mean time per question. The predictions of
-both paths are compared on the sample.
+The fast path runs all 14,042 questions end to end (read, tokenise in worker processes while scoring, score) for
+each variant of blocks (eager / compiled), batch size and tokenising workers, then the last variant's scoring
+alone; the naive loop (one question per forward pass, whole prompt, no batching, no cache) runs a per-subject
+sample and is extrapolated by its measured mean time per question. The predictions of both paths are compared on
+the sample.
 
     PYTHONPATH=src python benchmarks/mmlu_speed.py --mmlu ../shared/data/mmlu
 """

@@ -125,8 +125,8 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
     for preset in presets:
         for engine in engines:
             log(f"bench: {engine} / {preset} ...", flush=True)
-            row = run_row(engine, preset, model, steps, warmup, device, run_dir / f"{preset}__{engine.replace('+', '_')}", overrides,
-                          timeout)
+            row_dir = run_dir / f"{preset}__{engine.replace('+', '_')}"
+            row = run_row(engine, preset, model, steps, warmup, device, row_dir, overrides, timeout)
             log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}", flush=True)
             rows.append(row)
     compare(rows)

@@ -208,7 +208,8 @@ def cmd_eval(a) -> int:
     t0 = time.perf_counter()
     engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
                           device=device, dtype=DTYPES[precision], seed=0, attn=a.attn,
-                          compile=a.compile if a.compile is not None else device.type == "cuda" and a.engine == "native")
+                          compile=a.compile if a.compile is not None else device.type == "cuda"
+                          and a.engine == "native")
     if a.adapter:
         engine.load_adapter(a.adapter)
     load_s = time.perf_counter() - t0

@@ -67,9 +67,8 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
                  device: torch.device, dtype: torch.dtype, seed: int, attn: str = "eager", compile: bool = False,
                  attention: str = "sdpa", fuse: bool = False):
     """Build engine ``name`` with base weights from ``model_dir`` (None: canonical random weights from ``seed``)
-    and canonical adapters from ``seed``. ``compile``: torch.compile the native engine's blocks; ``attention``: the native engine's
-    training attention (model.ATTENTION_IMPLS); ``fuse``: its q/k/v and gate/up GEMMs fused
-    (experimental)."""
+    and canonical adapters from ``seed``. ``compile``: torch.compile the native engine's blocks; ``attention``:
+    its training attention (model.ATTENTION_IMPLS); ``fuse``: its q/k/v and gate/up GEMMs fused (experimental)."""
     if name == "native":
         from .native import NativeEngine
 

@@ -237,14 +237,15 @@ class Llama(nn.Module):
             fuse_weights(layer.attn, ("q_proj", "k_proj", "v_proj"), "qkv_weight")
             fuse_weights(layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight")
 
-    def compile_blocks(self):
+    def compile_blocks(self, mode: str | None = None):
         """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has
-        one shape); for evaluation with prefix caches (batch and length vary), shape-generic from the start, so a
-        whole MMLU run compiles a few graphs only."""
+        one shape; ``mode`` is torch.compile's, e.g. reduce-overhead for CUDA graphs); for evaluation with prefix
+        caches (batch and length vary), shape-generic from the start, so a whole MMLU run compiles a few graphs
+        only."""
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(self.layers))
-        self.compiled_layers = tuple(torch.compile(layer) for layer in self.layers)
+        self.compiled_layers = tuple(torch.compile(layer, mode=mode) for layer in self.layers)
         self.eval_layers = tuple(torch.compile(layer, dynamic=True) for layer in self.layers)
 
 

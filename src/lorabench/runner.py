@@ -146,10 +146,11 @@ def run_job(job: Job) -> dict:
     compile_ = job.compile if job.compile is not None else (device.type == "cuda" and job.engine == "native")
     attention = native_attention(t.precision, device)
     fuse = os.environ.get("LORABENCH_FUSED_PROJECTIONS", "0") == "1"  # experimental, for A/B benchmarks
+    compile_mode = os.environ.get("LORABENCH_COMPILE_MODE") or None  # likewise (reduce-overhead: CUDA graphs)
     t_build = time.perf_counter()
     engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],
                           seed=t.seed, attn=job.attn, compile=compile_, attention=attention,
-                          fuse=fuse)
+                          fuse=fuse, compile_mode=compile_mode)
     build_s = time.perf_counter() - t_build
     if device.type == "cuda":  # peaks of the training itself (the weights stay allocated, so they count)
         torch.cuda.empty_cache()
@@ -184,7 +185,8 @@ def run_job(job: Job) -> dict:
         **asdict(t), "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
         "lora_targets": list(lo.targets), "preset": job.preset, "fix_hp": job.fix_hp, "engine": job.engine,
         "attn": job.attn if job.engine.startswith("reference") else attention,
-        "fused_projections": fuse and job.engine == "native", "init": job.init, "compile": compile_,
+        "fused_projections": fuse and job.engine == "native", "init": job.init,
+        "compile": (compile_mode or True) if compile_ and job.engine == "native" else compile_,
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
         "data": data_desc, "train_chunks": len(train_data), "device": str(device), "world_size": world, "nnodes": 1,

@@ -65,15 +65,16 @@ def canonical_adapters(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict[st
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
                  device: torch.device, dtype: torch.dtype, seed: int, attn: str = "eager", compile: bool = False,
-                 attention: str = "sdpa", fuse: bool = False):
+                 attention: str = "sdpa", fuse: bool = False, compile_mode: str | None = None):
     """Build engine ``name`` with base weights from ``model_dir`` (None: canonical random weights from ``seed``)
     and canonical adapters from ``seed``. ``compile``: torch.compile the native engine's blocks; ``attention``:
-    its training attention (model.ATTENTION_IMPLS); ``fuse``: its q/k/v and gate/up GEMMs fused (experimental)."""
+    its training attention (model.ATTENTION_IMPLS); ``fuse``: its q/k/v and gate/up GEMMs fused (experimental);
+    ``compile_mode``: torch.compile's mode for its training blocks."""
     if name == "native":
         from .native import NativeEngine
 
         return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=dtype, seed=seed,
-                            compile=compile, attention=attention, fuse=fuse)
+                            compile=compile, attention=attention, fuse=fuse, compile_mode=compile_mode)
     if name == "reference" or name.startswith("reference+"):
         from .reference import ReferenceEngine
 

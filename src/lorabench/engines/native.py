@@ -14,7 +14,8 @@ class NativeEngine(Engine):
     name = "native"
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 compile: bool = False, attention: str = "sdpa", fuse: bool = False):
+                 compile: bool = False, attention: str = "sdpa", fuse: bool = False,
+                 compile_mode: str | None = None):
         self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)
@@ -32,7 +33,7 @@ class NativeEngine(Engine):
         if fuse:
             model.fuse_projections()
         if compile:
-            model.compile_blocks()
+            model.compile_blocks(compile_mode)
 
     # -- the engine interface -------------------------------------------------------------------------------
     def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

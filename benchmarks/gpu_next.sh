@@ -7,6 +7,7 @@
 #    graphs for the tf32 blocks (LORABENCH_COMPILE_MODE=reduce-overhead: the step's launch gaps), with the
 #    reference rows they are judged against (tf32: reference; LBS 16: reference+compile) and reference+liger at
 #    tf32 (its memory is the bar for every row).
+# Part 2 starts with gpu_check.py (CUDA numerics of the CE kernel, the attention choices and fused projections).
 # Needs the MMLU folder at .mmlu and the liger wheel on PYTHONPATH (see README) for the liger row.
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LORABENCH_CACHE=/tmp/lbcache
@@ -24,6 +25,7 @@ LORABENCH_COMPILE_MODE=reduce-overhead python -m lorabench bench --presets flagp
     --steps 12 --warmup-steps 4 --run-dir $R/tf32_graphs 2>&1 | grep -E "^\| native"
 fi
 if [ "$part" = 2 ]; then
+python benchmarks/gpu_check.py 2>&1 | grep -v Warn
 python -m lorabench bench --presets bf16 --engines native,reference+compile --batch-size 16 --steps 10 \
     --warmup-steps 4 --run-dir $R/lbs16 2>&1 | grep -E "^(\||- floor)"
 LORABENCH_FUSED_PROJECTIONS=1 python -m lorabench bench --presets bf16 --engines native --batch-size 16 --no-floor \

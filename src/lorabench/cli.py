@@ -192,7 +192,7 @@ def cmd_eval(a) -> int:
     from .lora import read_adapter
     from .mmlu import check_mmlu_options, evaluate_mmlu, render_mmlu
     from .report import write_json_atomic
-    from .runner import DTYPES, TINY_MMLU, TINY_MODEL, resolve_device
+    from .runner import DTYPES, TINY_MMLU, TINY_MODEL, compile_default, resolve_device
 
     model_dir = a.model_dir or TINY_MODEL
     mmlu_dir = a.mmlu or (str(TINY_MMLU) if a.model_dir is None else None)
@@ -208,8 +208,7 @@ def cmd_eval(a) -> int:
     t0 = time.perf_counter()
     engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
                           device=device, dtype=DTYPES[precision], seed=0, attn=a.attn,
-                          compile=a.compile if a.compile is not None else device.type == "cuda"
-                          and a.engine == "native")
+                          compile=compile_default(a.compile, device, a.engine))
     if a.adapter:
         engine.load_adapter(a.adapter)
     load_s = time.perf_counter() - t0

@@ -67,7 +67,6 @@ def _pad(seqs: list[list[int]], device) -> torch.Tensor:
     return _to_device([s + [0] * (T - len(s)) for s in seqs], device)
 
 
-@torch.no_grad()
 def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], targets: list[list[int]],
                      device, prefix=None) -> torch.Tensor:
     """Log-probs of targets[i] (token ids) at positions[i] of each padded sequence, in one forward pass, flat
@@ -113,7 +112,7 @@ def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None
 
 @torch.no_grad()
 def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
-                   progress=None, batch_tokens: int | None = None, kv_tokens: int | None = None) -> list[list[float]]:
+                   batch_tokens: int | None = None, kv_tokens: int | None = None) -> list[list[float]]:
     """[A, B, C, D] log-likelihoods per request, in request order. A batch holds at most ``batch_size``
     questions and, when set, at most ``batch_tokens`` tokens padding included (suffixes after a cached prefix)
     and ``kv_tokens`` tokens of keys and values per layer (prefix + suffix, per question)."""
@@ -142,16 +141,12 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
             pending.append(flat[:4 * len(chunk)])
         for i, v in zip(done, torch.cat(pending).view(-1, 4).tolist()):
             out[i] = v
-        if progress:
-            progress.update(len(done))
     for i in slow:  # general path: each letter's context + continuation, summed over the continuation tokens
         r = reqs[i]
         seqs = [c + x for c, x in zip(r.contexts, r.conts)]
         pos = [list(range(len(c) - 1, len(c) + len(x) - 1)) for c, x in zip(r.contexts, r.conts)]
         flat = _score_sequences(engine, seqs, pos, r.conts, device)
         out[i] = [v.sum().item() for v in torch.split(flat, [len(p) for p in pos])]
-        if progress:
-            progress.update(1)
     return out
 
 

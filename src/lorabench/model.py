@@ -124,24 +124,33 @@ def matmul_attention(q, k, v, rep: int):
     return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
-def _sdpa_priority(impl: str):
-    """A context that puts the SDPA kernel ``impl`` names first (no-op for sdpa/matmul or an old torch)."""
-    import contextlib
-
-    names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
-    if impl not in names:
-        return contextlib.nullcontext()
+def _sdpa_priority_lists() -> dict:
+    """{impl: SDPA backends with that kernel first}, where this torch can set a priority (2.6+), else {}."""
     try:
         import inspect
 
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
-        return contextlib.nullcontext()
+        return {}
     if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        return {}
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return {impl: [first] + [b for b in order if b != first]
+            for impl, first in zip(("flash", "cudnn", "efficient"), order)}
+
+
+_SDPA_PRIORITY = _sdpa_priority_lists()
+
+
+def _sdpa_priority(impl: str):
+    """A context that puts the SDPA kernel ``impl`` names first (no-op for sdpa/matmul or an old torch)."""
+    import contextlib
+
+    if impl not in _SDPA_PRIORITY:
         return contextlib.nullcontext()
-    first = getattr(SDPBackend, names[impl])
-    rest = [getattr(SDPBackend, n) for n in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")]
-    return sdpa_kernel([first] + [b for b in rest if b != first], set_priority=True)
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(_SDPA_PRIORITY[impl], set_priority=True)
 
 
 class MLP(nn.Module):

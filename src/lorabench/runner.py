@@ -101,6 +101,11 @@ def load_data(job: Job, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray | None
     return train, val, desc
 
 
+def compile_default(flag: bool | None, device: torch.device, engine: str) -> bool:
+    """``--compile/--no-compile`` as given; unset, on for the native engine on CUDA."""
+    return flag if flag is not None else device.type == "cuda" and engine == "native"
+
+
 def native_attention(precision: str, device: torch.device) -> str:
     """The native engine's training attention on a GPU: cuDNN's SDPA kernel first for fp16/bf16 (on an H200 it
     runs causal attention forward + backward 1.2-1.9x faster than the flash kernel eager SDPA picks; torch 2.11's
@@ -143,7 +148,7 @@ def run_job(job: Job) -> dict:
     if rank == 0:
         barrier()
     weights_dir = job.model_dir if job.init == "pretrained" else None
-    compile_ = job.compile if job.compile is not None else (device.type == "cuda" and job.engine == "native")
+    compile_ = compile_default(job.compile, device, job.engine)
     attention = native_attention(t.precision, device)
     fuse = os.environ.get("LORABENCH_FUSED_PROJECTIONS", "0") == "1"  # experimental, for A/B benchmarks
     compile_mode = os.environ.get("LORABENCH_COMPILE_MODE") or None  # likewise (reduce-overhead: CUDA graphs)

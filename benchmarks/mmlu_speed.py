@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="questions per subject (all)")
     ap.add_argument("--model", default="llama2-7b")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="store_true", help="then the last variant again under torch.profiler")
     a = ap.parse_args()
     dev = torch.device(a.device)
     cfg = MODEL_PRESETS[a.model]
@@ -88,7 +89,20 @@ def main():
         sync()
         name = f"{blocks} blocks, batch {bs}" + (f", {workers[0]} tokenising workers" if workers else "")
         rows.append((name, time.perf_counter() - t0, summary["acc"]))
-        print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
+        tm = summary["timing"]
+        print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s (scoring {tm['score_s']:.1f} s, of it the first subject "
+              f"{tm['first_subject_s']:.1f} s; waiting for tokenised subjects {tm['tokenize_wait_s']:.1f} s)",
+              flush=True)
+    if a.profile:  # the last variant once more (warm), under the profiler: GPU busy time vs wall time
+        from profile_step import print_top
+
+        sync()
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            evaluate_mmlu(eng, tmp, opts, dev, None, progress=False, subjects=load_mmlu(a.mmlu, limit=a.limit))
+            sync()
+        print(f"profiled run: {time.perf_counter() - t0:.1f} s wall (with the profiler's overhead)")
+        print_top(prof, 1, f"MMLU, {rows[-1][0]}", "run", 25)
     if a.naive_per_subject == 0:
         print(f"\nMMLU 5-shot, {summary['questions']} questions, {a.model} shape, random weights, "
               f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}: "

@@ -1,10 +1,13 @@
-"""Where a training step's GPU time goes: torch.profiler over a few steps of one engine, top kernels by time.
+"""Where a training step's GPU time goes: torch.profiler over a few steps of one engine, GPU time by kind of
+kernel (GEMM, attention, Inductor/Triton, other), the top kernels, and wall time per step beside GPU time (the
+difference is launch gaps and host work).
 
-    PYTHONPATH=src python benchmarks/profile_step.py --engine native --precision bf16 --batch-size 4
+    PYTHONPATH=src python benchmarks/profile_step.py --engine native --compile --precision bf16 --batch-size 16
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -12,6 +15,15 @@ from lorabench.config import MODEL_PRESETS, LoRAConfig
 from lorabench.data.synthetic import synthetic_chunks
 from lorabench.engines import build_engine
 from lorabench.runner import DTYPES
+
+KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk")),
+         ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
+         ("triton", ("triton",)))
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
 
 
 def main():
@@ -24,15 +36,18 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--compile", action="store_true", help="compile the native engine's blocks")
-    ap.add_argument("--attention", help="native training attention (model.ATTENTION_IMPLS; default sdpa)")
+    ap.add_argument("--compile-mode", help="torch.compile mode for the training blocks (e.g. reduce-overhead)")
+    ap.add_argument("--fuse", action="store_true", help="fused q/k/v and gate/up GEMMs (native)")
+    ap.add_argument("--attention", default="sdpa", help="native training attention (model.ATTENTION_IMPLS)")
     a = ap.parse_args()
     dev = torch.device("cuda")
+    if a.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = MODEL_PRESETS[a.model]
     eng = build_engine(a.engine, cfg, LoRAConfig(), model_dir=None, device=dev, dtype=DTYPES[a.precision], seed=0,
-                       attn="sdpa", compile=a.compile)
-    if a.attention:
-        eng.model.set_attention(a.attention)
-    data = torch.from_numpy(synthetic_chunks(a.batch_size * (a.steps + 3), a.seq_len, cfg.vocab_size)).long().to(dev)
+                       attn="sdpa", compile=a.compile, attention=a.attention, fuse=a.fuse,
+                       compile_mode=a.compile_mode)
+    data = torch.from_numpy(synthetic_chunks(a.batch_size * (a.steps + 6), a.seq_len, cfg.vocab_size)).long().to(dev)
     opt = torch.optim.AdamW(eng.trainable_params(), lr=1e-4)
 
     def step(i):
@@ -44,22 +59,36 @@ def main():
     for i in range(3):
         step(i)
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(a.steps):
+        step(3 + i)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / a.steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(a.steps):
             step(3 + i)
         torch.cuda.synchronize()
-    print_top(prof, a.steps, f"{a.engine}{' compiled' if a.compile else ''} {a.precision} LBS {a.batch_size} "
-              f"T {a.seq_len}{' attention ' + a.attention if a.attention else ''}", "step", a.top)
+    title = (f"{a.engine}{' compiled' if a.compile else ''}{' fused' if a.fuse else ''} {a.precision} "
+             f"LBS {a.batch_size} T {a.seq_len} attention {a.attention}")
+    print(f"{title}: {wall * 1e3:.1f} ms wall per step, {a.batch_size * a.seq_len / wall:.0f} tok/s, "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print_top(prof, a.steps, title, "step", a.top)
 
 
 def print_top(prof, reps: int, title: str, unit: str, top: int):
-    """GPU time per ``unit`` (the profiled region ran ``reps`` of them) and the top kernels by time."""
+    """GPU time per ``unit`` (the profiled region ran ``reps`` of them), by kind of kernel, and the top kernels."""
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     print(f"{title}: {total / reps / 1e3:.1f} ms GPU per {unit}")
+    by_kind: dict[str, float] = {}
+    for e in events:
+        by_kind[kind(e.key)] = by_kind.get(kind(e.key), 0.0) + e.device_time_total
+    print("  by kind: " + ", ".join(f"{k} {v / reps / 1e3:.1f} ms ({100 * v / total:.0f}%)"
+                                    for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
     for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
         print(f"{100 * e.device_time_total / total:5.1f}%  {e.device_time_total / reps / 1e3:7.2f} ms  "
-              f"x{e.count // reps:<4d} {e.key[:90]}")
+              f"x{e.count // reps:<4d} {kind(e.key):9s} {e.key[:90]}")
+
 
 if __name__ == "__main__":
     main()

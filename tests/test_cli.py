@@ -77,3 +77,29 @@ def test_help_explains_the_flags():
     out = subprocess.run([sys.executable, "-m", "lorabench", "run", "--help"], capture_output=True, text=True).stdout
     for flag in ("--model-dir", "--data", "--preset", "--init", "--batch-size", "--lora-targets", "--mmlu", "--tf32"):
         assert flag in out
+
+
+def test_native_defaults_per_precision_and_their_overrides(monkeypatch):
+    """Attention and fused projections follow the precision on a GPU, stay plain on the CPU, and a bad override
+    names the variable and the choices."""
+    import torch
+
+    from lorabench.config import ConfigError
+    from lorabench.runner import fused_projections_default, native_attention
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("LORABENCH_NATIVE_ATTENTION", raising=False)
+    monkeypatch.delenv("LORABENCH_FUSED_PROJECTIONS", raising=False)
+    assert [native_attention(p, cuda) for p in ("tf32", "bf16", "fp16", "fp32")] == ["matmul", "cudnn", "cudnn",
+                                                                                      "sdpa"]
+    assert native_attention("bf16", cpu) == "sdpa"
+    assert [fused_projections_default(p, cuda) for p in ("tf32", "bf16")] == [True, False]
+    assert not fused_projections_default("tf32", cpu)
+    monkeypatch.setenv("LORABENCH_FUSED_PROJECTIONS", "0")
+    assert not fused_projections_default("tf32", cuda)
+    monkeypatch.setenv("LORABENCH_FUSED_PROJECTIONS", "yes")
+    with pytest.raises(ConfigError, match="LORABENCH_FUSED_PROJECTIONS"):
+        fused_projections_default("bf16", cuda)
+    monkeypatch.setenv("LORABENCH_NATIVE_ATTENTION", "fast")
+    with pytest.raises(ConfigError, match="LORABENCH_NATIVE_ATTENTION.*matmul"):
+        native_attention("bf16", cuda)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -213,16 +214,29 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
             "batch_tokens": opts.get("batch_tokens", DEFAULT_BATCH_TOKENS if gpu else None),
             "kv_tokens": opts.get("kv_tokens", kv_token_cap(engine) if gpu else None)}
     reqs, scores = [], []
+    timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
+    chunks = subject_requests(model_dir, subjects, shots, max_len, background)
     engine.eval()
     try:
         with tqdm(total=n, desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
-            for chunk in subject_requests(model_dir, subjects, shots, max_len, background):
+            while True:
+                t0 = time.perf_counter()
+                chunk = next(chunks, None)
+                t1 = time.perf_counter()
+                if chunk is None:
+                    break
                 reqs += chunk
                 scores += _score_backing_off(engine, chunk, device, caps, opts.get("prefix_cache", True), bar)
                 bar.update(len(chunk))
+                timing["tokenize_wait_s"] += t1 - t0
+                timing["score_s"] += time.perf_counter() - t1
+                if timing["first_subject_s"] is None:  # includes compiling the evaluation graphs, if any
+                    timing["first_subject_s"] = time.perf_counter() - t1
     finally:
+        chunks.close()
         engine.train()
     summary = summarize(reqs, scores, shots)
+    summary["timing"] = timing
     if out_dir is not None:
         write_outputs(Path(out_dir), reqs, scores, summary)
     return summary

@@ -124,6 +124,19 @@ def native_attention(precision: str, device: torch.device) -> str:
     return {"tf32": "matmul", "fp16": "cudnn", "bf16": "cudnn"}.get(precision, "sdpa")
 
 
+def fused_projections_default(precision: str, device: torch.device) -> bool:
+    """Whether the native engine runs q/k/v and gate/up as one GEMM each: under TF32 on a GPU, where it measured
+    2.2% faster (H200: 9,417 vs 9,211 tok/s, same machine); not in fp16/bf16, where it was 0.4% slower (the
+    backward writes the gate/up input gradient as one concatenated tensor: benchmarks/NOTES.md item 12).
+    $LORABENCH_FUSED_PROJECTIONS=1/0 overrides it (for A/B benchmarks)."""
+    forced = os.environ.get("LORABENCH_FUSED_PROJECTIONS")
+    if forced:
+        if forced not in ("0", "1"):
+            raise ConfigError(f"$LORABENCH_FUSED_PROJECTIONS={forced!r}: use 1 (fused) or 0 (separate GEMMs)")
+        return forced == "1"
+    return device.type == "cuda" and precision == "tf32"
+
+
 def run_job(job: Job) -> dict:
     """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
     rank, world = dist_info()
@@ -150,7 +163,7 @@ def run_job(job: Job) -> dict:
     weights_dir = job.model_dir if job.init == "pretrained" else None
     compile_ = compile_default(job.compile, device, job.engine)
     attention = native_attention(t.precision, device)
-    fuse = os.environ.get("LORABENCH_FUSED_PROJECTIONS", "0") == "1"  # experimental, for A/B benchmarks
+    fuse = fused_projections_default(t.precision, device)
     compile_mode = os.environ.get("LORABENCH_COMPILE_MODE") or None  # likewise (reduce-overhead: CUDA graphs)
     t_build = time.perf_counter()
     engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],

@@ -32,16 +32,16 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
 
 
 def test_floor_counts_every_frozen_matrix():
-    """The floor's GEMM list covers each frozen linear weight once (q and k share a shape; GQA shrinks k/v)."""
+    """The floor's GEMM groups cover each frozen linear weight once (q and k share a shape; GQA shrinks k/v)."""
     from lorabench.config import MODEL_PRESETS
-    from lorabench.floor import gemm_shapes
+    from lorabench.floor import gemm_groups
     from lorabench.model import count_params
 
     from conftest import SMALL
 
     for cfg in (MODEL_PRESETS["llama2-7b"], SMALL):
         norms = cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)  # non_embedding counts lm_head, tied or not
-        assert sum(i * o * n for i, o, n in gemm_shapes(cfg)) == count_params(cfg)["non_embedding"] - norms
+        assert sum(i * sum(outs) * n for i, outs, n in gemm_groups(cfg)) == count_params(cfg)["non_embedding"] - norms
 
 
 def test_rows_get_their_share_of_the_floor(monkeypatch):

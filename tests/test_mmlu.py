@@ -267,9 +267,14 @@ def test_prefix_mask_forms_agree():
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_background_tokenising_gives_the_same_requests():
-    """The worker process that tokenises while scoring runs builds exactly the requests of the inline path."""
+def test_background_tokenising_gives_the_same_requests(monkeypatch):
+    """The worker processes that tokenise while scoring runs build exactly the requests of the inline path, in
+    order, also when a subject is split into several tasks."""
+    from lorabench import mmlu_data
+
+    monkeypatch.setattr(mmlu_data, "TOKENIZE_CHUNK", 2)  # the tiny subjects' test sets are split in pieces
     subs = load_mmlu(TINY_MMLU)
+    assert max(len(s.test) for s in subs) > 2
     inline = [r for chunk in subject_requests(TINY_MODEL, subs, 5, 512, background=0) for r in chunk]
     worker = [r for chunk in subject_requests(TINY_MODEL, subs, 5, 512, background=2) for r in chunk]
     assert len(subs) == 2 and len(worker) == len(inline) == sum(len(s.test) for s in subs)

@@ -1,7 +1,8 @@
 """The floor: time only the work no LoRA trainer can avoid, and convert it to tokens/s.
 
 Per step, for every frozen matrix of the model (q, k, v, o, gate, up, down in each layer, and lm_head): the forward
-GEMM and the input-gradient GEMM (no weight gradient: the weights are frozen); plus causal attention forward +
+GEMM and the input-gradient GEMM (no weight gradient: the weights are frozen), q/k/v and gate/up each timed as
+one GEMM and as one per matrix, the faster counting; plus causal attention forward +
 backward with the fastest kernel available (SDPA's flash, cuDNN and memory-efficient kernels, and plain matmuls;
 each is timed and reported). Each GEMM shape is timed on its own with CUDA events (median of repeats after
 warm-up) and multiplied by how often a step runs it. Adapters, norms, RoPE, SwiGLU, the loss and the optimizer are
@@ -19,13 +20,14 @@ from .config import ModelConfig
 from .model import matmul_attention
 
 
-def gemm_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
-    """(in, out, times per step) of every frozen matrix; a list, since q and k share a shape without GQA."""
+def gemm_groups(cfg: ModelConfig) -> list[tuple[int, list[int], int]]:
+    """(in, [out of each matrix], times per step) of the frozen matrices, grouped by shared input: q/k/v read the
+    same normed hidden state, gate/up likewise, so each group can run as one GEMM or as one per matrix."""
     h, kv, L = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.num_hidden_layers
-    return [(h, cfg.num_attention_heads * cfg.head_dim, L), (cfg.num_attention_heads * cfg.head_dim, h, L),  # q, o
-            (h, kv, 2 * L),  # k, v
-            (h, cfg.intermediate_size, 2 * L), (cfg.intermediate_size, h, L),  # gate, up; down
-            (h, cfg.vocab_size, 1)]  # lm_head
+    q = cfg.num_attention_heads * cfg.head_dim
+    return [(h, [q, kv, kv], L), (q, [h], L),  # q/k/v; o
+            (h, [cfg.intermediate_size] * 2, L), (cfg.intermediate_size, [h], L),  # gate/up; down
+            (h, [cfg.vocab_size], 1)]  # lm_head
 
 
 def timed(fn, reps: int = 20, warmup: int = 5) -> float:
@@ -75,12 +77,17 @@ def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16) -> dict:
 
     n = batch * seq
     total, flops = 0.0, 0.0
-    for i, o, count in gemm_shapes(cfg):
+    for i, outs, count in gemm_groups(cfg):
         x = torch.randn(n, i, device="cuda", dtype=dtype)
-        w = torch.randn(o, i, device="cuda", dtype=dtype) * 0.02
-        dy = torch.randn(n, o, device="cuda", dtype=dtype)
-        total += count * (timed(lambda: x @ w.t()) + timed(lambda: dy @ w))
-        flops += count * 2 * (2 * n * i * o)
+        w = torch.randn(sum(outs), i, device="cuda", dtype=dtype) * 0.02
+        dy = torch.randn(n, sum(outs), device="cuda", dtype=dtype)
+        fused = timed(lambda: x @ w.t()) + timed(lambda: dy @ w)
+        if len(outs) > 1:  # or one GEMM per matrix, whichever is faster on this card
+            parts = [(w[sum(outs[:j]):sum(outs[:j + 1])], dy[:, sum(outs[:j]):sum(outs[:j + 1])].contiguous())
+                     for j in range(len(outs))]
+            fused = min(fused, sum(timed(lambda: x @ wp.t()) + timed(lambda: dyp @ wp) for wp, dyp in parts))
+        total += count * fused
+        flops += count * 2 * (2 * n * i * sum(outs))
         del x, w, dy
     with warnings.catch_warnings():  # SDPA warns for every kernel that cannot take the shape
         warnings.simplefilter("ignore")

@@ -15,7 +15,7 @@ this module.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import ConfigError
@@ -253,10 +253,15 @@ def _tokenise_subject(model_dir: str, subject: Subject, shots: int, max_len: int
     return make_requests(tok, [(subject, q) for q in subject.test], shots, max_len)
 
 
+TOKENIZE_CHUNK = 256
+"""Questions per worker task: a large subject (professional_law: 1,534 long prompts) is spread over the workers
+instead of holding one of them while the GPU waits for it."""
+
+
 def subject_requests(model_dir, subjects: list[Subject], shots: int, max_len: int, background: int):
     """Yield each subject's requests in order. ``background``: that many worker processes tokenise while the
-    caller scores (the tokenizer holds the GIL, so a thread would not overlap); the first subject is tokenised
-    here. 0: all here."""
+    caller scores (the tokenizer holds the GIL, so a thread would not overlap), each task TOKENIZE_CHUNK
+    questions of a subject; the first subject is tokenised here. 0: all here."""
     tok = Tokenizer(model_dir)
     if not background or len(subjects) < 2:
         for s in subjects:
@@ -266,11 +271,14 @@ def subject_requests(model_dir, subjects: list[Subject], shots: int, max_len: in
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(int(background), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_tokenise_subject, str(model_dir), s, shots, max_len) for s in subjects[1:]]
+        futures = [[pool.submit(_tokenise_subject, str(model_dir), replace(s, test=s.test[i:i + TOKENIZE_CHUNK]),
+                                shots, max_len) for i in range(0, len(s.test), TOKENIZE_CHUNK)]
+                   for s in subjects[1:]]
         try:
             yield make_requests(tok, [(subjects[0], q) for q in subjects[0].test], shots, max_len)
-            for f in futures:
-                yield f.result()
+            for parts in futures:
+                yield [r for f in parts for r in f.result()]
         finally:
-            for f in futures:
-                f.cancel()
+            for parts in futures:
+                for f in parts:
+                    f.cancel()

@@ -215,9 +215,16 @@ class Llama(nn.Module):
                                 offset=position_offset)
         kvs = []
         layers = self.layers
-        if self.compiled_layers is not None:  # evaluation (no grad, caches, masks): the shape-generic graphs
+        if self.compiled_layers is not None:
             training = torch.is_grad_enabled() and kv_caches is None and attn_mask is None and not return_kv
-            layers = self.compiled_layers if training else self.eval_layers
+            if training:
+                layers = self.compiled_layers
+            elif not return_kv:  # evaluation (no grad, caches, masks): the shape-generic graphs
+                layers = self.eval_layers
+            # a prefix whose K/V are kept runs once per MMLU subject: eagerly, as a graph of its own would
+            # cost more to compile (seconds) than it saves
+        if layers is self.eval_layers:  # a batch size equal to a fixed size of the model (e.g. head_dim) would
+            torch._dynamo.maybe_mark_dynamic(x, 0)  # otherwise be taken for it and specialised: a second graph
         with _sdpa_priority(self.attention):
             for i, layer in enumerate(layers):
                 x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
@@ -249,8 +256,8 @@ class Llama(nn.Module):
     def compile_blocks(self, mode: str | None = None):
         """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has
         one shape; ``mode`` is torch.compile's, e.g. reduce-overhead for CUDA graphs); for evaluation with prefix
-        caches (batch and length vary), shape-generic from the start, so a whole MMLU run compiles a few graphs
-        only."""
+        caches (batch and length vary), shape-generic from the start, so a whole MMLU run compiles one graph for
+        its batches (its per-subject prefixes run eagerly)."""
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(self.layers))

@@ -80,19 +80,19 @@ def test_reference_engine_keeps_adapters_fp32_over_bf16_base():
 
 def test_compiled_native_trains_like_eager():
     """torch.compile of the blocks (the GPU default) computes the same training in fp32, with or without the
-    fused projections."""
+    fused projections and the matmul attention (together: the TF32 default on a GPU)."""
     pytest.importorskip("torch._inductor")
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
     cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=3, lr=1e-2, warmup_steps=0)
     data = synthetic_chunks(16, 32, SMALL.vocab_size, seed=2)
     curves = []
-    for compile_, fuse in ((False, False), (True, False), (True, True)):
+    for compile_, fuse, attention in ((False, False, "sdpa"), (True, False, "sdpa"), (True, True, "matmul")):
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, dtype=torch.float32, seed=0,
-                           compile=compile_, fuse=fuse)
+                           compile=compile_, fuse=fuse, attention=attention)
         curves.append(train_loop(eng, data, cfg, CPU, progress=False)["series"]["loss"])
     assert eng.model.compiled_layers is not None and eng.model.layers[0].attn.qkv_weight is not None
     np.testing.assert_allclose(curves[1], curves[0], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(curves[2], curves[0], atol=1e-5, rtol=0)  # fused q/k/v and gate/up, compiled
+    np.testing.assert_allclose(curves[2], curves[0], atol=1e-5, rtol=0)  # fused, matmul attention, compiled
 
 
 def test_bf16_native_follows_the_reference_curve():

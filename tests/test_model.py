@@ -195,3 +195,26 @@ def test_fused_projections_compute_the_same(targets):
     for n in out[0][1]:
         torch.testing.assert_close(out[1][1][n], out[0][1][n], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(out[1][2][n], out[0][2][n], atol=0, rtol=0)
+
+
+def test_matmul_attention_gradients_against_float64():
+    """The matmul attention recomputes its probabilities in the backward; torch's gradcheck holds its q/k/v
+    gradients to finite differences in float64 (odd sizes, grouped-query), and fp32 matches SDPA."""
+    import torch.nn.functional as F
+
+    from lorabench.model import matmul_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 7, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 7, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: matmul_attention(q, k, v, 2), (q, k, v))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    go = torch.randn(2, 4, 7, 6, generator=g)
+    out = matmul_attention(q32, k32, v32, 2)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(out, want.float(), atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(out, (q32, k32, v32), go)
+    want_grads = torch.autograd.grad(want, (q, k, v), go.double())
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=1e-5)

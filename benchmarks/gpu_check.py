@@ -51,11 +51,12 @@ def check_compiled_engine(dev):
     ref_loss = base.loss(data[:4], data[:4])
     ref_loss.backward()
     ref_grad = torch.cat([p.grad.flatten() for p in base.trainable_params()])
-    variants = [(dtype, compile_, "sdpa", False) for dtype in (torch.float32, torch.bfloat16)
-                for compile_ in (False, True)]
-    variants += [(torch.float32, True, "matmul", False), (torch.bfloat16, True, "cudnn", False),
-                 (torch.bfloat16, True, "cudnn", True)]  # the tf32 and bf16 defaults; fused projections
-    for dtype, compile_, attention, fuse in variants:
+    variants = [(dtype, compile_, "sdpa", False) for dtype in ("float32", "bfloat16") for compile_ in (False, True)]
+    variants += [("float32", True, "matmul", False), ("tf32", True, "matmul", True), ("bfloat16", True, "cudnn", False),
+                 ("bfloat16", True, "cudnn", True)]  # the tf32 and bf16 defaults; fused projections
+    for precision, compile_, attention, fuse in variants:
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        dtype = torch.float32 if precision == "tf32" else getattr(torch, precision)
         eng = build_engine("native", cfg, lora, model_dir=None, device=dev, dtype=dtype, seed=0,
                            compile=compile_, attention=attention, fuse=fuse)
         eng.set_adapters(ref_adapters, "check")
@@ -64,8 +65,9 @@ def check_compiled_engine(dev):
         loss.backward()
         grad = torch.cat([p.grad.flatten() for p in eng.trainable_params()])
         name = f"native{' compiled' if compile_ else ''}, {attention}{', fused' if fuse else ''}"
-        print(f"| {str(dtype)[6:]} | {name} | {loss.item():.5f} | {rel(loss, ref_loss):.2e} | "
+        print(f"| {precision} | {name} | {loss.item():.5f} | {rel(loss, ref_loss):.2e} | "
               f"{rel(grad, ref_grad):.2e} |")
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 if __name__ == "__main__":

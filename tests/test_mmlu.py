@@ -336,28 +336,3 @@ def test_out_of_memory_halves_the_batches_and_retries(tmp_path, capsys):
     assert got["acc"] == ref["acc"]
     out = capsys.readouterr()
     assert "out of device memory" in out.out + out.err
-
-
-def test_eval_graph_compiled_in_the_background_is_the_one_evaluation_uses(tmp_path):
-    """The eval graph compiled by the background warm-up serves every later batch (no further graph is compiled:
-    prefixes run eagerly, batch sizes stay generic), and it scores like eager in fp32."""
-    pytest.importorskip("torch._inductor")
-    from torch._dynamo.utils import counters
-
-    from lorabench.mmlu import _eval_warm_up
-
-    eng = tiny_engine()
-    opts = {"dir": str(TINY_MMLU), "batch_size": 3}
-    eager = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "eager", progress=False)
-    eng.model.compile_blocks()
-    eng.eval()
-    eng.model.compile_eval_in_background(lambda: _eval_warm_up(eng, CPU))
-    eng.model.wait_eval_compile()
-    graphs = counters["stats"]["unique_graphs"]
-    assert eng.model.eval_layers is not None and graphs > 0
-    compiled = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "compiled", progress=False)
-    assert counters["stats"]["unique_graphs"] == graphs
-    read = [[json.loads(x)["logprobs"] for x in (tmp_path / d / "mmlu_predictions.jsonl").read_text().splitlines()]
-            for d in ("eager", "compiled")]
-    torch.testing.assert_close(torch.tensor(read[1]), torch.tensor(read[0]), atol=1e-5, rtol=0)
-    assert compiled["acc"] == eager["acc"]

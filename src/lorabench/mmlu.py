@@ -56,16 +56,6 @@ def _prefix_mask(T: int, P: int, device):
     return torch.cat((torch.ones(T, P, dtype=torch.bool, device=device), causal), dim=1)[None, None]
 
 
-def _eval_warm_up(engine, device):
-    """One prefix-cached batch shaped like MMLU's (2 questions of 11 tokens after a 19-token prefix; sizes that
-    are neither 0/1 nor a model dimension, so the graph stays shape-generic): what compiles the eval graph."""
-    P, T = 19, 11
-    ids = torch.zeros(1, P + T, dtype=torch.long, device=device)  # token 0 exists in every vocabulary
-    kv = engine.prefix_kv(ids[:, :P])
-    engine.forward_hidden(ids[:, P:].expand(2, -1).contiguous(), kv_caches=kv, position_offset=P,
-                          attn_mask=_prefix_mask(T, P, device))
-
-
 def _to_device(data, device) -> torch.Tensor:
     """A long tensor on ``device`` without stalling the host: through pinned memory, asynchronously, on a GPU
     (a plain copy would wait for every queued kernel, and the host could not prepare the next batch meanwhile)."""
@@ -227,10 +217,6 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
     chunks = subject_requests(model_dir, subjects, shots, max_len, background)
     engine.eval()
-    if getattr(engine, "supports_prefix_cache", False) and opts.get("prefix_cache", True):
-        # a compiled engine's eval graph compiles in the background (~15 s for Llama-2-7B on an H200 host) while
-        # the first subjects are scored eagerly
-        engine.model.compile_eval_in_background(lambda: _eval_warm_up(engine, device))
     try:
         with tqdm(total=n, desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
             while True:
@@ -248,8 +234,6 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
                     timing["first_subject_s"] = time.perf_counter() - t1
     finally:
         chunks.close()
-        if getattr(engine, "supports_prefix_cache", False):
-            engine.model.wait_eval_compile()
         engine.train()
     summary = summarize(reqs, scores, shots)
     summary["timing"] = timing

@@ -6,9 +6,6 @@ upcast to fp32 before the cross-entropy. Weights come in through ``checkpoint.py
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -179,6 +176,8 @@ _SDPA_PRIORITY = _sdpa_priority_lists()
 
 def _sdpa_priority(impl: str):
     """A context that puts the SDPA kernel ``impl`` names first (no-op for sdpa/matmul or an old torch)."""
+    import contextlib
+
     if impl not in _SDPA_PRIORITY:
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
@@ -230,8 +229,6 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.compiled_layers: tuple | None = None
         self.eval_layers: tuple | None = None
-        self.eval_warming: threading.Thread | None = None  # compiling eval_layers in the background
-        self.eval_warmed = False
         self.attention = "sdpa"
 
     def set_attention(self, impl: str):
@@ -250,18 +247,17 @@ class Llama(nn.Module):
                                 offset=position_offset)
         kvs = []
         layers = self.layers
-        training = torch.is_grad_enabled() and kv_caches is None and attn_mask is None and not return_kv
         if self.compiled_layers is not None:
+            training = torch.is_grad_enabled() and kv_caches is None and attn_mask is None and not return_kv
             if training:
                 layers = self.compiled_layers
-            elif not return_kv and self._eval_graph_ready():  # no grad, caches, masks: the shape-generic graphs
+            elif not return_kv:  # evaluation (no grad, caches, masks): the shape-generic graphs
                 layers = self.eval_layers
             # a prefix whose K/V are kept runs once per MMLU subject: eagerly, as a graph of its own would
             # cost more to compile (seconds) than it saves
         if layers is self.eval_layers:  # a batch size equal to a fixed size of the model (e.g. head_dim) would
             torch._dynamo.maybe_mark_dynamic(x, 0)  # otherwise be taken for it and specialised: a second graph
-        # the kernel priority is process-wide state: set only for training, never while an eval graph compiles
-        with _sdpa_priority(self.attention) if training else contextlib.nullcontext():
+        with _sdpa_priority(self.attention):
             for i, layer in enumerate(layers):
                 x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
                 if return_kv:
@@ -282,48 +278,6 @@ class Llama(nn.Module):
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
 
-    def _eval_graph_ready(self) -> bool:
-        """Whether this call may run the eval graphs: yes unless they are compiling in another thread (the caller
-        then runs eagerly meanwhile); the compiling thread itself runs them."""
-        w = self.eval_warming
-        if w is None or w is threading.current_thread():
-            return self.eval_layers is not None
-        if w.is_alive():
-            return False
-        self.eval_warming = None
-        return self.eval_layers is not None
-
-    def compile_eval_in_background(self, warm_up) -> None:
-        """Compile the eval graphs in a thread that runs ``warm_up()`` (a no-grad call shaped like the real ones);
-        until it is done other threads' evaluation runs eagerly. If compiling fails, evaluation stays eager."""
-        if self.eval_layers is None or self.eval_warming is not None or self.eval_warmed:
-            return
-
-        device = next(self.parameters()).device
-
-        def run():
-            try:
-                if device.type == "cuda":  # the current device is per thread
-                    torch.cuda.set_device(device)
-                with torch.no_grad():
-                    warm_up()
-                self.eval_warmed = True
-            except Exception as e:  # noqa: BLE001  (eager evaluation gives the same results, only slower)
-                import warnings
-
-                warnings.warn(f"compiling the evaluation graph failed ({type(e).__name__}: {e}); evaluating eagerly")
-                self.eval_layers = None
-
-        self.eval_warming = threading.Thread(target=run, name="lorabench-eval-compile", daemon=True)
-        self.eval_warming.start()
-
-    def wait_eval_compile(self) -> None:
-        """Block until a background compile of the eval graphs is over (before the model leaves eval mode: the
-        compiling thread traces the modules as they are)."""
-        w = self.eval_warming
-        if w is not None and w is not threading.current_thread():
-            w.join()
-
     def fuse_projections(self):
         """One GEMM for q/k/v and one for gate/up in every layer (frozen weights concatenated; adapters stay per
         projection). Call after the weights are loaded (runner.fused_projections_default says when it pays)."""
@@ -341,7 +295,6 @@ class Llama(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(self.layers))
         self.compiled_layers = tuple(torch.compile(layer, mode=mode) for layer in self.layers)
         self.eval_layers = tuple(torch.compile(layer, dynamic=True) for layer in self.layers)
-        self.eval_warmed = False
 
 
 def count_params(cfg: ModelConfig) -> dict:

@@ -16,9 +16,11 @@ from lorabench.data.synthetic import synthetic_chunks
 from lorabench.engines import build_engine
 from lorabench.runner import DTYPES
 
-KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk")),
-         ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
-         ("triton", ("triton",)))
+KINDS = (("attention", ("flash_fwd", "flash_bwd", "cudnn", "fmha", "sdpa_", "attention_kernel")),
+         ("triton", ("triton",)),  # Inductor's kernels (an SDPA op in a fused kernel's name is its inputs' copy)
+         ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk")))
+"""First match wins: attention kernels name cutlass types in their templates; Inductor names fused kernels after
+the ops they serve."""
 
 
 def kind(name: str) -> str:

@@ -1,12 +1,12 @@
 """The floor: time only the work no LoRA trainer can avoid, and convert it to tokens/s.
 
 Per step, for every frozen matrix of the model (q, k, v, o, gate, up, down in each layer, and lm_head): the forward
-GEMM and the input-gradient GEMM (no weight gradient: the weights are frozen), q/k/v and gate/up each timed as
-one GEMM and as one per matrix, the faster counting; plus causal attention forward +
-backward with the fastest kernel available (SDPA's flash, cuDNN and memory-efficient kernels, and plain matmuls;
-each is timed and reported). Each GEMM shape is timed on its own with CUDA events (median of repeats after
-warm-up) and multiplied by how often a step runs it. Adapters, norms, RoPE, SwiGLU, the loss and the optimizer are
-left out, so real training cannot reach this number; the gap to it is what an engine still wastes.
+GEMM and the input-gradient GEMM (no weight gradient: the weights are frozen), q/k/v and gate/up each timed as one
+GEMM and as one per matrix, the faster counting; plus causal attention forward + backward with the fastest kernel
+available (SDPA's flash, cuDNN and memory-efficient kernels, plain matmuls, and in fp32 those matmuls compiled; each
+is timed and reported). Each GEMM shape is timed on its own with CUDA events (median of repeats after warm-up) and
+multiplied by how often a step runs it. Adapters, norms, RoPE, SwiGLU, the loss and the optimizer are left out, so
+real training cannot reach this number; the gap to it is what an engine still wastes.
 ``lorabench bench`` prints it beside the engines' rows; ``benchmarks/floor.py`` prints it alone.
 """
 from __future__ import annotations
@@ -68,6 +68,12 @@ def attention_times(cfg: ModelConfig, batch: int, seq: int, dtype) -> dict[str, 
         except RuntimeError:  # the kernel does not take this dtype/shape on this card
             pass
     out["matmul"] = timed(lambda: matmul_attention(q, k, v, rep).backward(go))
+    if dtype == torch.float32:  # compiled, as the native engine runs it under TF32 (where no flash kernel runs)
+        try:
+            compiled = torch.compile(matmul_attention)
+            out["matmul compiled"] = timed(lambda: compiled(q, k, v, rep).backward(go))
+        except Exception:  # noqa: BLE001  (no compiler on this install: the other kernels still give the floor)
+            pass
     return out
 
 

@@ -336,3 +336,21 @@ def test_out_of_memory_halves_the_batches_and_retries(tmp_path, capsys):
     assert got["acc"] == ref["acc"]
     out = capsys.readouterr()
     assert "out of device memory" in out.out + out.err
+
+
+def test_evaluation_writes_each_questions_own_scores(tmp_path, monkeypatch):
+    """The whole evaluation (worker processes tokenising subjects in several tasks, each subject's scores read back
+    after the next subject is queued) writes, line by line, what scoring each question alone gives."""
+    from lorabench import mmlu_data
+
+    monkeypatch.setattr(mmlu_data, "TOKENIZE_CHUNK", 2)
+    eng = tiny_engine()
+    opts = {"dir": str(TINY_MMLU), "batch_size": 3, "tokenize_workers": 2}
+    evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path, progress=False)
+    subs = load_mmlu(TINY_MMLU)
+    reqs = make_requests(Tokenizer(TINY_MODEL), [(s, q) for s in subs for q in s.test], 5,
+                         eng.model_cfg.max_position_embeddings)
+    want = score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False)
+    lines = [json.loads(x) for x in (tmp_path / "mmlu_predictions.jsonl").read_text().splitlines()]
+    assert [(x["subject"], x["index"]) for x in lines] == [(r.q.subject, r.q.index) for r in reqs]
+    torch.testing.assert_close(torch.tensor([x["logprobs"] for x in lines]), torch.tensor(want), atol=1e-5, rtol=0)

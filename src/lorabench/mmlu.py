@@ -8,7 +8,8 @@ Speed: questions are sorted by length and batched (right padding needs no mask u
 capped by count, tokens and padding), only the scored positions go through lm_head, and — native engine — the
 token prefix every question of a subject shares (description + shots) is run once, its KV cache reused for all of
 the subject's questions. On a GPU the blocks run compiled (shape-generic graphs), worker processes tokenise the
-next subjects while the GPU scores, and the host queues a subject's batches without waiting for results.
+next subjects while the GPU scores, and the host queues each subject's batches before it reads the previous
+subject's scores back, so the device does not wait for the host between subjects.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from .report import markdown_table, write_text_atomic
 
 __all__ = [  # the data side (mmlu_data) and the scoring side, in one place for callers
     "CATEGORY", "LETTERS", "Question", "Request", "Subject", "build_context", "format_question", "load_mmlu",
-    "make_request", "make_requests", "subject_requests", "length_batches", "score_requests", "kv_token_cap",
-    "check_mmlu_options", "evaluate_mmlu", "summarize", "write_outputs", "render_mmlu",
+    "make_request", "make_requests", "subject_requests", "length_batches", "score_requests", "queue_scores",
+    "kv_token_cap", "check_mmlu_options", "evaluate_mmlu", "summarize", "write_outputs", "render_mmlu",
 ]
 
 
@@ -111,18 +112,27 @@ def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None
     return out
 
 
-@torch.no_grad()
 def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
                    batch_tokens: int | None = None, kv_tokens: int | None = None) -> list[list[float]]:
     """[A, B, C, D] log-likelihoods per request, in request order. A batch holds at most ``batch_size``
     questions and, when set, at most ``batch_tokens`` tokens padding included (suffixes after a cached prefix)
     and ``kv_tokens`` tokens of keys and values per layer (prefix + suffix, per question)."""
+    return queue_scores(engine, reqs, device, batch_size, use_prefix_cache, batch_tokens, kv_tokens)()
+
+
+@torch.no_grad()
+def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
+                 batch_tokens: int | None = None, kv_tokens: int | None = None):
+    """``score_requests`` in two halves: this queues the one-pass questions' batches on the device without waiting
+    for them and returns ``collect()``, which reads every score back at once. Between the two the host is free to
+    prepare more work (evaluate_mmlu queues the next subject first), so the device does not idle meanwhile."""
     out: list[list[float] | None] = [None] * len(reqs)
     fast = [i for i, r in enumerate(reqs) if r.single_token]
     slow = [i for i, r in enumerate(reqs) if not r.single_token]
     groups: dict[tuple, list[int]] = {}
     for i in fast:  # same subject and shot count -> same prefix
         groups.setdefault((reqs[i].q.subject, reqs[i].shots), []).append(i)
+    done, pending = [], []  # request indices and their scores, still on the device
     for idxs in groups.values():
         prefix, P = None, 0
         if use_prefix_cache and len(idxs) > 1 and getattr(engine, "supports_prefix_cache", False):
@@ -130,7 +140,6 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
             if shared > 0:  # (a left-truncated context can share nothing with the others)
                 P = shared
                 prefix = (engine.prefix_kv(_to_device([reqs[idxs[0]].context[:P]], device)), P)
-        done, pending = [], []  # the host queues every batch of the group, then reads the scores back once
         for batch in length_batches([len(reqs[i].context) - P for i in idxs], batch_size, batch_tokens,
                                     prefix=P, kv_tokens=kv_tokens):
             chunk = [idxs[j] for j in batch]
@@ -140,15 +149,20 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
                                     [[c[0] for c in reqs[i].conts] for i in rows], device, prefix)
             done += chunk
             pending.append(flat[:4 * len(chunk)])
-        for i, v in zip(done, torch.cat(pending).view(-1, 4).tolist()):
-            out[i] = v
     for i in slow:  # general path: each letter's context + continuation, summed over the continuation tokens
         r = reqs[i]
         seqs = [c + x for c, x in zip(r.contexts, r.conts)]
         pos = [list(range(len(c) - 1, len(c) + len(x) - 1)) for c, x in zip(r.contexts, r.conts)]
         flat = _score_sequences(engine, seqs, pos, r.conts, device)
         out[i] = [v.sum().item() for v in torch.split(flat, [len(p) for p in pos])]
-    return out
+
+    def collect() -> list[list[float]]:
+        if pending:
+            for i, v in zip(done, torch.cat(pending).view(-1, 4).tolist()):
+                out[i] = v
+        return out
+
+    return collect
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -219,19 +233,25 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     engine.eval()
     try:
         with tqdm(total=n, desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
+            previous = None  # (collect, count) of the subject queued last: read back after the next one is queued
             while True:
                 t0 = time.perf_counter()
                 chunk = next(chunks, None)
                 t1 = time.perf_counter()
+                timing["tokenize_wait_s"] += t1 - t0
+                if chunk is not None:
+                    reqs += chunk
+                    current = (_queue_backing_off(engine, chunk, device, caps, opts.get("prefix_cache", True),
+                                                  bar), len(chunk))
+                    if timing["first_subject_s"] is None:  # includes compiling the evaluation graph, if any
+                        timing["first_subject_s"] = time.perf_counter() - t1
+                if previous is not None:
+                    scores += previous[0]()
+                    bar.update(previous[1])
+                timing["score_s"] += time.perf_counter() - t1
                 if chunk is None:
                     break
-                reqs += chunk
-                scores += _score_backing_off(engine, chunk, device, caps, opts.get("prefix_cache", True), bar)
-                bar.update(len(chunk))
-                timing["tokenize_wait_s"] += t1 - t0
-                timing["score_s"] += time.perf_counter() - t1
-                if timing["first_subject_s"] is None:  # includes compiling the evaluation graphs, if any
-                    timing["first_subject_s"] = time.perf_counter() - t1
+                previous = current
     finally:
         chunks.close()
         engine.train()
@@ -250,12 +270,12 @@ def kv_token_cap(engine) -> int:
     return KV_COPY_BYTES // (2 * cfg.num_key_value_heads * cfg.head_dim * elem)
 
 
-def _score_backing_off(engine, chunk: list[Request], device, caps: dict, use_cache: bool, bar) -> list:
-    """score_requests with ``caps``; out of device memory, halve them (for the rest of the run) and retry."""
+def _queue_backing_off(engine, chunk: list[Request], device, caps: dict, use_cache: bool, bar):
+    """queue_scores with ``caps``; out of device memory, halve them (for the rest of the run) and retry."""
     while True:
         try:
-            return score_requests(engine, chunk, device, caps["batch_size"], use_cache,
-                                  batch_tokens=caps["batch_tokens"], kv_tokens=caps["kv_tokens"])
+            return queue_scores(engine, chunk, device, caps["batch_size"], use_cache,
+                                batch_tokens=caps["batch_tokens"], kv_tokens=caps["kv_tokens"])
         except torch.cuda.OutOfMemoryError:
             if caps["batch_size"] == 1:
                 raise

@@ -37,6 +37,28 @@ def check_cross_entropy(dev):
                   f"{rel(h1.grad, h2.grad):.2e} |")
 
 
+def check_prefix_attention(dev):
+    """MMLU's attention to a cached prefix on the device: SDPA over per-row copies (the default) and the flash
+    split merged by log-sum-exp (model.prefix_suffix_attention), each against float64."""
+    from lorabench.model import prefix_suffix_attention
+
+    print("\n| prefix attention | dtype | B x T after P | rel err vs float64 |\n|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float16):
+        for B, T, P in ((37, 101, 613), (2, 11, 19)):
+            q = torch.randn(B, 32, T, 128, device=dev)
+            k, v = torch.randn(B, 32, T, 128, device=dev), torch.randn(B, 32, T, 128, device=dev)
+            kp, vp = torch.randn(1, 32, P, 128, device=dev), torch.randn(1, 32, P, 128, device=dev)
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=dev).tril(diagonal=P)
+            keys = torch.cat((kp.expand(B, -1, -1, -1), k), 2)
+            values = torch.cat((vp.expand(B, -1, -1, -1), v), 2)
+            want = F.scaled_dot_product_attention(q.double(), keys.double(), values.double(), attn_mask=mask)
+            low = [t.to(dtype) for t in (q, k, v, kp, vp, keys, values)]
+            copy = F.scaled_dot_product_attention(low[0], low[5], low[6], attn_mask=mask)
+            split = prefix_suffix_attention(*low[:5], 1)
+            for name, got in (("copy (SDPA, mask)", copy), ("split (flash + log-sum-exp)", split)):
+                print(f"| {name} | {str(dtype)[6:]} | {B} x {T} after {P} | {rel(got, want):.2e} |")
+
+
 def check_compiled_engine(dev):
     cfg = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
@@ -75,4 +97,5 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     check_cross_entropy(dev)
+    check_prefix_attention(dev)
     check_compiled_engine(dev)

@@ -50,8 +50,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mmlu", type=Path, default=Path("../shared/data/mmlu"))
     ap.add_argument("--variants", default="compiled:256",
-                    help="comma-separated blocks:batch[:tokenize workers], blocks eager or compiled (compiled ones "
-                    "run last; the first compiled run includes compiling); workers default to evaluate_mmlu's")
+                    help="comma-separated blocks:batch[:tokenize workers[:prefix attention]], blocks eager or "
+                    "compiled (compiled ones run last; the first compiled run includes compiling); workers default "
+                    "to evaluate_mmlu's (empty: the default); prefix attention copy (default) or split")
     ap.add_argument("--naive-per-subject", type=int, default=3, help="0: only the end-to-end runs")
     ap.add_argument("--limit", type=int, default=None, help="questions per subject (all)")
     ap.add_argument("--model", default="llama2-7b")
@@ -77,17 +78,20 @@ def main():
     print(f"model built in {time.perf_counter() - t_load:.1f} s")
     rows = []
     variants = sorted((v.split(":") for v in a.variants.split(",")), key=lambda v: v[0] == "compiled")
-    for blocks, bs, *workers in variants:
+    for blocks, bs, *rest in variants:
+        workers, attention = (rest + ["", "copy"][len(rest):])[:2]
         if blocks == "compiled" and eng.model.compiled_layers is None:
             eng.model.compile_blocks()
-        opts = {"dir": str(a.mmlu), "limit": a.limit, "batch_size": int(bs)}  # GPU: 16k-token batches
+        opts = {"dir": str(a.mmlu), "limit": a.limit, "batch_size": int(bs),  # GPU: 16k-token batches
+                "prefix_attention": attention}
         if workers:
-            opts["tokenize_workers"] = int(workers[0])
+            opts["tokenize_workers"] = int(workers)
         sync()
         t0 = time.perf_counter()  # end to end after load: read the CSVs, tokenise (overlapped), score
         summary = evaluate_mmlu(eng, tmp, opts, dev, None, progress=False, subjects=load_mmlu(a.mmlu, limit=a.limit))
         sync()
-        name = f"{blocks} blocks, batch {bs}" + (f", {workers[0]} tokenising workers" if workers else "")
+        name = (f"{blocks} blocks, batch {bs}" + (f", {workers} tokenising workers" if workers else "")
+                + (", prefix attention split" if attention == "split" else ""))
         rows.append((name, time.perf_counter() - t0, summary["acc"]))
         tm = summary["timing"]
         print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s (scoring {tm['score_s']:.1f} s, of it the first subject "
@@ -118,7 +122,7 @@ def main():
           f"tokenised in one go (no overlap) in {prep_s:.1f} s")
     t0 = time.perf_counter()  # the last variant's scoring alone, on the requests tokenised up front
     fast = score_requests(eng, reqs, dev, int(variants[-1][1]), True, batch_tokens=DEFAULT_BATCH_TOKENS,
-                          kv_tokens=kv_token_cap(eng))
+                          kv_tokens=kv_token_cap(eng), prefix_attention=opts["prefix_attention"])
     sync()
     score_s = time.perf_counter() - t0
     print(f"scoring alone ({variants[-1][0]} blocks, batch {variants[-1][1]}): {score_s:.1f} s", flush=True)
@@ -144,7 +148,8 @@ def main():
           f"{prep_s:.1f} s) | {score_s:.1f} | {len(reqs) / score_s:.0f} | {naive_total / score_s:.1f}x |")
     print(f"| naive, one question per pass, eager ({len(sample)} measured in {naive_s:.1f} s, extrapolated) | "
           f"{naive_total:.0f} | {len(sample) / naive_s:.1f} | 1.0x |")
-    print(f"sample: predictions agree {agree}/{len(sample)}, max |logprob diff| {max(diffs):.4f} (bf16); "
+    print(f"sample: predictions agree {agree}/{len(sample)}, max |logprob diff| {max(diffs):.4f} "
+          f"({'bf16' if dev.type == 'cuda' else 'fp32'}); "
           f"accuracy of each run (random weights): {', '.join(f'{r[2]:.4f}' for r in rows)}")
 
 

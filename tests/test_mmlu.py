@@ -75,9 +75,14 @@ def test_batched_equals_unbatched_equals_prefix_cached():
     batched = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=False))
     cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True))
     cached_one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=True))  # lone rows
+    split = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True,
+                                        prefix_attention="split"))  # no per-row copies of the prefix
     torch.testing.assert_close(batched, one, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached_one, one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split, one, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prefix_attention 'share'"):
+        score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True, prefix_attention="share")
     # and against a plain full forward of each context, read at its last position
     r = reqs[3]
     with torch.no_grad():
@@ -93,7 +98,9 @@ def test_prefix_cache_with_real_subjects_and_long_prompts():
     assert any(r.truncated for r in reqs)
     one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False))
     cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True))
+    split = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True, prefix_attention="split"))
     torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split, one, atol=1e-5, rtol=0)
 
 
 class RiggedEngine:
@@ -282,12 +289,13 @@ def test_background_tokenising_gives_the_same_requests(monkeypatch):
         assert (a.q, a.contexts, a.conts, a.shots, a.truncated) == (b.q, b.contexts, b.conts, b.shots, b.truncated)
 
 
-def test_compiled_blocks_score_like_eager(tmp_path):
-    """The GPU default compiles the blocks; its shape-generic eval graphs (prefix, suffix batches of every size)
-    give the eager scores in fp32."""
+@pytest.mark.parametrize("prefix_attention", ["copy", "split"])
+def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention):
+    """The GPU default compiles the blocks; its shape-generic eval graph (suffix batches of every size, the
+    prefix's keys and values copied per row or not) gives the eager scores in fp32."""
     pytest.importorskip("torch._inductor")
     eng = tiny_engine()
-    opts = {"dir": str(TINY_MMLU), "batch_size": 3}
+    opts = {"dir": str(TINY_MMLU), "batch_size": 3, "prefix_attention": prefix_attention}
     eager = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "eager", progress=False)
     eng.model.compile_blocks()
     compiled = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "compiled", progress=False)

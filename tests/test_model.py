@@ -218,3 +218,28 @@ def test_matmul_attention_gradients_against_float64():
     want_grads = torch.autograd.grad(want, (q, k, v), go.double())
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_prefix_suffix_attention_is_attention_over_prefix_and_suffix(heads, kv_heads):
+    """Suffixes after one shared prefix, attended without copying the prefix (its part and the causal suffix part
+    merged by log-sum-exp), equal SDPA over the concatenated keys with the lower-right causal mask: float64 to
+    1e-12, odd sizes, grouped-query heads."""
+    import torch.nn.functional as F
+
+    from lorabench.model import prefix_suffix_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, T, P, D = 3, 5, 7, 6
+    q = torch.randn(B, heads, T, D, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(B, kv_heads, T, D, dtype=torch.float64, generator=g) for _ in range(2))
+    kp, vp = (torch.randn(1, kv_heads, P, D, dtype=torch.float64, generator=g) for _ in range(2))
+    rep = heads // kv_heads
+    keys = torch.cat((kp.expand(B, -1, -1, -1), k), 2).repeat_interleave(rep, 1)
+    values = torch.cat((vp.expand(B, -1, -1, -1), v), 2).repeat_interleave(rep, 1)
+    mask = torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P)  # query i sees keys up to P + i
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    torch.testing.assert_close(prefix_suffix_attention(q, k, v, kp, vp, rep), want, atol=1e-12, rtol=0)
+    # bf16 (two outputs rounded, then merged in fp32): within a few bf16 roundings of float64
+    got = prefix_suffix_attention(*(t.bfloat16() for t in (q, k, v, kp, vp)), rep).double()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -70,16 +70,17 @@ def _pad(seqs: list[list[int]], device) -> torch.Tensor:
 
 
 def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], targets: list[list[int]],
-                     device, prefix=None) -> torch.Tensor:
+                     device, prefix=None, copy_prefix: bool = True) -> torch.Tensor:
     """Log-probs of targets[i] (token ids) at positions[i] of each padded sequence, in one forward pass, flat
     and still on the device. ``positions`` index the logits that predict each target. ``prefix``: (kv_caches,
-    length) shared by all."""
+    length) shared by all; ``copy_prefix``: attend through SDPA on per-row copies of it (else without copies)."""
     ids = _pad(seqs, device)
     if prefix is None:
         h = engine.forward_hidden(ids)
     else:
         kv, P = prefix
-        h = engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=_prefix_mask(ids.shape[1], P, device))
+        mask = _prefix_mask(ids.shape[1], P, device) if copy_prefix else None
+        h = engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=mask)
     rows = _to_device([i for i, p in enumerate(positions) for _ in p], device)
     cols = _to_device([c for p in positions for c in p], device)
     logp = torch.log_softmax(engine.head(h[rows, cols]), dim=-1)
@@ -112,17 +113,26 @@ def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None
     return out
 
 
+PREFIX_ATTENTION = ("copy", "split")
+"""How suffix batches attend to a subject's cached prefix: ``copy``, SDPA over per-question copies of the prefix's
+keys and values (measured); ``split``, one attention of all the batch's queries against the single prefix merged
+with the causal suffix attention by log-sum-exp (model.prefix_suffix_attention: no copies; not yet measured on a
+GPU)."""
+
+
 def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
-                   batch_tokens: int | None = None, kv_tokens: int | None = None) -> list[list[float]]:
+                   batch_tokens: int | None = None, kv_tokens: int | None = None,
+                   prefix_attention: str = "copy") -> list[list[float]]:
     """[A, B, C, D] log-likelihoods per request, in request order. A batch holds at most ``batch_size``
     questions and, when set, at most ``batch_tokens`` tokens padding included (suffixes after a cached prefix)
-    and ``kv_tokens`` tokens of keys and values per layer (prefix + suffix, per question)."""
-    return queue_scores(engine, reqs, device, batch_size, use_prefix_cache, batch_tokens, kv_tokens)()
+    and ``kv_tokens`` tokens of keys and values per layer (prefix + suffix, per question; ``copy`` only)."""
+    return queue_scores(engine, reqs, device, batch_size, use_prefix_cache, batch_tokens, kv_tokens,
+                        prefix_attention)()
 
 
 @torch.no_grad()
 def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
-                 batch_tokens: int | None = None, kv_tokens: int | None = None):
+                 batch_tokens: int | None = None, kv_tokens: int | None = None, prefix_attention: str = "copy"):
     """``score_requests`` in two halves: this queues the one-pass questions' batches on the device without waiting
     for them and returns ``collect()``, which reads every score back at once. Between the two the host is free to
     prepare more work (evaluate_mmlu queues the next subject first), so the device does not idle meanwhile."""
@@ -132,6 +142,9 @@ def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefi
     groups: dict[tuple, list[int]] = {}
     for i in fast:  # same subject and shot count -> same prefix
         groups.setdefault((reqs[i].q.subject, reqs[i].shots), []).append(i)
+    if prefix_attention not in PREFIX_ATTENTION:
+        raise ValueError(f"prefix_attention {prefix_attention!r}: choose from {', '.join(PREFIX_ATTENTION)}")
+    copy = prefix_attention == "copy"
     done, pending = [], []  # request indices and their scores, still on the device
     for idxs in groups.values():
         prefix, P = None, 0
@@ -141,12 +154,12 @@ def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefi
                 P = shared
                 prefix = (engine.prefix_kv(_to_device([reqs[idxs[0]].context[:P]], device)), P)
         for batch in length_batches([len(reqs[i].context) - P for i in idxs], batch_size, batch_tokens,
-                                    prefix=P, kv_tokens=kv_tokens):
+                                    prefix=P, kv_tokens=kv_tokens if copy else None):
             chunk = [idxs[j] for j in batch]
             rows = chunk * 2 if len(chunk) == 1 and prefix else chunk  # a lone question goes twice: compiled
             seqs = [reqs[i].context[P:] for i in rows]  # blocks then keep one graph for every batch size
             flat = _score_sequences(engine, seqs, [[len(s) - 1] * 4 for s in seqs],
-                                    [[c[0] for c in reqs[i].conts] for i in rows], device, prefix)
+                                    [[c[0] for c in reqs[i].conts] for i in rows], device, prefix, copy)
             done += chunk
             pending.append(flat[:4 * len(chunk)])
     for i in slow:  # general path: each letter's context + continuation, summed over the continuation tokens
@@ -210,7 +223,7 @@ def check_mmlu_options(opts: dict, model_dir) -> list[Subject]:
 
 def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
                   progress: bool = True, subjects: list[Subject] | None = None) -> dict:
-    """Run MMLU with ``opts`` (dir, subjects, shots, batch_size, limit[, prefix_cache]); write
+    """Run MMLU with ``opts`` (dir, subjects, shots, batch_size, limit[, prefix_cache, prefix_attention]); write
     mmlu_predictions.jsonl, mmlu.json and mmlu.md to ``out_dir``; return the summary. ``subjects``: the
     questions as ``check_mmlu_options`` already read them."""
     from tqdm.auto import tqdm
@@ -226,7 +239,8 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     gpu = device.type == "cuda"
     caps = {"batch_size": opts.get("batch_size") or (DEFAULT_BATCH_GPU if gpu else 8),
             "batch_tokens": opts.get("batch_tokens", DEFAULT_BATCH_TOKENS if gpu else None),
-            "kv_tokens": opts.get("kv_tokens", kv_token_cap(engine) if gpu else None)}
+            "kv_tokens": opts.get("kv_tokens", kv_token_cap(engine) if gpu else None),
+            "prefix_attention": opts.get("prefix_attention", "copy")}
     reqs, scores = [], []
     timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
     chunks = subject_requests(model_dir, subjects, shots, max_len, background)
@@ -275,11 +289,12 @@ def _queue_backing_off(engine, chunk: list[Request], device, caps: dict, use_cac
     while True:
         try:
             return queue_scores(engine, chunk, device, caps["batch_size"], use_cache,
-                                batch_tokens=caps["batch_tokens"], kv_tokens=caps["kv_tokens"])
+                                batch_tokens=caps["batch_tokens"], kv_tokens=caps["kv_tokens"],
+                                prefix_attention=caps["prefix_attention"])
         except torch.cuda.OutOfMemoryError:
             if caps["batch_size"] == 1:
                 raise
-            caps.update({k: max(1, v // 2) for k, v in caps.items() if v})
+            caps.update({k: max(1, v // 2) for k, v in caps.items() if isinstance(v, int) and v})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             bar.write(f"mmlu: out of device memory; retrying {chunk[0].q.subject} with at most "

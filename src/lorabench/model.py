@@ -64,8 +64,10 @@ class Attention(nn.Module):
         self.register_buffer("qkv_weight", None, persistent=False)  # set by Llama.fuse_projections
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
-        """x [B, T, C]. kv_cache: optional (k, v) of earlier positions [B, Hkv, S, D] to attend to (prefix reuse).
-        attn_mask: optional boolean [B or 1, 1, T, S+T] (True = attend); None means plain causal."""
+        """x [B, T, C]. kv_cache: optional (k, v) of earlier positions [1, Hkv, S, D] shared by the batch (prefix
+        reuse). attn_mask: optional mask over [T, S+T] for SDPA (with kv_cache, attention then runs on per-row
+        copies of the cached keys and values); with kv_cache and no mask, every position sees the whole cache and
+        the batch's own positions causally, computed without copying the cache (prefix_suffix_attention)."""
         B, T, _ = x.shape
         if self.qkv_weight is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -76,10 +78,13 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
+        rep = self.n_heads // self.n_kv
+        if kv_cache is not None and attn_mask is None:
+            y = prefix_suffix_attention(q, k, v, kv_cache[0], kv_cache[1], rep)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
         if kv_cache is not None:
             k = torch.cat((kv_cache[0].expand(B, -1, -1, -1), k), dim=2)
             v = torch.cat((kv_cache[1].expand(B, -1, -1, -1), v), dim=2)
-        rep = self.n_heads // self.n_kv
         kw = {}
         if rep > 1:
             if _SDPA_HAS_GQA:
@@ -93,6 +98,41 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
+
+
+def attention_with_lse(q, k, v, causal: bool):
+    """softmax(q k^T / sqrt(d)) v and each row's log-sum-exp (fp32, [B, H, T]); q [B, H, T, D], k/v [B, H, S, D]
+    with as many heads as q; causal means T == S. fp16/bf16 on a GPU: the flash kernel, which returns the
+    log-sum-exp; otherwise plain matmuls, the softmax in fp32 (or wider)."""
+    D = q.shape[-1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+        return out, lse
+    s = (q @ k.transpose(-1, -2)).to(_softmax_dtype(q)) * D ** -0.5
+    if causal:
+        T = q.shape[-2]
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse[..., None]).to(v.dtype) @ v, lse
+
+
+def prefix_suffix_attention(q, k, v, k_prefix, v_prefix, rep: int):
+    """Attention of a batch of suffixes q/k/v [B, H(kv), T, D] that all follow one cached prefix k/v_prefix
+    [1, Hkv, P, D]: each position sees the whole prefix and its own suffix causally. The prefix part runs as one
+    attention of all B x T queries against the single prefix (no per-row copy of it), the suffix part causally per
+    row, and the two are merged by their log-sum-exps, which is exactly the softmax over prefix + suffix keys."""
+    if rep > 1:
+        k, v, k_prefix, v_prefix = (t.repeat_interleave(rep, dim=1) for t in (k, v, k_prefix, v_prefix))
+    B, H, T, D = q.shape
+    flat = q.transpose(0, 1).reshape(1, H, B * T, D)
+    o_pre, lse_pre = attention_with_lse(flat, k_prefix, v_prefix, causal=False)
+    o_pre = o_pre.reshape(H, B, T, D).transpose(0, 1)
+    lse_pre = lse_pre.reshape(H, B, T).transpose(0, 1)
+    o_suf, lse_suf = attention_with_lse(q, k, v, causal=True)
+    lse = torch.logaddexp(lse_pre, lse_suf)
+    wide = _softmax_dtype(q)
+    out = o_pre.to(wide) * torch.exp(lse_pre - lse)[..., None] + o_suf.to(wide) * torch.exp(lse_suf - lse)[..., None]
+    return out.to(q.dtype)
 
 
 def fuse_weights(module: nn.Module, names: tuple[str, ...], buffer: str):

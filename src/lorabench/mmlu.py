@@ -239,33 +239,33 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     gpu = device.type == "cuda"
     caps = {"batch_size": opts.get("batch_size") or (DEFAULT_BATCH_GPU if gpu else 8),
             "batch_tokens": opts.get("batch_tokens", DEFAULT_BATCH_TOKENS if gpu else None),
-            "kv_tokens": opts.get("kv_tokens", kv_token_cap(engine) if gpu else None),
-            "prefix_attention": opts.get("prefix_attention", "copy")}
+            "kv_tokens": opts.get("kv_tokens", kv_token_cap(engine) if gpu else None)}
+    how = (opts.get("prefix_cache", True), opts.get("prefix_attention", "copy"))
     reqs, scores = [], []
     timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
     chunks = subject_requests(model_dir, subjects, shots, max_len, background)
     engine.eval()
     try:
         with tqdm(total=n, desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
-            previous = None  # (collect, count) of the subject queued last: read back after the next one is queued
+            previous = None  # (collect, count) of the subject queued last
             while True:
                 t0 = time.perf_counter()
                 chunk = next(chunks, None)
                 t1 = time.perf_counter()
                 timing["tokenize_wait_s"] += t1 - t0
+                queued = None
                 if chunk is not None:
                     reqs += chunk
-                    current = (_queue_backing_off(engine, chunk, device, caps, opts.get("prefix_cache", True),
-                                                  bar), len(chunk))
+                    queued = (_queue_backing_off(engine, chunk, device, caps, *how, bar), len(chunk))
                     if timing["first_subject_s"] is None:  # includes compiling the evaluation graph, if any
                         timing["first_subject_s"] = time.perf_counter() - t1
-                if previous is not None:
+                if previous is not None:  # read back only now: the device already has the next subject's work
                     scores += previous[0]()
                     bar.update(previous[1])
                 timing["score_s"] += time.perf_counter() - t1
-                if chunk is None:
+                if queued is None:
                     break
-                previous = current
+                previous = queued
     finally:
         chunks.close()
         engine.train()
@@ -284,17 +284,18 @@ def kv_token_cap(engine) -> int:
     return KV_COPY_BYTES // (2 * cfg.num_key_value_heads * cfg.head_dim * elem)
 
 
-def _queue_backing_off(engine, chunk: list[Request], device, caps: dict, use_cache: bool, bar):
+def _queue_backing_off(engine, chunk: list[Request], device, caps: dict, use_cache: bool, prefix_attention: str,
+                       bar):
     """queue_scores with ``caps``; out of device memory, halve them (for the rest of the run) and retry."""
     while True:
         try:
             return queue_scores(engine, chunk, device, caps["batch_size"], use_cache,
                                 batch_tokens=caps["batch_tokens"], kv_tokens=caps["kv_tokens"],
-                                prefix_attention=caps["prefix_attention"])
+                                prefix_attention=prefix_attention)
         except torch.cuda.OutOfMemoryError:
             if caps["batch_size"] == 1:
                 raise
-            caps.update({k: max(1, v // 2) for k, v in caps.items() if isinstance(v, int) and v})
+            caps.update({k: max(1, v // 2) for k, v in caps.items() if v})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             bar.write(f"mmlu: out of device memory; retrying {chunk[0].q.subject} with at most "

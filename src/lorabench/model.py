@@ -108,10 +108,7 @@ def attention_with_lse(q, k, v, causal: bool):
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
         return out, lse
-    s = (q @ k.transpose(-1, -2)).to(_softmax_dtype(q)) * D ** -0.5
-    if causal:
-        T = q.shape[-2]
-        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    s = _scores(q, k, causal)
     lse = torch.logsumexp(s, dim=-1)
     return torch.exp(s - lse[..., None]).to(v.dtype) @ v, lse
 
@@ -161,10 +158,12 @@ def matmul_attention(q, k, v, rep: int):
     return _MatmulAttention.apply(q, k, v)
 
 
-def _causal_scores(q, k):
-    """q k^T / sqrt(d) in fp32 (or wider), -inf above the diagonal."""
-    T = q.shape[-2]
+def _scores(q, k, causal: bool = True):
+    """q k^T / sqrt(d) in fp32 (or wider); causal: -inf above the diagonal."""
     s = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).to(_softmax_dtype(q))
+    if not causal:
+        return s
+    T = q.shape[-2]
     return s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
 
 
@@ -179,7 +178,7 @@ class _MatmulAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        s = _causal_scores(q, k)
+        s = _scores(q, k)
         lse = torch.logsumexp(s, dim=-1, keepdim=True)
         out = torch.exp(s - lse).to(q.dtype) @ v
         ctx.save_for_backward(q, k, v, out, lse)
@@ -188,7 +187,7 @@ class _MatmulAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        p = torch.exp(_causal_scores(q, k) - lse)
+        p = torch.exp(_scores(q, k) - lse)
         dv = p.to(v.dtype).transpose(-1, -2) @ grad
         wide = _softmax_dtype(q)
         dp = (grad @ v.transpose(-1, -2)).to(wide)

@@ -18,7 +18,7 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
                  "--run-dir", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
-    assert "| engine | preset | tok/s/chip |" in out
+    assert "| engine | preset | LBS | tok/s/chip |" in out
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["engine"]: r for r in data["rows"]}
     nat, ref = rows["native"], rows["reference"]
@@ -67,3 +67,23 @@ def test_rows_get_their_share_of_the_floor(monkeypatch):
     assert "75.0%" in table(rows)
     assert floor_lines(floors) == ("- floor, bf16 (LBS 4, seq 512): 2000 tok/s (frozen GEMMs at 700 TFLOP/s + "
                                    "cudnn attention; nothing else)")
+
+
+def test_batch_size_sweep_compares_like_with_like_and_names_each_engines_best(capsys):
+    """With several LBS, a row's speed-up is against the reference at the same LBS, and each engine's best row
+    (over the sizes) is what native is judged against; a bad list names the flag."""
+    from lorabench.bench import best_lines, compare
+
+    def row(engine, lbs, tps):
+        return {"engine": engine, "preset": "bf16", "lbs": lbs, "batch_size": lbs, "tokens_per_s_per_chip": tps,
+                "losses": [1.0]}
+
+    rows = [row("native", 4, 190.0), row("reference", 4, 110.0), row("reference+compile", 4, 170.0),
+            row("native", 16, 200.0), row("reference", 16, 125.0), row("reference+compile", 16, 180.0),
+            {"engine": "reference+liger", "preset": "bf16", "lbs": 16, "error": "no liger"}]
+    compare(rows)
+    assert rows[0]["speedup_vs_reference"] == 190 / 110 and rows[3]["speedup_vs_reference"] == 200 / 125
+    assert best_lines(rows) == ("- best LBS, bf16: native 200 (LBS 16); reference 125 (LBS 16); reference+compile "
+                                "180 (LBS 16); native / best other: 1.11x")
+    assert main(["bench", "--device", "cpu", "--batch-size", "4,zero"]) == 2
+    assert "--batch-size '4,zero'" in capsys.readouterr().err

@@ -47,10 +47,10 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
 
 
 def compare(rows: list[dict]) -> None:
-    """Add speed-up and largest per-step loss gap against the plain reference row of the same preset."""
-    refs = {r["preset"]: r for r in rows if r["engine"] == "reference" and "error" not in r}
+    """Add speed-up and largest per-step loss gap against the plain reference row of the same preset and LBS."""
+    refs = {(r["preset"], r.get("lbs")): r for r in rows if r["engine"] == "reference" and "error" not in r}
     for r in rows:
-        ref = refs.get(r["preset"])
+        ref = refs.get((r["preset"], r.get("lbs")))
         if ref is None or "error" in r or r is ref:
             continue
         r["speedup_vs_reference"] = r["tokens_per_s_per_chip"] / ref["tokens_per_s_per_chip"]
@@ -67,30 +67,57 @@ def add_floors(rows: list[dict], model: str, log=print) -> dict:
 
     floors: dict[str, dict] = {}
     for r in rows:
-        if "error" in r or r["preset"] in floors:
+        if "error" in r or _floor_key(r) in floors:
             continue
-        log(f"bench: floor for {r['preset']} ...", flush=True)
+        log(f"bench: floor for {_floor_key(r)} ...", flush=True)
         try:
-            floors[r["preset"]] = floor_for_precision(MODEL_PRESETS[model], r["batch_size"], r["seq_len"],
-                                                      r["precision"])
+            f = floor_for_precision(MODEL_PRESETS[model], r["batch_size"], r["seq_len"], r["precision"])
         except Exception as e:  # out of memory, a dtype the card cannot run: the rows still get written
-            floors[r["preset"]] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            f = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                 "batch": r["batch_size"], "seq": r["seq_len"]}
+        floors[_floor_key(r)] = {**f, "preset": r["preset"]}
     for r in rows:
-        f = floors.get(r["preset"], {})
-        if "error" not in r and "tokens_per_s" in f:
+        f = floors.get(_floor_key(r), {}) if "error" not in r else {}
+        if "tokens_per_s" in f:
             r["of_floor"] = r["tokens_per_s_per_chip"] / f["tokens_per_s"]
     return floors
 
 
+def _floor_key(row: dict) -> str:
+    return f"{row['preset']}, LBS {row['batch_size']}, seq {row['seq_len']}"
+
+
 def floor_lines(floors: dict) -> str:
     out = []
-    for preset, f in floors.items():
+    for f in floors.values():
+        where = f"- floor, {f['preset']} (LBS {f['batch']}, seq {f['seq']})"
         if "error" in f:
-            out.append(f"- floor, {preset}: failed ({f['error']})")
+            out.append(f"{where}: failed ({f['error']})")
             continue
         kernel = min(f["attn_by_kernel_ms"], key=f["attn_by_kernel_ms"].get)
-        out.append(f"- floor, {preset} (LBS {f['batch']}, seq {f['seq']}): {f['tokens_per_s']:.0f} tok/s "
-                   f"(frozen GEMMs at {f['gemm_tflops']:.0f} TFLOP/s + {kernel} attention; nothing else)")
+        out.append(f"{where}: {f['tokens_per_s']:.0f} tok/s (frozen GEMMs at {f['gemm_tflops']:.0f} TFLOP/s + "
+                   f"{kernel} attention; nothing else)")
+    return "\n".join(out)
+
+
+def best_lines(rows: list[dict]) -> str:
+    """Per preset, each engine's fastest row over the batch sizes tried, and native's best against the best of
+    the other engines (how the targets compare stacks: each at its best LBS)."""
+    out = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        best: dict[str, dict] = {}
+        for r in rows:
+            if r["preset"] == preset and "error" not in r and (
+                    r["engine"] not in best or r["tokens_per_s_per_chip"] > best[r["engine"]]["tokens_per_s_per_chip"]):
+                best[r["engine"]] = r
+        if not best:
+            continue
+        line = f"- best LBS, {preset}: " + "; ".join(f"{e} {r['tokens_per_s_per_chip']:.0f} (LBS {r['batch_size']})"
+                                                     for e, r in best.items())
+        others = [r["tokens_per_s_per_chip"] for e, r in best.items() if e != "native"]
+        if "native" in best and others:
+            line += f"; native / best other: {best['native']['tokens_per_s_per_chip'] / max(others):.2f}x"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -101,12 +128,14 @@ def table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         if "error" in r:
-            out.append({"engine": r["engine"], "preset": r["preset"], "tok/s/chip": "error", "MFU": "",
+            out.append({"engine": r["engine"], "preset": r["preset"], "LBS": r.get("lbs") or "", "tok/s/chip": "error",
+                        "MFU": "",
                         "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80], "max loss gap": "",
                         "of floor": ""})
             continue
         out.append({
-            "engine": r["engine"], "preset": r["preset"], "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f"),
+            "engine": r["engine"], "preset": r["preset"], "LBS": r["batch_size"],
+            "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f"),
             "MFU": "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             "peak alloc GiB": f(r["peak_mem_allocated_gib"], ".1f"), "loss@N": f(r["loss_final"], ".4f"),
             "vs reference": f(r.get("speedup_vs_reference"), ".2f") + ("x" if r.get("speedup_vs_reference") else ""),
@@ -118,25 +147,34 @@ def table(rows: list[dict]) -> str:
 
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
-              run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True):
-    """Run every engine x preset row, compare them, and (on a GPU, unless ``floor`` is False) time the floor.
-    Returns (rows, floors); writes bench.json and bench.md to ``run_dir``."""
+              run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True,
+              batch_sizes: list[int | None] = (None,)):
+    """Run every engine x preset x batch size row (None: the preset's own), compare them, and (on a GPU, unless
+    ``floor`` is False) time the floor. Returns (rows, floors); writes bench.json and bench.md to ``run_dir``."""
     rows = []
     for preset in presets:
-        for engine in engines:
-            log(f"bench: {engine} / {preset} ...", flush=True)
-            row_dir = run_dir / f"{preset}__{engine.replace('+', '_')}"
-            row = run_row(engine, preset, model, steps, warmup, device, row_dir, overrides, timeout)
-            log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}", flush=True)
-            rows.append(row)
+        for lbs in batch_sizes:
+            for engine in engines:
+                name = f"{engine} / {preset}" + (f" / LBS {lbs}" if lbs else "")
+                log(f"bench: {name} ...", flush=True)
+                row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else ""))
+                row = run_row(engine, preset, model, steps, warmup, device, row_dir,
+                              overrides + (["--batch-size", str(lbs)] if lbs else []), timeout)
+                row["lbs"] = lbs
+                log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}",
+                    flush=True)
+                rows.append(row)
     compare(rows)
     gpu = device != "cpu" and torch.cuda.is_available()
     floors = add_floors(rows, model, log) if floor and gpu else {}
     dev = next((r["device_name"] for r in rows if "device_name" in r), None)
     write_json_atomic(run_dir / "bench.json", {"device_name": dev, "model": model, "steps": steps, "warmup": warmup,
-                                               "overrides": overrides, "rows": rows, "floors": floors})
+                                               "overrides": overrides, "batch_sizes": list(batch_sizes), "rows": rows,
+                                               "floors": floors})
     text = f"# lorabench bench: {model}, {steps} steps ({warmup} warm-up), {dev}\n\n{table(rows)}\n"
     if floors:
         text += "\n" + floor_lines(floors) + "\n"
+    if len(batch_sizes) > 1:
+        text += "\n" + best_lines(rows) + "\n"
     write_text_atomic(run_dir / "bench.md", text)
     return rows, floors

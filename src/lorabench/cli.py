@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=20, help="optimiser steps per row")
     b.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timing")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    b.add_argument("--batch-size", type=int, help="override every preset's batch size")
+    b.add_argument("--batch-size", help="override every preset's batch size; a comma-separated list (4,16,32) "
+                   "runs every row at each and prints each engine's best")
     b.add_argument("--seq-len", type=int, help="override every preset's sequence length")
     b.add_argument("--lora-dropout", type=float, help="override the dropout (0 for exact loss parity)")
     b.add_argument("--lr", type=float, help="override the learning rate (e.g. 1e-3 to see random weights learn)")
@@ -231,7 +232,7 @@ def cmd_eval(a) -> int:
 def cmd_bench(a) -> int:
     import torch
 
-    from .bench import floor_lines, run_bench, table
+    from .bench import best_lines, floor_lines, run_bench, table
     from .engines import ENGINES
 
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
@@ -243,17 +244,28 @@ def cmd_bench(a) -> int:
     if a.steps <= a.warmup_steps:
         raise ConfigError(f"--steps {a.steps} must exceed --warmup-steps {a.warmup_steps}")
     model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
+    batch_sizes = [None]
+    if a.batch_size is not None:
+        try:
+            batch_sizes = [int(x) for x in a.batch_size.split(",") if x.strip()]
+        except ValueError:
+            batch_sizes = []
+        if not batch_sizes or min(batch_sizes) < 1:
+            raise ConfigError(f"--batch-size {a.batch_size!r}: give a positive integer or a comma-separated list "
+                              "of them (e.g. 4,16,32)")
     overrides = []
-    for flag, v in (("--batch-size", a.batch_size), ("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
+    for flag, v in (("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
                     ("--lr", a.lr), ("--attn", a.attn)):
         if v is not None:
             overrides += [flag, str(v)]
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
     rows, floors = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir, overrides,
-                             a.timeout, floor=not a.no_floor)
+                             a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes)
     print(table(rows))
     if floors:
         print(floor_lines(floors))
+    if len(batch_sizes) > 1:
+        print(best_lines(rows))
     print(f"wrote {run_dir / 'bench.json'} and {run_dir / 'bench.md'}")
     return 0 if any("error" not in r for r in rows) else 1
 

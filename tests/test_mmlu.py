@@ -290,15 +290,26 @@ def test_background_tokenising_gives_the_same_requests(monkeypatch):
 
 
 @pytest.mark.parametrize("prefix_attention", ["copy", "split"])
-def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention):
+def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention, monkeypatch):
     """The GPU default compiles the blocks; its shape-generic eval graph (suffix batches of every size, the
-    prefix's keys and values copied per row or not) gives the eager scores in fp32."""
+    prefix's keys and values copied per row or not) gives the eager scores in fp32. A short evaluation does not
+    compile it."""
     pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    from lorabench import mmlu
+
     eng = tiny_engine()
     opts = {"dir": str(TINY_MMLU), "batch_size": 3, "prefix_attention": prefix_attention}
     eager = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "eager", progress=False)
     eng.model.compile_blocks()
+    graphs = counters["stats"]["unique_graphs"]
+    short = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "short", progress=False)
+    assert counters["stats"]["unique_graphs"] == graphs  # too few questions to pay for compiling: eager
+    assert short["acc"] == eager["acc"] and eng.model.eval_graph_enabled
+    monkeypatch.setattr(mmlu, "COMPILED_EVAL_MIN", 0)
     compiled = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "compiled", progress=False)
+    assert counters["stats"]["unique_graphs"] > graphs
     assert compiled["acc"] == eager["acc"]
     read = [[json.loads(x)["logprobs"] for x in (tmp_path / d / "mmlu_predictions.jsonl").read_text().splitlines()]
             for d in ("eager", "compiled")]

@@ -7,8 +7,8 @@ extends the context, one forward pass per question serves all four letters.
 Speed: questions are sorted by length and batched (right padding needs no mask under a causal model; batches are
 capped by count, tokens and padding), only the scored positions go through lm_head, and — native engine — the
 token prefix every question of a subject shares (description + shots) is run once, its KV cache reused for all of
-the subject's questions. On a GPU the blocks run compiled (shape-generic graphs), worker processes tokenise the
-next subjects while the GPU scores, and the host queues each subject's batches before it reads the previous
+the subject's questions. On a GPU the blocks run compiled (one shape-generic graph; from COMPILED_EVAL_MIN
+questions, as compiling costs seconds), worker processes tokenise the next subjects while the GPU scores, and the host queues each subject's batches before it reads the previous
 subject's scores back, so the device does not wait for the host between subjects.
 """
 from __future__ import annotations
@@ -201,6 +201,10 @@ KV_COPY_BYTES = 2 << 30
 Llama-2-7B in bf16): at most ~3 GB transient, whatever the prefix length."""
 BACKGROUND_TOKENIZE_MIN = 2000
 """Questions from which tokenising runs in worker processes, overlapped with scoring."""
+COMPILED_EVAL_MIN = 2000
+"""Questions from which evaluation runs the compiled graph (when the engine has one): compiling it takes 13-16 s on
+an H200 host, while it saves at most ~18 s over all 14,042 questions (eager 75.9 s vs compiled 58 s, measured with
+the older, more padded batches): below ~2,000 questions it cannot pay back."""
 TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 """On an H200 host (16 cores) 4 workers keep up with the GPU: full MMLU end to end 62.7 s vs scoring alone
 59.6 s; 1 worker: 76.7 s (benchmarks/NOTES.md)."""
@@ -244,6 +248,10 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     reqs, scores = [], []
     timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
     chunks = subject_requests(model_dir, subjects, shots, max_len, background)
+    model = getattr(engine, "model", None)
+    graph_was = getattr(model, "eval_graph_enabled", None)
+    if graph_was is not None and n < COMPILED_EVAL_MIN:
+        model.eval_graph_enabled = False
     engine.eval()
     try:
         with tqdm(total=n, desc="mmlu", unit="q", disable=not progress, dynamic_ncols=True) as bar:
@@ -269,6 +277,8 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     finally:
         chunks.close()
         engine.train()
+        if graph_was is not None:
+            model.eval_graph_enabled = graph_was
     summary = summarize(reqs, scores, shots)
     summary["timing"] = timing
     if out_dir is not None:

@@ -268,6 +268,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.compiled_layers: tuple | None = None
         self.eval_layers: tuple | None = None
+        self.eval_graph_enabled = True  # evaluation may run eval_layers (a short evaluation turns it off)
         self.attention = "sdpa"
 
     def set_attention(self, impl: str):
@@ -288,12 +289,13 @@ class Llama(nn.Module):
         layers = self.layers
         if self.compiled_layers is not None:
             training = torch.is_grad_enabled() and kv_caches is None and attn_mask is None and not return_kv
+            # evaluation (no grad, caches, masks) runs the shape-generic graphs unless a short run turned them
+            # off; a prefix whose K/V are kept (once per MMLU subject) runs eagerly: a graph of its own would cost
+            # more to compile (seconds) than it saves
             if training:
                 layers = self.compiled_layers
-            elif not return_kv:  # evaluation (no grad, caches, masks): the shape-generic graphs
+            elif not return_kv and self.eval_graph_enabled:
                 layers = self.eval_layers
-            # a prefix whose K/V are kept runs once per MMLU subject: eagerly, as a graph of its own would
-            # cost more to compile (seconds) than it saves
         if layers is self.eval_layers:  # a batch size equal to a fixed size of the model (e.g. head_dim) would
             torch._dynamo.maybe_mark_dynamic(x, 0)  # otherwise be taken for it and specialised: a second graph
         with _sdpa_priority(self.attention):

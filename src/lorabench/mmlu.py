@@ -8,8 +8,9 @@ Speed: questions are sorted by length and batched (right padding needs no mask u
 capped by count, tokens and padding), only the scored positions go through lm_head, and — native engine — the
 token prefix every question of a subject shares (description + shots) is run once, its KV cache reused for all of
 the subject's questions. On a GPU the blocks run compiled (one shape-generic graph; from COMPILED_EVAL_MIN
-questions, as compiling costs seconds), worker processes tokenise the next subjects while the GPU scores, and the host queues each subject's batches before it reads the previous
-subject's scores back, so the device does not wait for the host between subjects.
+questions, as compiling costs seconds), worker processes tokenise the next subjects while the GPU scores, and the
+host queues each subject's batches before it reads the previous subject's scores back, so the device does not wait
+for the host between subjects.
 """
 from __future__ import annotations
 

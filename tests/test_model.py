@@ -218,6 +218,11 @@ def test_matmul_attention_gradients_against_float64():
     want_grads = torch.autograd.grad(want, (q, k, v), go.double())
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=1e-5)
+    # bf16 (the softmax in fp32): output and gradients within a few bf16 roundings of float64
+    q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    out16 = matmul_attention(q16, k16, v16, 2)
+    for a, b in zip((out16, *torch.autograd.grad(out16, (q16, k16, v16), go.bfloat16())), (want, *want_grads)):
+        assert ((a.double() - b).norm() / b.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])

@@ -6,8 +6,8 @@
 #    compiled with the prefix attention that copies nothing (prefix_attention split). All with each subject's
 #    batches queued before the previous subject's scores are read back (new). Then gpu_check (CUDA numerics,
 #    now with both prefix attentions).
-# 2. bf16 LBS 16: native plain and with CUDA graphs for the training blocks (launch gaps ~11 ms of a 404 ms
-#    step) against reference+compile, with the floor; flagperf-tf32: native vs reference and reference+liger (the
+# 2. bf16 LBS 16: native plain, with CUDA graphs for the training blocks (launch gaps ~11 ms of a 404 ms step)
+#    and with fused projections (gate/up now interleaved), against reference+compile, with the floor; flagperf-tf32: native vs reference and reference+liger (the
 #    memory bar: 32.3 GiB), with the floor that now also times the compiled matmul attention.
 # Needs the MMLU folder at .mmlu and, for part 2, the liger wheel in .whl (see README).
 set -u
@@ -32,7 +32,9 @@ python -m lorabench bench --presets bf16 --engines native,reference+compile --ba
     --warmup-steps 4 --run-dir $R/lbs16 2>&1 | grep -E "^(\||- floor)"
 LORABENCH_COMPILE_MODE=reduce-overhead python -m lorabench bench --presets bf16 --engines native --batch-size 16 \
     --steps 10 --warmup-steps 4 --no-floor --run-dir $R/lbs16_graphs 2>&1 | grep -E "^\| native"
+LORABENCH_FUSED_PROJECTIONS=1 python -m lorabench bench --presets bf16 --engines native --batch-size 16 \
+    --steps 10 --warmup-steps 4 --no-floor --run-dir $R/lbs16_fused 2>&1 | grep -E "^\| native"
 python -m lorabench bench --presets flagperf-tf32 --engines native,reference,reference+liger --steps 12 \
     --warmup-steps 4 --run-dir $R/tf32 2>&1 | grep -E "^(\||- floor)"
-for d in lbs16 lbs16_graphs tf32; do cp $R/$d/bench.json ${OUT:-/tmp}/bench_$d.json 2>/dev/null; done
+for d in lbs16 lbs16_graphs lbs16_fused tf32; do cp $R/$d/bench.json ${OUT:-/tmp}/bench_$d.json 2>/dev/null; done
 fi

@@ -166,8 +166,9 @@ def test_matmul_attention_equals_sdpa():
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("k_proj", "gate_proj", "up_proj")])
 def test_fused_projections_compute_the_same(targets):
-    """One GEMM for q/k/v and one for gate/up (weights concatenated, adapters per projection) gives the unfused
-    loss and adapter gradients in fp32; the parts stay views of the fused weight, so export still sees them."""
+    """One GEMM for q/k/v and one for gate/up (weights concatenated, resp. interleaved; adapters per projection)
+    gives the unfused loss and adapter gradients in fp32; the parts stay views of the fused weight, so export still
+    sees them."""
     from lorabench.config import LoRAConfig
     from lorabench.lora import inject_lora, lora_modules
 
@@ -186,6 +187,9 @@ def test_fused_projections_compute_the_same(targets):
             assert attn.qkv_weight.shape[0] == attn.q_proj.weight.shape[0] + 2 * attn.k_proj.weight.shape[0]
             assert attn.k_proj.weight.data_ptr() == attn.qkv_weight[attn.q_proj.weight.shape[0]:].data_ptr()
             assert "layers.0.attn.qkv_weight" not in m.state_dict()
+            mlp = m.layers[1].mlp  # gate/up interleaved row by row: views with a stride of two rows
+            assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[1].data_ptr()
+            assert mlp.gate_proj.weight.stride(0) == 2 * mlp.gate_up_weight.stride(0)
         loss = m.loss(ids, ids)
         loss.backward()
         out.append((loss.detach(), {n: (l.lora_A.grad, l.lora_B.grad) for n, l in lora_modules(m).items()},

@@ -132,22 +132,33 @@ def prefix_suffix_attention(q, k, v, k_prefix, v_prefix, rep: int):
     return out.to(q.dtype)
 
 
-def fuse_weights(module: nn.Module, names: tuple[str, ...], buffer: str):
+def fuse_weights(module: nn.Module, names: tuple[str, ...], buffer: str, interleave: bool = False):
     """Concatenate the frozen weights of ``module``'s projections ``names`` into one non-persistent buffer and
-    make each projection's weight a view of its rows (loading, export and merging still see the parts)."""
+    make each projection's weight a view of its rows (loading, export and merging still see the parts).
+    ``interleave`` (parts of one size): row j of every part side by side, so the fused output holds each
+    position's parts next to each other and the backward writes their gradients in one pass over adjacent
+    elements (concatenated halves made the SwiGLU backward read its inputs twice: 14.3 vs 6.7 ms at bf16 LBS 16)."""
     parts = [getattr(module, n) for n in names]
-    fused = torch.cat([p.weight.detach() for p in parts])
+    weights = [p.weight.detach() for p in parts]
+    if interleave:
+        fused = torch.stack(weights, dim=1).reshape(-1, weights[0].shape[1])
+        views = [fused[i::len(parts)] for i in range(len(parts))]
+    else:
+        fused = torch.cat(weights)
+        views = list(fused.split([w.shape[0] for w in weights]))
     setattr(module, buffer, fused)  # registered (as None, non-persistent) by the module
-    row = 0
-    for p in parts:
-        n = p.weight.shape[0]
-        p.weight = nn.Parameter(fused[row:row + n], requires_grad=False)
-        row += n
+    for p, view in zip(parts, views):
+        p.weight = nn.Parameter(view, requires_grad=False)
 
 
-def fused_projections(x, weight, parts):
-    """x W_cat^T in one GEMM, split back into the parts' outputs, each plus its adapter's delta if it has one."""
-    outs = F.linear(x, weight).split([p.weight.shape[0] for p in parts], dim=-1)
+def fused_projections(x, weight, parts, interleaved: bool = False):
+    """x W_fused^T in one GEMM, split back into the parts' outputs (contiguous blocks, or every len(parts)-th
+    column when ``interleaved``), each plus its adapter's delta if it has one."""
+    y = F.linear(x, weight)
+    if interleaved:
+        outs = [y[..., i::len(parts)] for i in range(len(parts))]
+    else:
+        outs = y.split([p.weight.shape[0] for p in parts], dim=-1)
     return tuple(o + p.delta(x) if hasattr(p, "delta") else o for o, p in zip(outs, parts))
 
 
@@ -236,7 +247,7 @@ class MLP(nn.Module):
         if self.gate_up_weight is None:
             g, u = self.gate_proj(x), self.up_proj(x)
         else:
-            g, u = fused_projections(x, self.gate_up_weight, (self.gate_proj, self.up_proj))
+            g, u = fused_projections(x, self.gate_up_weight, (self.gate_proj, self.up_proj), interleaved=True)
         return self.down_proj(F.silu(g) * u)
 
 
@@ -324,7 +335,7 @@ class Llama(nn.Module):
         projection). Call after the weights are loaded (runner.fused_projections_default says when it pays)."""
         for layer in self.layers:
             fuse_weights(layer.attn, ("q_proj", "k_proj", "v_proj"), "qkv_weight")
-            fuse_weights(layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight")
+            fuse_weights(layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight", interleave=True)
 
     def compile_blocks(self, mode: str | None = None):
         """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has

@@ -127,7 +127,8 @@ def native_attention(precision: str, device: torch.device) -> str:
 def fused_projections_default(precision: str, device: torch.device) -> bool:
     """Whether the native engine runs q/k/v and gate/up as one GEMM each: under TF32 on a GPU, where it measured
     2.2% faster (H200: 9,417 vs 9,211 tok/s, same machine); not in fp16/bf16, where it was 0.4% slower (the
-    backward writes the gate/up input gradient as one concatenated tensor: benchmarks/NOTES.md item 12).
+    backward wrote the gate/up input gradient as one concatenated tensor, reading its inputs twice; gate/up are
+    interleaved since, not yet measured: benchmarks/NOTES.md item 13).
     $LORABENCH_FUSED_PROJECTIONS=1/0 overrides it (for A/B benchmarks)."""
     forced = os.environ.get("LORABENCH_FUSED_PROJECTIONS")
     if forced:

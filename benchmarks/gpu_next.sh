@@ -7,8 +7,9 @@
 #    batches queued before the previous subject's scores are read back (new). Then gpu_check (CUDA numerics,
 #    now with both prefix attentions).
 # 2. bf16 LBS 16: native plain, with CUDA graphs for the training blocks (launch gaps ~11 ms of a 404 ms step)
-#    and with fused projections (gate/up now interleaved), against reference+compile, with the floor; flagperf-tf32: native vs reference and reference+liger (the
-#    memory bar: 32.3 GiB), with the floor that now also times the compiled matmul attention.
+#    and with fused projections (gate/up now interleaved), against reference+compile, with the floor;
+#    flagperf-tf32 (fused is its default: now interleaved too): native vs reference and reference+liger (the memory
+#    bar: 32.3 GiB), with the floor that now also times the compiled matmul attention.
 # Needs the MMLU folder at .mmlu and, for part 2, the liger wheel in .whl (see README).
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LORABENCH_CACHE=/tmp/lbcache

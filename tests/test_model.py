@@ -138,11 +138,15 @@ def test_tied_embeddings_load_with_or_without_lm_head():
         load_into(Llama(tied), hf.items(), True, "ckpt")
 
 
-def test_matmul_attention_equals_sdpa():
+@pytest.mark.parametrize("sdpa_has_gqa", [True, False])
+def test_matmul_attention_equals_sdpa(sdpa_has_gqa, monkeypatch):
     """The TF32 path's attention (two matmuls) computes SDPA's causal attention: loss and every gradient, fp32,
-    grouped-query shape."""
+    grouped-query shape; also where SDPA cannot group heads (torch < 2.5) and k/v are repeated for it."""
+    import lorabench.model
     from lorabench.config import LoRAConfig
     from lorabench.lora import inject_lora
+
+    monkeypatch.setattr(lorabench.model, "_SDPA_HAS_GQA", sdpa_has_gqa)
 
     ids = torch.randint(0, SMALL.vocab_size, (2, 29), generator=torch.Generator().manual_seed(3))
     out = []

@@ -159,9 +159,10 @@ def cmd_run(a) -> int:
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
               data=data, device=a.device, attn=a.attn, compile=a.compile, peak_tflops=a.peak_tflops, run_dir=run_dir,
               save_adapter=not a.no_save_adapter, cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu)
-    from .train import init_distributed
+    from .train import dist_info, init_distributed
 
     joined = init_distributed()
+    rank = dist_info()[0]
     try:
         result = run_job(job)
     finally:
@@ -169,18 +170,12 @@ def cmd_run(a) -> int:
             import torch
 
             torch.distributed.destroy_process_group()
-    if _rank_env() == 0:  # under torchrun only rank 0 reports
+    if rank == 0:  # under torchrun only rank 0 reports
         from .report import render_report
 
         print(render_report(result))
         print(f"wrote {run_dir / 'result.json'} and {run_dir / 'report.md'}")
     return 0
-
-
-def _rank_env() -> int:
-    import os
-
-    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_eval(a) -> int:

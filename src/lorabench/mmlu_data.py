@@ -245,12 +245,15 @@ def make_request(tok: Tokenizer, subject: Subject, q: Question, shots: int, max_
 _WORKER_TOKENIZER: dict = {}
 
 
+def _subject_requests(tok: Tokenizer, subject: Subject, shots: int, max_len: int) -> list[Request]:
+    return make_requests(tok, [(subject, q) for q in subject.test], shots, max_len)
+
+
 def _tokenise_subject(model_dir: str, subject: Subject, shots: int, max_len: int) -> list[Request]:
     """Worker side of ``subject_requests``: the tokenizer is read once per worker process."""
-    tok = _WORKER_TOKENIZER.get(model_dir)
-    if tok is None:
-        tok = _WORKER_TOKENIZER.setdefault(model_dir, Tokenizer(model_dir))
-    return make_requests(tok, [(subject, q) for q in subject.test], shots, max_len)
+    if model_dir not in _WORKER_TOKENIZER:
+        _WORKER_TOKENIZER[model_dir] = Tokenizer(model_dir)
+    return _subject_requests(_WORKER_TOKENIZER[model_dir], subject, shots, max_len)
 
 
 TOKENIZE_CHUNK = 256
@@ -265,7 +268,7 @@ def subject_requests(model_dir, subjects: list[Subject], shots: int, max_len: in
     tok = Tokenizer(model_dir)
     if not background or len(subjects) < 2:
         for s in subjects:
-            yield make_requests(tok, [(s, q) for q in s.test], shots, max_len)
+            yield _subject_requests(tok, s, shots, max_len)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -275,7 +278,7 @@ def subject_requests(model_dir, subjects: list[Subject], shots: int, max_len: in
                                 shots, max_len) for i in range(0, len(s.test), TOKENIZE_CHUNK)]
                    for s in subjects[1:]]
         try:
-            yield make_requests(tok, [(subjects[0], q) for q in subjects[0].test], shots, max_len)
+            yield _subject_requests(tok, subjects[0], shots, max_len)
             for parts in futures:
                 yield [r for f in parts for r in f.result()]
         finally:

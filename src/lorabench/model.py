@@ -19,7 +19,8 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 ATTENTION_IMPLS = ("sdpa", "cudnn", "flash", "efficient", "matmul")
 """How training attends: ``sdpa`` lets torch pick its kernel; ``cudnn``/``flash``/``efficient`` put that SDPA
 kernel first (torch falls back where it cannot run); ``matmul`` is softmax(QK^T)V as two matmuls, which TF32 runs
-on the tensor cores where SDPA's fp32 kernels do not. Evaluation with caches or masks always uses SDPA."""
+on the tensor cores where SDPA's fp32 kernels do not. Evaluation with a mask uses SDPA; with a cached prefix and
+no mask, prefix_suffix_attention."""
 
 
 class RMSNorm(nn.Module):
@@ -81,22 +82,18 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv
         if kv_cache is not None and attn_mask is None:
             y = prefix_suffix_attention(q, k, v, kv_cache[0], kv_cache[1], rep)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
-        if kv_cache is not None:
-            k = torch.cat((kv_cache[0].expand(B, -1, -1, -1), k), dim=2)
-            v = torch.cat((kv_cache[1].expand(B, -1, -1, -1), v), dim=2)
-        kw = {}
-        if rep > 1:
-            if _SDPA_HAS_GQA:
-                kw["enable_gqa"] = True
-            else:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if attn_mask is None and kv_cache is None and self.impl == "matmul":
+        elif kv_cache is None and attn_mask is None and self.impl == "matmul":
             y = matmul_attention(q, k, v, rep)
-        elif attn_mask is None and kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
+            if kv_cache is not None:
+                k = torch.cat((kv_cache[0].expand(B, -1, -1, -1), k), dim=2)
+                v = torch.cat((kv_cache[1].expand(B, -1, -1, -1), v), dim=2)
+            kw = {"is_causal": True} if attn_mask is None else {"attn_mask": attn_mask}
+            if rep > 1 and _SDPA_HAS_GQA:
+                kw["enable_gqa"] = True
+            elif rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, **kw)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
 
 

@@ -165,7 +165,7 @@ def run_job(job: Job) -> dict:
     compile_ = compile_default(job.compile, device, job.engine)
     attention = native_attention(t.precision, device)
     fuse = fused_projections_default(t.precision, device)
-    compile_mode = os.environ.get("LORABENCH_COMPILE_MODE") or None  # likewise (reduce-overhead: CUDA graphs)
+    compile_mode = os.environ.get("LORABENCH_COMPILE_MODE") or None  # for A/B runs (reduce-overhead: CUDA graphs)
     t_build = time.perf_counter()
     engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],
                           seed=t.seed, attn=job.attn, compile=compile_, attention=attention,

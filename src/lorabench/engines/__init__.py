@@ -68,7 +68,7 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
                  attention: str = "sdpa", fuse: bool = False, compile_mode: str | None = None):
     """Build engine ``name`` with base weights from ``model_dir`` (None: canonical random weights from ``seed``)
     and canonical adapters from ``seed``. ``compile``: torch.compile the native engine's blocks; ``attention``:
-    its training attention (model.ATTENTION_IMPLS); ``fuse``: its q/k/v and gate/up GEMMs fused (experimental);
+    its training attention (model.ATTENTION_IMPLS); ``fuse``: its q/k/v and gate/up GEMMs fused;
     ``compile_mode``: torch.compile's mode for its training blocks."""
     if name == "native":
         from .native import NativeEngine

@@ -9,7 +9,7 @@ import torch
 from lorabench.checkpoint import load_into, native_to_hf
 from lorabench.config import ConfigError, LoRAConfig
 from lorabench.engines.native import NativeEngine
-from lorabench.lora import inject_lora, lora_modules, read_adapter
+from lorabench.lora import LoRALinear, adapter_delta, inject_lora, lora_modules, read_adapter
 from lorabench.model import Llama
 
 from conftest import SMALL, hf_model
@@ -103,6 +103,66 @@ def test_init_is_pefts_kaiming_uniform_and_zero_b():
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
     assert torch.count_nonzero(layer.lora_B) == 0
     assert layer.lora_A.dtype == torch.float32
+
+
+def plain_delta(x, a, b, mask, p, scale):
+    """The adapter path as autograd records it op by op: the reference for adapter_delta."""
+    d = x if mask is None else x * mask / (1 - p)
+    return (d @ a.t()) @ b.t() * scale
+
+
+# bf16 against float64: inputs and outputs round to 8 bits of mantissa, the GEMMs accumulate in fp32
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2)}
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 33), (37, 64)])  # a [B, T, C] block input and odd sizes flat
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_delta_matches_plain_autograd(shape, p, dtype):
+    """Forward and the gradients of x, A and B against the op-by-op expression in float64 (same mask)."""
+    g = torch.Generator().manual_seed(len(shape) + int(100 * p))
+    r, out = 5, 19
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    a64 = torch.randn(r, shape[-1], generator=g, dtype=torch.float64)
+    b64 = torch.randn(out, r, generator=g, dtype=torch.float64)
+    grad = torch.randn(*shape[:-1], out, generator=g, dtype=torch.float64)
+    mask = torch.rand(shape, generator=g) >= p if p else None
+    ref = [t.clone().requires_grad_() for t in (x64, a64, b64)]
+    want = plain_delta(*ref, mask, p, 4.0)
+    want.backward(grad)
+    got_in = [t.to(dtype).requires_grad_() for t in (x64, a64, b64)]
+    got = adapter_delta(*got_in, mask, p, 4.0)
+    got.backward(grad.to(dtype))
+    atol, rtol = TOL[dtype]
+    scale = want.abs().max()
+    torch.testing.assert_close(got.double() / scale, want.detach() / scale, atol=atol, rtol=rtol)
+    for t_got, t_ref in zip(got_in, ref):
+        s = t_ref.grad.abs().max()
+        torch.testing.assert_close(t_got.grad.double() / s, t_ref.grad / s, atol=atol, rtol=rtol)
+    if mask is not None:  # dropped inputs get no gradient
+        assert torch.count_nonzero(got_in[0].grad[~mask]) == 0
+
+
+def test_dropout_keeps_one_minus_p_and_saves_no_dropped_copy():
+    """In training the adapter drops inputs with probability p and scales the rest by 1 / (1 - p), as
+    F.dropout does; for the backward it keeps x, the bool mask and the [tokens, r] product, not a dropped float
+    copy of x (which the op-by-op path keeps: 4 more bytes per input element)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(256, 48, bias=False), r=8, alpha=16, dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 100, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer.delta(x)
+    acts = {t.data_ptr(): t for t in saved if t.shape[:-1] == x.shape[:-1]}  # activations, not the adapters
+    assert sorted((str(t.dtype), t.shape[-1]) for t in acts.values()) == [
+        ("torch.bool", 256), ("torch.float32", 8), ("torch.float32", 256)]
+    mask = next(t for t in acts.values() if t.dtype == torch.bool)
+    assert abs(mask.float().mean().item() - 0.7) < 0.01  # 102,400 draws: sd 0.0014
+    torch.testing.assert_close(y, plain_delta(x, layer.lora_A, layer.lora_B, mask, 0.3, layer.scale))
+    layer.eval()  # no dropout outside training
+    torch.testing.assert_close(layer.delta(x), plain_delta(x, layer.lora_A, layer.lora_B, None, 0.3, layer.scale))
 
 
 def test_our_adapter_loads_in_peft(tmp_path, lora_cfg):

@@ -256,3 +256,30 @@ def test_prefix_suffix_attention_is_attention_over_prefix_and_suffix(heads, kv_h
     # bf16 (two outputs rounded, then merged in fp32): within a few bf16 roundings of float64
     got = prefix_suffix_attention(*(t.bfloat16() for t in (q, k, v, kp, vp)), rep).double()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_compiled_block_keeps_only_masks_for_dropout():
+    """A compiled training block with adapter dropout keeps at most the dropout masks (bool) beyond what it keeps
+    without dropout: the dropped copies of the adapters' input are recomputed in the backward from the norm's
+    input, not saved (each was a [tokens, hidden] tensor in the activation dtype)."""
+    from lorabench.config import LoRAConfig
+    from lorabench.lora import inject_lora
+    from lorabench.model import rope_cos_sin
+
+    B, T, C = 2, 24, SMALL.hidden_size
+
+    def saved_activation_bytes(dropout: float) -> int:
+        torch.manual_seed(0)
+        m = Llama(SMALL)
+        inject_lora(m, LoRAConfig(r=4, alpha=16, dropout=dropout, targets=("q_proj", "v_proj")))
+        block = torch.compile(m.layers[0])
+        x = torch.randn(B, T, C, requires_grad=True)
+        cos, sin = rope_cos_sin(T, SMALL.head_dim, SMALL.rope_theta, x.device, x.dtype)
+        saved = {}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.data_ptr(), t), lambda t: t):
+            block(x, cos, sin)
+        weights = {p.data_ptr() for p in m.parameters()}
+        return sum(t.numel() * t.element_size() for k, t in saved.items() if k not in weights and t.numel() >= B * T)
+
+    masks = 2 * B * T * C  # q_proj's and v_proj's, one byte per element
+    assert saved_activation_bytes(0.1) <= saved_activation_bytes(0.0) + masks

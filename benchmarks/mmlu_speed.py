@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--variants", default="compiled:256",
                     help="comma-separated blocks:batch[:tokenize workers[:prefix attention]], blocks eager or "
                     "compiled (compiled ones run last; the first compiled run includes compiling); workers default "
-                    "to evaluate_mmlu's (empty: the default); prefix attention copy (default) or split")
+                    "to evaluate_mmlu's (empty: the default); prefix attention split (default) or copy")
     ap.add_argument("--naive-per-subject", type=int, default=3, help="0: only the end-to-end runs")
     ap.add_argument("--limit", type=int, default=None, help="questions per subject (all)")
     ap.add_argument("--model", default="llama2-7b")
@@ -79,7 +79,7 @@ def main():
     rows = []
     variants = sorted((v.split(":") for v in a.variants.split(",")), key=lambda v: v[0] == "compiled")
     for blocks, bs, *rest in variants:
-        workers, attention = (rest + ["", "copy"][len(rest):])[:2]
+        workers, attention = (rest + ["", "split"][len(rest):])[:2]
         if blocks == "compiled" and eng.model.compiled_layers is None:
             eng.model.compile_blocks()
         opts = {"dir": str(a.mmlu), "limit": a.limit, "batch_size": int(bs),  # GPU: 16k-token batches
@@ -91,7 +91,7 @@ def main():
         summary = evaluate_mmlu(eng, tmp, opts, dev, None, progress=False, subjects=load_mmlu(a.mmlu, limit=a.limit))
         sync()
         name = (f"{blocks} blocks, batch {bs}" + (f", {workers} tokenising workers" if workers else "")
-                + (", prefix attention split" if attention == "split" else ""))
+                + (", prefix attention copy" if attention == "copy" else ""))
         rows.append((name, time.perf_counter() - t0, summary["acc"]))
         tm = summary["timing"]
         print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s (scoring {tm['score_s']:.1f} s, of it the first subject "

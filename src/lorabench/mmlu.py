@@ -114,16 +114,17 @@ def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None
     return out
 
 
-PREFIX_ATTENTION = ("copy", "split")
-"""How suffix batches attend to a subject's cached prefix: ``copy``, SDPA over per-question copies of the prefix's
-keys and values (measured); ``split``, one attention of all the batch's queries against the single prefix merged
-with the causal suffix attention by log-sum-exp (model.prefix_suffix_attention: no copies; not yet measured on a
-GPU)."""
+PREFIX_ATTENTION = ("split", "copy")
+"""How suffix batches attend to a subject's cached prefix: ``split`` (the default), one attention of all the
+batch's queries against the single prefix merged with the causal suffix attention by log-sum-exp
+(model.prefix_suffix_attention, no copies); ``copy``, SDPA over per-question copies of the prefix's keys and
+values. Full MMLU on an H200, each cold in a fresh process of the same call: split 52.3 s, copy 54.0 s end to end
+(the copies had taken 2.2 s of GPU time; benchmarks/NOTES.md item 18)."""
 
 
 def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
                    batch_tokens: int | None = None, kv_tokens: int | None = None,
-                   prefix_attention: str = "copy") -> list[list[float]]:
+                   prefix_attention: str = "split") -> list[list[float]]:
     """[A, B, C, D] log-likelihoods per request, in request order. A batch holds at most ``batch_size``
     questions and, when set, at most ``batch_tokens`` tokens padding included (suffixes after a cached prefix)
     and ``kv_tokens`` tokens of keys and values per layer (prefix + suffix, per question; ``copy`` only)."""
@@ -133,7 +134,7 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
 
 @torch.no_grad()
 def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
-                 batch_tokens: int | None = None, kv_tokens: int | None = None, prefix_attention: str = "copy"):
+                 batch_tokens: int | None = None, kv_tokens: int | None = None, prefix_attention: str = "split"):
     """``score_requests`` in two halves: this queues the one-pass questions' batches on the device without waiting
     for them and returns ``collect()``, which reads every score back at once. Between the two the host is free to
     prepare more work (evaluate_mmlu queues the next subject first), so the device does not idle meanwhile."""
@@ -202,10 +203,11 @@ KV_COPY_BYTES = 2 << 30
 Llama-2-7B in bf16): at most ~3 GB transient, whatever the prefix length."""
 BACKGROUND_TOKENIZE_MIN = 2000
 """Questions from which tokenising runs in worker processes, overlapped with scoring."""
-COMPILED_EVAL_MIN = 2000
-"""Questions from which evaluation runs the compiled graph (when the engine has one): compiling it takes 13-16 s on
-an H200 host, while it saves at most ~18 s over all 14,042 questions (eager 75.9 s vs compiled 58 s, measured with
-the older, more padded batches): below ~2,000 questions it cannot pay back."""
+COMPILED_EVAL_MIN = 6000
+"""Questions from which evaluation runs the compiled graph (when the engine has one). Full MMLU cold on an H200,
+each in a fresh process of one call: eager 68.2 s (4.5 ms a question), compiled 54.0 s (3.0 ms a question after
+a first subject of 11.0 s, 1.8 s eager: ~9 s of compiling), so compiling pays from ~6,000 questions on
+(benchmarks/NOTES.md item 18)."""
 TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 """On an H200 host (16 cores) 4 workers keep up with the GPU: full MMLU end to end 62.7 s vs scoring alone
 59.6 s; 1 worker: 76.7 s (benchmarks/NOTES.md)."""
@@ -244,8 +246,8 @@ def evaluate_mmlu(engine, model_dir, opts: dict, device, out_dir: Path | None,
     gpu = device.type == "cuda"
     caps = {"batch_size": opts.get("batch_size") or (DEFAULT_BATCH_GPU if gpu else 8),
             "batch_tokens": opts.get("batch_tokens", DEFAULT_BATCH_TOKENS if gpu else None),
-            "kv_tokens": opts.get("kv_tokens", kv_token_cap(engine) if gpu else None)}
-    how = (opts.get("prefix_cache", True), opts.get("prefix_attention", "copy"))
+            "kv_tokens": opts.get("kv_tokens", kv_token_cap(engine) if gpu else None)}  # copy only
+    how = (opts.get("prefix_cache", True), opts.get("prefix_attention", PREFIX_ATTENTION[0]))
     reqs, scores = [], []
     timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
     chunks = subject_requests(model_dir, subjects, shots, max_len, background)

@@ -89,15 +89,18 @@ class _AdapterDelta(torch.autograd.Function):
         g = grad * ctx.scale
         gxa = g @ b  # [..., r]
         d = x if mask is None else torch.where(mask, x * (1.0 / (1.0 - ctx.p)), 0)
-        rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-        grad_a = rows(gxa).t() @ rows(d)
-        grad_b = rows(g).t() @ rows(xa)
+        grad_a = _rows(gxa).t() @ _rows(d)
+        grad_b = _rows(g).t() @ _rows(xa)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gxa @ a
             if mask is not None:
                 grad_x = torch.where(mask, grad_x * (1.0 / (1.0 - ctx.p)), 0)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
 
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Ready for the next GPU calls (one H200/H100; `bash gpu_next.sh 1` ~5 min, `... 2` ~6 min): what the third
-# session of 2026-11-28 built but could not measure, and the open questions of benchmarks/NOTES.md items 12-16.
+# Calls A and B of the fourth session of 2026-11-28 (results/h200-2026-11-28-s4/; one H200/H100, `bash gpu_next.sh
+# 1` ~5 min, `... 2` ~4 min): what the third session built but could not measure (NOTES items 12-16).
 # 1. MMLU end to end, cold, each in a fresh process with its own compile caches: eager blocks (no compiling: the
 #    compile takes 13-16 s of a ~60 s run), compiled (with the scoring alone and the naive loop, same process),
 #    compiled with the prefix attention that copies nothing (prefix_attention split). All with each subject's

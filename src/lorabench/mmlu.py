@@ -124,7 +124,7 @@ values. Full MMLU on an H200, each cold in a fresh process of the same call: spl
 
 def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
                    batch_tokens: int | None = None, kv_tokens: int | None = None,
-                   prefix_attention: str = "split") -> list[list[float]]:
+                   prefix_attention: str = PREFIX_ATTENTION[0]) -> list[list[float]]:
     """[A, B, C, D] log-likelihoods per request, in request order. A batch holds at most ``batch_size``
     questions and, when set, at most ``batch_tokens`` tokens padding included (suffixes after a cached prefix)
     and ``kv_tokens`` tokens of keys and values per layer (prefix + suffix, per question; ``copy`` only)."""
@@ -134,7 +134,8 @@ def score_requests(engine, reqs: list[Request], device, batch_size: int, use_pre
 
 @torch.no_grad()
 def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,
-                 batch_tokens: int | None = None, kv_tokens: int | None = None, prefix_attention: str = "split"):
+                 batch_tokens: int | None = None, kv_tokens: int | None = None,
+                 prefix_attention: str = PREFIX_ATTENTION[0]):
     """``score_requests`` in two halves: this queues the one-pass questions' batches on the device without waiting
     for them and returns ``collect()``, which reads every score back at once. Between the two the host is free to
     prepare more work (evaluate_mmlu queues the next subject first), so the device does not idle meanwhile."""

@@ -126,9 +126,9 @@ def native_attention(precision: str, device: torch.device) -> str:
 
 def fused_projections_default(precision: str, device: torch.device) -> bool:
     """Whether the native engine runs q/k/v and gate/up as one GEMM each: under TF32 on a GPU, where it measured
-    2.2% faster (H200: 9,417 vs 9,211 tok/s, same machine); not in fp16/bf16, where it was 0.4% slower (the
-    backward wrote the gate/up input gradient as one concatenated tensor, reading its inputs twice; gate/up are
-    interleaved since, not yet measured: benchmarks/NOTES.md item 13).
+    2.2% faster (H200: 9,417 vs 9,211 tok/s, same machine); not in fp16/bf16, where it was 0.4% slower with gate/up
+    concatenated and 1.1% slower with them interleaved (bf16 LBS 16: 20,452 vs 20,682; benchmarks/NOTES.md items
+    13 and 20).
     $LORABENCH_FUSED_PROJECTIONS=1/0 overrides it (for A/B benchmarks)."""
     forced = os.environ.get("LORABENCH_FUSED_PROJECTIONS")
     if forced:

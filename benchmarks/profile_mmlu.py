@@ -1,5 +1,6 @@
 """Where MMLU scoring's GPU time goes: torch.profiler over a few subjects (compiled blocks, prefix cache), top
-kernels, and the same subjects with the boolean-mask attention instead of the lower-right causal bias.
+kernels, for the default prefix attention (split) and for the per-row prefix copies (copy) with the lower-right
+causal bias and with a boolean mask.
 
     PYTHONPATH=src python benchmarks/profile_mmlu.py --mmlu ../shared/data/mmlu
 """
@@ -38,18 +39,21 @@ def main():
     subs = mmlu.load_mmlu(a.mmlu, a.subjects.split(","), limit=a.limit)
     reqs = mmlu.make_requests(tok, [(s, q) for s in subs for q in s.test], 5, cfg.max_position_embeddings)
     tokens = sum(len(r.context) for r in reqs)
-    for variant in ("lower-right causal bias", "boolean mask"):
-        if variant == "boolean mask":
+    for variant, attention in (("split", "split"), ("copy, lower-right causal bias", "copy"),
+                               ("copy, boolean mask", "copy")):
+        if variant == "copy, boolean mask":
             mmlu._CAUSAL_LOWER_RIGHT = None
-        mmlu.score_requests(eng, reqs, dev, a.batch_size, True)  # compile / warm up
-        torch.cuda.synchronize()
+
+        def score():
+            mmlu.score_requests(eng, reqs, dev, a.batch_size, True, prefix_attention=attention)
+            torch.cuda.synchronize()
+
+        score()  # compile / warm up
         t0 = time.perf_counter()
-        mmlu.score_requests(eng, reqs, dev, a.batch_size, True)
-        torch.cuda.synchronize()
+        score()
         wall = time.perf_counter() - t0
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            mmlu.score_requests(eng, reqs, dev, a.batch_size, True)
-            torch.cuda.synchronize()
+            score()
         print(f"\n{variant}: {len(reqs)} questions ({tokens} context tokens) in {wall:.2f} s wall")
         print_top(prof, 1, variant, "run", a.top)
 

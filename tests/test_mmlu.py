@@ -73,7 +73,8 @@ def test_batched_equals_unbatched_equals_prefix_cached():
     reqs = tiny_requests()
     one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False))
     batched = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=False))
-    cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True))
+    cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True,
+                                         prefix_attention="copy"))  # per-row copies of the prefix, SDPA
     cached_one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=True))  # lone rows
     split = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True,
                                         prefix_attention="split"))  # no per-row copies of the prefix
@@ -97,7 +98,7 @@ def test_prefix_cache_with_real_subjects_and_long_prompts():
     assert any(r.shots < 5 for r in reqs)  # the tiny model's 512 context forces dropped shots on real subjects
     assert any(r.truncated for r in reqs)
     one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False))
-    cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True))
+    cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True, prefix_attention="copy"))
     split = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True, prefix_attention="split"))
     torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)
     torch.testing.assert_close(split, one, atol=1e-5, rtol=0)

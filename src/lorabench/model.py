@@ -105,6 +105,11 @@ def attention_with_lse(q, k, v, causal: bool):
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
         return out, lse
+    return _matmul_with_lse(q, k, v, causal)
+
+
+def _matmul_with_lse(q, k, v, causal: bool):
+    """softmax(q k^T / sqrt(d)) v with plain matmuls (the softmax in fp32 or wider) and each row's log-sum-exp."""
     s = _scores(q, k, causal)
     lse = torch.logsumexp(s, dim=-1)
     return torch.exp(s - lse[..., None]).to(v.dtype) @ v, lse
@@ -186,10 +191,8 @@ class _MatmulAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        s = _scores(q, k)
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        out = torch.exp(s - lse).to(q.dtype) @ v
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = _matmul_with_lse(q, k, v, causal=True)
+        ctx.save_for_backward(q, k, v, out, lse[..., None])
         return out
 
     @staticmethod

@@ -129,9 +129,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             out.append({"engine": r["engine"], "preset": r["preset"], "LBS": r.get("lbs") or "", "tok/s/chip": "error",
-                        "MFU": "",
-                        "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80], "max loss gap": "",
-                        "of floor": ""})
+                        "MFU": "", "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80],
+                        "max loss gap": "", "of floor": ""})
             continue
         out.append({
             "engine": r["engine"], "preset": r["preset"], "LBS": r["batch_size"],

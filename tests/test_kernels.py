@@ -37,6 +37,29 @@ def test_frozen_head_ce_matches_plain_cross_entropy(dtype, n, c, v, chunk_rows, 
     assert h1.grad.dtype == dtype and ours.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_chunks_match_plain_cross_entropy(dtype, monkeypatch):
+    """The compiled chunk graph (used with compiled blocks) gives the same loss and gradient, ragged chunk too."""
+    import torch._dynamo
+
+    monkeypatch.setattr(ce_mod, "_CHUNK_ELEMS", 16 * 211)
+    g = torch.Generator().manual_seed(5)
+    h0 = torch.randn(40, 24, generator=g).to(dtype)
+    w = (torch.randn(211, 24, generator=g) * 0.3).to(dtype)
+    labels = torch.randint(0, 211, (40,), generator=g)
+    labels[1::3] = -100
+    h1, h2 = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    ours = frozen_head_cross_entropy(h1, w, labels, compiled=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
+    ref = reference(h2, w, labels)
+    (ours * 3.0).backward()
+    (ref * 3.0).backward()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(h1.grad.float(), h2.grad.float(), atol=atol, rtol=rtol)
+
+
 def test_frozen_head_ce_detects_a_wrong_target():
     """The comparison can fail: shifting the targets by one changes the loss and gradient."""
     h = torch.randn(16, 8, requires_grad=True)

@@ -23,12 +23,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError, LoRAConfig
+from .kernels.dropout import keep_mask
 
 
 class LoRALinear(nn.Module):
     """A bias-free Linear whose ``weight`` is frozen, with ``lora_A``/``lora_B`` trainable."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+    mask_impl = "op"
+    """How dropout masks are drawn (kernels.dropout.MASK_IMPLS); set per model by set_mask_impl."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, salt: int = 0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = nn.Parameter(base.weight.data, requires_grad=False)
@@ -36,6 +40,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
         self.r, self.scale, self.dropout = r, alpha / r, dropout
+        self.salt = salt  # distinct for adapters of one block that read the same input (kernels/dropout.py)
         if dev.type != "meta":
             self.reset_adapter()
 
@@ -52,7 +57,7 @@ class LoRALinear(nn.Module):
         """The adapter's contribution alone: dropout(x) A^T B^T * scale (a fused base GEMM adds it itself)."""
         mask = None
         if self.dropout and self.training:
-            mask = torch.rand_like(x, dtype=torch.float32) >= self.dropout  # kept with probability 1 - p
+            mask = keep_mask(x, self.dropout, self.mask_impl, self.salt)  # kept with probability 1 - p
         return adapter_delta(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), mask, self.dropout, self.scale)
 
     def merged_weight(self) -> torch.Tensor:
@@ -112,7 +117,8 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if child_name in cfg.targets and isinstance(child, nn.Linear):
-                setattr(mod, child_name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout))
+                salt = cfg.targets.index(child_name)
+                setattr(mod, child_name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout, salt))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
         raise ConfigError(f"--lora-targets {','.join(cfg.targets)} matched no Linear layer in the model")
@@ -121,6 +127,16 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_mask_impl(model: nn.Module, impl: str):
+    """How every adapter of ``model`` draws its dropout masks (one of kernels.dropout.MASK_IMPLS)."""
+    from .kernels.dropout import MASK_IMPLS
+
+    if impl not in MASK_IMPLS:
+        raise ConfigError(f"dropout mask {impl!r}: choose from {', '.join(MASK_IMPLS)}")
+    for m in lora_modules(model).values():
+        m.mask_impl = impl
 
 
 def peft_adapter_config(cfg: LoRAConfig, base_model: str | None) -> dict:

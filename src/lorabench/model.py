@@ -326,7 +326,8 @@ class Llama(nn.Module):
         h = self.hidden(ids)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
         if not self.lm_head.weight.requires_grad:
-            return frozen_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets)
+            return frozen_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets,
+                                             compiled=self.compiled_layers is not None)
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
 

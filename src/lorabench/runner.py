@@ -138,6 +138,17 @@ def fused_projections_default(precision: str, device: torch.device) -> bool:
     return device.type == "cuda" and precision == "tf32"
 
 
+def dropout_mask_choice() -> str:
+    """How the native engine draws dropout masks: the keep-mask op (kernels/dropout.py), or
+    $LORABENCH_DROPOUT_MASK=inline for Inductor's own draw inside the norm kernel (for A/B benchmarks)."""
+    from .kernels.dropout import MASK_IMPLS
+
+    forced = os.environ.get("LORABENCH_DROPOUT_MASK") or "op"
+    if forced not in MASK_IMPLS:
+        raise ConfigError(f"$LORABENCH_DROPOUT_MASK={forced!r}: choose from {', '.join(MASK_IMPLS)}")
+    return forced
+
+
 def run_job(job: Job) -> dict:
     """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
     rank, world = dist_info()
@@ -165,11 +176,12 @@ def run_job(job: Job) -> dict:
     compile_ = compile_default(job.compile, device, job.engine)
     attention = native_attention(t.precision, device)
     fuse = fused_projections_default(t.precision, device)
+    dropout_mask = dropout_mask_choice()
     compile_mode = os.environ.get("LORABENCH_COMPILE_MODE") or None  # for A/B runs (reduce-overhead: CUDA graphs)
     t_build = time.perf_counter()
     engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],
                           seed=t.seed, attn=job.attn, compile=compile_, attention=attention,
-                          fuse=fuse, compile_mode=compile_mode)
+                          fuse=fuse, compile_mode=compile_mode, dropout_mask=dropout_mask)
     build_s = time.perf_counter() - t_build
     if device.type == "cuda":  # peaks of the training itself (the weights stay allocated, so they count)
         torch.cuda.empty_cache()
@@ -205,6 +217,7 @@ def run_job(job: Job) -> dict:
         "lora_targets": list(lo.targets), "preset": job.preset, "fix_hp": job.fix_hp, "engine": job.engine,
         "attn": job.attn if job.engine.startswith("reference") else attention,
         "fused_projections": fuse and job.engine == "native", "init": job.init,
+        "dropout_mask": dropout_mask if job.engine == "native" else None,
         "compile": (compile_mode or True) if compile_ and job.engine == "native" else compile_,
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),

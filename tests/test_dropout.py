@@ -1,0 +1,83 @@
+"""Dropout keep-masks (kernels/dropout.py): their rate, and that a compiled adapter's backward uses the very mask
+its forward drew (a second draw for the backward would train on gradients of a different function)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.config import ConfigError, LoRAConfig
+from lorabench.kernels.dropout import MASK_IMPLS, keep_mask
+from lorabench.lora import LoRALinear, inject_lora, lora_modules, set_mask_impl
+
+
+@pytest.mark.parametrize("impl", MASK_IMPLS)
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5])
+def test_keep_mask_keeps_one_minus_p(impl, p):
+    torch.manual_seed(0)
+    x = torch.empty(300, 1000, dtype=torch.bfloat16)
+    m = keep_mask(x, p, impl)
+    assert m.dtype == torch.bool and m.shape == x.shape
+    assert abs(m.float().mean().item() - (1 - p)) < 0.003  # 300,000 draws: sd <= 0.0009
+    if p:  # rows are not copies of each other
+        assert not torch.equal(m[0], m[1])
+
+
+def identity_adapter(n: int, p: float, impl: str) -> LoRALinear:
+    """r = in = out, A = B = I: the adapter's output is x * mask * scale / (1 - p), so the mask can be read off it."""
+    layer = LoRALinear(torch.nn.Linear(n, n, bias=False), r=n, alpha=n, dropout=p)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.eye(n))
+        layer.lora_B.copy_(torch.eye(n))
+    layer.mask_impl = impl
+    return layer
+
+
+@pytest.mark.parametrize("impl", MASK_IMPLS)
+def test_compiled_backward_uses_the_forward_mask(impl):
+    torch.manual_seed(0)
+    n, p = 16, 0.5
+    layer = identity_adapter(n, p, impl)
+    x = (torch.rand(6, 10, n) + 0.5).requires_grad_()  # no zeros: a zero output means a dropped element
+    y = torch.compile(layer.delta)(x)
+    y.sum().backward()
+    forward_kept, backward_kept = y != 0, x.grad != 0
+    assert 0.3 < forward_kept.float().mean().item() < 0.7
+    assert torch.equal(forward_kept, backward_kept)
+    torch.testing.assert_close(y[forward_kept], x[forward_kept] / (1 - p))  # scale = alpha / r = 1
+    torch.testing.assert_close(x.grad[backward_kept], torch.full_like(x.grad[backward_kept], 1 / (1 - p)))
+
+
+class TwoProjections(torch.nn.Module):
+    """q_proj and v_proj reading the same input, as in attention; base weights zero, so only the adapters show."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.q_proj, self.v_proj = torch.nn.Linear(n, n, bias=False), torch.nn.Linear(n, n, bias=False)
+        torch.nn.init.zeros_(self.q_proj.weight)
+        torch.nn.init.zeros_(self.v_proj.weight)
+
+    def forward(self, x):
+        return self.q_proj(x) + 2 * self.v_proj(x)
+
+
+@pytest.mark.parametrize("impl", MASK_IMPLS)
+def test_adapters_on_one_input_draw_independent_masks_when_compiled(impl):
+    """Each gradient element is 2 (kept by q's mask) + 4 (kept by v's), so one shared mask would leave only 0
+    and 6; independent masks at p = 0.5 give all of 0, 2, 4 and 6."""
+    torch.manual_seed(0)
+    n = 16
+    model = TwoProjections(n)
+    inject_lora(model, LoRAConfig(r=n, alpha=n, dropout=0.5, targets=("q_proj", "v_proj")))
+    set_mask_impl(model, impl)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_A.copy_(torch.eye(n))
+            m.lora_B.copy_(torch.eye(n))
+    x = torch.randn(6, 10, n, requires_grad=True)
+    torch.compile(model)(x).sum().backward()
+    assert sorted(torch.unique(x.grad).tolist()) == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_set_mask_impl_names_the_choices():
+    with pytest.raises(ConfigError, match="inline"):
+        set_mask_impl(torch.nn.Sequential(identity_adapter(4, 0.1, "op")), "philox")

@@ -75,6 +75,7 @@ def main():
     print(f"{title}: {wall * 1e3:.1f} ms wall per step, {a.batch_size * a.seq_len / wall:.0f} tok/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print_top(prof, a.steps, title, "step", a.top)
+    print_gaps(prof, a.steps)
 
 
 def print_top(prof, reps: int, title: str, unit: str, top: int):
@@ -90,6 +91,26 @@ def print_top(prof, reps: int, title: str, unit: str, top: int):
     for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
         print(f"{100 * e.device_time_total / total:5.1f}%  {e.device_time_total / reps / 1e3:7.2f} ms  "
               f"x{e.count // reps:<4d} {kind(e.key):9s} {e.key[:90]}")
+
+
+def print_gaps(prof, reps: int, top: int = 10):
+    """Where the GPU sits idle between kernels: idle time per step by gap length, and the longest gaps with the
+    kernels on either side (launch bubbles are a few us; longer gaps mean the host fell behind)."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    gaps, end, prev = [], None, None
+    for e in kernels:
+        if end is not None and e.time_range.start > end:
+            gaps.append((e.time_range.start - end, prev.name, e.name))
+        if end is None or e.time_range.end > end:
+            end, prev = e.time_range.end, e
+    bins = {"< 5 us": 0.0, "5-50 us": 0.0, ">= 50 us": 0.0}
+    for g, _, _ in gaps:
+        bins["< 5 us" if g < 5 else "5-50 us" if g < 50 else ">= 50 us"] += g
+    print(f"idle between kernels per step: {sum(bins.values()) / reps / 1e3:.1f} ms over {len(gaps) // reps} gaps ("
+          + ", ".join(f"{k} {v / reps / 1e3:.1f} ms" for k, v in bins.items()) + ")")
+    for g, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  {g:8.0f} us  after {before[:60]}  before {after[:60]}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorabench.config import ConfigError, LoRAConfig
-from lorabench.kernels.dropout import MASK_IMPLS, keep_mask
+from lorabench.kernels.dropout import BLOCK, MASK_IMPLS, keep_mask, philox4x32, philox_keep_mask
 from lorabench.lora import LoRALinear, inject_lora, lora_modules, set_mask_impl
 
 
@@ -20,6 +20,34 @@ def test_keep_mask_keeps_one_minus_p(impl, p):
     assert abs(m.float().mean().item() - (1 - p)) < 0.003  # 300,000 draws: sd <= 0.0009
     if p:  # rows are not copies of each other
         assert not torch.equal(m[0], m[1])
+
+
+@pytest.mark.parametrize("counter, key, want", [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_reference_gives_the_published_answers(counter, key, want):
+    """Philox4x32-10's known-answer vectors (Random123's kat_vectors: zeros, all ones, digits of pi)."""
+    got = philox4x32([torch.tensor([c]) for c in counter], key)
+    assert tuple(int(w) for w in got) == want
+
+
+def test_philox16_reference_mask():
+    """The kernel's reference: rate 1 - round(p * 65536) / 65536, a different mask for another seed, and each
+    tile's eight blocks taken from the low and high halves of the four words of the same Philox calls."""
+    shape = (3, 5, 1999)  # 29,985 elements: 4 tiles, the last ragged
+    m = philox_keep_mask(shape, 0.05, seed=123)
+    assert m.shape == shape and m.dtype == torch.bool
+    assert abs(m.float().mean().item() - (1 - 3277 / 65536)) < 0.004  # sd 0.0013
+    assert not torch.equal(m, philox_keep_mask(shape, 0.05, seed=124))
+    flat = m.reshape(-1)
+    words = philox4x32([torch.arange(BLOCK), *(torch.zeros(BLOCK, dtype=torch.long),) * 3], (123, 0))
+    for w in range(4):
+        assert torch.equal(flat[2 * w * BLOCK:(2 * w + 1) * BLOCK], (words[w] & 0xFFFF) >= 3277)
+        assert torch.equal(flat[(2 * w + 1) * BLOCK:(2 * w + 2) * BLOCK], (words[w] >> 16) >= 3277)
+    assert philox_keep_mask((7,), 0.0, seed=1).all()
 
 
 def identity_adapter(n: int, p: float, impl: str) -> LoRALinear:

@@ -29,7 +29,7 @@ from .kernels.dropout import keep_mask
 class LoRALinear(nn.Module):
     """A bias-free Linear whose ``weight`` is frozen, with ``lora_A``/``lora_B`` trainable."""
 
-    mask_impl = "op"
+    mask_impl = "philox16"
     """How dropout masks are drawn (kernels.dropout.MASK_IMPLS); set per model by set_mask_impl."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, salt: int = 0):

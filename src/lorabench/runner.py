@@ -139,11 +139,11 @@ def fused_projections_default(precision: str, device: torch.device) -> bool:
 
 
 def dropout_mask_choice() -> str:
-    """How the native engine draws dropout masks: the keep-mask op (kernels/dropout.py), or
-    $LORABENCH_DROPOUT_MASK=inline for Inductor's own draw inside the norm kernel (for A/B benchmarks)."""
+    """How the native engine draws dropout masks (kernels/dropout.py): philox16 unless $LORABENCH_DROPOUT_MASK
+    names another of MASK_IMPLS (for A/B benchmarks)."""
     from .kernels.dropout import MASK_IMPLS
 
-    forced = os.environ.get("LORABENCH_DROPOUT_MASK") or "op"
+    forced = os.environ.get("LORABENCH_DROPOUT_MASK") or MASK_IMPLS[0]
     if forced not in MASK_IMPLS:
         raise ConfigError(f"$LORABENCH_DROPOUT_MASK={forced!r}: choose from {', '.join(MASK_IMPLS)}")
     return forced

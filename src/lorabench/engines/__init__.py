@@ -66,7 +66,7 @@ def canonical_adapters(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict[st
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
                  device: torch.device, dtype: torch.dtype, seed: int, attn: str = "eager", compile: bool = False,
                  attention: str = "sdpa", fuse: bool = False, compile_mode: str | None = None,
-                 dropout_mask: str = "op"):
+                 dropout_mask: str = "philox16"):
     """Build engine ``name`` with base weights from ``model_dir`` (None: canonical random weights from ``seed``)
     and canonical adapters from ``seed``. ``compile``: torch.compile the native engine's blocks; ``attention``:
     its training attention (model.ATTENTION_IMPLS); ``fuse``: its q/k/v and gate/up GEMMs fused;

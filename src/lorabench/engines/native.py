@@ -15,7 +15,7 @@ class NativeEngine(Engine):
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
                  compile: bool = False, attention: str = "sdpa", fuse: bool = False,
-                 compile_mode: str | None = None, dropout_mask: str = "op"):
+                 compile_mode: str | None = None, dropout_mask: str = "philox16"):
         self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)

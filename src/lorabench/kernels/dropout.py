@@ -1,31 +1,95 @@
-"""Dropout keep-masks drawn by torch's Bernoulli kernel, also inside compiled blocks.
+"""Dropout keep-masks drawn outside Inductor's kernels, also inside compiled blocks.
 
 ``rand_like(x) >= p`` inside a compiled block becomes part of an Inductor kernel that runs one Philox call per
 element and keeps one of the four 32-bit words it yields. At the Llama-2-7B shape that made the RMSNorm kernel the
 masks are fused into compute-bound (10.4 ms of a 404 ms step at bf16 LBS 16 on an H200, benchmarks/NOTES.md item
-12). ``keep_mask`` is a custom op: a compiled graph calls it as an opaque kernel (torch's CUDA Bernoulli kernel,
-which unrolls over the words of each Philox call on large tensors and writes the bool mask directly), and it is
-tagged as a seeded random op (the partitioner saves its output for the backward rather than drawing it again: it
-recomputes no op outside its allowlist). The joint graph's common-subexpression elimination, though, merges calls
-with equal arguments unless the op is one of torch's own random ops, so two adapters reading the same input (q_proj
-and v_proj both read the attention norm's output) pass different ``salt`` values, or they would share one mask.
+12). ``keep_mask`` is a custom op instead, which a compiled graph calls as an opaque kernel:
 
-Where torch has no ``torch.library.custom_op`` (before 2.4), or impl 'inline' asks for it (A/B benchmarks), the
-mask is ``rand_like(x, float32) >= p``, which Inductor fuses into its kernels.
+- ``philox16`` (CUDA with Triton): one Philox4x32-10 call gives 128 random bits, read as eight 16-bit numbers,
+  each compared with round(p * 65536): eight mask elements per call (p is kept to 1/65536: 0.05 becomes
+  3277/65536 = 0.050003). The seed of each call is drawn from torch's CPU generator, so ``torch.manual_seed``
+  fixes the masks. ``philox_keep_mask`` is the same mask in plain PyTorch (the tests' and gpu_check's reference).
+- ``bernoulli``: torch's Bernoulli kernel on a bool tensor (the op's path on a CPU, or without Triton, or while a
+  CUDA graph is being captured, where a seed drawn on the host would be frozen into the graph).
+- ``inline``: ``rand_like(x, float32) >= p`` where it is needed (Inductor fuses it into its kernels); also the
+  path on torch without ``torch.library.custom_op`` (before 2.4).
+
+The op is tagged as a seeded random op (the partitioner saves its output for the backward rather than drawing it
+again: it recomputes no op outside its allowlist). The joint graph's common-subexpression elimination, though,
+merges calls with equal arguments unless the op is one of torch's own random ops, so two adapters reading the same
+input (q_proj and v_proj both read the attention norm's output) pass different ``salt`` values, or they would
+share one mask.
 """
 from __future__ import annotations
 
 import torch
 
-MASK_IMPLS = ("op", "inline")
-"""How a keep-mask is drawn: ``op`` the custom op below, ``inline`` rand_like where it is needed."""
+MASK_IMPLS = ("philox16", "bernoulli", "inline")
+"""How a keep-mask is drawn (see above)."""
+
+BLOCK = 1024
+"""Philox calls per program of the Triton kernel; a program writes 8 x BLOCK mask elements, word w's low and high
+halves to elements [(2w) BLOCK, (2w + 1) BLOCK) and [(2w + 1) BLOCK, (2w + 2) BLOCK) of its tile."""
+
+
+def _threshold(p: float) -> int:
+    return round(p * 65536)
+
+
+def _triton_kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit(do_not_specialize=["seed"])  # one compiled kernel for every seed (16 | seed would be a second)
+    def keep_mask_kernel(out_ptr, n, seed, threshold, BLOCK: tl.constexpr):
+        tile = tl.program_id(0)
+        j = tl.arange(0, BLOCK)
+        r0, r1, r2, r3 = tl.randint4x(seed, tile * BLOCK + j)
+        base = tile.to(tl.int64) * (8 * BLOCK) + j
+        store_halves(out_ptr, base, r0, n, threshold, BLOCK)
+        store_halves(out_ptr, base + 2 * BLOCK, r1, n, threshold, BLOCK)
+        store_halves(out_ptr, base + 4 * BLOCK, r2, n, threshold, BLOCK)
+        store_halves(out_ptr, base + 6 * BLOCK, r3, n, threshold, BLOCK)
+
+    @triton.jit
+    def store_halves(out_ptr, idx, r, n, threshold, BLOCK: tl.constexpr):
+        tl.store(out_ptr + idx, (r & 0xFFFF).to(tl.int32) >= threshold, mask=idx < n)
+        tl.store(out_ptr + idx + BLOCK, (r >> 16).to(tl.int32) >= threshold, mask=idx + BLOCK < n)
+
+    return keep_mask_kernel
+
+
+_KERNEL = []
+
+
+def _philox16_cuda(x: torch.Tensor, p: float) -> torch.Tensor:
+    if not _KERNEL:
+        _KERNEL.append(_triton_kernel())
+    kernel = _KERNEL[0]
+    if kernel is None or torch.cuda.is_current_stream_capturing():
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+    out = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    n = out.numel()
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    with torch.cuda.device(x.device):
+        kernel[(_cdiv(n, 8 * BLOCK),)](out, n, seed, _threshold(p), BLOCK=BLOCK)
+    return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _define_op():
     if not hasattr(torch.library, "custom_op"):
         return None
 
-    def impl(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
+    def impl(x: torch.Tensor, p: float, salt: int, philox16: bool) -> torch.Tensor:
+        if philox16 and x.is_cuda:
+            return _philox16_cuda(x, p)
         return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
 
     try:
@@ -35,7 +99,7 @@ def _define_op():
         return None
 
     @op.register_fake
-    def _(x, p, salt):
+    def _(x, p, salt, philox16):
         return torch.empty_like(x, dtype=torch.bool)
 
     return op
@@ -44,9 +108,49 @@ def _define_op():
 _KEEP_MASK = _define_op()
 
 
-def keep_mask(x: torch.Tensor, p: float, impl: str = "op", salt: int = 0) -> torch.Tensor:
+def keep_mask(x: torch.Tensor, p: float, impl: str = "philox16", salt: int = 0) -> torch.Tensor:
     """A bool tensor like ``x``, each element True (kept) with probability 1 - p, independently. Masks drawn from
     the same ``x`` in one compiled graph need different ``salt`` values (see above); the draw ignores it."""
-    if impl == "op" and _KEEP_MASK is not None:
-        return _KEEP_MASK(x, p, salt)
+    if impl != "inline" and _KEEP_MASK is not None:
+        return _KEEP_MASK(x, p, salt, impl == "philox16")
     return torch.rand_like(x, dtype=torch.float32) >= p
+
+
+# -- the plain-PyTorch reference of the philox16 mask ---------------------------------------------------------
+
+_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo(m: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of m * c for 32-bit c in int64 arithmetic (16-bit limbs, so nothing overflows)."""
+    t, u = m * (c & 0xFFFF), m * (c >> 16)  # m * c = u * 2^16 + t, both < 2^48
+    mid = u + (t >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox4x32(counters: list[torch.Tensor], key: tuple[int, int], rounds: int = 10) -> list[torch.Tensor]:
+    """Philox4x32 (Salmon et al., SC'11) of the four 32-bit counter words under the key's two words: the four
+    output words, as int64 tensors."""
+    c0, c1, c2, c3 = (c.to(torch.int64) for c in counters)
+    k0, k1 = key
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _U32, (k1 + _W1) & _U32
+    return [c0, c1, c2, c3]
+
+
+def philox_keep_mask(shape, p: float, seed: int) -> torch.Tensor:
+    """The philox16 kernel's mask for ``seed``, computed in plain PyTorch on the CPU."""
+    n = 1
+    for s in shape:
+        n *= s
+    tiles = _cdiv(n, 8 * BLOCK)
+    counter = torch.arange(tiles * BLOCK, dtype=torch.int64)
+    zero = torch.zeros_like(counter)
+    words = philox4x32([counter, zero, zero, zero], (seed & _U32, seed >> 32))  # Triton's randint4x
+    halves = [h.view(tiles, 1, BLOCK) for w in words for h in (w & 0xFFFF, w >> 16)]  # order within a tile
+    keep = torch.cat(halves, dim=1).reshape(-1)[:n] >= _threshold(p)
+    return keep.reshape(shape)

@@ -143,6 +143,32 @@ def test_adapter_delta_matches_plain_autograd(shape, p, dtype):
         assert torch.count_nonzero(got_in[0].grad[~mask]) == 0
 
 
+@pytest.mark.parametrize("r", [5, 12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_adapter_delta_matches_plain_autograd(r, dtype):
+    """Compiled (as in a compiled block: Inductor rewrites the graph), forward and gradients against float64 op
+    by op, dropout on."""
+    g = torch.Generator().manual_seed(r)
+    shape, out, p = (3, 11, 40), 24, 0.3
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    a64 = torch.randn(r, shape[-1], generator=g, dtype=torch.float64)
+    b64 = torch.randn(out, r, generator=g, dtype=torch.float64)
+    grad = torch.randn(*shape[:-1], out, generator=g, dtype=torch.float64)
+    mask = torch.rand(shape, generator=g) >= p
+    ref = [t.clone().requires_grad_() for t in (x64, a64, b64)]
+    want = plain_delta(*ref, mask, p, 2.0)
+    want.backward(grad)
+    got_in = [t.to(dtype).requires_grad_() for t in (x64, a64, b64)]
+    got = torch.compile(lambda x, a, b, m: adapter_delta(x, a, b, m, p, 2.0))(*got_in, mask)
+    got.backward(grad.to(dtype))
+    atol, rtol = TOL[dtype]
+    scale = want.abs().max()
+    torch.testing.assert_close(got.double() / scale, want.detach() / scale, atol=atol, rtol=rtol)
+    for t_got, t_ref in zip(got_in, ref):
+        s = t_ref.grad.abs().max()
+        torch.testing.assert_close(t_got.grad.double() / s, t_ref.grad / s, atol=atol, rtol=rtol)
+
+
 def test_dropout_keeps_one_minus_p_and_saves_no_dropped_copy():
     """In training the adapter drops inputs with probability p and scales the rest by 1 / (1 - p), as
     F.dropout does; for the backward it keeps x, the bool mask and the [tokens, r] product, not a dropped float

@@ -115,27 +115,24 @@ def plain_delta(x, a, b, mask, p, scale):
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2)}
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 33), (37, 64)])  # a [B, T, C] block input and odd sizes flat
-@pytest.mark.parametrize("p", [0.0, 0.05, 0.5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_adapter_delta_matches_plain_autograd(shape, p, dtype):
-    """Forward and the gradients of x, A and B against the op-by-op expression in float64 (same mask)."""
-    g = torch.Generator().manual_seed(len(shape) + int(100 * p))
-    r, out = 5, 19
+def check_delta_against_float64(delta, shape, r, out, p, dtype, seed, scale=4.0):
+    """``delta(x, a, b, mask, p, scale)``'s forward and its gradients of x, A and B against the op-by-op
+    expression in float64 (same mask)."""
+    g = torch.Generator().manual_seed(seed)
     x64 = torch.randn(shape, generator=g, dtype=torch.float64)
     a64 = torch.randn(r, shape[-1], generator=g, dtype=torch.float64)
     b64 = torch.randn(out, r, generator=g, dtype=torch.float64)
     grad = torch.randn(*shape[:-1], out, generator=g, dtype=torch.float64)
     mask = torch.rand(shape, generator=g) >= p if p else None
     ref = [t.clone().requires_grad_() for t in (x64, a64, b64)]
-    want = plain_delta(*ref, mask, p, 4.0)
+    want = plain_delta(*ref, mask, p, scale)
     want.backward(grad)
     got_in = [t.to(dtype).requires_grad_() for t in (x64, a64, b64)]
-    got = adapter_delta(*got_in, mask, p, 4.0)
+    got = delta(*got_in, mask, p, scale)
     got.backward(grad.to(dtype))
     atol, rtol = TOL[dtype]
-    scale = want.abs().max()
-    torch.testing.assert_close(got.double() / scale, want.detach() / scale, atol=atol, rtol=rtol)
+    s = want.abs().max()
+    torch.testing.assert_close(got.double() / s, want.detach() / s, atol=atol, rtol=rtol)
     for t_got, t_ref in zip(got_in, ref):
         s = t_ref.grad.abs().max()
         torch.testing.assert_close(t_got.grad.double() / s, t_ref.grad / s, atol=atol, rtol=rtol)
@@ -143,30 +140,19 @@ def test_adapter_delta_matches_plain_autograd(shape, p, dtype):
         assert torch.count_nonzero(got_in[0].grad[~mask]) == 0
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 33), (37, 64)])  # a [B, T, C] block input and odd sizes flat
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_delta_matches_plain_autograd(shape, p, dtype):
+    check_delta_against_float64(adapter_delta, shape, 5, 19, p, dtype, seed=len(shape) + int(100 * p))
+
+
 @pytest.mark.parametrize("r", [5, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_adapter_delta_matches_plain_autograd(r, dtype):
-    """Compiled (as in a compiled block: Inductor rewrites the graph), forward and gradients against float64 op
-    by op, dropout on."""
-    g = torch.Generator().manual_seed(r)
-    shape, out, p = (3, 11, 40), 24, 0.3
-    x64 = torch.randn(shape, generator=g, dtype=torch.float64)
-    a64 = torch.randn(r, shape[-1], generator=g, dtype=torch.float64)
-    b64 = torch.randn(out, r, generator=g, dtype=torch.float64)
-    grad = torch.randn(*shape[:-1], out, generator=g, dtype=torch.float64)
-    mask = torch.rand(shape, generator=g) >= p
-    ref = [t.clone().requires_grad_() for t in (x64, a64, b64)]
-    want = plain_delta(*ref, mask, p, 2.0)
-    want.backward(grad)
-    got_in = [t.to(dtype).requires_grad_() for t in (x64, a64, b64)]
-    got = torch.compile(lambda x, a, b, m: adapter_delta(x, a, b, m, p, 2.0))(*got_in, mask)
-    got.backward(grad.to(dtype))
-    atol, rtol = TOL[dtype]
-    scale = want.abs().max()
-    torch.testing.assert_close(got.double() / scale, want.detach() / scale, atol=atol, rtol=rtol)
-    for t_got, t_ref in zip(got_in, ref):
-        s = t_ref.grad.abs().max()
-        torch.testing.assert_close(t_got.grad.double() / s, t_ref.grad / s, atol=atol, rtol=rtol)
+    """Compiled (as in a compiled block: Inductor rewrites the graph), dropout on."""
+    compiled = torch.compile(adapter_delta)
+    check_delta_against_float64(compiled, (3, 11, 40), r, 24, 0.3, dtype, seed=r, scale=2.0)
 
 
 def test_dropout_keeps_one_minus_p_and_saves_no_dropped_copy():

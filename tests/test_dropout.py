@@ -2,6 +2,10 @@
 its forward drew (a second draw for the backward would train on gradients of a different function)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -48,6 +52,32 @@ def test_philox16_reference_mask():
         assert torch.equal(flat[2 * w * BLOCK:(2 * w + 1) * BLOCK], (words[w] & 0xFFFF) >= 3277)
         assert torch.equal(flat[(2 * w + 1) * BLOCK:(2 * w + 2) * BLOCK], (words[w] >> 16) >= 3277)
     assert philox_keep_mask((7,), 0.0, seed=1).all()
+
+
+INTERPRETED = """
+import sys, torch
+from lorabench.kernels import dropout
+kernel = dropout._triton_kernel()
+for shape, p in ((3, 5, 1999), 0.05), ((2, 8 * dropout.BLOCK), 0.5), ((7,), 0.3):
+    out = torch.empty(shape, dtype=torch.bool)
+    seed = 0x1234_5678_9ABC_DEF
+    dropout._launch(kernel, out, p, seed)
+    want = dropout.philox_keep_mask(shape, p, seed)
+    print(shape, p, int((out != want).sum()), "differ")
+    if not torch.equal(out, want):
+        sys.exit(1)
+"""
+
+
+def test_philox16_kernel_matches_its_reference_in_the_interpreter():
+    """The Triton kernel itself, run by Triton's CPU interpreter: bit for bit the reference's mask (ragged tiles,
+    whole tiles, a tile mostly empty). In a fresh process: the interpreter must be on before triton is imported.
+    On a GPU, benchmarks/gpu_check.py compares the compiled kernel the same way."""
+    pytest.importorskip("triton", reason="the test extra installs triton on Linux x86-64 (its interpreter runs here)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(" 0 differ") == 3, done.stdout
 
 
 def identity_adapter(n: int, p: float, impl: str) -> LoRALinear:

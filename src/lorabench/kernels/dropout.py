@@ -8,7 +8,10 @@ masks are fused into compute-bound (10.4 ms of a 404 ms step at bf16 LBS 16 on a
 - ``philox16`` (CUDA with Triton): one Philox4x32-10 call gives 128 random bits, read as eight 16-bit numbers,
   each compared with round(p * 65536): eight mask elements per call (p is kept to 1/65536: 0.05 becomes
   3277/65536 = 0.050003). The seed of each call is drawn from torch's CPU generator, so ``torch.manual_seed``
-  fixes the masks. ``philox_keep_mask`` is the same mask in plain PyTorch (the tests' and gpu_check's reference).
+  fixes the masks. ``philox_keep_mask`` is the same mask in plain PyTorch: the tests run the kernel in Triton's
+  CPU interpreter and benchmarks/gpu_check.py on a GPU, both bit for bit against it. On an H200 at bf16 LBS 16
+  the masks took 2.0 ms a step this way and 4.5 ms with torch's Bernoulli kernel; the norm kernel that drew them
+  itself took 10.4 ms (benchmarks/NOTES.md items 12, 22-23).
 - ``bernoulli``: torch's Bernoulli kernel on a bool tensor (the op's path on a CPU, or without Triton, or while a
   CUDA graph is being captured, where a seed drawn on the host would be frozen into the graph).
 - ``inline``: ``rand_like(x, float32) >= p`` where it is needed (Inductor fuses it into its kernels); also the
@@ -48,16 +51,15 @@ def _triton_kernel():
         tile = tl.program_id(0)
         j = tl.arange(0, BLOCK)
         r0, r1, r2, r3 = tl.randint4x(seed, tile * BLOCK + j)
-        base = tile.to(tl.int64) * (8 * BLOCK) + j
-        store_halves(out_ptr, base, r0, n, threshold, BLOCK)
-        store_halves(out_ptr, base + 2 * BLOCK, r1, n, threshold, BLOCK)
-        store_halves(out_ptr, base + 4 * BLOCK, r2, n, threshold, BLOCK)
-        store_halves(out_ptr, base + 6 * BLOCK, r3, n, threshold, BLOCK)
-
-    @triton.jit
-    def store_halves(out_ptr, idx, r, n, threshold, BLOCK: tl.constexpr):
-        tl.store(out_ptr + idx, (r & 0xFFFF).to(tl.int32) >= threshold, mask=idx < n)
-        tl.store(out_ptr + idx + BLOCK, (r >> 16).to(tl.int32) >= threshold, mask=idx + BLOCK < n)
+        i = tile.to(tl.int64) * (8 * BLOCK) + j  # the tile's first block; the k-th block starts at i + k BLOCK
+        tl.store(out_ptr + i, (r0 & 0xFFFF).to(tl.int32) >= threshold, mask=i < n)
+        tl.store(out_ptr + i + BLOCK, (r0 >> 16).to(tl.int32) >= threshold, mask=i + BLOCK < n)
+        tl.store(out_ptr + i + 2 * BLOCK, (r1 & 0xFFFF).to(tl.int32) >= threshold, mask=i + 2 * BLOCK < n)
+        tl.store(out_ptr + i + 3 * BLOCK, (r1 >> 16).to(tl.int32) >= threshold, mask=i + 3 * BLOCK < n)
+        tl.store(out_ptr + i + 4 * BLOCK, (r2 & 0xFFFF).to(tl.int32) >= threshold, mask=i + 4 * BLOCK < n)
+        tl.store(out_ptr + i + 5 * BLOCK, (r2 >> 16).to(tl.int32) >= threshold, mask=i + 5 * BLOCK < n)
+        tl.store(out_ptr + i + 6 * BLOCK, (r3 & 0xFFFF).to(tl.int32) >= threshold, mask=i + 6 * BLOCK < n)
+        tl.store(out_ptr + i + 7 * BLOCK, (r3 >> 16).to(tl.int32) >= threshold, mask=i + 7 * BLOCK < n)
 
     return keep_mask_kernel
 
@@ -72,11 +74,15 @@ def _philox16_cuda(x: torch.Tensor, p: float) -> torch.Tensor:
     if kernel is None or torch.cuda.is_current_stream_capturing():
         return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
     out = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-    n = out.numel()
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     with torch.cuda.device(x.device):
-        kernel[(_cdiv(n, 8 * BLOCK),)](out, n, seed, _threshold(p), BLOCK=BLOCK)
+        _launch(kernel, out, p, seed)
     return out
+
+
+def _launch(kernel, out: torch.Tensor, p: float, seed: int):
+    """Fill the contiguous bool tensor ``out`` with the philox16 mask of ``seed``."""
+    kernel[(_cdiv(out.numel(), 8 * BLOCK),)](out, out.numel(), seed, _threshold(p), BLOCK=BLOCK)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -45,4 +45,8 @@ def test_step_stats_excludes_warmup():
     assert s["timed_steps"] == 3
     assert s["tokens_per_s_per_chip"] == pytest.approx(100 / (4 / 3))
     assert s["tokens_per_s_per_chip_median"] == pytest.approx(100.0)
+    # steps 5, 1, 1, 2 after one warm-up: mean 2.25, sample stdev sqrt(10.75 / 3); 1.96 stdev / 2 / mean
+    s4 = step_stats([9.0, 5.0, 1.0, 1.0, 2.0], tokens_per_step=100, warmup=1)
+    assert s4["step_time_ci95_rel"] == pytest.approx(1.96 * (10.75 / 3) ** 0.5 / 2 / 2.25)
+    assert step_stats([1.0, 2.0], 100, warmup=1)["step_time_ci95_rel"] is None  # one timed step: no spread
     assert step_stats([1.0], 100, warmup=3)["timed_steps"] == 1  # too few steps: all are timed

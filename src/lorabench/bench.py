@@ -40,7 +40,7 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
     m = r["metrics"]
     keep = ("tokens_per_s_per_chip", "tokens_per_s_per_chip_median", "mfu", "mfu_flagperf", "flops_per_token",
             "peak_mem_allocated_gib", "peak_mem_reserved_gib", "step_time_mean_s", "step_time_stdev_s",
-            "skipped_steps", "build_s")
+            "step_time_ci95_rel", "skipped_steps", "build_s")
     return {**row, **{k: m.get(k) for k in keep}, "loss_final": m["train_loss_final"], "losses": r["series"]["loss"],
             "batch_size": r["config"]["batch_size"], "seq_len": r["config"]["seq_len"],
             "precision": r["config"]["precision"], "device_name": r["env"]["device_name"]}
@@ -129,12 +129,13 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             out.append({"engine": r["engine"], "preset": r["preset"], "LBS": r.get("lbs") or "", "tok/s/chip": "error",
-                        "MFU": "", "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80],
+                        "±95%": "", "MFU": "", "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80],
                         "max loss gap": "", "of floor": ""})
             continue
         out.append({
             "engine": r["engine"], "preset": r["preset"], "LBS": r["batch_size"],
             "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f"),
+            "±95%": "-" if r.get("step_time_ci95_rel") is None else f"{100 * r['step_time_ci95_rel']:.1f}%",
             "MFU": "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             "peak alloc GiB": f(r["peak_mem_allocated_gib"], ".1f"), "loss@N": f(r["loss_final"], ".4f"),
             "vs reference": f(r.get("speedup_vs_reference"), ".2f") + ("x" if r.get("speedup_vs_reference") else ""),

@@ -66,7 +66,9 @@ def mfu_flagperf(tokens_per_s: float, n_params: int) -> float:
 
 def step_stats(step_times: list[float], tokens_per_step: int, warmup: int) -> dict:
     """Tokens/s per chip from per-step wall times (warm-up steps excluded; all steps if too few remain).
-    ``tokens_per_s_per_chip`` is FlagPerf's: tokens per step / mean step time; the median is reported too."""
+    ``tokens_per_s_per_chip`` is FlagPerf's: tokens per step / mean step time; the median is reported too, and
+    ``step_time_ci95_rel``, the half-width of a 95% interval of the mean step time (normal approximation,
+    1.96 stdev / sqrt(n)) relative to the mean: how finely the run resolves a speed difference."""
     timed = step_times[warmup:] if len(step_times) > warmup else step_times
     if not timed:
         return {"tokens_per_s_per_chip": None, "tokens_per_s_per_chip_median": None, "timed_steps": 0}
@@ -77,5 +79,6 @@ def step_stats(step_times: list[float], tokens_per_step: int, warmup: int) -> di
         "step_time_mean_s": mean,
         "step_time_median_s": med,
         "step_time_stdev_s": statistics.stdev(timed) if len(timed) > 1 else 0.0,
+        "step_time_ci95_rel": 1.96 * statistics.stdev(timed) / len(timed) ** 0.5 / mean if len(timed) > 1 else None,
         "timed_steps": len(timed),
     }

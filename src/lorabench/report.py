@@ -100,6 +100,10 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _pct(v):
+    return None if v is None else 100 * v
+
+
 def render_report(result: dict) -> str:
     m, c, e = result["metrics"], result["config"], result["env"]
     extra = [
@@ -111,7 +115,8 @@ def render_report(result: dict) -> str:
         f"GAS {c['grad_accum']}, {m['steps']} steps",
         f"- tokens/s per chip: mean {_fmt(m['tokens_per_s_per_chip'], '.1f')}, median "
         f"{_fmt(m['tokens_per_s_per_chip_median'], '.1f')} ({m['timed_steps']} timed steps after "
-        f"{c['warmup_steps']} warm-up)",
+        f"{c['warmup_steps']} warm-up; mean step time ±{_fmt(_pct(m.get('step_time_ci95_rel')), '.1f', 'n/a')}% "
+        f"at 95%)",
         f"- FLOPs/token {m['flops_per_token'] / 1e9:.3f} G; MFU "
         f"{'n/a (unknown peak; give --peak-tflops)' if m['mfu'] is None else format(m['mfu'], '.1%')}; "
         f"FlagPerf-formula MFU {m['mfu_flagperf']:.1%}",

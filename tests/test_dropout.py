@@ -1,5 +1,6 @@
-"""Dropout keep-masks (kernels/dropout.py): their rate, and that a compiled adapter's backward uses the very mask
-its forward drew (a second draw for the backward would train on gradients of a different function)."""
+"""Dropout keep-masks (kernels/dropout.py): their rate; the Philox reference against published answers and the
+Triton kernel against the reference; that a compiled adapter's backward uses the very mask its forward drew (a
+second draw would train on gradients of a different function) and that two adapters' masks stay independent."""
 from __future__ import annotations
 
 import os

@@ -85,7 +85,7 @@ def test_native_defaults_per_precision_and_their_overrides(monkeypatch):
     import torch
 
     from lorabench.config import ConfigError
-    from lorabench.runner import fused_projections_default, native_attention
+    from lorabench.runner import dropout_mask_choice, fused_projections_default, native_attention
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("LORABENCH_NATIVE_ATTENTION", raising=False)
@@ -103,3 +103,10 @@ def test_native_defaults_per_precision_and_their_overrides(monkeypatch):
     monkeypatch.setenv("LORABENCH_NATIVE_ATTENTION", "fast")
     with pytest.raises(ConfigError, match="LORABENCH_NATIVE_ATTENTION.*matmul"):
         native_attention("bf16", cuda)
+    monkeypatch.delenv("LORABENCH_DROPOUT_MASK", raising=False)
+    assert dropout_mask_choice() == "philox16"
+    monkeypatch.setenv("LORABENCH_DROPOUT_MASK", "inline")
+    assert dropout_mask_choice() == "inline"
+    monkeypatch.setenv("LORABENCH_DROPOUT_MASK", "fast")
+    with pytest.raises(ConfigError, match="LORABENCH_DROPOUT_MASK.*bernoulli"):
+        dropout_mask_choice()

@@ -114,10 +114,8 @@ def native_attention(precision: str, device: torch.device) -> str:
     (for A/B benchmarks)."""
     from .model import ATTENTION_IMPLS
 
-    forced = os.environ.get("LORABENCH_NATIVE_ATTENTION")
+    forced = _env_choice("LORABENCH_NATIVE_ATTENTION", ATTENTION_IMPLS)
     if forced:
-        if forced not in ATTENTION_IMPLS:
-            raise ConfigError(f"$LORABENCH_NATIVE_ATTENTION={forced!r}: choose from {', '.join(ATTENTION_IMPLS)}")
         return forced
     if device.type != "cuda":
         return "sdpa"
@@ -130,10 +128,8 @@ def fused_projections_default(precision: str, device: torch.device) -> bool:
     concatenated and 1.1% slower with them interleaved (bf16 LBS 16: 20,452 vs 20,682; benchmarks/NOTES.md items
     13 and 20).
     $LORABENCH_FUSED_PROJECTIONS=1/0 overrides it (for A/B benchmarks)."""
-    forced = os.environ.get("LORABENCH_FUSED_PROJECTIONS")
+    forced = _env_choice("LORABENCH_FUSED_PROJECTIONS", ("1", "0"), "1 (fused) or 0 (separate GEMMs)")
     if forced:
-        if forced not in ("0", "1"):
-            raise ConfigError(f"$LORABENCH_FUSED_PROJECTIONS={forced!r}: use 1 (fused) or 0 (separate GEMMs)")
         return forced == "1"
     return device.type == "cuda" and precision == "tf32"
 
@@ -143,10 +139,15 @@ def dropout_mask_choice() -> str:
     names another of MASK_IMPLS (for A/B benchmarks)."""
     from .kernels.dropout import MASK_IMPLS
 
-    forced = os.environ.get("LORABENCH_DROPOUT_MASK") or MASK_IMPLS[0]
-    if forced not in MASK_IMPLS:
-        raise ConfigError(f"$LORABENCH_DROPOUT_MASK={forced!r}: choose from {', '.join(MASK_IMPLS)}")
-    return forced
+    return _env_choice("LORABENCH_DROPOUT_MASK", MASK_IMPLS) or MASK_IMPLS[0]
+
+
+def _env_choice(name: str, choices, meaning: str | None = None) -> str | None:
+    """The value of environment variable ``name`` if set (an A/B override), checked against ``choices``."""
+    value = os.environ.get(name)
+    if value and value not in choices:
+        raise ConfigError(f"${name}={value!r}: " + (f"use {meaning}" if meaning else f"choose from {', '.join(choices)}"))
+    return value or None
 
 
 def run_job(job: Job) -> dict:

@@ -146,7 +146,8 @@ def _env_choice(name: str, choices, meaning: str | None = None) -> str | None:
     """The value of environment variable ``name`` if set (an A/B override), checked against ``choices``."""
     value = os.environ.get(name)
     if value and value not in choices:
-        raise ConfigError(f"${name}={value!r}: " + (f"use {meaning}" if meaning else f"choose from {', '.join(choices)}"))
+        hint = f"use {meaning}" if meaning else f"choose from {', '.join(choices)}"
+        raise ConfigError(f"${name}={value!r}: {hint}")
     return value or None
 
 

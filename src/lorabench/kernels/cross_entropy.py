@@ -14,6 +14,8 @@ matches it to rounding (tests/test_kernels.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Rows per chunk so that one chunk's fp32 logits stay near 128 MiB (1024 rows at V = 32000).
@@ -63,16 +65,12 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
     return loss, p.to(logits.dtype)
 
 
-_COMPILED = []
-
-
+@functools.cache
 def _compiled_loss_and_grad():
     """_loss_and_grad as one compiled graph (with compiled blocks): the upcast, log-sum-exp, softmax and lift
     fused into a kernel or two that read the logits in their own dtype, instead of about eight eager passes over
     the fp32 logits (~1.3 GB a 1,024-row chunk at V = 32000)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_loss_and_grad))
-    return _COMPILED[0]
+    return torch.compile(_loss_and_grad)
 
 
 def frozen_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

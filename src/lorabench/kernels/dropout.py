@@ -25,6 +25,8 @@ share one mask.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MASK_IMPLS = ("philox16", "bernoulli", "inline")
@@ -39,7 +41,9 @@ def _threshold(p: float) -> int:
     return round(p * 65536)
 
 
+@functools.cache
 def _triton_kernel():
+    """The Triton kernel (made once), or None without Triton."""
     try:
         import triton
         import triton.language as tl
@@ -64,13 +68,8 @@ def _triton_kernel():
     return keep_mask_kernel
 
 
-_KERNEL = []
-
-
 def _philox16_cuda(x: torch.Tensor, p: float) -> torch.Tensor:
-    if not _KERNEL:
-        _KERNEL.append(_triton_kernel())
-    kernel = _KERNEL[0]
+    kernel = _triton_kernel()
     if kernel is None or torch.cuda.is_current_stream_capturing():
         return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
     out = torch.empty(x.shape, dtype=torch.bool, device=x.device)

@@ -89,8 +89,7 @@ def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16) -> dict:
         dy = torch.randn(n, sum(outs), device="cuda", dtype=dtype)
         fused = timed(lambda: x @ w.t()) + timed(lambda: dy @ w)
         if len(outs) > 1:  # or one GEMM per matrix, whichever is faster on this card
-            parts = [(w[sum(outs[:j]):sum(outs[:j + 1])], dy[:, sum(outs[:j]):sum(outs[:j + 1])].contiguous())
-                     for j in range(len(outs))]
+            parts = [(wp, dyp.contiguous()) for wp, dyp in zip(w.split(outs), dy.split(outs, dim=1))]
             fused = min(fused, sum(timed(lambda: x @ wp.t()) + timed(lambda: dyp @ wp) for wp, dyp in parts))
         total += count * fused
         flops += count * 2 * (2 * n * i * sum(outs))

@@ -139,14 +139,14 @@ def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefi
     """``score_requests`` in two halves: this queues the one-pass questions' batches on the device without waiting
     for them and returns ``collect()``, which reads every score back at once. Between the two the host is free to
     prepare more work (evaluate_mmlu queues the next subject first), so the device does not idle meanwhile."""
+    if prefix_attention not in PREFIX_ATTENTION:
+        raise ValueError(f"prefix_attention {prefix_attention!r}: choose from {', '.join(PREFIX_ATTENTION)}")
     out: list[list[float] | None] = [None] * len(reqs)
     fast = [i for i, r in enumerate(reqs) if r.single_token]
     slow = [i for i, r in enumerate(reqs) if not r.single_token]
     groups: dict[tuple, list[int]] = {}
     for i in fast:  # same subject and shot count -> same prefix
         groups.setdefault((reqs[i].q.subject, reqs[i].shots), []).append(i)
-    if prefix_attention not in PREFIX_ATTENTION:
-        raise ValueError(f"prefix_attention {prefix_attention!r}: choose from {', '.join(PREFIX_ATTENTION)}")
     copy = prefix_attention == "copy"
     done, pending = [], []  # request indices and their scores, still on the device
     for idxs in groups.values():

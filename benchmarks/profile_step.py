@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--compile-mode", help="torch.compile mode for the training blocks (e.g. reduce-overhead)")
     ap.add_argument("--fuse", action="store_true", help="fused q/k/v and gate/up GEMMs (native)")
     ap.add_argument("--attention", default="sdpa", help="native training attention (model.ATTENTION_IMPLS)")
+    ap.add_argument("--gemm-shapes", action="store_true",
+                    help="profile once more with the host ops recorded and print GEMM time by operand shapes")
     a = ap.parse_args()
     dev = torch.device("cuda")
     if a.precision == "tf32":
@@ -76,6 +78,13 @@ def main():
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print_top(prof, a.steps, title, "step", a.top)
     print_gaps(prof, a.steps)
+    if a.gemm_shapes:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA], record_shapes=True) as prof:
+            for i in range(a.steps):
+                step(3 + i)
+            torch.cuda.synchronize()
+        print_gemm_shapes(prof, a.steps, a.top)
 
 
 def print_top(prof, reps: int, title: str, unit: str, top: int):
@@ -91,6 +100,25 @@ def print_top(prof, reps: int, title: str, unit: str, top: int):
     for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
         print(f"{100 * e.device_time_total / total:5.1f}%  {e.device_time_total / reps / 1e3:7.2f} ms  "
               f"x{e.count // reps:<4d} {kind(e.key):9s} {e.key[:90]}")
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+"""The leaf GEMM ops (linear and matmul call these, so counting only them counts each kernel once)."""
+
+
+def print_gemm_shapes(prof, reps: int, top: int, thin: int = 16):
+    """GPU time per step of the GEMM ops by operand shapes, and the part with a dimension <= ``thin`` (the
+    adapters' rank-r products, which are memory-bound)."""
+    rows = sorted((e for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key in GEMM_OPS and e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in rows)
+    thin_t = sum(e.device_time_total for e in rows
+                 if any(0 < d <= thin for shape in e.input_shapes for d in shape))
+    print(f"GEMM ops: {total / reps / 1e3:.1f} ms per step, of it {thin_t / reps / 1e3:.1f} ms with a dimension "
+          f"<= {thin}")
+    for e in rows[:top]:
+        print(f"  {e.device_time_total / reps / 1e3:7.2f} ms  x{e.count // reps:<4d} {e.key} "
+              f"{[s for s in e.input_shapes if s]}")
 
 
 def print_gaps(prof, reps: int, top: int = 10):

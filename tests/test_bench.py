@@ -87,3 +87,42 @@ def test_batch_size_sweep_compares_like_with_like_and_names_each_engines_best(ca
                                 "180 (LBS 16); native / best other: 1.11x")
     assert main(["bench", "--device", "cpu", "--batch-size", "4,zero"]) == 2
     assert "--batch-size '4,zero'" in capsys.readouterr().err
+
+
+def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkeypatch, capsys):
+    """--rounds runs every row once per round, engines alternating; a row reports its median round and the spread,
+    and its speed-up is the median of the ratios within rounds (robust to a machine that drifts between rounds),
+    not the ratio of the medians."""
+    import lorabench.bench as bench
+
+    speeds = {("native", 1): 200.0, ("reference", 1): 100.0,  # the machine is 10% slower in round 2
+              ("native", 2): 180.0, ("reference", 2): 90.0,
+              ("native", 3): 210.0, ("reference", 3): None}  # the reference fails in round 3
+    calls = []
+
+    def fake_row(engine, preset, model, steps, warmup, device, row_dir, overrides, timeout):
+        k = int(row_dir.name.rsplit("round", 1)[1])
+        calls.append((engine, k))
+        tps = speeds.get((engine, k))
+        row = {"engine": engine, "preset": preset}
+        if tps is None:
+            return {**row, "error": f"{engine} failed"}
+        return {**row, "tokens_per_s_per_chip": tps, "losses": [2.0, 1.0], "batch_size": 4, "mfu": None,
+                "peak_mem_allocated_gib": 1.0, "loss_final": 1.0, "step_time_ci95_rel": 0.01, "device_name": "cpu",
+                "seen_in_round": k}
+
+    monkeypatch.setattr(bench, "run_row", fake_row)
+    rows, _ = bench.run_bench(["native", "reference", "reference+liger"], ["bf16"], "tiny", 4, 1, "cpu", tmp_path,
+                              [], 60.0, log=lambda *a, **k: None, floor=False, rounds=3)
+    assert calls == [(e, k) for k in (1, 2, 3) for e in ("native", "reference", "reference+liger")]
+    nat, ref, liger = rows
+    assert nat["rounds_tokens_per_s"] == [200.0, 180.0, 210.0] and nat["seen_in_round"] == 1  # the median round
+    assert nat["tokens_per_s_per_chip"] == 200.0 and abs(nat["rounds_spread"] - 30 / 200) < 1e-12
+    assert ref["rounds_tokens_per_s"] == [100.0, 90.0, None] and ref["tokens_per_s_per_chip"] == 90.0  # lower middle
+    assert nat["speedup_vs_reference"] == 2.0  # both rounds with two rows say 2.0; the medians' ratio says 2.22
+    assert liger["error"] == "reference+liger failed"
+    md = (tmp_path / "bench.md").read_text()
+    assert "median of 3 rounds" in md and "| 15.0% (3/3) |" in md and "| 11.1% (2/3) |" in md
+    assert json.loads((tmp_path / "bench.json").read_text())["rounds"] == 3
+    assert main(["bench", "--device", "cpu", "--rounds", "0"]) == 2
+    assert "--rounds 0" in capsys.readouterr().err

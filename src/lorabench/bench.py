@@ -5,10 +5,16 @@ its row and the rest go on), so a row measures exactly what users run. Rows of o
 weights (canonical random weights and adapters from one seed) and see identical batches, so their per-step losses
 must agree: the table prints the largest gap between each engine and the reference. On a GPU the bench then times
 the floor (floor.py) at each preset's shape in the same run and prints each row's share of it.
+
+With ``rounds`` > 1 every row runs that many times, round after round (all engines once, then all again), so a
+machine that drifts (an H200 gave the same row 5% apart two minutes later) slows every engine alike; each row
+reports its median round, the spread over the rounds, and its speed-up as the median of the ratios taken within
+one round.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -46,14 +52,41 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
             "precision": r["config"]["precision"], "device_name": r["env"]["device_name"]}
 
 
+def combine_rounds(rows: list[dict]) -> list[dict]:
+    """One row per engine x preset x LBS from its rounds (rows with a ``round``): the median round (the lower of
+    the two middle ones for an even count, so the row is one that was measured), with every round's tok/s
+    (None where it failed) and their spread, (max - min) / median. A row that failed in every round keeps its
+    first error."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["preset"], r.get("lbs"), r["engine"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ok = [r for r in group if "error" not in r]
+        if not ok:
+            out.append(group[0])
+            continue
+        tps = [r["tokens_per_s_per_chip"] for r in ok]
+        mid = statistics.median_low(tps)
+        out.append({**next(r for r in ok if r["tokens_per_s_per_chip"] == mid),
+                    "rounds_tokens_per_s": [r.get("tokens_per_s_per_chip") for r in group],
+                    "rounds_spread": (max(tps) - min(tps)) / mid})
+    return out
+
+
 def compare(rows: list[dict]) -> None:
-    """Add speed-up and largest per-step loss gap against the plain reference row of the same preset and LBS."""
+    """Add speed-up and largest per-step loss gap against the plain reference row of the same preset and LBS
+    (with rounds: the median of the rounds' ratios, each taken within one round)."""
     refs = {(r["preset"], r.get("lbs")): r for r in rows if r["engine"] == "reference" and "error" not in r}
     for r in rows:
         ref = refs.get((r["preset"], r.get("lbs")))
         if ref is None or "error" in r or r is ref:
             continue
         r["speedup_vs_reference"] = r["tokens_per_s_per_chip"] / ref["tokens_per_s_per_chip"]
+        if "rounds_tokens_per_s" in r and "rounds_tokens_per_s" in ref:
+            ratios = [a / b for a, b in zip(r["rounds_tokens_per_s"], ref["rounds_tokens_per_s"]) if a and b]
+            if ratios:  # else no round has both rows: the medians' ratio stands
+                r["speedup_vs_reference"] = statistics.median(ratios)
         n = min(len(r["losses"]), len(ref["losses"]))
         gaps = [abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], ref["losses"][:n])]
         r["max_rel_loss_gap_vs_reference"] = max(gaps) if gaps else None
@@ -125,53 +158,73 @@ def table(rows: list[dict]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
+    rounds = any("rounds_tokens_per_s" in r for r in rows)
     out = []
     for r in rows:
         if "error" in r:
-            out.append({"engine": r["engine"], "preset": r["preset"], "LBS": r.get("lbs") or "", "tok/s/chip": "error",
-                        "±95%": "", "MFU": "", "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80],
-                        "max loss gap": "", "of floor": ""})
-            continue
-        out.append({
-            "engine": r["engine"], "preset": r["preset"], "LBS": r["batch_size"],
-            "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f"),
-            "±95%": "-" if r.get("step_time_ci95_rel") is None else f"{100 * r['step_time_ci95_rel']:.1f}%",
-            "MFU": "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-            "peak alloc GiB": f(r["peak_mem_allocated_gib"], ".1f"), "loss@N": f(r["loss_final"], ".4f"),
-            "vs reference": f(r.get("speedup_vs_reference"), ".2f") + ("x" if r.get("speedup_vs_reference") else ""),
-            "max loss gap": "-" if r.get("max_rel_loss_gap_vs_reference") is None
-            else f"{100 * r['max_rel_loss_gap_vs_reference']:.3f}%",
-            "of floor": "-" if r.get("of_floor") is None else f"{100 * r['of_floor']:.1f}%",
-        })
+            line = {"engine": r["engine"], "preset": r["preset"], "LBS": r.get("lbs") or "", "tok/s/chip": "error",
+                    "±95%": "", "MFU": "", "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80],
+                    "max loss gap": "", "of floor": ""}
+        else:
+            line = {
+                "engine": r["engine"], "preset": r["preset"], "LBS": r["batch_size"],
+                "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f"),
+                "±95%": "-" if r.get("step_time_ci95_rel") is None else f"{100 * r['step_time_ci95_rel']:.1f}%",
+                "MFU": "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                "peak alloc GiB": f(r["peak_mem_allocated_gib"], ".1f"), "loss@N": f(r["loss_final"], ".4f"),
+                "vs reference": f(r.get("speedup_vs_reference"), ".2f") + ("x" if r.get("speedup_vs_reference")
+                                                                             else ""),
+                "max loss gap": "-" if r.get("max_rel_loss_gap_vs_reference") is None
+                else f"{100 * r['max_rel_loss_gap_vs_reference']:.3f}%",
+                "of floor": "-" if r.get("of_floor") is None else f"{100 * r['of_floor']:.1f}%",
+            }
+        if rounds:
+            line["rounds spread"] = rounds_cell(r)
+        out.append(line)
     return markdown_table(out)
+
+
+def rounds_cell(row: dict) -> str:
+    """'2.1% (3/3)': the spread of a row's tok/s over its rounds and how many rounds ran without an error."""
+    tps = row.get("rounds_tokens_per_s")
+    if not tps:
+        return ""
+    return f"{100 * row['rounds_spread']:.1f}% ({sum(1 for t in tps if t)}/{len(tps)})"
 
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
               run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True,
-              batch_sizes: list[int | None] = (None,)):
-    """Run every engine x preset x batch size row (None: the preset's own), compare them, and (on a GPU, unless
-    ``floor`` is False) time the floor. Returns (rows, floors); writes bench.json and bench.md to ``run_dir``."""
+              batch_sizes: list[int | None] = (None,), rounds: int = 1):
+    """Run every engine x preset x batch size row (None: the preset's own), ``rounds`` times round after round,
+    compare them, and (on a GPU, unless ``floor`` is False) time the floor. Returns (rows, floors); writes
+    bench.json and bench.md to ``run_dir``."""
     rows = []
-    for preset in presets:
-        for lbs in batch_sizes:
-            for engine in engines:
-                name = f"{engine} / {preset}" + (f" / LBS {lbs}" if lbs else "")
-                log(f"bench: {name} ...", flush=True)
-                row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else ""))
-                row = run_row(engine, preset, model, steps, warmup, device, row_dir,
-                              overrides + (["--batch-size", str(lbs)] if lbs else []), timeout)
-                row["lbs"] = lbs
-                log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}",
-                    flush=True)
-                rows.append(row)
+    for k in range(1, rounds + 1):
+        for preset in presets:
+            for lbs in batch_sizes:
+                for engine in engines:
+                    name = (f"{engine} / {preset}" + (f" / LBS {lbs}" if lbs else "")
+                            + (f" / round {k} of {rounds}" if rounds > 1 else ""))
+                    log(f"bench: {name} ...", flush=True)
+                    row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else "")
+                                         + (f"__round{k}" if rounds > 1 else ""))
+                    row = run_row(engine, preset, model, steps, warmup, device, row_dir,
+                                  overrides + (["--batch-size", str(lbs)] if lbs else []), timeout)
+                    row["lbs"] = lbs
+                    log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}",
+                        flush=True)
+                    rows.append({**row, "round": k} if rounds > 1 else row)
+    if rounds > 1:
+        rows = combine_rounds(rows)
     compare(rows)
     gpu = device != "cpu" and torch.cuda.is_available()
     floors = add_floors(rows, model, log) if floor and gpu else {}
     dev = next((r["device_name"] for r in rows if "device_name" in r), None)
     write_json_atomic(run_dir / "bench.json", {"device_name": dev, "model": model, "steps": steps, "warmup": warmup,
-                                               "overrides": overrides, "batch_sizes": list(batch_sizes), "rows": rows,
-                                               "floors": floors})
-    text = f"# lorabench bench: {model}, {steps} steps ({warmup} warm-up), {dev}\n\n{table(rows)}\n"
+                                               "overrides": overrides, "batch_sizes": list(batch_sizes),
+                                               "rounds": rounds, "rows": rows, "floors": floors})
+    each = f", median of {rounds} rounds" if rounds > 1 else ""
+    text = f"# lorabench bench: {model}, {steps} steps ({warmup} warm-up){each}, {dev}\n\n{table(rows)}\n"
     if floors:
         text += "\n" + floor_lines(floors) + "\n"
     if len(batch_sizes) > 1:

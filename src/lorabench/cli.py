@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=float, help="override the learning rate (e.g. 1e-3 to see random weights learn)")
     b.add_argument("--attn", choices=("eager", "sdpa"), help="attention of the plain reference rows")
     b.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported as failed")
+    b.add_argument("--rounds", type=int, default=1, help="run every row this many times, round after round (each "
+                   "engine once, then again), so a machine's drift slows all engines alike; a row reports its median "
+                   "round and the spread, its speed-up the median of the ratios within each round")
     b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
     b.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-bench)")
     return ap
@@ -238,6 +241,8 @@ def cmd_bench(a) -> int:
                           f"presets: {', '.join(TRAIN_PRESETS)}")
     if a.steps <= a.warmup_steps:
         raise ConfigError(f"--steps {a.steps} must exceed --warmup-steps {a.warmup_steps}")
+    if a.rounds < 1:
+        raise ConfigError(f"--rounds {a.rounds}: give 1 or more")
     model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
     batch_sizes = [None]
     if a.batch_size is not None:
@@ -255,7 +260,7 @@ def cmd_bench(a) -> int:
             overrides += [flag, str(v)]
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
     rows, floors = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir, overrides,
-                             a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes)
+                             a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes, rounds=a.rounds)
     print(table(rows))
     if floors:
         print(floor_lines(floors))

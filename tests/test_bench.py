@@ -19,6 +19,7 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
     assert code == 0
     out = capsys.readouterr().out
     assert "| engine | preset | LBS | tok/s/chip |" in out
+    assert "- native / reference, flagperf-fp32 LBS 2: " in out
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["engine"]: r for r in data["rows"]}
     nat, ref = rows["native"], rows["reference"]
@@ -72,7 +73,7 @@ def test_rows_get_their_share_of_the_floor(monkeypatch):
 def test_batch_size_sweep_compares_like_with_like_and_names_each_engines_best(capsys):
     """With several LBS, a row's speed-up is against the reference at the same LBS, and each engine's best row
     (over the sizes) is what native is judged against; a bad list names the flag."""
-    from lorabench.bench import best_lines, compare
+    from lorabench.bench import best_lines, compare, native_lines
 
     def row(engine, lbs, tps):
         return {"engine": engine, "preset": "bf16", "lbs": lbs, "batch_size": lbs, "tokens_per_s_per_chip": tps,
@@ -83,6 +84,9 @@ def test_batch_size_sweep_compares_like_with_like_and_names_each_engines_best(ca
             {"engine": "reference+liger", "preset": "bf16", "lbs": 16, "error": "no liger"}]
     compare(rows)
     assert rows[0]["speedup_vs_reference"] == 190 / 110 and rows[3]["speedup_vs_reference"] == 200 / 125
+    assert native_lines(rows).splitlines() == [  # like with like, every other engine, the failed row left out
+        "- native / reference, bf16 LBS 4: 1.727x", "- native / reference+compile, bf16 LBS 4: 1.118x",
+        "- native / reference, bf16 LBS 16: 1.600x", "- native / reference+compile, bf16 LBS 16: 1.111x"]
     assert best_lines(rows) == ("- best LBS, bf16: native 200 (LBS 16); reference 125 (LBS 16); reference+compile "
                                 "180 (LBS 16); native / best other: 1.11x")
     assert main(["bench", "--device", "cpu", "--batch-size", "4,zero"]) == 2
@@ -123,6 +127,7 @@ def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkey
     assert liger["error"] == "reference+liger failed"
     md = (tmp_path / "bench.md").read_text()
     assert "median of 3 rounds" in md and "| 15.0% (3/3) |" in md and "| 11.1% (2/3) |" in md
+    assert "- native / reference, bf16 LBS 4: 2.000x (rounds: 2.000, 2.000)\n" in md  # none against the failed row
     assert json.loads((tmp_path / "bench.json").read_text())["rounds"] == 3
     assert main(["bench", "--device", "cpu", "--rounds", "0"]) == 2
     assert "--rounds 0" in capsys.readouterr().err

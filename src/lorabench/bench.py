@@ -74,22 +74,43 @@ def combine_rounds(rows: list[dict]) -> list[dict]:
     return out
 
 
+def speedup(row: dict, base: dict) -> tuple[float, list[float]]:
+    """``row``'s tok/s over ``base``'s, and the ratios within each round where both ran: with rounds, the median
+    of those (both engines saw the machine in the same state), else the plain ratio."""
+    ratios = [a / b for a, b in zip(row.get("rounds_tokens_per_s", []), base.get("rounds_tokens_per_s", []))
+              if a and b]
+    if ratios:
+        return statistics.median(ratios), ratios
+    return row["tokens_per_s_per_chip"] / base["tokens_per_s_per_chip"], []
+
+
 def compare(rows: list[dict]) -> None:
-    """Add speed-up and largest per-step loss gap against the plain reference row of the same preset and LBS
-    (with rounds: the median of the rounds' ratios, each taken within one round)."""
+    """Add speed-up (``speedup``) and largest per-step loss gap against the plain reference row of the same
+    preset and LBS."""
     refs = {(r["preset"], r.get("lbs")): r for r in rows if r["engine"] == "reference" and "error" not in r}
     for r in rows:
         ref = refs.get((r["preset"], r.get("lbs")))
         if ref is None or "error" in r or r is ref:
             continue
-        r["speedup_vs_reference"] = r["tokens_per_s_per_chip"] / ref["tokens_per_s_per_chip"]
-        if "rounds_tokens_per_s" in r and "rounds_tokens_per_s" in ref:
-            ratios = [a / b for a, b in zip(r["rounds_tokens_per_s"], ref["rounds_tokens_per_s"]) if a and b]
-            if ratios:  # else no round has both rows: the medians' ratio stands
-                r["speedup_vs_reference"] = statistics.median(ratios)
+        r["speedup_vs_reference"] = speedup(r, ref)[0]
         n = min(len(r["losses"]), len(ref["losses"]))
         gaps = [abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], ref["losses"][:n])]
         r["max_rel_loss_gap_vs_reference"] = max(gaps) if gaps else None
+
+
+def native_lines(rows: list[dict]) -> str:
+    """Native against every other engine of the same preset and LBS (the targets compare it with the optimised
+    stacks, not only the plain reference); with rounds, each ratio's rounds in brackets."""
+    out = []
+    for nat in (r for r in rows if r["engine"] == "native" and "error" not in r):
+        for other in rows:
+            if other is nat or "error" in other or (other["preset"], other.get("lbs")) != (nat["preset"],
+                                                                                          nat.get("lbs")):
+                continue
+            value, ratios = speedup(nat, other)
+            each = f" (rounds: {', '.join(f'{x:.3f}' for x in ratios)})" if ratios else ""
+            out.append(f"- native / {other['engine']}, {nat['preset']} LBS {nat['batch_size']}: {value:.3f}x{each}")
+    return "\n".join(out)
 
 
 def add_floors(rows: list[dict], model: str, log=print) -> dict:
@@ -225,6 +246,9 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
                                                "rounds": rounds, "rows": rows, "floors": floors})
     each = f", median of {rounds} rounds" if rounds > 1 else ""
     text = f"# lorabench bench: {model}, {steps} steps ({warmup} warm-up){each}, {dev}\n\n{table(rows)}\n"
+    versus = native_lines(rows)
+    if versus:
+        text += "\n" + versus + "\n"
     if floors:
         text += "\n" + floor_lines(floors) + "\n"
     if len(batch_sizes) > 1:

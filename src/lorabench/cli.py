@@ -230,7 +230,7 @@ def cmd_eval(a) -> int:
 def cmd_bench(a) -> int:
     import torch
 
-    from .bench import best_lines, floor_lines, run_bench, table
+    from .bench import best_lines, floor_lines, native_lines, run_bench, table
     from .engines import ENGINES
 
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
@@ -262,6 +262,9 @@ def cmd_bench(a) -> int:
     rows, floors = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir, overrides,
                              a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes, rounds=a.rounds)
     print(table(rows))
+    versus = native_lines(rows)
+    if versus:
+        print(versus)
     if floors:
         print(floor_lines(floors))
     if len(batch_sizes) > 1:

@@ -89,45 +89,6 @@ def check_dropout_masks(dev):
         print(f"| {impl} (eager) | {start.elapsed_time(end) / 50 * 1e3:.1f} |")
 
 
-def check_adapter_kernels(dev):
-    """kernels/adapter.py at the adapters' bf16 LBS 16 shape against float64 (the CPU tests run them in Triton's
-    interpreter, which cannot do bf16), and eager times of each path against the plain one."""
-    from lorabench.kernels import adapter
-
-    T, C, R, p = 8192, 4096, 8, 0.05
-    print("\n| adapter kernels | dtype | xa rel err | grad x rel err | grad A rel err |\n|---|---|---|---|---|")
-    for dtype in (torch.bfloat16, torch.float16):
-        g = torch.Generator(device=dev).manual_seed(0)
-        x, a, gxa = (torch.randn(*s, device=dev, generator=g).to(dtype) for s in ((T, C), (R, C), (T, R)))
-        mask = torch.rand(T, C, device=dev, generator=g) >= p
-        keep = mask / (1 - p)
-        d = x.double() * keep
-        got_gx, got_ga = adapter.launch_grads(x, mask, gxa, a, p)
-        print(f"| Triton | {str(dtype)[6:]} | {rel(adapter.launch_xa(x, mask, a, p), d @ a.double().t()):.2e} | "
-              f"{rel(got_gx, (gxa.double() @ a.double()) * keep):.2e} | {rel(got_ga, gxa.double().t() @ d):.2e} |")
-
-    def plain_fwd():
-        return (x * mask * (1 / (1 - p))) @ a.t()
-
-    def plain_bwd():
-        dd = torch.where(mask, x * (1 / (1 - p)), 0)
-        return torch.where(mask, (gxa @ a) * (1 / (1 - p)), 0), gxa.t() @ dd
-
-    print("\n| adapter path | us per [8192, 4096] call |\n|---|---|")
-    for name, fn in (("forward, plain", plain_fwd), ("forward, Triton", lambda: adapter.launch_xa(x, mask, a, p)),
-                     ("backward, plain", plain_bwd), ("backward, Triton", lambda: adapter.launch_grads(x, mask, gxa,
-                                                                                                      a, p))):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        print(f"| {name} (eager) | {start.elapsed_time(end) / 50 * 1e3:.1f} |")
-
-
 def check_compiled_engine(dev):
     cfg = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
@@ -145,19 +106,17 @@ def check_compiled_engine(dev):
     variants = [(dtype, compile_, "sdpa", False) for dtype in ("float32", "bfloat16") for compile_ in (False, True)]
     variants += [("float32", True, "matmul", False), ("tf32", True, "matmul", True), ("bfloat16", True, "cudnn", False),
                  ("bfloat16", True, "cudnn", True)]  # the tf32 and bf16 defaults; fused projections
-    variants = [(*v, False) for v in variants] + [("bfloat16", True, "cudnn", False, True)]  # adapter kernels
-    for precision, compile_, attention, fuse, kernels in variants:
+    for precision, compile_, attention, fuse in variants:
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         dtype = torch.float32 if precision == "tf32" else getattr(torch, precision)
         eng = build_engine("native", cfg, lora, model_dir=None, device=dev, dtype=dtype, seed=0,
-                           compile=compile_, attention=attention, fuse=fuse, adapter_kernels=kernels)
+                           compile=compile_, attention=attention, fuse=fuse)
         eng.set_adapters(ref_adapters, "check")
         eng.train()
         loss = eng.loss(data[:4], data[:4])
         loss.backward()
         grad = torch.cat([p.grad.flatten() for p in eng.trainable_params()])
-        name = (f"native{' compiled' if compile_ else ''}, {attention}{', fused' if fuse else ''}"
-                f"{', adapter kernels' if kernels else ''}")
+        name = f"native{' compiled' if compile_ else ''}, {attention}{', fused' if fuse else ''}"
         print(f"| {precision} | {name} | {loss.item():.5f} | {rel(loss, ref_loss):.2e} | "
               f"{rel(grad, ref_grad):.2e} |")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -168,7 +127,6 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     checks = {"cross_entropy": check_cross_entropy, "prefix_attention": check_prefix_attention,
-              "dropout_masks": check_dropout_masks, "adapter_kernels": check_adapter_kernels,
-              "compiled_engine": check_compiled_engine}
-    for name in sys.argv[1:] or checks:  # e.g. `gpu_check.py adapter_kernels compiled_engine`
+              "dropout_masks": check_dropout_masks, "compiled_engine": check_compiled_engine}
+    for name in sys.argv[1:] or checks:  # e.g. `gpu_check.py dropout_masks compiled_engine`
         checks[name](dev)

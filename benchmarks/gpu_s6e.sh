@@ -2,7 +2,8 @@
 # Sixth session, last call (~5 min on one H200): kernels/adapter.py's Triton kernels (the adapter's input-side
 # products with the dropout mask read in place) in bf16/fp16 at the 7B shape against float64, their eager times
 # against the plain path, then bf16 LBS 16 native with them off and on, alternating (same seeds and masks, so the
-# final losses must agree to bf16 rounding).
+# final losses must agree to bf16 rounding). Ran at commit 0d86d53; the kernels were reverted after it (-1.2%,
+# +1.9 GiB: benchmarks/NOTES.md item 31), so it needs that commit's tree.
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LORABENCH_CACHE=/tmp/lbcache
 nvidia-smi --query-gpu=name --format=csv,noheader

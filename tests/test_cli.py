@@ -85,8 +85,7 @@ def test_native_defaults_per_precision_and_their_overrides(monkeypatch):
     import torch
 
     from lorabench.config import ConfigError
-    from lorabench.runner import (adapter_kernels_choice, dropout_mask_choice, fused_projections_default,
-                                  native_attention)
+    from lorabench.runner import dropout_mask_choice, fused_projections_default, native_attention
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("LORABENCH_NATIVE_ATTENTION", raising=False)
@@ -111,10 +110,3 @@ def test_native_defaults_per_precision_and_their_overrides(monkeypatch):
     monkeypatch.setenv("LORABENCH_DROPOUT_MASK", "fast")
     with pytest.raises(ConfigError, match="LORABENCH_DROPOUT_MASK.*bernoulli"):
         dropout_mask_choice()
-    monkeypatch.delenv("LORABENCH_ADAPTER_KERNELS", raising=False)
-    assert not adapter_kernels_choice()
-    monkeypatch.setenv("LORABENCH_ADAPTER_KERNELS", "1")
-    assert adapter_kernels_choice()
-    monkeypatch.setenv("LORABENCH_ADAPTER_KERNELS", "on")
-    with pytest.raises(ConfigError, match="LORABENCH_ADAPTER_KERNELS"):
-        adapter_kernels_choice()

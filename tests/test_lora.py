@@ -111,8 +111,8 @@ def plain_delta(x, a, b, mask, p, scale):
     return (d @ a.t()) @ b.t() * scale
 
 
-# bf16 against float64: inputs and outputs round to 8 bits of mantissa, the GEMMs accumulate in fp32; fp16 to 11
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
+# bf16 against float64: inputs and outputs round to 8 bits of mantissa, the GEMMs accumulate in fp32
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2)}
 
 
 def check_delta_against_float64(delta, shape, r, out, p, dtype, seed, scale=4.0):

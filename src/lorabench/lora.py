@@ -23,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError, LoRAConfig
-from .kernels import adapter as adapter_kernels
 from .kernels.dropout import keep_mask
 
 
@@ -32,9 +31,6 @@ class LoRALinear(nn.Module):
 
     mask_impl = "philox16"
     """How dropout masks are drawn (kernels.dropout.MASK_IMPLS); set per model by set_mask_impl."""
-    kernels = False
-    """Whether the rank-r products that read the input run as kernels/adapter.py's Triton kernels where they can
-    (CUDA, fp16/bf16); set per model by set_adapter_kernels."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, salt: int = 0):
         super().__init__()
@@ -62,9 +58,7 @@ class LoRALinear(nn.Module):
         mask = None
         if self.dropout and self.training:
             mask = keep_mask(x, self.dropout, self.mask_impl, self.salt)  # kept with probability 1 - p
-        fused = self.kernels and adapter_kernels.available(x, self.r)
-        return adapter_delta(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), mask, self.dropout, self.scale,
-                             fused)
+        return adapter_delta(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), mask, self.dropout, self.scale)
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B A in the base dtype (for export and the merge invariant)."""
@@ -74,10 +68,9 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, dropout={self.dropout}"
 
 
-def adapter_delta(x, a, b, mask, p: float, scale: float, fused: bool = False) -> torch.Tensor:
-    """``(x * mask / (1 - p)) a^T b^T * scale``; ``mask`` (bool, like x) or None for no dropout. ``fused``: the
-    products that read x through the mask as kernels/adapter.py's kernels (the caller checks ``available``)."""
-    return _AdapterDelta.apply(x, a, b, mask, p, scale, fused)
+def adapter_delta(x, a, b, mask, p: float, scale: float) -> torch.Tensor:
+    """``(x * mask / (1 - p)) a^T b^T * scale``; ``mask`` (bool, like x) or None for no dropout."""
+    return _AdapterDelta.apply(x, a, b, mask, p, scale)
 
 
 class _AdapterDelta(torch.autograd.Function):
@@ -88,13 +81,11 @@ class _AdapterDelta(torch.autograd.Function):
     (a different op from the forward's multiply, so the joint graph's CSE does not merge the two and save it)."""
 
     @staticmethod
-    def forward(ctx, x, a, b, mask, p, scale, fused):
-        if fused:
-            xa = adapter_kernels.xa(x, mask, a, p)
-        else:
-            xa = (x if mask is None else x * mask * (1.0 / (1.0 - p))) @ a.t()
+    def forward(ctx, x, a, b, mask, p, scale):
+        d = x if mask is None else x * mask * (1.0 / (1.0 - p))
+        xa = d @ a.t()
         ctx.save_for_backward(x, mask, xa, a, b)
-        ctx.p, ctx.scale, ctx.fused = p, scale, fused
+        ctx.p, ctx.scale = p, scale
         return (xa @ b.t()) * scale
 
     @staticmethod
@@ -102,18 +93,15 @@ class _AdapterDelta(torch.autograd.Function):
         x, mask, xa, a, b = ctx.saved_tensors
         g = grad * ctx.scale
         gxa = g @ b  # [..., r]
-        grad_b = _rows(g).t() @ _rows(xa)
-        if ctx.fused:
-            grad_x, grad_a = adapter_kernels.grad_x_and_a(x, mask, gxa, a, ctx.p)
-            return grad_x, grad_a.to(a.dtype), grad_b, None, None, None, None
         d = x if mask is None else torch.where(mask, x * (1.0 / (1.0 - ctx.p)), 0)
         grad_a = _rows(gxa).t() @ _rows(d)
+        grad_b = _rows(g).t() @ _rows(xa)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gxa @ a
             if mask is not None:
                 grad_x = torch.where(mask, grad_x * (1.0 / (1.0 - ctx.p)), 0)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -149,12 +137,6 @@ def set_mask_impl(model: nn.Module, impl: str):
         raise ConfigError(f"dropout mask {impl!r}: choose from {', '.join(MASK_IMPLS)}")
     for m in lora_modules(model).values():
         m.mask_impl = impl
-
-
-def set_adapter_kernels(model: nn.Module, on: bool):
-    """Whether every adapter of ``model`` runs its input-side products as kernels/adapter.py's kernels."""
-    for m in lora_modules(model).values():
-        m.kernels = on
 
 
 def peft_adapter_config(cfg: LoRAConfig, base_model: str | None) -> dict:

@@ -142,12 +142,6 @@ def dropout_mask_choice() -> str:
     return _env_choice("LORABENCH_DROPOUT_MASK", MASK_IMPLS) or MASK_IMPLS[0]
 
 
-def adapter_kernels_choice() -> bool:
-    """Whether the native engine's adapters run kernels/adapter.py's Triton kernels (on CUDA in fp16/bf16; the
-    plain path elsewhere): off unless $LORABENCH_ADAPTER_KERNELS=1 (for A/B benchmarks)."""
-    return _env_choice("LORABENCH_ADAPTER_KERNELS", ("1", "0"), "1 (Triton kernels) or 0 (plain)") == "1"
-
-
 def _env_choice(name: str, choices, meaning: str | None = None) -> str | None:
     """The value of environment variable ``name`` if set (an A/B override), checked against ``choices``."""
     value = os.environ.get(name)
@@ -185,17 +179,11 @@ def run_job(job: Job) -> dict:
     attention = native_attention(t.precision, device)
     fuse = fused_projections_default(t.precision, device)
     dropout_mask = dropout_mask_choice()
-    adapter_kernels = adapter_kernels_choice() and job.engine == "native"
-    if adapter_kernels:  # recorded as it runs: only where the kernels can (CUDA, fp16/bf16, Triton)
-        from .kernels.adapter import available
-
-        adapter_kernels = available(torch.empty(0, device=device, dtype=DTYPES[t.precision]), lo.r)
     compile_mode = os.environ.get("LORABENCH_COMPILE_MODE") or None  # for A/B runs (reduce-overhead: CUDA graphs)
     t_build = time.perf_counter()
     engine = build_engine(job.engine, cfg, lo, model_dir=weights_dir, device=device, dtype=DTYPES[t.precision],
                           seed=t.seed, attn=job.attn, compile=compile_, attention=attention,
-                          fuse=fuse, compile_mode=compile_mode, dropout_mask=dropout_mask,
-                          adapter_kernels=adapter_kernels)
+                          fuse=fuse, compile_mode=compile_mode, dropout_mask=dropout_mask)
     build_s = time.perf_counter() - t_build
     if device.type == "cuda":  # peaks of the training itself (the weights stay allocated, so they count)
         torch.cuda.empty_cache()
@@ -232,7 +220,6 @@ def run_job(job: Job) -> dict:
         "attn": job.attn if job.engine.startswith("reference") else attention,
         "fused_projections": fuse and job.engine == "native", "init": job.init,
         "dropout_mask": dropout_mask if job.engine == "native" else None,
-        "adapter_kernels": adapter_kernels,
         "compile": (compile_mode or True) if compile_ and job.engine == "native" else compile_,
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),

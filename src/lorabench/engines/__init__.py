@@ -66,19 +66,18 @@ def canonical_adapters(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict[st
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
                  device: torch.device, dtype: torch.dtype, seed: int, attn: str = "eager", compile: bool = False,
                  attention: str = "sdpa", fuse: bool = False, compile_mode: str | None = None,
-                 dropout_mask: str = "philox16", adapter_kernels: bool = False):
+                 dropout_mask: str = "philox16"):
     """Build engine ``name`` with base weights from ``model_dir`` (None: canonical random weights from ``seed``)
     and canonical adapters from ``seed``. ``compile``: torch.compile the native engine's blocks; ``attention``:
     its training attention (model.ATTENTION_IMPLS); ``fuse``: its q/k/v and gate/up GEMMs fused;
     ``compile_mode``: torch.compile's mode for its training blocks; ``dropout_mask``: how its adapters draw
-    dropout masks (kernels.dropout.MASK_IMPLS); ``adapter_kernels``: its adapters' input-side products as
-    kernels/adapter.py's Triton kernels where they run."""
+    dropout masks (kernels.dropout.MASK_IMPLS)."""
     if name == "native":
         from .native import NativeEngine
 
         return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=dtype, seed=seed,
                             compile=compile, attention=attention, fuse=fuse, compile_mode=compile_mode,
-                            dropout_mask=dropout_mask, adapter_kernels=adapter_kernels)
+                            dropout_mask=dropout_mask)
     if name == "reference" or name.startswith("reference+"):
         from .reference import ReferenceEngine
 

@@ -5,7 +5,7 @@ import torch
 
 from ..checkpoint import hf_to_native, iter_checkpoint, load_into, native_to_hf, random_hf_weights
 from ..config import ConfigError, LoRAConfig, ModelConfig
-from ..lora import inject_lora, lora_modules, set_adapter_kernels, set_mask_impl
+from ..lora import inject_lora, lora_modules, set_mask_impl
 from ..model import Llama
 from . import Engine, canonical_adapters
 
@@ -15,13 +15,12 @@ class NativeEngine(Engine):
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
                  compile: bool = False, attention: str = "sdpa", fuse: bool = False,
-                 compile_mode: str | None = None, dropout_mask: str = "philox16", adapter_kernels: bool = False):
+                 compile_mode: str | None = None, dropout_mask: str = "philox16"):
         self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)
         inject_lora(model, lora)
         set_mask_impl(model, dropout_mask)
-        set_adapter_kernels(model, adapter_kernels)
         model.to_empty(device=device)
         if model_cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight

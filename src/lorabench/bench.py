@@ -100,7 +100,7 @@ def compare(rows: list[dict]) -> None:
 
 def native_lines(rows: list[dict]) -> str:
     """Native against every other engine of the same preset and LBS (the targets compare it with the optimised
-    stacks, not only the plain reference); with rounds, each ratio's rounds in brackets."""
+    stacks, not only the plain reference); with rounds, the ratio of each round in parentheses."""
     out = []
     for nat in (r for r in rows if r["engine"] == "native" and "error" not in r):
         for other in rows:

@@ -125,6 +125,7 @@ def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkey
     assert ref["rounds_tokens_per_s"] == [100.0, 90.0, None] and ref["tokens_per_s_per_chip"] == 90.0  # lower middle
     assert nat["speedup_vs_reference"] == 2.0  # both rounds with two rows say 2.0; the medians' ratio says 2.22
     assert liger["error"] == "reference+liger failed"
+    assert bench.best_lines(rows).endswith("native / best other: 2.00x")  # within rounds here too
     md = (tmp_path / "bench.md").read_text()
     assert "median of 3 rounds" in md and "| 15.0% (3/3) |" in md and "| 11.1% (2/3) |" in md
     assert "- native / reference, bf16 LBS 4: 2.000x (rounds: 2.000, 2.000)\n" in md  # none against the failed row

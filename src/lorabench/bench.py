@@ -168,9 +168,10 @@ def best_lines(rows: list[dict]) -> str:
             continue
         line = f"- best LBS, {preset}: " + "; ".join(f"{e} {r['tokens_per_s_per_chip']:.0f} (LBS {r['batch_size']})"
                                                      for e, r in best.items())
-        others = [r["tokens_per_s_per_chip"] for e, r in best.items() if e != "native"]
-        if "native" in best and others:
-            line += f"; native / best other: {best['native']['tokens_per_s_per_chip'] / max(others):.2f}x"
+        others = [r for e, r in best.items() if e != "native"]
+        if "native" in best and others:  # within rounds where both ran, as every speed-up here
+            top = max(others, key=lambda r: r["tokens_per_s_per_chip"])
+            line += f"; native / best other: {speedup(best['native'], top)[0]:.2f}x"
         out.append(line)
     return "\n".join(out)
 

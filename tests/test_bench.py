@@ -45,6 +45,23 @@ def test_floor_counts_every_frozen_matrix():
         assert sum(i * sum(outs) * n for i, outs, n in gemm_groups(cfg)) == count_params(cfg)["non_embedding"] - norms
 
 
+def test_attention_work_time_is_the_busy_time_unless_the_profile_fails(monkeypatch):
+    """The floor's attention term: the kernels' busy time when the profile gives one within the CUDA-event wall
+    time, else that wall time (no kernels seen, a busy time longer than the wall, no profiler)."""
+    import lorabench.floor as floor
+
+    monkeypatch.setattr(floor, "timed", lambda fn: 0.69e-3)
+    for busy, want in ((0.4e-3, 0.4e-3), (0.0, 0.69e-3), (0.8e-3, 0.69e-3)):
+        monkeypatch.setattr(floor, "busy", lambda fn, b=busy: b)
+        assert floor.work_time(lambda: None) == want
+
+    def no_profiler(fn):
+        raise RuntimeError("no CUPTI")
+
+    monkeypatch.setattr(floor, "busy", no_profiler)
+    assert floor.work_time(lambda: None) == 0.69e-3
+
+
 def test_rows_get_their_share_of_the_floor(monkeypatch):
     import lorabench.floor
     from lorabench.bench import add_floors, floor_lines, table

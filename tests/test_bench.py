@@ -52,10 +52,10 @@ def test_attention_work_time_is_the_busy_time_unless_the_profile_fails(monkeypat
 
     monkeypatch.setattr(floor, "timed", lambda fn: 0.69e-3)
     for busy, want in ((0.4e-3, 0.4e-3), (0.0, 0.69e-3), (0.8e-3, 0.69e-3)):
-        monkeypatch.setattr(floor, "busy", lambda fn, b=busy: b)
+        monkeypatch.setattr(floor, "busy", lambda fn, b=busy, **kw: b)
         assert floor.work_time(lambda: None) == want
 
-    def no_profiler(fn):
+    def no_profiler(fn, **kw):
         raise RuntimeError("no CUPTI")
 
     monkeypatch.setattr(floor, "busy", no_profiler)

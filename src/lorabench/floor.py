@@ -67,7 +67,7 @@ def work_time(fn) -> float:
     events while the same kernels took ~0.4 ms inside a training step (benchmarks/NOTES.md item 32)."""
     wall = timed(fn)
     try:
-        gpu = busy(fn)
+        gpu = busy(fn, warmup=0)  # timed has warmed fn up
     except RuntimeError:  # no profiler on this install: the wall time stands
         return wall
     return gpu if 0.0 < gpu <= wall else wall

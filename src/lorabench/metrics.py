@@ -73,12 +73,13 @@ def step_stats(step_times: list[float], tokens_per_step: int, warmup: int) -> di
     if not timed:
         return {"tokens_per_s_per_chip": None, "tokens_per_s_per_chip_median": None, "timed_steps": 0}
     mean, med = statistics.fmean(timed), statistics.median(timed)
+    stdev = statistics.stdev(timed) if len(timed) > 1 else None
     return {
         "tokens_per_s_per_chip": tokens_per_step / mean,
         "tokens_per_s_per_chip_median": tokens_per_step / med,
         "step_time_mean_s": mean,
         "step_time_median_s": med,
-        "step_time_stdev_s": statistics.stdev(timed) if len(timed) > 1 else 0.0,
-        "step_time_ci95_rel": 1.96 * statistics.stdev(timed) / len(timed) ** 0.5 / mean if len(timed) > 1 else None,
+        "step_time_stdev_s": 0.0 if stdev is None else stdev,
+        "step_time_ci95_rel": None if stdev is None else 1.96 * stdev / len(timed) ** 0.5 / mean,
         "timed_steps": len(timed),
     }

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, ModelConfig
+from .shapes import hf_param_shape
 
 # HF LlamaForCausalLM name -> our name; {i} is the layer index.
 _LAYER_MAP = {
@@ -66,17 +67,6 @@ def hf_param_names(cfg: ModelConfig) -> list[str]:
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
     return names
-
-
-def hf_param_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {"embed_tokens": (cfg.vocab_size, h), "lm_head": (cfg.vocab_size, h), "q_proj": (h, h),
-              "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (cfg.intermediate_size, h),
-              "up_proj": (cfg.intermediate_size, h), "down_proj": (h, cfg.intermediate_size)}
-    for key, shape in shapes.items():
-        if f"{key}." in name:
-            return shape
-    return (h,)  # the norms
 
 
 def random_hf_weights(cfg: ModelConfig, seed: int, device, dtype) -> Iterator[tuple[str, torch.Tensor]]:

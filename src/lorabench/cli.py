@@ -3,6 +3,9 @@
     lorabench run                                   # the bundled tiny default, CPU, under a minute
     lorabench run --model-dir /data/Llama-2-7b-hf --data /data/samsum --preset flagperf-fp16 --device cuda
     lorabench run --init random --model llama2-7b --data synthetic --preset bf16 --max-steps 20
+
+Every setting is a flag here and a typed field behind it (TrainConfig, LoRAConfig, NativeOptions, MmluOptions);
+flags left out keep the preset's value or the default for the precision and device.
 """
 from __future__ import annotations
 
@@ -12,9 +15,14 @@ import time
 from pathlib import Path
 
 from .config import TRAIN_PRESETS, ConfigError, resolve_preset
+from .kernels.attention import ATTENTION_IMPLS
+from .kernels.dropout import MASK_IMPLS
+from .mmlu.scoring import PREFIX_ATTENTION
+from .precision import PRECISIONS
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
-    "--precision": ("precision", str, "fp32, tf32, fp16 (fp16 weights + GradScaler) or bf16"),
+    "--precision": ("precision", str, "fp32, tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 weights + "
+                    "GradScaler) or bf16"),
     "--batch-size": ("batch_size", int, "local batch size (packed sequences per micro-batch per chip)"),
     "--seq-len": ("seq_len", int, "tokens per packed sequence"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimiser step"),
@@ -34,6 +42,8 @@ LORA_FLAGS = {
     "--lora-targets": ("targets", lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
                        "comma-separated projections, e.g. q_proj,v_proj"),
 }
+NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask")
+"""NativeOptions fields, each a flag of the same name (kebab-case)."""
 
 
 def _add_model_flags(p: argparse.ArgumentParser):
@@ -46,28 +56,71 @@ def _add_model_flags(p: argparse.ArgumentParser):
                    "(llama2-7b, llama2-13b, tiny)")
     g.add_argument("--engine", default="native", help="native (ours, default), reference (transformers + PEFT, the "
                    "seed's stack), reference+liger or reference+compile")
-    g.add_argument("--attn", default="eager", choices=("eager", "sdpa"), help="attention of the reference engine")
+    g.add_argument("--attn", default=None, choices=("eager", "sdpa"), help="attention of the plain reference "
+                   "engine (default eager, as the seed's stack)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
-def _add_mmlu_flags(p: argparse.ArgumentParser, default_dir: bool):
+def _add_native_flags(p: argparse.ArgumentParser):
+    from .engines.native import COMPILE_MODES
+
+    g = p.add_argument_group("native engine tuning", "defaults follow the precision and device (measured on an "
+                             "H200; see NativeOptions); result.json records what ran")
+    g.add_argument("--attention", choices=ATTENTION_IMPLS, help="training attention: SDPA's own pick, an SDPA "
+                   "kernel put first, or two matmuls (default: cudnn for fp16/bf16 and matmul for tf32 on a GPU, "
+                   "else sdpa)")
+    g.add_argument("--fused-projections", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GEMM for q/k/v and one for gate/up (default: on for tf32 on a GPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each decoder block (default: on with CUDA)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile's mode for the training blocks "
+                   "(reduce-overhead: CUDA graphs; default: torch's default)")
+    g.add_argument("--dropout-mask", choices=MASK_IMPLS, help="how adapters draw dropout masks (default philox16: "
+                   "a Triton kernel on a GPU, torch's Bernoulli kernel on a CPU)")
+
+
+def native_options(a):
+    from .engines import NativeOptions
+
+    return NativeOptions(**{f: getattr(a, f) for f in NATIVE_FLAGS})
+
+
+def _add_mmlu_flags(p: argparse.ArgumentParser, in_run: bool):
     g = p.add_argument_group("MMLU")
     g.add_argument("--mmlu", help="MMLU folder (dev/ + test/ CSVs, or cais/mmlu parquet) or HF dataset name"
-                   + ("; default: the bundled tiny sample with the tiny model, none otherwise" if default_dir else ""))
-    if default_dir:
+                   + ("; default: the bundled tiny sample with the tiny model, none otherwise" if in_run else ""))
+    if in_run:
         g.add_argument("--no-mmlu", action="store_true", help="skip the MMLU check")
     g.add_argument("--subjects", help="comma-separated subjects (default: all found)")
     g.add_argument("--shots", type=int, default=5, help="few-shot examples per question")
-    names = ["--mmlu-batch-size"] if default_dir else ["--batch-size", "--mmlu-batch-size"]
-    g.add_argument(*names, dest="mmlu_batch_size", type=int, default=None,
-                   help="at most this many questions per forward pass (default: 256 on GPU, within 16k tokens "
-                   "and 20%% padding; 8 on CPU)")
     g.add_argument("--limit", type=int, help="at most this many test questions per subject")
+    names = ["--mmlu-batch-size"] if in_run else ["--batch-size", "--mmlu-batch-size"]
+    g.add_argument(*names, dest="mmlu_batch_size", type=int, default=None,
+                   help="at most this many questions per forward pass (default: 256 on GPU, 8 on CPU)")
+    g.add_argument("--mmlu-batch-tokens", type=int, help="at most this many tokens per forward pass, padding "
+                   "included (default: 16384 on GPU, no cap on CPU; 0: no cap)")
+    g.add_argument("--no-prefix-cache", action="store_true", help="recompute the shared few-shot prefix for "
+                   "every question (slower; for checking)")
+    g.add_argument("--prefix-attention", choices=PREFIX_ATTENTION, default=PREFIX_ATTENTION[0],
+                   help="how questions attend to the cached prefix: split (one attention against the single "
+                   "prefix, merged by log-sum-exp) or copy (SDPA over per-question copies)")
+    g.add_argument("--mmlu-kv-tokens", type=int, help="with --prefix-attention copy: keys + values per layer in "
+                   "a batch's prefix copies (default: 2 GiB worth on GPU, no cap on CPU; 0: no cap)")
+    g.add_argument("--tokenize-workers", type=int, help="processes that tokenise while the device scores "
+                   "(default: up to 4 from 2,000 questions, else 0 = inline)")
+    g.add_argument("--mmlu-compiled-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="score with the compiled evaluation graph when the blocks are compiled (default: from "
+                   "6,000 questions, where compiling pays)")
 
 
-def _add_compile_flag(p):
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the native engine's blocks (default: on with CUDA)")
+def mmlu_options(a, mmlu_dir: str):
+    from .mmlu.evaluate import MmluOptions
+
+    subjects = tuple(s.strip() for s in a.subjects.split(",") if s.strip()) if a.subjects else None
+    return MmluOptions(dir=str(mmlu_dir), subjects=subjects, shots=a.shots, limit=a.limit,
+                       batch_size=a.mmlu_batch_size, batch_tokens=a.mmlu_batch_tokens, kv_tokens=a.mmlu_kv_tokens,
+                       prefix_cache=not a.no_prefix_cache, prefix_attention=a.prefix_attention,
+                       tokenize_workers=a.tokenize_workers, compiled_graph=a.mmlu_compiled_graph)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,33 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "bundled model, flagperf-fp32 otherwise)")
     run.add_argument("--data", help="samsum corpus.7z, a folder of train/val/test files, a .json/.jsonl/.csv/"
                      ".parquet file, an HF dataset name, or 'synthetic'; default: the bundled tiny data")
-    run.add_argument("--tf32", action="store_true", help="TF32 matmuls with fp32 weights (precision tf32)")
     _add_model_flags(run)
-    _add_compile_flag(run)
     g = run.add_argument_group("training (override the preset)")
     for flag, (_, typ, hlp) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
         g.add_argument(flag, type=typ, default=None, help=hlp)
-    run.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device the table does not know")
-    run.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-<preset>-<engine>)")
-    run.add_argument("--cache-dir", type=Path, help="packed-data cache (default: $LORABENCH_CACHE or "
-                     "~/.cache/lorabench)")
-    run.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_mmlu_flags(run, default_dir=True)
+    _add_native_flags(run)
+    o = run.add_argument_group("output")
+    o.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device the table does not know")
+    o.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-<preset>-<engine>)")
+    o.add_argument("--cache-dir", type=Path, help="packed-data cache (default: $LORABENCH_CACHE or "
+                   "~/.cache/lorabench)")
+    o.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_mmlu_flags(run, in_run=True)
 
     ev = sub.add_parser("eval", help="MMLU k-shot accuracy of a model (+ adapter)",
                         description="MMLU k-shot as lm-evaluation-harness scores it; writes mmlu.json, mmlu.md and "
                         "mmlu_predictions.jsonl to --run-dir.")
     _add_model_flags(ev)
     ev.add_argument("--adapter", type=Path, help="PEFT-format LoRA adapter folder (lorabench's or PEFT's)")
-    ev.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="weights dtype (default: bf16 on GPU, "
-                    "fp32 on CPU)")
-    _add_compile_flag(ev)
-    ev.add_argument("--no-prefix-cache", action="store_true", help="recompute the shared few-shot prefix for "
-                    "every question (slower; for checking)")
+    ev.add_argument("--precision", choices=tuple(PRECISIONS), help="the same precisions as run (default: bf16 on "
+                    "GPU, fp32 on CPU)")
+    _add_native_flags(ev)
     ev.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-eval)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_mmlu_flags(ev, default_dir=False)
+    _add_mmlu_flags(ev, in_run=False)
 
     b = sub.add_parser("bench", help="engines x presets side by side on random weights and synthetic tokens",
                        description="Each engine x preset runs as its own `lorabench run --init random --data "
@@ -123,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda")
     b.add_argument("--batch-size", help="override every preset's batch size; a comma-separated list (4,16,32) "
                    "runs every row at each and prints each engine's best")
+    b.add_argument("--precision", choices=tuple(PRECISIONS), help="override every preset's precision")
     b.add_argument("--seq-len", type=int, help="override every preset's sequence length")
     b.add_argument("--lora-dropout", type=float, help="override the dropout (0 for exact loss parity)")
     b.add_argument("--lr", type=float, help="override the learning rate (e.g. 1e-3 to see random weights learn)")
@@ -133,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "round and the spread, its speed-up the median of the ratios within each round")
     b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
     b.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-bench)")
+    _add_native_flags(b)
     return ap
 
 
 def cmd_run(a) -> int:
-    from .runner import TINY_DATA, TINY_MMLU, TINY_MODEL, Job, run_job
+    from .assets import TINY_DATA, TINY_MMLU, TINY_MODEL
+    from .runner import Job, run_job
 
     bundled = a.model_dir is None and a.model_preset is None
     if a.init == "random" and bundled:
@@ -145,23 +199,19 @@ def cmd_run(a) -> int:
     preset = a.preset or ("tiny" if bundled else "flagperf-fp32")
     train_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in TRAIN_FLAGS.items()}
     lora_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in LORA_FLAGS.items()}
-    if a.tf32:
-        if (train_kw["precision"] or TRAIN_PRESETS[preset].train.precision) not in ("fp32", "tf32"):
-            raise ConfigError("--tf32 applies to fp32 weights; drop it or use --precision fp32")
-        train_kw["precision"] = "tf32"
     p = resolve_preset(preset, train_kw, lora_kw)
     data = a.data or (str(TINY_DATA) if bundled or a.model_dir == TINY_MODEL else None)
     if data is None:
         raise ConfigError("--data is required with your own model (samsum folder/file, or 'synthetic')")
     mmlu = None
     if not a.no_mmlu and (a.mmlu or bundled):
-        mmlu = {"dir": a.mmlu or str(TINY_MMLU), "subjects": a.subjects, "shots": a.shots,
-                "batch_size": a.mmlu_batch_size, "limit": a.limit}
+        mmlu = mmlu_options(a, a.mmlu or str(TINY_MMLU))
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
     job = Job(train=p.train, lora=p.lora, preset=preset, fix_hp=p.fix_hp, engine=a.engine,
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
-              data=data, device=a.device, attn=a.attn, compile=a.compile, peak_tflops=a.peak_tflops, run_dir=run_dir,
-              save_adapter=not a.no_save_adapter, cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu)
+              data=data, device=a.device, attn=a.attn or "eager", native=native_options(a),
+              peak_tflops=a.peak_tflops, run_dir=run_dir, save_adapter=not a.no_save_adapter,
+              cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu)
     from .train import dist_info, init_distributed
 
     joined = init_distributed()
@@ -186,28 +236,30 @@ def cmd_eval(a) -> int:
 
     import torch
 
+    from .assets import TINY_MMLU, TINY_MODEL
     from .config import LoRAConfig, ModelConfig
     from .engines import build_engine
     from .lora import read_adapter
-    from .mmlu import check_mmlu_options, evaluate_mmlu, render_mmlu
+    from .mmlu.evaluate import check_mmlu_options, evaluate_mmlu, render_mmlu
+    from .precision import default_eval_precision, get_precision
     from .report import write_json_atomic
-    from .runner import DTYPES, TINY_MMLU, TINY_MODEL, compile_default, resolve_device
+    from .runner import resolve_device
 
     model_dir = a.model_dir or TINY_MODEL
     mmlu_dir = a.mmlu or (str(TINY_MMLU) if a.model_dir is None else None)
     if mmlu_dir is None:
         raise ConfigError("--mmlu is required: the MMLU folder (dev/ and test/ CSVs, or cais/mmlu parquet)")
-    opts = {"dir": mmlu_dir, "subjects": a.subjects, "shots": a.shots, "batch_size": a.mmlu_batch_size,
-            "limit": a.limit, "prefix_cache": not a.no_prefix_cache}
+    opts = mmlu_options(a, mmlu_dir)
+    native = native_options(a)
     subjects = check_mmlu_options(opts, model_dir)  # bad flags fail before the model loads
     device = resolve_device(a.device)
-    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = get_precision(a.precision or default_eval_precision(device))
+    precision.check_device(device)
     lora = read_adapter(a.adapter)[0] if a.adapter else LoRAConfig()
     cfg = ModelConfig.from_hf_json(model_dir)
     t0 = time.perf_counter()
     engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
-                          device=device, dtype=DTYPES[precision], seed=0, attn=a.attn,
-                          compile=compile_default(a.compile, device, a.engine))
+                          device=device, precision=precision, seed=0, native=native, attn=a.attn or "eager")
     if a.adapter:
         engine.load_adapter(a.adapter)
     load_s = time.perf_counter() - t0
@@ -215,22 +267,40 @@ def cmd_eval(a) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    summary = evaluate_mmlu(engine, model_dir, opts, device, run_dir, progress=not a.no_progress, subjects=subjects)
+    with precision.matmul_mode():
+        summary = evaluate_mmlu(engine, model_dir, opts, device, run_dir, progress=not a.no_progress,
+                                subjects=subjects)
     if device.type == "cuda":
         torch.cuda.synchronize()
     eval_s = time.perf_counter() - t1
     print(render_mmlu(summary))
-    info = {"load_s": load_s, "eval_s": eval_s, "precision": precision, "engine": a.engine,
-            "adapter": str(a.adapter) if a.adapter else None, "model_dir": str(model_dir), "init": a.init}
+    info = {"load_s": load_s, "eval_s": eval_s, "precision": precision.name, "engine": a.engine,
+            "engine_options": engine.describe(), "adapter": str(a.adapter) if a.adapter else None,
+            "model_dir": str(model_dir), "init": a.init}
     write_json_atomic(run_dir / "eval.json", {**info, "mmlu": summary})
-    print(json.dumps({"acc": summary["acc"], "questions": summary["questions"], **info}))
+    print(json.dumps({"acc": summary["acc"], "questions": summary["questions"], "load_s": load_s,
+                      "eval_s": eval_s, "precision": precision.name, "engine": a.engine}))
     return 0
+
+
+def bench_overrides(a) -> list[str]:
+    """The ``lorabench run`` flags every bench row gets from bench's own overrides."""
+    out = []
+    for flag, v in (("--precision", a.precision), ("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
+                    ("--lr", a.lr), ("--attn", a.attn), ("--attention", a.attention),
+                    ("--compile-mode", a.compile_mode), ("--dropout-mask", a.dropout_mask)):
+        if v is not None:
+            out += [flag, str(v)]
+    for flag, v in (("fused-projections", a.fused_projections), ("compile", a.compile)):
+        if v is not None:
+            out.append(f"--{'' if v else 'no-'}{flag}")
+    return out
 
 
 def cmd_bench(a) -> int:
     import torch
 
-    from .bench import best_lines, floor_lines, native_lines, run_bench, table
+    from .bench.bench import best_lines, floor_lines, native_lines, run_bench, table
     from .engines import ENGINES
 
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
@@ -243,6 +313,7 @@ def cmd_bench(a) -> int:
         raise ConfigError(f"--steps {a.steps} must exceed --warmup-steps {a.warmup_steps}")
     if a.rounds < 1:
         raise ConfigError(f"--rounds {a.rounds}: give 1 or more")
+    native_options(a)  # a bad combination fails here, not in every row
     model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
     batch_sizes = [None]
     if a.batch_size is not None:
@@ -253,14 +324,10 @@ def cmd_bench(a) -> int:
         if not batch_sizes or min(batch_sizes) < 1:
             raise ConfigError(f"--batch-size {a.batch_size!r}: give a positive integer or a comma-separated list "
                               "of them (e.g. 4,16,32)")
-    overrides = []
-    for flag, v in (("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
-                    ("--lr", a.lr), ("--attn", a.attn)):
-        if v is not None:
-            overrides += [flag, str(v)]
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
-    rows, floors = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir, overrides,
-                             a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes, rounds=a.rounds)
+    rows, floors = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir,
+                             bench_overrides(a), a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes,
+                             rounds=a.rounds)
     print(table(rows))
     versus = native_lines(rows)
     if versus:

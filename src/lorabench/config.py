@@ -133,7 +133,6 @@ class LoRAConfig:
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -141,8 +140,9 @@ class TrainConfig:
     """One training run: data shape, optimiser, precision and bookkeeping."""
 
     precision: str = "fp32"
-    """fp32 (weights and math in fp32), tf32 (fp32 weights, TF32 matmuls), fp16 (fp16 weights + GradScaler,
-    as FlagPerf's model.half()), bf16 (bf16 weights). Adapter weights stay fp32, as PEFT keeps them."""
+    """A name of precision.PRECISIONS: fp32 (weights and math in fp32), tf32 (fp32 weights, TF32 matmuls), fp16
+    (fp16 weights + GradScaler, as FlagPerf's model.half()), bf16 (bf16 weights). Adapter weights stay fp32, as
+    PEFT keeps them."""
     batch_size: int = 2
     """Local batch size (LBS): packed sequences per micro-batch per chip."""
     seq_len: int = 512
@@ -167,8 +167,9 @@ class TrainConfig:
     """Seed for weights made at random, adapter init, shuffling and dropout."""
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        from .precision import get_precision  # (precision.py imports this module)
+
+        get_precision(self.precision)
         for name in ("batch_size", "seq_len", "grad_accum", "epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -11,11 +11,13 @@ load in PEFT's format (``adapter_config.json`` +
 """
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,7 +28,28 @@ from .config import ConfigError, LoRAConfig
 from .kernels.dropout import keep_mask
 
 
-class LoRALinear(nn.Module):
+class Adapter(abc.ABC):
+    """What a model needs from an adapted projection, whatever its kind: its trainable weights, its contribution
+    alone (a fused base GEMM adds it to its own output), the merged weight, and a switch to turn it off."""
+
+    enabled: bool = True
+    """False: the projection computes its frozen base alone (``adapters_disabled``)."""
+
+    @abc.abstractmethod
+    def adapter_params(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The trainable (A, B) in PEFT's layout: A [r, in], B [out, r]."""
+
+    @abc.abstractmethod
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the projection's output for input ``x`` (whether or not it is enabled:
+        callers check ``enabled``)."""
+
+    @abc.abstractmethod
+    def merged_weight(self) -> torch.Tensor:
+        """The frozen weight with the adapter folded in, in the base dtype."""
+
+
+class LoRALinear(Adapter, nn.Module):
     """A bias-free Linear whose ``weight`` is frozen, with ``lora_A``/``lora_B`` trainable."""
 
     mask_impl = "philox16"
@@ -51,10 +74,14 @@ class LoRALinear(nn.Module):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) + self.delta(x)
+        y = F.linear(x, self.weight)
+        return y + self.delta(x) if self.enabled else y
+
+    def adapter_params(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_A, self.lora_B
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution alone: dropout(x) A^T B^T * scale (a fused base GEMM adds it itself)."""
+        """dropout(x) A^T B^T * scale (callers skip it while the adapter is disabled)."""
         mask = None
         if self.dropout and self.training:
             mask = keep_mask(x, self.dropout, self.mask_impl, self.salt)  # kept with probability 1 - p
@@ -125,8 +152,23 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return wrapped
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, Adapter]:
+    """{qualified module name: adapter} of every adapted projection of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` as its frozen base alone (e.g. to evaluate the base model); the adapters come back after."""
+    mods = list(lora_modules(model).values())
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, e in zip(mods, before):
+            m.enabled = e
 
 
 def set_mask_impl(model: nn.Module, impl: str):
@@ -136,7 +178,7 @@ def set_mask_impl(model: nn.Module, impl: str):
     if impl not in MASK_IMPLS:
         raise ConfigError(f"dropout mask {impl!r}: choose from {', '.join(MASK_IMPLS)}")
     for m in lora_modules(model).values():
-        m.mask_impl = impl
+        m.mask_impl = impl  # a LoRALinear attribute: every adapter kind here draws masks this way
 
 
 def peft_adapter_config(cfg: LoRAConfig, base_model: str | None) -> dict:

@@ -1,20 +1,13 @@
-"""Throughput, FLOPs and MFU, the way lorabench reports them.
+"""Throughput and MFU, the way lorabench reports them.
 
-FLOPs per token (REFERENCE section 3, PaLM appendix B adapted to LoRA):
-
-    4 * N_frozen + 6 * N_lora + 12 * L * H * Q * T
-
-A frozen matrix costs 2 FLOPs per weight forward and 2 for the input gradient, with no weight gradient; an
-adapter weight costs all three (6); attention scores and values cost 2 * 2 * L * H * Q * T forward and twice
-that backward (no causal discount, no recomputation counted). N_frozen excludes the input embedding (a lookup)
-and includes lm_head. MFU = tokens/s * FLOPs/token / peak, with the peak of the dtype the matmuls run in.
+MFU = tokens/s * FLOPs/token / peak, with FLOPs/token from shapes.flops_per_token (PaLM appendix B adapted to
+LoRA; its derivation is there) and the peak of the dtype the matmuls run in (``Precision.peak_key``).
 """
 from __future__ import annotations
 
 import statistics
 
-from .config import LoRAConfig, ModelConfig
-from .model import count_params
+from .precision import Precision
 
 # Dense datasheet peaks in TFLOP/s (REFERENCE section 3). Keys are matched against the CUDA device name.
 PEAK_TFLOPS = {
@@ -26,21 +19,8 @@ PEAK_TFLOPS = {
 FLAGPERF_PEAK = 1.56e14
 
 
-def lora_param_count(cfg: ModelConfig, lora: LoRAConfig) -> int:
-    h, kv, inter = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    return cfg.num_hidden_layers * sum(lora.r * (i + o) for t, (i, o) in shapes.items() if t in lora.targets)
-
-
-def flops_per_token(cfg: ModelConfig, lora: LoRAConfig, seq_len: int) -> float:
-    n_frozen = count_params(cfg)["non_embedding"]
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 4 * n_frozen + 6 * lora_param_count(cfg, lora) + attn
-
-
-def peak_flops(device_name: str | None, precision: str, override_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s for the matmul dtype of ``precision`` on this device; None when unknown (no guessing)."""
+def peak_flops(device_name: str | None, precision: Precision, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s for the matmuls of ``precision`` on this device; None when unknown (no guessing)."""
     if override_tflops:
         return override_tflops * 1e12
     if not device_name:
@@ -50,7 +30,7 @@ def peak_flops(device_name: str | None, precision: str, override_tflops: float |
         return None  # different clocks and peaks than the SXM part; give --peak-tflops
     for key, table in PEAK_TFLOPS.items():
         if key in name:
-            return table[precision] * 1e12
+            return table[precision.peak_key] * 1e12
     return None
 
 

@@ -11,16 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kernels.attention import ATTENTION_IMPLS, attend, sdpa_priority
 from .kernels.cross_entropy import frozen_head_cross_entropy
-
-# SDPA learned grouped-query attention (enable_gqa) in torch 2.5; older torch gets repeated k/v instead.
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-ATTENTION_IMPLS = ("sdpa", "cudnn", "flash", "efficient", "matmul")
-"""How training attends: ``sdpa`` lets torch pick its kernel; ``cudnn``/``flash``/``efficient`` put that SDPA
-kernel first (torch falls back where it cannot run); ``matmul`` is softmax(QK^T)V as two matmuls, which TF32 runs
-on the tensor cores where SDPA's fp32 kernels do not. Evaluation with a mask uses SDPA; with a cached prefix and
-no mask, prefix_suffix_attention."""
+from .lora import Adapter
+from .shapes import projection_shapes
 
 
 class RMSNorm(nn.Module):
@@ -55,20 +49,15 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
-
+        shapes = projection_shapes(cfg)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, nn.Linear(*shapes[name], bias=False))
         self.impl = "sdpa"
         self.register_buffer("qkv_weight", None, persistent=False)  # set by Llama.fuse_projections
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
-        """x [B, T, C]. kv_cache: optional (k, v) of earlier positions [1, Hkv, S, D] shared by the batch (prefix
-        reuse). attn_mask: optional mask over [T, S+T] for SDPA (with kv_cache, attention then runs on per-row
-        copies of the cached keys and values); with kv_cache and no mask, every position sees the whole cache and
-        the batch's own positions causally, computed without copying the cache (prefix_suffix_attention)."""
+        """x [B, T, C] -> (output [B, T, C], this call's rotated (k, v)); kv_cache and attn_mask as
+        kernels.attention.attend takes them."""
         B, T, _ = x.shape
         if self.qkv_weight is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -78,60 +67,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_kv = (k, v)
-        rep = self.n_heads // self.n_kv
-        if kv_cache is not None and attn_mask is None:
-            y = prefix_suffix_attention(q, k, v, kv_cache[0], kv_cache[1], rep)
-        elif kv_cache is None and attn_mask is None and self.impl == "matmul":
-            y = matmul_attention(q, k, v, rep)
-        else:
-            if kv_cache is not None:
-                k = torch.cat((kv_cache[0].expand(B, -1, -1, -1), k), dim=2)
-                v = torch.cat((kv_cache[1].expand(B, -1, -1, -1), v), dim=2)
-            kw = {"is_causal": True} if attn_mask is None else {"attn_mask": attn_mask}
-            if rep > 1 and _SDPA_HAS_GQA:
-                kw["enable_gqa"] = True
-            elif rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, **kw)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
-
-
-def attention_with_lse(q, k, v, causal: bool):
-    """softmax(q k^T / sqrt(d)) v and each row's log-sum-exp (fp32, [B, H, T]); q [B, H, T, D], k/v [B, H, S, D]
-    with as many heads as q; causal means T == S. fp16/bf16 on a GPU: the flash kernel, which returns the
-    log-sum-exp; otherwise plain matmuls, the softmax in fp32 (or wider)."""
-    D = q.shape[-1]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
-        return out, lse
-    return _matmul_with_lse(q, k, v, causal)
-
-
-def _matmul_with_lse(q, k, v, causal: bool):
-    """softmax(q k^T / sqrt(d)) v with plain matmuls (the softmax in fp32 or wider) and each row's log-sum-exp."""
-    s = _scores(q, k, causal)
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - lse[..., None]).to(v.dtype) @ v, lse
-
-
-def prefix_suffix_attention(q, k, v, k_prefix, v_prefix, rep: int):
-    """Attention of a batch of suffixes q/k/v [B, H(kv), T, D] that all follow one cached prefix k/v_prefix
-    [1, Hkv, P, D]: each position sees the whole prefix and its own suffix causally. The prefix part runs as one
-    attention of all B x T queries against the single prefix (no per-row copy of it), the suffix part causally per
-    row, and the two are merged by their log-sum-exps, which is exactly the softmax over prefix + suffix keys."""
-    if rep > 1:
-        k, v, k_prefix, v_prefix = (t.repeat_interleave(rep, dim=1) for t in (k, v, k_prefix, v_prefix))
-    B, H, T, D = q.shape
-    flat = q.transpose(0, 1).reshape(1, H, B * T, D)
-    o_pre, lse_pre = attention_with_lse(flat, k_prefix, v_prefix, causal=False)
-    o_pre = o_pre.reshape(H, B, T, D).transpose(0, 1)
-    lse_pre = lse_pre.reshape(H, B, T).transpose(0, 1)
-    o_suf, lse_suf = attention_with_lse(q, k, v, causal=True)
-    lse = torch.logaddexp(lse_pre, lse_suf)
-    wide = _softmax_dtype(q)
-    out = o_pre.to(wide) * torch.exp(lse_pre - lse)[..., None] + o_suf.to(wide) * torch.exp(lse_suf - lse)[..., None]
-    return out.to(q.dtype)
+        y = attend(q, k, v, self.n_heads // self.n_kv, self.impl, attn_mask, kv_cache)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
 
 def fuse_weights(module: nn.Module, names: tuple[str, ...], buffer: str, interleave: bool = False):
@@ -161,86 +98,15 @@ def fused_projections(x, weight, parts, interleaved: bool = False):
         outs = [y[..., i::len(parts)] for i in range(len(parts))]
     else:
         outs = y.split([p.weight.shape[0] for p in parts], dim=-1)
-    return tuple(o + p.delta(x) if hasattr(p, "delta") else o for o, p in zip(outs, parts))
-
-
-def matmul_attention(q, k, v, rep: int):
-    """Causal softmax(q k^T / sqrt(d)) v with plain matmuls (the softmax in fp32), k/v repeated for GQA."""
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return _MatmulAttention.apply(q, k, v)
-
-
-def _scores(q, k, causal: bool = True):
-    """q k^T / sqrt(d) in fp32 (or wider); causal: -inf above the diagonal."""
-    s = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).to(_softmax_dtype(q))
-    if not causal:
-        return s
-    T = q.shape[-2]
-    return s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-
-
-def _softmax_dtype(t):
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-class _MatmulAttention(torch.autograd.Function):
-    """Saves q, k, v, the output and each row's log-sum-exp, not the [B, H, T, T] probabilities: the backward
-    recomputes them with one more q k^T (a few GFLOP a layer) and so keeps B x H x T^2 x 4 bytes per layer out of
-    memory (2 GiB over Llama-2-7B at LBS 2 x 512 in fp32)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out, lse = _matmul_with_lse(q, k, v, causal=True)
-        ctx.save_for_backward(q, k, v, out, lse[..., None])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        p = torch.exp(_scores(q, k) - lse)
-        dv = p.to(v.dtype).transpose(-1, -2) @ grad
-        wide = _softmax_dtype(q)
-        dp = (grad @ v.transpose(-1, -2)).to(wide)
-        ds = (p * (dp - (grad.to(wide) * out.to(wide)).sum(-1, keepdim=True))).to(q.dtype) * q.shape[-1] ** -0.5
-        return ds @ k, ds.transpose(-1, -2) @ q, dv
-
-
-def _sdpa_priority_lists() -> dict:
-    """{impl: SDPA backends with that kernel first}, where this torch can set a priority (2.6+), else {}."""
-    try:
-        import inspect
-
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
-        return {}
-    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
-        return {}
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return {impl: [first] + [b for b in order if b != first]
-            for impl, first in zip(("flash", "cudnn", "efficient"), order)}
-
-
-_SDPA_PRIORITY = _sdpa_priority_lists()
-
-
-def _sdpa_priority(impl: str):
-    """A context that puts the SDPA kernel ``impl`` names first (no-op for sdpa/matmul or an old torch)."""
-    import contextlib
-
-    if impl not in _SDPA_PRIORITY:
-        return contextlib.nullcontext()
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(_SDPA_PRIORITY[impl], set_priority=True)
+    return tuple(o + p.delta(x) if isinstance(p, Adapter) and p.enabled else o for o, p in zip(outs, parts))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        shapes = projection_shapes(cfg)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, nn.Linear(*shapes[name], bias=False))
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by Llama.fuse_projections
 
     def forward(self, x):
@@ -309,7 +175,7 @@ class Llama(nn.Module):
                 layers = self.eval_layers
         if layers is self.eval_layers:  # a batch size equal to a fixed size of the model (e.g. head_dim) would
             torch._dynamo.maybe_mark_dynamic(x, 0)  # otherwise be taken for it and specialised: a second graph
-        with _sdpa_priority(self.attention):
+        with sdpa_priority(self.attention):
             for i, layer in enumerate(layers):
                 x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
                 if return_kv:
@@ -333,7 +199,7 @@ class Llama(nn.Module):
 
     def fuse_projections(self):
         """One GEMM for q/k/v and one for gate/up in every layer (frozen weights concatenated; adapters stay per
-        projection). Call after the weights are loaded (runner.fused_projections_default says when it pays)."""
+        projection). Call after the weights are loaded (engines.native.NativeOptions says when it pays)."""
         for layer in self.layers:
             fuse_weights(layer.attn, ("q_proj", "k_proj", "v_proj"), "qkv_weight")
             fuse_weights(layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight", interleave=True)
@@ -348,14 +214,3 @@ class Llama(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(self.layers))
         self.compiled_layers = tuple(torch.compile(layer, mode=mode) for layer in self.layers)
         self.eval_layers = tuple(torch.compile(layer, dynamic=True) for layer in self.layers)
-
-
-def count_params(cfg: ModelConfig) -> dict:
-    """Parameter counts by role, from the shape alone (used by the FLOPs formula)."""
-    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * cfg.intermediate_size + 2 * h
-    embed = cfg.vocab_size * h
-    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    total = embed + cfg.num_hidden_layers * per_layer + h + head
-    return {"total": total, "embedding": embed, "per_layer": per_layer, "non_embedding": total - embed
-            + (embed if cfg.tie_word_embeddings else 0)}

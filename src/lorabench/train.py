@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from .config import ConfigError, TrainConfig
+from .precision import get_precision
 
 
 def dist_info() -> tuple[int, int]:
@@ -49,17 +49,6 @@ def barrier():
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextmanager
-def matmul_precision(precision: str):
-    """TF32 on only for the tf32 precision; restored afterwards."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _step_batches(data: np.ndarray, order: np.ndarray, step: int, cfg: TrainConfig, rank: int, world: int):
@@ -95,16 +84,17 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     torch.manual_seed(cfg.seed + rank)  # dropout masks
+    precision = get_precision(cfg.precision)
     params = engine.trainable_params()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}
     epoch_losses, skipped = [], 0
     bar = _progress(total, progress and rank == 0)
     step = 0
     engine.train()
-    with matmul_precision(cfg.precision):
+    with precision.matmul_mode():
         for epoch in range(cfg.epochs):
             if step >= total:
                 break
@@ -163,7 +153,7 @@ def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.devi
     if cfg.eval_batches is not None:
         n = min(n, cfg.eval_batches)
     total, count = 0.0, 0
-    with matmul_precision(cfg.precision):
+    with get_precision(cfg.precision).matmul_mode():
         for i in range(rank, n, world):
             ids = torch.from_numpy(data[i * cfg.batch_size:(i + 1) * cfg.batch_size]).to(device, torch.long)
             total += engine.loss(ids, ids).item()

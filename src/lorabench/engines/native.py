@@ -1,26 +1,89 @@
-"""The native engine: our Llama (model.py) with our LoRA (lora.py)."""
+"""The native engine: our Llama (model.py) with our LoRA (lora.py), and the typed options that tune it.
+
+``NativeOptions`` holds every knob of the engine (attention kernel, fused projections, torch.compile and its mode,
+the dropout-mask generator). A field left None takes the default of the run's precision and device
+(``resolve``), measured on an H200 as each docstring below says; the CLI exposes each field as a flag and
+result.json records the resolved values.
+"""
 from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from ..checkpoint import hf_to_native, iter_checkpoint, load_into, native_to_hf, random_hf_weights
 from ..config import ConfigError, LoRAConfig, ModelConfig
+from ..kernels.attention import ATTENTION_IMPLS
+from ..kernels.dropout import MASK_IMPLS
 from ..lora import inject_lora, lora_modules, set_mask_impl
 from ..model import Llama
-from . import Engine, canonical_adapters
+from ..precision import Precision
+from .base import Engine, canonical_adapters
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's modes for the training blocks (reduce-overhead: CUDA graphs)."""
+
+GPU_ATTENTION = {"tf32": "matmul", "fp16": "cudnn", "bf16": "cudnn"}
+"""Training attention on a GPU by precision: cuDNN's SDPA kernel first for fp16/bf16 (on an H200, 2026-11-28, it
+ran causal attention forward + backward 1.2-1.9x faster than the flash kernel eager SDPA picks; torch 2.11's
+compiled graphs pick it anyway, other versions may not: benchmarks/NOTES.md), plain matmuls under TF32 (6% faster
+there than SDPA's fp32 kernel); SDPA's own choice for fp32 and on a CPU."""
+
+
+@dataclass(frozen=True)
+class NativeOptions:
+    """Tuning of the native engine. None: the default for the run's precision and device (``resolve``)."""
+
+    attention: str | None = None
+    """Training attention, one of kernels.attention.ATTENTION_IMPLS (default: GPU_ATTENTION on a GPU, else sdpa)."""
+    fused_projections: bool | None = None
+    """One GEMM for q/k/v and one for gate/up. Default: on under TF32 on a GPU, where it measured 2.2% faster
+    (H200, 2026-11-28: 9,417 vs 9,211 tok/s, same machine); off in fp16/bf16, where it was 0.4% slower with gate/up
+    concatenated and 1.1% slower interleaved (bf16 LBS 16: 20,452 vs 20,682; benchmarks/NOTES.md items 13, 20)."""
+    compile: bool | None = None
+    """torch.compile each decoder block (default: on with CUDA)."""
+    compile_mode: str | None = None
+    """torch.compile's mode for the training blocks, one of COMPILE_MODES (default: torch's default). On an H200
+    (2026-11-28) reduce-overhead gave +0.9% under TF32, within noise, and -1.6% at bf16 LBS 16;
+    max-autotune-no-cudagraphs no gain at bf16 LBS 16 (benchmarks/NOTES.md items 14, 28)."""
+    dropout_mask: str | None = None
+    """How adapters draw dropout masks, one of kernels.dropout.MASK_IMPLS (default philox16: a Triton kernel,
+    eight mask elements per Philox call, on a CPU torch's Bernoulli kernel; inline measured 0.7% slower at bf16
+    LBS 16 on an H200, 2026-11-28)."""
+
+    def __post_init__(self):
+        for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
+                                      ("compile-mode", self.compile_mode, COMPILE_MODES),
+                                      ("dropout-mask", self.dropout_mask, MASK_IMPLS)):
+            if value is not None and value not in choices:
+                raise ConfigError(f"--{field} {value!r}: choose from {', '.join(choices)}")
+
+    def resolve(self, precision: Precision, device: torch.device) -> "NativeOptions":
+        """These options with every None replaced by the default for ``precision`` on ``device``."""
+        gpu = device.type == "cuda"
+        return replace(
+            self,
+            attention=self.attention or (GPU_ATTENTION.get(precision.name, "sdpa") if gpu else "sdpa"),
+            fused_projections=(gpu and precision.tf32) if self.fused_projections is None else self.fused_projections,
+            compile=gpu if self.compile is None else self.compile,
+            compile_mode=self.compile_mode or "default",
+            dropout_mask=self.dropout_mask or MASK_IMPLS[0],
+        )
 
 
 class NativeEngine(Engine):
     name = "native"
+    supports_prefix_cache = True
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 compile: bool = False, attention: str = "sdpa", fuse: bool = False,
-                 compile_mode: str | None = None, dropout_mask: str = "philox16"):
-        self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
+                 options: NativeOptions):
+        """``options`` resolved (NativeOptions.resolve; build_engine does it)."""
+        self.model_cfg, self.lora_cfg, self.model_dir, self.options = model_cfg, lora, model_dir, options
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)
         inject_lora(model, lora)
-        set_mask_impl(model, dropout_mask)
+        set_mask_impl(model, options.dropout_mask)
         model.to_empty(device=device)
         if model_cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
@@ -28,35 +91,47 @@ class NativeEngine(Engine):
             load_into(model, random_hf_weights(model_cfg, seed, device, dtype), True, "random init")
         else:
             load_into(model, iter_checkpoint(model_dir), True, str(model_dir))
-        model.set_attention(attention)
+        model.set_attention(options.attention)
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
-        if fuse:
+        if options.fused_projections:
             model.fuse_projections()
-        if compile:
-            model.compile_blocks(compile_mode)
+        if options.compile:
+            model.compile_blocks(None if options.compile_mode == "default" else options.compile_mode)
 
-    # -- the engine interface -------------------------------------------------------------------------------
+    # -- the engine contract --------------------------------------------------------------------------------
     def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.loss(ids, labels)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids)
 
-    supports_prefix_cache = True
-
     def forward_hidden(self, ids, kv_caches=None, position_offset: int = 0, attn_mask=None):
         return self.model.hidden(ids, attn_mask=attn_mask, kv_caches=kv_caches, position_offset=position_offset)
 
     def prefix_kv(self, ids: torch.Tensor):
-        """Per-layer (k, v) of a prefix [1, T], for reuse by forward_hidden(kv_caches=..., position_offset=T)."""
         return self.model.hidden(ids, return_kv=True)[1]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(h).float()
 
+    @contextmanager
+    def evaluating(self, compiled: bool):
+        """Eval mode; the compiled blocks' shape-generic evaluation graph only where ``compiled`` (compiling it
+        costs seconds: a short evaluation runs eagerly)."""
+        before = self.model.eval_graph_enabled
+        self.model.eval_graph_enabled = compiled
+        try:
+            with super().evaluating(compiled):
+                yield
+        finally:
+            self.model.eval_graph_enabled = before
+
+    def describe(self) -> dict:
+        return asdict(self.options)
+
     def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {native_to_hf(n): (m.lora_A, m.lora_B) for n, m in lora_modules(self.model).items()}
+        return {native_to_hf(n): m.adapter_params() for n, m in lora_modules(self.model).items()}
 
     def set_adapters(self, adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], source: str):
         mods = lora_modules(self.model)
@@ -73,10 +148,9 @@ class NativeEngine(Engine):
                               f"(unexpected: {unknown[:3]}, missing: {sorted(missing)[:3]})")
         with torch.no_grad():
             for k, (a, b) in adapters.items():
-                m = mods[native[k]]
-                if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
+                a_dst, b_dst = mods[native[k]].adapter_params()
+                if a.shape != a_dst.shape or b.shape != b_dst.shape:
                     raise ConfigError(f"{source}: {k} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                                      f"expected {tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}")
-                m.lora_A.copy_(a)
-                m.lora_B.copy_(b)
-
+                                      f"expected {tuple(a_dst.shape)}, {tuple(b_dst.shape)}")
+                a_dst.copy_(a)
+                b_dst.copy_(b)

@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import iter_checkpoint, load_into, random_hf_weights
 from ..config import ConfigError, LoRAConfig, ModelConfig
-from . import Engine, canonical_adapters
+from .base import Engine, canonical_adapters
 
 
 @contextmanager
@@ -61,7 +61,7 @@ class ReferenceEngine(Engine):
                 raise ConfigError("--engine reference+liger needs liger-kernel (pip install liger-kernel)") from None
             apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
                                         cross_entropy=False)
-        self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
+        self.model_cfg, self.lora_cfg, self.model_dir, self.attn = model_cfg, lora, model_dir, attn
         hf_cfg = LlamaConfig(**model_cfg.to_hf_dict())
         hf_cfg._attn_implementation = attn
         with torch.device(device), _default_dtype(dtype):
@@ -82,11 +82,17 @@ class ReferenceEngine(Engine):
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, use_cache=False).logits.float()
 
-    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward_hidden(self, ids: torch.Tensor, kv_caches=None, position_offset: int = 0,
+                       attn_mask=None) -> torch.Tensor:
+        if kv_caches is not None or position_offset or attn_mask is not None:
+            raise NotImplementedError("the reference engine has no prefix cache (supports_prefix_cache is False)")
         return self.model.get_base_model().model(input_ids=ids, use_cache=False).last_hidden_state
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.get_base_model().lm_head(h).float()
+
+    def describe(self) -> dict:
+        return {"attn": self.attn}
 
     def _lora_layers(self) -> dict:
         from peft.tuners.lora import LoraLayer

@@ -1,5 +1,5 @@
 """MMLU data: the questions (original CSV layout, cais/mmlu parquet, or a hub name), lm-evaluation-harness's
-prompt, and the tokenised requests the scorer (mmlu.py) runs.
+prompt, and the tokenised requests the scorer (scoring.py) runs.
 
 Prompt, byte for byte lm-evaluation-harness's default MMLU template::
 
@@ -18,9 +18,9 @@ import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import ConfigError
-from .data import looks_like_hub_name
-from .data.tokenizer import Tokenizer
+from ..config import ConfigError
+from ..data import looks_like_hub_name
+from ..data.tokenizer import Tokenizer
 
 LETTERS = "ABCD"
 # Subject -> category, the map of the original evaluation code (hendrycks/test categories).

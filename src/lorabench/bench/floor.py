@@ -17,18 +17,10 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .model import matmul_attention
-
-
-def gemm_groups(cfg: ModelConfig) -> list[tuple[int, list[int], int]]:
-    """(in, [out of each matrix], times per step) of the frozen matrices, grouped by shared input: q/k/v read the
-    same normed hidden state, gate/up likewise, so each group can run as one GEMM or as one per matrix."""
-    h, kv, L = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.num_hidden_layers
-    q = cfg.num_attention_heads * cfg.head_dim
-    return [(h, [q, kv, kv], L), (q, [h], L),  # q/k/v; o
-            (h, [cfg.intermediate_size] * 2, L), (cfg.intermediate_size, [h], L),  # gate/up; down
-            (h, [cfg.vocab_size], 1)]  # lm_head
+from ..config import ModelConfig
+from ..kernels.attention import matmul_attention
+from ..precision import get_precision
+from ..shapes import gemm_groups
 
 
 def timed(fn, reps: int = 20, warmup: int = 5) -> float:
@@ -134,8 +126,6 @@ def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16) -> dict:
 
 def floor_for_precision(cfg: ModelConfig, batch: int, seq: int, precision: str) -> dict:
     """The floor for a training precision (fp32, tf32, fp16, bf16), TF32 on only for tf32."""
-    from .runner import DTYPES
-    from .train import matmul_precision
-
-    with matmul_precision(precision):
-        return {**floor(cfg, batch, seq, DTYPES[precision]), "precision": precision}
+    p = get_precision(precision)
+    with p.matmul_mode():
+        return {**floor(cfg, batch, seq, p.dtype), "precision": precision}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .report import markdown_table, write_json_atomic, write_text_atomic
+from ..report import markdown_table, write_json_atomic, write_text_atomic
 
 
 def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, device: str, row_dir: Path,
@@ -116,7 +116,7 @@ def native_lines(rows: list[dict]) -> str:
 def add_floors(rows: list[dict], model: str, log=print) -> dict:
     """Time the floor (floor.py) at each preset's shape and precision on this process's GPU; each row gets its
     share of it. Returns {preset: floor result or error}."""
-    from .config import MODEL_PRESETS
+    from ..config import MODEL_PRESETS
     from .floor import floor_for_precision
 
     floors: dict[str, dict] = {}

@@ -1,0 +1,124 @@
+"""The engine contract: every call the training loop, the MMLU evaluation, the runner and the bench make of a
+model stack, declared in one abstract class. A new engine (another stack, another model family) is added by
+implementing these, never by teaching the loop about it.
+
+The loop calls ``trainable_params``, ``train``, ``eval``, ``loss``; MMLU calls ``evaluating``, ``forward_hidden``,
+``head`` (and ``prefix_kv`` where ``supports_prefix_cache``); the runner calls ``save_adapter``, ``describe`` and
+``dtype``; ``eval`` calls ``load_adapter``; the tests also ``logits``, ``adapters`` and ``set_adapters``.
+"""
+from __future__ import annotations
+
+import abc
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, LoRAConfig, ModelConfig
+from ..lora import read_adapter, save_adapter
+
+
+class Engine(abc.ABC):
+    """A model with LoRA adapters that lorabench can train, evaluate and save. Subclasses set ``name``,
+    ``model_cfg``, ``lora_cfg``, ``model_dir`` (None for random weights) and ``model`` (the nn.Module)."""
+
+    name: str = "engine"
+    model_cfg: ModelConfig
+    lora_cfg: LoRAConfig
+    model_dir: Path | str | None
+    model: torch.nn.Module
+    supports_prefix_cache: bool = False
+    """Whether forward_hidden takes kv_caches / position_offset / attn_mask and prefix_kv exists (MMLU reuses
+    each subject's shared prompt prefix)."""
+
+    # -- training -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32 scalar) of ``labels`` (aligned with ``ids``, shifted inside;
+        -100 ignored)."""
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train(self):
+        self.model.train()
+
+    def eval(self):
+        self.model.eval()
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [B, T, V]."""
+
+    @abc.abstractmethod
+    def forward_hidden(self, ids: torch.Tensor, kv_caches=None, position_offset: int = 0,
+                       attn_mask=None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, C]. The prefix-cache arguments only where ``supports_prefix_cache``."""
+
+    @abc.abstractmethod
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of hidden states ``h`` [..., C]."""
+
+    def prefix_kv(self, ids: torch.Tensor):
+        """Per-layer (k, v) of a prefix [1, T], for forward_hidden(kv_caches=..., position_offset=T)."""
+        raise NotImplementedError(f"engine {self.name} has no prefix cache")
+
+    @contextmanager
+    def evaluating(self, compiled: bool):
+        """Evaluation mode for the duration (dropout off), training mode after. ``compiled``: whether a compiled
+        evaluation graph pays for its compile time here (the caller knows how much work follows); engines
+        without one ignore it."""
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train()
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{HF module name: (A, B)} of every adapter."""
+
+    @abc.abstractmethod
+    def set_adapters(self, adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], source: str):
+        """Copy (A, B) into the adapters; a ConfigError naming ``source`` if they do not fit."""
+
+    def save_adapter(self, out_dir: str | Path):
+        save_adapter(self.adapters(), self.lora_cfg, out_dir,
+                     base_model=None if self.model_dir is None else str(self.model_dir))
+
+    def load_adapter(self, adapter_dir: str | Path):
+        cfg, adapters = read_adapter(adapter_dir)
+        if (cfg.r, cfg.alpha, set(cfg.targets)) != (self.lora_cfg.r, self.lora_cfg.alpha, set(self.lora_cfg.targets)):
+            raise ConfigError(f"{adapter_dir}: adapter has r={cfg.r}, alpha={cfg.alpha}, targets={cfg.targets}; "
+                              "build the engine with the same LoRA settings")
+        self.set_adapters(adapters, source=str(adapter_dir))
+
+    # -- reporting ------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the frozen base weights."""
+        return next(p for p in self.model.parameters() if not p.requires_grad).dtype
+
+    @abc.abstractmethod
+    def describe(self) -> dict:
+        """This engine's settings as resolved, for result.json (what a reader needs to rerun it)."""
+
+
+def canonical_adapters(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Initial adapter weights as {HF module name: (A, B)}, drawn from one seed in HF module order:
+    A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt 5), B = 0. Every engine starts here."""
+    from ..checkpoint import hf_param_names
+    from ..shapes import hf_param_shape
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = {}
+    for name in hf_param_names(cfg):
+        module = name.rsplit(".", 1)[0]
+        if module.rsplit(".", 1)[-1] in lora.targets:
+            fan_out, fan_in = hf_param_shape(cfg, name)
+            bound = fan_in ** -0.5
+            a = torch.empty(lora.r, fan_in).uniform_(-bound, bound, generator=g)
+            out[module] = (a, torch.zeros(fan_out, lora.r))
+    return out

@@ -1,0 +1,223 @@
+"""MMLU k-shot evaluation as lm-evaluation-harness scores it (REFERENCE section 4): the typed options, the whole
+evaluation loop and its outputs (mmlu.json, mmlu.md, mmlu_predictions.jsonl).
+
+The questions and prompts come from data.py, the scores from scoring.py. Speed: on a GPU the blocks run compiled
+(one shape-generic graph, from COMPILED_EVAL_MIN questions, as compiling costs seconds), worker processes tokenise
+the next subjects while the GPU scores, and the host queues each subject's batches before it reads the previous
+subject's scores back, so the device does not wait for the host between subjects.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..report import markdown_table, write_text_atomic
+from .data import CATEGORY, LETTERS, Request, Subject, load_mmlu, subject_requests
+from .scoring import PREFIX_ATTENTION, queue_scores
+
+DEFAULT_BATCH_GPU = 256
+DEFAULT_BATCH_CPU = 8
+DEFAULT_BATCH_TOKENS = 16384
+"""GPU batches: up to 256 questions, 16k tokens padding included, and padding within 20% of the real tokens
+(scoring.length_batches). A fixed count of length-sorted questions pads each subject's long tail: at 128 questions
+a batch 45% of MMLU's tokens would be padding; these caps keep it at 13% in 300 batches of ~3k tokens (the
+shared-prefix cache keeps batches within one subject)."""
+KV_COPY_BYTES = 2 << 30
+"""Per layer, the batch's copies of the cached prefix keys and values stay within 2 GiB (131,072 tokens of
+Llama-2-7B in bf16): at most ~3 GB transient, whatever the prefix length."""
+BACKGROUND_TOKENIZE_MIN = 2000
+"""Questions from which tokenising runs in worker processes, overlapped with scoring."""
+COMPILED_EVAL_MIN = 6000
+"""Questions from which evaluation runs the compiled graph (when the engine has one). Full MMLU cold on an H200
+(2026-11-28), each in a fresh process of one call: eager 68.2 s (4.5 ms a question), compiled 54.0 s (3.0 ms a
+question after a first subject of 11.0 s, 1.8 s eager: ~9 s of compiling), so compiling pays from ~6,000
+questions on (benchmarks/NOTES.md item 18)."""
+TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
+"""On an H200 host (16 cores, 2026-11-28) 4 workers keep up with the GPU: full MMLU end to end 62.7 s vs scoring
+alone 59.6 s; 1 worker: 76.7 s (benchmarks/NOTES.md)."""
+
+
+@dataclass(frozen=True)
+class MmluOptions:
+    """One MMLU evaluation. None: the default for the device and the amount of work (``evaluate_mmlu``)."""
+
+    dir: str
+    """MMLU folder (dev/ + test/ CSVs, or the cais/mmlu parquet layout) or an HF dataset name."""
+    subjects: tuple[str, ...] | None = None
+    """Subjects to evaluate (None: all found)."""
+    shots: int = 5
+    """Few-shot examples per question (the subject's first dev rows)."""
+    limit: int | None = None
+    """At most this many test questions per subject."""
+    batch_size: int | None = None
+    """At most this many questions per forward pass (None: DEFAULT_BATCH_GPU on a GPU, DEFAULT_BATCH_CPU else)."""
+    batch_tokens: int | None = None
+    """At most this many tokens per forward pass, padding included (None: DEFAULT_BATCH_TOKENS on a GPU, no cap
+    on a CPU; 0: no cap)."""
+    kv_tokens: int | None = None
+    """With prefix_attention 'copy': per layer, the batch's copies of the cached prefix stay within this many
+    keys + values (None: KV_COPY_BYTES' worth on a GPU, no cap on a CPU; 0: no cap)."""
+    prefix_cache: bool = True
+    """Run each subject's shared prompt prefix once and reuse its keys and values (engines that support it)."""
+    prefix_attention: str = PREFIX_ATTENTION[0]
+    """How questions attend to the cached prefix: scoring.PREFIX_ATTENTION."""
+    tokenize_workers: int | None = None
+    """Worker processes that tokenise while the device scores (None: TOKENIZE_WORKERS from
+    BACKGROUND_TOKENIZE_MIN questions, else 0 = tokenise inline)."""
+    compiled_graph: bool | None = None
+    """Score with the compiled blocks' evaluation graph where the engine has one (None: from COMPILED_EVAL_MIN
+    questions)."""
+
+    def __post_init__(self):
+        if self.shots < 0:
+            raise ConfigError(f"--shots must be >= 0, got {self.shots}")
+        for flag, v in (("--limit", self.limit), ("--mmlu-batch-size", self.batch_size)):
+            if v is not None and v <= 0:
+                raise ConfigError(f"{flag} must be positive, got {v}")
+        for flag, v in (("--mmlu-batch-tokens", self.batch_tokens), ("--mmlu-kv-tokens", self.kv_tokens),
+                        ("--tokenize-workers", self.tokenize_workers)):
+            if v is not None and v < 0:
+                raise ConfigError(f"{flag} must be >= 0, got {v}")
+        if self.prefix_attention not in PREFIX_ATTENTION:
+            raise ConfigError(f"--prefix-attention {self.prefix_attention!r}: choose from "
+                              f"{', '.join(PREFIX_ATTENTION)}")
+
+
+def check_mmlu_options(opts: MmluOptions, model_dir) -> list[Subject]:
+    """Read the questions ``opts`` asks for, so a bad folder or subject fails before any training."""
+    if model_dir is None:
+        raise ConfigError("MMLU needs the model's tokenizer: give --model-dir (or --no-mmlu)")
+    return load_mmlu(opts.dir, list(opts.subjects) if opts.subjects else None, opts.limit)
+
+
+def evaluate_mmlu(engine, model_dir, opts: MmluOptions, device, out_dir: Path | None,
+                  progress: bool = True, subjects: list[Subject] | None = None) -> dict:
+    """Run MMLU as ``opts`` says; write mmlu_predictions.jsonl, mmlu.json and mmlu.md to ``out_dir``; return the
+    summary. ``subjects``: the questions as ``check_mmlu_options`` already read them."""
+    from tqdm.auto import tqdm
+
+    if subjects is None:
+        subjects = check_mmlu_options(opts, model_dir)
+    max_len = engine.model_cfg.max_position_embeddings
+    n = sum(len(s.test) for s in subjects)
+    background = opts.tokenize_workers
+    if background is None:  # worker processes pay off once tokenising takes seconds
+        background = TOKENIZE_WORKERS if n >= BACKGROUND_TOKENIZE_MIN else 0
+    gpu = device.type == "cuda"
+    caps = {"batch_size": opts.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU),
+            "batch_tokens": _cap(opts.batch_tokens, DEFAULT_BATCH_TOKENS if gpu else None),
+            "kv_tokens": _cap(opts.kv_tokens, kv_token_cap(engine) if gpu else None)}  # copy only
+    how = (opts.prefix_cache, opts.prefix_attention)
+    compiled = n >= COMPILED_EVAL_MIN if opts.compiled_graph is None else opts.compiled_graph
+    reqs, scores = [], []
+    timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
+    chunks = subject_requests(model_dir, subjects, opts.shots, max_len, background)
+    try:
+        with engine.evaluating(compiled), tqdm(total=n, desc="mmlu", unit="q", disable=not progress,
+                                               dynamic_ncols=True) as bar:
+            previous = None  # (collect, count) of the subject queued last
+            while True:
+                t0 = time.perf_counter()
+                chunk = next(chunks, None)
+                t1 = time.perf_counter()
+                timing["tokenize_wait_s"] += t1 - t0
+                queued = None
+                if chunk is not None:
+                    reqs += chunk
+                    queued = (_queue_backing_off(engine, chunk, device, caps, *how, bar), len(chunk))
+                    if timing["first_subject_s"] is None:  # includes compiling the evaluation graph, if any
+                        timing["first_subject_s"] = time.perf_counter() - t1
+                if previous is not None:  # read back only now: the device already has the next subject's work
+                    scores += previous[0]()
+                    bar.update(previous[1])
+                timing["score_s"] += time.perf_counter() - t1
+                if queued is None:
+                    break
+                previous = queued
+    finally:
+        chunks.close()
+    summary = summarize(reqs, scores, opts.shots)
+    summary["timing"] = timing
+    if out_dir is not None:
+        write_outputs(Path(out_dir), reqs, scores, summary)
+    return summary
+
+
+def _cap(value: int | None, default: int | None) -> int | None:
+    """A batch cap as given (0: none), or ``default`` where unset."""
+    if value is None:
+        return default
+    return value or None
+
+
+def kv_token_cap(engine) -> int:
+    """Keys + values per layer that fit KV_COPY_BYTES in the engine's dtype (the cached prefix is copied per
+    question of a batch)."""
+    cfg = engine.model_cfg
+    elem = torch.empty((), dtype=engine.dtype).element_size()
+    return KV_COPY_BYTES // (2 * cfg.num_key_value_heads * cfg.head_dim * elem)
+
+
+def _queue_backing_off(engine, chunk: list[Request], device, caps: dict, use_cache: bool, prefix_attention: str,
+                       bar):
+    """queue_scores with ``caps``; out of device memory, halve them (for the rest of the run) and retry."""
+    while True:
+        try:
+            return queue_scores(engine, chunk, device, caps["batch_size"], use_cache,
+                                batch_tokens=caps["batch_tokens"], kv_tokens=caps["kv_tokens"],
+                                prefix_attention=prefix_attention)
+        except torch.cuda.OutOfMemoryError:
+            if caps["batch_size"] == 1:
+                raise
+            caps.update({k: max(1, v // 2) for k, v in caps.items() if v})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            bar.write(f"mmlu: out of device memory; retrying {chunk[0].q.subject} with at most "
+                      f"{caps['batch_size']} questions per batch (--mmlu-batch-size sets the start)")
+
+
+def summarize(reqs: list[Request], scores: list[list[float]], shots: int) -> dict:
+    per_subject: dict[str, list[int]] = {}
+    for r, s in zip(reqs, scores):
+        correct = int(max(range(4), key=lambda k: s[k]) == r.q.gold)
+        per_subject.setdefault(r.q.subject, []).append(correct)
+    cats: dict[str, list[int]] = {}
+    for subj, c in per_subject.items():
+        cats.setdefault(CATEGORY.get(subj, "unknown"), []).extend(c)
+    n = sum(len(c) for c in per_subject.values())
+    return {
+        "acc": sum(sum(c) for c in per_subject.values()) / n if n else math.nan,
+        "acc_macro": sum(sum(c) / len(c) for c in per_subject.values()) / len(per_subject) if per_subject else math.nan,
+        "questions": n, "shots": shots,
+        "shots_dropped": sum(r.shots < shots for r in reqs), "truncated": sum(r.truncated for r in reqs),
+        "categories": {k: {"acc": sum(v) / len(v), "questions": len(v)} for k, v in sorted(cats.items())},
+        "subjects": {k: {"acc": sum(v) / len(v), "questions": len(v), "category": CATEGORY.get(k, "unknown")}
+                     for k, v in sorted(per_subject.items())},
+    }
+
+
+def write_outputs(out_dir: Path, reqs, scores, summary: dict):
+    lines = [json.dumps({"subject": r.q.subject, "index": r.q.index, "gold": LETTERS[r.q.gold],
+                         "pred": LETTERS[max(range(4), key=lambda k: s[k])], "logprobs": s})
+             for r, s in zip(reqs, scores)]
+    write_text_atomic(out_dir / "mmlu_predictions.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(out_dir / "mmlu.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "mmlu.md", render_mmlu(summary))
+
+
+def render_mmlu(summary: dict) -> str:
+    head = (f"# MMLU {summary['shots']}-shot\n\nmicro accuracy {summary['acc']:.4f} over {summary['questions']} "
+            f"questions; macro over subjects {summary['acc_macro']:.4f}; shots dropped for "
+            f"{summary['shots_dropped']} questions, left-truncated {summary['truncated']}\n\n")
+    cats = markdown_table([{"category": k, "acc": f"{v['acc']:.4f}", "questions": v["questions"]}
+                           for k, v in summary["categories"].items()])
+    subs = markdown_table([{"subject": k, "category": v["category"], "acc": f"{v['acc']:.4f}",
+                            "questions": v["questions"]} for k, v in summary["subjects"].items()])
+    return head + cats + "\n\n" + subs + "\n"

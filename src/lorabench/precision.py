@@ -1,0 +1,73 @@
+"""Training and evaluation precisions: one type that says everything a precision means.
+
+A precision owns the dtype the base weights are stored and computed in, whether matmuls run in TF32, whether the
+loss is scaled (GradScaler), and which column of the peak-FLOPs table MFU divides by. ``run``, ``eval`` and
+``bench`` take the same names (``PRECISIONS``); every other module asks the ``Precision`` instead of comparing
+strings.
+
+No precision autocasts: fp16 and bf16 store the frozen base in that dtype (FlagPerf's ``model.half()``) and the
+native engine computes its adapter path in the activations' dtype over fp32 master weights (lora.py).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What one precision name means for the weights, the matmuls, the loss scaling and MFU."""
+
+    name: str
+    """The name users give (``--precision``) and result.json records."""
+    dtype: torch.dtype
+    """dtype of the frozen base weights and the activations."""
+    tf32: bool = False
+    """Matmuls and convolutions of fp32 tensors run in TF32 on the tensor cores (CUDA only)."""
+    grad_scaler: bool = False
+    """Scale the loss with a GradScaler and skip steps whose gradients overflow (fp16)."""
+    peak_key: str = ""
+    """The column of metrics.PEAK_TFLOPS that this precision's matmuls run at."""
+    needs_cuda: bool = False
+    """Only meaningful on a CUDA device (TF32 is an NVIDIA tensor-core mode)."""
+
+    @contextmanager
+    def matmul_mode(self):
+        """TF32 on for this precision only, off otherwise; the previous switches restored afterwards."""
+        cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        old = (cuda.allow_tf32, cudnn.allow_tf32)
+        cuda.allow_tf32 = cudnn.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            cuda.allow_tf32, cudnn.allow_tf32 = old
+
+    def check_device(self, device: torch.device):
+        if self.needs_cuda and device.type != "cuda":
+            raise ConfigError(f"--precision {self.name} needs a CUDA device (TF32 is a GPU matmul mode); "
+                              "use --precision fp32 on this device")
+
+
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision("fp32", torch.float32, peak_key="fp32"),
+    "tf32": Precision("tf32", torch.float32, tf32=True, peak_key="tf32", needs_cuda=True),
+    "fp16": Precision("fp16", torch.float16, grad_scaler=True, peak_key="fp16"),
+    "bf16": Precision("bf16", torch.bfloat16, peak_key="bf16"),
+}
+
+
+def get_precision(name: str) -> Precision:
+    """The ``Precision`` called ``name``; a ConfigError naming the choices otherwise."""
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}") from None
+
+
+def default_eval_precision(device: torch.device) -> str:
+    """Evaluation without --precision: bf16 on a GPU, fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"

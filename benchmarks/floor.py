@@ -1,4 +1,4 @@
-"""The floor (src/lorabench/floor.py) for several batch shapes, with attention timed per kernel.
+"""The floor (src/lorabench/bench/floor.py) for several batch shapes, with attention timed per kernel.
 
     PYTHONPATH=src python benchmarks/floor.py --configs 4x512,16x512,2x4096 [--dtype tf32]
 """
@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from lorabench.config import MODEL_PRESETS
-from lorabench.floor import floor_for_precision
+from lorabench.bench.floor import floor_for_precision
 
 
 def main():

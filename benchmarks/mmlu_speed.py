@@ -24,8 +24,9 @@ import torch
 from lorabench.config import MODEL_PRESETS, LoRAConfig
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.engines import build_engine
-from lorabench.mmlu import (DEFAULT_BATCH_TOKENS, evaluate_mmlu, kv_token_cap, load_mmlu, make_requests,
-                            score_requests)
+from lorabench.mmlu.data import load_mmlu, make_requests
+from lorabench.mmlu.evaluate import DEFAULT_BATCH_TOKENS, MmluOptions, evaluate_mmlu, kv_token_cap
+from lorabench.mmlu.scoring import score_requests
 
 
 def mmlu_tokenizer(mmlu_dir: Path, out: Path, vocab: int) -> None:
@@ -73,7 +74,7 @@ def main():
     print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
     t_load = time.perf_counter()
     eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev,
-                       dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=0)
+                       precision="bf16" if dev.type == "cuda" else "fp32", seed=0)
     sync()
     print(f"model built in {time.perf_counter() - t_load:.1f} s")
     rows = []
@@ -82,10 +83,9 @@ def main():
         workers, attention = (rest + ["", "split"][len(rest):])[:2]
         if blocks == "compiled" and eng.model.compiled_layers is None:
             eng.model.compile_blocks()
-        opts = {"dir": str(a.mmlu), "limit": a.limit, "batch_size": int(bs),  # GPU: 16k-token batches
-                "prefix_attention": attention}
-        if workers:
-            opts["tokenize_workers"] = int(workers)
+        opts = MmluOptions(str(a.mmlu), limit=a.limit, batch_size=int(bs), prefix_attention=attention,
+                           tokenize_workers=int(workers) if workers else None,  # GPU: 16k-token batches
+                           compiled_graph=blocks == "compiled")
         sync()
         t0 = time.perf_counter()  # end to end after load: read the CSVs, tokenise (overlapped), score
         summary = evaluate_mmlu(eng, tmp, opts, dev, None, progress=False, subjects=load_mmlu(a.mmlu, limit=a.limit))
@@ -122,7 +122,7 @@ def main():
           f"tokenised in one go (no overlap) in {prep_s:.1f} s")
     t0 = time.perf_counter()  # the last variant's scoring alone, on the requests tokenised up front
     fast = score_requests(eng, reqs, dev, int(variants[-1][1]), True, batch_tokens=DEFAULT_BATCH_TOKENS,
-                          kv_tokens=kv_token_cap(eng), prefix_attention=opts["prefix_attention"])
+                          kv_tokens=kv_token_cap(eng), prefix_attention=opts.prefix_attention)
     sync()
     score_s = time.perf_counter() - t0
     print(f"scoring alone ({variants[-1][0]} blocks, batch {variants[-1][1]}): {score_s:.1f} s", flush=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-import lorabench.mmlu as mmlu
+import lorabench.mmlu.scoring as mmlu
 from lorabench.config import MODEL_PRESETS, LoRAConfig
 from lorabench.data.tokenizer import Tokenizer
-from lorabench.engines import build_engine
+from lorabench.engines import NativeOptions, build_engine
+from lorabench.mmlu.data import load_mmlu, make_requests
 from mmlu_speed import mmlu_tokenizer
 from profile_step import print_top
 
@@ -33,11 +34,11 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     mmlu_tokenizer(a.mmlu, tmp, cfg.vocab_size)
     tok = Tokenizer(tmp)
-    eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, dtype=torch.bfloat16, seed=0,
-                       compile=True)
+    eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, precision="bf16", seed=0,
+                       native=NativeOptions(compile=True))
     eng.eval()
-    subs = mmlu.load_mmlu(a.mmlu, a.subjects.split(","), limit=a.limit)
-    reqs = mmlu.make_requests(tok, [(s, q) for s in subs for q in s.test], 5, cfg.max_position_embeddings)
+    subs = load_mmlu(a.mmlu, a.subjects.split(","), limit=a.limit)
+    reqs = make_requests(tok, [(s, q) for s in subs for q in s.test], 5, cfg.max_position_embeddings)
     tokens = sum(len(r.context) for r in reqs)
     for variant, attention in (("split", "split"), ("copy, lower-right causal bias", "copy"),
                                ("copy, boolean mask", "copy")):

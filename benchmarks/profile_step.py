@@ -13,8 +13,9 @@ import torch
 
 from lorabench.config import MODEL_PRESETS, LoRAConfig
 from lorabench.data.synthetic import synthetic_chunks
-from lorabench.engines import build_engine
-from lorabench.runner import DTYPES
+from lorabench.engines import NativeOptions, build_engine
+from lorabench.kernels.attention import ATTENTION_IMPLS
+from lorabench.precision import PRECISIONS, get_precision
 
 KINDS = (("attention", ("flash_fwd", "flash_bwd", "cudnn", "fmha", "sdpa_", "attention_kernel")),
          ("triton", ("triton",)),  # Inductor's kernels (an SDPA op in a fused kernel's name is its inputs' copy)
@@ -32,7 +33,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--engine", default="native")
     ap.add_argument("--model", default="llama2-7b")
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="bf16", choices=tuple(PRECISIONS))
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
@@ -40,17 +41,17 @@ def main():
     ap.add_argument("--compile", action="store_true", help="compile the native engine's blocks")
     ap.add_argument("--compile-mode", help="torch.compile mode for the training blocks (e.g. reduce-overhead)")
     ap.add_argument("--fuse", action="store_true", help="fused q/k/v and gate/up GEMMs (native)")
-    ap.add_argument("--attention", default="sdpa", help="native training attention (model.ATTENTION_IMPLS)")
+    ap.add_argument("--attention", default="sdpa", choices=ATTENTION_IMPLS, help="native training attention")
     ap.add_argument("--gemm-shapes", action="store_true",
                     help="profile once more with the host ops recorded and print GEMM time by operand shapes")
     a = ap.parse_args()
     dev = torch.device("cuda")
-    if a.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision = get_precision(a.precision)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision.tf32
     cfg = MODEL_PRESETS[a.model]
-    eng = build_engine(a.engine, cfg, LoRAConfig(), model_dir=None, device=dev, dtype=DTYPES[a.precision], seed=0,
-                       attn="sdpa", compile=a.compile, attention=a.attention, fuse=a.fuse,
-                       compile_mode=a.compile_mode)
+    eng = build_engine(a.engine, cfg, LoRAConfig(), model_dir=None, device=dev, precision=precision, seed=0,
+                       attn="sdpa", native=NativeOptions(compile=a.compile, attention=a.attention,
+                                                         fused_projections=a.fuse, compile_mode=a.compile_mode))
     data = torch.from_numpy(synthetic_chunks(a.batch_size * (a.steps + 6), a.seq_len, cfg.vocab_size)).long().to(dev)
     opt = torch.optim.AdamW(eng.trainable_params(), lr=1e-4)
 

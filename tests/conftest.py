@@ -44,3 +44,25 @@ def need_shared_mmlu():
     if not (SHARED_MMLU / "test").is_dir():
         pytest.skip(f"full MMLU not found at {SHARED_MMLU} (it lives in the project's shared data folder)")
     return SHARED_MMLU
+
+
+LOGPROB_REL = 1e-5
+"""Relative tolerance between float32 log-probabilities of the same prompts computed along two paths (batched or
+one by one, with or without a cached prefix, compiled or eager). The paths sum the same terms in different orders
+(GEMMs blocked by batch size, attention split across prefix and suffix), so each result moves by a few float32
+roundings (u = 6e-8) of the magnitudes it is made from, which track the log-probability itself: measured up to
+1.34e-5 at |log p| ~ 15 (9e-7 relative) on one 2-core x86-64 CPU, whatever the thread count. 1e-5 relative to the
+largest value compared is ten times that, and stays four orders below what a real bug does: a position offset off
+by one, a lost prefix token or a padded key seen by a query all move log-probabilities by more than 0.1 (each
+shown by mutation)."""
+
+
+def logprob_tol(reference) -> float:
+    """Absolute tolerance for log-probabilities like ``reference`` (a number or tensor): LOGPROB_REL x the largest
+    magnitude, at least LOGPROB_REL (for values near 0)."""
+    biggest = float(torch.as_tensor(reference).abs().max()) if torch.as_tensor(reference).numel() else 0.0
+    return LOGPROB_REL * max(1.0, biggest)
+
+
+def assert_logprobs_close(got, want):
+    torch.testing.assert_close(got, want, atol=logprob_tol(want), rtol=0)

@@ -35,8 +35,7 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
 def test_floor_counts_every_frozen_matrix():
     """The floor's GEMM groups cover each frozen linear weight once (q and k share a shape; GQA shrinks k/v)."""
     from lorabench.config import MODEL_PRESETS
-    from lorabench.floor import gemm_groups
-    from lorabench.model import count_params
+    from lorabench.shapes import count_params, gemm_groups
 
     from conftest import SMALL
 
@@ -48,7 +47,7 @@ def test_floor_counts_every_frozen_matrix():
 def test_attention_work_time_is_the_busy_time_unless_the_profile_fails(monkeypatch):
     """The floor's attention term: the kernels' busy time when the profile gives one within the CUDA-event wall
     time, else that wall time (no kernels seen, a busy time longer than the wall, no profiler)."""
-    import lorabench.floor as floor
+    import lorabench.bench.floor as floor
 
     monkeypatch.setattr(floor, "timed", lambda fn: 0.69e-3)
     for busy, want in ((0.4e-3, 0.4e-3), (0.0, 0.69e-3), (0.8e-3, 0.69e-3)):
@@ -63,8 +62,8 @@ def test_attention_work_time_is_the_busy_time_unless_the_profile_fails(monkeypat
 
 
 def test_rows_get_their_share_of_the_floor(monkeypatch):
-    import lorabench.floor
-    from lorabench.bench import add_floors, floor_lines, table
+    import lorabench.bench.floor
+    from lorabench.bench.bench import add_floors, floor_lines, table
 
     calls = []
 
@@ -73,7 +72,7 @@ def test_rows_get_their_share_of_the_floor(monkeypatch):
         return {"batch": batch, "seq": seq, "tokens_per_s": 2000.0, "gemm_tflops": 700.0, "precision": precision,
                 "attn_by_kernel_ms": {"flash": 1.3, "cudnn": 0.7}}
 
-    monkeypatch.setattr(lorabench.floor, "floor_for_precision", fake_floor)
+    monkeypatch.setattr(lorabench.bench.floor, "floor_for_precision", fake_floor)
     base = {"batch_size": 4, "seq_len": 512, "precision": "bf16", "mfu": None, "peak_mem_allocated_gib": 1.0,
             "loss_final": 1.0}
     rows = [{**base, "engine": "native", "preset": "bf16", "tokens_per_s_per_chip": 1500.0},
@@ -90,7 +89,7 @@ def test_rows_get_their_share_of_the_floor(monkeypatch):
 def test_batch_size_sweep_compares_like_with_like_and_names_each_engines_best(capsys):
     """With several LBS, a row's speed-up is against the reference at the same LBS, and each engine's best row
     (over the sizes) is what native is judged against; a bad list names the flag."""
-    from lorabench.bench import best_lines, compare, native_lines
+    from lorabench.bench.bench import best_lines, compare, native_lines
 
     def row(engine, lbs, tps):
         return {"engine": engine, "preset": "bf16", "lbs": lbs, "batch_size": lbs, "tokens_per_s_per_chip": tps,
@@ -114,7 +113,7 @@ def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkey
     """--rounds runs every row once per round, engines alternating; a row reports its median round and the spread,
     and its speed-up is the median of the ratios within rounds (robust to a machine that drifts between rounds),
     not the ratio of the medians."""
-    import lorabench.bench as bench
+    import lorabench.bench.bench as bench
 
     speeds = {("native", 1): 200.0, ("reference", 1): 100.0,  # the machine is 10% slower in round 2
               ("native", 2): 180.0, ("reference", 2): 90.0,

@@ -63,7 +63,11 @@ def test_second_run_uses_the_packed_cache(tmp_path):
     (["--seq-len", "100000"], "exceeds the model's max_position_embeddings"),
     (["--data", "/no/such/data.json"], "--data /no/such/data.json: no such file or folder"),
     (["--init", "random"], "--init random needs --model"),
-    (["--preset", "bf16", "--tf32"], "--tf32 applies to fp32 weights"),
+    (["--precision", "tf32"], "--precision tf32 needs a CUDA device"),
+    (["--precision", "fp8"], "--precision must be one of fp32, tf32, fp16, bf16"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--mmlu-batch-size", "0"], "--mmlu-batch-size must be positive"),
+    (["--mmlu-batch-tokens", "-1"], "--mmlu-batch-tokens must be >= 0"),
 ])
 def test_bad_input_fails_with_a_clear_message(argv, message, capsys, tmp_path):
     code = main(["run", "--no-progress", "--device", "cpu", "--run-dir", str(tmp_path / "r")] + argv)
@@ -75,38 +79,109 @@ def test_bad_input_fails_with_a_clear_message(argv, message, capsys, tmp_path):
 
 def test_help_explains_the_flags():
     out = subprocess.run([sys.executable, "-m", "lorabench", "run", "--help"], capture_output=True, text=True).stdout
-    for flag in ("--model-dir", "--data", "--preset", "--init", "--batch-size", "--lora-targets", "--mmlu", "--tf32"):
-        assert flag in out
+    for flag in ("--model-dir", "--data", "--preset", "--init", "--batch-size", "--lora-targets", "--mmlu",
+                 "native engine tuning", "--attention", "--fused-projections", "--compile-mode", "--dropout-mask",
+                 "--prefix-attention", "--tokenize-workers", "--mmlu-batch-tokens"):
+        assert flag in out, flag
 
 
-def test_native_defaults_per_precision_and_their_overrides(monkeypatch):
-    """Attention and fused projections follow the precision on a GPU, stay plain on the CPU, and a bad override
-    names the variable and the choices."""
+def test_native_defaults_follow_the_precision_and_device():
+    """Attention and fused projections follow the precision on a GPU and stay plain on the CPU; compile is on
+    with CUDA; a field the user set is kept whatever the precision."""
     import torch
 
-    from lorabench.config import ConfigError
-    from lorabench.runner import dropout_mask_choice, fused_projections_default, native_attention
+    from lorabench.engines import NativeOptions
+    from lorabench.precision import PRECISIONS as P
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.delenv("LORABENCH_NATIVE_ATTENTION", raising=False)
-    monkeypatch.delenv("LORABENCH_FUSED_PROJECTIONS", raising=False)
-    assert [native_attention(p, cuda) for p in ("tf32", "bf16", "fp16", "fp32")] == ["matmul", "cudnn", "cudnn",
-                                                                                      "sdpa"]
-    assert native_attention("bf16", cpu) == "sdpa"
-    assert [fused_projections_default(p, cuda) for p in ("tf32", "bf16")] == [True, False]
-    assert not fused_projections_default("tf32", cpu)
-    monkeypatch.setenv("LORABENCH_FUSED_PROJECTIONS", "0")
-    assert not fused_projections_default("tf32", cuda)
-    monkeypatch.setenv("LORABENCH_FUSED_PROJECTIONS", "yes")
-    with pytest.raises(ConfigError, match="LORABENCH_FUSED_PROJECTIONS"):
-        fused_projections_default("bf16", cuda)
-    monkeypatch.setenv("LORABENCH_NATIVE_ATTENTION", "fast")
-    with pytest.raises(ConfigError, match="LORABENCH_NATIVE_ATTENTION.*matmul"):
-        native_attention("bf16", cuda)
-    monkeypatch.delenv("LORABENCH_DROPOUT_MASK", raising=False)
-    assert dropout_mask_choice() == "philox16"
-    monkeypatch.setenv("LORABENCH_DROPOUT_MASK", "inline")
-    assert dropout_mask_choice() == "inline"
-    monkeypatch.setenv("LORABENCH_DROPOUT_MASK", "fast")
-    with pytest.raises(ConfigError, match="LORABENCH_DROPOUT_MASK.*bernoulli"):
-        dropout_mask_choice()
+    auto = NativeOptions()
+    assert [auto.resolve(P[p], cuda).attention for p in ("tf32", "bf16", "fp16", "fp32")] == ["matmul", "cudnn",
+                                                                                             "cudnn", "sdpa"]
+    assert auto.resolve(P["bf16"], cpu).attention == "sdpa"
+    assert [auto.resolve(P[p], cuda).fused_projections for p in ("tf32", "bf16")] == [True, False]
+    assert not auto.resolve(P["tf32"], cpu).fused_projections
+    assert auto.resolve(P["bf16"], cuda).compile and not auto.resolve(P["bf16"], cpu).compile
+    assert auto.resolve(P["bf16"], cpu).dropout_mask == "philox16"
+    assert auto.resolve(P["bf16"], cpu).compile_mode == "default"
+    mine = NativeOptions(attention="flash", fused_projections=False, compile=False, compile_mode="reduce-overhead",
+                         dropout_mask="inline")
+    assert mine.resolve(P["tf32"], cuda) == mine
+
+
+def test_each_native_flag_changes_what_it_should(monkeypatch):
+    """Flag -> NativeOptions -> the engine as built: the layers' attention, the fused weights, the compiled blocks
+    and their mode, the adapters' mask generator."""
+    import torch
+
+    from lorabench import model as model_mod
+    from lorabench.assets import TINY_MODEL
+    from lorabench.cli import build_parser, native_options
+    from lorabench.config import LoRAConfig, ModelConfig
+    from lorabench.engines import build_engine
+    from lorabench.lora import lora_modules
+
+    def engine(*flags):
+        opts = native_options(build_parser().parse_args(["run", *flags]))
+        return build_engine("native", ModelConfig.from_hf_json(TINY_MODEL), LoRAConfig(), model_dir=None,
+                            device=torch.device("cpu"), precision="fp32", seed=0, native=opts)
+
+    plain = engine()
+    assert {layer.attn.impl for layer in plain.model.layers} == {"sdpa"}
+    assert plain.model.layers[0].attn.qkv_weight is None and plain.model.compiled_layers is None
+    assert {m.mask_impl for m in lora_modules(plain.model).values()} == {"philox16"}
+    assert {layer.attn.impl for layer in engine("--attention", "matmul").model.layers} == {"matmul"}
+    assert engine("--fused-projections").model.layers[0].attn.qkv_weight is not None
+    assert {m.mask_impl for m in lora_modules(engine("--dropout-mask", "inline").model).values()} == {"inline"}
+    modes = []
+    monkeypatch.setattr(model_mod.torch, "compile", lambda fn, mode=None, **kw: modes.append(mode) or fn)
+    compiled = engine("--compile", "--compile-mode", "max-autotune")
+    assert compiled.model.compiled_layers is not None
+    assert modes[:len(compiled.model.layers)] == ["max-autotune"] * len(compiled.model.layers)
+    assert compiled.describe()["compile_mode"] == "max-autotune"
+
+
+def test_each_mmlu_flag_reaches_its_option():
+    from lorabench.cli import build_parser, mmlu_options
+    from lorabench.mmlu.evaluate import MmluOptions
+
+    a = build_parser().parse_args(["eval", "--subjects", "anatomy, virology", "--shots", "3", "--limit", "7",
+                                   "--batch-size", "5", "--mmlu-batch-tokens", "0", "--no-prefix-cache",
+                                   "--prefix-attention", "copy", "--mmlu-kv-tokens", "99", "--tokenize-workers",
+                                   "2", "--no-mmlu-compiled-graph"])
+    assert mmlu_options(a, "d") == MmluOptions("d", subjects=("anatomy", "virology"), shots=3, limit=7,
+                                              batch_size=5, batch_tokens=0, kv_tokens=99, prefix_cache=False,
+                                              prefix_attention="copy", tokenize_workers=2, compiled_graph=False)
+    assert mmlu_options(build_parser().parse_args(["eval"]), "d") == MmluOptions("d")
+
+
+def test_bench_passes_its_overrides_to_every_row():
+    from lorabench.cli import bench_overrides, build_parser
+
+    a = build_parser().parse_args(["bench", "--precision", "bf16", "--seq-len", "64", "--attention", "matmul",
+                                   "--no-fused-projections", "--compile", "--dropout-mask", "bernoulli"])
+    assert bench_overrides(a) == ["--precision", "bf16", "--seq-len", "64", "--attention", "matmul",
+                                  "--dropout-mask", "bernoulli", "--no-fused-projections", "--compile"]
+    assert bench_overrides(build_parser().parse_args(["bench"])) == []
+
+
+def test_run_records_the_resolved_settings(tmp_path):
+    """result.json says what ran: the native options as resolved and whether TF32 was on."""
+    assert main(["run", "--no-progress", "--device", "cpu", "--max-steps", "2", "--no-mmlu", "--no-save-adapter",
+                 "--attention", "matmul", "--run-dir", str(tmp_path)]) == 0
+    c = json.loads((tmp_path / "result.json").read_text())["config"]
+    assert c["engine_options"] == {"attention": "matmul", "fused_projections": False, "compile": False,
+                                   "compile_mode": "default", "dropout_mask": "philox16"}
+    assert c["tf32"] is False and c["precision"] == "fp32"
+
+
+def test_no_product_code_reads_lorabench_environment_variables():
+    """One settings channel: flags and typed options; the environment only names the cache location."""
+    import re
+    from pathlib import Path
+
+    import lorabench
+
+    found = set()
+    for f in Path(lorabench.__file__).parent.rglob("*.py"):
+        found |= set(re.findall(r"LORABENCH_[A-Z_]+", f.read_text()))
+    assert found == {"LORABENCH_CACHE"}, found

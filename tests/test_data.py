@@ -9,7 +9,7 @@ import pytest
 from lorabench.data.packing import format_sample, pack, packed_dataset, tokenize_records
 from lorabench.data.samsum import DataError, load_split
 from lorabench.data.tokenizer import Tokenizer
-from lorabench.runner import TINY_DATA, TINY_MODEL
+from lorabench.assets import TINY_DATA, TINY_MODEL
 
 
 def test_prompt_is_flagperfs_template():

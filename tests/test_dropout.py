@@ -137,6 +137,10 @@ def test_adapters_on_one_input_draw_independent_masks_when_compiled(impl):
     assert sorted(torch.unique(x.grad).tolist()) == [0.0, 2.0, 4.0, 6.0]
 
 
-def test_set_mask_impl_names_the_choices():
-    with pytest.raises(ConfigError, match="inline"):
-        set_mask_impl(torch.nn.Sequential(identity_adapter(4, 0.1, "op")), "philox")
+def test_set_mask_impl_sets_every_adapter_and_names_the_choices():
+    model = torch.nn.Sequential(identity_adapter(4, 0.1, "philox16"), identity_adapter(4, 0.1, "philox16"))
+    set_mask_impl(model, "bernoulli")
+    assert [m.mask_impl for m in model] == ["bernoulli", "bernoulli"]
+    with pytest.raises(ConfigError, match="philox16, bernoulli, inline"):
+        set_mask_impl(model, "philox")
+    assert [m.mask_impl for m in model] == ["bernoulli", "bernoulli"]

@@ -7,7 +7,7 @@ import torch
 
 from lorabench.config import LoRAConfig, TrainConfig
 from lorabench.data.synthetic import synthetic_chunks
-from lorabench.engines import build_engine, canonical_adapters
+from lorabench.engines import NativeOptions, build_engine, canonical_adapters
 from lorabench.train import train_loop
 
 from conftest import SMALL
@@ -19,7 +19,7 @@ def losses(engine_name: str, lora: LoRAConfig, steps: int, attn="eager", seed=0,
     cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=steps, lr=1e-2,
                       warmup_steps=0, grad_accum=grad_accum, seed=seed)
     data = synthetic_chunks(64, 32, SMALL.vocab_size, seed=1)
-    eng = build_engine(engine_name, SMALL, lora, model_dir=None, device=CPU, dtype=torch.float32, seed=seed,
+    eng = build_engine(engine_name, SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=seed,
                        attn=attn)
     out = train_loop(eng, data, cfg, CPU, progress=False)
     return np.array(out["series"]["loss"]), eng
@@ -55,7 +55,7 @@ def test_grad_accumulation_equals_the_big_batch():
     for bs, ga in ((2, 1), (1, 2)):
         cfg = TrainConfig(precision="fp32", batch_size=bs, seq_len=32, epochs=1, max_steps=3, lr=1e-2,
                           warmup_steps=0, grad_accum=ga)
-        eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, dtype=torch.float32, seed=0)
+        eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0)
         res.append(train_loop(eng, data, cfg, CPU, progress=False)["series"]["loss"])
     np.testing.assert_allclose(res[0], res[1], atol=1e-6)
 
@@ -72,7 +72,7 @@ def test_canonical_adapters_are_pefts_init():
 def test_reference_engine_keeps_adapters_fp32_over_bf16_base():
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
     for name in ("native", "reference"):
-        eng = build_engine(name, SMALL, lora, model_dir=None, device=CPU, dtype=torch.bfloat16, seed=0)
+        eng = build_engine(name, SMALL, lora, model_dir=None, device=CPU, precision="bf16", seed=0)
         assert {p.dtype for p in eng.trainable_params()} == {torch.float32}, name
         ids = torch.randint(0, SMALL.vocab_size, (1, 8))
         assert eng.logits(ids).dtype == torch.float32
@@ -87,23 +87,37 @@ def test_compiled_native_trains_like_eager():
     data = synthetic_chunks(16, 32, SMALL.vocab_size, seed=2)
     curves = []
     for compile_, fuse, attention in ((False, False, "sdpa"), (True, False, "sdpa"), (True, True, "matmul")):
-        eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, dtype=torch.float32, seed=0,
-                           compile=compile_, fuse=fuse, attention=attention)
+        eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
+                           native=NativeOptions(compile=compile_, fused_projections=fuse, attention=attention))
         curves.append(train_loop(eng, data, cfg, CPU, progress=False)["series"]["loss"])
     assert eng.model.compiled_layers is not None and eng.model.layers[0].attn.qkv_weight is not None
     np.testing.assert_allclose(curves[1], curves[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(curves[2], curves[0], atol=1e-5, rtol=0)  # fused, matmul attention, compiled
 
 
-def test_bf16_native_follows_the_reference_curve():
-    """bf16: native computes the adapter in bf16 with fp32 master weights, PEFT in fp32; curves agree to 1%."""
-    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
-    cfg = TrainConfig(precision="bf16", batch_size=2, seq_len=32, epochs=1, max_steps=8, lr=1e-2, warmup_steps=0)
+def bf16_curve(name: str, seed: int = 0, dropout_seed: int = 0) -> np.ndarray:
+    cfg = TrainConfig(precision="bf16", batch_size=2, seq_len=32, epochs=1, max_steps=8, lr=1e-2, warmup_steps=0,
+                      seed=dropout_seed)
     data = synthetic_chunks(32, 32, SMALL.vocab_size, seed=1)
-    curves = {}
-    for name in ("native", "reference"):
-        eng = build_engine(name, SMALL, lora, model_dir=None, device=CPU, dtype=torch.bfloat16, seed=0, attn="sdpa")
-        curves[name] = np.array(train_loop(eng, data, cfg, CPU, progress=False)["series"]["loss"])
-    rel = np.abs(curves["native"] - curves["reference"]) / curves["reference"]
-    assert rel.max() < 0.01, rel
-    assert curves["native"][-1] < curves["native"][0]
+    eng = build_engine(name, SMALL, LoRAConfig(r=4, alpha=16, dropout=0.0), model_dir=None, device=CPU,
+                       precision="bf16", seed=seed, attn="sdpa")
+    return np.array(train_loop(eng, data, cfg, CPU, progress=False)["series"]["loss"])
+
+
+BF16_CURVE_GAP = 2.5e-3
+"""Largest relative loss gap allowed between native and the reference in bf16 over 8 steps. Native computes the
+adapter in bf16 over fp32 master weights, PEFT in fp32: per step the two differ by bf16 rounding of the adapter
+path (2^-8 = 0.4% of a rank-4 product that is itself a small part of the output); measured 0.012% and 0.053% on
+two x86-64 CPUs (torch 2.13). Other base and adapter weights (seed 1) differ by 0.99% by step 8, four times this
+bound."""
+
+
+def test_bf16_native_follows_the_reference_curve():
+    """bf16: native computes the adapter in bf16 with fp32 master weights, PEFT in fp32; the curves agree within
+    bf16 rounding, much closer than two different initialisations do."""
+    native, ref = bf16_curve("native"), bf16_curve("reference")
+    rel = np.abs(native - ref) / ref
+    assert rel.max() < BF16_CURVE_GAP, rel
+    assert native[-1] < native[0]
+    other = bf16_curve("reference", seed=1)  # other base and adapter weights: the bound tells them apart
+    assert (np.abs(native - other) / other).max() > 2 * BF16_CURVE_GAP

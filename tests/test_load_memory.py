@@ -28,7 +28,7 @@ def hwm():
 cfg = ModelConfig.from_hf_json(sys.argv[1])
 before = hwm()
 eng = build_engine("native", cfg, LoRAConfig(), model_dir=sys.argv[1], device=torch.device("cpu"),
-                   dtype=torch.float32, seed=0)
+                   precision="fp32", seed=0)
 print(hwm() - before)
 """
 

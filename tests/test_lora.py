@@ -8,7 +8,7 @@ import torch
 
 from lorabench.checkpoint import load_into, native_to_hf
 from lorabench.config import ConfigError, LoRAConfig
-from lorabench.engines.native import NativeEngine
+from lorabench.engines import build_engine
 from lorabench.lora import LoRALinear, adapter_delta, inject_lora, lora_modules, read_adapter
 from lorabench.model import Llama
 
@@ -182,8 +182,8 @@ def test_our_adapter_loads_in_peft(tmp_path, lora_cfg):
 
     hf = hf_model(SMALL, seed=2)
     hf.save_pretrained(tmp_path / "base")
-    eng = NativeEngine(SMALL, lora_cfg, model_dir=tmp_path / "base", device=torch.device("cpu"),
-                       dtype=torch.float32, seed=0)
+    eng = build_engine("native", SMALL, lora_cfg, model_dir=tmp_path / "base", device=torch.device("cpu"),
+                       precision="fp32", seed=0)
     random_adapters(eng.model, 3)
     eng.save_adapter(tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -215,8 +215,8 @@ def test_peft_adapter_loads_in_ours(tmp_path, lora_cfg):
             if "lora_" in n:
                 p.copy_(torch.randn_like(p) * 0.1)
     pm.save_pretrained(tmp_path / "peft_adapter")
-    eng = NativeEngine(SMALL, lora_cfg, model_dir=tmp_path / "base", device=torch.device("cpu"),
-                       dtype=torch.float32, seed=0)
+    eng = build_engine("native", SMALL, lora_cfg, model_dir=tmp_path / "base", device=torch.device("cpu"),
+                       precision="fp32", seed=0)
     eng.load_adapter(tmp_path / "peft_adapter")
     eng.eval()
     pm.eval()
@@ -226,10 +226,10 @@ def test_peft_adapter_loads_in_ours(tmp_path, lora_cfg):
 
 
 def test_adapter_mismatch_fails_clearly(tmp_path, lora_cfg):
-    eng = NativeEngine(SMALL, lora_cfg, model_dir=None, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    eng = build_engine("native", SMALL, lora_cfg, model_dir=None, device=torch.device("cpu"), precision="fp32", seed=0)
     eng.save_adapter(tmp_path / "a")
-    other = NativeEngine(SMALL, LoRAConfig(r=8, targets=("q_proj",)), model_dir=None, device=torch.device("cpu"),
-                         dtype=torch.float32, seed=0)
+    other = build_engine("native", SMALL, LoRAConfig(r=8, targets=("q_proj",)), model_dir=None, device=torch.device("cpu"),
+                         precision="fp32", seed=0)
     with pytest.raises(ConfigError, match="same LoRA settings"):
         other.load_adapter(tmp_path / "a")
     with pytest.raises(ConfigError, match="adapter_config.json: missing"):

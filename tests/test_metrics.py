@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from lorabench.config import MODEL_PRESETS, LoRAConfig
-from lorabench.metrics import flops_per_token, lora_param_count, mfu, mfu_flagperf, peak_flops, step_stats
+from lorabench.metrics import mfu, mfu_flagperf, peak_flops, step_stats
+from lorabench.precision import PRECISIONS as P
+from lorabench.shapes import flops_per_token, lora_param_count
 
 L7 = MODEL_PRESETS["llama2-7b"]
 
@@ -23,13 +25,13 @@ def test_flops_per_token_llama2_7b_seq512():
 
 
 def test_peak_table_is_dtype_aware_and_says_unknown():
-    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
-    assert peak_flops("NVIDIA H200", "tf32") == 494.7e12
-    assert peak_flops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5e12
-    assert peak_flops("NVIDIA H100 PCIe", "bf16") is None
-    assert peak_flops("Some Future GPU", "bf16") is None
-    assert peak_flops(None, "fp32") is None
-    assert peak_flops("Some Future GPU", "bf16", override_tflops=100) == 100e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", P["bf16"]) == 989.4e12
+    assert peak_flops("NVIDIA H200", P["tf32"]) == 494.7e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB", P["fp32"]) == 19.5e12
+    assert peak_flops("NVIDIA H100 PCIe", P["bf16"]) is None
+    assert peak_flops("Some Future GPU", P["bf16"]) is None
+    assert peak_flops(None, P["fp32"]) is None
+    assert peak_flops("Some Future GPU", P["bf16"], override_tflops=100) == 100e12
     assert mfu(1000.0, 1e9, None) is None
     assert mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
 

@@ -10,11 +10,13 @@ import torch
 from lorabench.config import ConfigError, LoRAConfig, ModelConfig
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.engines import build_engine
-from lorabench.mmlu import (CATEGORY, LETTERS, Question, Subject, build_context, load_mmlu, make_request, make_requests,
-                            evaluate_mmlu, length_batches, score_requests, subject_requests, summarize)
-from lorabench.runner import TINY_MMLU, TINY_MODEL
+from lorabench.assets import TINY_MMLU, TINY_MODEL
+from lorabench.mmlu.data import (CATEGORY, LETTERS, Question, Subject, build_context, load_mmlu, make_request,
+                                 make_requests, subject_requests)
+from lorabench.mmlu.evaluate import MmluOptions, evaluate_mmlu, summarize
+from lorabench.mmlu.scoring import length_batches, score_requests
 
-from conftest import need_shared_mmlu
+from conftest import assert_logprobs_close, logprob_tol, need_shared_mmlu
 
 CPU = torch.device("cpu")
 
@@ -54,7 +56,7 @@ def test_full_set_counts_and_categories():
 
 def tiny_engine():
     cfg = ModelConfig.from_hf_json(TINY_MODEL)
-    return build_engine("native", cfg, LoRAConfig(), model_dir=TINY_MODEL, device=CPU, dtype=torch.float32, seed=0)
+    return build_engine("native", cfg, LoRAConfig(), model_dir=TINY_MODEL, device=CPU, precision="fp32", seed=0)
 
 
 def tiny_requests(extra_real=False):
@@ -78,17 +80,17 @@ def test_batched_equals_unbatched_equals_prefix_cached():
     cached_one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=True))  # lone rows
     split = torch.tensor(score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True,
                                         prefix_attention="split"))  # no per-row copies of the prefix
-    torch.testing.assert_close(batched, one, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cached_one, one, atol=1e-5, rtol=0)
-    torch.testing.assert_close(split, one, atol=1e-5, rtol=0)
+    assert_logprobs_close(batched, one)
+    assert_logprobs_close(cached, one)
+    assert_logprobs_close(cached_one, one)
+    assert_logprobs_close(split, one)
     with pytest.raises(ValueError, match="prefix_attention 'share'"):
         score_requests(eng, reqs, CPU, batch_size=7, use_prefix_cache=True, prefix_attention="share")
     # and against a plain full forward of each context, read at its last position
     r = reqs[3]
     with torch.no_grad():
         logp = torch.log_softmax(eng.logits(torch.tensor([r.context]))[0, -1], -1)
-    torch.testing.assert_close(one[3], logp[[c[0] for c in r.conts]], atol=1e-5, rtol=0)
+    assert_logprobs_close(one[3], logp[[c[0] for c in r.conts]])
 
 
 def test_prefix_cache_with_real_subjects_and_long_prompts():
@@ -100,8 +102,8 @@ def test_prefix_cache_with_real_subjects_and_long_prompts():
     one = torch.tensor(score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False))
     cached = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True, prefix_attention="copy"))
     split = torch.tensor(score_requests(eng, reqs, CPU, batch_size=5, use_prefix_cache=True, prefix_attention="split"))
-    torch.testing.assert_close(cached, one, atol=1e-5, rtol=0)
-    torch.testing.assert_close(split, one, atol=1e-5, rtol=0)
+    assert_logprobs_close(cached, one)
+    assert_logprobs_close(split, one)
 
 
 class RiggedEngine:
@@ -253,12 +255,12 @@ def test_multi_token_and_per_letter_splits_score_only_the_continuation():
                 logp = torch.log_softmax(eng.logits(torch.tensor([seq]))[0], -1)
             n = len(r.contexts[k])
             want = sum(logp[n - 1 + j, t].item() for j, t in enumerate(r.conts[k]))
-            assert s[k] == pytest.approx(want, abs=1e-5)
+            assert s[k] == pytest.approx(want, abs=logprob_tol(want))
 
 
 def test_prefix_mask_forms_agree():
     """The lower-right causal bias and the explicit boolean mask give the same attention (GQA included)."""
-    from lorabench import mmlu
+    from lorabench.mmlu import scoring as mmlu
 
     if mmlu._CAUSAL_LOWER_RIGHT is None:
         pytest.skip("this torch has no lower-right causal bias with GQA")
@@ -278,7 +280,7 @@ def test_prefix_mask_forms_agree():
 def test_background_tokenising_gives_the_same_requests(monkeypatch):
     """The worker processes that tokenise while scoring runs build exactly the requests of the inline path, in
     order, also when a subject is split into several tasks."""
-    from lorabench import mmlu_data
+    from lorabench.mmlu import data as mmlu_data
 
     monkeypatch.setattr(mmlu_data, "TOKENIZE_CHUNK", 2)  # the tiny subjects' test sets are split in pieces
     subs = load_mmlu(TINY_MMLU)
@@ -291,30 +293,30 @@ def test_background_tokenising_gives_the_same_requests(monkeypatch):
 
 
 @pytest.mark.parametrize("prefix_attention", ["copy", "split"])
-def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention, monkeypatch):
+def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention):
     """The GPU default compiles the blocks; its shape-generic eval graph (suffix batches of every size, the
     prefix's keys and values copied per row or not) gives the eager scores in fp32. A short evaluation does not
     compile it."""
     pytest.importorskip("torch._inductor")
+    from dataclasses import replace
+
     from torch._dynamo.utils import counters
 
-    from lorabench import mmlu
-
     eng = tiny_engine()
-    opts = {"dir": str(TINY_MMLU), "batch_size": 3, "prefix_attention": prefix_attention}
+    opts = MmluOptions(str(TINY_MMLU), batch_size=3, prefix_attention=prefix_attention)
     eager = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "eager", progress=False)
     eng.model.compile_blocks()
     graphs = counters["stats"]["unique_graphs"]
     short = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "short", progress=False)
     assert counters["stats"]["unique_graphs"] == graphs  # too few questions to pay for compiling: eager
     assert short["acc"] == eager["acc"] and eng.model.eval_graph_enabled
-    monkeypatch.setattr(mmlu, "COMPILED_EVAL_MIN", 0)
-    compiled = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "compiled", progress=False)
+    compiled = evaluate_mmlu(eng, TINY_MODEL, replace(opts, compiled_graph=True), CPU, tmp_path / "compiled",
+                             progress=False)
     assert counters["stats"]["unique_graphs"] > graphs
     assert compiled["acc"] == eager["acc"]
     read = [[json.loads(x)["logprobs"] for x in (tmp_path / d / "mmlu_predictions.jsonl").read_text().splitlines()]
             for d in ("eager", "compiled")]
-    torch.testing.assert_close(torch.tensor(read[1]), torch.tensor(read[0]), atol=1e-5, rtol=0)
+    assert_logprobs_close(torch.tensor(read[1]), torch.tensor(read[0]))
 
 
 def test_length_batches_by_count_tokens_and_padding():
@@ -336,7 +338,7 @@ def test_length_batches_by_count_tokens_and_padding():
 def test_out_of_memory_halves_the_batches_and_retries(tmp_path, capsys):
     """A batch too big for the device: the run halves its caps and finishes with the same scores."""
     eng = tiny_engine()
-    opts = {"dir": str(TINY_MMLU), "batch_size": 8}
+    opts = MmluOptions(str(TINY_MMLU), batch_size=8)
     ref = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "ref", progress=False)
     sizes = []
     plain = eng.forward_hidden
@@ -352,7 +354,7 @@ def test_out_of_memory_halves_the_batches_and_retries(tmp_path, capsys):
     assert max(sizes) > 2 and sizes[-1] <= 2
     read = [[json.loads(x)["logprobs"] for x in (tmp_path / d / "mmlu_predictions.jsonl").read_text().splitlines()]
             for d in ("ref", "oom")]
-    torch.testing.assert_close(torch.tensor(read[1]), torch.tensor(read[0]), atol=1e-5, rtol=0)
+    assert_logprobs_close(torch.tensor(read[1]), torch.tensor(read[0]))
     assert got["acc"] == ref["acc"]
     out = capsys.readouterr()
     assert "out of device memory" in out.out + out.err
@@ -361,11 +363,11 @@ def test_out_of_memory_halves_the_batches_and_retries(tmp_path, capsys):
 def test_evaluation_writes_each_questions_own_scores(tmp_path, monkeypatch):
     """The whole evaluation (worker processes tokenising subjects in several tasks, each subject's scores read back
     after the next subject is queued) writes, line by line, what scoring each question alone gives."""
-    from lorabench import mmlu_data
+    from lorabench.mmlu import data as mmlu_data
 
     monkeypatch.setattr(mmlu_data, "TOKENIZE_CHUNK", 2)
     eng = tiny_engine()
-    opts = {"dir": str(TINY_MMLU), "batch_size": 3, "tokenize_workers": 2}
+    opts = MmluOptions(str(TINY_MMLU), batch_size=3, tokenize_workers=2)
     evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path, progress=False)
     subs = load_mmlu(TINY_MMLU)
     reqs = make_requests(Tokenizer(TINY_MODEL), [(s, q) for s in subs for q in s.test], 5,
@@ -373,4 +375,4 @@ def test_evaluation_writes_each_questions_own_scores(tmp_path, monkeypatch):
     want = score_requests(eng, reqs, CPU, batch_size=1, use_prefix_cache=False)
     lines = [json.loads(x) for x in (tmp_path / "mmlu_predictions.jsonl").read_text().splitlines()]
     assert [(x["subject"], x["index"]) for x in lines] == [(r.q.subject, r.q.index) for r in reqs]
-    torch.testing.assert_close(torch.tensor([x["logprobs"] for x in lines]), torch.tensor(want), atol=1e-5, rtol=0)
+    assert_logprobs_close(torch.tensor([x["logprobs"] for x in lines]), torch.tensor(want))

@@ -6,7 +6,8 @@ import torch
 
 from lorabench.checkpoint import iter_checkpoint, load_into
 from lorabench.config import ConfigError, ModelConfig
-from lorabench.model import Llama, count_params
+from lorabench.model import Llama
+from lorabench.shapes import count_params
 
 from conftest import SMALL, hf_model
 
@@ -142,11 +143,11 @@ def test_tied_embeddings_load_with_or_without_lm_head():
 def test_matmul_attention_equals_sdpa(sdpa_has_gqa, monkeypatch):
     """The TF32 path's attention (two matmuls) computes SDPA's causal attention: loss and every gradient, fp32,
     grouped-query shape; also where SDPA cannot group heads (torch < 2.5) and k/v are repeated for it."""
-    import lorabench.model
+    import lorabench.kernels.attention
     from lorabench.config import LoRAConfig
     from lorabench.lora import inject_lora
 
-    monkeypatch.setattr(lorabench.model, "_SDPA_HAS_GQA", sdpa_has_gqa)
+    monkeypatch.setattr(lorabench.kernels.attention, "_SDPA_HAS_GQA", sdpa_has_gqa)
 
     ids = torch.randint(0, SMALL.vocab_size, (2, 29), generator=torch.Generator().manual_seed(3))
     out = []
@@ -210,7 +211,7 @@ def test_matmul_attention_gradients_against_float64():
     gradients to finite differences in float64 (odd sizes, grouped-query), and fp32 matches SDPA."""
     import torch.nn.functional as F
 
-    from lorabench.model import matmul_attention
+    from lorabench.kernels.attention import matmul_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 7, 6, dtype=torch.float64, generator=g, requires_grad=True)
@@ -240,7 +241,7 @@ def test_prefix_suffix_attention_is_attention_over_prefix_and_suffix(heads, kv_h
     1e-12, odd sizes, grouped-query heads."""
     import torch.nn.functional as F
 
-    from lorabench.model import prefix_suffix_attention
+    from lorabench.kernels.attention import prefix_suffix_attention
 
     g = torch.Generator().manual_seed(0)
     B, T, P, D = 3, 5, 7, 6

@@ -26,7 +26,9 @@ from ..report import markdown_table, write_json_atomic, write_text_atomic
 
 
 def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, device: str, row_dir: Path,
-            overrides: list[str], timeout: float) -> dict:
+            overrides: list[str], timeout: float, env: dict | None = None) -> dict:
+    """One ``lorabench run`` process for ``engine`` x ``preset`` (``env``: its environment, e.g. a PYTHONPATH
+    naming another source tree; default this process's), read back from its result.json."""
     cmd = [sys.executable, "-m", "lorabench", "run", "--init", "random", "--model", model, "--data", "synthetic",
            "--preset", preset, "--engine", engine, "--max-steps", str(steps), "--warmup-steps", str(warmup),
            "--device", device, "--run-dir", str(row_dir), "--no-mmlu", "--no-save-adapter", "--no-progress",
@@ -34,7 +36,7 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
     row = {"engine": engine, "preset": preset, "model": model, "cmd": " ".join(cmd[1:])}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**row, "error": f"timed out after {timeout:.0f} s"}
     row["wall_s"] = time.perf_counter() - t0

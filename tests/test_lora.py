@@ -228,8 +228,8 @@ def test_peft_adapter_loads_in_ours(tmp_path, lora_cfg):
 def test_adapter_mismatch_fails_clearly(tmp_path, lora_cfg):
     eng = build_engine("native", SMALL, lora_cfg, model_dir=None, device=torch.device("cpu"), precision="fp32", seed=0)
     eng.save_adapter(tmp_path / "a")
-    other = build_engine("native", SMALL, LoRAConfig(r=8, targets=("q_proj",)), model_dir=None, device=torch.device("cpu"),
-                         precision="fp32", seed=0)
+    other = build_engine("native", SMALL, LoRAConfig(r=8, targets=("q_proj",)), model_dir=None,
+                         device=torch.device("cpu"), precision="fp32", seed=0)
     with pytest.raises(ConfigError, match="same LoRA settings"):
         other.load_adapter(tmp_path / "a")
     with pytest.raises(ConfigError, match="adapter_config.json: missing"):

@@ -7,8 +7,8 @@ must agree: the table prints the largest gap between each engine and the referen
 the floor (floor.py) at each preset's shape in the same run and prints each row's share of it.
 
 With ``rounds`` > 1 every row runs that many times, round after round (all engines once, then all again), so a
-machine that drifts (an H200 gave the same row 5% apart two minutes later) slows every engine alike; each row
-reports its median round, the spread over the rounds, and its speed-up as the median of the ratios taken within
+machine that drifts (an H200 gave the same row 5% apart two minutes later, 2026-11-28) slows every engine alike; each
+row reports its median round, the spread over the rounds, and its speed-up as the median of the ratios taken within
 one round.
 """
 from __future__ import annotations

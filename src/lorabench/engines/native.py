@@ -40,7 +40,8 @@ class NativeOptions:
     fused_projections: bool | None = None
     """One GEMM for q/k/v and one for gate/up. Default: on under TF32 on a GPU, where it measured 2.2% faster
     (H200, 2026-11-28: 9,417 vs 9,211 tok/s, same machine); off in fp16/bf16, where it was 0.4% slower with gate/up
-    concatenated and 1.1% slower interleaved (bf16 LBS 16: 20,452 vs 20,682; benchmarks/NOTES.md items 13, 20)."""
+    concatenated and 1.1% slower interleaved (bf16 LBS 16: 20,452 vs 20,682; benchmarks/NOTES.md items 13,
+    20)."""
     compile: bool | None = None
     """torch.compile each decoder block (default: on with CUDA)."""
     compile_mode: str | None = None

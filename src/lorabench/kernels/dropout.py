@@ -2,16 +2,16 @@
 
 ``rand_like(x) >= p`` inside a compiled block becomes part of an Inductor kernel that runs one Philox call per
 element and keeps one of the four 32-bit words it yields. At the Llama-2-7B shape that made the RMSNorm kernel the
-masks are fused into compute-bound (10.4 ms of a 404 ms step at bf16 LBS 16 on an H200, benchmarks/NOTES.md item
-12). ``keep_mask`` is a custom op instead, which a compiled graph calls as an opaque kernel:
+masks are fused into compute-bound (10.4 ms of a 404 ms step at bf16 LBS 16 on an H200, 2026-11-28,
+benchmarks/NOTES.md item 12). ``keep_mask`` is a custom op instead, which a compiled graph calls as an opaque kernel:
 
-- ``philox16`` (CUDA with Triton): one Philox4x32-10 call gives 128 random bits, read as eight 16-bit numbers,
-  each compared with round(p * 65536): eight mask elements per call (p is kept to 1/65536: 0.05 becomes
-  3277/65536 = 0.050003). The seed of each call is drawn from torch's CPU generator, so ``torch.manual_seed``
-  fixes the masks. ``philox_keep_mask`` is the same mask in plain PyTorch: the tests run the kernel in Triton's
-  CPU interpreter and benchmarks/gpu_check.py on a GPU, both bit for bit against it. On an H200 at bf16 LBS 16
-  the masks took 2.0 ms a step this way and 4.5 ms with torch's Bernoulli kernel; the norm kernel that drew them
-  itself took 10.4 ms (benchmarks/NOTES.md items 12, 22-23).
+- ``philox16`` (CUDA with Triton): one Philox4x32-10 call gives 128 random bits, read as eight 16-bit numbers, each
+  compared with round(p * 65536): eight mask elements per call (p is kept to 1/65536: 0.05 becomes 3277/65536 =
+  0.050003). The seed of each call is drawn from torch's CPU generator, so ``torch.manual_seed`` fixes the masks.
+  ``philox_keep_mask`` is the same mask in plain PyTorch: the tests run the kernel in Triton's CPU interpreter and
+  benchmarks/gpu_check.py on a GPU, both bit for bit against it. On an H200 (2026-11-28) at bf16 LBS 16 the masks
+  took 2.0 ms a step this way and 4.5 ms with torch's Bernoulli kernel; the norm kernel that drew them itself took
+  10.4 ms (benchmarks/NOTES.md items 12, 22-23).
 - ``bernoulli``: torch's Bernoulli kernel on a bool tensor (the op's path on a CPU, or without Triton, or while a
   CUDA graph is being captured, where a seed drawn on the host would be frozen into the graph).
 - ``inline``: ``rand_like(x, float32) >= p`` where it is needed (Inductor fuses it into its kernels); also the

@@ -93,11 +93,11 @@ def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None
 
 
 PREFIX_ATTENTION = ("split", "copy")
-"""How suffix batches attend to a subject's cached prefix: ``split`` (the default), one attention of all the
-batch's queries against the single prefix merged with the causal suffix attention by log-sum-exp
-(model.prefix_suffix_attention, no copies); ``copy``, SDPA over per-question copies of the prefix's keys and
-values. Full MMLU on an H200, each cold in a fresh process of the same call: split 52.3 s, copy 54.0 s end to end
-(the copies had taken 2.2 s of GPU time; benchmarks/NOTES.md item 18)."""
+"""How suffix batches attend to a subject's cached prefix: ``split`` (the default), one attention of all the batch's
+queries against the single prefix merged with the causal suffix attention by log-sum-exp
+(kernels.attention.prefix_suffix_attention, no copies); ``copy``, SDPA over per-question copies of the prefix's
+keys and values. Full MMLU on an H200 (2026-11-28), each cold in a fresh process of the same call: split 52.3 s,
+copy 54.0 s end to end (the copies had taken 2.2 s of GPU time; benchmarks/NOTES.md item 18)."""
 
 
 def score_requests(engine, reqs: list[Request], device, batch_size: int, use_prefix_cache: bool,

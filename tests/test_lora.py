@@ -234,3 +234,30 @@ def test_adapter_mismatch_fails_clearly(tmp_path, lora_cfg):
         other.load_adapter(tmp_path / "a")
     with pytest.raises(ConfigError, match="adapter_config.json: missing"):
         read_adapter(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_disabled_adapters_give_the_base_model(lora_cfg, fused):
+    """adapters_disabled: the model computes its frozen base alone (HF's model without the adapter), in the plain
+    and in the fused-projection path, and the adapters come back afterwards."""
+    from lorabench.lora import Adapter, adapters_disabled
+
+    hf = hf_model(SMALL, seed=4)
+    ours = Llama(SMALL)
+    load_into(ours, hf.state_dict().items(), True, "hf")
+    inject_lora(ours, LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q_proj", "v_proj", "gate_proj")))
+    random_adapters(ours, 4)
+    if fused:
+        ours.fuse_projections()
+    ours.eval()
+    assert all(isinstance(m, Adapter) for m in lora_modules(ours).values())
+    ids = torch.randint(0, SMALL.vocab_size, (2, 12))
+    with torch.no_grad():
+        adapted = ours(ids)
+        with adapters_disabled(ours):
+            base = ours(ids)
+        again = ours(ids)
+        want = hf(input_ids=ids).logits
+    torch.testing.assert_close(base, want, atol=1e-5, rtol=1e-5)
+    assert (adapted - want).abs().max() > 1e-2  # the adapters do change the output
+    torch.testing.assert_close(again, adapted, atol=0, rtol=0)

@@ -158,8 +158,10 @@ def test_bench_passes_its_overrides_to_every_row():
     from lorabench.cli import bench_overrides, build_parser
 
     a = build_parser().parse_args(["bench", "--precision", "bf16", "--seq-len", "64", "--attention", "matmul",
-                                   "--no-fused-projections", "--compile", "--dropout-mask", "bernoulli"])
-    assert bench_overrides(a) == ["--precision", "bf16", "--seq-len", "64", "--attention", "matmul",
+                                   "--no-fused-projections", "--compile", "--dropout-mask", "bernoulli",
+                                   "--lora-r", "16", "--lora-alpha", "32", "--lora-targets", "q_proj,down_proj"])
+    assert bench_overrides(a) == ["--precision", "bf16", "--seq-len", "64", "--lora-r", "16", "--lora-alpha", "32.0",
+                                  "--lora-targets", "q_proj,down_proj", "--attention", "matmul",
                                   "--dropout-mask", "bernoulli", "--no-fused-projections", "--compile"]
     assert bench_overrides(build_parser().parse_args(["bench"])) == []
 

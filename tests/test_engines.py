@@ -1,6 +1,8 @@
 """Native vs reference (transformers + PEFT): identical weights and batches -> identical training, step by step."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,38 @@ def test_bf16_native_follows_the_reference_curve():
     assert native[-1] < native[0]
     other = bf16_curve("reference", seed=1)  # other base and adapter weights: the bound tells them apart
     assert (np.abs(native - other) / other).max() > 2 * BF16_CURVE_GAP
+
+
+def test_unsloth_engines_say_what_they_need_on_a_cpu():
+    from lorabench.config import ConfigError
+
+    for name in ("unsloth", "unsloth-fp8"):
+        with pytest.raises(ConfigError, match=f"--engine {name} needs a CUDA GPU"):
+            build_engine(name, SMALL, LoRAConfig(), model_dir=None, device=CPU, precision="bf16", seed=0)
+
+
+def test_random_hf_dir_holds_the_canonical_weights_and_a_matching_tokenizer(tmp_path, monkeypatch):
+    """The folder Unsloth loads for --init random: sharded safetensors of exactly the canonical random weights
+    (read back through the same loader every engine uses), a tokenizer of the model's vocabulary size, reused
+    once complete."""
+    import lorabench.engines.unsloth as un
+    from lorabench.checkpoint import iter_checkpoint, random_hf_weights, write_hf_shards
+    from lorabench.config import ModelConfig
+    from lorabench.data.tokenizer import Tokenizer
+
+    monkeypatch.setattr(un.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())  # no room in /dev/shm
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path))
+    d = un.random_hf_dir(SMALL, 3, torch.float32, CPU)
+    assert d.parent == tmp_path and (d / "complete").is_file()
+    want = dict(random_hf_weights(SMALL, 3, CPU, torch.float32))
+    got = dict(iter_checkpoint(d))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert ModelConfig.from_hf_json(d) == SMALL
+    assert Tokenizer(d).vocab_size == SMALL.vocab_size
+    (d / "config.json").write_text("{}")  # a complete folder is reused as it is
+    assert un.random_hf_dir(SMALL, 3, torch.float32, CPU) == d and (d / "config.json").read_text() == "{}"
+    write_hf_shards(tmp_path / "small", SMALL, random_hf_weights(SMALL, 3, CPU, torch.float32), torch.float32,
+                    shard_bytes=20_000)
+    index = json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2  # several shards
+    assert all(torch.equal(v, want[k]) for k, v in iter_checkpoint(tmp_path / "small"))

@@ -161,3 +161,36 @@ def write_hf_dir(out_dir: str | Path, cfg: ModelConfig, tensors: dict[str, torch
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
+
+
+def write_hf_shards(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                    dtype: torch.dtype, shard_bytes: int = 5 << 30):
+    """Write (HF name, tensor) pairs as an HF folder: config.json (``torch_dtype`` = ``dtype``), safetensors shards
+    of at most ``shard_bytes`` each and their index, one shard in host memory at a time."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    groups: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > shard_bytes:
+            groups.append(list(shard))
+            save_file(shard, str(out / f"part-{len(groups)}.safetensors"), metadata={"format": "pt"})
+            shard, size = {}, 0
+        shard[name] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    groups.append(list(shard))
+    save_file(shard, str(out / f"part-{len(groups)}.safetensors"), metadata={"format": "pt"})
+    weight_map = {}
+    for i, group in enumerate(groups, 1):  # the final names need the shard count
+        final = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        (out / f"part-{i}.safetensors").rename(out / final)
+        weight_map.update(dict.fromkeys(group, final))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                 indent=2))

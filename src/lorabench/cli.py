@@ -55,7 +55,8 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--model", dest="model_preset", help="shape preset for --init random without --model-dir "
                    "(llama2-7b, llama2-13b, tiny)")
     g.add_argument("--engine", default="native", help="native (ours, default), reference (transformers + PEFT, the "
-                   "seed's stack), reference+liger or reference+compile")
+                   "seed's stack), reference+liger, reference+compile, unsloth or unsloth-fp8 (Unsloth's stack, "
+                   "CUDA only)")
     g.add_argument("--attn", default=None, choices=("eager", "sdpa"), help="attention of the plain reference "
                    "engine (default eager, as the seed's stack)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Each engine x preset runs as its own `lorabench run --init random --data "
                        "synthetic` process; prints one table and writes bench.json/bench.md under --run-dir.")
     b.add_argument("--engines", default="native,reference", help="comma-separated: native, reference, "
-                   "reference+liger, reference+compile")
+                   "reference+liger, reference+compile, unsloth, unsloth-fp8 (Unsloth: CUDA, pip install unsloth)")
     b.add_argument("--presets", default="flagperf-fp32,flagperf-fp16,bf16", help=f"comma-separated of "
                    f"{', '.join(TRAIN_PRESETS)}")
     b.add_argument("--model", help="shape preset (default: llama2-7b on a GPU, tiny on CPU)")
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", choices=tuple(PRECISIONS), help="override every preset's precision")
     b.add_argument("--seq-len", type=int, help="override every preset's sequence length")
     b.add_argument("--lora-dropout", type=float, help="override the dropout (0 for exact loss parity)")
+    b.add_argument("--lora-r", type=int, help="override the adapter rank, for every engine")
+    b.add_argument("--lora-alpha", type=float, help="override the adapter scale numerator, for every engine")
+    b.add_argument("--lora-targets", help="override the adapted projections, for every engine (e.g. "
+                   "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
     b.add_argument("--lr", type=float, help="override the learning rate (e.g. 1e-3 to see random weights learn)")
     b.add_argument("--attn", choices=("eager", "sdpa"), help="attention of the plain reference rows")
     b.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported as failed")
@@ -287,6 +292,7 @@ def bench_overrides(a) -> list[str]:
     """The ``lorabench run`` flags every bench row gets from bench's own overrides."""
     out = []
     for flag, v in (("--precision", a.precision), ("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
+                    ("--lora-r", a.lora_r), ("--lora-alpha", a.lora_alpha), ("--lora-targets", a.lora_targets),
                     ("--lr", a.lr), ("--attn", a.attn), ("--attention", a.attention),
                     ("--compile-mode", a.compile_mode), ("--dropout-mask", a.dropout_mask)):
         if v is not None:

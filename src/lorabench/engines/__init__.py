@@ -1,7 +1,8 @@
 """Engines: the model stacks the training loop can drive, behind one contract (base.Engine).
 
 ``native`` is ours (model.py + lora.py, tuned by NativeOptions); ``reference`` is transformers + PEFT, the seed's
-stack, with ``reference+liger`` and ``reference+compile`` as the strongest off-the-shelf variants.
+stack, with ``reference+liger`` and ``reference+compile`` as the strongest off-the-shelf variants; ``unsloth`` and
+``unsloth-fp8`` are Unsloth's stack (optional, CUDA only).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .native import NativeOptions
 
 __all__ = ["ENGINES", "Engine", "NativeOptions", "build_engine", "canonical_adapters"]
 
-ENGINES = ("native", "reference", "reference+liger", "reference+compile")
+ENGINES = ("native", "reference", "reference+liger", "reference+compile", "unsloth", "unsloth-fp8")
 
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
@@ -38,4 +39,9 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
 
         return ReferenceEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype,
                                seed=seed, attn=attn, variant=name.partition("+")[2] or None)
+    if name in ("unsloth", "unsloth-fp8"):
+        from .unsloth import UnslothEngine
+
+        return UnslothEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
+                             fp8=name == "unsloth-fp8")
     raise ConfigError(f"--engine: unknown {name!r}; choose from {', '.join(ENGINES)}")

@@ -38,7 +38,51 @@ def _require():
                           "pip install 'lorabench[reference]'") from None
 
 
-class ReferenceEngine(Engine):
+class PeftEngine(Engine):
+    """The calls every engine over a PEFT-wrapped HF causal LM shares (reference, Unsloth): the loss through the
+    model's own forward (``self._fwd``, the compiled one where there is one), logits, hidden states and head for
+    MMLU, and the adapters read from and written to PEFT's LoRA layers."""
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._fwd(input_ids=ids, labels=labels, use_cache=False).loss
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits.float()
+
+    def forward_hidden(self, ids: torch.Tensor, kv_caches=None, position_offset: int = 0,
+                       attn_mask=None) -> torch.Tensor:
+        if kv_caches is not None or position_offset or attn_mask is not None:
+            raise NotImplementedError(f"engine {self.name} has no prefix cache (supports_prefix_cache is False)")
+        return self.model.get_base_model().model(input_ids=ids, use_cache=False).last_hidden_state
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.get_base_model().lm_head(h).float()
+
+    def _lora_layers(self) -> dict:
+        from peft.tuners.lora import LoraLayer
+
+        out = {}
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LoraLayer):
+                out[name.removeprefix("base_model.model.")] = mod
+        return out
+
+    def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {k: (m.lora_A["default"].weight, m.lora_B["default"].weight) for k, m in self._lora_layers().items()}
+
+    def set_adapters(self, adapters: dict, source: str):
+        layers = self._lora_layers()
+        if set(layers) != set(adapters):
+            raise ConfigError(f"{source}: adapter modules do not match the model "
+                              f"(extra {sorted(set(adapters) - set(layers))[:3]}, "
+                              f"missing {sorted(set(layers) - set(adapters))[:3]})")
+        with torch.no_grad():
+            for k, (a, b) in adapters.items():
+                layers[k].lora_A["default"].weight.copy_(a)
+                layers[k].lora_B["default"].weight.copy_(b)
+
+
+class ReferenceEngine(PeftEngine):
     name = "reference"
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
@@ -76,43 +120,5 @@ class ReferenceEngine(Engine):
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         self._fwd = torch.compile(self.model) if variant == "compile" else self.model
 
-    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self._fwd(input_ids=ids, labels=labels, use_cache=False).loss
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, use_cache=False).logits.float()
-
-    def forward_hidden(self, ids: torch.Tensor, kv_caches=None, position_offset: int = 0,
-                       attn_mask=None) -> torch.Tensor:
-        if kv_caches is not None or position_offset or attn_mask is not None:
-            raise NotImplementedError("the reference engine has no prefix cache (supports_prefix_cache is False)")
-        return self.model.get_base_model().model(input_ids=ids, use_cache=False).last_hidden_state
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.get_base_model().lm_head(h).float()
-
     def describe(self) -> dict:
         return {"attn": self.attn}
-
-    def _lora_layers(self) -> dict:
-        from peft.tuners.lora import LoraLayer
-
-        out = {}
-        for name, mod in self.model.named_modules():
-            if isinstance(mod, LoraLayer):
-                out[name.removeprefix("base_model.model.")] = mod
-        return out
-
-    def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {k: (m.lora_A["default"].weight, m.lora_B["default"].weight) for k, m in self._lora_layers().items()}
-
-    def set_adapters(self, adapters: dict, source: str):
-        layers = self._lora_layers()
-        if set(layers) != set(adapters):
-            raise ConfigError(f"{source}: adapter modules do not match the model "
-                              f"(extra {sorted(set(adapters) - set(layers))[:3]}, "
-                              f"missing {sorted(set(layers) - set(adapters))[:3]})")
-        with torch.no_grad():
-            for k, (a, b) in adapters.items():
-                layers[k].lora_A["default"].weight.copy_(a)
-                layers[k].lora_B["default"].weight.copy_(b)

@@ -26,6 +26,12 @@ TABLE = {  # row -> lorabench bench flags (README, "Results")
                    "16", "--warmup-steps", "4"],
     "bf16-seq4096": ["--presets", "bf16", "--engines", "native,reference+liger", "--batch-size", "2", "--seq-len",
                      "4096", "--steps", "12", "--warmup-steps", "4"],
+    "unsloth": ["--presets", "bf16", "--engines", "native,unsloth,unsloth-fp8", "--batch-size", "16", "--steps",
+                "14", "--warmup-steps", "4", "--no-floor"],
+    "unsloth-all-linear": ["--presets", "bf16", "--engines", "native,unsloth", "--batch-size", "16", "--steps", "14",
+                           "--warmup-steps", "4", "--no-floor", "--lora-targets",
+                           "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lora-r", "16",
+                           "--lora-alpha", "32", "--lora-dropout", "0"],
 }
 
 

@@ -98,11 +98,14 @@ def test_batch_size_sweep_compares_like_with_like_and_names_each_engines_best(ca
     rows = [row("native", 4, 190.0), row("reference", 4, 110.0), row("reference+compile", 4, 170.0),
             row("native", 16, 200.0), row("reference", 16, 125.0), row("reference+compile", 16, 180.0),
             {"engine": "reference+liger", "preset": "bf16", "lbs": 16, "error": "no liger"}]
+    rows[2]["losses"] = [1.01]  # a curve 1% off native's
     compare(rows)
     assert rows[0]["speedup_vs_reference"] == 190 / 110 and rows[3]["speedup_vs_reference"] == 200 / 125
     assert native_lines(rows).splitlines() == [  # like with like, every other engine, the failed row left out
-        "- native / reference, bf16 LBS 4: 1.727x", "- native / reference+compile, bf16 LBS 4: 1.118x",
-        "- native / reference, bf16 LBS 16: 1.600x", "- native / reference+compile, bf16 LBS 16: 1.111x"]
+        "- native / reference, bf16 LBS 4: 1.727x; loss gap 0.000%",
+        "- native / reference+compile, bf16 LBS 4: 1.118x; loss gap 1.000%",
+        "- native / reference, bf16 LBS 16: 1.600x; loss gap 0.000%",
+        "- native / reference+compile, bf16 LBS 16: 1.111x; loss gap 0.000%"]
     assert best_lines(rows) == ("- best LBS, bf16: native 200 (LBS 16); reference 125 (LBS 16); reference+compile "
                                 "180 (LBS 16); native / best other: 1.11x")
     assert main(["bench", "--device", "cpu", "--batch-size", "4,zero"]) == 2
@@ -144,7 +147,8 @@ def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkey
     assert bench.best_lines(rows).endswith("native / best other: 2.00x")  # within rounds here too
     md = (tmp_path / "bench.md").read_text()
     assert "median of 3 rounds" in md and "| 15.0% (3/3) |" in md and "| 11.1% (2/3) |" in md
-    assert "- native / reference, bf16 LBS 4: 2.000x (rounds: 2.000, 2.000)\n" in md  # none against the failed row
+    assert "- native / reference, bf16 LBS 4: 2.000x (rounds: 2.000, 2.000); loss gap 0.000%\n" in md  # none against
+    # the failed row
     assert json.loads((tmp_path / "bench.json").read_text())["rounds"] == 3
     assert main(["bench", "--device", "cpu", "--rounds", "0"]) == 2
     assert "--rounds 0" in capsys.readouterr().err

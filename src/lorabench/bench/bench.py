@@ -95,14 +95,20 @@ def compare(rows: list[dict]) -> None:
         if ref is None or "error" in r or r is ref:
             continue
         r["speedup_vs_reference"] = speedup(r, ref)[0]
-        n = min(len(r["losses"]), len(ref["losses"]))
-        gaps = [abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], ref["losses"][:n])]
-        r["max_rel_loss_gap_vs_reference"] = max(gaps) if gaps else None
+        r["max_rel_loss_gap_vs_reference"] = loss_gap(r, ref)
+
+
+def loss_gap(row: dict, base: dict) -> float | None:
+    """Largest relative gap between two rows' per-step losses over the steps both ran (None: no steps)."""
+    gaps = [abs(a - b) / abs(b) for a, b in zip(row["losses"], base["losses"])]
+    return max(gaps) if gaps else None
 
 
 def native_lines(rows: list[dict]) -> str:
     """Native against every other engine of the same preset and LBS (the targets compare it with the optimised
-    stacks, not only the plain reference); with rounds, the ratio of each round in parentheses."""
+    stacks, not only the plain reference); with rounds, the ratio of each round in parentheses; then the largest
+    per-step loss gap between the two (same weights and batches: bf16 rounding, and the engines' own dropout
+    masks where dropout > 0)."""
     out = []
     for nat in (r for r in rows if r["engine"] == "native" and "error" not in r):
         for other in rows:
@@ -111,7 +117,10 @@ def native_lines(rows: list[dict]) -> str:
                 continue
             value, ratios = speedup(nat, other)
             each = f" (rounds: {', '.join(f'{x:.3f}' for x in ratios)})" if ratios else ""
-            out.append(f"- native / {other['engine']}, {nat['preset']} LBS {nat['batch_size']}: {value:.3f}x{each}")
+            gap = loss_gap(other, nat)
+            gap = "" if gap is None else f"; loss gap {100 * gap:.3f}%"
+            out.append(f"- native / {other['engine']}, {nat['preset']} LBS {nat['batch_size']}: {value:.3f}x{each}"
+                       f"{gap}")
     return "\n".join(out)
 
 

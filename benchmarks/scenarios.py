@@ -20,7 +20,7 @@ from lorabench.cli import main as lorabench
 TABLE = {  # row -> lorabench bench flags (README, "Results")
     "fp16": ["--presets", "flagperf-fp16", "--engines", "native,reference", "--steps", "16", "--warmup-steps", "4",
              "--no-floor"],
-    "tf32": ["--presets", "flagperf-tf32", "--engines", "native,reference,reference+liger", "--steps", "12",
+    "tf32": ["--presets", "flagperf-fp32", "--engines", "native,reference,reference+liger", "--steps", "12",
              "--warmup-steps", "4"],
     "bf16-lbs16": ["--presets", "bf16", "--engines", "native,reference+compile", "--batch-size", "16", "--steps",
                    "16", "--warmup-steps", "4"],

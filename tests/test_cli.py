@@ -10,8 +10,9 @@ import pytest
 
 from lorabench.cli import main
 
-REQUIRED_METRICS = ["tokens_per_s_per_chip", "tokens_per_s_per_chip_median", "mfu_flagperf", "flops_per_token",
-                    "train_loss_avg", "eval_loss", "mmlu_acc"]
+REQUIRED_METRICS = ["tokens_per_s_per_chip", "tokens_per_s_per_chip_median", "tokens_per_s_flagperf",
+                    "flops_per_token", "loss_flagperf", "train_loss_last_epoch_avg", "avg_train_prep",
+                    "avg_iter_time_s", "avg_epoch_time_s", "eval_loss", "mmlu_acc"]
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +29,8 @@ def test_default_run_end_to_end(tmp_path, capsys):
     m = r["metrics"]
     for k in REQUIRED_METRICS:
         assert isinstance(m[k], float) and math.isfinite(m[k]), k
-    for k in ("mfu", "peak_mem_allocated_gib", "peak_mem_reserved_gib"):
-        assert k in m and m[k] is None  # CPU: no known peak, no device memory
+    for k in ("mfu", "peak_mem_allocated_gib", "peak_mem_reserved_gib", "mfu_flagperf"):
+        assert k in m and m[k] is None  # CPU: no known peak, no device memory; FlagPerf's MFU is for 7B only
     for k in ("git_hash", "git_dirty", "python", "torch", "transformers", "device_name"):
         assert k in r["env"], k
     assert r["config"]["preset"] == "tiny" and r["config"]["lora_r"] == 8 and r["config"]["lora_targets"] == [
@@ -39,7 +40,9 @@ def test_default_run_end_to_end(tmp_path, capsys):
     first, last = sum(s["loss"][:5]) / 5, sum(s["loss"][-5:]) / 5
     assert last < first, (first, last)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and r["adapter_dir"]
-    assert (run_dir / "report.md").read_text().count("| 1x1 native fp32 |") == 1
+    report = (run_dir / "report.md").read_text()
+    assert report.count("| 1x1 native fp32 |") == 1 and "lorabench's own measurements" in report
+    assert f"| {m['tokens_per_s_flagperf']:.0f} | {m['loss_flagperf']:.2f} |" in report
     preds = (run_dir / "mmlu_predictions.jsonl").read_text().splitlines()
     assert len(preds) == m["mmlu_questions"] == 40
     assert set(json.loads(preds[0])) == {"subject", "index", "gold", "pred", "logprobs"}
@@ -167,13 +170,13 @@ def test_bench_passes_its_overrides_to_every_row():
 
 
 def test_run_records_the_resolved_settings(tmp_path):
-    """result.json says what ran: the native options as resolved and whether TF32 was on."""
+    """result.json says what ran: the native options as resolved and whether TF32 was on, and why."""
     assert main(["run", "--no-progress", "--device", "cpu", "--max-steps", "2", "--no-mmlu", "--no-save-adapter",
                  "--attention", "matmul", "--run-dir", str(tmp_path)]) == 0
     c = json.loads((tmp_path / "result.json").read_text())["config"]
     assert c["engine_options"] == {"attention": "matmul", "fused_projections": False, "compile": False,
                                    "compile_mode": "default", "dropout_mask": "philox16"}
-    assert c["tf32"] is False and c["precision"] == "fp32"
+    assert c["tf32"] == {"on": False, "why": "preset tiny"} and c["precision"] == "fp32"
 
 
 def test_no_product_code_reads_lorabench_environment_variables():

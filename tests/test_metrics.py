@@ -39,7 +39,25 @@ def test_peak_table_is_dtype_aware_and_says_unknown():
 def test_flagperf_mfu_reproduces_seed_with_nominal_7e9():
     # seed fp16 row: 4017 tok/s -> 36.1% with N = 7e9 (REFERENCE section 1)
     # 4017 * 2 * 7e9 / 1.56e14 = 0.36050: the seed's 36.1% is this rounded half-up
-    assert f"{100 * mfu_flagperf(4017, 7_000_000_000):.2f}" == "36.05"
+    assert f"{100 * mfu_flagperf(4017):.2f}" == "36.05"
+
+
+def test_flagperf_figures_on_a_hand_worked_run():
+    """Two epochs: steps of 1, 2, 3 s then 2, 2 s (FlagPerf times every step, none left out); epoch mean losses 2.0
+    and 1.0; epochs of 6.5 and 4.5 s; 1,024 tokens a step on 1 process of 1 node."""
+    import math
+
+    from lorabench.metrics import flagperf_figures
+
+    f = flagperf_figures([1.0, 2.0, 3.0, 2.0, 2.0], [2.0, 1.0], [6.5, 4.5], 1024, 1, 1, llama2_7b=True)
+    assert f["loss_flagperf"] == 1.5  # mean of the epochs' means, not of all steps
+    assert f["avg_train_prep"] == pytest.approx((math.exp(2.0) + math.exp(1.0)) / 2)
+    assert f["avg_iter_time_s"] == 2.0 and f["avg_epoch_time_s"] == 5.5
+    assert f["tokens_per_s_flagperf"] == 512.0 and f["mfu_flagperf"] == pytest.approx(512 * 1.4e10 / 1.56e14)
+    two = flagperf_figures([1.0, 2.0, 3.0, 2.0, 2.0], [2.0, 1.0], [6.5, 4.5], 1024, 4, 2, llama2_7b=False)
+    assert two["tokens_per_s_flagperf"] == 64.0  # / nproc / nnodes, as FlagPerf writes it
+    assert two["mfu_flagperf"] is None  # 7e9 is Llama-2-7B's size: meaningless for another model
+
 
 
 def test_step_stats_excludes_warmup():

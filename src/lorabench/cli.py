@@ -21,8 +21,8 @@ from .mmlu.scoring import PREFIX_ATTENTION
 from .precision import PRECISIONS
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
-    "--precision": ("precision", str, "fp32, tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 weights + "
-                    "GradScaler) or bf16"),
+    "--precision": ("precision", str, "fp32 (true fp32), tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 "
+                    "weights + GradScaler) or bf16"),
     "--batch-size": ("batch_size", int, "local batch size (packed sequences per micro-batch per chip)"),
     "--seq-len": ("seq_len", int, "tokens per packed sequence"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimiser step"),
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("training (override the preset)")
     for flag, (_, typ, hlp) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
         g.add_argument(flag, type=typ, default=None, help=hlp)
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None, help="shuffle the chunks "
+                   "each epoch (default: on, off in the flagperf-* presets, which keep FlagPerf's file order)")
     _add_native_flags(run)
     o = run.add_argument_group("output")
     o.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device the table does not know")
@@ -203,6 +205,7 @@ def cmd_run(a) -> int:
         raise ConfigError("--init random needs --model (a shape preset such as llama2-7b) or --model-dir")
     preset = a.preset or ("tiny" if bundled else "flagperf-fp32")
     train_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in TRAIN_FLAGS.items()}
+    train_kw["shuffle"] = a.shuffle
     lora_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in LORA_FLAGS.items()}
     p = resolve_preset(preset, train_kw, lora_kw)
     data = a.data or (str(TINY_DATA) if bundled or a.model_dir == TINY_MODEL else None)
@@ -216,7 +219,8 @@ def cmd_run(a) -> int:
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
               data=data, device=a.device, attn=a.attn or "eager", native=native_options(a),
               peak_tflops=a.peak_tflops, run_dir=run_dir, save_adapter=not a.no_save_adapter,
-              cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu)
+              cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu,
+              precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None)
     from .train import dist_info, init_distributed
 
     joined = init_distributed()

@@ -15,8 +15,10 @@ PEAK_TFLOPS = {
     "H200": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
     "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},  # SXM
 }
-# FlagPerf's MFU: tokens/s * 2 * 7e9 / 1.56e14 (the A100 TF32 peak), whatever the precision (REFERENCE 1).
+# FlagPerf's MFU: tokens/s * 2 * 7e9 / 1.56e14 (the A100 TF32 peak), literally these constants on every card and
+# precision (REFERENCE 1): 4,017 tok/s gives 36.05%, the seed's 36.1%.
 FLAGPERF_PEAK = 1.56e14
+FLAGPERF_PARAMS = 7e9
 
 
 def peak_flops(device_name: str | None, precision: Precision, override_tflops: float | None = None) -> float | None:
@@ -38,10 +40,40 @@ def mfu(tokens_per_s: float, flops_tok: float, peak: float | None) -> float | No
     return None if not peak else tokens_per_s * flops_tok / peak
 
 
-def mfu_flagperf(tokens_per_s: float, n_params: int) -> float:
-    """FlagPerf's figure: tokens/s * 2 * N / 1.56e14. Their case uses the nominal N = 7e9; we use the model's
-    real parameter count (6.74e9 for Llama-2-7B), so our value reads 3.7% lower for the same speed."""
-    return tokens_per_s * 2 * n_params / FLAGPERF_PEAK
+def mfu_flagperf(tokens_per_s: float) -> float:
+    """FlagPerf's MFU: tokens/s * 2 * 7e9 / 1.56e14, whatever the model, card and precision (REFERENCE 1)."""
+    return tokens_per_s * 2 * FLAGPERF_PARAMS / FLAGPERF_PEAK
+
+
+def flagperf_figures(step_times: list[float], epoch_losses: list[float], epoch_times: list[float],
+                     tokens_per_step: int, nproc: int, nnodes: int, llama2_7b: bool) -> dict:
+    """The figures FlagPerf's run_pretraining.py prints for this case (REFERENCE 1), from the same run:
+
+    - ``loss_flagperf``: its avg_train_loss, the mean over epochs of each epoch's mean step loss (the seed table's
+      loss column);
+    - ``avg_train_prep``: the mean over epochs of exp(epoch mean loss);
+    - ``avg_iter_time_s``: the mean time of EVERY step of all epochs (no warm-up left out);
+    - ``avg_epoch_time_s``: the mean wall time of an epoch;
+    - ``tokens_per_s_flagperf``: its token/p/s, tokens per step / avg_iter_time / nproc / nnodes (the formula as
+      FlagPerf writes it; tokens per step are this rank's, seq_len x LBS x GAS);
+    - ``mfu_flagperf``: mfu_flagperf of that token/p/s, for the Llama-2-7B shape only (``llama2_7b``): its 7e9 is
+      that model's nominal size, so for any other model the figure would mean nothing (None).
+    """
+    import math
+
+    if not step_times or not epoch_losses:
+        return {k: None for k in ("loss_flagperf", "avg_train_prep", "avg_iter_time_s", "avg_epoch_time_s",
+                                  "tokens_per_s_flagperf", "mfu_flagperf")}
+    iter_time = statistics.fmean(step_times)
+    tps = tokens_per_step / iter_time / nproc / nnodes
+    return {
+        "loss_flagperf": statistics.fmean(epoch_losses),
+        "avg_train_prep": statistics.fmean(math.exp(x) for x in epoch_losses),
+        "avg_iter_time_s": iter_time,
+        "avg_epoch_time_s": statistics.fmean(epoch_times) if epoch_times else None,
+        "tokens_per_s_flagperf": tps,
+        "mfu_flagperf": mfu_flagperf(tps) if llama2_7b else None,
+    }
 
 
 def step_stats(step_times: list[float], tokens_per_step: int, warmup: int) -> dict:

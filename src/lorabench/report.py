@@ -75,19 +75,45 @@ def _fmt(v, spec: str, missing: str = "/") -> str:
 
 
 def seed_row(result: dict) -> dict[str, str]:
-    """The seed's table columns (config, fix_hp, token/p/s, loss, mem, acc(MMLU), MFU) for one result."""
+    """The seed's table columns (config, fix_hp, token/p/s, loss, mem, acc(MMLU), MFU) by FlagPerf's rules:
+    token/p/s over every step's mean time, avg_train_loss, FlagPerf's MFU constants (metrics.flagperf_figures)."""
     m, c = result["metrics"], result["config"]
     mem = "/"
     if m.get("peak_mem_reserved_gib") is not None:
         mem = f"{m['peak_mem_reserved_gib']:.1f}/{m['device_mem_total_gib']:.0f}"
     return {
-        "config": f"{c['nnodes']}x{c['world_size']} {c['engine']} {c['precision']}",
+        "config": f"{c['nnodes']}x{c['gpus_per_node']} {c['engine']} {c['precision']}",
         "fix_hp": c.get("fix_hp") or "/",
-        "token/p/s": _fmt(m.get("tokens_per_s_per_chip"), ".0f"),
-        "loss": _fmt(m.get("train_loss_avg"), ".2f"),
+        "token/p/s": _fmt(m.get("tokens_per_s_flagperf"), ".0f"),
+        "loss": _fmt(m.get("loss_flagperf"), ".2f"),
         "mem": mem,
         "acc(MMLU)": _fmt(m.get("mmlu_acc"), ".3f"),
-        "MFU": "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%",
+        "MFU": "/" if m.get("mfu_flagperf") is None else f"{_half_up(100 * m['mfu_flagperf'], 1)}%",
+    }
+
+
+def _half_up(v: float, places: int) -> str:
+    """``v`` rounded half up as a person (and the seed's table) rounds: 36.05 -> 36.1, where format() gives 36.0
+    for the binary 36.0499999... that 4,017 x 2 x 7e9 / 1.56e14 x 100 is in floating point."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return str(Decimal(repr(round(v, 9))).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
+
+
+def own_row(result: dict) -> dict[str, str]:
+    """lorabench's own measurements of the same run, each column named for what it is."""
+    m, c = result["metrics"], result["config"]
+    peak = f"MFU (of the card's {c['precision']} peak)"
+    return {
+        "tok/s/chip (mean, after warm-up)": _fmt(m.get("tokens_per_s_per_chip"), ".0f"),
+        "median": _fmt(m.get("tokens_per_s_per_chip_median"), ".0f"),
+        "±95%": _fmt(_pct(m.get("step_time_ci95_rel")), ".1f", "n/a") + ("%" if m.get("step_time_ci95_rel") else ""),
+        peak: "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%",
+        "peak allocated GiB": _fmt(m.get("peak_mem_allocated_gib"), ".1f", "n/a"),
+        "peak reserved GiB": _fmt(m.get("peak_mem_reserved_gib"), ".1f", "n/a"),
+        "last-epoch loss": _fmt(m.get("train_loss_last_epoch_avg"), ".4f"),
+        "eval loss": _fmt(m.get("eval_loss"), ".4f", "n/a"),
+        "TF32": "on" if c["tf32"]["on"] else "off",
     }
 
 
@@ -111,26 +137,34 @@ def render_report(result: dict) -> str:
         f"git {str(e['git_hash'])[:10]}{' (dirty)' if e['git_dirty'] else ''}",
         f"- model: {c['model']}, {c['n_params']:,} parameters ({c['n_trainable']:,} trainable); "
         f"LoRA r={c['lora_r']} alpha={c['lora_alpha']} dropout={c['lora_dropout']} on {','.join(c['lora_targets'])}",
-        f"- data: {c['data']} -> {c['train_chunks']} chunks of {c['seq_len']} tokens; LBS {c['batch_size']}, "
+        f"- data: {c['data']} -> {c['train_chunks']} chunks of {c['seq_len']} tokens, "
+        f"{'shuffled each epoch' if c.get('shuffle', True) else 'in file order'}; LBS {c['batch_size']}, "
         f"GAS {c['grad_accum']}, {m['steps']} steps",
-        f"- tokens/s per chip: mean {_fmt(m['tokens_per_s_per_chip'], '.1f')}, median "
+        f"- TF32 {'on' if c['tf32']['on'] else 'off'}: {c['tf32']['why']}",
+        f"- FlagPerf's figures: token/p/s {_fmt(m.get('tokens_per_s_flagperf'), '.1f')} (every step, warm-up "
+        f"included: avg_iter_time {_fmt(m.get('avg_iter_time_s'), '.4f')} s), avg_train_loss "
+        f"{_fmt(m.get('loss_flagperf'), '.4f')}, avg_train_prep {_fmt(m.get('avg_train_prep'), '.3f')}, "
+        f"avg_epoch_time {_fmt(m.get('avg_epoch_time_s'), '.2f')} s, MFU with its constants (tok/s x 2 x 7e9 / "
+        f"1.56e14) " + ("/ (its 7e9 is Llama-2-7B's size; not this model's)" if m.get("mfu_flagperf") is None
+                        else f"{100 * m['mfu_flagperf']:.1f}%"),
+        f"- lorabench's tokens/s per chip: mean {_fmt(m['tokens_per_s_per_chip'], '.1f')}, median "
         f"{_fmt(m['tokens_per_s_per_chip_median'], '.1f')} ({m['timed_steps']} timed steps after "
         f"{c['warmup_steps']} warm-up; mean step time ±{_fmt(_pct(m.get('step_time_ci95_rel')), '.1f', 'n/a')}% "
-        f"at 95%)",
-        f"- FLOPs/token {m['flops_per_token'] / 1e9:.3f} G; MFU "
-        f"{'n/a (unknown peak; give --peak-tflops)' if m['mfu'] is None else format(m['mfu'], '.1%')}; "
-        f"FlagPerf-formula MFU {m['mfu_flagperf']:.1%}",
+        f"at 95%); FLOPs/token {m['flops_per_token'] / 1e9:.3f} G; MFU "
+        f"{'n/a (unknown peak; give --peak-tflops)' if m['mfu'] is None else format(m['mfu'], '.1%')}",
         f"- peak memory: allocated {_fmt(m['peak_mem_allocated_gib'], '.2f', 'n/a')} GiB, reserved "
-        f"{_fmt(m['peak_mem_reserved_gib'], '.2f', 'n/a')} GiB",
+        f"{_fmt(m['peak_mem_reserved_gib'], '.2f', 'n/a')} GiB (the seed's mem column shows reserved / total)",
         f"- train loss: first step {_fmt(m['train_loss_first'], '.4f')}, last step "
-        f"{_fmt(m['train_loss_final'], '.4f')}, last-epoch average {_fmt(m['train_loss_avg'], '.4f')}; "
+        f"{_fmt(m['train_loss_final'], '.4f')}, last-epoch average {_fmt(m['train_loss_last_epoch_avg'], '.4f')}; "
         f"eval loss {_fmt(m['eval_loss'], '.4f', 'n/a')}",
     ]
     if m.get("skipped_steps"):
         extra.append(f"- fp16 GradScaler skipped {m['skipped_steps']} steps")
     if m.get("mmlu_acc") is not None:
-        extra.append(f"- MMLU {m.get('mmlu_shots', 5)}-shot: {m['mmlu_acc']:.4f} micro over "
-                     f"{m['mmlu_questions']} questions (see mmlu.md)")
+        extra.append(f"- MMLU {m.get('mmlu_shots', 5)}-shot (lm-evaluation-harness's protocol): {m['mmlu_acc']:.4f} "
+                     f"micro over {m['mmlu_questions']} questions (see mmlu.md)")
     if result.get("adapter_dir"):
         extra.append(f"- adapter: {result['adapter_dir']}")
-    return "# lorabench run\n\n" + markdown_table([seed_row(result)]) + "\n\n" + "\n".join(extra) + "\n"
+    return ("# lorabench run\n\nThe seed's table, by FlagPerf's rules:\n\n" + markdown_table([seed_row(result)])
+            + "\n\nlorabench's own measurements of the same run:\n\n" + markdown_table([own_row(result)])
+            + "\n\n" + "\n".join(extra) + "\n")

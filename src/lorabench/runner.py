@@ -7,8 +7,9 @@ what differs between engines lives in the engines (``Engine.describe``, ``Engine
 """
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from .assets import TINY_DATA, TINY_MODEL
 from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainConfig
 from .engines import Engine, NativeOptions, build_engine
 from .mmlu.evaluate import MmluOptions
-from .precision import Precision, get_precision
+from .precision import PRECISIONS, Precision, get_precision
 from .report import GIB, environment, render_report, write_json_atomic, write_text_atomic
 from .shapes import count_params, flops_per_token
 from .train import barrier, dist_info, train_loop
@@ -54,21 +55,31 @@ class Job:
     progress: bool = True
     mmlu: MmluOptions | None = None
     """MMLU after training, or None to skip."""
+    precision_off_cuda: str | None = None
+    """The precision to run instead where there is no CUDA device (Preset.precision_off_cuda)."""
+    precision_from_flag: bool = False
+    """Whether --precision chose train.precision (else the preset did), for result.json's word on TF32."""
 
 
 @dataclass
 class Plan:
-    """A job resolved: the device, the precision, the model shape, the native options with every default filled
-    in, and the MMLU questions already read (so a bad flag fails before any training)."""
+    """A job resolved: the device, the precision the matmuls really run in (and why TF32 is on or off), the
+    training config with that precision, the model shape, the native options with every default filled in, and the
+    MMLU questions already read (so a bad flag fails before any training)."""
 
     job: Job
     device: torch.device
     precision: Precision
+    train: TrainConfig
+    tf32: dict
+    """{"on": bool, "why": str}, for result.json."""
     model_cfg: ModelConfig
     native: NativeOptions
     mmlu_subjects: list | None
     rank: int
     world: int
+    nnodes: int
+    """Nodes of a torchrun job (WORLD_SIZE / LOCAL_WORLD_SIZE), 1 otherwise."""
 
 
 @dataclass
@@ -108,18 +119,42 @@ def resolve(job: Job) -> Plan:
     device = resolve_device(job.device)
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    precision = get_precision(job.train.precision)
-    precision.check_device(device)
+    precision, tf32 = resolve_precision(job, device)
+    train = replace(job.train, precision=precision.name)
     cfg = model_config(job)
-    if job.train.seq_len > cfg.max_position_embeddings:
-        raise ConfigError(f"--seq-len {job.train.seq_len} exceeds the model's max_position_embeddings "
+    if train.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {train.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
     subjects = None
     if job.mmlu is not None:
         from .mmlu.evaluate import check_mmlu_options
 
         subjects = check_mmlu_options(job.mmlu, job.model_dir)
-    return Plan(job, device, precision, cfg, job.native.resolve(precision, device), subjects, rank, world)
+    nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return Plan(job, device, precision, train, tf32, cfg, job.native.resolve(precision, device), subjects, rank,
+                world, nnodes)
+
+
+TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
+"""Set to 1 (as NVIDIA's NGC PyTorch images do), cuBLAS runs fp32 matmuls in TF32 whatever torch's switches say."""
+
+
+def resolve_precision(job: Job, device: torch.device) -> tuple[Precision, dict]:
+    """The precision the matmuls will really run in, and why TF32 is on or off: the preset's or flag's choice; a
+    preset's TF32 on a device without CUDA becomes its precision_off_cuda; fp32 under TF32_OVERRIDE is TF32."""
+    precision = get_precision(job.train.precision)
+    source = f"--precision {precision.name}" if job.precision_from_flag else f"preset {job.preset}"
+    if precision.needs_cuda and device.type != "cuda" and job.precision_off_cuda:
+        fallback = get_precision(job.precision_off_cuda)
+        return fallback, {"on": False, "why": f"preset {job.preset} runs TF32 matmuls on CUDA; TF32 does not apply "
+                                              f"on {device.type}, so {fallback.name}"}
+    precision.check_device(device)
+    if precision.tf32:
+        return precision, {"on": True, "why": source}
+    if device.type == "cuda" and precision.name == "fp32" and os.environ.get(TF32_OVERRIDE, "0") not in ("", "0"):
+        return PRECISIONS["tf32"], {"on": True, "why": f"{TF32_OVERRIDE}={os.environ[TF32_OVERRIDE]} found set: "
+                                                       "cuBLAS runs the fp32 matmuls in TF32"}
+    return precision, {"on": False, "why": source}
 
 
 def load_data(plan: Plan) -> Data:
@@ -135,7 +170,7 @@ def load_data(plan: Plan) -> Data:
 
 
 def _load_data(plan: Plan) -> Data:
-    job, t, cfg = plan.job, plan.job.train, plan.model_cfg
+    job, t, cfg = plan.job, plan.train, plan.model_cfg
     if job.data == "synthetic":
         from .data.synthetic import synthetic_chunks
 
@@ -165,7 +200,7 @@ def build(plan: Plan) -> tuple[Engine, float]:
     job = plan.job
     t0 = time.perf_counter()
     engine = build_engine(job.engine, plan.model_cfg, job.lora, model_dir=job.model_dir if job.init == "pretrained"
-                          else None, device=plan.device, precision=plan.precision, seed=job.train.seed,
+                          else None, device=plan.device, precision=plan.precision, seed=plan.train.seed,
                           native=plan.native, attn=job.attn)
     build_s = time.perf_counter() - t0
     if plan.device.type == "cuda":
@@ -176,7 +211,7 @@ def build(plan: Plan) -> tuple[Engine, float]:
 
 def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float) -> dict:
     """The result dict (config, env, metrics, per-step series) of a finished training loop ``out``."""
-    job, t, lo, cfg, device = plan.job, plan.job.train, plan.job.lora, plan.model_cfg, plan.device
+    job, t, lo, cfg, device = plan.job, plan.train, plan.job.lora, plan.model_cfg, plan.device
     stats = M.step_stats(out["series"]["step_time_s"], out["tokens_per_step"], t.warmup_steps)
     env = environment(device)
     peak = M.peak_flops(env["device_name"] if device.type == "cuda" else None, plan.precision, job.peak_tflops)
@@ -187,11 +222,13 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float) -
     metrics = {
         **stats,
         "mfu": None if tps is None else M.mfu(tps, fpt, peak),
-        "mfu_flagperf": None if tps is None else M.mfu_flagperf(tps, n_params),
+        **M.flagperf_figures(out["series"]["step_time_s"], out["epoch_loss_avg"], out["epoch_time_s"],
+                             out["tokens_per_step"], plan.world, plan.nnodes,
+                             llama2_7b=n_params == count_params(MODEL_PRESETS["llama2-7b"])["total"]),
         "flops_per_token": float(fpt),
         "peak_flops": peak,
         **memory_stats(device),
-        "train_loss_avg": out["epoch_loss_avg"][-1] if out["epoch_loss_avg"] else None,
+        "train_loss_last_epoch_avg": out["epoch_loss_avg"][-1] if out["epoch_loss_avg"] else None,
         "train_loss_epoch_avgs": out["epoch_loss_avg"],
         "train_loss_first": losses[0] if losses else None,
         "train_loss_final": losses[-1] if losses else None,
@@ -205,11 +242,11 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float) -
     config = {
         **asdict(t), "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
         "lora_targets": list(lo.targets), "preset": job.preset, "fix_hp": job.fix_hp, "engine": job.engine,
-        "engine_options": engine.describe(), "tf32": plan.precision.tf32, "init": job.init,
+        "engine_options": engine.describe(), "tf32": plan.tf32, "init": job.init,
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
         "data": data.description, "train_chunks": len(data.train), "device": str(device), "world_size": plan.world,
-        "nnodes": 1,
+        "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
     }
     return {"config": config, "env": env, "metrics": metrics,
             "series": {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr")}}
@@ -236,7 +273,7 @@ def run_job(job: Job) -> dict:
     plan = resolve(job)
     data = load_data(plan)
     engine, build_s = build(plan)
-    out = train_loop(engine, data.train, job.train, plan.device, val_data=data.val, progress=job.progress)
+    out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress)
     result = measure(plan, engine, data, out, build_s)
     lead = plan.rank == 0
     run_dir = Path(job.run_dir) if job.run_dir else None

@@ -90,7 +90,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}
-    epoch_losses, skipped = [], 0
+    epoch_losses, epoch_times, skipped = [], [], 0
     bar = _progress(total, progress and rank == 0)
     step = 0
     engine.train()
@@ -98,8 +98,10 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
         for epoch in range(cfg.epochs):
             if step >= total:
                 break
-            order = np.random.default_rng(cfg.seed + epoch).permutation(len(data))
+            order = (np.random.default_rng(cfg.seed + epoch).permutation(len(data)) if cfg.shuffle
+                     else np.arange(len(data)))
             losses = []
+            epoch_t0 = time.perf_counter()
             for epoch_step in range(steps_per_epoch):
                 if step >= total:
                     break
@@ -134,10 +136,13 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     series[k].append(v)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
+            synchronize(device)
+            epoch_times.append(time.perf_counter() - epoch_t0)
             epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
             sched.step()
     bar.close()
-    out = {"series": series, "epoch_loss_avg": epoch_losses, "skipped_steps": skipped, "steps": step,
+    out = {"series": series, "epoch_loss_avg": epoch_losses, "epoch_time_s": epoch_times, "skipped_steps": skipped,
+           "steps": step,
            "tokens_per_step": per_step * cfg.seq_len}
     if val_data is not None and len(val_data) and cfg.eval_batches != 0:
         out["eval_loss"] = evaluate_loss(engine, val_data, cfg, device)

@@ -1,0 +1,98 @@
+"""FlagPerf's rules where the seed's rows need them: TF32 in the fp32 row (and why, in result.json), file order
+without shuffling, nodes from torchrun's environment."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorabench.config import TRAIN_PRESETS, LoRAConfig, TrainConfig, resolve_preset
+from lorabench.runner import TF32_OVERRIDE, Job, resolve, resolve_precision
+from lorabench.train import train_loop
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def preset_job(name: str, precision: str | None = None) -> Job:
+    p = resolve_preset(name, {"precision": precision}, {})
+    return Job(train=p.train, lora=p.lora, preset=name, precision_off_cuda=p.precision_off_cuda,
+               precision_from_flag=precision is not None)
+
+
+def test_flagperf_fp32_is_tf32_on_cuda_and_true_fp32_elsewhere(monkeypatch):
+    monkeypatch.delenv(TF32_OVERRIDE, raising=False)
+    on_gpu, why = resolve_precision(preset_job("flagperf-fp32"), CUDA)
+    assert on_gpu.name == "tf32" and why == {"on": True, "why": "preset flagperf-fp32"}
+    on_cpu, why = resolve_precision(preset_job("flagperf-fp32"), CPU)
+    assert on_cpu.name == "fp32" and not why["on"] and "TF32 does not apply on cpu" in why["why"]
+    assert resolve_precision(preset_job("fp32"), CUDA)[0].name == "fp32"  # true fp32 under its own name
+    flagged, why = resolve_precision(preset_job("flagperf-fp32", "tf32"), CUDA)
+    assert flagged.name == "tf32" and why["why"] == "--precision tf32"
+    with pytest.raises(Exception, match="--precision tf32 needs a CUDA device"):  # asked for: no silent fallback
+        resolve_precision(preset_job("flagperf-fp32", "tf32"), CPU)
+
+
+def test_cublas_tf32_override_in_the_environment_is_reported_as_tf32(monkeypatch):
+    monkeypatch.setenv(TF32_OVERRIDE, "1")
+    p, why = resolve_precision(preset_job("fp32"), CUDA)
+    assert p.name == "tf32" and why["on"] and f"{TF32_OVERRIDE}=1 found set" in why["why"]
+    assert resolve_precision(preset_job("fp32"), CPU)[0].name == "fp32"  # cuBLAS only
+    monkeypatch.setenv(TF32_OVERRIDE, "0")
+    assert resolve_precision(preset_job("fp32"), CUDA)[0].name == "fp32"
+
+
+def test_flagperf_presets_keep_file_order_and_the_others_shuffle():
+    assert not TRAIN_PRESETS["flagperf-fp32"].train.shuffle and not TRAIN_PRESETS["flagperf-fp16"].train.shuffle
+    assert TRAIN_PRESETS["bf16"].train.shuffle and TRAIN_PRESETS["tiny"].train.shuffle
+
+    class Recorder:
+        """Records the first token of every chunk the loop feeds it."""
+
+        def __init__(self):
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def trainable_params(self):
+            return [self.w]
+
+        def train(self):
+            pass
+
+        def loss(self, ids, labels):
+            self.seen += ids[:, 0].tolist()
+            return self.w * 0 + 1.0
+
+    data = np.arange(10)[:, None].repeat(4, 1).astype(np.int32)  # chunk i is all i
+    orders = {}
+    for shuffle in (False, True):
+        eng = Recorder()
+        cfg = TrainConfig(batch_size=3, seq_len=4, epochs=2, shuffle=shuffle, eval_batches=0)
+        train_loop(eng, data, cfg, CPU, progress=False)
+        orders[shuffle] = eng.seen
+    assert orders[False] == [0, 1, 2, 3, 4, 5, 6, 7, 8] * 2  # file order; the incomplete last step dropped
+    assert orders[True][:9] != orders[False][:9] and len(orders[True]) == 18
+
+
+def test_nodes_come_from_torchruns_environment(monkeypatch):
+    import lorabench.runner as runner
+
+    monkeypatch.setattr(runner, "dist_info", lambda: (0, 8))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    job = Job(train=TrainConfig(seq_len=64), lora=LoRAConfig(), device="cpu")
+    assert resolve(job).nnodes == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert resolve(job).nnodes == 1
+
+
+def test_seed_row_prints_the_seeds_mfu_for_its_speed():
+    """The seed's fp16 row: 4,017 tok/s on Llama-2-7B is 36.1% by FlagPerf's constants, as its table prints."""
+    from lorabench.metrics import mfu_flagperf
+    from lorabench.report import seed_row
+
+    result = {"metrics": {"tokens_per_s_flagperf": 4017.0, "loss_flagperf": 1.7712, "mfu_flagperf": mfu_flagperf(4017),
+                          "peak_mem_reserved_gib": 32.04, "device_mem_total_gib": 40.0, "mmlu_acc": 0.4321},
+              "config": {"nnodes": 1, "gpus_per_node": 1, "engine": "reference", "precision": "fp16",
+                         "fix_hp": "precision=fp16, local_batchsize=4"}}
+    assert seed_row(result) == {"config": "1x1 reference fp16", "fix_hp": "precision=fp16, local_batchsize=4",
+                                "token/p/s": "4017", "loss": "1.77", "mem": "32.0/40", "acc(MMLU)": "0.432",
+                                "MFU": "36.1%"}

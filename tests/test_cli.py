@@ -150,11 +150,14 @@ def test_each_mmlu_flag_reaches_its_option():
     a = build_parser().parse_args(["eval", "--subjects", "anatomy, virology", "--shots", "3", "--limit", "7",
                                    "--batch-size", "5", "--mmlu-batch-tokens", "0", "--no-prefix-cache",
                                    "--prefix-attention", "copy", "--mmlu-kv-tokens", "99", "--tokenize-workers",
-                                   "2", "--no-mmlu-compiled-graph"])
+                                   "2", "--no-mmlu-compiled-graph", "--mmlu-protocol", "both", "--seq-len", "300"])
     assert mmlu_options(a, "d") == MmluOptions("d", subjects=("anatomy", "virology"), shots=3, limit=7,
                                               batch_size=5, batch_tokens=0, kv_tokens=99, prefix_cache=False,
-                                              prefix_attention="copy", tokenize_workers=2, compiled_graph=False)
-    assert mmlu_options(build_parser().parse_args(["eval"]), "d") == MmluOptions("d")
+                                              prefix_attention="copy", tokenize_workers=2, compiled_graph=False,
+                                              protocol="both", seq_len=300)
+    assert mmlu_options(build_parser().parse_args(["eval"]), "d") == MmluOptions("d", seq_len=512)
+    run = build_parser().parse_args(["run", "--seq-len", "64"])  # run's --seq-len is training's: MMLU takes it
+    assert mmlu_options(run, "d", "both") == MmluOptions("d", protocol="both")  # from the run, not as an option
 
 
 def test_bench_passes_its_overrides_to_every_row():
@@ -190,3 +193,27 @@ def test_no_product_code_reads_lorabench_environment_variables():
     for f in Path(lorabench.__file__).parent.rglob("*.py"):
         found |= set(re.findall(r"LORABENCH_[A-Z_]+", f.read_text()))
     assert found == {"LORABENCH_CACHE"}, found
+
+
+def test_flagperf_preset_run_reports_both_mmlu_protocols(tmp_path):
+    """A flagperf-* preset with MMLU: lm-evaluation-harness's accuracy and FlagPerf's (3 decimals), each with
+    its own files; the seed's table shows FlagPerf's."""
+    assert main(["run", "--no-progress", "--device", "cpu", "--preset", "flagperf-fp32", "--seq-len", "128",
+                 "--max-steps", "2", "--no-save-adapter", "--run-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    m, c = r["metrics"], r["config"]
+    assert c["precision"] == "fp32" and not c["tf32"]["on"] and "does not apply on cpu" in c["tf32"]["why"]
+    assert c["shuffle"] is False
+    assert isinstance(m["mmlu_acc"], float) and m["mmlu_acc_flagperf"] == round(m["mmlu_acc_flagperf_exact"], 3)
+    assert m["mmlu_flagperf_seq_len"] == 128 and m["mmlu_flagperf_questions"] == m["mmlu_questions"] == 40
+    for f in ("mmlu_predictions.jsonl", "mmlu_flagperf_predictions.jsonl", "mmlu_flagperf.json"):
+        assert (tmp_path / f).is_file(), f
+    assert f"| {m['mmlu_acc_flagperf']:.3f} |" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_by_flagperfs_rules(tmp_path, capsys):
+    assert main(["eval", "--device", "cpu", "--no-progress", "--run-dir", str(tmp_path), "--limit", "3",
+                 "--mmlu-protocol", "flagperf", "--seq-len", "256"]) == 0
+    e = json.loads((tmp_path / "eval.json").read_text())
+    assert e["mmlu"] is None and e["mmlu_flagperf"]["questions"] == 6 and e["mmlu_flagperf"]["seq_len"] == 256
+    assert "MMLU by FlagPerf's rules" in capsys.readouterr().out

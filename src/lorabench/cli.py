@@ -109,19 +109,29 @@ def _add_mmlu_flags(p: argparse.ArgumentParser, in_run: bool):
                    "a batch's prefix copies (default: 2 GiB worth on GPU, no cap on CPU; 0: no cap)")
     g.add_argument("--tokenize-workers", type=int, help="processes that tokenise while the device scores "
                    "(default: up to 4 from 2,000 questions, else 0 = inline)")
+    g.add_argument("--mmlu-protocol", choices=("lm-eval", "flagperf", "both"), default=None,
+                   help="lm-eval (lm-evaluation-harness: the four letters' log-likelihoods), flagperf (FlagPerf's "
+                   "prompt, length rule and whole-vocabulary argmax) or both (default: both with the flagperf-* "
+                   "presets, else lm-eval)" if in_run else "lm-eval (default; lm-evaluation-harness), flagperf "
+                   "(FlagPerf's prompt, length rule and whole-vocabulary argmax) or both")
+    if not in_run:
+        g.add_argument("--seq-len", type=int, default=512, help="FlagPerf's length rule: the prompt and BOS within "
+                       "this many tokens (default 512, the case's)")
     g.add_argument("--mmlu-compiled-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="score with the compiled evaluation graph when the blocks are compiled (default: from "
                    "6,000 questions, where compiling pays)")
 
 
-def mmlu_options(a, mmlu_dir: str):
+def mmlu_options(a, mmlu_dir: str, default_protocol: str = "lm-eval"):
     from .mmlu.evaluate import MmluOptions
 
     subjects = tuple(s.strip() for s in a.subjects.split(",") if s.strip()) if a.subjects else None
     return MmluOptions(dir=str(mmlu_dir), subjects=subjects, shots=a.shots, limit=a.limit,
                        batch_size=a.mmlu_batch_size, batch_tokens=a.mmlu_batch_tokens, kv_tokens=a.mmlu_kv_tokens,
                        prefix_cache=not a.no_prefix_cache, prefix_attention=a.prefix_attention,
-                       tokenize_workers=a.tokenize_workers, compiled_graph=a.mmlu_compiled_graph)
+                       tokenize_workers=a.tokenize_workers, compiled_graph=a.mmlu_compiled_graph,
+                       protocol=a.mmlu_protocol or default_protocol,
+                       seq_len=getattr(a, "seq_len", None) if a.cmd == "eval" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +223,7 @@ def cmd_run(a) -> int:
         raise ConfigError("--data is required with your own model (samsum folder/file, or 'synthetic')")
     mmlu = None
     if not a.no_mmlu and (a.mmlu or bundled):
-        mmlu = mmlu_options(a, a.mmlu or str(TINY_MMLU))
+        mmlu = mmlu_options(a, a.mmlu or str(TINY_MMLU), "both" if preset.startswith("flagperf-") else "lm-eval")
     run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
     job = Job(train=p.train, lora=p.lora, preset=preset, fix_hp=p.fix_hp, engine=a.engine,
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
@@ -249,7 +259,7 @@ def cmd_eval(a) -> int:
     from .config import LoRAConfig, ModelConfig
     from .engines import build_engine
     from .lora import read_adapter
-    from .mmlu.evaluate import check_mmlu_options, evaluate_mmlu, render_mmlu
+    from .mmlu.evaluate import check_mmlu_options, evaluate_protocols, render_mmlu
     from .precision import default_eval_precision, get_precision
     from .report import write_json_atomic
     from .runner import resolve_device
@@ -277,18 +287,25 @@ def cmd_eval(a) -> int:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     with precision.matmul_mode():
-        summary = evaluate_mmlu(engine, model_dir, opts, device, run_dir, progress=not a.no_progress,
-                                subjects=subjects)
+        done = evaluate_protocols(engine, model_dir, opts, device, run_dir, progress=not a.no_progress,
+                                  subjects=subjects, seq_len=opts.seq_len)
     if device.type == "cuda":
         torch.cuda.synchronize()
     eval_s = time.perf_counter() - t1
-    print(render_mmlu(summary))
+    if "lm-eval" in done:
+        print(render_mmlu(done["lm-eval"]))
+    if "flagperf" in done:
+        fp = done["flagperf"]
+        print(f"MMLU by FlagPerf's rules: acc {fp['acc']:.3f} ({fp['acc_exact']:.4f}) over {fp['questions']} "
+              f"questions, prompts within {fp['seq_len']} tokens; shots dropped for {fp['shots_dropped']}, the "
+              f"question itself cut for {fp['question_cut']}")
     info = {"load_s": load_s, "eval_s": eval_s, "precision": precision.name, "engine": a.engine,
             "engine_options": engine.describe(), "adapter": str(a.adapter) if a.adapter else None,
             "model_dir": str(model_dir), "init": a.init}
-    write_json_atomic(run_dir / "eval.json", {**info, "mmlu": summary})
-    print(json.dumps({"acc": summary["acc"], "questions": summary["questions"], "load_s": load_s,
-                      "eval_s": eval_s, "precision": precision.name, "engine": a.engine}))
+    write_json_atomic(run_dir / "eval.json", {**info, "mmlu": done.get("lm-eval"),
+                                              "mmlu_flagperf": done.get("flagperf")})
+    print(json.dumps({**{f"acc_{k}": v["acc"] for k, v in done.items()}, "load_s": load_s, "eval_s": eval_s,
+                      "precision": precision.name, "engine": a.engine}))
     return 0
 
 

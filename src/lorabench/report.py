@@ -87,7 +87,8 @@ def seed_row(result: dict) -> dict[str, str]:
         "token/p/s": _fmt(m.get("tokens_per_s_flagperf"), ".0f"),
         "loss": _fmt(m.get("loss_flagperf"), ".2f"),
         "mem": mem,
-        "acc(MMLU)": _fmt(m.get("mmlu_acc"), ".3f"),
+        "acc(MMLU)": _fmt(m["mmlu_acc_flagperf"], ".3f") if m.get("mmlu_acc_flagperf") is not None
+        else _fmt(m.get("mmlu_acc"), ".3f") + (" (lm-eval)" if m.get("mmlu_acc") is not None else ""),
         "MFU": "/" if m.get("mfu_flagperf") is None else f"{_half_up(100 * m['mfu_flagperf'], 1)}%",
     }
 
@@ -163,6 +164,11 @@ def render_report(result: dict) -> str:
     if m.get("mmlu_acc") is not None:
         extra.append(f"- MMLU {m.get('mmlu_shots', 5)}-shot (lm-evaluation-harness's protocol): {m['mmlu_acc']:.4f} "
                      f"micro over {m['mmlu_questions']} questions (see mmlu.md)")
+    if m.get("mmlu_acc_flagperf") is not None:
+        extra.append(f"- MMLU {m.get('mmlu_shots', 5)}-shot by FlagPerf's rules (its prompt, prompts within "
+                     f"{m['mmlu_flagperf_seq_len']} tokens, whole-vocabulary argmax; eval mode, where FlagPerf leaves "
+                     f"LoRA dropout on): {m['mmlu_acc_flagperf']:.3f} over {m['mmlu_flagperf_questions']} questions "
+                     f"(mmlu_flagperf.json)")
     if result.get("adapter_dir"):
         extra.append(f"- adapter: {result['adapter_dir']}")
     return ("# lorabench run\n\nThe seed's table, by FlagPerf's rules:\n\n" + markdown_table([seed_row(result)])

@@ -253,14 +253,23 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float) -
 
 
 def evaluate(plan: Plan, engine: Engine, result: dict):
-    """MMLU on rank 0 (the adapters are identical on every rank), its figures into ``result``'s metrics."""
-    from .mmlu.evaluate import evaluate_mmlu
+    """MMLU on rank 0 (the adapters are identical on every rank) by the protocols the job asks for, their figures
+    into ``result``'s metrics: mmlu_acc (lm-evaluation-harness's), mmlu_acc_flagperf (FlagPerf's, 3 decimals)."""
+    from .mmlu.evaluate import evaluate_protocols
 
     job = plan.job
-    mm = evaluate_mmlu(engine, job.model_dir, job.mmlu, plan.device, job.run_dir, progress=job.progress,
-                       subjects=plan.mmlu_subjects)
-    result["metrics"].update(mmlu_acc=mm["acc"], mmlu_acc_macro=mm["acc_macro"], mmlu_questions=mm["questions"],
-                             mmlu_shots=mm["shots"], mmlu_categories=mm["categories"])
+    done = evaluate_protocols(engine, job.model_dir, job.mmlu, plan.device, job.run_dir, progress=job.progress,
+                              subjects=plan.mmlu_subjects, seq_len=plan.train.seq_len)
+    m = result["metrics"]
+    if "lm-eval" in done:
+        mm = done["lm-eval"]
+        m.update(mmlu_acc=mm["acc"], mmlu_acc_macro=mm["acc_macro"], mmlu_questions=mm["questions"],
+                 mmlu_shots=mm["shots"], mmlu_categories=mm["categories"])
+    if "flagperf" in done:
+        fp = done["flagperf"]
+        m.update(mmlu_acc_flagperf=fp["acc"], mmlu_acc_flagperf_exact=fp["acc_exact"],
+                 mmlu_flagperf_questions=fp["questions"], mmlu_flagperf_seq_len=fp["seq_len"],
+                 mmlu_flagperf_shots_dropped=fp["shots_dropped"])
 
 
 def write(run_dir: Path, result: dict):

@@ -44,6 +44,9 @@ TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 alone 59.6 s; 1 worker: 76.7 s (benchmarks/NOTES.md)."""
 
 
+PROTOCOLS = ("lm-eval", "flagperf", "both")
+
+
 @dataclass(frozen=True)
 class MmluOptions:
     """One MMLU evaluation. None: the default for the device and the amount of work (``evaluate_mmlu``)."""
@@ -74,6 +77,11 @@ class MmluOptions:
     compiled_graph: bool | None = None
     """Score with the compiled blocks' evaluation graph where the engine has one (None: from COMPILED_EVAL_MIN
     questions)."""
+    protocol: str = "lm-eval"
+    """How questions are asked and scored: lm-eval (lm-evaluation-harness: the four letters' log-likelihoods),
+    flagperf (FlagPerf's prompt, length rule and whole-vocabulary argmax: flagperf.py) or both."""
+    seq_len: int | None = None
+    """FlagPerf's length rule cap (None: the run's --seq-len; for eval, 512 as in the case)."""
 
     def __post_init__(self):
         if self.shots < 0:
@@ -85,6 +93,10 @@ class MmluOptions:
                         ("--tokenize-workers", self.tokenize_workers)):
             if v is not None and v < 0:
                 raise ConfigError(f"{flag} must be >= 0, got {v}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"--mmlu-protocol {self.protocol!r}: choose from {', '.join(PROTOCOLS)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"--seq-len must be at least 2 for MMLU, got {self.seq_len}")
         if self.prefix_attention not in PREFIX_ATTENTION:
             raise ConfigError(f"--prefix-attention {self.prefix_attention!r}: choose from "
                               f"{', '.join(PREFIX_ATTENTION)}")
@@ -148,6 +160,26 @@ def evaluate_mmlu(engine, model_dir, opts: MmluOptions, device, out_dir: Path | 
     if out_dir is not None:
         write_outputs(Path(out_dir), reqs, scores, summary)
     return summary
+
+
+def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Path | None, progress: bool = True,
+                       subjects: list[Subject] | None = None, seq_len: int = 512) -> dict:
+    """Every protocol ``opts`` asks for: {"lm-eval": summary, "flagperf": summary} (those that ran).
+    ``seq_len``: FlagPerf's cap where opts.seq_len is unset (the run's sequence length)."""
+    from .flagperf import evaluate_flagperf
+
+    if subjects is None:
+        subjects = check_mmlu_options(opts, model_dir)
+    out = {}
+    if opts.protocol in ("lm-eval", "both"):
+        out["lm-eval"] = evaluate_mmlu(engine, model_dir, opts, device, out_dir, progress, subjects)
+    if opts.protocol in ("flagperf", "both"):
+        gpu = device.type == "cuda"
+        out["flagperf"] = evaluate_flagperf(
+            engine, model_dir, subjects, opts.shots, opts.seq_len or seq_len, device, out_dir,
+            batch_size=opts.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU),
+            batch_tokens=_cap(opts.batch_tokens, DEFAULT_BATCH_TOKENS if gpu else None))
+    return out
 
 
 def _cap(value: int | None, default: int | None) -> int | None:

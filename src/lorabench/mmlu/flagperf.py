@@ -1,0 +1,155 @@
+"""MMLU by FlagPerf's rules (its dataset/dataloader_mmlu.py and evaluate/evaluator.py; REFERENCE section 1), so a
+lab running lorabench beside FlagPerf gets the seed's accuracy figure the way the seed got it.
+
+- Prompt: "The following are multiple choice questions (with answers) about" + " " + each word of the subject
+  preceded by a space (two spaces after "about") + ".\\n\\n", then each of the first k dev rows as read (not
+  stripped) + "\\nA. ..\\nD. .." + "\\nAnswer:" + " X\\n\\n", then the test question ending "\\nAnswer:".
+- Length rule: while len(tokenize(prompt)) + 1 > seq_length: split on "\\n\\n", drop element 1, rejoin (the first
+  remaining shot goes; with no shot left the question's own paragraphs go). Where one element is left and it is
+  still too long, FlagPerf's loop would fail; here the prompt's tokens are cut from the left to fit (counted as
+  ``cut``).
+- Score: argmax over the whole vocabulary at the last position; correct iff it equals the second id of the letter
+  tokenised alone with BOS (``tokenizer([letter]).input_ids[0][1]``, "▁A" = 319 for Llama); accuracy rounded to 3
+  decimals as FlagPerf prints it (the exact value beside it).
+- Unlike FlagPerf, the model is in eval mode (FlagPerf leaves LoRA dropout on during MMLU, which only adds noise).
+
+Questions are scored in length-sorted batches with right padding (the lm-eval path's machinery: one forward pass
+per batch, only the last real position of each row through lm_head), and give, in fp32, exactly what one prompt
+per forward pass gives (tests/test_mmlu_flagperf.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..data.tokenizer import Tokenizer
+from ..report import write_text_atomic
+from .data import CATEGORY, LETTERS, Question, Subject
+from .scoring import _pad, _to_device, length_batches
+
+
+def description(subject: str) -> str:
+    """FlagPerf's header: "about" and a space, then each word of the subject with a space before it."""
+    return "The following are multiple choice questions (with answers) about " + "".join(
+        " " + w for w in subject.split("_")) + ".\n\n"
+
+
+def format_example(q: Question, with_answer: bool) -> str:
+    text = q.question + "".join(f"\n{L}. {c}" for L, c in zip(LETTERS, q.choices)) + "\nAnswer:"
+    return text + (f" {LETTERS[q.gold]}\n\n" if with_answer else "")
+
+
+def build_prompt(subject: Subject, q: Question, shots: int) -> str:
+    return description(subject.name) + "".join(format_example(s, True) for s in subject.dev[:shots]) + \
+        format_example(q, False)
+
+
+@dataclass
+class FlagperfRequest:
+    q: Question
+    ids: list[int]
+    """The prompt's tokens as FlagPerf feeds them (BOS first where the tokenizer adds one)."""
+    shots: int
+    """Shots left after the length rule."""
+    dropped: int
+    """Paragraphs the length rule dropped (shots first, then the question's own)."""
+    question_cut: bool = False
+    """The length rule went past the shots into the question's own paragraphs, or, still too long with one
+    paragraph left, the prompt was cut from the left to fit."""
+
+
+def fit_prompt(tok: Tokenizer, prompt: str, seq_len: int) -> tuple[str, int]:
+    """FlagPerf's length rule: drop paragraph 1 while the prompt and BOS exceed seq_len. Returns the prompt and
+    how many paragraphs went."""
+    dropped = 0
+    while len(tok.encode(prompt)) + 1 > seq_len:
+        parts = prompt.split("\n\n")
+        if len(parts) < 2:
+            break
+        parts.pop(1)
+        prompt = "\n\n".join(parts)
+        dropped += 1
+    return prompt, dropped
+
+
+def make_request(tok: Tokenizer, subject: Subject, q: Question, shots: int, seq_len: int) -> FlagperfRequest:
+    shots = min(shots, len(subject.dev))
+    prompt, dropped = fit_prompt(tok, build_prompt(subject, q, shots), seq_len)
+    ids = tok.with_bos(tok.encode(prompt))
+    cut = len(ids) > seq_len
+    if cut:
+        ids = ids[len(ids) - seq_len:]
+    return FlagperfRequest(q, ids, max(0, shots - dropped), dropped, cut or dropped > shots)
+
+
+def letter_ids(tok: Tokenizer) -> list[int]:
+    """FlagPerf's gold token of each letter: ``tokenizer([letter]).input_ids[0][1]``."""
+    out = []
+    for letter in LETTERS:
+        ids = tok.with_bos(tok.encode(letter))
+        if len(ids) < 2:
+            raise ConfigError(f"the tokenizer gives {letter!r} as {ids}: FlagPerf's MMLU score takes the second id of "
+                              "the letter tokenised with BOS; use --mmlu-protocol lm-eval for this tokenizer")
+        out.append(ids[1])
+    return out
+
+
+@torch.no_grad()
+def predict(engine, reqs: list[FlagperfRequest], device, batch_size: int,
+            batch_tokens: int | None = None) -> list[int]:
+    """The argmax token at each prompt's last position, in request order (length-sorted batches, right padding:
+    under a causal model the padding after a row's last token does not reach it)."""
+    out: list[int | None] = [None] * len(reqs)
+    pending = []
+    for batch in length_batches([len(r.ids) for r in reqs], batch_size, batch_tokens):
+        seqs = [reqs[i].ids for i in batch]
+        h = engine.forward_hidden(_pad(seqs, device))
+        last = h[_to_device(list(range(len(seqs))), device), _to_device([len(s) - 1 for s in seqs], device)]
+        pending.append((batch, engine.head(last).argmax(-1)))
+    for batch, pred in pending:  # read back once the device has every batch
+        for i, p in zip(batch, pred.tolist()):
+            out[i] = p
+    return out
+
+
+def evaluate_flagperf(engine, model_dir, subjects: list[Subject], shots: int, seq_len: int, device,
+                      out_dir: Path | None, batch_size: int, batch_tokens: int | None = None) -> dict:
+    """MMLU by FlagPerf's rules over ``subjects``; writes mmlu_flagperf.json and mmlu_flagperf_predictions.jsonl
+    (subject, index, pred_token_id, gold_token_id, correct, shots per question) to ``out_dir``."""
+    tok = Tokenizer(model_dir)
+    gold_ids = letter_ids(tok)
+    reqs = [make_request(tok, s, q, shots, seq_len) for s in subjects for q in s.test]
+    with engine.evaluating(compiled=False):
+        preds = predict(engine, reqs, device, batch_size, batch_tokens)
+    correct = [int(p == gold_ids[r.q.gold]) for r, p in zip(reqs, preds)]
+    summary = summarize(reqs, correct, shots, seq_len)
+    if out_dir is not None:
+        lines = [json.dumps({"subject": r.q.subject, "index": r.q.index, "pred_token_id": p,
+                             "gold_token_id": gold_ids[r.q.gold], "correct": bool(c), "shots": r.shots})
+                 for r, p, c in zip(reqs, preds, correct)]
+        write_text_atomic(Path(out_dir) / "mmlu_flagperf_predictions.jsonl", "\n".join(lines) + "\n")
+        write_text_atomic(Path(out_dir) / "mmlu_flagperf.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarize(reqs: list[FlagperfRequest], correct: list[int], shots: int, seq_len: int) -> dict:
+    per_subject: dict[str, list[int]] = {}
+    for r, c in zip(reqs, correct):
+        per_subject.setdefault(r.q.subject, []).append(c)
+    cats: dict[str, list[int]] = {}
+    for subj, c in per_subject.items():
+        cats.setdefault(CATEGORY.get(subj, "unknown"), []).extend(c)
+    n = len(correct)
+    exact = sum(correct) / n if n else math.nan
+    return {
+        "protocol": "flagperf", "acc": round(exact, 3) if n else math.nan, "acc_exact": exact, "questions": n,
+        "shots": shots, "seq_len": seq_len, "shots_dropped": sum(r.shots < shots for r in reqs),
+        "question_cut": sum(r.question_cut for r in reqs),
+        "categories": {k: {"acc": sum(v) / len(v), "questions": len(v)} for k, v in sorted(cats.items())},
+        "subjects": {k: {"acc": sum(v) / len(v), "questions": len(v)} for k, v in sorted(per_subject.items())},
+    }

@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
     b.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-bench)")
     _add_native_flags(b)
+
+    rp = sub.add_parser("report", help="re-render a run's report and plots, or put several runs side by side",
+                        description="One RUN_DIR: report.md and the PNG plots again from its result.json. Several: "
+                        "the settings that differ, the key metrics and tok/s ratios to the first, printed (and "
+                        "written to --out).")
+    rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="folders written by lorabench run")
+    rp.add_argument("--out", type=Path, help="with several runs: also write the comparison here (Markdown)")
     return ap
 
 
@@ -367,10 +374,30 @@ def cmd_bench(a) -> int:
     return 0 if any("error" not in r for r in rows) else 1
 
 
+def cmd_report(a) -> int:
+    from .plots import plot_run
+    from .report import compare_runs, read_result, render_report, write_text_atomic
+
+    results = [(str(d), read_result(d)) for d in a.run_dirs]
+    if len(results) == 1:
+        d, result = a.run_dirs[0], results[0][1]
+        drawn = plot_run(result, d)
+        write_text_atomic(d / "report.md", render_report(result))
+        print(render_report(result))
+        print(drawn if isinstance(drawn, str) else "wrote " + ", ".join(str(p) for p in [d / "report.md", *drawn]))
+        return 0
+    text = compare_runs(results)
+    print(text)
+    if a.out:
+        write_text_atomic(a.out, text)
+        print(f"wrote {a.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "eval": cmd_eval, "bench": cmd_bench}[args.cmd](args)
+        return {"run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report}[args.cmd](args)
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         return 2

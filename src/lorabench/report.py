@@ -171,6 +171,65 @@ def render_report(result: dict) -> str:
                      f"(mmlu_flagperf.json)")
     if result.get("adapter_dir"):
         extra.append(f"- adapter: {result['adapter_dir']}")
+    if isinstance(result.get("plots"), list) and result["plots"]:
+        extra.append("- plots: " + ", ".join(result["plots"]))
+    elif isinstance(result.get("plots"), str):
+        extra.append(f"- {result['plots']}")
     return ("# lorabench run\n\nThe seed's table, by FlagPerf's rules:\n\n" + markdown_table([seed_row(result)])
             + "\n\nlorabench's own measurements of the same run:\n\n" + markdown_table([own_row(result)])
             + "\n\n" + "\n".join(extra) + "\n")
+
+
+KEY_METRICS = (("tokens_per_s_per_chip", "tok/s/chip", ".0f"), ("tokens_per_s_flagperf", "token/p/s (FlagPerf)", ".0f"),
+               ("mfu", "MFU", ".1%"), ("peak_mem_allocated_gib", "peak alloc GiB", ".1f"),
+               ("loss_flagperf", "loss (FlagPerf)", ".4f"), ("train_loss_final", "last step loss", ".4f"),
+               ("eval_loss", "eval loss", ".4f"), ("mmlu_acc", "MMLU (lm-eval)", ".4f"),
+               ("mmlu_acc_flagperf", "MMLU (FlagPerf)", ".3f"))
+
+
+def read_result(run_dir: Path) -> dict:
+    """A run folder's result.json; a ConfigError naming the folder if it has none or it is not valid JSON."""
+    from .config import ConfigError
+
+    path = Path(run_dir) / "result.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no result.json (give folders written by lorabench run)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare_runs(runs: list[tuple[str, dict]]) -> str:
+    """Several runs side by side: the settings that differ, the key metrics, and each run's tok/s as a ratio to
+    the first run's."""
+    names = [name for name, _ in runs]
+    configs = [_flat({**r["config"], "device": r["env"]["device_name"]}) for _, r in runs]
+    keys = sorted(set().union(*configs))
+    differ = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    diff_rows = [{"setting": k, **{n: str(c.get(k, "-")) for n, c in zip(names, configs)}} for k in differ]
+    metric_rows = []
+    for key, label, spec in KEY_METRICS:
+        values = [r["metrics"].get(key) for _, r in runs]
+        if all(v is None for v in values):
+            continue
+        metric_rows.append({"metric": label, **{n: _fmt(v, spec, "n/a") for n, v in zip(names, values)}})
+    base = runs[0][1]["metrics"].get("tokens_per_s_per_chip")
+    ratios = {"metric": "tok/s / first run"}
+    for n, (_, r) in zip(names, runs):
+        v = r["metrics"].get("tokens_per_s_per_chip")
+        ratios[n] = "n/a" if not (v and base) else f"{v / base:.3f}x"
+    metric_rows.append(ratios)
+    return ("# lorabench runs side by side\n\n## Settings that differ\n\n"
+            + (markdown_table(diff_rows) if diff_rows else "none") + "\n\n## Key metrics\n\n"
+            + markdown_table(metric_rows) + "\n")

@@ -273,6 +273,12 @@ def evaluate(plan: Plan, engine: Engine, result: dict):
 
 
 def write(run_dir: Path, result: dict):
+    """result.json, report.md and the plots (plots.py; without matplotlib, result["plots"] says how to get
+    them)."""
+    from .plots import plot_run
+
+    drawn = plot_run(result, run_dir)
+    result["plots"] = drawn if isinstance(drawn, str) else [p.name for p in drawn]
     write_json_atomic(run_dir / "result.json", result)
     write_text_atomic(run_dir / "report.md", render_report(result))
 

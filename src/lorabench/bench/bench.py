@@ -265,5 +265,9 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
         text += "\n" + floor_lines(floors) + "\n"
     if len(batch_sizes) > 1:
         text += "\n" + best_lines(rows) + "\n"
+    from ..plots import plot_bench
+
+    drawn = plot_bench({"model": model, "device_name": dev, "rows": rows, "floors": floors}, run_dir)
+    text += "\n" + (drawn if isinstance(drawn, str) else "plots: " + ", ".join(p.name for p in drawn)) + "\n"
     write_text_atomic(run_dir / "bench.md", text)
     return rows, floors

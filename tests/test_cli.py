@@ -177,8 +177,10 @@ def test_run_records_the_resolved_settings(tmp_path):
     assert main(["run", "--no-progress", "--device", "cpu", "--max-steps", "2", "--no-mmlu", "--no-save-adapter",
                  "--attention", "matmul", "--run-dir", str(tmp_path)]) == 0
     c = json.loads((tmp_path / "result.json").read_text())["config"]
-    assert c["engine_options"] == {"attention": "matmul", "fused_projections": False, "compile": False,
-                                   "compile_mode": "default", "dropout_mask": "philox16"}
+    options = {k: v for k, v in c["engine_options"].items() if k != "numerics"}
+    assert options == {"attention": "matmul", "fused_projections": False, "compile": False,
+                       "compile_mode": "default", "dropout_mask": "philox16"}
+    assert "fp32 master weights" in c["engine_options"]["numerics"]
     assert c["tf32"] == {"on": False, "why": "preset tiny"} and c["precision"] == "fp32"
 
 

@@ -58,6 +58,11 @@ def test_flagperf_presets_keep_file_order_and_the_others_shuffle():
         def train(self):
             pass
 
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
         def loss(self, ids, labels):
             self.seen += ids[:, 0].tolist()
             return self.w * 0 + 1.0
@@ -99,3 +104,47 @@ def test_seed_row_prints_the_seeds_mfu_for_its_speed():
                                 "MFU": "36.1%"}
     del result["metrics"]["mmlu_acc_flagperf"]  # lm-eval's figure alone is labelled as such
     assert seed_row(result)["acc(MMLU)"] == "0.411 (lm-eval)"
+
+
+def test_reference_fp16_is_flagperfs_stack_step_for_step():
+    """--engine reference in fp16 is FlagPerf's fp16 row: fp16 adapters (model.half() after get_peft_model), the
+    loss under autocast, GradScaler, fused AdamW. The loop's losses equal, bit for bit, that recipe written out
+    here by hand on an identical model."""
+    from conftest import SMALL
+    from lorabench.data.synthetic import synthetic_chunks
+    from lorabench.engines import build_engine
+
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
+    cfg = TrainConfig(precision="fp16", batch_size=2, seq_len=32, epochs=1, max_steps=4, lr=1e-3, warmup_steps=0,
+                      shuffle=False, eval_batches=0)
+    data = synthetic_chunks(16, 32, SMALL.vocab_size, seed=1)
+    ours = build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp16", seed=0)
+    assert {p.dtype for p in ours.trainable_params()} == {torch.float16}
+    assert "model.half()" in ours.describe()["numerics"]
+    plain_loss, under_autocast = ours.loss, []
+
+    def loss(ids, labels):  # on a CPU fp16 autocast changes no op of this model, so check it is entered
+        under_autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16)
+        return plain_loss(ids, labels)
+
+    ours.loss = loss
+    got = train_loop(ours, data, cfg, CPU, progress=False)["series"]["loss"]
+    assert under_autocast == [True] * 4
+
+    model = build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp16", seed=0).model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    want = []
+    for step in range(4):
+        ids = torch.from_numpy(data[2 * step:2 * step + 2]).long()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        want.append(loss.item())
+    assert got == want
+    assert got[-1] < got[0]

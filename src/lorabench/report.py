@@ -141,7 +141,8 @@ def render_report(result: dict) -> str:
         f"- data: {c['data']} -> {c['train_chunks']} chunks of {c['seq_len']} tokens, "
         f"{'shuffled each epoch' if c.get('shuffle', True) else 'in file order'}; LBS {c['batch_size']}, "
         f"GAS {c['grad_accum']}, {m['steps']} steps",
-        f"- TF32 {'on' if c['tf32']['on'] else 'off'}: {c['tf32']['why']}",
+        f"- TF32 {'on' if c['tf32']['on'] else 'off'}: {c['tf32']['why']}; numerics: "
+        f"{c['engine_options'].get('numerics', 'n/a')}",
         f"- FlagPerf's figures: token/p/s {_fmt(m.get('tokens_per_s_flagperf'), '.1f')} (every step, warm-up "
         f"included: avg_iter_time {_fmt(m.get('avg_iter_time_s'), '.4f')} s), avg_train_loss "
         f"{_fmt(m.get('loss_flagperf'), '.4f')}, avg_train_prep {_fmt(m.get('avg_train_prep'), '.3f')}, "

@@ -86,7 +86,10 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     torch.manual_seed(cfg.seed + rank)  # dropout masks
     precision = get_precision(cfg.precision)
     params = engine.trainable_params()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    # fused on a GPU, and for fp16 adapters anywhere (FlagPerf's fused=use_fp16: GradScaler then hands the fused
+    # kernel its scale instead of unscaling fp16 gradients, which it refuses)
+    fused = device.type == "cuda" or any(p.dtype == torch.float16 for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}
@@ -110,7 +113,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 step_loss = torch.zeros((), device=device)
                 for batch in _step_batches(data, order, epoch_step, cfg, rank, world):
                     ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
-                    loss = engine.loss(ids, ids) / cfg.grad_accum
+                    with engine.autocast():
+                        loss = engine.loss(ids, ids) / cfg.grad_accum
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
                 if world > 1:
@@ -161,7 +165,8 @@ def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.devi
     with get_precision(cfg.precision).matmul_mode():
         for i in range(rank, n, world):
             ids = torch.from_numpy(data[i * cfg.batch_size:(i + 1) * cfg.batch_size]).to(device, torch.long)
-            total += engine.loss(ids, ids).item()
+            with engine.autocast():
+                total += engine.loss(ids, ids).item()
             count += 1
     engine.train()
     if world > 1:

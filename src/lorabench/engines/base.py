@@ -2,13 +2,14 @@
 model stack, declared in one abstract class. A new engine (another stack, another model family) is added by
 implementing these, never by teaching the loop about it.
 
-The loop calls ``trainable_params``, ``train``, ``eval``, ``loss``; MMLU calls ``evaluating``, ``forward_hidden``,
+The loop calls ``trainable_params``, ``train``, ``eval``, ``autocast``, ``loss``; MMLU calls ``evaluating``, ``forward_hidden``,
 ``head`` (and ``prefix_kv`` where ``supports_prefix_cache``); the runner calls ``save_adapter``, ``describe`` and
 ``dtype``; ``eval`` calls ``load_adapter``; the tests also ``logits``, ``adapters`` and ``set_adapters``.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +40,10 @@ class Engine(abc.ABC):
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def autocast(self):
+        """The context the loop runs each forward pass in (autocast for stacks that train under it; none here)."""
+        return contextlib.nullcontext()
 
     def train(self):
         self.model.train()

@@ -129,7 +129,8 @@ class NativeEngine(Engine):
             self.model.eval_graph_enabled = before
 
     def describe(self) -> dict:
-        return asdict(self.options)
+        return {**asdict(self.options), "numerics": "adapters: fp32 master weights, computed in the activations' "
+                "dtype; no autocast"}
 
     def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {native_to_hf(n): m.adapter_params() for n, m in lora_modules(self.model).items()}

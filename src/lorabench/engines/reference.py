@@ -117,8 +117,21 @@ class ReferenceEngine(PeftEngine):
         peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, peft_cfg)
+        # fp16 is FlagPerf's fp16 row (REFERENCE 1): get_peft_model, then model.half() (the adapters too), the
+        # loss under autocast, GradScaler, fused AdamW (train.py); other dtypes keep PEFT's fp32 adapters
+        self.half = dtype == torch.float16
+        if self.half:
+            self.model.half()
+        self._device = torch.device(device)
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         self._fwd = torch.compile(self.model) if variant == "compile" else self.model
 
+    def autocast(self):
+        if self.half:
+            return torch.autocast(self._device.type, dtype=torch.float16)
+        return super().autocast()
+
     def describe(self) -> dict:
-        return {"attn": self.attn}
+        numerics = ("FlagPerf's fp16: model.half() after get_peft_model (fp16 adapters), autocast, GradScaler, "
+                    "fused AdamW" if self.half else "PEFT: adapters in fp32, no autocast")
+        return {"attn": self.attn, "numerics": numerics}

@@ -111,4 +111,4 @@ class UnslothEngine(PeftEngine):
         import unsloth
 
         return {"unsloth": getattr(unsloth, "__version__", None), "load_in_fp8": self.fp8,
-                "weights": str(self._source)}
+                "weights": str(self._source), "numerics": "Unsloth's (its get_peft_model's adapter dtype)"}

@@ -95,7 +95,8 @@ def test_seed_row_prints_the_seeds_mfu_for_its_speed():
     from lorabench.report import seed_row
 
     result = {"metrics": {"tokens_per_s_flagperf": 4017.0, "loss_flagperf": 1.7712, "mfu_flagperf": mfu_flagperf(4017),
-                          "peak_mem_reserved_gib": 32.04, "device_mem_total_gib": 40.0, "mmlu_acc": 0.4111,
+                          "peak_mem_device_gib": 32.04, "peak_mem_reserved_gib": 29.5,
+                          "device_mem_total_gib": 40.0, "mmlu_acc": 0.4111,
                           "mmlu_acc_flagperf": 0.432},
               "config": {"nnodes": 1, "gpus_per_node": 1, "engine": "reference", "precision": "fp16",
                          "fix_hp": "precision=fp16, local_batchsize=4"}}
@@ -104,6 +105,8 @@ def test_seed_row_prints_the_seeds_mfu_for_its_speed():
                                 "MFU": "36.1%"}
     del result["metrics"]["mmlu_acc_flagperf"]  # lm-eval's figure alone is labelled as such
     assert seed_row(result)["acc(MMLU)"] == "0.411 (lm-eval)"
+    del result["metrics"]["peak_mem_device_gib"]  # no device reading: reserved, labelled
+    assert seed_row(result)["mem"] == "29.5/40 (reserved)"
 
 
 def test_reference_fp16_is_flagperfs_stack_step_for_step():

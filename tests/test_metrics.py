@@ -70,3 +70,27 @@ def test_step_stats_excludes_warmup():
     assert s4["step_time_ci95_rel"] == pytest.approx(1.96 * (10.75 / 3) ** 0.5 / 2 / 2.25)
     assert step_stats([1.0, 2.0], 100, warmup=1)["step_time_ci95_rel"] is None  # one timed step: no spread
     assert step_stats([1.0], 100, warmup=3)["timed_steps"] == 1  # too few steps: all are timed
+
+
+def test_device_memory_peak_keeps_the_highest_reading():
+    """The sampler's peak is the largest reading between entering and leaving, the last one included."""
+    import threading
+
+    from lorabench.metrics import DeviceMemoryPeak
+
+    readings = iter([5, 9, 7] + [3] * 10_000)
+    lock = threading.Lock()
+
+    def read():
+        with lock:
+            return next(readings, 3)
+
+    with DeviceMemoryPeak(None, interval=0.001, read=read) as mem:
+        import time
+
+        time.sleep(0.05)
+    assert mem.peak_bytes == 9 and mem.source == "given" and mem.peak_gib == 9 / 1024 ** 3
+    ends = iter([4, 6])
+    with DeviceMemoryPeak(None, interval=10.0, read=lambda: next(ends)) as late:
+        pass  # no sample in between: the entry and the exit readings count
+    assert late.peak_bytes == 6

@@ -5,6 +5,7 @@ LoRA; its derivation is there) and the peak of the dtype the matmuls run in (``P
 """
 from __future__ import annotations
 
+import os
 import statistics
 
 from .precision import Precision
@@ -95,3 +96,68 @@ def step_stats(step_times: list[float], tokens_per_step: int, warmup: int) -> di
         "step_time_ci95_rel": None if stdev is None else 1.96 * stdev / len(timed) ** 0.5 / mean,
         "timed_steps": len(timed),
     }
+
+
+class DeviceMemoryPeak:
+    """The peak of the device memory in use while the ``with`` block runs, as nvidia-smi shows it (the seed's mem
+    column: CUDA context and the allocator's cache included, unlike torch's allocated/reserved peaks): sampled
+    every ``interval`` seconds in a background thread. The reading is this process's own where NVML (pynvml) can
+    tell it, else the device's whole used memory (cudaMemGetInfo: total - free), which on a GPU shared with other
+    processes counts theirs too; ``source`` says which. ``read`` (bytes in use) replaces the reading in tests."""
+
+    def __init__(self, device, interval: float = 0.02, read=None):
+        self.device, self.interval = device, interval
+        self.read, self.source = (read, "given") if read is not None else self._reader()
+        self.peak_bytes = 0
+        self._stop = None
+
+    def _reader(self):
+        import torch
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            pid = os.getpid()
+
+            def own() -> int:
+                procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                return sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid)
+
+            own()
+            return own, "nvml (this process)"
+        except Exception:  # noqa: BLE001  (no pynvml, no NVML, or a container that hides the pids)
+            def used() -> int:
+                free, total = torch.cuda.mem_get_info(self.device)
+                return total - free
+
+            return used, "cudaMemGetInfo (whole device)"
+
+    def _sample(self):
+        self.peak_bytes = max(self.peak_bytes, int(self.read()))
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._sample()
+
+        def loop():
+            while not self._stop.wait(self.interval):
+                self._sample()
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return False
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 1024 ** 3

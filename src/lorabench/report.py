@@ -79,8 +79,10 @@ def seed_row(result: dict) -> dict[str, str]:
     token/p/s over every step's mean time, avg_train_loss, FlagPerf's MFU constants (metrics.flagperf_figures)."""
     m, c = result["metrics"], result["config"]
     mem = "/"
-    if m.get("peak_mem_reserved_gib") is not None:
-        mem = f"{m['peak_mem_reserved_gib']:.1f}/{m['device_mem_total_gib']:.0f}"
+    if m.get("peak_mem_device_gib") is not None:  # as nvidia-smi shows it, as the seed read it
+        mem = f"{m['peak_mem_device_gib']:.1f}/{m['device_mem_total_gib']:.0f}"
+    elif m.get("peak_mem_reserved_gib") is not None:
+        mem = f"{m['peak_mem_reserved_gib']:.1f}/{m['device_mem_total_gib']:.0f} (reserved)"
     return {
         "config": f"{c['nnodes']}x{c['gpus_per_node']} {c['engine']} {c['precision']}",
         "fix_hp": c.get("fix_hp") or "/",
@@ -155,7 +157,9 @@ def render_report(result: dict) -> str:
         f"at 95%); FLOPs/token {m['flops_per_token'] / 1e9:.3f} G; MFU "
         f"{'n/a (unknown peak; give --peak-tflops)' if m['mfu'] is None else format(m['mfu'], '.1%')}",
         f"- peak memory: allocated {_fmt(m['peak_mem_allocated_gib'], '.2f', 'n/a')} GiB, reserved "
-        f"{_fmt(m['peak_mem_reserved_gib'], '.2f', 'n/a')} GiB (the seed's mem column shows reserved / total)",
+        f"{_fmt(m['peak_mem_reserved_gib'], '.2f', 'n/a')} GiB, the device's as nvidia-smi shows it "
+        f"{_fmt(m.get('peak_mem_device_gib'), '.2f', 'n/a')} GiB ({m.get('peak_mem_device_source') or 'no GPU'}; "
+        f"the seed's mem column)",
         f"- train loss: first step {_fmt(m['train_loss_first'], '.4f')}, last step "
         f"{_fmt(m['train_loss_final'], '.4f')}, last-epoch average {_fmt(m['train_loss_last_epoch_avg'], '.4f')}; "
         f"eval loss {_fmt(m['eval_loss'], '.4f', 'n/a')}",

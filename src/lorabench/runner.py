@@ -228,6 +228,8 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float) -
         "flops_per_token": float(fpt),
         "peak_flops": peak,
         **memory_stats(device),
+        "peak_mem_device_gib": out.get("device_mem", (None, None))[0],
+        "peak_mem_device_source": out.get("device_mem", (None, None))[1],
         "train_loss_last_epoch_avg": out["epoch_loss_avg"][-1] if out["epoch_loss_avg"] else None,
         "train_loss_epoch_avgs": out["epoch_loss_avg"],
         "train_loss_first": losses[0] if losses else None,
@@ -288,7 +290,12 @@ def run_job(job: Job) -> dict:
     plan = resolve(job)
     data = load_data(plan)
     engine, build_s = build(plan)
-    out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress)
+    if plan.device.type == "cuda":
+        with M.DeviceMemoryPeak(plan.device) as device_mem:
+            out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress)
+        out["device_mem"] = (device_mem.peak_gib, device_mem.source)
+    else:
+        out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress)
     result = measure(plan, engine, data, out, build_s)
     lead = plan.rank == 0
     run_dir = Path(job.run_dir) if job.run_dir else None

@@ -51,7 +51,8 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
             "step_time_ci95_rel", "skipped_steps", "build_s")
     return {**row, **{k: m.get(k) for k in keep}, "loss_final": m["train_loss_final"], "losses": r["series"]["loss"],
             "batch_size": r["config"]["batch_size"], "seq_len": r["config"]["seq_len"],
-            "precision": r["config"]["precision"], "device_name": r["env"]["device_name"]}
+            "precision": r["config"]["precision"], "device_name": r["env"]["device_name"],
+            "numerics": r["config"]["engine_options"].get("numerics"), "tf32": r["config"]["tf32"]}
 
 
 def combine_rounds(rows: list[dict]) -> list[dict]:

@@ -2,9 +2,10 @@
 model stack, declared in one abstract class. A new engine (another stack, another model family) is added by
 implementing these, never by teaching the loop about it.
 
-The loop calls ``trainable_params``, ``train``, ``eval``, ``autocast``, ``loss``; MMLU calls ``evaluating``, ``forward_hidden``,
-``head`` (and ``prefix_kv`` where ``supports_prefix_cache``); the runner calls ``save_adapter``, ``describe`` and
-``dtype``; ``eval`` calls ``load_adapter``; the tests also ``logits``, ``adapters`` and ``set_adapters``.
+The loop calls ``trainable_params``, ``train``, ``eval``, ``autocast``, ``loss``; MMLU calls ``evaluating``,
+``forward_hidden``, ``head`` (and ``prefix_kv`` where ``supports_prefix_cache``); the runner calls
+``save_adapter``, ``describe`` and ``dtype``; ``eval`` calls ``load_adapter``; the tests also ``logits``,
+``adapters`` and ``set_adapters``.
 """
 from __future__ import annotations
 

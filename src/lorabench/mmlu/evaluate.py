@@ -123,9 +123,7 @@ def evaluate_mmlu(engine, model_dir, opts: MmluOptions, device, out_dir: Path | 
     if background is None:  # worker processes pay off once tokenising takes seconds
         background = TOKENIZE_WORKERS if n >= BACKGROUND_TOKENIZE_MIN else 0
     gpu = device.type == "cuda"
-    caps = {"batch_size": opts.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU),
-            "batch_tokens": _cap(opts.batch_tokens, DEFAULT_BATCH_TOKENS if gpu else None),
-            "kv_tokens": _cap(opts.kv_tokens, kv_token_cap(engine) if gpu else None)}  # copy only
+    caps = {**batch_caps(opts, gpu), "kv_tokens": _cap(opts.kv_tokens, kv_token_cap(engine) if gpu else None)}
     how = (opts.prefix_cache, opts.prefix_attention)
     compiled = n >= COMPILED_EVAL_MIN if opts.compiled_graph is None else opts.compiled_graph
     reqs, scores = [], []
@@ -174,12 +172,15 @@ def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Pa
     if opts.protocol in ("lm-eval", "both"):
         out["lm-eval"] = evaluate_mmlu(engine, model_dir, opts, device, out_dir, progress, subjects)
     if opts.protocol in ("flagperf", "both"):
-        gpu = device.type == "cuda"
-        out["flagperf"] = evaluate_flagperf(
-            engine, model_dir, subjects, opts.shots, opts.seq_len or seq_len, device, out_dir,
-            batch_size=opts.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU),
-            batch_tokens=_cap(opts.batch_tokens, DEFAULT_BATCH_TOKENS if gpu else None))
+        out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, opts.seq_len or seq_len, device,
+                                            out_dir, **batch_caps(opts, device.type == "cuda"))
     return out
+
+
+def batch_caps(opts: MmluOptions, gpu: bool) -> dict:
+    """Questions and tokens per forward pass: as given, else the device's defaults."""
+    return {"batch_size": opts.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU),
+            "batch_tokens": _cap(opts.batch_tokens, DEFAULT_BATCH_TOKENS if gpu else None)}
 
 
 def _cap(value: int | None, default: int | None) -> int | None:

@@ -219,3 +219,46 @@ def test_eval_by_flagperfs_rules(tmp_path, capsys):
     e = json.loads((tmp_path / "eval.json").read_text())
     assert e["mmlu"] is None and e["mmlu_flagperf"]["questions"] == 6 and e["mmlu_flagperf"]["seq_len"] == 256
     assert "MMLU by FlagPerf's rules" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr-gamma", "-2"], "--lr-gamma must be a finite number > 0, got -2"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--lora-alpha", "-32"], "--lora-alpha must be a finite number > 0"),
+    (["--eval-batches", "-1"], "--eval-batches must be >= 0"),
+])
+def test_out_of_range_values_are_refused_before_anything_runs(argv, message, capsys, tmp_path):
+    code = main(["run", "--no-progress", "--device", "cpu", "--run-dir", str(tmp_path / "r")] + argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "r").exists()  # no folder made for a run that never started
+
+
+def test_run_folders_are_never_shared(tmp_path, monkeypatch, capsys):
+    """A --run-dir holding anything is refused (--overwrite replaces it whole); default names stay unique within
+    one second; a file where the folder should be is named; results honour the umask."""
+    import os
+
+    args = ["run", "--no-progress", "--device", "cpu", "--max-steps", "2", "--no-mmlu", "--no-save-adapter"]
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    assert main(args + ["--run-dir", str(tmp_path / "r")]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "r" / "notes.txt").read_text() == "mine"
+    old = os.umask(0o022)
+    try:
+        assert main(args + ["--run-dir", str(tmp_path / "r"), "--overwrite"]) == 0
+    finally:
+        os.umask(old)
+    assert not (tmp_path / "r" / "notes.txt").exists() and (tmp_path / "r" / "result.json").is_file()
+    assert (tmp_path / "r" / "result.json").stat().st_mode & 0o777 == 0o644
+    (tmp_path / "f").write_text("")
+    assert main(args + ["--run-dir", str(tmp_path / "f")]) == 2 and "is a file" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    import time
+
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-000000")  # two runs in the same second
+    assert main(args) == 0 and main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20260101-000000-tiny-native",
+                                                                     "20260101-000000-tiny-native-2"]

@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_native_flags(run)
     o = run.add_argument_group("output")
     o.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device the table does not know")
-    o.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-<preset>-<engine>)")
+    o.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new "
+                   "runs/<time>-<preset>-<engine>)")
+    o.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
     o.add_argument("--cache-dir", type=Path, help="packed-data cache (default: $LORABENCH_CACHE or "
                    "~/.cache/lorabench)")
     o.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")
@@ -170,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--precision", choices=tuple(PRECISIONS), help="the same precisions as run (default: bf16 on "
                     "GPU, fp32 on CPU)")
     _add_native_flags(ev)
-    ev.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-eval)")
+    ev.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new runs/<time>-eval)")
+    ev.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_mmlu_flags(ev, in_run=False)
 
@@ -201,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "engine once, then again), so a machine's drift slows all engines alike; a row reports its median "
                    "round and the spread, its speed-up the median of the ratios within each round")
     b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
-    b.add_argument("--run-dir", type=Path, help="output folder (default: runs/<time>-bench)")
+    b.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new runs/<time>-bench)")
+    b.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
     _add_native_flags(b)
 
     rp = sub.add_parser("report", help="re-render a run's report and plots, or put several runs side by side",
@@ -231,11 +235,12 @@ def cmd_run(a) -> int:
     mmlu = None
     if not a.no_mmlu and (a.mmlu or bundled):
         mmlu = mmlu_options(a, a.mmlu or str(TINY_MMLU), "both" if preset.startswith("flagperf-") else "lm-eval")
-    run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
+    default_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
     job = Job(train=p.train, lora=p.lora, preset=preset, fix_hp=p.fix_hp, engine=a.engine,
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
               data=data, device=a.device, attn=a.attn or "eager", native=native_options(a),
-              peak_tflops=a.peak_tflops, run_dir=run_dir, save_adapter=not a.no_save_adapter,
+              peak_tflops=a.peak_tflops, run_dir=a.run_dir, default_run_dir=default_dir, overwrite=a.overwrite,
+              save_adapter=not a.no_save_adapter,
               cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu,
               precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None)
     from .train import dist_info, init_distributed
@@ -253,6 +258,7 @@ def cmd_run(a) -> int:
         from .report import render_report
 
         print(render_report(result))
+        run_dir = Path(result["run_dir"])
         print(f"wrote {run_dir / 'result.json'} and {run_dir / 'report.md'}")
     return 0
 
@@ -268,7 +274,7 @@ def cmd_eval(a) -> int:
     from .lora import read_adapter
     from .mmlu.evaluate import check_mmlu_options, evaluate_protocols, render_mmlu
     from .precision import default_eval_precision, get_precision
-    from .report import write_json_atomic
+    from .report import claim_run_dir, write_json_atomic
     from .runner import resolve_device
 
     model_dir = a.model_dir or TINY_MODEL
@@ -283,13 +289,13 @@ def cmd_eval(a) -> int:
     precision.check_device(device)
     lora = read_adapter(a.adapter)[0] if a.adapter else LoRAConfig()
     cfg = ModelConfig.from_hf_json(model_dir)
+    run_dir = claim_run_dir(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-eval")
     t0 = time.perf_counter()
     engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
                           device=device, precision=precision, seed=0, native=native, attn=a.attn or "eager")
     if a.adapter:
         engine.load_adapter(a.adapter)
     load_s = time.perf_counter() - t0
-    run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-eval"
     if device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
@@ -336,6 +342,7 @@ def cmd_bench(a) -> int:
 
     from .bench.bench import best_lines, floor_lines, native_lines, run_bench, table
     from .engines import ENGINES
+    from .report import claim_run_dir
 
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
     presets = [p.strip() for p in a.presets.split(",") if p.strip()]
@@ -358,7 +365,7 @@ def cmd_bench(a) -> int:
         if not batch_sizes or min(batch_sizes) < 1:
             raise ConfigError(f"--batch-size {a.batch_size!r}: give a positive integer or a comma-separated list "
                               "of them (e.g. 4,16,32)")
-    run_dir = a.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
+    run_dir = claim_run_dir(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench")
     rows, floors = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir,
                              bench_overrides(a), a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes,
                              rounds=a.rounds)

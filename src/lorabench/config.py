@@ -6,6 +6,7 @@ in small dicts (``MODEL_PRESETS``, ``TRAIN_PRESETS``) and are plain data. The CL
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -121,6 +122,8 @@ class LoRAConfig:
     def __post_init__(self):
         if self.r <= 0:
             raise ConfigError(f"--lora-r must be positive, got {self.r}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
@@ -178,8 +181,12 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        for flag, v, low in (("--lr", self.lr, "> 0"), ("--lr-gamma", self.lr_gamma, "> 0"),
+                             ("--weight-decay", self.weight_decay, ">= 0")):
+            if not math.isfinite(v) or (v <= 0 if low == "> 0" else v < 0):
+                raise ConfigError(f"{flag} must be a finite number {low}, got {v}")
+        if self.eval_batches is not None and self.eval_batches < 0:
+            raise ConfigError(f"--eval-batches must be >= 0 (0 skips the eval loss), got {self.eval_batches}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
 

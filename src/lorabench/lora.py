@@ -198,6 +198,8 @@ def save_adapter(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: Lo
     Written into a temporary folder first and renamed, so a failure leaves nothing half-written."""
     from safetensors.torch import save_file
 
+    from .report import honour_umask
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -205,6 +207,7 @@ def save_adapter(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: Lo
         tensors[f"base_model.model.{hf_name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
         tensors[f"base_model.model.{hf_name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
+    honour_umask(tmp, is_dir=True)
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(peft_adapter_config(cfg, base_model), indent=2))
     if out_dir.exists():  # replacing an earlier adapter: the new one is complete before the old one goes

@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .report import honour_umask
+
 NO_MATPLOTLIB = "plots: not drawn (pip install matplotlib, or 'lorabench[plots]', to get PNG plots)"
 
 
@@ -31,6 +33,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        honour_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

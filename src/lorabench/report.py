@@ -57,7 +57,56 @@ def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    honour_umask(tmp)
     os.replace(tmp, path)
+
+
+def honour_umask(path, is_dir: bool = False):
+    """Give a file made by tempfile (always 0600, folders 0700) the mode the user's umask asks for, so others on
+    a shared machine can read results as they can read the user's other files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
+
+
+def claim_run_dir(run_dir: Path | None, overwrite: bool = False, default: Path | None = None) -> Path:
+    """The output folder of a run, made now and checked writable, before any work: ``run_dir`` as given, which
+    must be absent or empty (a folder holding anything, another run's files above all, is refused; ``overwrite``
+    replaces it whole); or, where none is given, ``default`` made unique with -2, -3, ... (made with one mkdir
+    each, so two runs started in the same second never share one)."""
+    import shutil
+
+    from .config import ConfigError
+
+    if run_dir is None:
+        base = Path(default)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 10_000):
+            candidate = base if k == 1 else base.with_name(f"{base.name}-{k}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise ConfigError(f"{candidate}: cannot make the run folder ({e.strerror}); give --run-dir") from None
+            return candidate
+        raise ConfigError(f"{base}: 9,999 run folders of that name exist; give --run-dir")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: is a file, not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--run-dir {run_dir}: not empty (another run's results?); give an empty or new "
+                              "folder, or --overwrite to replace it whole")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--run-dir {run_dir}: not writable ({e.strerror}); give a folder you can write") from None
+    return run_dir
 
 
 def _jsonable(o):

@@ -21,7 +21,7 @@ from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainCo
 from .engines import Engine, NativeOptions, build_engine
 from .mmlu.evaluate import MmluOptions
 from .precision import PRECISIONS, Precision, get_precision
-from .report import GIB, environment, render_report, write_json_atomic, write_text_atomic
+from .report import GIB, claim_run_dir, environment, render_report, write_json_atomic, write_text_atomic
 from .shapes import count_params, flops_per_token
 from .train import barrier, dist_info, train_loop
 
@@ -50,6 +50,11 @@ class Job:
     """The native engine's tuning (None fields: defaults for the precision and device)."""
     peak_tflops: float | None = None
     run_dir: Path | None = None
+    """Output folder: absent or empty (report.claim_run_dir); None with default_run_dir None: nothing written."""
+    default_run_dir: Path | None = None
+    """Without run_dir: this name, made unique (-2, -3, ...)."""
+    overwrite: bool = False
+    """Replace a non-empty run_dir whole."""
     save_adapter: bool = True
     cache_dir: Path | None = None
     progress: bool = True
@@ -80,6 +85,8 @@ class Plan:
     world: int
     nnodes: int
     """Nodes of a torchrun job (WORLD_SIZE / LOCAL_WORLD_SIZE), 1 otherwise."""
+    run_dir: Path | None = None
+    """The output folder once claimed (rank 0; run_job), None for a run that writes nothing."""
 
 
 @dataclass
@@ -260,7 +267,7 @@ def evaluate(plan: Plan, engine: Engine, result: dict):
     from .mmlu.evaluate import evaluate_protocols
 
     job = plan.job
-    done = evaluate_protocols(engine, job.model_dir, job.mmlu, plan.device, job.run_dir, progress=job.progress,
+    done = evaluate_protocols(engine, job.model_dir, job.mmlu, plan.device, plan.run_dir, progress=job.progress,
                               subjects=plan.mmlu_subjects, seq_len=plan.train.seq_len)
     m = result["metrics"]
     if "lm-eval" in done:
@@ -288,6 +295,8 @@ def write(run_dir: Path, result: dict):
 def run_job(job: Job) -> dict:
     """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
     plan = resolve(job)
+    if plan.rank == 0 and (job.run_dir is not None or job.default_run_dir is not None):
+        plan.run_dir = claim_run_dir(job.run_dir, job.overwrite, job.default_run_dir)  # before any work
     data = load_data(plan)
     engine, build_s = build(plan)
     if plan.device.type == "cuda":
@@ -297,8 +306,9 @@ def run_job(job: Job) -> dict:
     else:
         out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress)
     result = measure(plan, engine, data, out, build_s)
-    lead = plan.rank == 0
-    run_dir = Path(job.run_dir) if job.run_dir else None
+    lead, run_dir = plan.rank == 0, plan.run_dir
+    if run_dir is not None:
+        result["run_dir"] = str(run_dir)
     if lead and run_dir is not None and job.save_adapter:
         engine.save_adapter(run_dir / "adapter")
         result["adapter_dir"] = str(run_dir / "adapter")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench.assets import TINY_DATA, TINY_MMLU, TINY_MODEL
+from lorabench.assets import TINY_DATA, TINY_MMLU
 from lorabench.config import ConfigError, LoRAConfig, TrainConfig
 from lorabench.engines import NativeOptions
 from lorabench.mmlu.evaluate import MmluOptions

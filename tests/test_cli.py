@@ -262,3 +262,49 @@ def test_run_folders_are_never_shared(tmp_path, monkeypatch, capsys):
     assert main(args) == 0 and main(args) == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20260101-000000-tiny-native",
                                                                      "20260101-000000-tiny-native-2"]
+
+
+def _tiny_copy(tmp_path):
+    import shutil
+
+    from lorabench.assets import TINY_MODEL
+
+    d = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, d)
+    return d
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", "abc", "hidden_size is 'abc'; expected an integer"),
+    ("num_hidden_layers", 4.5, "num_hidden_layers is 4.5; expected an integer"),
+    ("rms_norm_eps", -1, "rms_norm_eps must be positive"),
+    ("tie_word_embeddings", "no", "tie_word_embeddings is 'no'; expected bool"),
+])
+def test_bad_model_config_values_are_named(tmp_path, capsys, field, value, message):
+    d = _tiny_copy(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["run", "--no-progress", "--device", "cpu", "--model-dir", str(d), "--data", "synthetic",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "config.json" in err and "Traceback" not in err, err
+
+
+def test_corrupt_weights_and_adapters_are_one_line_errors(tmp_path, capsys):
+    d = _tiny_copy(tmp_path)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])  # truncated
+    assert main(["run", "--no-progress", "--device", "cpu", "--model-dir", str(d), "--data", "synthetic",
+                 "--max-steps", "1", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: not a readable safetensors file" in err and "Traceback" not in err, err
+    a = tmp_path / "adapter"
+    a.mkdir()
+    for text, message in (("{not json", "not valid JSON"), ('{"lora_alpha": 16}', "no 'r'"),
+                          ('{"r": "eight", "lora_alpha": 16}', "r is 'eight'; expected a number")):
+        (a / "adapter_config.json").write_text(text)
+        assert main(["eval", "--device", "cpu", "--no-progress", "--adapter", str(a), "--limit", "1",
+                     "--run-dir", str(tmp_path / f"e{len(message)}")]) == 2
+        err = capsys.readouterr().err
+        assert "adapter_config.json" in err and message in err and "Traceback" not in err, err

@@ -151,3 +151,25 @@ def test_reference_fp16_is_flagperfs_stack_step_for_step():
         want.append(loss.item())
     assert got == want
     assert got[-1] < got[0]
+
+
+def test_progress_off_a_terminal_is_plain_lines():
+    """In a log file: one whole line every tenth of the run and at the end, no carriage returns."""
+    import io
+
+    from lorabench.train import _progress
+
+    out = io.StringIO()
+    bar = _progress(42, True, stream=out)
+    for step in range(42):
+        bar.update(1)
+        bar.set_postfix(epoch=1, loss="1.0000")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and lines[0] == "train: step 4/42 (epoch 1, loss 1.0000)"
+    assert lines[-1] == "train: step 42/42 (epoch 1, loss 1.0000)" and len(lines) == 11
+    quiet = io.StringIO()
+    off = _progress(42, False, stream=quiet)
+    off.update(1)
+    off.close()
+    assert quiet.getvalue() == ""

@@ -8,6 +8,7 @@ host memory stays at about one shard and device memory at one copy of the weight
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -108,13 +109,30 @@ def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]
         if f.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for k in sf.keys():
-                    yield k, sf.get_tensor(k)
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as sf:
+                    for k in sf.keys():
+                        yield k, sf.get_tensor(k)
+            except unreadable_file_errors() as e:  # truncated or not safetensors at all
+                raise ConfigError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); copy "
+                                  "the checkpoint again") from None
         else:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except (*unreadable_file_errors(), EOFError, pickle.UnpicklingError) as e:
+                raise ConfigError(f"{f}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]}); copy "
+                                  "the checkpoint again") from None
             for k in list(sd):
                 yield k, sd.pop(k)
+
+
+def unreadable_file_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged weights file raises: OS errors, torch's and safetensors' own."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors raise the builtin kinds
+        return (OSError, ValueError, RuntimeError)
+    return (OSError, ValueError, RuntimeError, SafetensorError)
 
 
 def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_native: bool, source: str):

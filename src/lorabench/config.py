@@ -47,6 +47,9 @@ class ModelConfig:
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"model config: {f} must be positive, got {getattr(self, f)}")
+        for f in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, f) > 0:
+                raise ConfigError(f"model config: {f} must be positive, got {getattr(self, f)}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model config: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -73,8 +76,19 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        known = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        known = {f.name: f for f in fields(cls)}
         kw = {k: v for k, v in raw.items() if k in known and v is not None}
+        for k, v in kw.items():  # a value of the wrong type is named, never passed on to the model
+            want = known[k].type if isinstance(known[k].type, str) else known[k].type.__name__
+            ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+                  "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+                  "bool": isinstance(v, bool)}.get(want, True)
+            if k == "eos_token_id" and isinstance(v, list):
+                ok = all(isinstance(x, int) for x in v)
+            if not ok:
+                raise ConfigError(f"{path}: {k} is {v!r}; expected {'an integer' if want == 'int' else want}")
         kw.setdefault("num_key_value_heads", raw.get("num_attention_heads", cls.num_key_value_heads))
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         if isinstance(rope, dict) and "rope_theta" in rope:
@@ -83,7 +97,10 @@ class ModelConfig:
             raise ConfigError(f"{path}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {str(e).removeprefix('model config: ')}") from None
 
     def to_hf_dict(self) -> dict:
         """The HF ``config.json`` content for this shape (LlamaForCausalLM)."""

@@ -219,11 +219,23 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, tuple[t
     """Read a PEFT LoRA adapter folder: its config and {HF module name: (A, B)}."""
     from safetensors.torch import load_file
 
+    from .checkpoint import unreadable_file_errors
+
     d = Path(adapter_dir)
     cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.is_file():
         raise ConfigError(f"{cfg_path}: missing; --adapter must be a folder written by lorabench or PEFT")
-    raw = json.loads(cfg_path.read_text())
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if key not in raw:
+            raise ConfigError(f"{cfg_path}: no {key!r}; a PEFT LoRA adapter_config.json has r and lora_alpha")
+        if isinstance(raw[key], bool) or not isinstance(raw[key], kind):
+            raise ConfigError(f"{cfg_path}: {key} is {raw[key]!r}; expected a number")
     if raw.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not LORA")
     targets = raw.get("target_modules") or []
@@ -234,7 +246,10 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, tuple[t
     if raw.get("use_dora") or raw.get("use_rslora") or raw.get("rank_pattern") or raw.get("alpha_pattern"):
         raise ConfigError(f"{cfg_path}: DoRA, rsLoRA and per-module rank/alpha patterns are not supported")
     if w_path.is_file():
-        sd = load_file(str(w_path))
+        try:
+            sd = load_file(str(w_path))
+        except unreadable_file_errors() as e:  # truncated or not safetensors
+            raise ConfigError(f"{w_path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
     elif (d / "adapter_model.bin").is_file():
         sd = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
     else:

@@ -308,3 +308,10 @@ def test_corrupt_weights_and_adapters_are_one_line_errors(tmp_path, capsys):
                      "--run-dir", str(tmp_path / f"e{len(message)}")]) == 2
         err = capsys.readouterr().err
         assert "adapter_config.json" in err and message in err and "Traceback" not in err, err
+
+
+def test_version():
+    import lorabench
+
+    out = subprocess.run([sys.executable, "-m", "lorabench", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"lorabench {lorabench.__version__}"

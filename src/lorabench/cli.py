@@ -137,6 +137,9 @@ def mmlu_options(a, mmlu_dir: str, default_protocol: str = "lm-eval"):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lorabench", description="LoRA fine-tuning benchmark and trainer for Llama "
                                  "models (FlagPerf llama2_7b_finetune, measured honestly).")
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"lorabench {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="fine-tune with LoRA and measure (default: bundled tiny model on CPU)",

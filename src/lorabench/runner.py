@@ -7,6 +7,7 @@ what differs between engines lives in the engines (``Engine.describe``, ``Engine
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -216,8 +217,10 @@ def build(plan: Plan) -> tuple[Engine, float]:
     return engine, build_s
 
 
-def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float) -> dict:
-    """The result dict (config, env, metrics, per-step series) of a finished training loop ``out``."""
+def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
+            device_mem: M.DeviceMemoryPeak | None = None) -> dict:
+    """The result dict (config, env, metrics, per-step series) of a finished training loop ``out``; ``device_mem``:
+    the device-memory sampler that ran over it (GPU)."""
     job, t, lo, cfg, device = plan.job, plan.train, plan.job.lora, plan.model_cfg, plan.device
     stats = M.step_stats(out["series"]["step_time_s"], out["tokens_per_step"], t.warmup_steps)
     env = environment(device)
@@ -234,9 +237,7 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float) -
                              llama2_7b=n_params == count_params(MODEL_PRESETS["llama2-7b"])["total"]),
         "flops_per_token": float(fpt),
         "peak_flops": peak,
-        **memory_stats(device),
-        "peak_mem_device_gib": out.get("device_mem", (None, None))[0],
-        "peak_mem_device_source": out.get("device_mem", (None, None))[1],
+        **memory_stats(device, device_mem),
         "train_loss_last_epoch_avg": out["epoch_loss_avg"][-1] if out["epoch_loss_avg"] else None,
         "train_loss_epoch_avgs": out["epoch_loss_avg"],
         "train_loss_first": losses[0] if losses else None,
@@ -295,17 +296,14 @@ def write(run_dir: Path, result: dict):
 def run_job(job: Job) -> dict:
     """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
     plan = resolve(job)
-    if plan.rank == 0 and (job.run_dir is not None or job.default_run_dir is not None):
-        plan.run_dir = claim_run_dir(job.run_dir, job.overwrite, job.default_run_dir)  # before any work
     data = load_data(plan)
+    if plan.rank == 0 and (job.run_dir is not None or job.default_run_dir is not None):
+        plan.run_dir = claim_run_dir(job.run_dir, job.overwrite, job.default_run_dir)  # before the model is built
     engine, build_s = build(plan)
-    if plan.device.type == "cuda":
-        with M.DeviceMemoryPeak(plan.device) as device_mem:
-            out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress)
-        out["device_mem"] = (device_mem.peak_gib, device_mem.source)
-    else:
+    device_mem = M.DeviceMemoryPeak(plan.device) if plan.device.type == "cuda" else None
+    with device_mem or contextlib.nullcontext():
         out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress)
-    result = measure(plan, engine, data, out, build_s)
+    result = measure(plan, engine, data, out, build_s, device_mem)
     lead, run_dir = plan.rank == 0, plan.run_dir
     if run_dir is not None:
         result["run_dir"] = str(run_dir)
@@ -320,9 +318,13 @@ def run_job(job: Job) -> dict:
     return result
 
 
-def memory_stats(device: torch.device) -> dict:
+def memory_stats(device: torch.device, device_mem: M.DeviceMemoryPeak | None = None) -> dict:
+    """torch's allocated/reserved peaks, the device's total, and the sampled device-wide peak where there is one."""
+    sampled = {"peak_mem_device_gib": None if device_mem is None else device_mem.peak_gib,
+               "peak_mem_device_source": None if device_mem is None else device_mem.source}
     if device.type != "cuda":
-        return {"peak_mem_allocated_gib": None, "peak_mem_reserved_gib": None, "device_mem_total_gib": None}
+        return {"peak_mem_allocated_gib": None, "peak_mem_reserved_gib": None, "device_mem_total_gib": None,
+                **sampled}
     return {"peak_mem_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
             "peak_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
-            "device_mem_total_gib": torch.cuda.get_device_properties(device).total_memory / GIB}
+            "device_mem_total_gib": torch.cuda.get_device_properties(device).total_memory / GIB, **sampled}

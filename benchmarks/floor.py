@@ -16,7 +16,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama2-7b")
     ap.add_argument("--configs", default="4x512,16x512,2x4096", help="comma-separated LBSxSEQ")
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "tf32", "fp32"),
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp8", "fp16", "tf32", "fp32"),
                     help="tf32: fp32 tensors with TF32 matmuls (the flagperf-fp32 preset on a GPU)")
     a = ap.parse_args()
     print(f"floor on {torch.cuda.get_device_name()} ({a.dtype})")

@@ -16,6 +16,7 @@ from lorabench.config import LoRAConfig, ModelConfig
 from lorabench.data.synthetic import synthetic_chunks
 from lorabench.engines import NativeOptions, build_engine
 from lorabench.kernels.cross_entropy import frozen_head_cross_entropy
+from lorabench.kernels.fp8 import GRAD_FORMATS, fp8_linear, quantize_rows
 from lorabench.precision import get_precision
 
 LIMITS = {
@@ -28,6 +29,12 @@ LIMITS = {
     ("compiled_engine", "fp32", "loss"): 1e-6, ("compiled_engine", "fp32", "grad"): 2e-5,  # 0, 3.8e-6
     ("compiled_engine", "tf32", "loss"): 1e-5, ("compiled_engine", "tf32", "grad"): 5e-3,  # 1.35e-6, 1.3e-3
     ("compiled_engine", "bf16", "loss"): 5e-5, ("compiled_engine", "bf16", "grad"): 5e-2,  # 9.0e-6, 1.3e-2
+    # FP8 (provisional until measured twice): cuBLASLt's kernel vs its emulation differs by the order of the fp32
+    # sums and so by at most one bf16 rounding of an output (2^-8 relative) where a sum crosses a rounding
+    # boundary; vs plain bf16, e4m3's 3 mantissa bits (REFERENCE 6b: 3.7e-2 for one product of Gaussians).
+    ("fp8_gemm", "kernel", "fwd"): 4e-3, ("fp8_gemm", "kernel", "dx"): 4e-3,
+    ("fp8_gemm", "vs bf16", "fwd"): 6e-2, ("fp8_gemm", "vs bf16", "dx"): 8e-2,
+    ("compiled_engine", "fp8", "loss"): 2e-3, ("compiled_engine", "fp8", "grad"): 2e-1,
 }
 MISSES: list[str] = []
 
@@ -119,6 +126,39 @@ def check_dropout_masks(dev):
         print(f"| {impl} (eager) | {start.elapsed_time(end) / 50 * 1e3:.1f} |")
 
 
+def _emulated(a, a_scale, b, b_scale):
+    """The FP8 GEMM as kernels/fp8.py defines it, in fp32 on the device (TF32 off): a b^T * scales, bf16."""
+    return ((a.float() @ b.float().t()) * a_scale * b_scale.view(1, -1)).bfloat16()
+
+
+def check_fp8_gemm(dev):
+    """cuBLASLt's rowwise FP8 GEMMs (fp8_linear's forward and input gradient) against their emulation, and the
+    FP8 projection against the bf16 one, at Llama-2-7B shapes and odd token counts."""
+    print("\n| shape M x K -> N | grad | fwd vs emulation | dx vs emulation | fwd vs bf16 | dx vs bf16 |\n"
+          "|---|---|---|---|---|---|")
+    for m, k, n in ((8192, 4096, 4096), (1001, 4096, 11008), (7, 11008, 4096)):
+        x = torch.randn(m, k, device=dev).bfloat16()
+        w = (torch.randn(n, k, device=dev) * 0.02).bfloat16()
+        w[3] *= 40  # an outlier row: its own scale
+        g = torch.randn(m, n, device=dev).bfloat16()
+        wq, ws = quantize_rows(w)
+        ws = ws.view(-1)
+        for fmt, dt in GRAD_FORMATS.items():
+            xi = x.clone().requires_grad_()
+            y = fp8_linear(xi, wq, ws, dt)
+            y.backward(g)
+            xq, xs = quantize_rows(x)
+            y_emu = _emulated(xq, xs, wq, ws)
+            gq, gs = quantize_rows(g, dt, multiplier=ws)
+            dx_emu = _emulated(gq, gs, wq.t().contiguous(), torch.ones(k, device=dev))
+            y_bf, dx_bf = x.float() @ w.float().t(), g.float() @ w.float()
+            where = f"{m}x{k}->{n} {fmt}"
+            print(f"| {m} x {k} -> {n} | {fmt} | {within('fp8_gemm', 'kernel', 'fwd', rel(y, y_emu), where)} | "
+                  f"{within('fp8_gemm', 'kernel', 'dx', rel(xi.grad, dx_emu), where)} | "
+                  f"{within('fp8_gemm', 'vs bf16', 'fwd', rel(y, y_bf), where)} | "
+                  f"{within('fp8_gemm', 'vs bf16', 'dx', rel(xi.grad, dx_bf), where)} |")
+
+
 def check_compiled_engine(dev):
     cfg = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
@@ -136,7 +176,8 @@ def check_compiled_engine(dev):
     ref_grad = torch.cat([p.grad.flatten() for p in base.trainable_params()])
     variants = [(p, compile_, "sdpa", False) for p in ("fp32", "bf16") for compile_ in (False, True)]
     variants += [("fp32", True, "matmul", False), ("tf32", True, "matmul", True), ("bf16", True, "cudnn", False),
-                 ("bf16", True, "cudnn", True)]  # the tf32 and bf16 defaults; fused projections
+                 ("bf16", True, "cudnn", True), ("fp8", False, "cudnn", False), ("fp8", True, "cudnn", False)]
+    # the tf32, bf16 and fp8 defaults; fused projections
     for precision, compile_, attention, fuse in variants:
         eng = build_engine("native", cfg, lora, model_dir=None, device=dev, precision=precision, seed=0,
                            native=NativeOptions(compile=compile_, attention=attention, fused_projections=fuse))
@@ -157,7 +198,8 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     checks = {"cross_entropy": check_cross_entropy, "prefix_attention": check_prefix_attention,
-              "dropout_masks": check_dropout_masks, "compiled_engine": check_compiled_engine}
+              "dropout_masks": check_dropout_masks, "fp8_gemm": check_fp8_gemm,
+              "compiled_engine": check_compiled_engine}
     for name in sys.argv[1:] or checks:  # e.g. `gpu_check.py dropout_masks compiled_engine`
         checks[name](dev)
     if MISSES:

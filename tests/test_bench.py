@@ -152,3 +152,14 @@ def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkey
     assert json.loads((tmp_path / "bench.json").read_text())["rounds"] == 3
     assert main(["bench", "--device", "cpu", "--rounds", "0"]) == 2
     assert "--rounds 0" in capsys.readouterr().err
+
+
+def test_bench_skips_rows_an_engine_cannot_run():
+    """unsloth-fp8 only under fp8, the reference stacks never under fp8: such rows are skipped, not run mislabelled."""
+    from lorabench.bench.bench import _cannot_run
+
+    assert "--precision fp8" in _cannot_run("unsloth-fp8", "bf16", [])
+    assert _cannot_run("unsloth-fp8", "fp8", []) is None
+    assert "no FP8 weights" in _cannot_run("reference", "fp8", [])
+    assert "no FP8 weights" in _cannot_run("reference", "bf16", ["--precision", "fp8"])
+    assert _cannot_run("native", "fp8", []) is None

@@ -67,7 +67,7 @@ def test_second_run_uses_the_packed_cache(tmp_path):
     (["--data", "/no/such/data.json"], "--data /no/such/data.json: no such file or folder"),
     (["--init", "random"], "--init random needs --model"),
     (["--precision", "tf32"], "--precision tf32 needs a CUDA device"),
-    (["--precision", "fp8"], "--precision must be one of fp32, tf32, fp16, bf16"),
+    (["--precision", "fp4"], "--precision must be one of fp32, tf32, fp16, bf16, fp8"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--mmlu-batch-size", "0"], "--mmlu-batch-size must be positive"),
     (["--mmlu-batch-tokens", "-1"], "--mmlu-batch-tokens must be >= 0"),
@@ -186,7 +186,7 @@ def test_run_records_the_resolved_settings(tmp_path):
     c = json.loads((tmp_path / "run" / "result.json").read_text())["config"]
     options = {k: v for k, v in c["engine_options"].items() if k != "numerics"}
     assert options == {"attention": "matmul", "fused_projections": False, "compile": False,
-                       "compile_mode": "default", "dropout_mask": "philox16"}
+                       "compile_mode": "default", "dropout_mask": "philox16", "fp8_grad": None}
     assert "fp32 master weights" in c["engine_options"]["numerics"]
     assert c["tf32"] == {"on": False, "why": "preset tiny"} and c["precision"] == "fp32"
 

@@ -128,9 +128,23 @@ def test_bf16_native_follows_the_reference_curve():
 def test_unsloth_engines_say_what_they_need_on_a_cpu():
     from lorabench.config import ConfigError
 
-    for name in ("unsloth", "unsloth-fp8"):
+    for name, precision in (("unsloth", "bf16"), ("unsloth-fp8", "fp8")):
         with pytest.raises(ConfigError, match=f"--engine {name} needs a CUDA GPU"):
-            build_engine(name, SMALL, LoRAConfig(), model_dir=None, device=CPU, precision="bf16", seed=0)
+            build_engine(name, SMALL, LoRAConfig(), model_dir=None, device=CPU, precision=precision, seed=0)
+
+
+@pytest.mark.parametrize("name, precision, message", [
+    ("reference", "fp8", "--engine reference has no FP8 weights"),
+    ("unsloth", "fp8", "--engine unsloth has no FP8 weights"),
+    ("unsloth-fp8", "bf16", "run it with --precision fp8"),
+])
+def test_a_row_label_always_says_what_the_weights_were(name, precision, message):
+    """FP8 weights only under --precision fp8, and --precision fp8 only where an engine has FP8 weights: refused
+    before anything is built or imported."""
+    from lorabench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build_engine(name, SMALL, LoRAConfig(), model_dir=None, device=CPU, precision=precision, seed=0)
 
 
 def test_random_hf_dir_holds_the_canonical_weights_and_a_matching_tokenizer(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, ModelConfig
+from .kernels.fp8 import FP8_DTYPES, quantize_rows
 from .shapes import hf_param_shape
 
 # HF LlamaForCausalLM name -> our name; {i} is the layer index.
@@ -138,11 +139,13 @@ def unreadable_file_errors() -> tuple[type[BaseException], ...]:
 def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_native: bool, source: str):
     """Copy (HF name, tensor) pairs into ``model``'s parameters, converting dtype/device on the way.
     ``to_native``: map names through ``hf_to_native`` (our engine) or use them as they are (HF model).
-    Fails naming the source on a missing, unexpected or mis-shaped tensor."""
+    A parameter stored in FP8 (Llama.store_fp8) gets the tensor quantized per output channel, its scales written to
+    the buffer ``<name>_scale``. Fails naming the source on a missing, unexpected or mis-shaped tensor."""
     from tqdm.auto import tqdm
 
     # every name a parameter answers to, tied aliases included (lm_head.weight when it is the embedding)
     params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())  # an FP8 weight's scales: <name>_scale beside it
     seen: set[int] = set()
     # a bar only on a terminal (disable=None): a 7B checkpoint takes tens of seconds to read
     for hf_name, t in tqdm(tensors, total=len(params), desc=f"load {source}", unit="tensor", disable=None,
@@ -162,7 +165,12 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
             raise ConfigError(f"{source}: {hf_name} has shape {tuple(t.shape)}, the config says {tuple(p.shape)}; "
                               "does config.json match the weights?")
         with torch.no_grad():
-            p.copy_(t)
+            if p.dtype in FP8_DTYPES:  # quantized on its device, one tensor at a time (kernels/fp8.py)
+                q, scale = quantize_rows(t.to(p.device), p.dtype)
+                p.copy_(q)
+                buffers[name + "_scale"].copy_(scale.view(-1))
+            else:
+                p.copy_(t)
         seen.add(id(p))
     missing = [n for n, p in params.items() if id(p) not in seen and ".lora_" not in n]
     if missing:

@@ -22,7 +22,8 @@ from .precision import PRECISIONS
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--precision": ("precision", str, "fp32 (true fp32), tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 "
-                    "weights + GradScaler) or bf16"),
+                    "weights + GradScaler), bf16, or fp8 (the blocks' frozen projections in FP8, forward and input-gradient "
+                    "GEMMs in FP8; Ada/Hopper GPUs, emulated on a CPU)"),
     "--batch-size": ("batch_size", int, "local batch size (packed sequences per micro-batch per chip)"),
     "--seq-len": ("seq_len", int, "tokens per packed sequence"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimiser step"),
@@ -42,7 +43,7 @@ LORA_FLAGS = {
     "--lora-targets": ("targets", lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
                        "comma-separated projections, e.g. q_proj,v_proj"),
 }
-NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask")
+NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask", "fp8_grad")
 """NativeOptions fields, each a flag of the same name (kebab-case)."""
 
 
@@ -53,7 +54,7 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="random: exact architecture with random weights made on the device (no weight files)")
     g.add_argument("--model", dest="model_preset", help="shape preset for --init random without --model-dir "
-                   "(llama2-7b, llama2-13b, tiny)")
+                   "(llama2-7b, llama2-13b, llama2-70b, tiny)")
     g.add_argument("--engine", default="native", help="native (ours, default), reference (transformers + PEFT, the "
                    "seed's stack), reference+liger, reference+compile, unsloth or unsloth-fp8 (Unsloth's stack, "
                    "CUDA only)")
@@ -64,6 +65,7 @@ def _add_model_flags(p: argparse.ArgumentParser):
 
 def _add_native_flags(p: argparse.ArgumentParser):
     from .engines.native import COMPILE_MODES
+    from .kernels.fp8 import GRAD_FORMATS
 
     g = p.add_argument_group("native engine tuning", "defaults follow the precision and device (measured on an "
                              "H200; see NativeOptions); result.json records what ran")
@@ -78,6 +80,8 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "(reduce-overhead: CUDA graphs; default: torch's default)")
     g.add_argument("--dropout-mask", choices=MASK_IMPLS, help="how adapters draw dropout masks (default philox16: "
                    "a Triton kernel on a GPU, torch's Bernoulli kernel on a CPU)")
+    g.add_argument("--fp8-grad", choices=tuple(GRAD_FORMATS), help="--precision fp8: the FP8 format input "
+                   "gradients are quantized to, per token, for their GEMMs (default e4m3)")
 
 
 def native_options(a):
@@ -331,7 +335,8 @@ def bench_overrides(a) -> list[str]:
     for flag, v in (("--precision", a.precision), ("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
                     ("--lora-r", a.lora_r), ("--lora-alpha", a.lora_alpha), ("--lora-targets", a.lora_targets),
                     ("--lr", a.lr), ("--attn", a.attn), ("--attention", a.attention),
-                    ("--compile-mode", a.compile_mode), ("--dropout-mask", a.dropout_mask)):
+                    ("--compile-mode", a.compile_mode), ("--dropout-mask", a.dropout_mask),
+                    ("--fp8-grad", a.fp8_grad)):
         if v is not None:
             out += [flag, str(v)]
     for flag, v in (("fused-projections", a.fused_projections), ("compile", a.compile)):

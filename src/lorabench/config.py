@@ -116,6 +116,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(),
     "llama2-13b": ModelConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                               num_attention_heads=40, num_key_value_heads=40),
+    # Llama-2-70B: 80 layers, hidden 8192, 64 heads over 8 KV heads, intermediate 28672, vocab 32000 (its published
+    # config.json; the FP8 issue's shape).
+    "llama2-70b": ModelConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                              num_attention_heads=64, num_key_value_heads=8),
     # The bundled tiny model (src/lorabench/assets/tiny-llama); grouped-query attention on purpose so the
     # parity tests cover it.
     "tiny": ModelConfig(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
@@ -161,8 +165,8 @@ class TrainConfig:
 
     precision: str = "fp32"
     """A name of precision.PRECISIONS: fp32 (weights and math in fp32), tf32 (fp32 weights, TF32 matmuls), fp16
-    (fp16 weights + GradScaler, as FlagPerf's model.half()), bf16 (bf16 weights). Adapter weights stay fp32, as
-    PEFT keeps them."""
+    (fp16 weights + GradScaler, as FlagPerf's model.half()), bf16 (bf16 weights), fp8 (bf16 with the blocks'
+    frozen projections in FP8). Adapter weights stay fp32, as PEFT keeps them."""
     batch_size: int = 2
     """Local batch size (LBS): packed sequences per micro-batch per chip."""
     seq_len: int = 512
@@ -234,6 +238,8 @@ TRAIN_PRESETS: dict[str, Preset] = {
     # The first row's shape in true fp32 (no TF32 anywhere).
     "fp32": Preset(TrainConfig(precision="fp32", batch_size=2, seq_len=512), fix_hp="true fp32 (no TF32)"),
     "bf16": Preset(TrainConfig(precision="bf16", batch_size=4, seq_len=512), fix_hp="precision=bf16, local_batchsize=4"),
+    # bf16's row with the blocks' frozen projections in FP8 (precision.py, kernels/fp8.py).
+    "fp8": Preset(TrainConfig(precision="fp8", batch_size=4, seq_len=512), fix_hp="precision=fp8, local_batchsize=4"),
     # The bundled tiny default: short sequences and a larger lr so that a CPU run shows learning in seconds.
     "tiny": Preset(TrainConfig(precision="fp32", batch_size=8, seq_len=128, epochs=2, lr=2e-3, warmup_steps=2,
                                eval_batches=None),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, LoRAConfig
 from .kernels.dropout import keep_mask
+from .kernels.fp8 import WEIGHT_FORMAT, dequantize, frozen_linear
 
 
 class Adapter(abc.ABC):
@@ -46,7 +47,7 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def merged_weight(self) -> torch.Tensor:
-        """The frozen weight with the adapter folded in, in the base dtype."""
+        """The frozen weight with the adapter folded in, in the base dtype (bf16 for an FP8 weight)."""
 
 
 class LoRALinear(Adapter, nn.Module):
@@ -64,6 +65,8 @@ class LoRALinear(Adapter, nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
         self.r, self.scale, self.dropout = r, alpha / r, dropout
         self.salt = salt  # distinct for adapters of one block that read the same input (kernels/dropout.py)
+        self.register_buffer("weight_scale", None, persistent=False)  # per-channel scales of an FP8 weight
+        self.grad_dtype = WEIGHT_FORMAT  # the FP8 format of the input gradient of an FP8 weight
         if dev.type != "meta":
             self.reset_adapter()
 
@@ -73,8 +76,15 @@ class LoRALinear(Adapter, nn.Module):
             self.lora_A.uniform_(-bound, bound)
             self.lora_B.zero_()
 
+    def store_fp8(self, grad_dtype: torch.dtype):
+        """Hold the frozen weight in FP8 with per-channel scales (kernels/fp8.py), filled when it is loaded."""
+        w = self.weight
+        self.weight = nn.Parameter(torch.empty(w.shape, dtype=WEIGHT_FORMAT, device=w.device), requires_grad=False)
+        self.weight_scale = torch.ones(self.out_features, dtype=torch.float32, device=w.device)
+        self.grad_dtype = grad_dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = frozen_linear(x, self.weight, self.weight_scale, self.grad_dtype)
         return y + self.delta(x) if self.enabled else y
 
     def adapter_params(self) -> tuple[nn.Parameter, nn.Parameter]:
@@ -89,7 +99,9 @@ class LoRALinear(Adapter, nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B A in the base dtype (for export and the merge invariant)."""
-        return (self.weight.float() + self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+        if self.weight_scale is None:
+            return (self.weight.float() + self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+        return (dequantize(self.weight, self.weight_scale) + self.scale * (self.lora_B @ self.lora_A)).bfloat16()
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, dropout={self.dropout}"

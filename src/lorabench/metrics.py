@@ -12,9 +12,9 @@ from .precision import Precision
 
 # Dense datasheet peaks in TFLOP/s (REFERENCE section 3). Keys are matched against the CUDA device name.
 PEAK_TFLOPS = {
-    "H100": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},  # SXM
-    "H200": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
-    "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},  # SXM
+    "H100": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9},  # SXM
+    "H200": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},  # SXM; no FP8 tensor cores
 }
 # FlagPerf's MFU: tokens/s * 2 * 7e9 / 1.56e14 (the A100 TF32 peak), literally these constants on every card and
 # precision (REFERENCE 1): 4,017 tok/s gives 36.05%, the seed's 36.1%.
@@ -33,7 +33,7 @@ def peak_flops(device_name: str | None, precision: Precision, override_tflops: f
         return None  # different clocks and peaks than the SXM part; give --peak-tflops
     for key, table in PEAK_TFLOPS.items():
         if key in name:
-            return table[precision.peak_key] * 1e12
+            return table[precision.peak_key] * 1e12 if precision.peak_key in table else None
     return None
 
 

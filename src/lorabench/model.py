@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kernels.attention import ATTENTION_IMPLS, attend, sdpa_priority
 from .kernels.cross_entropy import frozen_head_cross_entropy
-from .lora import Adapter
-from .shapes import projection_shapes
+from .kernels.fp8 import WEIGHT_FORMAT, fp8_linear
+from .lora import Adapter, LoRALinear
+from .shapes import PROJECTIONS, projection_shapes
 
 
 class RMSNorm(nn.Module):
@@ -43,6 +44,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x [B, H, T, D] by position: x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Fp8Linear(nn.Module):
+    """A frozen bias-free projection stored in float8 e4m3 with one fp32 scale per output channel; forward and
+    input gradient run as FP8 GEMMs (kernels/fp8.py). Its weights arrive quantized through checkpoint.load_into."""
+
+    def __init__(self, in_features: int, out_features: int, grad_dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.grad_dtype = in_features, out_features, grad_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=WEIGHT_FORMAT, device=device),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3, per-channel scales"
 
 
 class Attention(nn.Module):
@@ -204,6 +224,22 @@ class Llama(nn.Module):
         for layer in self.layers:
             fuse_weights(layer.attn, ("q_proj", "k_proj", "v_proj"), "qkv_weight")
             fuse_weights(layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight", interleave=True)
+
+    def store_fp8(self, grad_dtype: torch.dtype):
+        """Every decoder block's seven projections held in FP8 (adapted ones keep their adapters); embeddings,
+        norms and lm_head stay in the model's dtype. Call on the meta device, before the weights are loaded, so
+        the full-precision model never exists (checkpoint.load_into quantizes each tensor as it arrives)."""
+        if self.compiled_layers is not None or self.layers[0].attn.qkv_weight is not None:
+            raise RuntimeError("store_fp8 goes before fuse_projections and compile_blocks")
+        for layer in self.layers:
+            for mod in (layer.attn, layer.mlp):
+                for name in PROJECTIONS:
+                    child = getattr(mod, name, None)
+                    if isinstance(child, LoRALinear):
+                        child.store_fp8(grad_dtype)
+                    elif isinstance(child, nn.Linear):
+                        setattr(mod, name, Fp8Linear(child.in_features, child.out_features, grad_dtype,
+                                                     device=child.weight.device))
 
     def compile_blocks(self, mode: str | None = None):
         """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has

@@ -6,7 +6,8 @@ loss is scaled (GradScaler), and which column of the peak-FLOPs table MFU divide
 strings.
 
 No precision autocasts: fp16 and bf16 store the frozen base in that dtype (FlagPerf's ``model.half()``) and the
-native engine computes its adapter path in the activations' dtype over fp32 master weights (lora.py).
+native engine computes its adapter path in the activations' dtype over fp32 master weights (lora.py). fp8 stores
+the blocks' frozen projections in float8 e4m3 and runs everything else as bf16 does.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ class Precision:
     """The column of metrics.PEAK_TFLOPS that this precision's matmuls run at."""
     needs_cuda: bool = False
     """Only meaningful on a CUDA device (TF32 is an NVIDIA tensor-core mode)."""
+    fp8_weights: bool = False
+    """The decoder blocks' frozen projections are stored in FP8 with per-channel scales and their forward and
+    input-gradient GEMMs run in FP8 (kernels/fp8.py; emulated off CUDA); ``dtype`` is then the activations',
+    the embeddings' and lm_head's."""
 
     @contextmanager
     def matmul_mode(self):
@@ -50,6 +55,12 @@ class Precision:
         if self.needs_cuda and device.type != "cuda":
             raise ConfigError(f"--precision {self.name} needs a CUDA device (TF32 is a GPU matmul mode); "
                               "use --precision fp32 on this device")
+        if self.fp8_weights:
+            from .kernels.fp8 import fp8_gemm_supported
+
+            why = fp8_gemm_supported(device)
+            if why:
+                raise ConfigError(why)
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -57,6 +68,7 @@ PRECISIONS: dict[str, Precision] = {
     "tf32": Precision("tf32", torch.float32, tf32=True, peak_key="tf32", needs_cuda=True),
     "fp16": Precision("fp16", torch.float16, grad_scaler=True, peak_key="fp16"),
     "bf16": Precision("bf16", torch.bfloat16, peak_key="bf16"),
+    "fp8": Precision("fp8", torch.bfloat16, peak_key="fp8", fp8_weights=True),
 }
 
 

@@ -226,6 +226,19 @@ def rounds_cell(row: dict) -> str:
     return f"{100 * row['rounds_spread']:.1f}% ({sum(1 for t in tps if t)}/{len(tps)})"
 
 
+def _cannot_run(engine: str, preset: str, overrides: list[str]) -> str | None:
+    """Why ``engine`` cannot run ``preset``'s precision (or the --precision among ``overrides``), else None."""
+    from ..config import TRAIN_PRESETS
+    from ..engines import precision_problem
+    from ..precision import get_precision
+
+    if preset not in TRAIN_PRESETS:
+        return None  # the row itself reports the unknown preset
+    name = overrides[overrides.index("--precision") + 1] if "--precision" in overrides else \
+        TRAIN_PRESETS[preset].train.precision
+    return precision_problem(engine, get_precision(name))
+
+
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
               run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True,
               batch_sizes: list[int | None] = (None,), rounds: int = 1):
@@ -237,6 +250,11 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
         for preset in presets:
             for lbs in batch_sizes:
                 for engine in engines:
+                    why = _cannot_run(engine, preset, overrides)
+                    if why:
+                        if k == 1 and lbs == batch_sizes[0]:
+                            log(f"bench: {engine} / {preset} skipped: {why}", flush=True)
+                        continue
                     name = (f"{engine} / {preset}" + (f" / LBS {lbs}" if lbs else "")
                             + (f" / round {k} of {rounds}" if rounds > 1 else ""))
                     log(f"bench: {name} ...", flush=True)

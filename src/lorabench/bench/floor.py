@@ -7,7 +7,8 @@ available (SDPA's flash, cuDNN and memory-efficient kernels, plain matmuls, and 
 is timed and reported). Each GEMM shape is timed on its own with CUDA events (median of repeats after warm-up) and
 multiplied by how often a step runs it; attention by its kernels' busy time (``work_time``: timed alone, its small
 kernels would otherwise wait on the host). Adapters, norms, RoPE, SwiGLU, the loss and the optimizer are left out, so
-real training cannot reach this number; the gap to it is what an engine still wastes.
+real training cannot reach this number; the gap to it is what an engine still wastes. For fp8 the blocks' GEMMs are
+cuBLASLt's rowwise-scaled FP8 GEMMs (their quantizations left out, like the norms), lm_head and attention bf16.
 ``lorabench bench`` prints it beside the engines' rows; ``benchmarks/floor.py`` prints it alone.
 """
 from __future__ import annotations
@@ -98,20 +99,39 @@ def attention_times(cfg: ModelConfig, batch: int, seq: int, dtype) -> dict[str, 
     return out
 
 
-def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16) -> dict:
-    """The floor of one step of ``batch`` x ``seq`` tokens in ``dtype`` (TF32 as the caller has set it)."""
+def _pair_time(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, fp8: bool) -> float:
+    """Seconds of one frozen matrix's forward GEMM (x w^T) and input-gradient GEMM (dy w): in x's dtype, or as
+    rowwise-scaled FP8 GEMMs (the operands quantized beforehand and w^T made contiguous beforehand: the floor
+    counts GEMMs only)."""
+    if not fp8:
+        return timed(lambda: x @ w.t()) + timed(lambda: dy @ w)
+    from ..kernels.fp8 import quantize_rows
+
+    xq, xs = quantize_rows(x)
+    wq, ws = quantize_rows(w)
+    gq, gs = quantize_rows(dy, multiplier=ws.view(1, -1))
+    wt, ones = wq.t().contiguous(), torch.ones(1, w.shape[1], device=w.device)
+    return (timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=x.dtype))
+            + timed(lambda: torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=ones, out_dtype=x.dtype)))
+
+
+def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16, fp8: bool = False) -> dict:
+    """The floor of one step of ``batch`` x ``seq`` tokens in ``dtype`` (TF32 as the caller has set it); ``fp8``:
+    the blocks' frozen GEMMs in FP8 (lm_head and attention stay in ``dtype``, as --precision fp8 runs them)."""
     import warnings
 
     n = batch * seq
     total, flops = 0.0, 0.0
-    for i, outs, count in gemm_groups(cfg):
+    groups = gemm_groups(cfg)
+    for g, (i, outs, count) in enumerate(groups):
+        in_fp8 = fp8 and g < len(groups) - 1  # the last group is lm_head
         x = torch.randn(n, i, device="cuda", dtype=dtype)
         w = torch.randn(sum(outs), i, device="cuda", dtype=dtype) * 0.02
         dy = torch.randn(n, sum(outs), device="cuda", dtype=dtype)
-        fused = timed(lambda: x @ w.t()) + timed(lambda: dy @ w)
+        fused = _pair_time(x, w, dy, in_fp8)
         if len(outs) > 1:  # or one GEMM per matrix, whichever is faster on this card
-            parts = [(wp, dyp.contiguous()) for wp, dyp in zip(w.split(outs), dy.split(outs, dim=1))]
-            fused = min(fused, sum(timed(lambda: x @ wp.t()) + timed(lambda: dyp @ wp) for wp, dyp in parts))
+            parts = [(wp.contiguous(), dyp.contiguous()) for wp, dyp in zip(w.split(outs), dy.split(outs, dim=1))]
+            fused = min(fused, sum(_pair_time(x, wp, dyp, in_fp8) for wp, dyp in parts))
         total += count * fused
         flops += count * 2 * (2 * n * i * sum(outs))
         del x, w, dy
@@ -126,7 +146,7 @@ def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16) -> dict:
 
 
 def floor_for_precision(cfg: ModelConfig, batch: int, seq: int, precision: str) -> dict:
-    """The floor for a training precision (fp32, tf32, fp16, bf16), TF32 on only for tf32."""
+    """The floor for a training precision (fp32, tf32, fp16, bf16, fp8), TF32 on only for tf32."""
     p = get_precision(precision)
     with p.matmul_mode():
-        return {**floor(cfg, batch, seq, p.dtype), "precision": precision}
+        return {**floor(cfg, batch, seq, p.dtype, fp8=p.fp8_weights), "precision": precision}

@@ -15,9 +15,22 @@ from ..precision import Precision, get_precision
 from .base import Engine, canonical_adapters
 from .native import NativeOptions
 
-__all__ = ["ENGINES", "Engine", "NativeOptions", "build_engine", "canonical_adapters"]
+__all__ = ["ENGINES", "Engine", "NativeOptions", "build_engine", "canonical_adapters", "precision_problem"]
 
 ENGINES = ("native", "reference", "reference+liger", "reference+compile", "unsloth", "unsloth-fp8")
+
+
+def precision_problem(name: str, precision: Precision) -> str | None:
+    """Why engine ``name`` cannot run ``precision`` (None if it can): FP8 weights are the native engine's and
+    Unsloth's ``load_in_fp8`` (``unsloth-fp8``), which in turn runs nothing else, so a row's precision always says
+    what its weights were."""
+    if precision.fp8_weights and name not in ("native", "unsloth-fp8"):
+        return (f"--engine {name} has no FP8 weights; --precision fp8 runs on native and unsloth-fp8 "
+                "(Unsloth's load_in_fp8)")
+    if name == "unsloth-fp8" and not precision.fp8_weights:
+        return (f"--engine unsloth-fp8 is Unsloth's FP8 weights (load_in_fp8); run it with --precision fp8 "
+                f"(preset fp8), not {precision.name}")
+    return None
 
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
@@ -28,6 +41,9 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
     are resolved for the precision and device: NativeOptions.resolve); ``attn``: the plain reference engine's
     attention (eager or sdpa)."""
     precision = get_precision(precision) if isinstance(precision, str) else precision
+    why = precision_problem(name, precision) if name in ENGINES else None
+    if why:
+        raise ConfigError(why)
     if name == "native":
         from .native import NativeEngine
 

@@ -16,9 +16,11 @@ from ..checkpoint import hf_to_native, iter_checkpoint, load_into, native_to_hf,
 from ..config import ConfigError, LoRAConfig, ModelConfig
 from ..kernels.attention import ATTENTION_IMPLS
 from ..kernels.dropout import MASK_IMPLS
+from ..kernels.fp8 import GRAD_FORMATS, fp8_shape_problems
 from ..lora import inject_lora, lora_modules, set_mask_impl
 from ..model import Llama
 from ..precision import Precision
+from ..shapes import projection_shapes
 from .base import Engine, canonical_adapters
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -52,9 +54,13 @@ class NativeOptions:
     """How adapters draw dropout masks, one of kernels.dropout.MASK_IMPLS (default philox16: a Triton kernel,
     eight mask elements per Philox call, on a CPU torch's Bernoulli kernel; inline measured 0.7% slower at bf16
     LBS 16 on an H200, 2026-11-28)."""
+    fp8_grad: str | None = None
+    """Under --precision fp8, the FP8 format the input gradients are quantized to (per row) for their GEMMs, one of
+    kernels.fp8.GRAD_FORMATS (default e4m3; see kernels/fp8.py)."""
 
     def __post_init__(self):
         for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
+                                      ("fp8-grad", self.fp8_grad, tuple(GRAD_FORMATS)),
                                       ("compile-mode", self.compile_mode, COMPILE_MODES),
                                       ("dropout-mask", self.dropout_mask, MASK_IMPLS)):
             if value is not None and value not in choices:
@@ -63,6 +69,11 @@ class NativeOptions:
     def resolve(self, precision: Precision, device: torch.device) -> "NativeOptions":
         """These options with every None replaced by the default for ``precision`` on ``device``."""
         gpu = device.type == "cuda"
+        if precision.fp8_weights and self.fused_projections:
+            raise ConfigError("--fused-projections does not apply to --precision fp8 (each FP8 projection keeps "
+                              "its own per-channel scales); leave it off")
+        if self.fp8_grad is not None and not precision.fp8_weights:
+            raise ConfigError(f"--fp8-grad applies to --precision fp8 only, not {precision.name}")
         return replace(
             self,
             attention=self.attention or (GPU_ATTENTION.get(precision.name, "sdpa") if gpu else "sdpa"),
@@ -70,6 +81,7 @@ class NativeOptions:
             compile=gpu if self.compile is None else self.compile,
             compile_mode=self.compile_mode or "default",
             dropout_mask=self.dropout_mask or MASK_IMPLS[0],
+            fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_weights else None,
         )
 
 
@@ -81,9 +93,16 @@ class NativeEngine(Engine):
                  options: NativeOptions):
         """``options`` resolved (NativeOptions.resolve; build_engine does it)."""
         self.model_cfg, self.lora_cfg, self.model_dir, self.options = model_cfg, lora, model_dir, options
+        self.device = torch.device(device)
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)
         inject_lora(model, lora)
+        if options.fp8_grad is not None:  # --precision fp8: the blocks' projections in FP8 before any is loaded
+            bad = fp8_shape_problems(projection_shapes(model_cfg)) if self.device.type == "cuda" else []
+            if bad:
+                raise ConfigError(f"--precision fp8 on a GPU needs projection sizes that are multiples of 16 "
+                                  f"(cuBLASLt's FP8 GEMMs); this model has {', '.join(bad)}")
+            model.store_fp8(GRAD_FORMATS[options.fp8_grad])
         set_mask_impl(model, options.dropout_mask)
         model.to_empty(device=device)
         if model_cfg.tie_word_embeddings:
@@ -129,8 +148,12 @@ class NativeEngine(Engine):
             self.model.eval_graph_enabled = before
 
     def describe(self) -> dict:
-        return {**asdict(self.options), "numerics": "adapters: fp32 master weights, computed in the activations' "
-                "dtype; no autocast"}
+        numerics = "adapters: fp32 master weights, computed in the activations' dtype; no autocast"
+        if self.options.fp8_grad is not None:
+            gemm = "cuBLASLt rowwise-scaled FP8 GEMMs" if self.device.type == "cuda" else "FP8 GEMMs emulated in fp32"
+            numerics += (f"; block projections e4m3 with per-channel scales, activations per token e4m3, input "
+                         f"gradients per token {self.options.fp8_grad}, {gemm}; embeddings, norms, lm_head bf16")
+        return {**asdict(self.options), "numerics": numerics}
 
     def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {native_to_hf(n): m.adapter_params() for n, m in lora_modules(self.model).items()}

@@ -1,0 +1,107 @@
+"""FP8 GEMMs at the frozen shapes of a Llama step on this GPU: bf16 vs FP8 (rowwise and tensorwise scales), the
+input-gradient GEMM with e4m3 or e5m2 gradients, the just-in-time weight transpose, and one projection's quantize +
+GEMM forward and backward, eager and compiled, with the norm that produces its input.
+
+    PYTHONPATH=src python benchmarks/fp8_gemm.py [--model llama2-7b] [--tokens 8192]
+
+Prints one table (ms and TFLOP/s, median of 20 timed runs after 5 warm-up).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from lorabench.config import MODEL_PRESETS
+from lorabench.kernels.fp8 import fp8_linear, quantize_rows
+from lorabench.shapes import projection_shapes
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def timed(fn, reps: int = 20, warm: int = 5) -> float:
+    """Median ms of ``fn()`` over ``reps`` runs (CUDA events)."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def row(name: str, ms: float, flops: float | None = None):
+    tf = f"{flops / ms / 1e9:,.0f}" if flops else ""
+    print(f"| {name} | {ms:.3f} | {tf} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--tokens", type=int, default=8192)
+    a = ap.parse_args()
+    cfg, m, dev = MODEL_PRESETS[a.model], a.tokens, torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {a.model}, M = {m} tokens")
+    print("| op | ms | TFLOP/s |\n|---|---|---|")
+    seen = set()
+    for proj, (k, n) in projection_shapes(cfg).items():
+        if (k, n) in seen:
+            continue
+        seen.add((k, n))
+        fl = 2 * m * k * n
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        wq, ws = quantize_rows(w)
+        ws = ws.view(-1)
+        xq, xs = quantize_rows(x)
+        wt = wq.t().contiguous()
+        tag = f"{proj} {k}->{n}"
+        row(f"{tag} bf16 fwd x W^T", timed(lambda: F.linear(x, w)), fl)
+        row(f"{tag} bf16 dx = g W", timed(lambda: g @ w), fl)
+        row(f"{tag} fp8 rowwise fwd", timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1),
+                                                                      out_dtype=torch.bfloat16)), fl)
+        one = torch.ones((), device=dev)
+        row(f"{tag} fp8 tensorwise fwd", timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
+                                                                         out_dtype=torch.bfloat16)), fl)
+        ones_k = torch.ones(1, k, device=dev)
+        for fmt, dt in (("e4m3", E4M3), ("e5m2", E5M2)):
+            gq, gs = quantize_rows(g, dt, multiplier=ws)
+            try:
+                row(f"{tag} fp8 rowwise dx, grad {fmt}",
+                    timed(lambda: torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=ones_k, out_dtype=torch.bfloat16)),
+                    fl)
+            except RuntimeError as e:
+                print(f"| {tag} fp8 rowwise dx, grad {fmt} | unsupported: {str(e).splitlines()[0][:80]} | |")
+        row(f"{tag} transpose Wq, eager contiguous()", timed(lambda: wq.t().contiguous()))
+        ct = torch.compile(lambda t: t.t().contiguous())
+        row(f"{tag} transpose Wq, compiled", timed(lambda: ct(wq)))
+        row(f"{tag} quantize x rowwise, eager", timed(lambda: quantize_rows(x)))
+        cq = torch.compile(quantize_rows)
+        row(f"{tag} quantize x rowwise, compiled", timed(lambda: cq(x)))
+
+        norm_w = torch.rand(k, device=dev, dtype=torch.bfloat16) + 0.5
+
+        def layer(h, fp8: bool):
+            hn = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype) * norm_w
+            return fp8_linear(hn, wq, ws) if fp8 else F.linear(hn, w)
+
+        for fp8 in (False, True):
+            for compiled in (False, True):
+                f = torch.compile(layer) if compiled else layer
+                h = x.clone().requires_grad_()
+
+                def step():
+                    f(h, fp8).backward(g)
+
+                row(f"{tag} norm + {'fp8' if fp8 else 'bf16'} linear fwd+bwd, {'compiled' if compiled else 'eager'}",
+                    timed(step), 2 * fl)
+
+
+if __name__ == "__main__":
+    main()

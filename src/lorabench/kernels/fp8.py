@@ -1,0 +1,131 @@
+"""FP8 frozen projections: rowwise quantization and the scaled GEMMs of the forward and of the input gradient.
+
+A frozen weight W [out, in] is stored once, in float8 e4m3, with one fp32 scale per output channel (row):
+``W ~ Wq * s_w[:, None]``, s_w = amax(|W row|) / 448, so each row's largest weight lands on e4m3's largest value
+and no weight saturates. Per-channel scales keep an outlier row from coarsening every other row (one tensorwise
+scale would) and, unlike blockwise scales, still factor out of both GEMMs of a step:
+
+- forward, y = x W^T: x is quantized per row (token), ``y = (xq Wq^T) * s_x[:, None] * s_w[None, :]``: cuBLASLt's
+  rowwise-scaled FP8 GEMM (``torch._scaled_mm`` with a [M, 1] and a [1, N] scale), fp32 accumulation, the scales
+  applied in its epilogue, bf16 out.
+- input gradient, dx = dy W = (dy * s_w[None, :]) Wq: the weight's scales run along the reduction, so they are
+  folded into the gradient before it is quantized per row; the GEMM's second scale is then 1. Hopper's FP8 GEMMs
+  read both operands K-major, so Wq^T is written contiguous just before the GEMM (one stored copy of the weight: a
+  70B model has no room for two).
+
+The gradient is quantized to e4m3 by default (``GRAD_FORMATS``: the per-row scale covers the range that e5m2's
+extra exponent bits would; the choice is measured in benchmarks/NOTES.md). Quantization is plain tensor code: in
+the compiled blocks Inductor fuses it into the kernels that produce the activations and gradients (the norms,
+SwiGLU, attention's output projection input, and their backward counterparts) rather than as passes of their own.
+
+Off CUDA the GEMMs are emulated exactly as the GPU defines them: the FP8 values (exact in fp32) multiplied in fp32,
+then scaled, then rounded to the output dtype; the tests check this emulation against float64 and
+benchmarks/gpu_check.py checks cuBLASLt's kernels against it.
+"""
+from __future__ import annotations
+
+import torch
+
+GRAD_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+"""FP8 formats the input gradient can be quantized to (``--fp8-grad``)."""
+WEIGHT_FORMAT = torch.float8_e4m3fn
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an FP8 format: 448 (e4m3fn), 57344 (e5m2)."""
+    return float(torch.finfo(dtype).max)
+
+
+def cast_fp8(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` (already divided by its scale) rounded to ``dtype``, saturating at the format's largest finite value:
+    e4m3fn has no infinity, and a value past 448 would become NaN (past 57344, e5m2's infinity)."""
+    top = fp8_max(dtype)
+    return v.clamp(-top, top).to(dtype)
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT, multiplier: torch.Tensor | None = None):
+    """x [..., K] (times ``multiplier``, broadcast along K, when given) as (q [..., K] in ``dtype``, scale [..., 1]
+    fp32) with x ~ q * scale. Each row's scale is its amax / the format's max; a row of zeros gets scale 1 (and
+    zeros), never a division by zero; the cast saturates (``cast_fp8``)."""
+    xf = x.float()
+    if multiplier is not None:
+        xf = xf * multiplier
+    top = fp8_max(dtype)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    return cast_fp8(xf / scale, dtype), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q * scale in fp32 (``scale`` [..., 1] per row, or [out] for a stored weight)."""
+    if scale.dim() == 1:
+        scale = scale[:, None]
+    return q.float() * scale
+
+
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """(a b^T) * a_scale * b_scale^T rounded to ``out_dtype``: a [M, K] and b [N, K] FP8, row-major; a_scale
+    [M, 1], b_scale [N] fp32. On CUDA cuBLASLt's rowwise-scaled FP8 GEMM, elsewhere its emulation (fp32 products of
+    the exact FP8 values, then the scales)."""
+    if a.is_cuda:
+        return torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=out_dtype)
+    return ((a.float() @ b.float().t()) * a_scale * b_scale.view(1, -1)).to(out_dtype)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T with W = Wq * s_w; saves nothing but the weight (no weight gradient: W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, wq, w_scale, grad_dtype):
+        lead = x.shape[:-1]
+        xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
+        y = scaled_mm(xq, xs, wq, w_scale, x.dtype)
+        ctx.save_for_backward(wq, w_scale)
+        ctx.grad_dtype = grad_dtype
+        return y.view(*lead, wq.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        wq, w_scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        lead = gy.shape[:-1]
+        gq, gs = quantize_rows(gy.reshape(-1, gy.shape[-1]), ctx.grad_dtype, multiplier=w_scale)
+        ones = torch.ones(wq.shape[1], device=gy.device, dtype=torch.float32)
+        gx = scaled_mm(gq, gs, wq.t().contiguous(), ones, gy.dtype)
+        return gx.view(*lead, wq.shape[1]), None, None, None
+
+
+def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+               grad_dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """x W^T for a frozen FP8 weight (``wq`` [out, in], ``w_scale`` [out]), in x's dtype, FP8 in both directions."""
+    return _Fp8Linear.apply(x, wq, w_scale, grad_dtype)
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                  grad_dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """x W^T for a frozen weight stored plainly (``scale`` None) or as FP8 with per-channel scales."""
+    if scale is None:
+        return torch.nn.functional.linear(x, weight)
+    return fp8_linear(x, weight, scale, grad_dtype)
+
+
+def fp8_shape_problems(shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """The projections (name: (in, out)) whose sizes cuBLASLt's FP8 GEMMs cannot take: both must be multiples of
+    16 (the token count may be anything)."""
+    return [f"{name} {i}->{o}" for name, (i, o) in shapes.items() if i % 16 or o % 16]
+
+
+def fp8_gemm_supported(device: torch.device) -> str | None:
+    """None where FP8 GEMMs run on ``device`` (any CPU, emulated; an sm89+ GPU), else why not."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"{torch.cuda.get_device_name(device)} (sm{major}{minor}) has no FP8 tensor cores; "
+                "--precision fp8 needs Ada or Hopper (sm89+)")
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_mm; --precision fp8 needs torch >= 2.4"
+    return None

@@ -13,6 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from lorabench.bench.floor import timed as floor_timed
 from lorabench.config import MODEL_PRESETS
 from lorabench.kernels.fp8 import fp8_linear, quantize_rows
 from lorabench.shapes import projection_shapes
@@ -20,19 +21,9 @@ from lorabench.shapes import projection_shapes
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def timed(fn, reps: int = 20, warm: int = 5) -> float:
-    """Median ms of ``fn()`` over ``reps`` runs (CUDA events)."""
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+def timed(fn) -> float:
+    """Median ms of ``fn()`` over 20 runs after 5 warm-up (CUDA events)."""
+    return 1e3 * floor_timed(fn)
 
 
 def row(name: str, ms: float, flops: float | None = None):

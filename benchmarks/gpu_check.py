@@ -29,12 +29,14 @@ LIMITS = {
     ("compiled_engine", "fp32", "loss"): 1e-6, ("compiled_engine", "fp32", "grad"): 2e-5,  # 0, 3.8e-6
     ("compiled_engine", "tf32", "loss"): 1e-5, ("compiled_engine", "tf32", "grad"): 5e-3,  # 1.35e-6, 1.3e-3
     ("compiled_engine", "bf16", "loss"): 5e-5, ("compiled_engine", "bf16", "grad"): 5e-2,  # 9.0e-6, 1.3e-2
-    # FP8 (provisional until measured twice): cuBLASLt's kernel vs its emulation differs by the order of the fp32
-    # sums and so by at most one bf16 rounding of an output (2^-8 relative) where a sum crosses a rounding
-    # boundary; vs plain bf16, e4m3's 3 mantissa bits (REFERENCE 6b: 3.7e-2 for one product of Gaussians).
-    ("fp8_gemm", "kernel", "fwd"): 4e-3, ("fp8_gemm", "kernel", "dx"): 4e-3,
+    # FP8 (H200, 2026-12-01, two machines; benchmarks/NOTES.md item 38). cuBLASLt's kernel vs its emulation differs
+    # by the order of the fp32 sums, so by one bf16 rounding of an output where a sum crosses a rounding boundary:
+    # measured 5.9-7.1e-4 fwd, 7.0-8.5e-4 dx, bound ~4x. Against plain bf16 the error is e4m3's own (3 mantissa
+    # bits; REFERENCE 6b: 3.7e-2 for one product of Gaussians), not noise: measured 3.7-4.0e-2 fwd, 3.5-5.6e-2 dx
+    # (e4m3, e5m2), bound 1.5x. The compiled fp8 engine vs the fp32 reference: loss 4.1e-5, grad 1.5e-1.
+    ("fp8_gemm", "kernel", "fwd"): 3e-3, ("fp8_gemm", "kernel", "dx"): 3.5e-3,
     ("fp8_gemm", "vs bf16", "fwd"): 6e-2, ("fp8_gemm", "vs bf16", "dx"): 8e-2,
-    ("compiled_engine", "fp8", "loss"): 2e-3, ("compiled_engine", "fp8", "grad"): 2e-1,
+    ("compiled_engine", "fp8", "loss"): 2e-4, ("compiled_engine", "fp8", "grad"): 2e-1,
 }
 MISSES: list[str] = []
 

@@ -28,9 +28,12 @@ def lorabench(args, tmp_path, nproc=1):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path):
-    dp = lorabench(COMMON + ["--grad-accum", "1", "--run-dir", str(tmp_path / "dp")], tmp_path, nproc=2)
-    one = lorabench(COMMON + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision):
+    """fp8 too: each micro-batch's forward and backward is the same computation on a rank as in one process."""
+    prec = ["--precision", precision]
+    dp = lorabench(COMMON + prec + ["--grad-accum", "1", "--run-dir", str(tmp_path / "dp")], tmp_path, nproc=2)
+    one = lorabench(COMMON + prec + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
     assert dp.stdout.count("# lorabench run") == 1  # only rank 0 reports
     r_dp = json.loads((tmp_path / "dp" / "result.json").read_text())
     r_one = json.loads((tmp_path / "one" / "result.json").read_text())

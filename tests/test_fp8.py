@@ -16,7 +16,6 @@ from lorabench.kernels import fp8
 from lorabench.kernels.fp8 import cast_fp8, fp8_linear, quantize_rows, scaled_mm
 from lorabench.train import train_loop
 
-from conftest import SMALL
 
 CPU = torch.device("cpu")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -232,3 +231,27 @@ def test_fp8_options_that_do_not_apply_are_refused(lora_cfg):
     eng = _engine("fp8", lora_cfg, native=NativeOptions(fp8_grad="e5m2"))
     assert eng.model.layers[0].mlp.up_proj.grad_dtype == E5M2 and "e5m2" in eng.describe()["numerics"]
 
+
+
+def test_fp8_run_and_eval_on_the_cli(tmp_path, monkeypatch):
+    """The CLI end to end in fp8 on a CPU: a short run of the bundled tiny model with its MMLU sample (scored in
+    fp8), then `eval` of the adapter it wrote, also in fp8; the settings recorded say what ran."""
+    import json
+
+    from lorabench.cli import main
+
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["run", "--no-progress", "--device", "cpu", "--precision", "fp8", "--max-steps", "3",
+                 "--run-dir", str(run)]) == 0
+    r = json.loads((run / "result.json").read_text())
+    assert r["config"]["precision"] == "fp8" and r["config"]["engine_options"]["fp8_grad"] == "e4m3"
+    assert r["metrics"]["mmlu_questions"] == 40 and 0.0 <= r["metrics"]["mmlu_acc"] <= 1.0
+    assert "emulated" in (run / "report.md").read_text()
+    ev = tmp_path / "eval"
+    assert main(["eval", "--no-progress", "--device", "cpu", "--precision", "fp8", "--adapter", str(run / "adapter"),
+                 "--run-dir", str(ev)]) == 0
+    e = json.loads((ev / "eval.json").read_text())
+    assert e["precision"] == "fp8"
+    # the same weights, adapter and questions in the same precision: the run's own MMLU score
+    assert e["mmlu"]["acc"] == pytest.approx(r["metrics"]["mmlu_acc"], abs=1e-9)

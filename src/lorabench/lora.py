@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import ConfigError, LoRAConfig
 from .kernels.dropout import keep_mask

@@ -154,3 +154,46 @@ def test_hub_dataset_name_goes_through_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match="needs the 'datasets' package"):
         load_split("Samsung/samsum", "train")
+
+
+@pytest.mark.parametrize("ext", [".json", ".jsonl", ".csv"])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, ext):
+    body = {".json": b'[{"dialogue": "a",\n "summary": "caf\xe9"}]',
+            ".jsonl": b'{"dialogue": "a", "summary": "b"}\n{"dialogue": "caf\xe9", "summary": "b"}\n',
+            ".csv": b"dialogue,summary\nhello,world\ncaf\xe9,b\n"}[ext]
+    line = {".json": 2, ".jsonl": 2, ".csv": 3}[ext]
+    f = tmp_path / f"train{ext}"
+    f.write_bytes(body)
+    with pytest.raises(DataError, match=rf"train\{ext}: not UTF-8 text \(byte 0xe9 at line {line}\)"):
+        load_split(f, "train")
+    f.write_bytes(b"\xef\xbb\xbf" + body.replace(b"\xe9", "\u00e9".encode()))  # UTF-8 with a BOM reads
+    assert load_split(f, "train")[0]
+
+
+def test_corrupt_parquet_and_7z_are_one_line_errors(tmp_path):
+    p = tmp_path / "train.parquet"
+    p.write_bytes(b"PAR1 this is not a parquet file")
+    pytest.importorskip("pyarrow")
+    with pytest.raises(DataError, match=r"train.parquet: not a readable parquet file"):
+        load_split(p, "train")
+    pytest.importorskip("py7zr")
+    z = tmp_path / "corpus.7z"
+    z.write_bytes(b"7z\xbc\xaf\x27\x1c" + b"\x00" * 40)
+    with pytest.raises(DataError, match=r"corpus.7z: not a readable 7z archive"):
+        load_split(z, "train")
+
+
+def test_a_garbage_tokenizer_is_a_one_line_error(tmp_path):
+    import shutil
+
+    from lorabench.config import ConfigError
+
+    d = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, d)
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nonsense"}}')
+    with pytest.raises(ConfigError, match=r"tokenizer.json: not a readable tokenizer"):
+        Tokenizer(d)
+    shutil.copy(TINY_MODEL / "tokenizer.json", d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text("{truncated")
+    with pytest.raises(ConfigError, match=r"tokenizer_config.json: not valid JSON"):
+        Tokenizer(d)

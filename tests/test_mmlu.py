@@ -169,6 +169,9 @@ def test_malformed_rows_and_unknown_subjects(tmp_path):
     f.write_text("\n".join(lines[:1] + ["What?,1,2,3,4,E"]) + "\n")
     with pytest.raises(ConfigError, match=r"row 2 answer 'E' is not one of A, B, C, D"):
         load_mmlu(tmp_path / "m")
+    f.write_bytes(lines[0].encode() + b"\nCaf\xe9?,1,2,3,4,A\n")
+    with pytest.raises(ConfigError, match=r"elementary_mathematics_test.csv: not UTF-8 text \(byte 0xe9 at line 2\)"):
+        load_mmlu(tmp_path / "m")
     with pytest.raises(ConfigError, match=r"--subjects: astrology not in"):
         load_mmlu(TINY_MMLU, ["astrology"])
     with pytest.raises(ConfigError, match="nothing: no such folder"):

@@ -59,12 +59,27 @@ def read_file(path: Path) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        return validate(pq.read_table(path).to_pylist(), str(path))
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001  (pyarrow raises ArrowInvalid, OSError and others on a bad file)
+            raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
+        return validate(table.to_pylist(), str(path))
     return parse_bytes(path.read_bytes(), ext, str(path))
 
 
+def decode_utf8(raw: bytes, label: str) -> str:
+    """``raw`` as UTF-8 text (a leading byte-order mark dropped); a DataError naming the file, line and byte
+    otherwise."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{label}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); save the file as "
+                        "UTF-8") from None
+
+
 def parse_bytes(raw: bytes, ext: str, label: str) -> list[dict]:
-    text = raw.decode("utf-8-sig")
+    text = decode_utf8(raw, label)
     if ext == ".json":
         try:
             rows = json.loads(text)
@@ -112,16 +127,22 @@ def _read_7z(path: Path, split: str) -> tuple[list[dict], str]:
     except ImportError:
         raise DataError(f"{path}: reading samsum's corpus.7z needs py7zr (pip install py7zr), "
                         "or unpack it and pass the folder") from None
-    with py7zr.SevenZipFile(path, "r") as z:
-        names = z.getnames()
-        want = [n for n in names if Path(n).stem in SPLITS[split] and Path(n).suffix == ".json"]
-        if not want:
-            if split == "train":
-                raise DataError(f"{path}: no train.json inside (found {', '.join(names)})")
-            return [], str(path)
-        with tempfile.TemporaryDirectory() as tmp:  # extract() works across py7zr versions (read() was removed)
-            z.extract(path=tmp, targets=[want[0]])
-            raw = (Path(tmp) / want[0]).read_bytes()
+    try:
+        with py7zr.SevenZipFile(path, "r") as z:
+            names = z.getnames()
+            want = [n for n in names if Path(n).stem in SPLITS[split] and Path(n).suffix == ".json"]
+            if not want:
+                if split == "train":
+                    raise DataError(f"{path}: no train.json inside (found {', '.join(names)})")
+                return [], str(path)
+            with tempfile.TemporaryDirectory() as tmp:  # extract() works across py7zr versions (no read())
+                z.extract(path=tmp, targets=[want[0]])
+                raw = (Path(tmp) / want[0]).read_bytes()
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001  (py7zr raises Bad7zFile, CrcError, lzma errors, EOFError...)
+        raise DataError(f"{path}: not a readable 7z archive ({type(e).__name__}: {str(e)[:120]}); "
+                        "re-download it or unpack it and pass the folder") from None
     return parse_bytes(raw, ".json", f"{path}:{want[0]}"), f"{path}:{want[0]}"
 
 

@@ -17,7 +17,12 @@ class Tokenizer:
     def __init__(self, model_dir: str | Path):
         d = Path(model_dir)
         cfg_path = d / "tokenizer_config.json"
-        tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(tcfg, dict):
+            raise ConfigError(f"{cfg_path}: expected a JSON object, got {type(tcfg).__name__}")
         self.add_bos = bool(tcfg.get("add_bos_token", True))
         h = hashlib.sha256()
         for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
@@ -27,7 +32,11 @@ class Tokenizer:
         if (d / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as _Fast
 
-            self._tok = _Fast.from_file(str(d / "tokenizer.json"))
+            try:
+                self._tok = _Fast.from_file(str(d / "tokenizer.json"))
+            except Exception as e:  # noqa: BLE001  (tokenizers raises its own Exception type on a bad file)
+                raise ConfigError(f"{d / 'tokenizer.json'}: not a readable tokenizer "
+                                  f"({str(e).splitlines()[0][:120]})") from None
             self._hf = None
             bos, eos = _token_str(tcfg.get("bos_token", "<s>")), _token_str(tcfg.get("eos_token", "</s>"))
             self.bos_id, self.eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)

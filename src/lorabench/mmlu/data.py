@@ -15,6 +15,7 @@ this module.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -85,15 +86,15 @@ def load_mmlu(source: str | Path, subjects: list[str] | None = None, limit: int 
 
 
 def read_csv(path: Path, subject: str) -> list[Question]:
+    from ..data.samsum import decode_utf8  # (a ConfigError naming the file and line on bytes that are not UTF-8)
+
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if len(row) != 6:
-                raise ConfigError(f"{path}: row {i + 1} has {len(row)} fields; expected 6 "
-                                  "(question,A,B,C,D,answer)")
-            if row[5].strip() not in LETTERS:
-                raise ConfigError(f"{path}: row {i + 1} answer {row[5]!r} is not one of A, B, C, D")
-            rows.append(Question(subject, i, row[0], row[1:5], LETTERS.index(row[5].strip())))
+    for i, row in enumerate(csv.reader(io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline=""))):
+        if len(row) != 6:
+            raise ConfigError(f"{path}: row {i + 1} has {len(row)} fields; expected 6 (question,A,B,C,D,answer)")
+        if row[5].strip() not in LETTERS:
+            raise ConfigError(f"{path}: row {i + 1} answer {row[5]!r} is not one of A, B, C, D")
+        rows.append(Question(subject, i, row[0], row[1:5], LETTERS.index(row[5].strip())))
     if not rows:
         raise ConfigError(f"{path}: no rows")
     return rows

@@ -19,6 +19,7 @@ from .kernels.attention import ATTENTION_IMPLS
 from .kernels.dropout import MASK_IMPLS
 from .mmlu.scoring import PREFIX_ATTENTION
 from .precision import PRECISIONS
+from .resume import Interrupted
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--precision": ("precision", str, "fp32 (true fp32), tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 "
@@ -34,6 +35,9 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--lr-gamma": ("lr_gamma", float, "StepLR decay per epoch"),
     "--warmup-steps": ("warmup_steps", int, "steps left out of the timing"),
     "--eval-batches": ("eval_batches", int, "validation batches after training (0 skips)"),
+    "--checkpoint-every": ("checkpoint_every", int, "write a checkpoint (adapter, optimizer, scheduler, RNGs, data "
+                           "position) to <run dir>/checkpoint every N steps; Ctrl-C or SIGTERM always writes one "
+                           "and stops"),
     "--seed": ("seed", int, "seed for random weights, adapter init, shuffling and dropout"),
 }
 LORA_FLAGS = {
@@ -165,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new "
                    "runs/<time>-<preset>-<engine>)")
     o.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
+    o.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the checkpointed run in RUN_DIR (give "
+                   "the run's own flags again; its folder receives the results)")
     o.add_argument("--cache-dir", type=Path, help="packed-data cache (default: $LORABENCH_CACHE or "
                    "~/.cache/lorabench)")
     o.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")
@@ -247,7 +253,7 @@ def cmd_run(a) -> int:
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
               data=data, device=a.device, attn=a.attn or "eager", native=native_options(a),
               peak_tflops=a.peak_tflops, run_dir=a.run_dir, default_run_dir=default_dir, overwrite=a.overwrite,
-              save_adapter=not a.no_save_adapter,
+              save_adapter=not a.no_save_adapter, resume=a.resume,
               cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu,
               precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None)
     from .train import dist_info, init_distributed
@@ -419,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         return 3
+    except Interrupted as e:
+        print(f"lorabench: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("lorabench: interrupted", file=sys.stderr)
         return 130

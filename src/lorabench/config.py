@@ -187,6 +187,8 @@ class TrainConfig:
     """Optimiser steps left out of the timing statistics (compilation, allocator warm-up)."""
     eval_batches: int | None = 16
     """Validation batches for eval loss after training (0: skip; None: all)."""
+    checkpoint_every: int | None = None
+    """Write a checkpoint every this many optimiser steps (resume.py; None: only when stopped by a signal)."""
     seed: int = 42
     """Seed for weights made at random, adapter init, shuffling and dropout."""
     shuffle: bool = True
@@ -208,6 +210,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be a finite number {low}, got {v}")
         if self.eval_batches is not None and self.eval_batches < 0:
             raise ConfigError(f"--eval-batches must be >= 0 (0 skips the eval loss), got {self.eval_batches}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
 

@@ -8,6 +8,7 @@ what differs between engines lives in the engines (``Engine.describe``, ``Engine
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +25,7 @@ from .mmlu.evaluate import MmluOptions
 from .precision import PRECISIONS, Precision, get_precision
 from .report import GIB, claim_run_dir, environment, render_report, write_json_atomic, write_text_atomic
 from .shapes import count_params, flops_per_token
+from . import resume
 from .train import barrier, dist_info, train_loop
 
 
@@ -57,6 +59,8 @@ class Job:
     overwrite: bool = False
     """Replace a non-empty run_dir whole."""
     save_adapter: bool = True
+    resume: Path | None = None
+    """A run folder with a checkpoint to continue (resume.py); the run writes its results there."""
     cache_dir: Path | None = None
     progress: bool = True
     mmlu: MmluOptions | None = None
@@ -293,17 +297,58 @@ def write(run_dir: Path, result: dict):
     write_text_atomic(run_dir / "report.md", render_report(result))
 
 
+def job_fingerprint(plan: Plan, data: Data) -> dict:
+    """The settings a checkpoint's run and the run resuming it must share (resume.check_fingerprint)."""
+    t, job = plan.train, plan.job
+    return {"precision": plan.precision.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
+            "grad_accum": t.grad_accum, "lr": t.lr, "lr_gamma": t.lr_gamma, "weight_decay": t.weight_decay,
+            "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine, "engine_options": asdict(plan.native),
+            "model": str(job.model_dir or job.model_preset), "init": job.init, "lora": asdict(job.lora),
+            "data": job.data, "chunks": len(data.train),
+            "tokens_sha256": hashlib.sha256(np.ascontiguousarray(data.train).tobytes()).hexdigest()[:16],
+            "world_size": plan.world}
+
+
+def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
+    """The run folder (claimed on rank 0, the path shared with every rank) and the checkpoint plan in it; with
+    --resume, the resumed run's folder and its checkpoint, checked against this job."""
+    job = plan.job
+    state = None
+    if job.resume is not None:
+        if job.run_dir is not None and Path(job.run_dir).resolve() != Path(job.resume).resolve():
+            raise ConfigError("--resume continues a run in its own folder; leave out --run-dir")
+        state = resume.load(job.resume, plan.rank)
+        resume.check_fingerprint(state["fingerprint"], job_fingerprint(plan, data), job.resume)
+        plan.run_dir = Path(job.resume)
+    elif job.run_dir is not None or job.default_run_dir is not None:
+        if plan.rank == 0:
+            plan.run_dir = claim_run_dir(job.run_dir, job.overwrite, job.default_run_dir)  # before the model
+        if plan.world > 1:
+            shared = [str(plan.run_dir) if plan.rank == 0 else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            plan.run_dir = Path(shared[0])
+    if plan.run_dir is None:
+        return None
+    return resume.CheckpointPlan(plan.run_dir / resume.DIRNAME, plan.train.checkpoint_every,
+                                 job_fingerprint(plan, data), resume=state)
+
+
 def run_job(job: Job) -> dict:
     """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
     plan = resolve(job)
     data = load_data(plan)
-    if plan.rank == 0 and (job.run_dir is not None or job.default_run_dir is not None):
-        plan.run_dir = claim_run_dir(job.run_dir, job.overwrite, job.default_run_dir)  # before the model is built
+    ck = claim_output(plan, data)
+    if plan.rank != 0:
+        plan.run_dir = None  # only rank 0 writes results (the other ranks write their checkpoint RNG files)
     engine, build_s = build(plan)
     device_mem = M.DeviceMemoryPeak(plan.device) if plan.device.type == "cuda" else None
-    with device_mem or contextlib.nullcontext():
-        out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress)
+    with device_mem or contextlib.nullcontext(), \
+            resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext():
+        out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress,
+                         checkpoint=ck)
     result = measure(plan, engine, data, out, build_s, device_mem)
+    if ck is not None and ck.resume is not None:
+        result["resumed_at_step"] = ck.resume["step"]
     lead, run_dir = plan.rank == 0, plan.run_dir
     if run_dir is not None:
         result["run_dir"] = str(run_dir)
@@ -315,6 +360,7 @@ def run_job(job: Job) -> dict:
     barrier()
     if lead and run_dir is not None:
         write(run_dir, result)
+        resume.remove(ck)  # the run is complete: its results replace the checkpoint
     return result
 
 

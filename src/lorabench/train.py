@@ -9,6 +9,7 @@ caller drops the warm-up steps. Data parallel under torchrun: each step's global
 batch_size x grad_accum x world_size chunks of the epoch's order, rank r takes micro-batch slices r, r + W, ...,
 adapter gradients are averaged with one all-reduce, and only rank 0 shows progress (writing results is the
 caller's, on rank 0). So W ranks train exactly as one process with grad_accum x W (tests/test_distributed.py).
+Checkpoints and resuming (resume.py) pick the loop up at the step after the checkpoint with every state it had.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import torch
 
 from .config import ConfigError, TrainConfig
 from .precision import get_precision
+from .resume import CheckpointPlan, Interrupted, set_rng_state
+from .resume import save as save_checkpoint
 
 
 def dist_info() -> tuple[int, int]:
@@ -70,8 +73,9 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int):
 
 
 def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device, val_data: np.ndarray | None = None,
-               progress: bool = True) -> dict:
-    """Train ``engine`` on packed chunks ``data`` [N, seq_len]; returns the per-step series and losses."""
+               progress: bool = True, checkpoint: CheckpointPlan | None = None) -> dict:
+    """Train ``engine`` on packed chunks ``data`` [N, seq_len]; returns the per-step series and losses.
+    ``checkpoint``: where to checkpoint, how often, what stops the loop, and a state to resume from (resume.py)."""
     rank, world = dist_info()
     if data.ndim != 2 or data.shape[1] != cfg.seq_len:
         raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}]")
@@ -94,18 +98,33 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}
     epoch_losses, epoch_times, skipped = [], [], 0
+    step, start_epoch, start_step, losses, epoch_elapsed = 0, 0, 0, [], 0.0
+    resume = checkpoint.resume if checkpoint is not None else None
+    if resume is not None:  # everything the steps so far left behind, in the order the loop made it
+        with torch.no_grad():
+            for p, saved in zip(params, resume["params"], strict=True):
+                p.copy_(saved)
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        scaler.load_state_dict(resume["scaler"])
+        series, epoch_losses, epoch_times = resume["series"], resume["epoch_losses"], resume["epoch_times"]
+        skipped, step, losses, epoch_elapsed = resume["skipped"], resume["step"], resume["losses"], resume["elapsed"]
+        start_epoch, start_step = resume["epoch"], resume["epoch_step"]
+        set_rng_state(resume["rng"])
     bar = _progress(total, progress and rank == 0)
-    step = 0
+    bar.update(step)
+    stop = torch.zeros(1, device=device)
     engine.train()
     with precision.matmul_mode():
-        for epoch in range(cfg.epochs):
+        for epoch in range(start_epoch, cfg.epochs):
             if step >= total:
                 break
             order = (np.random.default_rng(cfg.seed + epoch).permutation(len(data)) if cfg.shuffle
                      else np.arange(len(data)))
-            losses = []
-            epoch_t0 = time.perf_counter()
-            for epoch_step in range(steps_per_epoch):
+            if epoch > start_epoch or resume is None:
+                losses, epoch_elapsed = [], 0.0
+            epoch_t0 = time.perf_counter() - epoch_elapsed
+            for epoch_step in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
                 if step >= total:
                     break
                 synchronize(device)
@@ -117,8 +136,9 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                         loss = engine.loss(ids, ids) / cfg.grad_accum
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
-                if world > 1:
-                    _all_reduce_mean([p.grad for p in params] + [step_loss.view(1)], world)
+                if world > 1:  # the stop flag rides along, so every rank stops after the same step
+                    stop.fill_(float(checkpoint is not None and checkpoint.stop.requested))
+                    _all_reduce_mean([p.grad for p in params] + [step_loss.view(1), stop], world)
                 if scaler.is_enabled():
                     scale = scaler.get_scale()
                     scaler.step(opt)
@@ -140,6 +160,18 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     series[k].append(v)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
+                if checkpoint is not None:
+                    stopping = checkpoint.stop.requested if world == 1 else stop.item() > 0
+                    if stopping or (checkpoint.every and step % checkpoint.every == 0 and step < total):
+                        save_checkpoint(checkpoint, {
+                            "params": [p.detach().cpu().clone() for p in params], "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "scaler": scaler.state_dict(), "series": series,
+                            "epoch_losses": epoch_losses, "epoch_times": epoch_times, "skipped": skipped,
+                            "step": step, "epoch": epoch, "epoch_step": epoch_step + 1, "losses": losses,
+                            "elapsed": time.perf_counter() - epoch_t0}, rank)
+                    if stopping:
+                        bar.close()
+                        raise Interrupted(step, checkpoint.folder)
             synchronize(device)
             epoch_times.append(time.perf_counter() - epoch_t0)
             epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))

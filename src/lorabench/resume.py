@@ -1,0 +1,152 @@
+"""Training checkpoints: what a run needs to stop and carry on bit for bit, written atomically.
+
+A checkpoint (``<run dir>/checkpoint/``) holds the adapter weights, the AdamW state, the LR scheduler, the
+GradScaler, the data position (epoch, step, the steps of the epoch so far: the epoch's order is a function of the
+seed and the epoch, so the position is enough), the per-step series so far and every random state that the loop
+draws from: torch's CPU generator (dropout masks draw their Philox seeds from it) and each CUDA device's, per rank.
+Rank 0 writes ``state.pt`` (identical on every rank after the all-reduce), each rank its ``rng-<rank>.pt``; each
+file goes to a temporary name, is flushed to disk and renamed, and ``state.pt`` last, so a checkpoint is either the
+old one or the new one whole.
+
+The loop writes one every ``--checkpoint-every`` steps and, on SIGINT or SIGTERM, one at the end of the step it is
+in, then stops (``Interrupted``). ``--resume RUN_DIR`` rebuilds the same job and continues from it; a checkpoint
+made by a different job (another precision, batch shape, learning rate, model, LoRA, data, world size) is refused,
+naming the setting. A run that ends normally removes its checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+DIRNAME = "checkpoint"
+VERSION = 1
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, step: int, where: Path | None):
+        self.step, self.where = step, where
+        saved = f"; checkpoint in {where}, continue with --resume {where.parent}" if where else ""
+        super().__init__(f"interrupted after step {step}{saved}")
+
+
+class StopRequest:
+    """Set by a signal handler (``on_signals``); the loop reads ``requested`` once a step."""
+
+    def __init__(self):
+        self.requested = False
+
+
+@contextmanager
+def on_signals(stop: StopRequest):
+    """SIGINT and SIGTERM set ``stop.requested`` (the step in flight finishes, is checkpointed, the run stops); a
+    second SIGINT interrupts at once. Handlers only in the main thread; the previous ones come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class CheckpointPlan:
+    """Where and how often the loop checkpoints, what stops it, and the state it resumes from."""
+
+    folder: Path
+    every: int | None = None
+    """Steps between checkpoints (None: only when stopped by a signal)."""
+    fingerprint: dict = field(default_factory=dict)
+    """The job's settings a resumed run must share (``job_fingerprint``)."""
+    stop: StopRequest = field(default_factory=StopRequest)
+    resume: dict | None = None
+    """A loaded checkpoint (``load``) to continue from."""
+
+
+def _atomic_save(obj, path: Path):
+    from .report import honour_umask
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    honour_umask(tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    for i, s in enumerate(state["cuda"][:torch.cuda.device_count() if torch.cuda.is_available() else 0]):
+        torch.cuda.set_rng_state(s, i)
+
+
+def save(plan: CheckpointPlan, state: dict, rank: int):
+    """Write this rank's random states and (rank 0) ``state``: the loop's position and its optimiser objects."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    _atomic_save(rng_state(), plan.folder / f"rng-{rank}.pt")
+    if rank == 0:
+        _atomic_save({"version": VERSION, "fingerprint": plan.fingerprint, **state}, plan.folder / "state.pt")
+
+
+def load(run_dir: Path, rank: int) -> dict:
+    """The checkpoint of ``run_dir`` with this rank's random states under "rng"; a ConfigError if there is none
+    or it cannot be read."""
+    folder = Path(run_dir) / DIRNAME
+    state_path, rng_path = folder / "state.pt", folder / f"rng-{rank}.pt"
+    if not state_path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {DIRNAME}/state.pt (a run folder whose training was "
+                          "checkpointed: --checkpoint-every, or stopped by Ctrl-C / SIGTERM)")
+    if not rng_path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {DIRNAME}/{rng_path.name}; resume with the world size the run "
+                          "had")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (truncated or foreign files raise several types)
+        raise ConfigError(f"--resume {run_dir}: the checkpoint cannot be read ({str(e).splitlines()[0][:120]})") \
+            from None
+    if state.get("version") != VERSION:
+        raise ConfigError(f"--resume {run_dir}: checkpoint format {state.get('version')!r}, this lorabench reads "
+                          f"{VERSION}")
+    return state
+
+
+def check_fingerprint(saved: dict, now: dict, run_dir: Path):
+    """Refuse to resume a checkpoint of a different job, naming the first setting that differs."""
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            raise ConfigError(f"--resume {run_dir}: the checkpoint was made with {key} = {saved.get(key)!r}, this "
+                              f"run has {now.get(key)!r}; resume with the run's own settings")
+
+
+def remove(plan: CheckpointPlan):
+    """Drop the checkpoint of a run that ended normally."""
+    import shutil
+
+    if plan.folder.is_dir():
+        shutil.rmtree(plan.folder)

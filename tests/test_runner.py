@@ -1,6 +1,8 @@
 """The run pipeline: each stage alone (resolve, load data, build, measure) and their composition equal to run_job."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -61,3 +63,21 @@ def test_stages_composed_by_hand_give_run_jobs_result():
     assert by_hand["metrics"]["eval_loss"] == whole["metrics"]["eval_loss"]
     assert by_hand["config"] == {**whole["config"], "data": by_hand["config"]["data"]}  # (second one: cached)
     assert by_hand["config"]["engine_options"]["attention"] == "sdpa"
+
+
+def test_init_adapter_starts_training_from_its_weights(tmp_path):
+    """A run's adapter handed to the next run: the engine starts from exactly those weights; one of another shape
+    is refused before any data is read."""
+    from safetensors.torch import load_file
+
+    first = run_job(replace(tiny_job(run_dir=tmp_path / "first"), save_adapter=True))
+    adapter = tmp_path / "first" / "adapter"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    engine, _ = build(resolve(tiny_job(init_adapter=adapter)))
+    for name, (a, b) in engine.adapters().items():
+        assert torch.equal(a.detach(), saved[f"base_model.model.{name}.lora_A.weight"])
+        assert torch.equal(b.detach(), saved[f"base_model.model.{name}.lora_B.weight"])
+    assert first["series"]["loss"]  # it trained
+    with pytest.raises(ConfigError, match=r"--init-adapter .*r=8.*this run has r=4"):
+        resolve(replace(tiny_job(init_adapter=adapter), lora=LoRAConfig(r=4)))
+

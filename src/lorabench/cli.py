@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, type=typ, default=None, help=hlp)
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None, help="shuffle the chunks "
                    "each epoch (default: on, off in the flagperf-* presets, which keep FlagPerf's file order)")
+    g.add_argument("--init-adapter", type=Path, metavar="ADAPTER_DIR", help="start from this PEFT-format adapter "
+                   "(lorabench's or PEFT's; same r, alpha and targets) instead of the fresh init")
     _add_native_flags(run)
     o = run.add_argument_group("output")
     o.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device the table does not know")
@@ -253,7 +255,7 @@ def cmd_run(a) -> int:
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
               data=data, device=a.device, attn=a.attn or "eager", native=native_options(a),
               peak_tflops=a.peak_tflops, run_dir=a.run_dir, default_run_dir=default_dir, overwrite=a.overwrite,
-              save_adapter=not a.no_save_adapter, resume=a.resume,
+              save_adapter=not a.no_save_adapter, resume=a.resume, init_adapter=a.init_adapter,
               cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu,
               precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None)
     from .train import dist_info, init_distributed

@@ -59,6 +59,8 @@ class Job:
     overwrite: bool = False
     """Replace a non-empty run_dir whole."""
     save_adapter: bool = True
+    init_adapter: Path | None = None
+    """A PEFT-format adapter (lorabench's or PEFT's) to start training from instead of the canonical init."""
     resume: Path | None = None
     """A run folder with a checkpoint to continue (resume.py); the run writes its results there."""
     cache_dir: Path | None = None
@@ -137,6 +139,15 @@ def resolve(job: Job) -> Plan:
     if train.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {train.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
+    if job.init_adapter is not None:  # its shape checked now, before any data is read
+        from .lora import read_adapter
+
+        a = read_adapter(job.init_adapter)[0]
+        if (a.r, a.alpha, set(a.targets)) != (job.lora.r, job.lora.alpha, set(job.lora.targets)):
+            raise ConfigError(f"--init-adapter {job.init_adapter}: r={a.r}, alpha={a.alpha}, targets="
+                              f"{','.join(sorted(a.targets))}; this run has r={job.lora.r}, alpha={job.lora.alpha}, "
+                              f"targets={','.join(sorted(job.lora.targets))} (give the same --lora-r, --lora-alpha, "
+                              "--lora-targets)")
     subjects = None
     if job.mmlu is not None:
         from .mmlu.evaluate import check_mmlu_options
@@ -214,6 +225,8 @@ def build(plan: Plan) -> tuple[Engine, float]:
     engine = build_engine(job.engine, plan.model_cfg, job.lora, model_dir=job.model_dir if job.init == "pretrained"
                           else None, device=plan.device, precision=plan.precision, seed=plan.train.seed,
                           native=plan.native, attn=job.attn)
+    if job.init_adapter is not None:
+        engine.load_adapter(job.init_adapter)
     build_s = time.perf_counter() - t0
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -304,6 +317,7 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
             "grad_accum": t.grad_accum, "lr": t.lr, "lr_gamma": t.lr_gamma, "weight_decay": t.weight_decay,
             "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine, "engine_options": asdict(plan.native),
             "model": str(job.model_dir or job.model_preset), "init": job.init, "lora": asdict(job.lora),
+            "init_adapter": str(job.init_adapter) if job.init_adapter else None,
             "data": job.data, "chunks": len(data.train),
             "tokens_sha256": hashlib.sha256(np.ascontiguousarray(data.train).tobytes()).hexdigest()[:16],
             "world_size": plan.world}

@@ -63,6 +63,11 @@ def test_a_stopped_and_resumed_run_equals_the_run_that_never_stopped(tmp_path, m
     assert a["series"]["lr"] == b["series"]["lr"] and a["metrics"]["eval_loss"] == b["metrics"]["eval_loss"]
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert b["resumed_at_step"] == 3 and not (stopped / "checkpoint").exists()  # done: the checkpoint goes
+    # the step stream: every step once, in order, the same records as the run that never stopped
+    lines = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 7))
+    assert [r["loss"] for r in lines] == [r["loss"] for r in straight] == a["series"]["loss"]
 
 
 def test_periodic_checkpoints_resume_from_the_last_one(tmp_path, monkeypatch):

@@ -347,6 +347,30 @@ def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
                                  job_fingerprint(plan, data), resume=state)
 
 
+@contextlib.contextmanager
+def step_stream(run_dir: Path | None, resumed_at: int):
+    """``<run dir>/metrics.jsonl``: one JSON line per optimiser step, flushed as it ends (``tail -f`` it, or read it
+    after a crash); a resumed run keeps the lines up to its checkpoint's step. Yields the loop's ``on_step``
+    (None without a run folder)."""
+    if run_dir is None:
+        yield None
+        return
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    kept = []
+    if resumed_at and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+
+        def on_step(record: dict):
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+        yield on_step
+
+
 def run_job(job: Job) -> dict:
     """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
     plan = resolve(job)
@@ -357,9 +381,10 @@ def run_job(job: Job) -> dict:
     engine, build_s = build(plan)
     device_mem = M.DeviceMemoryPeak(plan.device) if plan.device.type == "cuda" else None
     with device_mem or contextlib.nullcontext(), \
-            resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext():
+            resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext(), \
+            step_stream(plan.run_dir, ck.resume["step"] if ck is not None and ck.resume else 0) as on_step:
         out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress,
-                         checkpoint=ck)
+                         checkpoint=ck, on_step=on_step)
     result = measure(plan, engine, data, out, build_s, device_mem)
     if ck is not None and ck.resume is not None:
         result["resumed_at_step"] = ck.resume["step"]

@@ -73,9 +73,10 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int):
 
 
 def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device, val_data: np.ndarray | None = None,
-               progress: bool = True, checkpoint: CheckpointPlan | None = None) -> dict:
+               progress: bool = True, checkpoint: CheckpointPlan | None = None, on_step=None) -> dict:
     """Train ``engine`` on packed chunks ``data`` [N, seq_len]; returns the per-step series and losses.
-    ``checkpoint``: where to checkpoint, how often, what stops the loop, and a state to resume from (resume.py)."""
+    ``checkpoint``: where to checkpoint, how often, what stops the loop, and a state to resume from (resume.py);
+    ``on_step``: called on rank 0 with each step's record (step, epoch, loss, lr, step_time_s) as it ends."""
     rank, world = dist_info()
     if data.ndim != 2 or data.shape[1] != cfg.seq_len:
         raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}]")
@@ -160,6 +161,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     series[k].append(v)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
+                if on_step is not None and rank == 0:
+                    on_step({k: series[k][-1] for k in series})
                 if checkpoint is not None:
                     stopping = checkpoint.stop.requested if world == 1 else stop.item() > 0
                     if stopping or (checkpoint.every and step % checkpoint.every == 0 and step < total):

@@ -172,3 +172,27 @@ def test_random_hf_dir_holds_the_canonical_weights_and_a_matching_tokenizer(tmp_
     index = json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2  # several shards
     assert all(torch.equal(v, want[k]) for k, v in iter_checkpoint(tmp_path / "small"))
+
+
+@pytest.mark.parametrize("schedule, warmup", [("step", 0), ("step", 3), ("cosine", 2), ("constant", 2)])
+def test_lr_schedules_follow_their_formulas(schedule, warmup):
+    """The lr each step ran with, against the formula worked out here: 2 epochs of 5 steps, lr 1e-2, gamma 0.5."""
+    import math
+
+    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=2, lr=1e-2, lr_gamma=0.5, warmup_steps=0,
+                      lr_schedule=schedule, lr_warmup=warmup)
+    data = synthetic_chunks(10, 32, SMALL.vocab_size, seed=1)  # 10 chunks / LBS 2: 5 steps an epoch
+    eng = build_engine("native", SMALL, LoRAConfig(r=4, alpha=16, dropout=0.0), model_dir=None, device=CPU,
+                       precision="fp32", seed=0)
+    lrs = train_loop(eng, data, cfg, CPU, progress=False)["series"]["lr"]
+    total = 10
+
+    def want(k):
+        base = 1e-2 * ((k + 1) / warmup if k < warmup else 1.0)
+        if k < warmup:
+            return base
+        if schedule == "cosine":
+            return base * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+        return base * (0.5 ** (k // 5) if schedule == "step" else 1.0)
+
+    np.testing.assert_allclose(lrs, [want(k) for k in range(total)], rtol=1e-12)

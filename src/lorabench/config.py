@@ -182,7 +182,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     lr_gamma: float = 0.85
-    """StepLR decay applied after every epoch."""
+    """StepLR decay applied after every epoch (lr_schedule "step")."""
+    lr_schedule: str = "step"
+    """"step": the seed's StepLR, x lr_gamma after every epoch; "cosine": from lr down to 0 over the run's steps,
+    per step; "constant"."""
+    lr_warmup: int = 0
+    """Optimiser steps over which the learning rate rises linearly from lr / lr_warmup to lr (any schedule)."""
     warmup_steps: int = 3
     """Optimiser steps left out of the timing statistics (compilation, allocator warm-up)."""
     eval_batches: int | None = 16
@@ -210,10 +215,17 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be a finite number {low}, got {v}")
         if self.eval_batches is not None and self.eval_batches < 0:
             raise ConfigError(f"--eval-batches must be >= 0 (0 skips the eval loss), got {self.eval_batches}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_warmup < 0:
+            raise ConfigError(f"--lr-warmup must be >= 0, got {self.lr_warmup}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+
+
+LR_SCHEDULES = ("step", "cosine", "constant")
 
 
 @dataclass(frozen=True)

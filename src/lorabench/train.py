@@ -95,7 +95,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     # kernel its scale instead of unscaling fp16 gradients, which it refuses)
     fused = device.type == "cuda" or any(p.dtype == torch.float16 for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma)
+    sched, per_step_sched = lr_scheduler(opt, cfg, total, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}
     epoch_losses, epoch_times, skipped = [], [], 0
@@ -148,6 +148,9 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 else:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
+                lr_used = opt.param_groups[0]["lr"]
+                if per_step_sched:
+                    sched.step()
                 loss_val = step_loss.item()
                 synchronize(device)
                 dt = time.perf_counter() - t0
@@ -157,7 +160,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 step += 1
                 losses.append(loss_val)
                 for k, v in (("step", step), ("epoch", epoch + 1), ("loss", loss_val), ("step_time_s", dt),
-                             ("lr", opt.param_groups[0]["lr"])):
+                             ("lr", lr_used)):
                     series[k].append(v)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
@@ -178,7 +181,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
             synchronize(device)
             epoch_times.append(time.perf_counter() - epoch_t0)
             epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
-            sched.step()
+            if not per_step_sched:
+                sched.step()
     bar.close()
     out = {"series": series, "epoch_loss_avg": epoch_losses, "epoch_time_s": epoch_times, "skipped_steps": skipped,
            "steps": step,
@@ -186,6 +190,27 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     if val_data is not None and len(val_data) and cfg.eval_batches != 0:
         out["eval_loss"] = evaluate_loss(engine, val_data, cfg, device)
     return out
+
+
+def lr_scheduler(opt, cfg: TrainConfig, total: int, steps_per_epoch: int):
+    """(scheduler, whether it steps every optimiser step). "step" with no warm-up is the seed's StepLR, stepped per
+    epoch; otherwise a per-step factor of the base lr: warm-up (k + 1) / lr_warmup for the first lr_warmup steps, then
+    1 (constant), gamma ** epoch (step, the epoch counted in steps), or the cosine from 1 to 0 over the steps left."""
+    if cfg.lr_schedule == "step" and cfg.lr_warmup == 0:
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma), False
+    warm = cfg.lr_warmup
+
+    def factor(k: int) -> float:  # k: optimiser steps taken so far
+        if k < warm:
+            return (k + 1) / warm
+        if cfg.lr_schedule == "cosine":
+            span = max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(k - warm, span) / span))
+        if cfg.lr_schedule == "step":
+            return cfg.lr_gamma ** (k // steps_per_epoch)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor), True
 
 
 @torch.no_grad()

@@ -197,3 +197,30 @@ def test_a_garbage_tokenizer_is_a_one_line_error(tmp_path):
     (d / "tokenizer_config.json").write_text("{truncated")
     with pytest.raises(ConfigError, match=r"tokenizer_config.json: not valid JSON"):
         Tokenizer(d)
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "truncated", "other tokens", "no checksum"])
+def test_a_damaged_cache_entry_is_rebuilt_with_a_note(tmp_path, capsys, damage):
+    tok = Tokenizer(TINY_MODEL)
+    recs, _ = load_split(TINY_DATA, "train")
+    good, _ = packed_dataset(recs[:50], tok, 64, tmp_path)
+    (entry,) = (tmp_path / "packed").glob("*.npy")
+    if damage == "zero bytes":
+        entry.write_bytes(b"")
+    elif damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:100])
+    elif damage == "other tokens":  # a valid array of the right shape, other values
+        np.save(entry, good[::-1].copy())
+    else:
+        entry.with_suffix(".sha256").unlink()
+    again, cached = packed_dataset(recs[:50], tok, 64, tmp_path)
+    assert not cached and np.array_equal(again, good)
+    assert f"data cache entry {entry}" in capsys.readouterr().err
+    assert packed_dataset(recs[:50], tok, 64, tmp_path)[1]  # and the rebuilt entry is used from then on
+
+
+def test_a_cache_path_that_is_a_file_is_named(tmp_path):
+    f = tmp_path / "cachefile"
+    f.write_text("x")
+    with pytest.raises(DataError, match=r"the data cache .*cachefile is a file"):
+        packed_dataset([{"dialogue": "a", "summary": "b"}], Tokenizer(TINY_MODEL), 8, f)

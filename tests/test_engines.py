@@ -180,7 +180,7 @@ def test_lr_schedules_follow_their_formulas(schedule, warmup):
     import math
 
     cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=2, lr=1e-2, lr_gamma=0.5, warmup_steps=0,
-                      lr_schedule=schedule, lr_warmup=warmup)
+                      lr_schedule=schedule, lr_warmup_steps=warmup)
     data = synthetic_chunks(10, 32, SMALL.vocab_size, seed=1)  # 10 chunks / LBS 2: 5 steps an epoch
     eng = build_engine("native", SMALL, LoRAConfig(r=4, alpha=16, dropout=0.0), model_dir=None, device=CPU,
                        precision="fp32", seed=0)

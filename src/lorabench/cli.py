@@ -37,7 +37,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--eval-batches": ("eval_batches", int, "validation batches after training (0 skips)"),
     "--lr-schedule": ("lr_schedule", str, "step (the seed's: x --lr-gamma after every epoch), cosine (to 0 over the "
                       "run's steps) or constant"),
-    "--lr-warmup": ("lr_warmup", int, "steps of linear learning-rate warm-up (any schedule; default 0)"),
+    "--lr-warmup-steps": ("lr_warmup_steps", int, "steps of linear learning-rate warm-up (any schedule; default 0)"),
     "--checkpoint-every": ("checkpoint_every", int, "write a checkpoint (adapter, optimizer, scheduler, RNGs, data "
                            "position) to <run dir>/checkpoint every N steps; Ctrl-C or SIGTERM always writes one "
                            "and stops"),

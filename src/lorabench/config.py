@@ -186,8 +186,8 @@ class TrainConfig:
     lr_schedule: str = "step"
     """"step": the seed's StepLR, x lr_gamma after every epoch; "cosine": from lr down to 0 over the run's steps,
     per step; "constant"."""
-    lr_warmup: int = 0
-    """Optimiser steps over which the learning rate rises linearly from lr / lr_warmup to lr (any schedule)."""
+    lr_warmup_steps: int = 0
+    """Optimiser steps over which the learning rate rises linearly from lr / lr_warmup_steps to lr (any schedule)."""
     warmup_steps: int = 3
     """Optimiser steps left out of the timing statistics (compilation, allocator warm-up)."""
     eval_batches: int | None = 16
@@ -217,8 +217,8 @@ class TrainConfig:
             raise ConfigError(f"--eval-batches must be >= 0 (0 skips the eval loss), got {self.eval_batches}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.lr_warmup < 0:
-            raise ConfigError(f"--lr-warmup must be >= 0, got {self.lr_warmup}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.warmup_steps < 0:

@@ -315,7 +315,7 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
     t, job = plan.train, plan.job
     return {"precision": plan.precision.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
             "grad_accum": t.grad_accum, "lr": t.lr, "lr_gamma": t.lr_gamma, "lr_schedule": t.lr_schedule,
-            "lr_warmup": t.lr_warmup, "weight_decay": t.weight_decay,
+            "lr_warmup_steps": t.lr_warmup_steps, "weight_decay": t.weight_decay,
             "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine, "engine_options": asdict(plan.native),
             "model": str(job.model_dir or job.model_preset), "init": job.init, "lora": asdict(job.lora),
             "init_adapter": str(job.init_adapter) if job.init_adapter else None,

@@ -194,11 +194,11 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
 
 def lr_scheduler(opt, cfg: TrainConfig, total: int, steps_per_epoch: int):
     """(scheduler, whether it steps every optimiser step). "step" with no warm-up is the seed's StepLR, stepped per
-    epoch; otherwise a per-step factor of the base lr: warm-up (k + 1) / lr_warmup for the first lr_warmup steps, then
+    epoch; otherwise a per-step factor of the base lr: warm-up (k + 1) / w for the first w = lr_warmup_steps, then
     1 (constant), gamma ** epoch (step, the epoch counted in steps), or the cosine from 1 to 0 over the steps left."""
-    if cfg.lr_schedule == "step" and cfg.lr_warmup == 0:
+    if cfg.lr_schedule == "step" and cfg.lr_warmup_steps == 0:
         return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma), False
-    warm = cfg.lr_warmup
+    warm = cfg.lr_warmup_steps
 
     def factor(k: int) -> float:  # k: optimiser steps taken so far
         if k < warm:

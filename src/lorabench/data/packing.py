@@ -52,18 +52,47 @@ def cache_key(records: list[dict], tok: Tokenizer, seq_len: int) -> str:
 
 def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir: Path | None = None,
                    ) -> tuple[np.ndarray, bool]:
-    """The packed chunks for ``records`` and whether they came from the cache."""
+    """The packed chunks for ``records`` and whether they came from the cache. Each entry carries the SHA-256 of
+    its array beside it (``<key>.sha256``); an entry that does not load or does not match (a truncated file, a
+    zero-byte file, other tokens) is rebuilt with a one-line note naming it."""
+    import sys
+
+    from .samsum import DataError
+
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise DataError(f"the data cache {cache_dir} is a file, not a folder; point --cache-dir (or "
+                        "$LORABENCH_CACHE) at a folder")
     path = cache_dir / "packed" / f"{cache_key(records, tok, seq_len)}.npy"
+    digest_path = path.with_suffix(".sha256")
     if path.is_file():
+        why = None
         try:
-            return np.load(path), True
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+            arr = np.load(path)
+            if not digest_path.is_file():
+                why = "no checksum beside it"
+            elif _digest(arr) != digest_path.read_text().strip():
+                why = "its tokens do not match their checksum"
+            elif arr.ndim != 2 or arr.shape[1] != seq_len:
+                why = f"shape {arr.shape}, expected [N, {seq_len}]"
+        except (OSError, ValueError, EOFError) as e:
+            why = f"unreadable ({type(e).__name__})"
+        if why is None:
+            return arr, True
+        print(f"lorabench: note: data cache entry {path}: {why}; rebuilding it", file=sys.stderr)
     arr = pack(tokenize_records(records, tok), seq_len)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        digest_path.write_text(_digest(arr) + "\n")  # before the entry it vouches for appears
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"the data cache {cache_dir} is not writable ({e.strerror}); point --cache-dir (or "
+                        "$LORABENCH_CACHE) at a writable folder") from None
     return arr, False
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()

@@ -307,3 +307,32 @@ def test_version():
 
     out = subprocess.run([sys.executable, "-m", "lorabench", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"lorabench {lorabench.__version__}"
+
+
+def test_config_file_round_trip_and_errors(tmp_path, capsys):
+    """A run's config.toml runs it again (same settings, same losses); flags win over the file; a key that is no
+    flag, or a value of the wrong kind, is one error naming the file and the key."""
+    first = tmp_path / "first"
+    assert main(["run", "--no-progress", "--device", "cpu", "--max-steps", "3", "--no-mmlu", "--lora-targets",
+                 "q_proj,k_proj", "--lr", "3e-3", "--run-dir", str(first)]) == 0
+    cfg = first / "config.toml"
+    assert 'lora-targets = ["q_proj", "k_proj"]' in cfg.read_text() and "\nrun-dir" not in cfg.read_text()
+    again = tmp_path / "again"
+    assert main(["run", "--config", str(cfg), "--run-dir", str(again)]) == 0
+    a, b = (json.loads((d / "result.json").read_text()) for d in (first, again))
+    assert a["series"]["loss"] == b["series"]["loss"]
+    assert {k: v for k, v in a["config"].items() if k != "data"} == {k: v for k, v in b["config"].items()
+                                                                      if k != "data"}
+    override = tmp_path / "override"
+    assert main(["run", "--config", str(cfg), "--max-steps", "2", "--run-dir", str(override)]) == 0
+    assert json.loads((override / "result.json").read_text())["metrics"]["steps"] == 2
+    capsys.readouterr()
+    for text, message in (("batch-sise = 4\n", "'batch-sise' is not a setting of lorabench run"),
+                          ('max-steps = "three"\n', "max-steps = 'three' is not what --max-steps takes"),
+                          ("no-mmlu = 1\n", "no-mmlu = 1; --no-mmlu takes true or false"),
+                          ('precision = "fp4"\n', "--precision must be one of fp32, tf32, fp16, bf16, fp8"),
+                          ("max-steps = [\n", "not valid TOML")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        assert main(["run", "--config", str(bad), "--run-dir", str(tmp_path / "never")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "never").exists()

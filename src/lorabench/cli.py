@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap.add_argument("--version", action="version", version=f"lorabench {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.subcommands = sub.choices  # {name: its parser}, for --config
 
     run = sub.add_parser("run", help="fine-tune with LoRA and measure (default: bundled tiny model on CPU)",
                          description="Fine-tune with LoRA on samsum-format data; writes <run-dir>/result.json, "
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new "
                    "runs/<time>-<preset>-<engine>)")
     o.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
+    o.add_argument("--config", type=Path, metavar="FILE", help="settings from a TOML file of flag = value lines "
+                   "(flags given here win); every run writes its own as <run dir>/config.toml")
     o.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the checkpointed run in RUN_DIR (give "
                    "the run's own flags again; its folder receives the results)")
     o.add_argument("--cache-dir", type=Path, help="packed-data cache (default: $LORABENCH_CACHE or "
@@ -277,7 +280,11 @@ def cmd_run(a) -> int:
 
         print(render_report(result))
         run_dir = Path(result["run_dir"])
-        print(f"wrote {run_dir / 'result.json'} and {run_dir / 'report.md'}")
+        from . import config_file
+        from .report import write_text_atomic
+
+        write_text_atomic(run_dir / "config.toml", config_file.render(build_parser().subcommands["run"], a))
+        print(f"wrote {run_dir / 'result.json'}, {run_dir / 'report.md'} and {run_dir / 'config.toml'}")
     return 0
 
 
@@ -421,8 +428,15 @@ def cmd_report(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.cmd == "run" and args.config is not None:  # the file's settings become defaults; flags win
+            from . import config_file
+
+            run = parser.subcommands["run"]
+            run.set_defaults(**config_file.defaults_from(run, config_file.read(args.config), args.config))
+            args = parser.parse_args(argv)
         return {"run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report}[args.cmd](args)
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)

@@ -100,3 +100,12 @@ def test_resume_refuses_another_job_and_a_folder_without_checkpoint(tmp_path, mo
     (d / "checkpoint" / "state.pt").write_bytes(b"truncated")
     assert main(FLAGS + ["--resume", str(d)]) == 2
     assert "the checkpoint cannot be read" in capsys.readouterr().err
+
+
+def test_a_loss_that_becomes_nan_names_the_step_the_last_finite_loss_and_the_checkpoint(tmp_path, capsys):
+    d = tmp_path / "diverged"
+    assert main(FLAGS + ["--lr", "1e4", "--checkpoint-every", "1", "--run-dir", str(d)]) == 3  # step 1 is finite
+    err = capsys.readouterr().err
+    assert "loss became nan at step" in err and "the last finite loss:" in err
+    assert f"the last checkpoint is in {d / 'checkpoint'}" in err and (d / "checkpoint" / "state.pt").is_file()
+    assert not (d / "result.json").exists()

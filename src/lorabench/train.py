@@ -155,8 +155,12 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 synchronize(device)
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss_val) and not scaler.is_enabled():
-                    raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; try a lower --lr "
-                                             "or a wider precision")
+                    last = (f" (the last finite loss: {series['loss'][-1]:.4f} at step {step})" if series["loss"]
+                            else "")
+                    saved = (f"; the last checkpoint is in {checkpoint.folder}" if checkpoint is not None
+                             and (checkpoint.folder / "state.pt").is_file() else "")
+                    raise FloatingPointError(f"loss became {loss_val} at step {step + 1}{last}{saved}; try a lower "
+                                             "--lr or a wider precision")
                 step += 1
                 losses.append(loss_val)
                 for k, v in (("step", step), ("epoch", epoch + 1), ("loss", loss_val), ("step_time_s", dt),

@@ -109,3 +109,27 @@ def test_a_loss_that_becomes_nan_names_the_step_the_last_finite_loss_and_the_che
     assert "loss became nan at step" in err and "the last finite loss:" in err
     assert f"the last checkpoint is in {d / 'checkpoint'}" in err and (d / "checkpoint" / "state.pt").is_file()
     assert not (d / "result.json").exists()
+
+
+def test_a_write_killed_half_way_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    """The random states of step 4 written, state.pt still at step 2 (killed between the two renames): the resume
+    continues from step 2, bit for bit."""
+    import shutil
+
+    assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
+    signal_after(monkeypatch, 4)
+    d = tmp_path / "r"
+    assert main(FLAGS + ["--checkpoint-every", "2", "--run-dir", str(d)]) == 130  # checkpoints after 2 and 4
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    ck = d / "checkpoint"
+    assert sorted(p.name for p in ck.glob("rng-*")) == ["rng-0-2.pt", "rng-0-4.pt"]
+    # rebuild state.pt of step 2 from a second run stopped there
+    signal_after(monkeypatch, 2)
+    e = tmp_path / "e"
+    assert main(FLAGS + ["--run-dir", str(e)]) == 130
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    shutil.copy(e / "checkpoint" / "state.pt", ck / "state.pt")  # as if the step-4 rename never happened
+    assert main(FLAGS + ["--resume", str(d)]) == 0
+    assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]

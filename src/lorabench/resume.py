@@ -4,9 +4,10 @@ A checkpoint (``<run dir>/checkpoint/``) holds the adapter weights, the AdamW st
 GradScaler, the data position (epoch, step, the steps of the epoch so far: the epoch's order is a function of the
 seed and the epoch, so the position is enough), the per-step series so far and every random state that the loop
 draws from: torch's CPU generator (dropout masks draw their Philox seeds from it) and each CUDA device's, per rank.
-Rank 0 writes ``state.pt`` (identical on every rank after the all-reduce), each rank its ``rng-<rank>.pt``; each
-file goes to a temporary name, is flushed to disk and renamed, and ``state.pt`` last, so a checkpoint is either the
-old one or the new one whole.
+Rank 0 writes ``state.pt`` (identical on every rank after the all-reduce), each rank its ``rng-<rank>-<step>.pt``;
+each file goes to a temporary name, is flushed to disk and renamed, ``state.pt`` after the random states it names,
+and the previous step's random states stay until the next write, so a checkpoint is either the old one or the new
+one whole, wherever a process is killed.
 
 The loop writes one every ``--checkpoint-every`` steps and, on SIGINT or SIGTERM, one at the end of the step it is
 in, then stops (``Interrupted``). ``--resume RUN_DIR`` rebuilds the same job and continues from it; a checkpoint
@@ -106,33 +107,45 @@ def set_rng_state(state: dict):
 
 
 def save(plan: CheckpointPlan, state: dict, rank: int):
-    """Write this rank's random states and (rank 0) ``state``: the loop's position and its optimiser objects."""
+    """Write this rank's random states and (rank 0) ``state``: the loop's position and its optimiser objects.
+    The random states go to ``rng-<rank>-<step>.pt`` before ``state.pt`` names that step, and each rank keeps its
+    two newest, so a process killed at any point of a write leaves a complete checkpoint: the new one or the one
+    before it."""
     plan.folder.mkdir(parents=True, exist_ok=True)
-    _atomic_save(rng_state(), plan.folder / f"rng-{rank}.pt")
+    step = state["step"]
+    _atomic_save(rng_state(), plan.folder / f"rng-{rank}-{step}.pt")
     if rank == 0:
         _atomic_save({"version": VERSION, "fingerprint": plan.fingerprint, **state}, plan.folder / "state.pt")
+    mine = sorted(plan.folder.glob(f"rng-{rank}-*.pt"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    for old in mine[:-2]:
+        old.unlink(missing_ok=True)
 
 
 def load(run_dir: Path, rank: int) -> dict:
     """The checkpoint of ``run_dir`` with this rank's random states under "rng"; a ConfigError if there is none
     or it cannot be read."""
     folder = Path(run_dir) / DIRNAME
-    state_path, rng_path = folder / "state.pt", folder / f"rng-{rank}.pt"
+    state_path = folder / "state.pt"
     if not state_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no {DIRNAME}/state.pt (a run folder whose training was "
                           "checkpointed: --checkpoint-every, or stopped by Ctrl-C / SIGTERM)")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (truncated or foreign files raise several types)
+        raise ConfigError(f"--resume {run_dir}: the checkpoint cannot be read ({str(e).splitlines()[0][:120]})") \
+            from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise ConfigError(f"--resume {run_dir}: not a checkpoint this lorabench reads (format "
+                          f"{state.get('version') if isinstance(state, dict) else None!r}, expected {VERSION})")
+    rng_path = folder / f"rng-{rank}-{state['step']}.pt"
     if not rng_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no {DIRNAME}/{rng_path.name}; resume with the world size the run "
                           "had")
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
         state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (truncated or foreign files raise several types)
-        raise ConfigError(f"--resume {run_dir}: the checkpoint cannot be read ({str(e).splitlines()[0][:120]})") \
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"--resume {run_dir}: {rng_path.name} cannot be read ({str(e).splitlines()[0][:120]})") \
             from None
-    if state.get("version") != VERSION:
-        raise ConfigError(f"--resume {run_dir}: checkpoint format {state.get('version')!r}, this lorabench reads "
-                          f"{VERSION}")
     return state
 
 

@@ -336,3 +336,51 @@ def test_config_file_round_trip_and_errors(tmp_path, capsys):
         bad.write_text(text)
         assert main(["run", "--config", str(bad), "--run-dir", str(tmp_path / "never")]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gemma"}, 'model_type = "gemma" is not supported; supported: llama, mistral'),
+    ({"model_type": "qwen2"}, 'model_type = "qwen2" is not supported'),
+    ({"architectures": ["Qwen3ForCausalLM"]}, 'architectures = ["Qwen3ForCausalLM"] is not supported'),
+    ({"hidden_act": "gelu_pytorch_tanh"}, 'hidden_act = "gelu_pytorch_tanh" is not supported'),
+    ({"attention_bias": True}, "attention_bias = true is not supported"),
+    ({"mlp_bias": True}, "mlp_bias = true is not supported"),
+    ({"head_dim": 64}, "head_dim = 64 differs from hidden_size / num_attention_heads (32)"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 is not supported"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping = 50.0 is not supported"),
+    ({"model_type": "mistral", "sliding_window": 16}, "sliding_window = 16 is shorter than max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3' is not supported"),
+    ({"hidden_size": None}, "no hidden_size; a Llama config.json gives the model's sizes"),
+    ({"max_position_embeddings": None}, "no max_position_embeddings"),
+])
+def test_config_fields_that_change_the_math_are_refused_by_name(tmp_path, capsys, change, message):
+    """Every config.json field whose math the model does not implement ends the run before anything is built, with
+    the file, the field, its value and what is supported; a missing size is never taken from Llama-2-7B."""
+    d = _tiny_copy(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in change.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["run", "--no-progress", "--device", "cpu", "--model-dir", str(d), "--data", "synthetic",
+                 "--max-steps", "1", "--no-mmlu", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert str(d / "config.json") in err and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_supported_variants_still_load(tmp_path):
+    """What the check must let through: Mistral without a window (or a window as long as the context), an explicit
+    head_dim equal to hidden / heads, use_sliding_window false (Qwen's switch), both architecture names."""
+    from lorabench.config import ModelConfig
+
+    d = _tiny_copy(tmp_path)
+    base = json.loads((d / "config.json").read_text())
+    for change in ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": None},
+                   {"model_type": "mistral", "sliding_window": base["max_position_embeddings"]},
+                   {"head_dim": base["hidden_size"] // base["num_attention_heads"]},
+                   {"sliding_window": 16, "use_sliding_window": False}):
+        (d / "config.json").write_text(json.dumps({**base, **change}))
+        assert ModelConfig.from_hf_json(d).hidden_size == base["hidden_size"]

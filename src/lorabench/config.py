@@ -78,6 +78,7 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        check_supported(raw, path)
         known = {f.name: f for f in fields(cls)}
         kw = {k: v for k, v in raw.items() if k in known and v is not None}
         for k, v in kw.items():  # a value of the wrong type is named, never passed on to the model
@@ -125,6 +126,46 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512),
 }
+
+
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "max_position_embeddings")
+"""config.json fields without which the shape is unknown (never borrowed from another model's defaults)."""
+MODEL_TYPES = ("llama", "mistral")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def check_supported(raw: dict, path: Path):
+    """Refuse a config.json whose math this model does not implement, naming the field, its value and what is
+    supported: every field that changes the computation is either checked here or read into ModelConfig."""
+    def refuse(field: str, what: str):
+        raise ConfigError(f"{path}: {field} = {json.dumps(raw.get(field))} {what}")
+
+    missing = [f for f in REQUIRED_FIELDS if raw.get(f) is None]
+    if missing:
+        raise ConfigError(f"{path}: no {', '.join(missing)}; a Llama config.json gives the model's sizes "
+                          "(lorabench never takes them from another model)")
+    if raw.get("model_type", "llama") not in MODEL_TYPES:
+        refuse("model_type", f"is not supported; supported: {', '.join(MODEL_TYPES)} (the Llama architecture)")
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or any(a not in ARCHITECTURES for a in archs):
+        refuse("architectures", f"is not supported; supported: {', '.join(ARCHITECTURES)}")
+    if raw.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "is not supported; the Llama MLP is SwiGLU (silu)")
+    for field in ("attention_bias", "mlp_bias"):
+        if raw.get(field):
+            refuse(field, "is not supported (projections without bias only)")
+    head_dim = raw.get("head_dim")
+    if head_dim is not None and head_dim != raw["hidden_size"] // raw["num_attention_heads"]:
+        refuse("head_dim", f"differs from hidden_size / num_attention_heads "
+                           f"({raw['hidden_size'] // raw['num_attention_heads']}); not supported")
+    for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if raw.get(field) is not None:
+            refuse(field, "is not supported (no logit soft-capping in the Llama architecture)")
+    window = raw.get("sliding_window")
+    if window is not None and raw.get("use_sliding_window", True) and window < raw["max_position_embeddings"]:
+        refuse("sliding_window", f"is shorter than max_position_embeddings ({raw['max_position_embeddings']}); "
+                                 "sliding-window attention is not supported")
 
 
 @dataclass(frozen=True)

@@ -46,3 +46,33 @@ def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path):
+    """SIGTERM to torchrun once the first checkpoint exists: both ranks stop after the same step (the flag rides the
+    gradient all-reduce), each writes its random states, and the resumed job ends exactly as the uninterrupted one."""
+    import signal
+    import time
+
+    flags = COMMON[:COMMON.index("--max-steps")] + ["--max-steps", "40"] + COMMON[COMMON.index("--max-steps") + 2:] \
+        + ["--checkpoint-every", "2"]
+    lorabench(flags + ["--run-dir", str(tmp_path / "straight")], tmp_path, nproc=2)
+    env = {**os.environ, "LORABENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorabench"]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(cmd + flags + ["--run-dir", str(stopped)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (stopped / "checkpoint" / "state.pt").exists() and time.time() - t0 < 300 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    state = torch.load(stopped / "checkpoint" / "state.pt", weights_only=True)
+    assert 2 <= state["step"] < 40 and not (stopped / "result.json").exists()
+    assert {f"rng-{r}-{state['step']}.pt" for r in (0, 1)} <= {p.name for p in (stopped / "checkpoint").iterdir()}
+    lorabench(flags + ["--resume", str(stopped)], tmp_path, nproc=2)
+    a = json.loads((tmp_path / "straight" / "result.json").read_text())
+    b = json.loads((stopped / "result.json").read_text())
+    assert a["series"]["loss"] == b["series"]["loss"] and len(b["series"]["loss"]) == 40
+    assert b["resumed_at_step"] == state["step"]

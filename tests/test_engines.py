@@ -196,3 +196,32 @@ def test_lr_schedules_follow_their_formulas(schedule, warmup):
         return base * (0.5 ** (k // 5) if schedule == "step" else 1.0)
 
     np.testing.assert_allclose(lrs, [want(k) for k in range(total)], rtol=1e-12)
+
+
+def test_max_grad_norm_clips_the_true_gradient():
+    """One step on one batch: the recorded norm is the gradient's own (computed here by plain autograd), and the
+    AdamW step moved each weight by lr * k g / (k |g| + eps), k = max_norm / norm: worked out here in float64. A clip
+    that small makes k |g| comparable to eps, so a missing clip would move weights by lr instead."""
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
+    data = synthetic_chunks(2, 32, SMALL.vocab_size, seed=5)
+    ref = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0)
+    with torch.no_grad():
+        for _, b in ref.adapters().values():
+            b.normal_(0, 0.02, generator=torch.Generator().manual_seed(7))
+    start = {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in ref.adapters().items()}
+    ids = torch.from_numpy(data).long()
+    ref.loss(ids, ids).backward()
+    grads = {k: (a.grad.double(), b.grad.double()) for k, (a, b) in ref.adapters().items()}
+    norm = torch.sqrt(sum((g ** 2).sum() for pair in grads.values() for g in pair)).item()
+    max_norm, lr, eps = norm * 1e-6, 1e-2, 1e-8
+    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=1, lr=lr, warmup_steps=0,
+                      shuffle=False, max_grad_norm=max_norm)
+    eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0)
+    eng.set_adapters(start, "test")
+    out = train_loop(eng, data, cfg, CPU, progress=False)
+    assert out["series"]["grad_norm"][0] == pytest.approx(norm, rel=1e-5)
+    k = max_norm / (norm + 1e-6)  # clip_grad_norm_'s coefficient
+    for name, (a, b) in eng.adapters().items():
+        for new, old, g in ((a, start[name][0], grads[name][0]), (b, start[name][1], grads[name][1])):
+            want = old.double() - lr * (k * g) / ((k * g).abs() + eps)
+            torch.testing.assert_close(new.detach().double(), want, rtol=0, atol=1e-7)

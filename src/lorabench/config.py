@@ -233,6 +233,9 @@ class TrainConfig:
     """Optimiser steps left out of the timing statistics (compilation, allocator warm-up)."""
     eval_batches: int | None = 16
     """Validation batches for eval loss after training (0: skip; None: all)."""
+    max_grad_norm: float | None = None
+    """Clip the adapters' gradient to this global L2 norm before each optimiser step (None: no clipping); each
+    step's norm before clipping is recorded (series "grad_norm")."""
     checkpoint_every: int | None = None
     """Write a checkpoint every this many optimiser steps (resume.py; None: only when stopped by a signal)."""
     seed: int = 42
@@ -260,6 +263,8 @@ class TrainConfig:
             raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.lr_warmup_steps < 0:
             raise ConfigError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.warmup_steps < 0:

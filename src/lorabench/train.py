@@ -140,6 +140,11 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 if world > 1:  # the stop flag rides along, so every rank stops after the same step
                     stop.fill_(float(checkpoint is not None and checkpoint.stop.requested))
                     _all_reduce_mean([p.grad for p in params] + [step_loss.view(1), stop], world)
+                if cfg.max_grad_norm is not None:  # on the true gradients: unscaled first under a GradScaler
+                    if scaler.is_enabled():
+                        scaler.unscale_(opt)
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    series.setdefault("grad_norm", []).append(float(norm))
                 if scaler.is_enabled():
                     scale = scaler.get_scale()
                     scaler.step(opt)

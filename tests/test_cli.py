@@ -349,7 +349,10 @@ def test_config_file_round_trip_and_errors(tmp_path, capsys):
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 is not supported"),
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping = 50.0 is not supported"),
     ({"model_type": "mistral", "sliding_window": 16}, "sliding_window = 16 is shorter than max_position_embeddings"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported (supported: "
+     "default, linear, llama3)"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope scaling needs low_freq_factor"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5 is not supported"),
     ({"hidden_size": None}, "no hidden_size; a Llama config.json gives the model's sizes"),
     ({"max_position_embeddings": None}, "no max_position_embeddings"),
 ])

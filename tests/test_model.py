@@ -284,3 +284,40 @@ def test_compiled_block_keeps_only_masks_for_dropout():
 
     masks = 2 * B * T * C  # q_proj's and v_proj's, one byte per element
     assert saved_activation_bytes(0.1) <= saved_activation_bytes(0.0) + masks
+
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_ROPE, dict(rope_type="linear", factor=4.0)], ids=["llama3", "linear"])
+def test_rope_scaling_matches_hf_past_the_original_context(scaling, tmp_path):
+    """Llama 3.1's llama3 RoPE scaling and linear scaling, against HF at positions well past the original 64-token
+    context (with head_dim 16 the frequencies fall in all three bands of llama3's rule), through config.json."""
+    import json
+
+    from lorabench.config import RopeScaling
+
+    cfg = ModelConfig(**{**SMALL.__dict__, "rope_theta": 500000.0, "rope_scaling": RopeScaling(**scaling)})
+    hf = hf_model(cfg)
+    ours = native_from_hf(hf, cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 120), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=ids)
+        torch.testing.assert_close(ours(ids), ref.logits.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.loss(ids, ids), ref.loss, atol=1e-5, rtol=1e-5)
+        plain = native_from_hf(hf, SMALL)  # the scaling matters: without it the logits move
+        assert (plain(ids) - ref.logits).abs().max() > 1e-3
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    assert ModelConfig.from_hf_json(tmp_path) == cfg  # what HF reads from config.json, we read too
+
+
+def test_llama3_bands_are_all_exercised():
+    """The test above means something only if some frequencies stay, some are divided and some are blended."""
+    from lorabench.config import RopeScaling
+    from lorabench.model import rope_inv_freq
+
+    base = rope_inv_freq(SMALL.head_dim, 500000.0)
+    scaled = rope_inv_freq(SMALL.head_dim, 500000.0, RopeScaling(**LLAMA3_ROPE))
+    ratio = base / scaled
+    assert (ratio == 1).any() and ((ratio - 8).abs() < 1e-5).any() and ((ratio > 1.01) & (ratio < 7.9)).any()

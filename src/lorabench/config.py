@@ -15,6 +15,38 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the flag or file and what to do."""
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling as an HF config.json's ``rope_scaling`` / ``rope_parameters`` gives it: ``linear`` divides
+    every frequency by ``factor``; ``llama3`` (Llama 3.1-3.3) divides the low frequencies by ``factor``, keeps the
+    high ones and blends between them (model.rope_inv_freq)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES[1:]:
+            raise ConfigError(f"model config: rope scaling {self.rope_type!r} is not supported (supported: linear, "
+                              "llama3)")
+        if not self.factor > 0:
+            raise ConfigError(f"model config: rope scaling factor must be positive, got {self.factor}")
+        if self.rope_type == "llama3":
+            for f in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if getattr(self, f) is None:
+                    raise ConfigError(f"model config: llama3 rope scaling needs {f}")
+            if not self.high_freq_factor > self.low_freq_factor > 0:
+                raise ConfigError("model config: llama3 rope scaling needs high_freq_factor > low_freq_factor > 0")
+
+    def to_hf(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a Llama-family decoder (the fields of an HF ``config.json`` that matter)."""
@@ -39,6 +71,8 @@ class ModelConfig:
     """Base of the rotary position embedding frequencies."""
     tie_word_embeddings: bool = False
     """Whether lm_head shares the input embedding (Llama-2: no)."""
+    rope_scaling: RopeScaling | None = None
+    """RoPE scaling (Llama 3.1's llama3, or linear); None: plain RoPE."""
     bos_token_id: int = 1
     eos_token_id: int = 2
 
@@ -91,11 +125,23 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"{path}: {k} is {v!r}; expected {'an integer' if want == 'int' else want}")
         kw.setdefault("num_key_value_heads", raw.get("num_attention_heads", cls.num_key_value_heads))
+        kw.pop("rope_scaling", None)
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        if isinstance(rope, dict) and "rope_theta" in rope:
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{path}: rope_scaling is {rope!r}; expected an object")
+        if "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
-        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ConfigError(f"{path}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if kind not in ROPE_TYPES:
+            raise ConfigError(f"{path}: rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        if kind != "default":
+            try:
+                kw["rope_scaling"] = RopeScaling(kind, rope.get("factor"), rope.get("low_freq_factor"),
+                                                 rope.get("high_freq_factor"),
+                                                 rope.get("original_max_position_embeddings"))
+            except (ConfigError, TypeError) as e:
+                raise ConfigError(f"{path}: rope_scaling {json.dumps(rope)}: "
+                                  f"{str(e).removeprefix('model config: ')}") from None
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         try:
@@ -106,6 +152,7 @@ class ModelConfig:
     def to_hf_dict(self) -> dict:
         """The HF ``config.json`` content for this shape (LlamaForCausalLM)."""
         d = asdict(self)
+        d["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling is not None else None
         d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                  initializer_range=0.02, attention_bias=False, mlp_bias=False, torch_dtype="float32",
                  pad_token_id=None)
@@ -121,6 +168,15 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # config.json; the FP8 issue's shape).
     "llama2-70b": ModelConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                               num_attention_heads=64, num_key_value_heads=8),
+    # Llama-3-8B and Llama-3.1-8B: their published config.json values (vocab 128,256, GQA 32/8, intermediate 14,336,
+    # rope_theta 500,000; 3.1: 131,072 positions with llama3 RoPE scaling factor 8, low 1, high 4, original 8,192).
+    "llama3-8b": ModelConfig(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8,
+                             max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=128000,
+                             eos_token_id=128001),
+    "llama3.1-8b": ModelConfig(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8,
+                               max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=128000,
+                               eos_token_id=128001,
+                               rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)),
     # The bundled tiny model (src/lorabench/assets/tiny-llama); grouped-query attention on purpose so the
     # parity tests cover it.
     "tiny": ModelConfig(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
@@ -159,6 +215,8 @@ def check_supported(raw: dict, path: Path):
     if head_dim is not None and head_dim != raw["hidden_size"] // raw["num_attention_heads"]:
         refuse("head_dim", f"differs from hidden_size / num_attention_heads "
                            f"({raw['hidden_size'] // raw['num_attention_heads']}); not supported")
+    if raw.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+        refuse("partial_rotary_factor", "is not supported (rotary embedding over the whole head only)")
     for field in ("final_logit_softcapping", "attn_logit_softcapping"):
         if raw.get(field) is not None:
             refuse(field, "is not supported (no logit soft-capping in the Llama architecture)")

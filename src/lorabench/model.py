@@ -6,6 +6,8 @@ upcast to fp32 before the cross-entropy. Weights come in through ``checkpoint.py
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,9 +33,32 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, offset: int = 0):
-    """cos, sin of shape [seq_len, head_dim] for positions offset..offset+seq_len-1 (computed in fp32)."""
+def rope_inv_freq(head_dim: int, theta: float, scaling=None, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/d) (fp32), scaled as ``scaling`` (config.RopeScaling) says:
+
+    - linear: all divided by factor (positions stretched by it);
+    - llama3 (Meta's Llama 3.1 recipe, as HF's ``rope_type: llama3``): with L the original context and wavelength
+      w = 2 pi / f, frequencies with w < L / high_freq_factor stay, those with w > L / low_freq_factor are divided by
+      factor, and in between f' = (1 - s) f / factor + s f with s = (L / w - low_freq_factor) / (high_freq_factor -
+      low_freq_factor)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    old = scaling.original_max_position_embeddings
+    low, high = old / scaling.low_freq_factor, old / scaling.high_freq_factor  # wavelength bounds
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high) & (wavelen <= low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, offset: int = 0, scaling=None):
+    """cos, sin of shape [seq_len, head_dim] for positions offset..offset+seq_len-1 (computed in fp32)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, device)
     pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -182,7 +207,7 @@ class Llama(nn.Module):
         """Final-norm hidden states [B, T, C]; optionally with each layer's (k, v) for prefix caching."""
         x = self.embed(ids)
         cos, sin = rope_cos_sin(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype,
-                                offset=position_offset)
+                                offset=position_offset, scaling=self.cfg.rope_scaling)
         kvs = []
         layers = self.layers
         if self.compiled_layers is not None:

@@ -26,17 +26,20 @@ def lora_cfg() -> LoRAConfig:
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0, attn: str = "eager"):
-    """An HF LlamaForCausalLM with random weights (HF's own init, then non-trivial norm weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """An HF LlamaForCausalLM (Qwen2ForCausalLM with qkv_bias) with random weights (HF's own init, then non-trivial
+    norm weights and biases)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    hc = LlamaConfig(**cfg.to_hf_dict())
+    hc = cfg.hf_config()  # LlamaConfig, or Qwen2Config with q/k/v biases
     hc._attn_implementation = attn
-    m = LlamaForCausalLM(hc).float().eval()
+    m = AutoModelForCausalLM.from_config(hc, attn_implementation=attn).float().eval()
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)  # ones would hide a norm-weight mapping bug
+            elif n.endswith(".bias"):
+                p.normal_(0.0, 0.1)  # HF starts biases at zero, which would hide a missing bias
     return m
 
 

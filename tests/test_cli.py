@@ -339,8 +339,8 @@ def test_config_file_round_trip_and_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "gemma"}, 'model_type = "gemma" is not supported; supported: llama, mistral'),
-    ({"model_type": "qwen2"}, 'model_type = "qwen2" is not supported'),
+    ({"model_type": "gemma"}, 'model_type = "gemma" is not supported; supported: llama, mistral, qwen2'),
+    ({"model_type": "qwen3"}, 'model_type = "qwen3" is not supported'),
     ({"architectures": ["Qwen3ForCausalLM"]}, 'architectures = ["Qwen3ForCausalLM"] is not supported'),
     ({"hidden_act": "gelu_pytorch_tanh"}, 'hidden_act = "gelu_pytorch_tanh" is not supported'),
     ({"attention_bias": True}, "attention_bias = true is not supported"),

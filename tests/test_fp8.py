@@ -255,3 +255,22 @@ def test_fp8_run_and_eval_on_the_cli(tmp_path, monkeypatch):
     assert e["precision"] == "fp8"
     # the same weights, adapter and questions in the same precision: the run's own MMLU score
     assert e["mmlu"]["acc"] == pytest.approx(r["metrics"]["mmlu_acc"], abs=1e-9)
+
+
+def test_fp8_keeps_qwen2_biases_in_bf16(lora_cfg):
+    """Qwen2's q/k/v biases stay bf16 beside the FP8 weights and are added: fp8 follows bf16 as closely as without
+    biases, and changing the biases moves it far more (they are used)."""
+    cfg = ModelConfig(**{**FP8_CFG.__dict__, "qkv_bias": True})
+    ids = torch.from_numpy(synthetic_chunks(2, 32, cfg.vocab_size, seed=4)).long()
+    e8 = build_engine("native", cfg, lora_cfg, model_dir=None, device=CPU, precision="fp8", seed=0)
+    e16 = build_engine("native", cfg, lora_cfg, model_dir=None, device=CPU, precision="bf16", seed=0)
+    q = e8.model.layers[0].attn.q_proj
+    assert q.weight.dtype == E4M3 and q.bias.dtype == torch.bfloat16
+    with torch.no_grad():
+        l8, l16 = e8.logits(ids), e16.logits(ids)
+        err = ((l8 - l16).norm() / l16.norm()).item()
+        for layer in e8.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.attn, name).bias.mul_(20)  # biases ~N(0, 0.02): scaled up so they dominate
+        moved = ((e8.logits(ids) - l16).norm() / l16.norm()).item()
+    assert err < 0.1 and moved > 2 * err

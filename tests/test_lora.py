@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorabench.checkpoint import load_into, native_to_hf
-from lorabench.config import ConfigError, LoRAConfig
+from lorabench.config import ConfigError, LoRAConfig, ModelConfig
 from lorabench.engines import build_engine
 from lorabench.lora import LoRALinear, adapter_delta, inject_lora, lora_modules, read_adapter
 from lorabench.model import Llama
@@ -30,10 +30,10 @@ def random_adapters(model, seed=0):
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)  # non-zero: B = 0 hides bugs
 
 
-def pair(lora_cfg, seed=0):
+def pair(lora_cfg, seed=0, cfg=SMALL):
     """Our model and a PEFT model with identical base and adapter weights."""
-    hf = hf_model(SMALL, seed=seed)
-    ours = Llama(SMALL)
+    hf = hf_model(cfg, seed=seed)
+    ours = Llama(cfg)
     load_into(ours, hf.state_dict().items(), True, "hf")
     inject_lora(ours, lora_cfg)
     random_adapters(ours, seed)
@@ -46,11 +46,16 @@ def pair(lora_cfg, seed=0):
     return ours, pm
 
 
-@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("k_proj", "o_proj", "gate_proj", "down_proj")])
-def test_outputs_and_adapter_grads_match_peft(targets):
+QWEN2 = ModelConfig(**{**SMALL.__dict__, "qkv_bias": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6})
+
+
+@pytest.mark.parametrize("targets, cfg", [(("q_proj", "v_proj"), SMALL),
+                                          (("k_proj", "o_proj", "gate_proj", "down_proj"), SMALL),
+                                          (("q_proj", "k_proj", "v_proj"), QWEN2)], ids=["llama-qv", "llama-mix", "qwen2"])
+def test_outputs_and_adapter_grads_match_peft(targets, cfg):
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=targets)
-    ours, pm = pair(lora)
-    ids = torch.randint(0, SMALL.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    ours, pm = pair(lora, cfg=cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
     loss_o = ours.loss(ids, ids)
     loss_p = pm(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(loss_o, loss_p, atol=1e-5, rtol=1e-5)

@@ -321,3 +321,30 @@ def test_llama3_bands_are_all_exercised():
     scaled = rope_inv_freq(SMALL.head_dim, 500000.0, RopeScaling(**LLAMA3_ROPE))
     ratio = base / scaled
     assert (ratio == 1).any() and ((ratio - 8).abs() < 1e-5).any() and ((ratio > 1.01) & (ratio < 7.9)).any()
+
+
+def test_qwen2_q_k_v_biases_match_hf(tmp_path):
+    """Qwen2 / Qwen2.5 (q/k/v projections with biases, rope_theta 1e6): logits and loss against HF's
+    Qwen2ForCausalLM, through a saved HF folder (config.json model_type qwen2, the bias tensors by name); a model
+    built without the biases is off."""
+    import json
+
+    from lorabench.checkpoint import iter_checkpoint
+
+    cfg = ModelConfig(**{**SMALL.__dict__, "qkv_bias": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6})
+    hf = hf_model(cfg)
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"
+    loaded = ModelConfig.from_hf_json(tmp_path)
+    assert loaded.qkv_bias
+    ours = Llama(loaded).float().eval()
+    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=ids)
+        torch.testing.assert_close(ours(ids), ref.logits.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.loss(ids, ids), ref.loss, atol=1e-5, rtol=1e-5)
+        for layer in ours.layers:
+            layer.attn.q_proj.bias.zero_()
+        assert (ours(ids) - ref.logits).abs().max() > 1e-3

@@ -65,6 +65,8 @@ def hf_param_names(cfg: ModelConfig) -> list[str]:
         for sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
             names.append(f"model.layers.{i}.{sub}.weight")
+            if cfg.qkv_bias and sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                names.append(f"model.layers.{i}.{sub}.bias")
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -78,7 +80,9 @@ def random_hf_weights(cfg: ModelConfig, seed: int, device, dtype) -> Iterator[tu
     g = torch.Generator(device=device).manual_seed(seed)
     for name in hf_param_names(cfg):
         shape = hf_param_shape(cfg, name)
-        if len(shape) == 1:
+        if name.endswith(".bias"):  # Qwen2's q/k/v biases: small, nonzero, so they count in every comparison
+            yield name, torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=g)
+        elif len(shape) == 1:
             yield name, torch.ones(shape, device=device, dtype=dtype)
         else:
             yield name, torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=g)

@@ -73,6 +73,8 @@ class ModelConfig:
     """Whether lm_head shares the input embedding (Llama-2: no)."""
     rope_scaling: RopeScaling | None = None
     """RoPE scaling (Llama 3.1's llama3, or linear); None: plain RoPE."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2 / Qwen2.5; HF model_type qwen2)."""
     bos_token_id: int = 1
     eos_token_id: int = 2
 
@@ -126,6 +128,9 @@ class ModelConfig:
                 raise ConfigError(f"{path}: {k} is {v!r}; expected {'an integer' if want == 'int' else want}")
         kw.setdefault("num_key_value_heads", raw.get("num_attention_heads", cls.num_key_value_heads))
         kw.pop("rope_scaling", None)
+        kw.pop("qkv_bias", None)
+        if raw.get("model_type") == "qwen2":  # Qwen2 / Qwen2.5: q, k and v projections with biases
+            kw["qkv_bias"] = True
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"{path}: rope_scaling is {rope!r}; expected an object")
@@ -149,14 +154,31 @@ class ModelConfig:
         except ConfigError as e:
             raise ConfigError(f"{path}: {str(e).removeprefix('model config: ')}") from None
 
+    @property
+    def hf_model_type(self) -> str:
+        """The HF model_type of this shape: qwen2 where q/k/v carry biases, llama otherwise."""
+        return "qwen2" if self.qkv_bias else "llama"
+
     def to_hf_dict(self) -> dict:
-        """The HF ``config.json`` content for this shape (LlamaForCausalLM)."""
+        """The HF ``config.json`` content for this shape (LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias)."""
         d = asdict(self)
+        d.pop("qkv_bias")
         d["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling is not None else None
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                 initializer_range=0.02, attention_bias=False, mlp_bias=False, torch_dtype="float32",
-                 pad_token_id=None)
+        arch = "Qwen2ForCausalLM" if self.qkv_bias else "LlamaForCausalLM"
+        d.update(architectures=[arch], model_type=self.hf_model_type, hidden_act="silu", initializer_range=0.02,
+                 torch_dtype="float32", pad_token_id=None)
+        if not self.qkv_bias:
+            d.update(attention_bias=False, mlp_bias=False)
+        else:
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
         return d
+
+    def hf_config(self):
+        """This shape as a transformers config object of its model_type."""
+        from transformers import AutoConfig
+
+        d = self.to_hf_dict()
+        return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -187,8 +209,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "max_position_embeddings")
 """config.json fields without which the shape is unknown (never borrowed from another model's defaults)."""
-MODEL_TYPES = ("llama", "mistral")
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 def check_supported(raw: dict, path: Path):
@@ -202,7 +224,8 @@ def check_supported(raw: dict, path: Path):
         raise ConfigError(f"{path}: no {', '.join(missing)}; a Llama config.json gives the model's sizes "
                           "(lorabench never takes them from another model)")
     if raw.get("model_type", "llama") not in MODEL_TYPES:
-        refuse("model_type", f"is not supported; supported: {', '.join(MODEL_TYPES)} (the Llama architecture)")
+        refuse("model_type", f"is not supported; supported: {', '.join(MODEL_TYPES)} (the Llama architecture; "
+                             "qwen2 with its q/k/v biases)")
     archs = raw.get("architectures") or []
     if not isinstance(archs, list) or any(a not in ARCHITECTURES for a in archs):
         refuse("architectures", f"is not supported; supported: {', '.join(ARCHITECTURES)}")

@@ -50,7 +50,7 @@ class Adapter(abc.ABC):
 
 
 class LoRALinear(Adapter, nn.Module):
-    """A bias-free Linear whose ``weight`` is frozen, with ``lora_A``/``lora_B`` trainable."""
+    """A Linear whose ``weight`` (and ``bias``, where it has one) is frozen, with ``lora_A``/``lora_B`` trainable."""
 
     mask_impl = "philox16"
     """How dropout masks are drawn (kernels.dropout.MASK_IMPLS); set per model by set_mask_impl."""
@@ -59,6 +59,7 @@ class LoRALinear(Adapter, nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = nn.Parameter(base.weight.data, requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.data, requires_grad=False)
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
@@ -84,6 +85,8 @@ class LoRALinear(Adapter, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = frozen_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+        if self.bias is not None:
+            y = y + self.bias
         return y + self.delta(x) if self.enabled else y
 
     def adapter_params(self) -> tuple[nn.Parameter, nn.Parameter]:

@@ -75,16 +75,19 @@ class Fp8Linear(nn.Module):
     """A frozen bias-free projection stored in float8 e4m3 with one fp32 scale per output channel; forward and
     input gradient run as FP8 GEMMs (kernels/fp8.py). Its weights arrive quantized through checkpoint.load_into."""
 
-    def __init__(self, in_features: int, out_features: int, grad_dtype: torch.dtype, device=None):
+    def __init__(self, in_features: int, out_features: int, grad_dtype: torch.dtype, device=None,
+                 bias: nn.Parameter | None = None):
         super().__init__()
         self.in_features, self.out_features, self.grad_dtype = in_features, out_features, grad_dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=WEIGHT_FORMAT, device=device),
                                    requires_grad=False)
+        self.bias = bias  # kept in the model's dtype (Qwen2's q/k/v)
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device),
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+        y = fp8_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3, per-channel scales"
@@ -96,7 +99,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         shapes = projection_shapes(cfg)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, nn.Linear(*shapes[name], bias=False))
+            setattr(self, name, nn.Linear(*shapes[name], bias=cfg.qkv_bias and name != "o_proj"))
         self.impl = "sdpa"
         self.register_buffer("qkv_weight", None, persistent=False)  # set by Llama.fuse_projections
 
@@ -107,7 +110,8 @@ class Attention(nn.Module):
         if self.qkv_weight is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = fused_projections(x, self.qkv_weight, (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = fused_projections(x, self.qkv_weight, (self.q_proj, self.k_proj, self.v_proj),
+                                        bias=getattr(self, "qkv_weight_bias", None))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -134,12 +138,16 @@ def fuse_weights(module: nn.Module, names: tuple[str, ...], buffer: str, interle
     setattr(module, buffer, fused)  # registered (as None, non-persistent) by the module
     for p, view in zip(parts, views):
         p.weight = nn.Parameter(view, requires_grad=False)
+    if parts[0].bias is not None:  # q/k/v biases (Qwen2): one fused bias beside the fused weight
+        biases = [p.bias.detach() for p in parts]
+        fused_b = torch.stack(biases, dim=1).reshape(-1) if interleave else torch.cat(biases)
+        module.register_buffer(buffer + "_bias", fused_b, persistent=False)
 
 
-def fused_projections(x, weight, parts, interleaved: bool = False):
+def fused_projections(x, weight, parts, interleaved: bool = False, bias=None):
     """x W_fused^T in one GEMM, split back into the parts' outputs (contiguous blocks, or every len(parts)-th
     column when ``interleaved``), each plus its adapter's delta if it has one."""
-    y = F.linear(x, weight)
+    y = F.linear(x, weight, bias)
     if interleaved:
         outs = [y[..., i::len(parts)] for i in range(len(parts))]
     else:
@@ -264,7 +272,7 @@ class Llama(nn.Module):
                         child.store_fp8(grad_dtype)
                     elif isinstance(child, nn.Linear):
                         setattr(mod, name, Fp8Linear(child.in_features, child.out_features, grad_dtype,
-                                                     device=child.weight.device))
+                                                     device=child.weight.device, bias=child.bias))
 
     def compile_blocks(self, mode: str | None = None):
         """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has

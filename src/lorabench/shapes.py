@@ -35,14 +35,17 @@ def hf_param_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         return (cfg.vocab_size, cfg.hidden_size)
     for proj, (i, o) in projection_shapes(cfg).items():
         if f"{proj}." in name:
-            return (o, i)
+            return (o,) if name.endswith(".bias") else (o, i)
     return (cfg.hidden_size,)  # the norms
 
 
 def count_params(cfg: ModelConfig) -> dict:
     """Parameter counts by role, from the shape alone (used by the FLOPs formula)."""
     h = cfg.hidden_size
-    per_layer = sum(i * o for i, o in projection_shapes(cfg).values()) + 2 * h  # + the two norms
+    shapes = projection_shapes(cfg)
+    per_layer = sum(i * o for i, o in shapes.values()) + 2 * h  # + the two norms
+    if cfg.qkv_bias:
+        per_layer += sum(shapes[p][1] for p in ("q_proj", "k_proj", "v_proj"))
     embed = cfg.vocab_size * h
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
     total = embed + cfg.num_hidden_layers * per_layer + h + head

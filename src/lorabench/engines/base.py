@@ -122,7 +122,7 @@ def canonical_adapters(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict[st
     out = {}
     for name in hf_param_names(cfg):
         module = name.rsplit(".", 1)[0]
-        if module.rsplit(".", 1)[-1] in lora.targets:
+        if module.rsplit(".", 1)[-1] in lora.targets and name.endswith(".weight"):  # (not Qwen2's biases)
             fan_out, fan_in = hf_param_shape(cfg, name)
             bound = fan_in ** -0.5
             a = torch.empty(lora.r, fan_in).uniform_(-bound, bound, generator=g)

@@ -89,7 +89,7 @@ class ReferenceEngine(PeftEngine):
                  attn: str = "eager", variant: str | None = None):
         _require()
         from peft import LoraConfig, get_peft_model
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
         if attn not in ("eager", "sdpa"):
             raise ConfigError(f"--attn must be eager or sdpa, got {attn!r}")
@@ -106,10 +106,10 @@ class ReferenceEngine(PeftEngine):
             apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
                                         cross_entropy=False)
         self.model_cfg, self.lora_cfg, self.model_dir, self.attn = model_cfg, lora, model_dir, attn
-        hf_cfg = LlamaConfig(**model_cfg.to_hf_dict())
+        hf_cfg = model_cfg.hf_config()  # LlamaConfig, or Qwen2Config for q/k/v biases
         hf_cfg._attn_implementation = attn
         with torch.device(device), _default_dtype(dtype):
-            base = LlamaForCausalLM(hf_cfg)
+            base = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
         if hasattr(base, "set_attn_implementation"):
             base.set_attn_implementation(attn)
         stream = random_hf_weights(model_cfg, seed, device, dtype) if model_dir is None else iter_checkpoint(model_dir)

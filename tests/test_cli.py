@@ -339,13 +339,12 @@ def test_config_file_round_trip_and_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "gemma"}, 'model_type = "gemma" is not supported; supported: llama, mistral, qwen2'),
-    ({"model_type": "qwen3"}, 'model_type = "qwen3" is not supported'),
-    ({"architectures": ["Qwen3ForCausalLM"]}, 'architectures = ["Qwen3ForCausalLM"] is not supported'),
+    ({"model_type": "gemma"}, 'model_type = "gemma" is not supported; supported: llama, mistral, qwen2, qwen3'),
+    ({"model_type": "qwen3_moe"}, 'model_type = "qwen3_moe" is not supported'),
+    ({"architectures": ["GemmaForCausalLM"]}, 'architectures = ["GemmaForCausalLM"] is not supported'),
     ({"hidden_act": "gelu_pytorch_tanh"}, 'hidden_act = "gelu_pytorch_tanh" is not supported'),
     ({"attention_bias": True}, "attention_bias = true is not supported"),
     ({"mlp_bias": True}, "mlp_bias = true is not supported"),
-    ({"head_dim": 64}, "head_dim = 64 differs from hidden_size / num_attention_heads (32)"),
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 is not supported"),
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping = 50.0 is not supported"),
     ({"model_type": "mistral", "sliding_window": 16}, "sliding_window = 16 is shorter than max_position_embeddings"),

@@ -227,13 +227,15 @@ def test_max_grad_norm_clips_the_true_gradient():
             torch.testing.assert_close(new.detach().double(), want, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_qwen2_native_and_reference_train_identically(fused):
-    """q/k/v biases through the whole stack: native (plain or with fused q/k/v and their fused biases) and
-    transformers + PEFT's Qwen2ForCausalLM from the same canonical random weights, 6 steps, fp32."""
+@pytest.mark.parametrize("family, fused", [("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True)])
+def test_qwen_native_and_reference_train_identically(family, fused):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms with an explicit head_dim through the whole stack: native (plain
+    or with fused q/k/v, biases fused too) and transformers + PEFT from the same canonical random weights, 6 steps,
+    fp32."""
     from lorabench.config import ModelConfig
 
-    cfg_m = ModelConfig(**{**SMALL.__dict__, "qkv_bias": True, "rope_theta": 1e6})
+    extra = {"qkv_bias": True} if family == "qwen2" else {"qk_norm": True, "explicit_head_dim": 24}
+    cfg_m = ModelConfig(**{**SMALL.__dict__, **extra, "rope_theta": 1e6})
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
     cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=6, lr=1e-2, warmup_steps=0)
     data = synthetic_chunks(16, 32, cfg_m.vocab_size, seed=1)

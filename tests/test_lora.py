@@ -47,11 +47,14 @@ def pair(lora_cfg, seed=0, cfg=SMALL):
 
 
 QWEN2 = ModelConfig(**{**SMALL.__dict__, "qkv_bias": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6})
+QWEN3 = ModelConfig(**{**SMALL.__dict__, "qk_norm": True, "explicit_head_dim": 24, "rope_theta": 1e6})
 
 
 @pytest.mark.parametrize("targets, cfg", [(("q_proj", "v_proj"), SMALL),
                                           (("k_proj", "o_proj", "gate_proj", "down_proj"), SMALL),
-                                          (("q_proj", "k_proj", "v_proj"), QWEN2)], ids=["llama-qv", "llama-mix", "qwen2"])
+                                          (("q_proj", "k_proj", "v_proj"), QWEN2),
+                                          (("q_proj", "v_proj", "o_proj"), QWEN3)],
+                         ids=["llama-qv", "llama-mix", "qwen2", "qwen3"])
 def test_outputs_and_adapter_grads_match_peft(targets, cfg):
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=targets)
     ours, pm = pair(lora, cfg=cfg)

@@ -348,3 +348,49 @@ def test_qwen2_q_k_v_biases_match_hf(tmp_path):
         for layer in ours.layers:
             layer.attn.q_proj.bias.zero_()
         assert (ours(ids) - ref.logits).abs().max() > 1e-3
+
+
+def test_qwen3_qk_norms_and_explicit_head_dim_match_hf(tmp_path):
+    """Qwen3: RMSNorm on each head's queries and keys before RoPE, and a head_dim (24) that is not hidden / heads
+    (64 / 4 = 16), as Qwen3-0.6B has; logits and loss against HF's Qwen3ForCausalLM through a saved folder. Without
+    the norms' weights (set to one) the logits move."""
+    from lorabench.checkpoint import iter_checkpoint
+
+    cfg = ModelConfig(**{**SMALL.__dict__, "qk_norm": True, "explicit_head_dim": 24, "rope_theta": 1e6})
+    hf = hf_model(cfg)
+    assert type(hf).__name__ == "Qwen3ForCausalLM" and hf.config.head_dim == 24
+    hf.save_pretrained(tmp_path)
+    loaded = ModelConfig.from_hf_json(tmp_path)
+    assert loaded.qk_norm and loaded.head_dim == 24
+    ours = Llama(loaded).float().eval()
+    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=ids)
+        torch.testing.assert_close(ours(ids), ref.logits.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.loss(ids, ids), ref.loss, atol=1e-5, rtol=1e-5)
+        for layer in ours.layers:
+            layer.attn.q_norm.weight.fill_(1.0)
+        assert (ours(ids) - ref.logits).abs().max() > 1e-3
+
+
+def test_mistral_without_a_window_matches_hf(tmp_path):
+    """Mistral (model_type mistral, sliding_window null): HF's MistralForCausalLM through a saved folder."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lorabench.checkpoint import iter_checkpoint
+
+    d = {k: v for k, v in SMALL.to_hf_dict().items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(**{**d, "sliding_window": None})).float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    loaded = ModelConfig.from_hf_json(tmp_path)
+    ours = Llama(loaded).float().eval()
+    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 50), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits.float(), atol=1e-5, rtol=1e-5)

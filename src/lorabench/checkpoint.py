@@ -27,6 +27,8 @@ _LAYER_MAP = {
     "self_attn.k_proj": "attn.k_proj",
     "self_attn.v_proj": "attn.v_proj",
     "self_attn.o_proj": "attn.o_proj",
+    "self_attn.q_norm": "attn.q_norm",
+    "self_attn.k_norm": "attn.k_norm",
     "post_attention_layernorm": "mlp_norm",
     "mlp.gate_proj": "mlp.gate_proj",
     "mlp.up_proj": "mlp.up_proj",
@@ -67,6 +69,8 @@ def hf_param_names(cfg: ModelConfig) -> list[str]:
             names.append(f"model.layers.{i}.{sub}.weight")
             if cfg.qkv_bias and sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
                 names.append(f"model.layers.{i}.{sub}.bias")
+            if cfg.qk_norm and sub == "self_attn.o_proj":
+                names += [f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight"]
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")

@@ -75,6 +75,11 @@ class ModelConfig:
     """RoPE scaling (Llama 3.1's llama3, or linear); None: plain RoPE."""
     qkv_bias: bool = False
     """Biases on the q, k and v projections (Qwen2 / Qwen2.5; HF model_type qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before RoPE (Qwen3; HF model_type qwen3)."""
+    explicit_head_dim: int | None = None
+    """config.json's head_dim where it is given (Qwen3-0.6B: 128 with hidden 1024 / 16 heads); None:
+    hidden_size / num_attention_heads."""
     bos_token_id: int = 1
     eos_token_id: int = 2
 
@@ -86,7 +91,11 @@ class ModelConfig:
         for f in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, f) > 0:
                 raise ConfigError(f"model config: {f} must be positive, got {getattr(self, f)}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.explicit_head_dim is not None and self.explicit_head_dim <= 0:
+            raise ConfigError(f"model config: head_dim must be positive, got {self.explicit_head_dim}")
+        if self.qkv_bias and self.qk_norm:
+            raise ConfigError("model config: q/k/v biases with q/k norms is no supported architecture")
+        if self.explicit_head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model config: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -95,7 +104,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_hf_json(cls, path: str | Path) -> "ModelConfig":
@@ -128,9 +137,17 @@ class ModelConfig:
                 raise ConfigError(f"{path}: {k} is {v!r}; expected {'an integer' if want == 'int' else want}")
         kw.setdefault("num_key_value_heads", raw.get("num_attention_heads", cls.num_key_value_heads))
         kw.pop("rope_scaling", None)
-        kw.pop("qkv_bias", None)
+        for k in ("qkv_bias", "qk_norm", "explicit_head_dim"):
+            kw.pop(k, None)
         if raw.get("model_type") == "qwen2":  # Qwen2 / Qwen2.5: q, k and v projections with biases
             kw["qkv_bias"] = True
+        if raw.get("model_type") == "qwen3":  # Qwen3: RMSNorm on each head's q and k, head_dim given
+            kw["qk_norm"] = True
+        if raw.get("head_dim") is not None:
+            if isinstance(raw["head_dim"], bool) or not isinstance(raw["head_dim"], int):
+                raise ConfigError(f"{path}: head_dim is {raw['head_dim']!r}; expected an integer")
+            if raw["head_dim"] != raw["hidden_size"] // raw["num_attention_heads"]:  # else the derived value
+                kw["explicit_head_dim"] = raw["head_dim"]
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"{path}: rope_scaling is {rope!r}; expected an object")
@@ -156,20 +173,22 @@ class ModelConfig:
 
     @property
     def hf_model_type(self) -> str:
-        """The HF model_type of this shape: qwen2 where q/k/v carry biases, llama otherwise."""
-        return "qwen2" if self.qkv_bias else "llama"
+        """The HF model_type of this shape: qwen2 where q/k/v carry biases, qwen3 with q/k norms, else llama."""
+        return "qwen2" if self.qkv_bias else "qwen3" if self.qk_norm else "llama"
 
     def to_hf_dict(self) -> dict:
         """The HF ``config.json`` content for this shape (LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias)."""
         d = asdict(self)
-        d.pop("qkv_bias")
+        for k in ("qkv_bias", "qk_norm", "explicit_head_dim"):
+            d.pop(k)
+        d["head_dim"] = self.head_dim
         d["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling is not None else None
-        arch = "Qwen2ForCausalLM" if self.qkv_bias else "LlamaForCausalLM"
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(self.hf_model_type, "LlamaForCausalLM")
         d.update(architectures=[arch], model_type=self.hf_model_type, hidden_act="silu", initializer_range=0.02,
                  torch_dtype="float32", pad_token_id=None)
         if not self.qkv_bias:
             d.update(attention_bias=False, mlp_bias=False)
-        else:
+        if self.hf_model_type != "llama":
             d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
         return d
 
@@ -209,8 +228,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "max_position_embeddings")
 """config.json fields without which the shape is unknown (never borrowed from another model's defaults)."""
-MODEL_TYPES = ("llama", "mistral", "qwen2")
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def check_supported(raw: dict, path: Path):
@@ -225,7 +244,7 @@ def check_supported(raw: dict, path: Path):
                           "(lorabench never takes them from another model)")
     if raw.get("model_type", "llama") not in MODEL_TYPES:
         refuse("model_type", f"is not supported; supported: {', '.join(MODEL_TYPES)} (the Llama architecture; "
-                             "qwen2 with its q/k/v biases)")
+                             "qwen2 with its q/k/v biases, qwen3 with its q/k norms)")
     archs = raw.get("architectures") or []
     if not isinstance(archs, list) or any(a not in ARCHITECTURES for a in archs):
         refuse("architectures", f"is not supported; supported: {', '.join(ARCHITECTURES)}")
@@ -234,10 +253,6 @@ def check_supported(raw: dict, path: Path):
     for field in ("attention_bias", "mlp_bias"):
         if raw.get(field):
             refuse(field, "is not supported (projections without bias only)")
-    head_dim = raw.get("head_dim")
-    if head_dim is not None and head_dim != raw["hidden_size"] // raw["num_attention_heads"]:
-        refuse("head_dim", f"differs from hidden_size / num_attention_heads "
-                           f"({raw['hidden_size'] // raw['num_attention_heads']}); not supported")
     if raw.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         refuse("partial_rotary_factor", "is not supported (rotary embedding over the whole head only)")
     for field in ("final_logit_softcapping", "attn_logit_softcapping"):

@@ -102,6 +102,8 @@ class Attention(nn.Module):
             setattr(self, name, nn.Linear(*shapes[name], bias=cfg.qkv_bias and name != "o_proj"))
         self.impl = "sdpa"
         self.register_buffer("qkv_weight", None, persistent=False)  # set by Llama.fuse_projections
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None  # Qwen3
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
         """x [B, T, C] -> (output [B, T, C], this call's rotated (k, v)); kv_cache and attn_mask as
@@ -112,8 +114,10 @@ class Attention(nn.Module):
         else:
             q, k, v = fused_projections(x, self.qkv_weight, (self.q_proj, self.k_proj, self.v_proj),
                                         bias=getattr(self, "qkv_weight_bias", None))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, self.n_heads // self.n_kv, self.impl, attn_mask, kv_cache)

@@ -33,6 +33,8 @@ def hf_param_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     [hidden] for a norm."""
     if "embed_tokens." in name or "lm_head." in name:
         return (cfg.vocab_size, cfg.hidden_size)
+    if "q_norm." in name or "k_norm." in name:
+        return (cfg.head_dim,)
     for proj, (i, o) in projection_shapes(cfg).items():
         if f"{proj}." in name:
             return (o,) if name.endswith(".bias") else (o, i)
@@ -46,6 +48,8 @@ def count_params(cfg: ModelConfig) -> dict:
     per_layer = sum(i * o for i, o in shapes.values()) + 2 * h  # + the two norms
     if cfg.qkv_bias:
         per_layer += sum(shapes[p][1] for p in ("q_proj", "k_proj", "v_proj"))
+    if cfg.qk_norm:
+        per_layer += 2 * cfg.head_dim
     embed = cfg.vocab_size * h
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
     total = embed + cfg.num_hidden_layers * per_layer + h + head

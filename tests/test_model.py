@@ -394,3 +394,16 @@ def test_mistral_without_a_window_matches_hf(tmp_path):
     ids = torch.randint(0, SMALL.vocab_size, (2, 50), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset, total", [
+    ("llama3-8b", 8_030_261_248), ("llama3.1-8b", 8_030_261_248),  # Meta-Llama-3(.1)-8B: 8.03B
+    ("mistral-7b", 7_248_023_552),  # Mistral-7B-v0.3: 7.25B
+    ("qwen2.5-7b", 7_615_616_512),  # Qwen2.5-7B: 7.62B (its q/k/v biases included)
+    ("llama2-70b", 68_976_648_192),  # Llama-2-70B: 69.0B
+])
+def test_shape_presets_have_the_published_parameter_counts(preset, total):
+    """The presets' sizes against the models' published parameter totals (their safetensors indexes)."""
+    from lorabench.config import MODEL_PRESETS
+
+    assert count_params(MODEL_PRESETS[preset])["total"] == total

@@ -63,7 +63,7 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="random: exact architecture with random weights made on the device (no weight files)")
     g.add_argument("--model", dest="model_preset", help="shape preset for --init random without --model-dir "
-                   "(llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3.1-8b, tiny)")
+                   "(llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3.1-8b, mistral-7b, qwen2.5-7b, tiny)")
     g.add_argument("--engine", default="native", help="native (ours, default), reference (transformers + PEFT, the "
                    "seed's stack), reference+liger, reference+compile, unsloth or unsloth-fp8 (Unsloth's stack, "
                    "CUDA only)")

@@ -218,6 +218,15 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                                max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=128000,
                                eos_token_id=128001,
                                rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)),
+    # Mistral-7B v0.3 and Qwen2.5-7B: their published config.json values (Mistral: vocab 32,768, GQA 32/8,
+    # intermediate 14,336, rope_theta 1e6, no sliding window; Qwen2.5: vocab 152,064, hidden 3,584, 28 layers, GQA
+    # 28/4, intermediate 18,944, rms_norm_eps 1e-6, rope_theta 1e6, q/k/v biases).
+    "mistral-7b": ModelConfig(vocab_size=32768, intermediate_size=14336, num_key_value_heads=8,
+                              max_position_embeddings=32768, rope_theta=1e6),
+    "qwen2.5-7b": ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                              num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                              rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True, bos_token_id=151643,
+                              eos_token_id=151643),
     # The bundled tiny model (src/lorabench/assets/tiny-llama); grouped-query attention on purpose so the
     # parity tests cover it.
     "tiny": ModelConfig(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,

@@ -114,7 +114,7 @@ def test_native_defaults_follow_the_precision_and_device():
     assert auto.resolve(P["bf16"], cpu).dropout_mask == "philox16"
     assert auto.resolve(P["bf16"], cpu).compile_mode == "default"
     mine = NativeOptions(attention="flash", fused_projections=False, compile=False, compile_mode="reduce-overhead",
-                         dropout_mask="inline")
+                         dropout_mask="inline", activation_checkpointing="block")
     assert mine.resolve(P["tf32"], cuda) == mine
 
 
@@ -186,7 +186,8 @@ def test_run_records_the_resolved_settings(tmp_path):
     c = json.loads((tmp_path / "run" / "result.json").read_text())["config"]
     options = {k: v for k, v in c["engine_options"].items() if k != "numerics"}
     assert options == {"attention": "matmul", "fused_projections": False, "compile": False,
-                       "compile_mode": "default", "dropout_mask": "philox16", "fp8_grad": None}
+                       "compile_mode": "default", "dropout_mask": "philox16", "fp8_grad": None,
+                       "activation_checkpointing": "none"}
     assert "fp32 master weights" in c["engine_options"]["numerics"]
     assert c["tf32"] == {"on": False, "why": "preset tiny"} and c["precision"] == "fp32"
 

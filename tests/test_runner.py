@@ -29,7 +29,7 @@ def test_resolve_fills_every_default_and_reads_the_questions():
     plan = resolve(tiny_job(native=NativeOptions(attention="matmul"), mmlu=MmluOptions(str(TINY_MMLU), limit=2)))
     assert plan.device == torch.device("cpu") and plan.precision.name == "fp32" and plan.world == 1
     assert plan.native == NativeOptions(attention="matmul", fused_projections=False, compile=False,
-                                        compile_mode="default", dropout_mask="philox16")
+                                        compile_mode="default", dropout_mask="philox16", activation_checkpointing="none")
     assert [len(s.test) for s in plan.mmlu_subjects] == [2, 2]
 
 

@@ -52,7 +52,8 @@ LORA_FLAGS = {
     "--lora-targets": ("targets", lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
                        "comma-separated projections, e.g. q_proj,v_proj"),
 }
-NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask", "fp8_grad")
+NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask", "fp8_grad",
+                "activation_checkpointing")
 """NativeOptions fields, each a flag of the same name (kebab-case)."""
 
 
@@ -73,7 +74,7 @@ def _add_model_flags(p: argparse.ArgumentParser):
 
 
 def _add_native_flags(p: argparse.ArgumentParser):
-    from .engines.native import COMPILE_MODES
+    from .engines.native import ACTIVATION_CHECKPOINTING, COMPILE_MODES
     from .kernels.fp8 import GRAD_FORMATS
 
     g = p.add_argument_group("native engine tuning", "defaults follow the precision and device (measured on an "
@@ -89,6 +90,9 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "(reduce-overhead: CUDA graphs; default: torch's default)")
     g.add_argument("--dropout-mask", choices=MASK_IMPLS, help="how adapters draw dropout masks (default philox16: "
                    "a Triton kernel on a GPU, torch's Bernoulli kernel on a CPU)")
+    g.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, help="block: keep only each "
+                   "decoder block's input and recompute the block in the backward (less memory, ~1/3 more compute; "
+                   "default none)")
     g.add_argument("--fp8-grad", choices=tuple(GRAD_FORMATS), help="--precision fp8: the FP8 format input "
                    "gradients are quantized to, per token, for their GEMMs (default e4m3)")
 
@@ -356,7 +360,7 @@ def bench_overrides(a) -> list[str]:
                     ("--lora-r", a.lora_r), ("--lora-alpha", a.lora_alpha), ("--lora-targets", a.lora_targets),
                     ("--lr", a.lr), ("--attn", a.attn), ("--attention", a.attention),
                     ("--compile-mode", a.compile_mode), ("--dropout-mask", a.dropout_mask),
-                    ("--fp8-grad", a.fp8_grad)):
+                    ("--fp8-grad", a.fp8_grad), ("--activation-checkpointing", a.activation_checkpointing)):
         if v is not None:
             out += [flag, str(v)]
     for flag, v in (("fused-projections", a.fused_projections), ("compile", a.compile)):

@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from .config import ModelConfig
@@ -205,6 +206,8 @@ class Llama(nn.Module):
         self.eval_layers: tuple | None = None
         self.eval_graph_enabled = True  # evaluation may run eval_layers (a short evaluation turns it off)
         self.attention = "sdpa"
+        self.activation_checkpointing = "none"
+        """"block": training keeps each decoder block's input only and recomputes the block in the backward."""
 
     def set_attention(self, impl: str):
         """Pick the training attention (one of ATTENTION_IMPLS)."""
@@ -234,8 +237,13 @@ class Llama(nn.Module):
         if layers is self.eval_layers:  # a batch size equal to a fixed size of the model (e.g. head_dim) would
             torch._dynamo.maybe_mark_dynamic(x, 0)  # otherwise be taken for it and specialised: a second graph
         with sdpa_priority(self.attention):
+            recompute = self.activation_checkpointing == "block" and torch.is_grad_enabled() and kv_caches is None
             for i, layer in enumerate(layers):
-                x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
+                if recompute:  # keep only each block's input; the backward runs the block again (same RNG draws)
+                    x, kv = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, None,
+                                                              use_reentrant=False)
+                else:
+                    x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
                 if return_kv:
                     kvs.append(kv)
         x = self.norm(x)

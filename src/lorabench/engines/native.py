@@ -23,6 +23,8 @@ from ..precision import Precision
 from ..shapes import projection_shapes
 from .base import Engine, canonical_adapters
 
+ACTIVATION_CHECKPOINTING = ("none", "block")
+"""What the training forward keeps for the backward (NativeOptions.activation_checkpointing)."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """torch.compile's modes for the training blocks (reduce-overhead: CUDA graphs)."""
 
@@ -54,6 +56,10 @@ class NativeOptions:
     """How adapters draw dropout masks, one of kernels.dropout.MASK_IMPLS (default philox16: a Triton kernel,
     eight mask elements per Philox call, on a CPU torch's Bernoulli kernel; inline measured 0.7% slower at bf16
     LBS 16 on an H200, 2026-11-28)."""
+    activation_checkpointing: str | None = None
+    """One of ACTIVATION_CHECKPOINTING: "none" (default) keeps every activation the backward needs; "block" keeps
+    only each decoder block's input and recomputes the block in the backward (about one more forward pass of the
+    blocks per step, for a fraction of the activation memory: long sequences, large models)."""
     fp8_grad: str | None = None
     """Under --precision fp8, the FP8 format the input gradients are quantized to (per row) for their GEMMs, one of
     kernels.fp8.GRAD_FORMATS (default e4m3; see kernels/fp8.py)."""
@@ -61,6 +67,8 @@ class NativeOptions:
     def __post_init__(self):
         for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
                                       ("fp8-grad", self.fp8_grad, tuple(GRAD_FORMATS)),
+                                      ("activation-checkpointing", self.activation_checkpointing,
+                                       ACTIVATION_CHECKPOINTING),
                                       ("compile-mode", self.compile_mode, COMPILE_MODES),
                                       ("dropout-mask", self.dropout_mask, MASK_IMPLS)):
             if value is not None and value not in choices:
@@ -82,6 +90,7 @@ class NativeOptions:
             compile_mode=self.compile_mode or "default",
             dropout_mask=self.dropout_mask or MASK_IMPLS[0],
             fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_weights else None,
+            activation_checkpointing=self.activation_checkpointing or "none",
         )
 
 
@@ -112,6 +121,7 @@ class NativeEngine(Engine):
         else:
             load_into(model, iter_checkpoint(model_dir), True, str(model_dir))
         model.set_attention(options.attention)
+        model.activation_checkpointing = options.activation_checkpointing
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         if options.fused_projections:

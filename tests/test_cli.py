@@ -387,3 +387,23 @@ def test_supported_variants_still_load(tmp_path):
                    {"sliding_window": 16, "use_sliding_window": False}):
         (d / "config.json").write_text(json.dumps({**base, **change}))
         assert ModelConfig.from_hf_json(d).hidden_size == base["hidden_size"]
+
+
+def test_run_on_alpaca_records_and_a_template(tmp_path, capsys):
+    """run end to end on alpaca-format JSONL (detected), and on other columns through --prompt-template; a
+    template naming a column the rows lack is one error naming file, line and column."""
+    from lorabench.assets import TINY_MODEL
+
+    f = tmp_path / "train.jsonl"
+    f.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} " * 12}) for i in range(30)))
+    common = ["run", "--no-progress", "--device", "cpu", "--model-dir", str(TINY_MODEL), "--seq-len", "32",
+              "--batch-size", "2", "--max-steps", "2", "--no-mmlu", "--no-save-adapter"]
+    assert main(common + ["--data", str(f), "--run-dir", str(tmp_path / "alpaca")]) == 0
+    g = tmp_path / "qa.csv"
+    g.write_text("question,answer\n" + "\n".join(f"what is {i},it is {i} {i} {i}" for i in range(60)) + "\n")
+    assert main(common + ["--data", str(g), "--prompt-template", "Q: {question}\nA: {answer}",
+                          "--run-dir", str(tmp_path / "qa")]) == 0
+    capsys.readouterr()
+    assert main(common + ["--data", str(g), "--prompt-template", "{question} {reply}",
+                          "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "qa.csv: row 2: missing column 'reply'" in capsys.readouterr().err

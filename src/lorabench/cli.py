@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "bundled model, flagperf-fp32 otherwise)")
     run.add_argument("--data", help="samsum corpus.7z, a folder of train/val/test files, a .json/.jsonl/.csv/"
                      ".parquet file, an HF dataset name, or 'synthetic'; default: the bundled tiny data")
+    run.add_argument("--format", dest="data_format", choices=("samsum", "alpaca", "text"), help="the records' "
+                     "format (default: from their columns: dialogue+summary, instruction+input+output, text)")
+    run.add_argument("--prompt-template", help="the text of a record of other columns, e.g. \"Q: {question}\\n"
+                     "A: {answer}\" (each {column} replaced by its value)")
     _add_model_flags(run)
     g = run.add_argument_group("training (override the preset)")
     for flag, (_, typ, hlp) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
@@ -265,7 +269,8 @@ def cmd_run(a) -> int:
     default_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
     job = Job(train=p.train, lora=p.lora, preset=preset, fix_hp=p.fix_hp, engine=a.engine,
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
-              data=data, device=a.device, attn=a.attn or "eager", native=native_options(a),
+              data=data, data_format=a.data_format, prompt_template=a.prompt_template, device=a.device,
+              attn=a.attn or "eager", native=native_options(a),
               peak_tflops=a.peak_tflops, run_dir=a.run_dir, default_run_dir=default_dir, overwrite=a.overwrite,
               save_adapter=not a.no_save_adapter, resume=a.resume, init_adapter=a.init_adapter,
               cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu,

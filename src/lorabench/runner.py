@@ -46,6 +46,10 @@ class Job:
     """Shape preset for init='random' without a model_dir (e.g. llama2-7b)."""
     data: str = str(TINY_DATA)
     """samsum source (see data/samsum.py) or 'synthetic'."""
+    data_format: str | None = None
+    """The records' format (data/formats.py; None: detected from their columns)."""
+    prompt_template: str | None = None
+    """A "...{column}..." template for records of any other columns."""
     device: str = "auto"
     attn: str = "eager"
     """Attention of the plain reference engine (eager or sdpa)."""
@@ -210,9 +214,9 @@ def _load_data(plan: Plan) -> Data:
     tok = Tokenizer(job.model_dir)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{job.model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
-    records, label = load_split(job.data, "train")
+    records, label = load_split(job.data, "train", job.data_format, job.prompt_template)
     train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir)
-    val_records, _ = load_split(job.data, "validation")
+    val_records, _ = load_split(job.data, "validation", job.data_format, job.prompt_template)
     val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir)[0] if val_records else None
     return Data(train, val, f"{label} ({len(records)} samples{', cached' if cached else ''})")
 

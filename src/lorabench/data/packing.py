@@ -20,7 +20,7 @@ import numpy as np
 from .tokenizer import Tokenizer
 
 PROMPT = "Summarize this dialog:\n{dialogue}\n---\nSummary:\n"
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 
 
 def format_sample(rec: dict) -> str:
@@ -35,7 +35,8 @@ def pack(token_lists: list[list[int]], seq_len: int) -> np.ndarray:
 
 
 def tokenize_records(records: list[dict], tok: Tokenizer) -> list[list[int]]:
-    ids = tok.encode_batch([format_sample(r) for r in records])
+    """Each record's training text (its "text", or samsum's prompt of its dialogue and summary) with BOS and EOS."""
+    ids = tok.encode_batch([r["text"] if "text" in r else format_sample(r) for r in records])
     return [tok.with_bos(x) + [tok.eos_id] for x in ids]
 
 
@@ -46,7 +47,7 @@ def default_cache_dir() -> Path:
 def cache_key(records: list[dict], tok: Tokenizer, seq_len: int) -> str:
     h = hashlib.sha256(f"{_CACHE_VERSION}|{PROMPT}|{tok.fingerprint}|{seq_len}|".encode())
     for r in records:
-        h.update(r["dialogue"].encode() + b"\x00" + r["summary"].encode() + b"\x01")
+        h.update((r["text"] if "text" in r else format_sample(r)).encode() + b"\x01")
     return h.hexdigest()[:24]
 
 

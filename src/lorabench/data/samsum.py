@@ -1,7 +1,8 @@
-"""samsum-format records ({"dialogue", "summary"}) from every form users have them in.
+"""Training records (samsum's {"dialogue", "summary"}, or another format: formats.py) from every form users have
+them in.
 
 ``--data`` may be: samsum's ``corpus.7z`` (needs py7zr); a folder with train/val/test files (``.json`` list,
-``.jsonl``, ``.csv`` or ``.parquet``); one such file (used as the training split); or an HF dataset name when the
+``.jsonl``, ``.csv`` or ``.parquet``) or an HF dataset snapshot (``data/<split>-*.parquet`` shards); one such file (used as the training split); or an HF dataset name when the
 ``datasets`` package is installed and online. Every row is checked: a missing column or a non-string value fails
 with the file, the row and what is wrong.
 """
@@ -24,9 +25,12 @@ class DataError(ConfigError):
     """Bad training data: names the file and row."""
 
 
-def load_split(source: str | Path, split: str) -> tuple[list[dict], str]:
-    """Records of ``split`` (train / validation / test) and a label naming where they came from.
+def load_split(source: str | Path, split: str, fmt: str | None = None, template: str | None = None,
+               ) -> tuple[list[dict], str]:
+    """Records of ``split`` (train / validation / test) and a label naming where they came from, each with its
+    training "text" (``fmt``, or ``template``, or the format its columns show: formats.py).
     Returns ([], label) when the source has no such split (e.g. a single file has no validation split)."""
+    spec = {"fmt": fmt, "template": template}
     if split not in SPLITS:
         raise ValueError(split)
     p = Path(source)
@@ -35,22 +39,27 @@ def load_split(source: str | Path, split: str) -> tuple[list[dict], str]:
             for ext in _EXTS:
                 f = p / f"{stem}{ext}"
                 if f.is_file():
-                    return read_file(f), str(f)
+                    return read_file(f, **spec), str(f)
+        for stem in SPLITS[split]:  # the HF snapshot layout: data/<split>-00000-of-0000N.parquet
+            shards = sorted((p / "data").glob(f"{stem}-*.parquet")) if (p / "data").is_dir() else []
+            if shards:
+                return [r for f in shards for r in read_file(f, **spec)], f"{p / 'data' / stem}-*.parquet"
         if split == "train":
-            raise DataError(f"--data {p}: no train.json/.jsonl/.csv/.parquet in this folder")
+            raise DataError(f"--data {p}: no train.json/.jsonl/.csv/.parquet in this folder, nor "
+                            "data/train-*.parquet (the HF snapshot layout)")
         return [], str(p)
     if p.is_file():
         if p.suffix == ".7z":
-            return _read_7z(p, split)
+            return _read_7z(p, split, spec)
         if split != "train":
             return [], str(p)
-        return read_file(p), str(p)
+        return read_file(p, **spec), str(p)
     if looks_like_hub_name(source):
-        return _read_hub(str(source), split)
+        return _read_hub(str(source), split, spec)
     raise DataError(f"--data {source}: no such file or folder")
 
 
-def read_file(path: Path) -> list[dict]:
+def read_file(path: Path, fmt: str | None = None, template: str | None = None) -> list[dict]:
     ext = path.suffix.lower()
     if ext not in _EXTS:
         raise DataError(f"{path}: unsupported data file type {ext!r}; use {', '.join(_EXTS)} or corpus.7z")
@@ -63,8 +72,8 @@ def read_file(path: Path) -> list[dict]:
             table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001  (pyarrow raises ArrowInvalid, OSError and others on a bad file)
             raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
-        return validate(table.to_pylist(), str(path))
-    return parse_bytes(path.read_bytes(), ext, str(path))
+        return validate(table.to_pylist(), str(path), fmt=fmt, template=template)
+    return parse_bytes(path.read_bytes(), ext, str(path), fmt, template)
 
 
 def decode_utf8(raw: bytes, label: str) -> str:
@@ -78,7 +87,7 @@ def decode_utf8(raw: bytes, label: str) -> str:
                         "UTF-8") from None
 
 
-def parse_bytes(raw: bytes, ext: str, label: str) -> list[dict]:
+def parse_bytes(raw: bytes, ext: str, label: str, fmt: str | None = None, template: str | None = None) -> list[dict]:
     text = decode_utf8(raw, label)
     if ext == ".json":
         try:
@@ -88,8 +97,8 @@ def parse_bytes(raw: bytes, ext: str, label: str) -> list[dict]:
         if isinstance(rows, dict) and "data" in rows:
             rows = rows["data"]
         if not isinstance(rows, list):
-            raise DataError(f"{label}: expected a JSON list of {{'dialogue', 'summary'}} objects")
-        return validate(rows, label)
+            raise DataError(f"{label}: expected a JSON list of records (objects of columns)")
+        return validate(rows, label, fmt=fmt, template=template)
     if ext == ".jsonl":
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
@@ -99,29 +108,43 @@ def parse_bytes(raw: bytes, ext: str, label: str) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{label}: line {i} is not valid JSON ({e.msg})") from None
-        return validate(rows, label, row_word="line")
+        return validate(rows, label, row_word="line", fmt=fmt, template=template)
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    return validate(rows, label, first_row=2)
+    return validate(rows, label, first_row=2, fmt=fmt, template=template)
 
 
-def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1) -> list[dict]:
+def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, fmt: str | None = None,
+             template: str | None = None) -> list[dict]:
+    """Check every row against its format (formats.py; detected from the first row's columns when ``fmt`` and
+    ``template`` are None) and return the records: their columns, plus "text", what the record trains on."""
+    from . import formats
+
     out = []
+    required, optional = None, None
     for i, r in enumerate(rows):
         where = f"{label}: {row_word} {i + first_row}"
         if not isinstance(r, dict):
-            raise DataError(f"{where}: expected an object with 'dialogue' and 'summary', got {type(r).__name__}")
-        for col in ("dialogue", "summary"):
+            raise DataError(f"{where}: expected an object of columns, got {type(r).__name__}")
+        if required is None:
+            try:
+                fmt = fmt if fmt is not None or template is not None else formats.detect(r, where)
+                required, optional = formats.needed(fmt, template)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+        for col in required + [c for c in optional if c in r and r[c] is not None]:
             if col not in r:
                 raise DataError(f"{where}: missing column {col!r} (columns present: {', '.join(map(str, r))})")
             if not isinstance(r[col], str):
                 raise DataError(f"{where}: {col!r} must be a string, got {type(r[col]).__name__}")
-        out.append({"dialogue": r["dialogue"], "summary": r["summary"]})
+        rec = {c: r[c] for c in required + optional if c in r and r[c] is not None}
+        rec["text"] = formats.render(rec, fmt, template)
+        out.append(rec)
     if not out:
         raise DataError(f"{label}: no rows")
     return out
 
 
-def _read_7z(path: Path, split: str) -> tuple[list[dict], str]:
+def _read_7z(path: Path, split: str, spec: dict) -> tuple[list[dict], str]:
     try:
         import py7zr
     except ImportError:
@@ -143,10 +166,10 @@ def _read_7z(path: Path, split: str) -> tuple[list[dict], str]:
     except Exception as e:  # noqa: BLE001  (py7zr raises Bad7zFile, CrcError, lzma errors, EOFError...)
         raise DataError(f"{path}: not a readable 7z archive ({type(e).__name__}: {str(e)[:120]}); "
                         "re-download it or unpack it and pass the folder") from None
-    return parse_bytes(raw, ".json", f"{path}:{want[0]}"), f"{path}:{want[0]}"
+    return parse_bytes(raw, ".json", f"{path}:{want[0]}", **spec), f"{path}:{want[0]}"
 
 
-def _read_hub(name: str, split: str) -> tuple[list[dict], str]:
+def _read_hub(name: str, split: str, spec: dict) -> tuple[list[dict], str]:
     try:
         import datasets
     except ImportError:
@@ -158,4 +181,4 @@ def _read_hub(name: str, split: str) -> tuple[list[dict], str]:
         return [], name
     except Exception as e:  # offline, unknown name, ...
         raise DataError(f"--data {name}: could not load from the hub ({e})") from None
-    return validate(list(ds), f"{name}[{split}]"), f"{name}[{split}]"
+    return validate(list(ds), f"{name}[{split}]", **spec), f"{name}[{split}]"

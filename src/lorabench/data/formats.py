@@ -1,0 +1,74 @@
+"""Record formats: which columns a dataset has, and the text each record becomes.
+
+``--format`` names one, or it is detected from the first record's columns:
+
+- ``samsum`` (``dialogue``, ``summary``): FlagPerf's prompt, ``Summarize this dialog:\\n{dialogue}\\n---\\nSummary:\\n``
+  then the summary (REFERENCE section 1);
+- ``alpaca`` (``instruction``, optional ``input``, ``output``): the Stanford Alpaca prompt (its repository's
+  ``PROMPT_DICT``: "Below is an instruction that describes a task[, paired with an input that provides further
+  context]. Write a response that appropriately completes the request." then ``### Instruction:``, ``### Input:``,
+  ``### Response:`` sections) then the output;
+- ``text`` (``text``): the text as it is;
+- ``--prompt-template "...{column}..."``: any other columns, each ``{column}`` replaced by the record's value.
+
+Every record's columns are checked (present, strings) with the file and row named. Chat formats (``messages``,
+ShareGPT ``conversations``) need the tokenizer's chat template and are refused with that said.
+"""
+from __future__ import annotations
+
+import string
+
+FORMATS = ("samsum", "alpaca", "text")
+
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def template_columns(template: str) -> list[str]:
+    """The ``{column}`` names of a --prompt-template, in order."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ValueError(f"--prompt-template {template!r}: {e} (write literal braces as {{{{ and }}}})") from None
+
+
+def detect(columns, where: str) -> str:
+    """The format of a record with these columns; a ValueError naming them and the formats otherwise."""
+    cols = set(columns)
+    if {"dialogue", "summary"} <= cols:
+        return "samsum"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "text" in cols:
+        return "text"
+    if "messages" in cols or "conversations" in cols:
+        raise ValueError(f"{where}: chat records ('messages' / 'conversations') need the tokenizer's chat template, "
+                         "which lorabench does not render yet; use --prompt-template with your columns")
+    raise ValueError(f"{where}: columns {', '.join(sorted(map(str, cols)))} match no format (samsum: dialogue, "
+                     "summary; alpaca: instruction, input, output; text: text); give --prompt-template "
+                     "\"...{column}...\" or --format")
+
+
+def needed(fmt: str | None, template: str | None) -> tuple[list[str], list[str]]:
+    """(required columns, optional columns) of a format or template."""
+    if template is not None:
+        return template_columns(template), []
+    return {"samsum": (["dialogue", "summary"], []), "alpaca": (["instruction", "output"], ["input"]),
+            "text": (["text"], [])}[fmt]
+
+
+def render(rec: dict, fmt: str | None, template: str | None) -> str:
+    """The training text of a checked record."""
+    if template is not None:
+        return template.format_map({k: rec[k] for k in template_columns(template)})
+    if fmt == "samsum":
+        from .packing import format_sample
+
+        return format_sample(rec)
+    if fmt == "alpaca":
+        prompt = ALPACA_WITH_INPUT if rec.get("input") else ALPACA_NO_INPUT
+        return prompt.format(instruction=rec["instruction"], input=rec.get("input", "")) + rec["output"]
+    return rec["text"]

@@ -81,3 +81,22 @@ def test_init_adapter_starts_training_from_its_weights(tmp_path):
     with pytest.raises(ConfigError, match=r"--init-adapter .*r=8.*this run has r=4"):
         resolve(replace(tiny_job(init_adapter=adapter), lora=LoRAConfig(r=4)))
 
+
+
+def test_val_fraction_holds_out_a_fixed_share(tmp_path):
+    """A single file has no validation split; --val-fraction 0.1 holds out 10% of its records, the same ones every
+    time, disjoint from training; a source with its own split, or a fraction that leaves nothing, is refused."""
+    from lorabench.runner import split_off
+
+    recs = [{"text": f"r{i}"} for i in range(50)]
+    train, val = split_off(recs, 0.1)
+    assert len(val) == 5 and len(train) == 45 and not {r["text"] for r in train} & {r["text"] for r in val}
+    assert split_off(recs, 0.1) == (train, val)
+    with pytest.raises(ConfigError, match="leaves no validation"):
+        split_off(recs, 0.001)
+    single = tmp_path / "train.json"
+    single.write_text((TINY_DATA / "train.json").read_text())
+    data = load_data(resolve(tiny_job(data=str(single), val_fraction=0.2)))
+    assert data.val is not None and len(data.val) > 0 and "120 held out for validation" in data.description
+    with pytest.raises(ConfigError, match="has a validation split of its own"):
+        load_data(resolve(tiny_job(val_fraction=0.2)))

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                      ".parquet file, an HF dataset name, or 'synthetic'; default: the bundled tiny data")
     run.add_argument("--format", dest="data_format", choices=("samsum", "alpaca", "text"), help="the records' "
                      "format (default: from their columns: dialogue+summary, instruction+input+output, text)")
+    run.add_argument("--val-fraction", type=float, help="hold out this fraction of the records (a fixed choice) "
+                     "for the eval loss, for data without a validation split")
     run.add_argument("--prompt-template", help="the text of a record of other columns, e.g. \"Q: {question}\\n"
                      "A: {answer}\" (each {column} replaced by its value)")
     _add_model_flags(run)
@@ -269,7 +271,8 @@ def cmd_run(a) -> int:
     default_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
     job = Job(train=p.train, lora=p.lora, preset=preset, fix_hp=p.fix_hp, engine=a.engine,
               model_dir=TINY_MODEL if bundled else a.model_dir, init=a.init, model_preset=a.model_preset,
-              data=data, data_format=a.data_format, prompt_template=a.prompt_template, device=a.device,
+              data=data, data_format=a.data_format, prompt_template=a.prompt_template,
+              val_fraction=a.val_fraction, device=a.device,
               attn=a.attn or "eager", native=native_options(a),
               peak_tflops=a.peak_tflops, run_dir=a.run_dir, default_run_dir=default_dir, overwrite=a.overwrite,
               save_adapter=not a.no_save_adapter, resume=a.resume, init_adapter=a.init_adapter,

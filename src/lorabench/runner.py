@@ -50,6 +50,8 @@ class Job:
     """The records' format (data/formats.py; None: detected from their columns)."""
     prompt_template: str | None = None
     """A "...{column}..." template for records of any other columns."""
+    val_fraction: float | None = None
+    """Hold out this fraction of the training records as the validation split (sources without one)."""
     device: str = "auto"
     attn: str = "eager"
     """Attention of the plain reference engine (eager or sdpa)."""
@@ -215,10 +217,28 @@ def _load_data(plan: Plan) -> Data:
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{job.model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
     records, label = load_split(job.data, "train", job.data_format, job.prompt_template)
-    train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir)
     val_records, _ = load_split(job.data, "validation", job.data_format, job.prompt_template)
+    if job.val_fraction is not None:
+        if val_records:
+            raise ConfigError(f"--val-fraction: {job.data} has a validation split of its own; leave it out")
+        records, val_records = split_off(records, job.val_fraction)
+        label += f", {len(val_records)} held out for validation"
+    train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir)
     val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir)[0] if val_records else None
     return Data(train, val, f"{label} ({len(records)} samples{', cached' if cached else ''})")
+
+
+def split_off(records: list, fraction: float) -> tuple[list, list]:
+    """(train, validation): a fraction of the records, chosen by a fixed permutation (the same split on every run
+    and machine), held out; both keep the records' order."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    k = round(len(records) * fraction)
+    if k == 0 or k == len(records):
+        raise ConfigError(f"--val-fraction {fraction} of {len(records)} records leaves "
+                          f"{'no validation' if k == 0 else 'no training'} records")
+    held = set(np.random.default_rng(0).permutation(len(records))[:k].tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
 def build(plan: Plan) -> tuple[Engine, float]:

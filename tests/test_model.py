@@ -323,21 +323,35 @@ def test_llama3_bands_are_all_exercised():
     assert (ratio == 1).any() and ((ratio - 8).abs() < 1e-5).any() and ((ratio > 1.01) & (ratio < 7.9)).any()
 
 
-def test_qwen2_q_k_v_biases_match_hf(tmp_path):
-    """Qwen2 / Qwen2.5 (q/k/v projections with biases, rope_theta 1e6): logits and loss against HF's
-    Qwen2ForCausalLM, through a saved HF folder (config.json model_type qwen2, the bias tensors by name); a model
-    built without the biases is off."""
+def _break_qwen2(model):
+    for layer in model.layers:
+        layer.attn.q_proj.bias.zero_()
+
+
+def _break_qwen3(model):
+    for layer in model.layers:
+        layer.attn.q_norm.weight.fill_(1.0)
+
+
+@pytest.mark.parametrize("family, extra, arch, broken", [
+    ("qwen2", {"qkv_bias": True, "rms_norm_eps": 1e-6}, "Qwen2ForCausalLM", _break_qwen2),
+    ("qwen3", {"qk_norm": True, "explicit_head_dim": 24}, "Qwen3ForCausalLM", _break_qwen3),
+])
+def test_qwen_families_match_hf(tmp_path, family, extra, arch, broken):
+    """Qwen2 / Qwen2.5 (q/k/v biases) and Qwen3 (RMSNorm on each head's queries and keys before RoPE, and a head_dim
+    of 24 that is not hidden / heads = 16, as Qwen3-0.6B has): logits and loss against HF's own class through a
+    saved folder (config.json's model_type, the tensors by name). Without the feature's weights the logits move."""
     import json
 
     from lorabench.checkpoint import iter_checkpoint
 
-    cfg = ModelConfig(**{**SMALL.__dict__, "qkv_bias": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6})
+    cfg = ModelConfig(**{**SMALL.__dict__, **extra, "rope_theta": 1e6})
     hf = hf_model(cfg)
-    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    assert type(hf).__name__ == arch
     hf.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
     loaded = ModelConfig.from_hf_json(tmp_path)
-    assert loaded.qkv_bias
+    assert loaded == cfg and loaded.head_dim == cfg.head_dim
     ours = Llama(loaded).float().eval()
     load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
     ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -345,32 +359,7 @@ def test_qwen2_q_k_v_biases_match_hf(tmp_path):
         ref = hf(input_ids=ids, labels=ids)
         torch.testing.assert_close(ours(ids), ref.logits.float(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.loss(ids, ids), ref.loss, atol=1e-5, rtol=1e-5)
-        for layer in ours.layers:
-            layer.attn.q_proj.bias.zero_()
-        assert (ours(ids) - ref.logits).abs().max() > 1e-3
-
-
-def test_qwen3_qk_norms_and_explicit_head_dim_match_hf(tmp_path):
-    """Qwen3: RMSNorm on each head's queries and keys before RoPE, and a head_dim (24) that is not hidden / heads
-    (64 / 4 = 16), as Qwen3-0.6B has; logits and loss against HF's Qwen3ForCausalLM through a saved folder. Without
-    the norms' weights (set to one) the logits move."""
-    from lorabench.checkpoint import iter_checkpoint
-
-    cfg = ModelConfig(**{**SMALL.__dict__, "qk_norm": True, "explicit_head_dim": 24, "rope_theta": 1e6})
-    hf = hf_model(cfg)
-    assert type(hf).__name__ == "Qwen3ForCausalLM" and hf.config.head_dim == 24
-    hf.save_pretrained(tmp_path)
-    loaded = ModelConfig.from_hf_json(tmp_path)
-    assert loaded.qk_norm and loaded.head_dim == 24
-    ours = Llama(loaded).float().eval()
-    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
-    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        ref = hf(input_ids=ids, labels=ids)
-        torch.testing.assert_close(ours(ids), ref.logits.float(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.loss(ids, ids), ref.loss, atol=1e-5, rtol=1e-5)
-        for layer in ours.layers:
-            layer.attn.q_norm.weight.fill_(1.0)
+        broken(ours)
         assert (ours(ids) - ref.logits).abs().max() > 1e-3
 
 

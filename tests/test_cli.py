@@ -348,7 +348,6 @@ def test_config_file_round_trip_and_errors(tmp_path, capsys):
     ({"mlp_bias": True}, "mlp_bias = true is not supported"),
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 is not supported"),
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping = 50.0 is not supported"),
-    ({"model_type": "mistral", "sliding_window": 16}, "sliding_window = 16 is shorter than max_position_embeddings"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported (supported: "
      "default, linear, llama3)"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope scaling needs low_freq_factor"),
@@ -382,6 +381,7 @@ def test_supported_variants_still_load(tmp_path):
     d = _tiny_copy(tmp_path)
     base = json.loads((d / "config.json").read_text())
     for change in ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": None},
+                   {"model_type": "mistral", "sliding_window": 16},
                    {"model_type": "mistral", "sliding_window": base["max_position_embeddings"]},
                    {"head_dim": base["hidden_size"] // base["num_attention_heads"]},
                    {"sliding_window": 16, "use_sliding_window": False}):

@@ -396,3 +396,32 @@ def test_shape_presets_have_the_published_parameter_counts(preset, total):
     from lorabench.config import MODEL_PRESETS
 
     assert count_params(MODEL_PRESETS[preset])["total"] == total
+
+
+def test_mistral_sliding_window_is_exact_up_to_the_window_and_longer_runs_are_refused(tmp_path):
+    """Mistral with a 16-token window: HF's windowed attention equals ours exactly for sequences up to 16 tokens
+    (no key is ever outside the window), and past it they differ; a run with --seq-len past the window is refused
+    before any data is read."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lorabench.checkpoint import iter_checkpoint
+    from lorabench.config import LoRAConfig, TrainConfig
+    from lorabench.runner import Job, resolve
+
+    d = {k: v for k, v in SMALL.to_hf_dict().items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(**{**d, "sliding_window": 16})).float().eval()
+    hf.save_pretrained(tmp_path)
+    cfg = ModelConfig.from_hf_json(tmp_path)
+    assert cfg.sliding_window == 16 and cfg.context_limit == 16 and cfg.hf_model_type == "mistral"
+    ours = Llama(cfg).float().eval()
+    load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits.float(), atol=1e-5, rtol=1e-5)
+        longer = torch.randint(0, SMALL.vocab_size, (1, 40), generator=torch.Generator().manual_seed(7))
+        assert (ours(longer) - hf(input_ids=longer).logits).abs().max() > 1e-3  # past the window HF differs
+    job = Job(train=TrainConfig(precision="fp32", seq_len=32), lora=LoRAConfig(), model_dir=tmp_path, device="cpu",
+              data="synthetic", progress=False)
+    with pytest.raises(ConfigError, match="--seq-len 32 exceeds the model's sliding_window 16"):
+        resolve(job)

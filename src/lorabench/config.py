@@ -77,6 +77,9 @@ class ModelConfig:
     """Biases on the q, k and v projections (Qwen2 / Qwen2.5; HF model_type qwen2)."""
     qk_norm: bool = False
     """RMSNorm over each head's queries and keys before RoPE (Qwen3; HF model_type qwen3)."""
+    sliding_window: int | None = None
+    """Mistral's attention window, where it is shorter than max_position_embeddings. Attention here has no window,
+    so sequences are exact up to this length and longer ones are refused (``context_limit``)."""
     explicit_head_dim: int | None = None
     """config.json's head_dim where it is given (Qwen3-0.6B: 128 with hidden 1024 / 16 heads); None:
     hidden_size / num_attention_heads."""
@@ -95,6 +98,8 @@ class ModelConfig:
             raise ConfigError(f"model config: head_dim must be positive, got {self.explicit_head_dim}")
         if self.qkv_bias and self.qk_norm:
             raise ConfigError("model config: q/k/v biases with q/k norms is no supported architecture")
+        if self.sliding_window is not None and (self.qkv_bias or self.qk_norm):
+            raise ConfigError("model config: a sliding window is supported for Mistral only")
         if self.explicit_head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model config: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -137,8 +142,13 @@ class ModelConfig:
                 raise ConfigError(f"{path}: {k} is {v!r}; expected {'an integer' if want == 'int' else want}")
         kw.setdefault("num_key_value_heads", raw.get("num_attention_heads", cls.num_key_value_heads))
         kw.pop("rope_scaling", None)
-        for k in ("qkv_bias", "qk_norm", "explicit_head_dim"):
+        for k in ("qkv_bias", "qk_norm", "explicit_head_dim", "sliding_window"):
             kw.pop(k, None)
+        window = raw.get("sliding_window")
+        if window is not None and raw.get("use_sliding_window", True) and window < raw["max_position_embeddings"]:
+            if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+                raise ConfigError(f"{path}: sliding_window is {window!r}; expected a positive integer")
+            kw["sliding_window"] = window
         if raw.get("model_type") == "qwen2":  # Qwen2 / Qwen2.5: q, k and v projections with biases
             kw["qkv_bias"] = True
         if raw.get("model_type") == "qwen3":  # Qwen3: RMSNorm on each head's q and k, head_dim given
@@ -172,24 +182,35 @@ class ModelConfig:
             raise ConfigError(f"{path}: {str(e).removeprefix('model config: ')}") from None
 
     @property
+    def context_limit(self) -> int:
+        """The longest sequence this model computes exactly: max_position_embeddings, or a shorter sliding window."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+    @property
     def hf_model_type(self) -> str:
         """The HF model_type of this shape: qwen2 where q/k/v carry biases, qwen3 with q/k norms, else llama."""
-        return "qwen2" if self.qkv_bias else "qwen3" if self.qk_norm else "llama"
+        if self.qkv_bias or self.qk_norm:
+            return "qwen2" if self.qkv_bias else "qwen3"
+        return "mistral" if self.sliding_window is not None else "llama"
 
     def to_hf_dict(self) -> dict:
         """The HF ``config.json`` content for this shape (LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias)."""
         d = asdict(self)
         for k in ("qkv_bias", "qk_norm", "explicit_head_dim"):
             d.pop(k)
+        window = d.pop("sliding_window")
         d["head_dim"] = self.head_dim
         d["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling is not None else None
-        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(self.hf_model_type, "LlamaForCausalLM")
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mistral": "MistralForCausalLM"}.get(self.hf_model_type, "LlamaForCausalLM")
         d.update(architectures=[arch], model_type=self.hf_model_type, hidden_act="silu", initializer_range=0.02,
                  torch_dtype="float32", pad_token_id=None)
         if not self.qkv_bias:
             d.update(attention_bias=False, mlp_bias=False)
-        if self.hf_model_type != "llama":
+        if self.hf_model_type in ("qwen2", "qwen3"):
             d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+        if self.hf_model_type == "mistral":
+            d["sliding_window"] = window
         return d
 
     def hf_config(self):
@@ -267,10 +288,6 @@ def check_supported(raw: dict, path: Path):
     for field in ("final_logit_softcapping", "attn_logit_softcapping"):
         if raw.get(field) is not None:
             refuse(field, "is not supported (no logit soft-capping in the Llama architecture)")
-    window = raw.get("sliding_window")
-    if window is not None and raw.get("use_sliding_window", True) and window < raw["max_position_embeddings"]:
-        refuse("sliding_window", f"is shorter than max_position_embeddings ({raw['max_position_embeddings']}); "
-                                 "sliding-window attention is not supported")
 
 
 @dataclass(frozen=True)

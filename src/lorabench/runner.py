@@ -145,6 +145,10 @@ def resolve(job: Job) -> Plan:
     if train.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {train.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
+    if train.seq_len > cfg.context_limit:
+        raise ConfigError(f"--seq-len {train.seq_len} exceeds the model's sliding_window {cfg.sliding_window}: "
+                          "attention here has no window, so it is exact only up to that length; give --seq-len "
+                          f"{cfg.sliding_window} or less")
     if job.init_adapter is not None:  # its shape checked now, before any data is read
         from .lora import read_adapter
 

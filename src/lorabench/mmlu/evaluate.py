@@ -117,7 +117,7 @@ def evaluate_mmlu(engine, model_dir, opts: MmluOptions, device, out_dir: Path | 
 
     if subjects is None:
         subjects = check_mmlu_options(opts, model_dir)
-    max_len = engine.model_cfg.max_position_embeddings
+    max_len = engine.model_cfg.context_limit  # a sliding window caps it: longer prompts drop shots, then truncate
     n = sum(len(s.test) for s in subjects)
     background = opts.tokenize_workers
     if background is None:  # worker processes pay off once tokenising takes seconds
@@ -172,7 +172,11 @@ def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Pa
     if opts.protocol in ("lm-eval", "both"):
         out["lm-eval"] = evaluate_mmlu(engine, model_dir, opts, device, out_dir, progress, subjects)
     if opts.protocol in ("flagperf", "both"):
-        out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, opts.seq_len or seq_len, device,
+        cap = opts.seq_len or seq_len
+        if cap > engine.model_cfg.context_limit:
+            raise ConfigError(f"--seq-len {cap} exceeds the model's sliding_window {engine.model_cfg.sliding_window} "
+                              "(attention here has no window); give a shorter --seq-len for FlagPerf's MMLU")
+        out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, cap, device,
                                             out_dir, **batch_caps(opts, device.type == "cuda"))
     return out
 

@@ -100,3 +100,21 @@ def test_val_fraction_holds_out_a_fixed_share(tmp_path):
     assert data.val is not None and len(data.val) > 0 and "120 held out for validation" in data.description
     with pytest.raises(ConfigError, match="has a validation split of its own"):
         load_data(resolve(tiny_job(val_fraction=0.2)))
+
+
+def test_eval_every_records_each_evaluation_and_keeps_the_best_adapter(tmp_path):
+    """--eval-every 2 over 6 steps: three evaluations at steps 2, 4, 6, the last equal to the final eval loss (the
+    same weights, the same batches); best_adapter/ holds the adapter of the best one (here the last, as the loss
+    falls on this data), equal to the final adapter; the metrics name the best step."""
+    from safetensors.torch import load_file
+
+    job = replace(tiny_job(run_dir=tmp_path / "r"), save_adapter=True,
+                  train=replace(tiny_job().train, max_steps=6, eval_every=2, lr=2e-3))
+    r = run_job(job)
+    assert r["evals"]["step"] == [2, 4, 6]
+    assert r["evals"]["eval_loss"][-1] == r["metrics"]["eval_loss"]
+    best = min(range(3), key=lambda i: r["evals"]["eval_loss"][i])
+    assert best == 2 and r["metrics"]["best_eval_step"] == 6  # the loss falls by ~0.2 an evaluation here
+    a = load_file(tmp_path / "r" / "best_adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -38,6 +38,8 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--lr-schedule": ("lr_schedule", str, "step (the seed's: x --lr-gamma after every epoch), cosine (to 0 over the "
                       "run's steps) or constant"),
     "--lr-warmup-steps": ("lr_warmup_steps", int, "steps of linear learning-rate warm-up (any schedule; default 0)"),
+    "--eval-every": ("eval_every", int, "also compute the eval loss every N steps (recorded per step; the best "
+                     "step's adapter kept as best_adapter/)"),
     "--max-grad-norm": ("max_grad_norm", float, "clip the adapters' gradient to this global L2 norm before each step "
                         "(default: no clipping; the norm is recorded per step)"),
     "--checkpoint-every": ("checkpoint_every", int, "write a checkpoint (adapter, optimizer, scheduler, RNGs, data "

@@ -355,6 +355,9 @@ class TrainConfig:
     """Optimiser steps left out of the timing statistics (compilation, allocator warm-up)."""
     eval_batches: int | None = 16
     """Validation batches for eval loss after training (0: skip; None: all)."""
+    eval_every: int | None = None
+    """Also compute the eval loss every this many steps during training (series "evals"); the run keeps the
+    adapter of the best one as best_adapter/."""
     max_grad_norm: float | None = None
     """Clip the adapters' gradient to this global L2 norm before each optimiser step (None: no clipping); each
     step's norm before clipping is recorded (series "grad_norm")."""
@@ -387,6 +390,8 @@ class TrainConfig:
             raise ConfigError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
+        if self.eval_every is not None and self.eval_every <= 0:
+            raise ConfigError(f"--eval-every must be positive, got {self.eval_every}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.warmup_steps < 0:

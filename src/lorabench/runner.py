@@ -303,8 +303,14 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         "data": data.description, "train_chunks": len(data.train), "device": str(device), "world_size": plan.world,
         "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
     }
-    return {"config": config, "env": env, "metrics": metrics,
-            "series": {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr")}}
+    series = {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr", "grad_norm")
+              if k in out["series"]}
+    result = {"config": config, "env": env, "metrics": metrics, "series": series}
+    if out.get("evals"):  # --eval-every: (step, eval loss) pairs, and the best of them
+        result["evals"] = out["evals"]
+        best = min(range(len(out["evals"]["step"])), key=lambda i: out["evals"]["eval_loss"][i])
+        metrics["best_eval_loss"], metrics["best_eval_step"] = out["evals"]["eval_loss"][best], out["evals"]["step"][best]
+    return result
 
 
 def evaluate(plan: Plan, engine: Engine, result: dict):
@@ -400,6 +406,14 @@ def step_stream(run_dir: Path | None, resumed_at: int):
         yield on_step
 
 
+def best_adapter_writer(plan: Plan, engine: Engine):
+    """--eval-every's on_best: the adapter of the best evaluation so far to <run dir>/best_adapter (replaced whole,
+    as save_adapter writes); None where nothing is written."""
+    if plan.run_dir is None or not plan.job.save_adapter or plan.train.eval_every is None:
+        return None
+    return lambda step, loss: engine.save_adapter(plan.run_dir / "best_adapter")
+
+
 def run_job(job: Job) -> dict:
     """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
     plan = resolve(job)
@@ -413,7 +427,7 @@ def run_job(job: Job) -> dict:
             resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext(), \
             step_stream(plan.run_dir, ck.resume["step"] if ck is not None and ck.resume else 0) as on_step:
         out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress,
-                         checkpoint=ck, on_step=on_step)
+                         checkpoint=ck, on_step=on_step, on_best=best_adapter_writer(plan, engine))
     result = measure(plan, engine, data, out, build_s, device_mem)
     if ck is not None and ck.resume is not None:
         result["resumed_at_step"] = ck.resume["step"]

@@ -73,10 +73,11 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int):
 
 
 def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device, val_data: np.ndarray | None = None,
-               progress: bool = True, checkpoint: CheckpointPlan | None = None, on_step=None) -> dict:
+               progress: bool = True, checkpoint: CheckpointPlan | None = None, on_step=None, on_best=None) -> dict:
     """Train ``engine`` on packed chunks ``data`` [N, seq_len]; returns the per-step series and losses.
     ``checkpoint``: where to checkpoint, how often, what stops the loop, and a state to resume from (resume.py);
-    ``on_step``: called on rank 0 with each step's record (step, epoch, loss, lr, step_time_s) as it ends."""
+    ``on_step``: called on rank 0 with each step's record (step, epoch, loss, lr, step_time_s) as it ends;
+    ``on_best``: called on rank 0 with (step, eval loss) when a --eval-every evaluation is the best so far."""
     rank, world = dist_info()
     if data.ndim != 2 or data.shape[1] != cfg.seq_len:
         raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}]")
@@ -100,6 +101,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}
     epoch_losses, epoch_times, skipped = [], [], 0
     step, start_epoch, start_step, losses, epoch_elapsed = 0, 0, 0, [], 0.0
+    evals = {"step": [], "eval_loss": []}
+    periodic_eval = cfg.eval_every is not None and val_data is not None and len(val_data) and cfg.eval_batches != 0
     resume = checkpoint.resume if checkpoint is not None else None
     if resume is not None:  # everything the steps so far left behind, in the order the loop made it
         with torch.no_grad():
@@ -111,6 +114,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
         series, epoch_losses, epoch_times = resume["series"], resume["epoch_losses"], resume["epoch_times"]
         skipped, step, losses, epoch_elapsed = resume["skipped"], resume["step"], resume["losses"], resume["elapsed"]
         start_epoch, start_step = resume["epoch"], resume["epoch_step"]
+        evals = resume.get("evals", evals)
         set_rng_state(resume["rng"])
     bar = _progress(total, progress and rank == 0)
     bar.update(step)
@@ -173,8 +177,17 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     series[k].append(v)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
+                record = {k: series[k][-1] for k in series}
+                if periodic_eval and step % cfg.eval_every == 0:  # after the step's clock: not in its time
+                    ev = evaluate_loss(engine, val_data, cfg, device)
+                    best = not evals["eval_loss"] or ev < min(evals["eval_loss"])
+                    evals["step"].append(step)
+                    evals["eval_loss"].append(ev)
+                    record["eval_loss"] = ev
+                    if best and on_best is not None and rank == 0:
+                        on_best(step, ev)
                 if on_step is not None and rank == 0:
-                    on_step({k: series[k][-1] for k in series})
+                    on_step(record)
                 if checkpoint is not None:
                     stopping = checkpoint.stop.requested if world == 1 else stop.item() > 0
                     if stopping or (checkpoint.every and step % checkpoint.every == 0 and step < total):
@@ -183,6 +196,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                             "sched": sched.state_dict(), "scaler": scaler.state_dict(), "series": series,
                             "epoch_losses": epoch_losses, "epoch_times": epoch_times, "skipped": skipped,
                             "step": step, "epoch": epoch, "epoch_step": epoch_step + 1, "losses": losses,
+                            "evals": evals,
                             "elapsed": time.perf_counter() - epoch_t0}, rank)
                     if stopping:
                         bar.close()
@@ -194,7 +208,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 sched.step()
     bar.close()
     out = {"series": series, "epoch_loss_avg": epoch_losses, "epoch_time_s": epoch_times, "skipped_steps": skipped,
-           "steps": step,
+           "steps": step, "evals": evals if periodic_eval else None,
            "tokens_per_step": per_step * cfg.seq_len}
     if val_data is not None and len(val_data) and cfg.eval_batches != 0:
         out["eval_loss"] = evaluate_loss(engine, val_data, cfg, device)

@@ -133,3 +133,15 @@ def test_a_write_killed_half_way_leaves_the_previous_checkpoint_usable(tmp_path,
     shutil.copy(e / "checkpoint" / "state.pt", ck / "state.pt")  # as if the step-4 rename never happened
     assert main(FLAGS + ["--resume", str(d)]) == 0
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
+
+
+def test_checkpoint_minutes_writes_by_the_clock(tmp_path, monkeypatch):
+    """--checkpoint-minutes: a tiny interval writes after every step (the last two steps' random states are there
+    when a signal stops the run at step 3: a stop alone would leave step 3's only); refused under a bad value."""
+    signal_after(monkeypatch, 3)
+    d = tmp_path / "clock"
+    assert main(FLAGS + ["--checkpoint-minutes", "1e-9", "--run-dir", str(d)]) == 130
+    assert sorted(p.name for p in (d / "checkpoint").glob("rng-*")) == ["rng-0-2.pt", "rng-0-3.pt"]
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    assert main(FLAGS + ["--checkpoint-minutes", "0", "--run-dir", str(tmp_path / "bad")]) == 2

@@ -42,6 +42,8 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
                      "step's adapter kept as best_adapter/)"),
     "--max-grad-norm": ("max_grad_norm", float, "clip the adapters' gradient to this global L2 norm before each step "
                         "(default: no clipping; the norm is recorded per step)"),
+    "--checkpoint-minutes": ("checkpoint_minutes", float, "also write a checkpoint whenever this many minutes have "
+                             "passed since the last"),
     "--checkpoint-every": ("checkpoint_every", int, "write a checkpoint (adapter, optimizer, scheduler, RNGs, data "
                            "position) to <run dir>/checkpoint every N steps; Ctrl-C or SIGTERM always writes one "
                            "and stops"),

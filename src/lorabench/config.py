@@ -363,6 +363,8 @@ class TrainConfig:
     step's norm before clipping is recorded (series "grad_norm")."""
     checkpoint_every: int | None = None
     """Write a checkpoint every this many optimiser steps (resume.py; None: only when stopped by a signal)."""
+    checkpoint_minutes: float | None = None
+    """Also write one whenever this many minutes have passed since the last (resume.py)."""
     seed: int = 42
     """Seed for weights made at random, adapter init, shuffling and dropout."""
     shuffle: bool = True
@@ -392,6 +394,9 @@ class TrainConfig:
             raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
         if self.eval_every is not None and self.eval_every <= 0:
             raise ConfigError(f"--eval-every must be positive, got {self.eval_every}")
+        if self.checkpoint_minutes is not None and not (math.isfinite(self.checkpoint_minutes)
+                                                         and self.checkpoint_minutes > 0):
+            raise ConfigError(f"--checkpoint-minutes must be a finite number > 0, got {self.checkpoint_minutes}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.warmup_steps < 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +76,23 @@ class CheckpointPlan:
     folder: Path
     every: int | None = None
     """Steps between checkpoints (None: only when stopped by a signal)."""
+    minutes: float | None = None
+    """Minutes between checkpoints, whichever of the two comes first."""
     fingerprint: dict = field(default_factory=dict)
     """The job's settings a resumed run must share (``job_fingerprint``)."""
     stop: StopRequest = field(default_factory=StopRequest)
     resume: dict | None = None
     """A loaded checkpoint (``load``) to continue from."""
+    last_write: float = field(default_factory=time.monotonic)
+    """When the last checkpoint was written (or the plan made): the clock of ``minutes``."""
+
+    def due(self, step: int, total: int, now: float) -> bool:
+        """Whether a periodic checkpoint falls after ``step`` (none after the last step: the run ends there)."""
+        if step >= total:
+            return False
+        by_steps = self.every is not None and step % self.every == 0
+        by_time = self.minutes is not None and now - self.last_write >= 60 * self.minutes
+        return by_steps or by_time
 
 
 def _atomic_save(obj, path: Path):
@@ -112,6 +125,7 @@ def save(plan: CheckpointPlan, state: dict, rank: int):
     two newest, so a process killed at any point of a write leaves a complete checkpoint: the new one or the one
     before it."""
     plan.folder.mkdir(parents=True, exist_ok=True)
+    plan.last_write = time.monotonic()
     step = state["step"]
     _atomic_save(rng_state(), plan.folder / f"rng-{rank}-{step}.pt")
     if rank == 0:

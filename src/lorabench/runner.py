@@ -378,8 +378,12 @@ def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
             plan.run_dir = Path(shared[0])
     if plan.run_dir is None:
         return None
-    return resume.CheckpointPlan(plan.run_dir / resume.DIRNAME, plan.train.checkpoint_every,
-                                 job_fingerprint(plan, data), resume=state)
+    if plan.train.checkpoint_minutes is not None and plan.world > 1:
+        raise ConfigError("--checkpoint-minutes runs in one process only (ranks would see different clocks); "
+                          "use --checkpoint-every under torchrun")
+    return resume.CheckpointPlan(plan.run_dir / resume.DIRNAME, every=plan.train.checkpoint_every,
+                                 minutes=plan.train.checkpoint_minutes, fingerprint=job_fingerprint(plan, data),
+                                 resume=state)
 
 
 @contextlib.contextmanager

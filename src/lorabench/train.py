@@ -190,7 +190,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     on_step(record)
                 if checkpoint is not None:
                     stopping = checkpoint.stop.requested if world == 1 else stop.item() > 0
-                    if stopping or (checkpoint.every and step % checkpoint.every == 0 and step < total):
+                    # (the clock rule runs in one process only: the runner refuses --checkpoint-minutes under DDP)
+                    if stopping or checkpoint.due(step, total, time.monotonic()):
                         save_checkpoint(checkpoint, {
                             "params": [p.detach().cpu().clone() for p in params], "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "scaler": scaler.state_dict(), "series": series,

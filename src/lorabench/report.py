@@ -52,11 +52,20 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_atomic(path: Path, write, sync: bool = False) -> None:
+    """``write(binary file)`` into a temporary file beside ``path``, renamed over it once complete (and, with
+    ``sync``, flushed to disk first), so ``path`` is always the old content or the new one whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     honour_umask(tmp)
     os.replace(tmp, path)
 

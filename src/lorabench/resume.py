@@ -16,7 +16,6 @@ naming the setting. A run that ends normally removes its checkpoint.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -96,15 +95,9 @@ class CheckpointPlan:
 
 
 def _atomic_save(obj, path: Path):
-    from .report import honour_umask
+    from .report import write_atomic
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    honour_umask(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(obj, f), sync=True)
 
 
 def rng_state() -> dict:

@@ -149,6 +149,9 @@ def resolve(job: Job) -> Plan:
         raise ConfigError(f"--seq-len {train.seq_len} exceeds the model's sliding_window {cfg.sliding_window}: "
                           "attention here has no window, so it is exact only up to that length; give --seq-len "
                           f"{cfg.sliding_window} or less")
+    if train.checkpoint_minutes is not None and world > 1:
+        raise ConfigError("--checkpoint-minutes runs in one process only (ranks would see different clocks); "
+                          "use --checkpoint-every under torchrun")
     if job.init_adapter is not None:  # its shape checked now, before any data is read
         from .lora import read_adapter
 
@@ -360,29 +363,28 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
 
 def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
     """The run folder (claimed on rank 0, the path shared with every rank) and the checkpoint plan in it; with
-    --resume, the resumed run's folder and its checkpoint, checked against this job."""
+    --resume, the resumed run's folder and its checkpoint, checked against this job. None for a run that writes
+    nothing."""
     job = plan.job
+    if job.resume is None and job.run_dir is None and job.default_run_dir is None:
+        return None
     state = None
+    fingerprint = job_fingerprint(plan, data)  # (hashes the training tokens: once)
     if job.resume is not None:
         if job.run_dir is not None and Path(job.run_dir).resolve() != Path(job.resume).resolve():
             raise ConfigError("--resume continues a run in its own folder; leave out --run-dir")
         state = resume.load(job.resume, plan.rank)
-        resume.check_fingerprint(state["fingerprint"], job_fingerprint(plan, data), job.resume)
+        resume.check_fingerprint(state["fingerprint"], fingerprint, job.resume)
         plan.run_dir = Path(job.resume)
-    elif job.run_dir is not None or job.default_run_dir is not None:
+    else:
         if plan.rank == 0:
             plan.run_dir = claim_run_dir(job.run_dir, job.overwrite, job.default_run_dir)  # before the model
         if plan.world > 1:
             shared = [str(plan.run_dir) if plan.rank == 0 else None]
             torch.distributed.broadcast_object_list(shared, src=0)
             plan.run_dir = Path(shared[0])
-    if plan.run_dir is None:
-        return None
-    if plan.train.checkpoint_minutes is not None and plan.world > 1:
-        raise ConfigError("--checkpoint-minutes runs in one process only (ranks would see different clocks); "
-                          "use --checkpoint-every under torchrun")
     return resume.CheckpointPlan(plan.run_dir / resume.DIRNAME, every=plan.train.checkpoint_every,
-                                 minutes=plan.train.checkpoint_minutes, fingerprint=job_fingerprint(plan, data),
+                                 minutes=plan.train.checkpoint_minutes, fingerprint=fingerprint,
                                  resume=state)
 
 

@@ -212,7 +212,9 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
            "steps": step, "evals": evals if periodic_eval else None,
            "tokens_per_step": per_step * cfg.seq_len}
     if val_data is not None and len(val_data) and cfg.eval_batches != 0:
-        out["eval_loss"] = evaluate_loss(engine, val_data, cfg, device)
+        # an --eval-every evaluation after the last step already has it: the same weights and batches
+        done = periodic_eval and evals["step"] and evals["step"][-1] == step
+        out["eval_loss"] = evals["eval_loss"][-1] if done else evaluate_loss(engine, val_data, cfg, device)
     return out
 
 

@@ -34,9 +34,15 @@ def pack(token_lists: list[list[int]], seq_len: int) -> np.ndarray:
     return flat[: n * seq_len].reshape(n, seq_len)
 
 
+def training_text(rec: dict) -> str:
+    """What a record trains on: its "text" (data/formats.py renders it), or samsum's prompt of a bare
+    {dialogue, summary} record."""
+    return rec["text"] if "text" in rec else format_sample(rec)
+
+
 def tokenize_records(records: list[dict], tok: Tokenizer) -> list[list[int]]:
-    """Each record's training text (its "text", or samsum's prompt of its dialogue and summary) with BOS and EOS."""
-    ids = tok.encode_batch([r["text"] if "text" in r else format_sample(r) for r in records])
+    """Each record's training text with BOS and EOS."""
+    ids = tok.encode_batch([training_text(r) for r in records])
     return [tok.with_bos(x) + [tok.eos_id] for x in ids]
 
 
@@ -47,7 +53,7 @@ def default_cache_dir() -> Path:
 def cache_key(records: list[dict], tok: Tokenizer, seq_len: int) -> str:
     h = hashlib.sha256(f"{_CACHE_VERSION}|{PROMPT}|{tok.fingerprint}|{seq_len}|".encode())
     for r in records:
-        h.update((r["text"] if "text" in r else format_sample(r)).encode() + b"\x01")
+        h.update(training_text(r).encode() + b"\x01")
     return h.hexdigest()[:24]
 
 

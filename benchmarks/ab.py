@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llama2-7b")
     ap.add_argument("--batch-size", type=int, help="override the preset's LBS")
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--warmup-steps", type=int, default=4)
+    ap.add_argument("--untimed-steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timeout", type=float, default=600)
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     for k in range(1, a.rounds + 1):
         for label, src in (("A", a.a), ("B", a.b)):
             env = {**os.environ, "PYTHONPATH": str(src.resolve())}
-            row = run_row(a.engine, a.preset, a.model, a.steps, a.warmup_steps, a.device,
+            row = run_row(a.engine, a.preset, a.model, a.steps, a.untimed_steps, a.device,
                           a.run_dir / f"{label}_round{k}", overrides, a.timeout, env=env)
             row = {**row, "engine": label, "round": k}
             print(f"round {k} {label}: {row.get('error') or format(row['tokens_per_s_per_chip'], ',.0f') + ' tok/s'}",

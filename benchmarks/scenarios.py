@@ -18,18 +18,18 @@ from pathlib import Path
 from lorabench.cli import main as lorabench
 
 TABLE = {  # row -> lorabench bench flags (README, "Results")
-    "fp16": ["--presets", "flagperf-fp16", "--engines", "native,reference", "--steps", "16", "--warmup-steps", "4",
+    "fp16": ["--presets", "flagperf-fp16", "--engines", "native,reference", "--steps", "16", "--untimed-steps", "4",
              "--no-floor"],
     "tf32": ["--presets", "flagperf-fp32", "--engines", "native,reference,reference+liger", "--steps", "12",
-             "--warmup-steps", "4"],
+             "--untimed-steps", "4"],
     "bf16-lbs16": ["--presets", "bf16", "--engines", "native,reference+compile", "--batch-size", "16", "--steps",
-                   "16", "--warmup-steps", "4"],
+                   "16", "--untimed-steps", "4"],
     "bf16-seq4096": ["--presets", "bf16", "--engines", "native,reference+liger", "--batch-size", "2", "--seq-len",
-                     "4096", "--steps", "12", "--warmup-steps", "4"],
+                     "4096", "--steps", "12", "--untimed-steps", "4"],
     "unsloth": ["--presets", "bf16", "--engines", "native,unsloth,unsloth-fp8", "--batch-size", "16", "--steps",
-                "14", "--warmup-steps", "4", "--no-floor"],
+                "14", "--untimed-steps", "4", "--no-floor"],
     "unsloth-all-linear": ["--presets", "bf16", "--engines", "native,unsloth", "--batch-size", "16", "--steps", "14",
-                           "--warmup-steps", "4", "--no-floor", "--lora-targets",
+                           "--untimed-steps", "4", "--no-floor", "--lora-targets",
                            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lora-r", "16",
                            "--lora-alpha", "32", "--lora-dropout", "0"],
 }
@@ -50,7 +50,7 @@ def table(a, extra: list[str]) -> int:
 def curves(a, extra: list[str]) -> int:
     run_dir = a.out / f"curves-dropout{a.dropout}"
     code = lorabench(["bench", "--presets", "bf16", "--engines", "native,reference", "--steps", str(a.steps),
-                      "--warmup-steps", "5", "--lr", "3e-4", "--lora-dropout", str(a.dropout), "--no-floor",
+                      "--untimed-steps", "5", "--lr", "3e-4", "--lora-dropout", str(a.dropout), "--no-floor",
                       "--run-dir", str(run_dir), *extra])
     rows = json.loads((run_dir / "bench.json").read_text())["rows"]
     native = next((r for r in rows if r["engine"] == "native" and "error" not in r), None)

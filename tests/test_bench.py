@@ -14,7 +14,7 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
     if liger_missing:
         engines += ",reference+liger"  # must fail in its own row, the others go on
     code = main(["bench", "--device", "cpu", "--model", "tiny", "--presets", "flagperf-fp32", "--engines", engines,
-                 "--steps", "4", "--warmup-steps", "1", "--seq-len", "64", "--lora-dropout", "0",
+                 "--steps", "4", "--untimed-steps", "1", "--seq-len", "64", "--lora-dropout", "0",
                  "--run-dir", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
@@ -163,3 +163,23 @@ def test_bench_skips_rows_an_engine_cannot_run():
     assert "no FP8 weights" in _cannot_run("reference", "fp8", [])
     assert "no FP8 weights" in _cannot_run("reference", "bf16", ["--precision", "fp8"])
     assert _cannot_run("native", "fp8", []) is None
+
+
+def test_an_out_of_memory_row_is_a_row_result(tmp_path, monkeypatch):
+    """A row whose run exits 4 (its out-of-memory message) reads "out of memory" in the table and keeps the run's
+    line; the row after it still runs."""
+    import subprocess
+
+    from lorabench.bench import bench as B
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 4, "", "lorabench: error: out of device memory in step 1 (...)\n")
+
+    monkeypatch.setattr(B.subprocess, "run", fake_run)
+    rows = [B.run_row(e, "bf16", "tiny", 3, 1, "cpu", tmp_path / e, [], 60) for e in ("native", "reference")]
+    assert len(calls) == 2 and all(r["error"] == "out of memory" for r in rows)
+    assert rows[0]["oom"] == "lorabench: error: out of device memory in step 1 (...)"
+    assert "| out of memory |" in B.table(rows)

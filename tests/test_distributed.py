@@ -55,6 +55,8 @@ def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path):
     import signal
     import time
 
+    from lorabench.resume import states
+
     flags = COMMON[:COMMON.index("--max-steps")] + ["--max-steps", "40"] + COMMON[COMMON.index("--max-steps") + 2:] \
         + ["--checkpoint-every", "2"]
     lorabench(flags + ["--run-dir", str(tmp_path / "straight")], tmp_path, nproc=2)
@@ -64,11 +66,11 @@ def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path):
     proc = subprocess.Popen(cmd + flags + ["--run-dir", str(stopped)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while not (stopped / "checkpoint" / "state.pt").exists() and time.time() - t0 < 300 and proc.poll() is None:
+    while not states(stopped / "checkpoint") and time.time() - t0 < 300 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
-    state = torch.load(stopped / "checkpoint" / "state.pt", weights_only=True)
+    state = torch.load(states(stopped / "checkpoint")[-1], weights_only=True)
     assert 2 <= state["step"] < 40 and not (stopped / "result.json").exists()
     assert {f"rng-{r}-{state['step']}.pt" for r in (0, 1)} <= {p.name for p in (stopped / "checkpoint").iterdir()}
     lorabench(flags + ["--resume", str(stopped)], tmp_path, nproc=2)

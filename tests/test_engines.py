@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 def losses(engine_name: str, lora: LoRAConfig, steps: int, attn="eager", seed=0, grad_accum=1):
     cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=steps, lr=1e-2,
-                      warmup_steps=0, grad_accum=grad_accum, seed=seed)
+                      untimed_steps=0, grad_accum=grad_accum, seed=seed)
     data = synthetic_chunks(64, 32, SMALL.vocab_size, seed=1)
     eng = build_engine(engine_name, SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=seed,
                        attn=attn)
@@ -56,7 +56,7 @@ def test_grad_accumulation_equals_the_big_batch():
     res = []
     for bs, ga in ((2, 1), (1, 2)):
         cfg = TrainConfig(precision="fp32", batch_size=bs, seq_len=32, epochs=1, max_steps=3, lr=1e-2,
-                          warmup_steps=0, grad_accum=ga)
+                          untimed_steps=0, grad_accum=ga)
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0)
         res.append(train_loop(eng, data, cfg, CPU, progress=False)["series"]["loss"])
     np.testing.assert_allclose(res[0], res[1], atol=1e-6)
@@ -85,7 +85,7 @@ def test_compiled_native_trains_like_eager():
     fused projections and the matmul attention (together: the TF32 default on a GPU)."""
     pytest.importorskip("torch._inductor")
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
-    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=3, lr=1e-2, warmup_steps=0)
+    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=3, lr=1e-2, untimed_steps=0)
     data = synthetic_chunks(16, 32, SMALL.vocab_size, seed=2)
     curves = []
     for compile_, fuse, attention in ((False, False, "sdpa"), (True, False, "sdpa"), (True, True, "matmul")):
@@ -98,7 +98,7 @@ def test_compiled_native_trains_like_eager():
 
 
 def bf16_curve(name: str, seed: int = 0, dropout_seed: int = 0) -> np.ndarray:
-    cfg = TrainConfig(precision="bf16", batch_size=2, seq_len=32, epochs=1, max_steps=8, lr=1e-2, warmup_steps=0,
+    cfg = TrainConfig(precision="bf16", batch_size=2, seq_len=32, epochs=1, max_steps=8, lr=1e-2, untimed_steps=0,
                       seed=dropout_seed)
     data = synthetic_chunks(32, 32, SMALL.vocab_size, seed=1)
     eng = build_engine(name, SMALL, LoRAConfig(r=4, alpha=16, dropout=0.0), model_dir=None, device=CPU,
@@ -174,12 +174,13 @@ def test_random_hf_dir_holds_the_canonical_weights_and_a_matching_tokenizer(tmp_
     assert all(torch.equal(v, want[k]) for k, v in iter_checkpoint(tmp_path / "small"))
 
 
-@pytest.mark.parametrize("schedule, warmup", [("step", 0), ("step", 3), ("cosine", 2), ("constant", 2)])
+@pytest.mark.parametrize("schedule, warmup", [("step", 0), ("step", 3), ("cosine", 2), ("linear", 3),
+                                                     ("constant", 2)])
 def test_lr_schedules_follow_their_formulas(schedule, warmup):
     """The lr each step ran with, against the formula worked out here: 2 epochs of 5 steps, lr 1e-2, gamma 0.5."""
     import math
 
-    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=2, lr=1e-2, lr_gamma=0.5, warmup_steps=0,
+    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=2, lr=1e-2, lr_gamma=0.5, untimed_steps=0,
                       lr_schedule=schedule, lr_warmup_steps=warmup)
     data = synthetic_chunks(10, 32, SMALL.vocab_size, seed=1)  # 10 chunks / LBS 2: 5 steps an epoch
     eng = build_engine("native", SMALL, LoRAConfig(r=4, alpha=16, dropout=0.0), model_dir=None, device=CPU,
@@ -193,6 +194,8 @@ def test_lr_schedules_follow_their_formulas(schedule, warmup):
             return base
         if schedule == "cosine":
             return base * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+        if schedule == "linear":  # 1e-2 at step 4 (k = 3), falling by 1e-2 / 7 a step
+            return base * (total - k) / (total - warmup)
         return base * (0.5 ** (k // 5) if schedule == "step" else 1.0)
 
     np.testing.assert_allclose(lrs, [want(k) for k in range(total)], rtol=1e-12)
@@ -214,7 +217,7 @@ def test_max_grad_norm_clips_the_true_gradient():
     grads = {k: (a.grad.double(), b.grad.double()) for k, (a, b) in ref.adapters().items()}
     norm = torch.sqrt(sum((g ** 2).sum() for pair in grads.values() for g in pair)).item()
     max_norm, lr, eps = norm * 1e-6, 1e-2, 1e-8
-    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=1, lr=lr, warmup_steps=0,
+    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=1, lr=lr, untimed_steps=0,
                       shuffle=False, max_grad_norm=max_norm)
     eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0)
     eng.set_adapters(start, "test")
@@ -237,7 +240,7 @@ def test_qwen_native_and_reference_train_identically(family, fused):
     extra = {"qkv_bias": True} if family == "qwen2" else {"qk_norm": True, "explicit_head_dim": 24}
     cfg_m = ModelConfig(**{**SMALL.__dict__, **extra, "rope_theta": 1e6})
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
-    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=6, lr=1e-2, warmup_steps=0)
+    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=6, lr=1e-2, untimed_steps=0)
     data = synthetic_chunks(16, 32, cfg_m.vocab_size, seed=1)
     curves = []
     for name, opts in (("native", NativeOptions(fused_projections=fused)), ("reference", None)):

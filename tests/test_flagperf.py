@@ -118,7 +118,7 @@ def test_reference_fp16_is_flagperfs_stack_step_for_step():
     from lorabench.engines import build_engine
 
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
-    cfg = TrainConfig(precision="fp16", batch_size=2, seq_len=32, epochs=1, max_steps=4, lr=1e-3, warmup_steps=0,
+    cfg = TrainConfig(precision="fp16", batch_size=2, seq_len=32, epochs=1, max_steps=4, lr=1e-3, untimed_steps=0,
                       shuffle=False, eval_batches=0)
     data = synthetic_chunks(16, 32, SMALL.vocab_size, seed=1)
     ours = build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp16", seed=0)

@@ -204,7 +204,7 @@ def test_fp8_training_tracks_bf16_and_learns():
     data = np.stack(pair * 20).astype(np.int32)
     curves = {}
     for prec in ("fp8", "bf16"):
-        cfg = TrainConfig(precision=prec, batch_size=2, seq_len=32, epochs=1, max_steps=20, lr=3e-2, warmup_steps=0,
+        cfg = TrainConfig(precision=prec, batch_size=2, seq_len=32, epochs=1, max_steps=20, lr=3e-2, untimed_steps=0,
                           shuffle=False)
         out = train_loop(_engine(prec, lora), data, cfg, CPU, progress=False)
         curves[prec] = np.array(out["series"]["loss"])

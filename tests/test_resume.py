@@ -3,8 +3,10 @@ bit for bit; a checkpoint of another job is refused; a finished run leaves no ch
 from __future__ import annotations
 
 import json
+import re
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -41,6 +43,18 @@ def signal_after(monkeypatch, steps: int, signum=signal.SIGINT):
     monkeypatch.setattr(train_mod, "_progress", progress)
 
 
+def tensorboard_scalars(folder, tag):
+    """(steps, values) of one scalar, read with TensorBoard's own reader."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator(str(folder))
+    ea.Reload()
+    events = ea.Scalars(tag)
+    return [e.step for e in events], [e.value for e in events]
+
+
+def names(run_dir, pattern):
+    return sorted(p.name for p in (run_dir / "checkpoint").glob(pattern))
+
+
 def outputs(run_dir):
     r = json.loads((run_dir / "result.json").read_text())
     return r, load_file(run_dir / "adapter" / "adapter_model.safetensors")
@@ -54,7 +68,7 @@ def test_a_stopped_and_resumed_run_equals_the_run_that_never_stopped(tmp_path, m
     assert main(FLAGS + ["--run-dir", str(stopped)]) == 130
     err = capsys.readouterr().err
     assert "interrupted after step 3" in err and f"--resume {stopped}" in err
-    assert (stopped / "checkpoint" / "state.pt").is_file() and not (stopped / "result.json").exists()
+    assert names(stopped, "state-*") == ["state-3.pt"] and not (stopped / "result.json").exists()
     monkeypatch.undo()
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     assert main(FLAGS + ["--resume", str(stopped)]) == 0
@@ -75,12 +89,40 @@ def test_periodic_checkpoints_resume_from_the_last_one(tmp_path, monkeypatch):
     signal_after(monkeypatch, 5)  # checkpoints after steps 2 and 4, then one at the stop after 5
     d = tmp_path / "every2"
     assert main(FLAGS + ["--checkpoint-every", "2", "--run-dir", str(d)]) == 130
-    state = torch.load(d / "checkpoint" / "state.pt", weights_only=True)
-    assert state["step"] == 5
+    assert names(d, "state-*") == ["state-5.pt"]  # one kept by default
+    assert torch.load(d / "checkpoint" / "state-5.pt", weights_only=True)["step"] == 5
     monkeypatch.undo()
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     assert main(FLAGS + ["--checkpoint-every", "2", "--resume", str(d)]) == 0
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
+
+
+def test_keep_checkpoints_keeps_the_newest_and_a_corrupt_one_names_the_one_before(tmp_path, monkeypatch, capsys):
+    """--keep-checkpoints 2: the two newest states (and one random state more) stay; the newest made unreadable is
+    refused, naming it and the step before; with it removed, the run resumes from that step bit for bit."""
+    assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
+    signal_after(monkeypatch, 5)  # checkpoints after steps 2 and 4, then one at the stop after 5
+    d = tmp_path / "keep2"
+    assert main(FLAGS + ["--checkpoint-every", "2", "--keep-checkpoints", "2", "--tensorboard", "--run-dir",
+                         str(d)]) == 130
+    assert names(d, "state-*") == ["state-4.pt", "state-5.pt"]
+    assert names(d, "rng-*") == ["rng-0-2.pt", "rng-0-4.pt", "rng-0-5.pt"]
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    (d / "checkpoint" / "state-5.pt").write_bytes(b"half a file")
+    assert main(FLAGS + ["--resume", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint/state-5.pt cannot be read" in err and "to resume from step 4 instead, remove it" in err
+    (d / "checkpoint" / "state-5.pt").unlink()
+    assert main(FLAGS + ["--tensorboard", "--resume", str(d)]) == 0
+    assert outputs(d)[0]["resumed_at_step"] == 4
+    loss = outputs(tmp_path / "straight")[0]["series"]["loss"]
+    assert loss == outputs(d)[0]["series"]["loss"]
+    # TensorBoard: step 5 of the first process dropped on resume, every step once, the losses as float32
+    steps, values = tensorboard_scalars(d / "tensorboard", "train/loss")
+    assert steps == list(range(1, 7)) and values == [float(np.float32(x)) for x in loss]
+    assert main(FLAGS + ["--keep-checkpoints", "0", "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "--keep-checkpoints must be positive" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_job_and_a_folder_without_checkpoint(tmp_path, monkeypatch, capsys):
@@ -94,12 +136,13 @@ def test_resume_refuses_another_job_and_a_folder_without_checkpoint(tmp_path, mo
     assert main(FLAGS + ["--precision", "bf16", "--resume", str(d)]) == 2
     assert "precision = 'fp32'" in capsys.readouterr().err
     assert main(FLAGS + ["--resume", str(tmp_path / "nothing")]) == 2
-    assert "no checkpoint/state.pt" in capsys.readouterr().err
+    assert "no checkpoint/state-<step>.pt" in capsys.readouterr().err
     assert main(FLAGS + ["--resume", str(d), "--run-dir", str(tmp_path / "elsewhere")]) == 2
     assert "leave out --run-dir" in capsys.readouterr().err
-    (d / "checkpoint" / "state.pt").write_bytes(b"truncated")
+    (d / "checkpoint" / "state-2.pt").write_bytes(b"truncated")
     assert main(FLAGS + ["--resume", str(d)]) == 2
-    assert "the checkpoint cannot be read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "checkpoint/state-2.pt cannot be read" in err and "instead" not in err  # no older one to offer
 
 
 def test_a_loss_that_becomes_nan_names_the_step_the_last_finite_loss_and_the_checkpoint(tmp_path, capsys):
@@ -107,13 +150,14 @@ def test_a_loss_that_becomes_nan_names_the_step_the_last_finite_loss_and_the_che
     assert main(FLAGS + ["--lr", "1e4", "--checkpoint-every", "1", "--run-dir", str(d)]) == 3  # step 1 is finite
     err = capsys.readouterr().err
     assert "loss became nan at step" in err and "the last finite loss:" in err
-    assert f"the last checkpoint is in {d / 'checkpoint'}" in err and (d / "checkpoint" / "state.pt").is_file()
+    last = int(re.search(r"the last finite loss: \S+ at step (\d+)", err).group(1))
+    assert f"the last checkpoint is in {d / 'checkpoint'}" in err and names(d, "state-*") == [f"state-{last}.pt"]
     assert not (d / "result.json").exists()
 
 
 def test_a_write_killed_half_way_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
-    """The random states of step 4 written, state.pt still at step 2 (killed between the two renames): the resume
-    continues from step 2, bit for bit."""
+    """The random states of step 4 written, its state not (killed between the two renames): the resume continues
+    from step 2, bit for bit."""
     import shutil
 
     assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
@@ -130,7 +174,8 @@ def test_a_write_killed_half_way_leaves_the_previous_checkpoint_usable(tmp_path,
     assert main(FLAGS + ["--run-dir", str(e)]) == 130
     monkeypatch.undo()
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
-    shutil.copy(e / "checkpoint" / "state.pt", ck / "state.pt")  # as if the step-4 rename never happened
+    shutil.copy(e / "checkpoint" / "state-2.pt", ck / "state-2.pt")  # as if the step-4 rename never happened
+    (ck / "state-4.pt").unlink()
     assert main(FLAGS + ["--resume", str(d)]) == 0
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
 
@@ -145,3 +190,46 @@ def test_checkpoint_minutes_writes_by_the_clock(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     assert main(FLAGS + ["--checkpoint-minutes", "0", "--run-dir", str(tmp_path / "bad")]) == 2
+
+
+def test_out_of_memory_names_the_step_the_shape_what_to_try_and_keeps_the_steps_so_far(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The device's OOM error in step 4 (raised here where the engine computes its loss): exit 4 and one line with
+    the step, the batch shape and the settings that lower memory; metrics.jsonl keeps the 3 steps that ended."""
+    from lorabench.engines.native import NativeEngine
+
+    real, calls = NativeEngine.loss, [0]
+
+    def loss(self, ids, labels):
+        calls[0] += 1
+        if calls[0] == 4:  # grad-accum 1: the 4th micro-batch is step 4's
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, ids, labels)
+
+    monkeypatch.setattr(NativeEngine, "loss", loss)
+    d = tmp_path / "oom"
+    assert main(FLAGS + ["--run-dir", str(d)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lorabench: error: out of device memory in step 4 (")
+    assert "--batch-size 4, --seq-len 64, --grad-accum 1" in err[0] and "Tried to allocate 2.00 GiB" in err[0]
+    assert "try --batch-size 2 --grad-accum 2 (the same global batch) or --activation-checkpointing block" in err[0]
+    assert f"the 3 steps so far are in {d / 'metrics.jsonl'}" in err[0]
+    assert [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert not (d / "result.json").exists()
+
+
+def test_tensorboard_without_its_package_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *a, **kw):
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    assert main(FLAGS + ["--tensorboard", "--run-dir", str(tmp_path / "a")]) == 2
+    assert "pip install 'lorabench[tensorboard]'" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(FLAGS + ["--run-dir", str(tmp_path / "b")]) == 0  # the default: without it, no event files
+    assert not (tmp_path / "b" / "tensorboard").exists() and (tmp_path / "b" / "metrics.jsonl").is_file()

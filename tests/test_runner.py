@@ -20,7 +20,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def tiny_job(**kw) -> Job:
-    train = TrainConfig(precision="fp32", batch_size=4, seq_len=64, epochs=1, max_steps=3, warmup_steps=1,
+    train = TrainConfig(precision="fp32", batch_size=4, seq_len=64, epochs=1, max_steps=3, untimed_steps=1,
                         eval_batches=2)
     return Job(train=train, lora=LoRAConfig(), device="cpu", progress=False, save_adapter=False, **kw)
 

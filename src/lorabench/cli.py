@@ -20,6 +20,7 @@ from .kernels.dropout import MASK_IMPLS
 from .mmlu.scoring import PREFIX_ATTENTION
 from .precision import PRECISIONS
 from .resume import Interrupted
+from .runner import OutOfMemory
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--precision": ("precision", str, "fp32 (true fp32), tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 "
@@ -33,10 +34,11 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--lr": ("lr", float, "AdamW learning rate"),
     "--weight-decay": ("weight_decay", float, "AdamW weight decay"),
     "--lr-gamma": ("lr_gamma", float, "StepLR decay per epoch"),
-    "--warmup-steps": ("warmup_steps", int, "steps left out of the timing"),
+    "--untimed-steps": ("untimed_steps", int, "first steps left out of the timing statistics (compilation, "
+                        "allocator warm-up); the learning rate's warm-up is --lr-warmup-steps"),
     "--eval-batches": ("eval_batches", int, "validation batches after training (0 skips)"),
-    "--lr-schedule": ("lr_schedule", str, "step (the seed's: x --lr-gamma after every epoch), cosine (to 0 over the "
-                      "run's steps) or constant"),
+    "--lr-schedule": ("lr_schedule", str, "step (the seed's: x --lr-gamma after every epoch), cosine or linear "
+                      "(to 0 over the run's steps after the warm-up) or constant"),
     "--lr-warmup-steps": ("lr_warmup_steps", int, "steps of linear learning-rate warm-up (any schedule; default 0)"),
     "--eval-every": ("eval_every", int, "also compute the eval loss every N steps (recorded per step; the best "
                      "step's adapter kept as best_adapter/)"),
@@ -47,6 +49,8 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--checkpoint-every": ("checkpoint_every", int, "write a checkpoint (adapter, optimizer, scheduler, RNGs, data "
                            "position) to <run dir>/checkpoint every N steps; Ctrl-C or SIGTERM always writes one "
                            "and stops"),
+    "--keep-checkpoints": ("keep_checkpoints", int, "how many of the newest checkpoints stay on disk (default 1; "
+                           "--resume takes the newest)"),
     "--seed": ("seed", int, "seed for random weights, adapter init, shuffling and dropout"),
 }
 LORA_FLAGS = {
@@ -59,6 +63,22 @@ LORA_FLAGS = {
 NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask", "fp8_grad",
                 "activation_checkpointing")
 """NativeOptions fields, each a flag of the same name (kebab-case)."""
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: using it stops with the new name (hidden from --help)."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}")
+
+
+def _renamed_warmup(p: argparse.ArgumentParser):
+    p.add_argument("--warmup-steps", action=_Renamed, new="--untimed-steps (steps left out of the timing; the "
+                   "learning rate's warm-up is --lr-warmup-steps)")
 
 
 def _add_model_flags(p: argparse.ArgumentParser):
@@ -181,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("training (override the preset)")
     for flag, (_, typ, hlp) in {**TRAIN_FLAGS, **LORA_FLAGS}.items():
         g.add_argument(flag, type=typ, default=None, help=hlp)
+    _renamed_warmup(g)
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None, help="shuffle the chunks "
                    "each epoch (default: on, off in the flagperf-* presets, which keep FlagPerf's file order)")
     g.add_argument("--init-adapter", type=Path, metavar="ADAPTER_DIR", help="start from this PEFT-format adapter "
@@ -199,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.cache/lorabench)")
     o.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard "
+                   "event files of the per-step series in <run dir>/tensorboard (default: on when the tensorboard "
+                   "package is installed: pip install 'lorabench[tensorboard]')")
     _add_mmlu_flags(run, in_run=True)
 
     ev = sub.add_parser("eval", help="MMLU k-shot accuracy of a model (+ adapter)",
@@ -223,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(TRAIN_PRESETS)}")
     b.add_argument("--model", help="shape preset (default: llama2-7b on a GPU, tiny on CPU)")
     b.add_argument("--steps", type=int, default=20, help="optimiser steps per row")
-    b.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timing")
+    b.add_argument("--untimed-steps", type=int, default=5, help="first steps of each row left out of the timing")
+    _renamed_warmup(b)
     b.add_argument("--device", default="auto", help="auto, cpu, cuda")
     b.add_argument("--batch-size", help="override every preset's batch size; a comma-separated list (4,16,32) "
                    "runs every row at each and prints each engine's best")
@@ -280,7 +305,7 @@ def cmd_run(a) -> int:
               attn=a.attn or "eager", native=native_options(a),
               peak_tflops=a.peak_tflops, run_dir=a.run_dir, default_run_dir=default_dir, overwrite=a.overwrite,
               save_adapter=not a.no_save_adapter, resume=a.resume, init_adapter=a.init_adapter,
-              cache_dir=a.cache_dir, progress=not a.no_progress, mmlu=mmlu,
+              cache_dir=a.cache_dir, progress=not a.no_progress, tensorboard=a.tensorboard, mmlu=mmlu,
               precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None)
     from .train import dist_info, init_distributed
 
@@ -394,8 +419,8 @@ def cmd_bench(a) -> int:
     if bad or not engines or not presets:
         raise ConfigError(f"--engines/--presets: unknown {bad or 'empty list'}; engines: {', '.join(ENGINES)}; "
                           f"presets: {', '.join(TRAIN_PRESETS)}")
-    if a.steps <= a.warmup_steps:
-        raise ConfigError(f"--steps {a.steps} must exceed --warmup-steps {a.warmup_steps}")
+    if a.steps <= a.untimed_steps:
+        raise ConfigError(f"--steps {a.steps} must exceed --untimed-steps {a.untimed_steps}")
     if a.rounds < 1:
         raise ConfigError(f"--rounds {a.rounds}: give 1 or more")
     native_options(a)  # a bad combination fails here, not in every row
@@ -410,7 +435,7 @@ def cmd_bench(a) -> int:
             raise ConfigError(f"--batch-size {a.batch_size!r}: give a positive integer or a comma-separated list "
                               "of them (e.g. 4,16,32)")
     run_dir = claim_run_dir(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench")
-    rows, floors = run_bench(engines, presets, model, a.steps, a.warmup_steps, a.device, run_dir,
+    rows, floors = run_bench(engines, presets, model, a.steps, a.untimed_steps, a.device, run_dir,
                              bench_overrides(a), a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes,
                              rounds=a.rounds)
     print(table(rows))
@@ -462,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         return 3
+    except OutOfMemory as e:
+        print(f"lorabench: error: {e}", file=sys.stderr)
+        return 4
     except Interrupted as e:
         print(f"lorabench: {e}", file=sys.stderr)
         return 130

@@ -351,7 +351,7 @@ class TrainConfig:
     per step; "constant"."""
     lr_warmup_steps: int = 0
     """Optimiser steps over which the learning rate rises linearly from lr / lr_warmup_steps to lr (any schedule)."""
-    warmup_steps: int = 3
+    untimed_steps: int = 3
     """Optimiser steps left out of the timing statistics (compilation, allocator warm-up)."""
     eval_batches: int | None = 16
     """Validation batches for eval loss after training (0: skip; None: all)."""
@@ -365,6 +365,8 @@ class TrainConfig:
     """Write a checkpoint every this many optimiser steps (resume.py; None: only when stopped by a signal)."""
     checkpoint_minutes: float | None = None
     """Also write one whenever this many minutes have passed since the last (resume.py)."""
+    keep_checkpoints: int = 1
+    """How many of the newest checkpoints stay in <run dir>/checkpoint (``--resume`` takes the newest)."""
     seed: int = 42
     """Seed for weights made at random, adapter init, shuffling and dropout."""
     shuffle: bool = True
@@ -399,11 +401,13 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-minutes must be a finite number > 0, got {self.checkpoint_minutes}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.keep_checkpoints <= 0:
+            raise ConfigError(f"--keep-checkpoints must be positive, got {self.keep_checkpoints}")
+        if self.untimed_steps < 0:
+            raise ConfigError(f"--untimed-steps must be >= 0, got {self.untimed_steps}")
 
 
-LR_SCHEDULES = ("step", "cosine", "constant")
+LR_SCHEDULES = ("step", "cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
@@ -435,7 +439,7 @@ TRAIN_PRESETS: dict[str, Preset] = {
     # bf16's row with the blocks' frozen projections in FP8 (precision.py, kernels/fp8.py).
     "fp8": Preset(TrainConfig(precision="fp8", batch_size=4, seq_len=512), fix_hp="precision=fp8, local_batchsize=4"),
     # The bundled tiny default: short sequences and a larger lr so that a CPU run shows learning in seconds.
-    "tiny": Preset(TrainConfig(precision="fp32", batch_size=8, seq_len=128, epochs=2, lr=2e-3, warmup_steps=2,
+    "tiny": Preset(TrainConfig(precision="fp32", batch_size=8, seq_len=128, epochs=2, lr=2e-3, untimed_steps=2,
                                eval_batches=None),
                    fix_hp="tiny model, seq_len=128, LBS 8, lr 2e-3"),
 }

@@ -60,11 +60,13 @@ def plot_run(result: dict, out_dir: Path) -> list[Path] | str:
     written.append(_save(fig, out_dir / "loss.png"))
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
-    warm = c["warmup_steps"]
+    from .report import untimed_steps
+
+    warm = untimed_steps(c)
     ax.plot(s["step"], [1e3 * t for t in s["step_time_s"]], lw=1.2, marker=".")
     if warm:
         ax.axvspan(0.5, warm + 0.5, color="orange", alpha=0.2,
-                   label=f"warm-up ({warm} steps, left out of lorabench's timing)")
+                   label=f"untimed ({warm} steps, left out of lorabench's timing)")
         ax.legend()
     ax.set(xlabel="optimiser step", ylabel="ms", title=f"step time per step\n{title}")
     written.append(_save(fig, out_dir / "step_time.png"))

@@ -128,6 +128,11 @@ def _jsonable(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
+def untimed_steps(config: dict) -> int:
+    """The steps a run left out of its timing (result.json files before the flag's rename call it warmup_steps)."""
+    return config.get("untimed_steps", config.get("warmup_steps", 0))
+
+
 def _fmt(v, spec: str, missing: str = "/") -> str:
     return missing if v is None else format(v, spec)
 
@@ -203,15 +208,15 @@ def render_report(result: dict) -> str:
         f"GAS {c['grad_accum']}, {m['steps']} steps",
         f"- TF32 {'on' if c['tf32']['on'] else 'off'}: {c['tf32']['why']}; numerics: "
         f"{c['engine_options'].get('numerics', 'n/a')}",
-        f"- FlagPerf's figures: token/p/s {_fmt(m.get('tokens_per_s_flagperf'), '.1f')} (every step, warm-up "
-        f"included: avg_iter_time {_fmt(m.get('avg_iter_time_s'), '.4f')} s), avg_train_loss "
+        f"- FlagPerf's figures: token/p/s {_fmt(m.get('tokens_per_s_flagperf'), '.1f')} (every step, untimed "
+        f"ones included: avg_iter_time {_fmt(m.get('avg_iter_time_s'), '.4f')} s), avg_train_loss "
         f"{_fmt(m.get('loss_flagperf'), '.4f')}, avg_train_prep {_fmt(m.get('avg_train_prep'), '.3f')}, "
         f"avg_epoch_time {_fmt(m.get('avg_epoch_time_s'), '.2f')} s, MFU with its constants (tok/s x 2 x 7e9 / "
         f"1.56e14) " + ("/ (its 7e9 is Llama-2-7B's size; not this model's)" if m.get("mfu_flagperf") is None
                         else f"{100 * m['mfu_flagperf']:.1f}%"),
         f"- lorabench's tokens/s per chip: mean {_fmt(m['tokens_per_s_per_chip'], '.1f')}, median "
         f"{_fmt(m['tokens_per_s_per_chip_median'], '.1f')} ({m['timed_steps']} timed steps after "
-        f"{c['warmup_steps']} warm-up; mean step time ±{_fmt(_pct(m.get('step_time_ci95_rel')), '.1f', 'n/a')}% "
+        f"{untimed_steps(c)} untimed; mean step time ±{_fmt(_pct(m.get('step_time_ci95_rel')), '.1f', 'n/a')}% "
         f"at 95%); FLOPs/token {m['flops_per_token'] / 1e9:.3f} G; MFU "
         f"{'n/a (unknown peak; give --peak-tflops)' if m['mfu'] is None else format(m['mfu'], '.1%')}",
         f"- peak memory: allocated {_fmt(m['peak_mem_allocated_gib'], '.2f', 'n/a')} GiB, reserved "

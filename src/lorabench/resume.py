@@ -4,10 +4,10 @@ A checkpoint (``<run dir>/checkpoint/``) holds the adapter weights, the AdamW st
 GradScaler, the data position (epoch, step, the steps of the epoch so far: the epoch's order is a function of the
 seed and the epoch, so the position is enough), the per-step series so far and every random state that the loop
 draws from: torch's CPU generator (dropout masks draw their Philox seeds from it) and each CUDA device's, per rank.
-Rank 0 writes ``state.pt`` (identical on every rank after the all-reduce), each rank its ``rng-<rank>-<step>.pt``;
-each file goes to a temporary name, is flushed to disk and renamed, ``state.pt`` after the random states it names,
-and the previous step's random states stay until the next write, so a checkpoint is either the old one or the new
-one whole, wherever a process is killed.
+Rank 0 writes ``state-<step>.pt`` (identical on every rank after the all-reduce), each rank its
+``rng-<rank>-<step>.pt``; each file goes to a temporary name, is flushed to disk and renamed, the state after every
+rank's random states, and the ``--keep-checkpoints`` newest stay (default 1; the random states of one more), so the
+newest complete checkpoint is the old one or the new one whole, wherever a process is killed.
 
 The loop writes one every ``--checkpoint-every`` steps and, on SIGINT or SIGTERM, one at the end of the step it is
 in, then stops (``Interrupted``). ``--resume RUN_DIR`` rebuilds the same job and continues from it; a checkpoint
@@ -82,6 +82,8 @@ class CheckpointPlan:
     stop: StopRequest = field(default_factory=StopRequest)
     resume: dict | None = None
     """A loaded checkpoint (``load``) to continue from."""
+    keep: int = 1
+    """How many of the newest checkpoints stay on disk (``--keep-checkpoints``)."""
     last_write: float = field(default_factory=time.monotonic)
     """When the last checkpoint was written (or the plan made): the clock of ``minutes``."""
 
@@ -112,38 +114,62 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(s, i)
 
 
+def _step_of(path: Path) -> int:
+    return int(path.stem.rsplit("-", 1)[1])
+
+
+def _by_step(paths) -> list[Path]:
+    return sorted((p for p in paths if p.stem.rsplit("-", 1)[1].isdigit()), key=_step_of)
+
+
+def states(folder: Path) -> list[Path]:
+    """The checkpoints of a folder (``state-<step>.pt``), oldest first."""
+    return _by_step(Path(folder).glob("state-*.pt"))
+
+
 def save(plan: CheckpointPlan, state: dict, rank: int):
     """Write this rank's random states and (rank 0) ``state``: the loop's position and its optimiser objects.
-    The random states go to ``rng-<rank>-<step>.pt`` before ``state.pt`` names that step, and each rank keeps its
-    two newest, so a process killed at any point of a write leaves a complete checkpoint: the new one or the one
-    before it."""
+    Every rank's ``rng-<rank>-<step>.pt`` is on disk (a barrier under torchrun) before ``state-<step>.pt`` appears;
+    rank 0 then keeps the ``plan.keep`` newest states and each rank one random state more than that, so a process
+    killed at any point of a write leaves complete checkpoints: the new one or the ones before it."""
     plan.folder.mkdir(parents=True, exist_ok=True)
     plan.last_write = time.monotonic()
     step = state["step"]
     _atomic_save(rng_state(), plan.folder / f"rng-{rank}-{step}.pt")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if rank == 0:
-        _atomic_save({"version": VERSION, "fingerprint": plan.fingerprint, **state}, plan.folder / "state.pt")
-    mine = sorted(plan.folder.glob(f"rng-{rank}-*.pt"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    for old in mine[:-2]:
+        _atomic_save({"version": VERSION, "fingerprint": plan.fingerprint, **state},
+                     plan.folder / f"state-{step}.pt")
+        for old in states(plan.folder)[:-plan.keep]:
+            old.unlink(missing_ok=True)
+    for old in _by_step(plan.folder.glob(f"rng-{rank}-*.pt"))[:-(plan.keep + 1)]:
         old.unlink(missing_ok=True)
 
 
 def load(run_dir: Path, rank: int) -> dict:
-    """The checkpoint of ``run_dir`` with this rank's random states under "rng"; a ConfigError if there is none
-    or it cannot be read."""
+    """The newest checkpoint of ``run_dir`` with this rank's random states under "rng"; a ConfigError if there is
+    none or it cannot be read (naming the file, and an older checkpoint where one is kept)."""
     folder = Path(run_dir) / DIRNAME
-    state_path = folder / "state.pt"
-    if not state_path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no {DIRNAME}/state.pt (a run folder whose training was "
+    found = states(folder)
+    if not found:
+        raise ConfigError(f"--resume {run_dir}: no {DIRNAME}/state-<step>.pt (a run folder whose training was "
                           "checkpointed: --checkpoint-every, or stopped by Ctrl-C / SIGTERM)")
+    state_path = found[-1]
+    older = (f"; to resume from step {_step_of(found[-2])} instead, remove it" if len(found) > 1 else "")
+
+    def unreadable(name: str, e: Exception) -> ConfigError:
+        return ConfigError(f"--resume {run_dir}: {DIRNAME}/{name} cannot be read "
+                           f"({str(e).splitlines()[0][:120]}){older}")
+
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (truncated or foreign files raise several types)
-        raise ConfigError(f"--resume {run_dir}: the checkpoint cannot be read ({str(e).splitlines()[0][:120]})") \
-            from None
+        raise unreadable(state_path.name, e) from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
-        raise ConfigError(f"--resume {run_dir}: not a checkpoint this lorabench reads (format "
-                          f"{state.get('version') if isinstance(state, dict) else None!r}, expected {VERSION})")
+        raise ConfigError(f"--resume {run_dir}: {DIRNAME}/{state_path.name} is not a checkpoint this lorabench "
+                          f"reads (format {state.get('version') if isinstance(state, dict) else None!r}, expected "
+                          f"{VERSION}){older}")
     rng_path = folder / f"rng-{rank}-{state['step']}.pt"
     if not rng_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no {DIRNAME}/{rng_path.name}; resume with the world size the run "
@@ -151,8 +177,7 @@ def load(run_dir: Path, rank: int) -> dict:
     try:
         state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"--resume {run_dir}: {rng_path.name} cannot be read ({str(e).splitlines()[0][:120]})") \
-            from None
+        raise unreadable(rng_path.name, e) from None
     return state
 
 

@@ -71,6 +71,8 @@ class Job:
     """A run folder with a checkpoint to continue (resume.py); the run writes its results there."""
     cache_dir: Path | None = None
     progress: bool = True
+    tensorboard: bool | None = None
+    """TensorBoard event files in <run dir>/tensorboard (None: when the tensorboard package is installed)."""
     mmlu: MmluOptions | None = None
     """MMLU after training, or None to skip."""
     precision_off_cuda: str | None = None
@@ -152,6 +154,8 @@ def resolve(job: Job) -> Plan:
     if train.checkpoint_minutes is not None and world > 1:
         raise ConfigError("--checkpoint-minutes runs in one process only (ranks would see different clocks); "
                           "use --checkpoint-every under torchrun")
+    if job.tensorboard:
+        tensorboard_writer(None, True, 0, check_only=True)
     if job.init_adapter is not None:  # its shape checked now, before any data is read
         from .lora import read_adapter
 
@@ -270,7 +274,7 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
     """The result dict (config, env, metrics, per-step series) of a finished training loop ``out``; ``device_mem``:
     the device-memory sampler that ran over it (GPU)."""
     job, t, lo, cfg, device = plan.job, plan.train, plan.job.lora, plan.model_cfg, plan.device
-    stats = M.step_stats(out["series"]["step_time_s"], out["tokens_per_step"], t.warmup_steps)
+    stats = M.step_stats(out["series"]["step_time_s"], out["tokens_per_step"], t.untimed_steps)
     env = environment(device)
     peak = M.peak_flops(env["device_name"] if device.type == "cuda" else None, plan.precision, job.peak_tflops)
     fpt = flops_per_token(cfg, lo, t.seq_len)
@@ -384,32 +388,102 @@ def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
             torch.distributed.broadcast_object_list(shared, src=0)
             plan.run_dir = Path(shared[0])
     return resume.CheckpointPlan(plan.run_dir / resume.DIRNAME, every=plan.train.checkpoint_every,
-                                 minutes=plan.train.checkpoint_minutes, fingerprint=fingerprint,
+                                 minutes=plan.train.checkpoint_minutes, keep=plan.train.keep_checkpoints,
+                                 fingerprint=fingerprint,
                                  resume=state)
 
 
+class OutOfMemory(Exception):
+    """The device ran out of memory: the message names the job's shape, the memory held and what to try."""
+
+
 @contextlib.contextmanager
-def step_stream(run_dir: Path | None, resumed_at: int):
+def out_of_memory_message(plan: Plan, done: list, where: str | None = None):
+    """Turn the device's out-of-memory error into ``OutOfMemory``: where it happened (``where``, else the step
+    after ``done[0]``), the settings that set the memory (model, precision, batch shape, LoRA, activation
+    checkpointing), the memory held at the peak, the settings that lower it, and the per-step series kept so far."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        t, job = plan.train, plan.job
+        shape = (f"{job.model_dir or job.model_preset}, {t.precision}, --batch-size {t.batch_size}, --seq-len "
+                 f"{t.seq_len}, --grad-accum {t.grad_accum}, LoRA r{job.lora.r} on {','.join(job.lora.targets)}")
+        native = job.engine == "native"
+        if native:
+            shape += f", --activation-checkpointing {plan.native.activation_checkpointing}"
+        held = ""
+        if plan.device.type == "cuda":
+            total = torch.cuda.get_device_properties(plan.device).total_memory
+            held = f"; {torch.cuda.max_memory_allocated(plan.device) / 2**30:.1f} of {total / 2**30:.1f} GiB held " \
+                   "at the peak"
+        tries = []
+        if t.batch_size > 1:
+            tries.append(f"--batch-size {t.batch_size // 2} --grad-accum {2 * t.grad_accum} (the same global batch)")
+        if native and plan.native.activation_checkpointing == "none":
+            tries.append("--activation-checkpointing block")
+        if native and t.precision in ("bf16", "fp16", "fp32", "tf32"):
+            tries.append("--precision fp8 (Ada/Hopper)" if t.precision in ("bf16", "fp16") else "--precision bf16")
+        if t.seq_len > 512:
+            tries.append("a shorter --seq-len")
+        kept = (f"; the {done[0]} steps so far are in {plan.run_dir / 'metrics.jsonl'}"
+                if plan.run_dir is not None and done[0] else "")
+        at = where or f"in step {done[0] + 1}"
+        advice = " or ".join(tries) or "a smaller model"
+        raise OutOfMemory(f"out of device memory {at} ({shape}{held}); try {advice}{kept} "
+                          f"[{str(e).splitlines()[0][:160]}]") from None
+
+
+def tensorboard_writer(run_dir: Path | None, wanted: bool | None, resumed_at: int, check_only: bool = False):
+    """A SummaryWriter on <run dir>/tensorboard, or None: ``wanted`` None takes it when the tensorboard package is
+    installed; True without it is a ConfigError saying what to install. A resumed run drops the events after its
+    checkpoint's step (``purge_step``), as metrics.jsonl drops those lines."""
+    if wanted is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if wanted:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'lorabench[tensorboard]' "
+                              "(or leave the flag out)") from None
+        return None
+    if check_only:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
+
+
+@contextlib.contextmanager
+def step_stream(run_dir: Path | None, resumed_at: int, tensorboard: bool | None = None):
     """``<run dir>/metrics.jsonl``: one JSON line per optimiser step, flushed as it ends (``tail -f`` it, or read it
-    after a crash); a resumed run keeps the lines up to its checkpoint's step. Yields the loop's ``on_step``
-    (None without a run folder)."""
+    after a crash); a resumed run keeps the lines up to its checkpoint's step. The same records go to TensorBoard
+    (``tensorboard_writer``: ``train/<series>`` per step, ``eval/loss`` where an eval ran). Yields the loop's
+    ``on_step`` (None without a run folder)."""
     if run_dir is None:
         yield None
         return
     import json
 
+    board = tensorboard_writer(run_dir, tensorboard, resumed_at)
     path = run_dir / "metrics.jsonl"
     kept = []
     if resumed_at and path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
-    with open(path, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
+    try:
+        with open(path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
 
-        def on_step(record: dict):
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+            def on_step(record: dict):
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                if board is not None:
+                    for k, v in record.items():
+                        if k != "step" and isinstance(v, (int, float)):
+                            board.add_scalar("eval/loss" if k == "eval_loss" else f"train/{k}", v, record["step"])
+                    board.flush()
 
-        yield on_step
+            yield on_step
+    finally:
+        if board is not None:
+            board.close()
 
 
 def best_adapter_writer(plan: Plan, engine: Engine):
@@ -427,13 +501,20 @@ def run_job(job: Job) -> dict:
     ck = claim_output(plan, data)
     if plan.rank != 0:
         plan.run_dir = None  # only rank 0 writes results (the other ranks write their checkpoint RNG files)
-    engine, build_s = build(plan)
+    done = [ck.resume["step"] if ck is not None and ck.resume else 0]  # optimiser steps ended, for an OOM message
+    with out_of_memory_message(plan, done, "while building the model"):
+        engine, build_s = build(plan)
     device_mem = M.DeviceMemoryPeak(plan.device) if plan.device.type == "cuda" else None
     with device_mem or contextlib.nullcontext(), \
             resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext(), \
-            step_stream(plan.run_dir, ck.resume["step"] if ck is not None and ck.resume else 0) as on_step:
+            step_stream(plan.run_dir, done[0], job.tensorboard) as on_step, out_of_memory_message(plan, done):
+        def counted(record: dict):
+            done[0] = record["step"]
+            if on_step is not None:
+                on_step(record)
+
         out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress,
-                         checkpoint=ck, on_step=on_step, on_best=best_adapter_writer(plan, engine))
+                         checkpoint=ck, on_step=counted, on_best=best_adapter_writer(plan, engine))
     result = measure(plan, engine, data, out, build_s, device_mem)
     if ck is not None and ck.resume is not None:
         result["resumed_at_step"] = ck.resume["step"]

@@ -22,6 +22,7 @@ import torch
 from .config import ConfigError, TrainConfig
 from .precision import get_precision
 from .resume import CheckpointPlan, Interrupted, set_rng_state
+from .resume import states as checkpoint_states
 from .resume import save as save_checkpoint
 
 
@@ -167,7 +168,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     last = (f" (the last finite loss: {series['loss'][-1]:.4f} at step {step})" if series["loss"]
                             else "")
                     saved = (f"; the last checkpoint is in {checkpoint.folder}" if checkpoint is not None
-                             and (checkpoint.folder / "state.pt").is_file() else "")
+                             and checkpoint_states(checkpoint.folder) else "")
                     raise FloatingPointError(f"loss became {loss_val} at step {step + 1}{last}{saved}; try a lower "
                                              "--lr or a wider precision")
                 step += 1
@@ -221,7 +222,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
 def lr_scheduler(opt, cfg: TrainConfig, total: int, steps_per_epoch: int):
     """(scheduler, whether it steps every optimiser step). "step" with no warm-up is the seed's StepLR, stepped per
     epoch; otherwise a per-step factor of the base lr: warm-up (k + 1) / w for the first w = lr_warmup_steps, then
-    1 (constant), gamma ** epoch (step, the epoch counted in steps), or the cosine from 1 to 0 over the steps left."""
+    1 (constant), gamma ** epoch (step, the epoch counted in steps), the cosine from 1 to 0 over the steps left, or a
+    straight line from 1 to 0 over them (linear: 1 - j / span after j steps past the warm-up)."""
     if cfg.lr_schedule == "step" and cfg.lr_warmup_steps == 0:
         return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_gamma), False
     warm = cfg.lr_warmup_steps
@@ -229,9 +231,11 @@ def lr_scheduler(opt, cfg: TrainConfig, total: int, steps_per_epoch: int):
     def factor(k: int) -> float:  # k: optimiser steps taken so far
         if k < warm:
             return (k + 1) / warm
+        span = max(1, total - warm)
         if cfg.lr_schedule == "cosine":
-            span = max(1, total - warm)
             return 0.5 * (1 + math.cos(math.pi * min(k - warm, span) / span))
+        if cfg.lr_schedule == "linear":
+            return 1 - min(k - warm, span) / span
         if cfg.lr_schedule == "step":
             return cfg.lr_gamma ** (k // steps_per_epoch)
         return 1.0

@@ -30,7 +30,7 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
     """One ``lorabench run`` process for ``engine`` x ``preset`` (``env``: its environment, e.g. a PYTHONPATH
     naming another source tree; default this process's), read back from its result.json."""
     cmd = [sys.executable, "-m", "lorabench", "run", "--init", "random", "--model", model, "--data", "synthetic",
-           "--preset", preset, "--engine", engine, "--max-steps", str(steps), "--warmup-steps", str(warmup),
+           "--preset", preset, "--engine", engine, "--max-steps", str(steps), "--untimed-steps", str(warmup),
            "--device", device, "--run-dir", str(row_dir), "--no-mmlu", "--no-save-adapter", "--no-progress",
            "--eval-batches", "0", *overrides]
     row = {"engine": engine, "preset": preset, "model": model, "cmd": " ".join(cmd[1:])}
@@ -43,6 +43,8 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
     result_path = row_dir / "result.json"
     if proc.returncode != 0 or not result_path.is_file():
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        if proc.returncode == 4:  # the run's out-of-memory message: a result of this row, the others go on
+            return {**row, "error": "out of memory", "oom": lines[-1] if lines else ""}
         return {**row, "error": lines[-1][:300] if lines else f"exit code {proc.returncode}"}
     r = json.loads(result_path.read_text())
     m = r["metrics"]

@@ -71,7 +71,8 @@ def test_every_file_format_gives_the_same_records(tmp_path, kind):
     f = tmp_path / f"train.{kind}"
     write_rows(f, ROWS, kind)
     recs, label = load_split(f, "train")
-    assert recs == [{"dialogue": r["dialogue"], "summary": r["summary"], "text": format_sample(r)} for r in ROWS]
+    assert recs == [{"dialogue": r["dialogue"], "summary": r["summary"], "text": format_sample(r),
+                    "response_start": len(format_sample(r)) - len(r["summary"])} for r in ROWS]
     assert load_split(f, "validation")[0] == []
     # a folder with train/val files
     d = tmp_path / "folder"
@@ -129,7 +130,8 @@ def test_samsum_corpus_7z(tmp_path):
         for name in ("train.json", "val.json", "test.json"):
             z.write(src / name, name)
     train, label = load_split(archive, "train")
-    assert train == [{"dialogue": r["dialogue"], "summary": r["summary"], "text": format_sample(r)} for r in ROWS]
+    assert train == [{"dialogue": r["dialogue"], "summary": r["summary"], "text": format_sample(r),
+                    "response_start": len(format_sample(r)) - len(r["summary"])} for r in ROWS]
     assert label.endswith("corpus.7z:train.json")
     assert len(load_split(archive, "validation")[0]) == 2 and len(load_split(archive, "test")[0]) == 3
 
@@ -275,3 +277,50 @@ def test_hf_snapshot_layout_reads_every_shard(tmp_path):
     assert [r["summary"] for r in train] == [r["summary"] for r in ROWS] and label.endswith("train-*.parquet")
     assert len(load_split(tmp_path / "snapshot", "validation")[0]) == 2
     assert load_split(tmp_path / "snapshot", "test")[0] == []
+
+
+def test_response_masks_are_the_answer_tokens_hand_built():
+    """--loss-on response: ids equal to training on everything; the mask is 0 on BOS and the prompt, 1 on the
+    answer and EOS: the tokens before the first 1 decode to the prompt exactly, those from it to the answer
+    (samsum's summary, alpaca's output, a template's last column and what follows it)."""
+    from lorabench.data.packing import tokenize_with_mask
+    from lorabench.data.samsum import validate
+
+    tok = Tokenizer(TINY_MODEL)
+    cases = [
+        ({"dialogue": "Anna: hi\nTom: hello", "summary": "They greet."}, None,
+         "Summarize this dialog:\nAnna: hi\nTom: hello\n---\nSummary:\n", "They greet."),
+        ({"instruction": "Add 2 and 2.", "output": "4"}, None,
+         "Below is an instruction that describes a task. Write a response that appropriately completes the "
+         "request.\n\n### Instruction:\nAdd 2 and 2.\n\n### Response:\n", "4"),
+        ({"q": "Sky?", "a": "Blue.", "note": "x"}, "Question: {q}\n{note}\nAnswer:\n{a}\n",
+         "Question: Sky?\nx\nAnswer:\n", "Blue.\n"),
+    ]
+    for row, template, prompt, response in cases:
+        (rec,) = validate([row], "t", template=template)
+        assert rec["text"] == prompt + response and rec["response_start"] == len(prompt)
+        (ids,), (mask,) = tokenize_with_mask([rec], tok)
+        assert ids == tokenize_records([rec], tok)[0]  # the same tokens as --loss-on all
+        first = mask.index(1)
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and len(mask) == len(ids)
+        assert mask == [0] * first + [1] * (len(ids) - first)
+        # (as the tokenizer round-trips text: the tiny one maps '#' to <unk>, which decodes to nothing)
+        assert tok.decode(ids[1:first]) == tok.decode(tok.encode(prompt))
+        assert tok.decode(ids[first:-1]) == response
+
+
+def test_a_token_straddling_the_boundary_is_trained_and_plain_text_has_no_response(tmp_path):
+    """A prompt ending in a space: the answer's first token carries that space, and it is a response token (the
+    model must produce it); plain text records have no response and are refused by name."""
+    from lorabench.data.packing import packed_dataset, tokenize_with_mask
+    from lorabench.data.samsum import validate
+
+    tok = Tokenizer(TINY_MODEL)
+    (rec,) = validate([{"q": "2+2", "a": "four"}], "t", template="q: {q} a: {a}")
+    (ids,), (mask,) = tokenize_with_mask([rec], tok)
+    first = mask.index(1)
+    assert tok.decode(ids[1:first]) == "q: 2+2 a:"  # the space before "four" is no prompt token's
+    assert tok.decode(ids[first:first + 1]).startswith(" ") or tok.decode(ids[first:-1]) == "four"
+    (plain,) = validate([{"text": "just text"}], "t")
+    with pytest.raises(DataError, match="record 1 has no response"):
+        packed_dataset([plain], tok, 8, tmp_path, loss_on="response")

@@ -28,10 +28,12 @@ def lorabench(args, tmp_path, nproc=1):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp8", "fp32 --loss-on response"])
 def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision):
-    """fp8 too: each micro-batch's forward and backward is the same computation on a rank as in one process."""
-    prec = ["--precision", precision]
+    """fp8 too: each micro-batch's forward and backward is the same computation on a rank as in one process; and
+    a loss on the responses only, whose micro-batches hold different numbers of label tokens: normalised by the
+    whole step's count, two ranks still equal one process."""
+    prec = ["--precision", *precision.split()]
     dp = lorabench(COMMON + prec + ["--grad-accum", "1", "--run-dir", str(tmp_path / "dp")], tmp_path, nproc=2)
     one = lorabench(COMMON + prec + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
     assert dp.stdout.count("# lorabench run") == 1  # only rank 0 reports

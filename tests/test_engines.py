@@ -277,3 +277,41 @@ def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
     assert out["block"][0] == out["none"][0]
     torch.testing.assert_close(out["block"][1], out["none"][1], rtol=0, atol=0)
     assert out["block"][2] < 0.5 * out["none"][2]
+
+
+def test_response_loss_is_the_sum_over_label_tokens_over_their_number_at_any_accumulation():
+    """Chunks with a label mask (--loss-on response), the rows holding 1 to 31 label tokens: the first step's loss
+    is sum(CE over label tokens) / their number, computed here in float64 from the engine's logits, and its gradient
+    norm is that loss's own, whether the 8 chunks come as 1 x 8, 2 x 4 or 4 x 2 micro-batches."""
+    ids = synthetic_chunks(8, 32, SMALL.vocab_size, seed=3)
+    g = np.random.default_rng(0)
+    mask = np.zeros_like(ids)
+    for i, k in enumerate([1, 31, 3, 20, 7, 2, 12, 5]):  # label tokens per row, at random places
+        mask[i, 1 + g.choice(31, size=k, replace=False)] = 1
+    data = np.stack([ids, mask], axis=1)
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
+
+    def engine():
+        eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0)
+        with torch.no_grad():  # B non-zero, so the adapters' A gradients are not zero
+            for _, b in eng.adapters().values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        return eng
+
+    ref = engine()
+    t = torch.from_numpy(ids).long()
+    logp = torch.log_softmax(ref.logits(t).double(), -1)[:, :-1]
+    ce = -logp.gather(-1, t[:, 1:, None])[..., 0]
+    m = torch.from_numpy(mask[:, 1:]).double()
+    want = (ce * m).sum() / m.sum()
+    want.backward()
+    want_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in ref.trainable_params())).item()
+    got = {}
+    for lbs, ga in ((8, 1), (4, 2), (2, 4)):
+        cfg = TrainConfig(precision="fp32", batch_size=lbs, grad_accum=ga, seq_len=32, epochs=1, max_steps=1,
+                          lr=1e-6, untimed_steps=0, shuffle=False, max_grad_norm=1e9)
+        out = train_loop(engine(), data, cfg, CPU, progress=False)["series"]
+        assert out["label_tokens"] == [int(mask[:, 1:].sum())]
+        got[(lbs, ga)] = (out["loss"][0], out["grad_norm"][0])
+    for loss, norm in got.values():  # float32 sums of ~100 terms against float64: 1e-5 relative holds anywhere
+        assert loss == pytest.approx(want.item(), rel=1e-5) and norm == pytest.approx(want_norm, rel=1e-5)

@@ -49,6 +49,9 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--checkpoint-every": ("checkpoint_every", int, "write a checkpoint (adapter, optimizer, scheduler, RNGs, data "
                            "position) to <run dir>/checkpoint every N steps; Ctrl-C or SIGTERM always writes one "
                            "and stops"),
+    "--loss-on": ("loss_on", str, "all (FlagPerf's: every token) or response (only the answers: samsum's summary, "
+                  "alpaca's output, a --prompt-template's last {column}; normalised by the label tokens of the whole "
+                  "optimiser step)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "how many of the newest checkpoints stay on disk (default 1; "
                            "--resume takes the newest)"),
     "--seed": ("seed", int, "seed for random weights, adapter init, shuffling and dropout"),

@@ -365,6 +365,10 @@ class TrainConfig:
     """Write a checkpoint every this many optimiser steps (resume.py; None: only when stopped by a signal)."""
     checkpoint_minutes: float | None = None
     """Also write one whenever this many minutes have passed since the last (resume.py)."""
+    loss_on: str = "all"
+    """Which tokens the loss covers: "all" (FlagPerf's: labels = inputs) or "response" (the answer tokens only, the
+    loss summed over the optimiser step's label tokens and divided by their number, across gradient accumulation
+    and ranks)."""
     keep_checkpoints: int = 1
     """How many of the newest checkpoints stay in <run dir>/checkpoint (``--resume`` takes the newest)."""
     seed: int = 42
@@ -401,6 +405,8 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-minutes must be a finite number > 0, got {self.checkpoint_minutes}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
+        if self.loss_on not in LOSS_ON:
+            raise ConfigError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
         if self.keep_checkpoints <= 0:
             raise ConfigError(f"--keep-checkpoints must be positive, got {self.keep_checkpoints}")
         if self.untimed_steps < 0:
@@ -408,6 +414,7 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("step", "cosine", "linear", "constant")
+LOSS_ON = ("all", "response")
 
 
 @dataclass(frozen=True)

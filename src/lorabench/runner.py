@@ -214,6 +214,8 @@ def _load_data(plan: Plan) -> Data:
     if job.data == "synthetic":
         from .data.synthetic import synthetic_chunks
 
+        if t.loss_on != "all":
+            raise ConfigError("--loss-on response needs prompt/response records; --data synthetic has none")
         n = max(64, t.batch_size * t.grad_accum * plan.world * (t.max_steps or 50))
         return Data(synthetic_chunks(n, t.seq_len, cfg.vocab_size, seed=t.seed), None,
                     "synthetic (learnable bigram walk)")
@@ -234,9 +236,23 @@ def _load_data(plan: Plan) -> Data:
             raise ConfigError(f"--val-fraction: {job.data} has a validation split of its own; leave it out")
         records, val_records = split_off(records, job.val_fraction)
         label += f", {len(val_records)} held out for validation"
-    train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir)
-    val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir)[0] if val_records else None
+    train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir, t.loss_on)
+    val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir, t.loss_on)[0] if val_records else None
+    if t.loss_on != "all":  # chunks with no target among their tokens teach nothing: left out, and said
+        train, dropped = with_labels(train)
+        val = with_labels(val)[0] if val is not None else None
+        if not len(train):
+            raise ConfigError(f"--loss-on response: no chunk of {job.data} holds a response token")
+        label += f", loss on responses ({int(train[:, 1, 1:].sum())} label tokens" + \
+            (f"; {dropped} chunks without any left out)" if dropped else ")")
     return Data(train, val, f"{label} ({len(records)} samples{', cached' if cached else ''})")
+
+
+def with_labels(chunks: np.ndarray) -> tuple[np.ndarray, int]:
+    """The [N, 2, S] chunks with at least one label token (a chunk's first token is no target), and how many had
+    none."""
+    keep = chunks[:, 1, 1:].any(axis=1)
+    return chunks[keep], int((~keep).sum())
 
 
 def split_off(records: list, fraction: float) -> tuple[list, list]:
@@ -310,8 +326,8 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         "data": data.description, "train_chunks": len(data.train), "device": str(device), "world_size": plan.world,
         "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
     }
-    series = {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr", "grad_norm")
-              if k in out["series"]}
+    series = {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr", "grad_norm",
+                                            "label_tokens") if k in out["series"]}
     result = {"config": config, "env": env, "metrics": metrics, "series": series}
     if out.get("evals"):  # --eval-every: (step, eval loss) pairs, and the best of them
         result["evals"] = out["evals"]
@@ -355,7 +371,8 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
     """The settings a checkpoint's run and the run resuming it must share (resume.check_fingerprint)."""
     t, job = plan.train, plan.job
     return {"precision": plan.precision.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
-            "grad_accum": t.grad_accum, "lr": t.lr, "lr_gamma": t.lr_gamma, "lr_schedule": t.lr_schedule,
+            "grad_accum": t.grad_accum, "loss_on": t.loss_on, "lr": t.lr, "lr_gamma": t.lr_gamma,
+            "lr_schedule": t.lr_schedule,
             "lr_warmup_steps": t.lr_warmup_steps, "weight_decay": t.weight_decay,
             "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine, "engine_options": asdict(plan.native),
             "model": str(job.model_dir or job.model_preset), "init": job.init, "lora": asdict(job.lora),

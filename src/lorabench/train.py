@@ -64,6 +64,23 @@ def _step_batches(data: np.ndarray, order: np.ndarray, step: int, cfg: TrainConf
         yield data[block[j:j + bs]]
 
 
+def _step_label_tokens(data: np.ndarray, order: np.ndarray, step: int, cfg: TrainConfig, world: int) -> int:
+    """Label tokens of optimiser step ``step`` over every rank's micro-batches (a chunk's first token is no target)."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return int(data[order[step * per_step:(step + 1) * per_step], 1, 1:].sum())
+
+
+def batch_tensors(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """(ids, labels, label tokens) of a micro-batch: [B, S] chunks train on every token (labels = ids, count None);
+    [B, 2, S] chunks carry a label mask, the tokens it leaves out labelled -100."""
+    if batch.ndim == 2:
+        ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
+        return ids, ids, None
+    ids = torch.from_numpy(np.ascontiguousarray(batch[:, 0])).to(device=device, dtype=torch.long, non_blocking=True)
+    keep = torch.from_numpy(np.ascontiguousarray(batch[:, 1])).to(device=device, non_blocking=True) != 0
+    return ids, ids.masked_fill(~keep, -100), int(batch[:, 1, 1:].sum())
+
+
 def _all_reduce_mean(tensors: list[torch.Tensor], world: int):
     """Average tensors across ranks with one collective on a flat buffer."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -80,8 +97,9 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     ``on_step``: called on rank 0 with each step's record (step, epoch, loss, lr, step_time_s) as it ends;
     ``on_best``: called on rank 0 with (step, eval loss) when a --eval-every evaluation is the best so far."""
     rank, world = dist_info()
-    if data.ndim != 2 or data.shape[1] != cfg.seq_len:
-        raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}]")
+    masked = data.ndim == 3
+    if data.ndim not in (2, 3) or data.shape[-1] != cfg.seq_len or (masked and data.shape[1] != 2):
+        raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}] or [N, 2, {cfg.seq_len}]")
     per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = len(data) // (per_step * world)
     if steps_per_epoch == 0:
@@ -136,10 +154,19 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 synchronize(device)
                 t0 = time.perf_counter()
                 step_loss = torch.zeros((), device=device)
+                if masked:  # the loss is the sum over the step's label tokens / their number, on every rank
+                    step_tokens = _step_label_tokens(data, order, epoch_step, cfg, world)
+                    if step_tokens == 0:
+                        raise ConfigError(f"step {step + 1} has no label tokens; the data needs responses")
                 for batch in _step_batches(data, order, epoch_step, cfg, rank, world):
-                    ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
+                    ids, labels, n = batch_tensors(batch, device)
+                    if n == 0:  # nothing to learn here (its share of the step's sum is 0)
+                        continue
                     with engine.autocast():
-                        loss = engine.loss(ids, ids) / cfg.grad_accum
+                        # a mean over its n label tokens times n / (the step's tokens / ranks): gradient averaging
+                        # across ranks then leaves the sum over all of them / their number
+                        loss = engine.loss(ids, labels)
+                        loss = loss / cfg.grad_accum if n is None else loss * (n * world / step_tokens)
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
                 if world > 1:  # the stop flag rides along, so every rank stops after the same step
@@ -176,6 +203,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 for k, v in (("step", step), ("epoch", epoch + 1), ("loss", loss_val), ("step_time_s", dt),
                              ("lr", lr_used)):
                     series[k].append(v)
+                if masked:
+                    series.setdefault("label_tokens", []).append(step_tokens)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
                 record = {k: series[k][-1] for k in series}
@@ -245,7 +274,8 @@ def lr_scheduler(opt, cfg: TrainConfig, total: int, steps_per_epoch: int):
 
 @torch.no_grad()
 def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device) -> float | None:
-    """Mean loss over the first ``eval_batches`` batches of ``data`` (in order), every chunk weighted equally."""
+    """Mean loss over the first ``eval_batches`` batches of ``data`` (in order): every chunk weighted equally, or,
+    for chunks with a label mask, every label token."""
     rank, world = dist_info()
     engine.eval()
     n = len(data) // cfg.batch_size
@@ -254,10 +284,12 @@ def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.devi
     total, count = 0.0, 0
     with get_precision(cfg.precision).matmul_mode():
         for i in range(rank, n, world):
-            ids = torch.from_numpy(data[i * cfg.batch_size:(i + 1) * cfg.batch_size]).to(device, torch.long)
+            ids, labels, n = batch_tensors(data[i * cfg.batch_size:(i + 1) * cfg.batch_size], device)
+            if n == 0:
+                continue
             with engine.autocast():
-                total += engine.loss(ids, ids).item()
-            count += 1
+                total += engine.loss(ids, labels).item() * (1 if n is None else n)
+            count += 1 if n is None else n
     engine.train()
     if world > 1:
         t = torch.tensor([total, count], device=device, dtype=torch.float64)

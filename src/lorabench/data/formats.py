@@ -60,15 +60,32 @@ def needed(fmt: str | None, template: str | None) -> tuple[list[str], list[str]]
             "text": (["text"], [])}[fmt]
 
 
-def render(rec: dict, fmt: str | None, template: str | None) -> str:
-    """The training text of a checked record."""
+def render_parts(rec: dict, fmt: str | None, template: str | None) -> tuple[str, str | None]:
+    """(prompt, response) of a checked record: the text it trains on is prompt + response, and ``--loss-on
+    response`` trains on the response alone. samsum: FlagPerf's prompt, the summary; alpaca: the Alpaca prompt, the
+    output; a --prompt-template: everything before its last ``{column}``, then that column's value and the rest;
+    text: the text, with no response (None)."""
     if template is not None:
-        return template.format_map({k: rec[k] for k in template_columns(template)})
+        f = string.Formatter()
+        pieces = list(f.parse(template))
+        text = template.format_map({k: rec[k] for k in template_columns(template)})
+        fields = [i for i, (_, name, _, _) in enumerate(pieces) if name is not None]
+        if not fields:
+            return text, None
+        head = "".join(lit + ("" if name is None else f.format_field(f.convert_field(rec[name], conv), spec or ""))
+                       for lit, name, spec, conv in pieces[:fields[-1]]) + pieces[fields[-1]][0]
+        return head, text[len(head):]
     if fmt == "samsum":
-        from .packing import format_sample
+        from .packing import PROMPT
 
-        return format_sample(rec)
+        return PROMPT.format(dialogue=rec["dialogue"]), rec["summary"]
     if fmt == "alpaca":
         prompt = ALPACA_WITH_INPUT if rec.get("input") else ALPACA_NO_INPUT
-        return prompt.format(instruction=rec["instruction"], input=rec.get("input", "")) + rec["output"]
-    return rec["text"]
+        return prompt.format(instruction=rec["instruction"], input=rec.get("input", "")), rec["output"]
+    return rec["text"], None
+
+
+def render(rec: dict, fmt: str | None, template: str | None) -> str:
+    """The training text of a checked record."""
+    prompt, response = render_parts(rec, fmt, template)
+    return prompt + (response or "")

@@ -46,20 +46,53 @@ def tokenize_records(records: list[dict], tok: Tokenizer) -> list[list[int]]:
     return [tok.with_bos(x) + [tok.eos_id] for x in ids]
 
 
+def response_start(rec: dict) -> int | None:
+    """The character of training_text(rec) where its response begins (None: a record with no response)."""
+    if "text" in rec:
+        return rec.get("response_start")
+    return len(PROMPT.format(dialogue=rec["dialogue"]))
+
+
+def tokenize_with_mask(records: list[dict], tok: Tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """tokenize_records' ids, and beside each a label mask: 1 on the response's tokens (every token that holds a
+    character of the response, so one that straddles the boundary is trained on) and on EOS, 0 on BOS and the
+    prompt. A record without a response (plain text) is a DataError."""
+    from .samsum import DataError
+
+    texts = [training_text(r) for r in records]
+    ids, masks = [], []
+    for i, (rec, (tokens, ends)) in enumerate(zip(records, tok.encode_batch_ends(texts))):
+        start = response_start(rec)
+        if start is None:
+            raise DataError(f"record {i + 1} has no response to train on (plain text); --loss-on response needs "
+                            "prompt/response records (samsum, alpaca, or a --prompt-template whose last {column} "
+                            "is the response)")
+        bos = tok.with_bos([])
+        ids.append(bos + tokens + [tok.eos_id])
+        masks.append([0] * len(bos) + [int(e > start) for e in ends] + [1])
+    return ids, masks
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LORABENCH_CACHE", Path.home() / ".cache" / "lorabench"))
 
 
-def cache_key(records: list[dict], tok: Tokenizer, seq_len: int) -> str:
+def cache_key(records: list[dict], tok: Tokenizer, seq_len: int, loss_on: str = "all") -> str:
     h = hashlib.sha256(f"{_CACHE_VERSION}|{PROMPT}|{tok.fingerprint}|{seq_len}|".encode())
+    if loss_on != "all":
+        h.update(f"loss_on={loss_on}|".encode())
     for r in records:
         h.update(training_text(r).encode() + b"\x01")
+        if loss_on != "all":
+            h.update(f"{response_start(r)}\x01".encode())
     return h.hexdigest()[:24]
 
 
 def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir: Path | None = None,
-                   ) -> tuple[np.ndarray, bool]:
-    """The packed chunks for ``records`` and whether they came from the cache. Each entry carries the SHA-256 of
+                   loss_on: str = "all") -> tuple[np.ndarray, bool]:
+    """The packed chunks for ``records`` [N, seq_len] and whether they came from the cache; with ``loss_on``
+    "response", [N, 2, seq_len]: each chunk's ids and its label mask (tokenize_with_mask), packed alike. Each entry
+    carries the SHA-256 of
     its array beside it (``<key>.sha256``); an entry that does not load or does not match (a truncated file, a
     zero-byte file, other tokens) is rebuilt with a one-line note naming it."""
     import sys
@@ -70,7 +103,8 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
     if cache_dir.exists() and not cache_dir.is_dir():
         raise DataError(f"the data cache {cache_dir} is a file, not a folder; point --cache-dir (or "
                         "$LORABENCH_CACHE) at a folder")
-    path = cache_dir / "packed" / f"{cache_key(records, tok, seq_len)}.npy"
+    path = cache_dir / "packed" / f"{cache_key(records, tok, seq_len, loss_on)}.npy"
+    ndim = 2 if loss_on == "all" else 3
     digest_path = path.with_suffix(".sha256")
     if path.is_file():
         why = None
@@ -80,14 +114,18 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
                 why = "no checksum beside it"
             elif _digest(arr) != digest_path.read_text().strip():
                 why = "its tokens do not match their checksum"
-            elif arr.ndim != 2 or arr.shape[1] != seq_len:
-                why = f"shape {arr.shape}, expected [N, {seq_len}]"
+            elif arr.ndim != ndim or arr.shape[-1] != seq_len:
+                why = f"shape {arr.shape}, expected [N, {'2, ' if ndim == 3 else ''}{seq_len}]"
         except (OSError, ValueError, EOFError) as e:
             why = f"unreadable ({type(e).__name__})"
         if why is None:
             return arr, True
         print(f"lorabench: note: data cache entry {path}: {why}; rebuilding it", file=sys.stderr)
-    arr = pack(tokenize_records(records, tok), seq_len)
+    if loss_on == "all":
+        arr = pack(tokenize_records(records, tok), seq_len)
+    else:
+        ids, masks = tokenize_with_mask(records, tok)
+        arr = np.stack([pack(ids, seq_len), pack(masks, seq_len)], axis=1)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent)

@@ -116,7 +116,8 @@ def parse_bytes(raw: bytes, ext: str, label: str, fmt: str | None = None, templa
 def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, fmt: str | None = None,
              template: str | None = None) -> list[dict]:
     """Check every row against its format (formats.py; detected from the first row's columns when ``fmt`` and
-    ``template`` are None) and return the records: their columns, plus "text", what the record trains on."""
+    ``template`` are None) and return the records: their columns, plus "text", what the record trains on, and
+    "response_start", the character where its response begins (formats.render_parts; absent for plain text)."""
     from . import formats
 
     out = []
@@ -137,7 +138,10 @@ def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, 
             if not isinstance(r[col], str):
                 raise DataError(f"{where}: {col!r} must be a string, got {type(r[col]).__name__}")
         rec = {c: r[c] for c in required + optional if c in r and r[c] is not None}
-        rec["text"] = formats.render(rec, fmt, template)
+        prompt, response = formats.render_parts(rec, fmt, template)
+        rec["text"] = prompt + (response or "")
+        if response is not None:
+            rec["response_start"] = len(prompt)  # where the response begins in "text" (--loss-on response)
         out.append(rec)
     if not out:
         raise DataError(f"{label}: no rows")

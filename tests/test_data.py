@@ -324,3 +324,19 @@ def test_a_token_straddling_the_boundary_is_trained_and_plain_text_has_no_respon
     (plain,) = validate([{"text": "just text"}], "t")
     with pytest.raises(DataError, match="record 1 has no response"):
         packed_dataset([plain], tok, 8, tmp_path, loss_on="response")
+
+
+def test_pack_documents_hand_worked():
+    """Samples [1 5 6 2] [1 7 2] [1 8 9 9 2] in chunks of 5: ids as pack cuts them; positions restart at each
+    document and at each chunk (the second document's tail "7 2" is a part of its own); a position-0 token is no
+    target; a response mask (given) is kept under that rule."""
+    from lorabench.data.packing import pack_documents
+
+    docs = [[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 9, 2]]
+    out = pack_documents(docs, None, 5)
+    assert out.dtype == np.int32 and out.shape == (2, 3, 5)
+    assert out[:, 0].tolist() == [[1, 5, 6, 2, 1], [7, 2, 1, 8, 9]]
+    assert out[:, 2].tolist() == [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2]]
+    assert out[:, 1].tolist() == [[0, 1, 1, 1, 0], [0, 1, 0, 1, 1]]
+    masked = pack_documents(docs, [[0, 0, 1, 1], [0, 1, 1], [0, 0, 0, 1, 1]], 5)
+    assert masked[:, 1].tolist() == [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]

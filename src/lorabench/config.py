@@ -369,6 +369,10 @@ class TrainConfig:
     """Which tokens the loss covers: "all" (FlagPerf's: labels = inputs) or "response" (the answer tokens only, the
     loss summed over the optimiser step's label tokens and divided by their number, across gradient accumulation
     and ranks)."""
+    packing: str = "flagperf"
+    """How records become chunks: "flagperf" (concatenated across documents under one causal mask, positions
+    running on: FlagPerf's) or "documents" (the same chunks, positions restarting and attention held within each
+    document)."""
     keep_checkpoints: int = 1
     """How many of the newest checkpoints stay in <run dir>/checkpoint (``--resume`` takes the newest)."""
     seed: int = 42
@@ -407,6 +411,8 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.loss_on not in LOSS_ON:
             raise ConfigError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"--packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
         if self.keep_checkpoints <= 0:
             raise ConfigError(f"--keep-checkpoints must be positive, got {self.keep_checkpoints}")
         if self.untimed_steps < 0:
@@ -415,6 +421,7 @@ class TrainConfig:
 
 LR_SCHEDULES = ("step", "cosine", "linear", "constant")
 LOSS_ON = ("all", "response")
+PACKINGS = ("flagperf", "documents")
 
 
 @dataclass(frozen=True)

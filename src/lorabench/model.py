@@ -66,6 +66,23 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, offse
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def documents_mask(positions: torch.Tensor):
+    """Query i sees key j where j <= i and both lie in one document (a document starts at each position 0 of
+    ``positions`` [B, T]). On a GPU a FlexAttention block mask (blocks of two documents skipped, not computed);
+    elsewhere a [B, 1, T, T] boolean mask for SDPA (FlexAttention has no CPU backward)."""
+    doc = torch.cumsum(positions == 0, dim=1)
+    t = positions.shape[1]
+    if positions.is_cuda:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document(b, h, q, k):
+            return (doc[b, q] == doc[b, k]) & (k <= q)
+
+        return create_block_mask(same_document, positions.shape[0], None, t, t, device=positions.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, T, D] by position: x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -218,15 +235,22 @@ class Llama(nn.Module):
             layer.attn.impl = impl
 
     def hidden(self, ids: torch.Tensor, attn_mask=None, kv_caches=None, position_offset: int = 0,
-               return_kv: bool = False):
-        """Final-norm hidden states [B, T, C]; optionally with each layer's (k, v) for prefix caching."""
+               return_kv: bool = False, positions: torch.Tensor | None = None):
+        """Final-norm hidden states [B, T, C]; optionally with each layer's (k, v) for prefix caching.
+        ``positions`` [B, T] (packed documents): each token's position in its document, a 0 starting a document;
+        RoPE rotates by these and attention stays within each document (documents_mask)."""
         x = self.embed(ids)
         cos, sin = rope_cos_sin(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype,
                                 offset=position_offset, scaling=self.cfg.rope_scaling)
+        documents = positions is not None
+        if documents:  # [B, 1, T, D]: broadcast over heads
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+            attn_mask = documents_mask(positions)
         kvs = []
         layers = self.layers
         if self.compiled_layers is not None:
-            training = torch.is_grad_enabled() and kv_caches is None and attn_mask is None and not return_kv
+            training = torch.is_grad_enabled() and kv_caches is None and (attn_mask is None or documents) \
+                and not return_kv
             # evaluation (no grad, caches, masks) runs the shape-generic graphs unless a short run turned them
             # off; a prefix whose K/V are kept (once per MMLU subject) runs eagerly: a graph of its own would cost
             # more to compile (seconds) than it saves
@@ -252,10 +276,10 @@ class Llama(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden(ids)).float()
 
-    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy; labels are aligned with ids (shifted here), -100 is ignored.
-        With a frozen lm_head the logits are never kept (kernels/cross_entropy.py)."""
-        h = self.hidden(ids)
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy; labels are aligned with ids (shifted here), -100 is ignored; ``positions``
+        as in ``hidden``. With a frozen lm_head the logits are never kept (kernels/cross_entropy.py)."""
+        h = self.hidden(ids, positions=positions)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
         if not self.lm_head.weight.requires_grad:
             return frozen_head_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets,

@@ -133,6 +133,14 @@ def untimed_steps(config: dict) -> int:
     return config.get("untimed_steps", config.get("warmup_steps", 0))
 
 
+def timing_words(m: dict, c: dict) -> str:
+    """Which steps the timing covers: "N timed steps after U untimed", or all of them where the run had too few."""
+    u, timed = untimed_steps(c), m["timed_steps"]
+    if u and timed == m.get("steps", timed + u):
+        return f"all {timed} steps timed: too few to leave out --untimed-steps {u}"
+    return f"{timed} timed steps after {u} untimed"
+
+
 def _fmt(v, spec: str, missing: str = "/") -> str:
     return missing if v is None else format(v, spec)
 
@@ -171,7 +179,7 @@ def own_row(result: dict) -> dict[str, str]:
     m, c = result["metrics"], result["config"]
     peak = f"MFU (of the card's {c['precision']} peak)"
     return {
-        "tok/s/chip (mean, after warm-up)": _fmt(m.get("tokens_per_s_per_chip"), ".0f"),
+        "tok/s/chip (mean, untimed steps out)": _fmt(m.get("tokens_per_s_per_chip"), ".0f"),
         "median": _fmt(m.get("tokens_per_s_per_chip_median"), ".0f"),
         "±95%": _fmt(_pct(m.get("step_time_ci95_rel")), ".1f", "n/a") + ("%" if m.get("step_time_ci95_rel") else ""),
         peak: "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%",
@@ -215,8 +223,7 @@ def render_report(result: dict) -> str:
         f"1.56e14) " + ("/ (its 7e9 is Llama-2-7B's size; not this model's)" if m.get("mfu_flagperf") is None
                         else f"{100 * m['mfu_flagperf']:.1f}%"),
         f"- lorabench's tokens/s per chip: mean {_fmt(m['tokens_per_s_per_chip'], '.1f')}, median "
-        f"{_fmt(m['tokens_per_s_per_chip_median'], '.1f')} ({m['timed_steps']} timed steps after "
-        f"{untimed_steps(c)} untimed; mean step time ±{_fmt(_pct(m.get('step_time_ci95_rel')), '.1f', 'n/a')}% "
+        f"{_fmt(m['tokens_per_s_per_chip_median'], '.1f')} ({timing_words(m, c)}; mean step time ±{_fmt(_pct(m.get('step_time_ci95_rel')), '.1f', 'n/a')}% "
         f"at 95%); FLOPs/token {m['flops_per_token'] / 1e9:.3f} G; MFU "
         f"{'n/a (unknown peak; give --peak-tflops)' if m['mfu'] is None else format(m['mfu'], '.1%')}",
         f"- peak memory: allocated {_fmt(m['peak_mem_allocated_gib'], '.2f', 'n/a')} GiB, reserved "

@@ -156,6 +156,9 @@ def resolve(job: Job) -> Plan:
                           "use --checkpoint-every under torchrun")
     if job.tensorboard:
         tensorboard_writer(None, True, 0, check_only=True)
+    if train.packing == "documents" and job.engine.startswith("unsloth"):
+        raise ConfigError(f"--packing documents runs on the native and reference engines; --engine {job.engine} "
+                          "takes no document boundaries")
     if job.init_adapter is not None:  # its shape checked now, before any data is read
         from .lora import read_adapter
 
@@ -214,8 +217,9 @@ def _load_data(plan: Plan) -> Data:
     if job.data == "synthetic":
         from .data.synthetic import synthetic_chunks
 
-        if t.loss_on != "all":
-            raise ConfigError("--loss-on response needs prompt/response records; --data synthetic has none")
+        if t.loss_on != "all" or t.packing != "flagperf":
+            raise ConfigError(f"--{'loss-on response' if t.loss_on != 'all' else 'packing documents'} needs records; "
+                              "--data synthetic is one token stream")
         n = max(64, t.batch_size * t.grad_accum * plan.world * (t.max_steps or 50))
         return Data(synthetic_chunks(n, t.seq_len, cfg.vocab_size, seed=t.seed), None,
                     "synthetic (learnable bigram walk)")
@@ -236,14 +240,17 @@ def _load_data(plan: Plan) -> Data:
             raise ConfigError(f"--val-fraction: {job.data} has a validation split of its own; leave it out")
         records, val_records = split_off(records, job.val_fraction)
         label += f", {len(val_records)} held out for validation"
-    train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir, t.loss_on)
-    val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir, t.loss_on)[0] if val_records else None
-    if t.loss_on != "all":  # chunks with no target among their tokens teach nothing: left out, and said
+    train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir, t.loss_on, t.packing)
+    val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir, t.loss_on, t.packing)[0] if val_records else None
+    if t.packing == "documents":
+        label += ", packed as documents"
+    if train.ndim == 3:  # chunks with no target among their tokens teach nothing: left out, and said
         train, dropped = with_labels(train)
         val = with_labels(val)[0] if val is not None else None
         if not len(train):
             raise ConfigError(f"--loss-on response: no chunk of {job.data} holds a response token")
-        label += f", loss on responses ({int(train[:, 1, 1:].sum())} label tokens" + \
+        label += (", loss on responses" if t.loss_on == "response" else "") + \
+            f" ({int(train[:, 1, 1:].sum())} label tokens" + \
             (f"; {dropped} chunks without any left out)" if dropped else ")")
     return Data(train, val, f"{label} ({len(records)} samples{', cached' if cached else ''})")
 
@@ -371,7 +378,7 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
     """The settings a checkpoint's run and the run resuming it must share (resume.check_fingerprint)."""
     t, job = plan.train, plan.job
     return {"precision": plan.precision.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
-            "grad_accum": t.grad_accum, "loss_on": t.loss_on, "lr": t.lr, "lr_gamma": t.lr_gamma,
+            "grad_accum": t.grad_accum, "loss_on": t.loss_on, "packing": t.packing, "lr": t.lr, "lr_gamma": t.lr_gamma,
             "lr_schedule": t.lr_schedule,
             "lr_warmup_steps": t.lr_warmup_steps, "weight_decay": t.weight_decay,
             "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine, "engine_options": asdict(plan.native),

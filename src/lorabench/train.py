@@ -70,15 +70,19 @@ def _step_label_tokens(data: np.ndarray, order: np.ndarray, step: int, cfg: Trai
     return int(data[order[step * per_step:(step + 1) * per_step], 1, 1:].sum())
 
 
-def batch_tensors(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """(ids, labels, label tokens) of a micro-batch: [B, S] chunks train on every token (labels = ids, count None);
-    [B, 2, S] chunks carry a label mask, the tokens it leaves out labelled -100."""
+def batch_tensors(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int | None, dict]:
+    """(ids, labels, label tokens, the loss's other arguments) of a micro-batch: [B, S] chunks train on every
+    token (labels = ids, count None); [B, 2, S] chunks carry a label mask, the tokens it leaves out labelled -100;
+    [B, 3, S] chunks (``--packing documents``) also each token's position in its document."""
+    def channel(c, dtype=torch.long):
+        return torch.from_numpy(np.ascontiguousarray(batch[:, c])).to(device=device, dtype=dtype, non_blocking=True)
+
     if batch.ndim == 2:
         ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
-        return ids, ids, None
-    ids = torch.from_numpy(np.ascontiguousarray(batch[:, 0])).to(device=device, dtype=torch.long, non_blocking=True)
-    keep = torch.from_numpy(np.ascontiguousarray(batch[:, 1])).to(device=device, non_blocking=True) != 0
-    return ids, ids.masked_fill(~keep, -100), int(batch[:, 1, 1:].sum())
+        return ids, ids, None, {}
+    ids = channel(0)
+    labels = ids.masked_fill(channel(1, torch.int32) == 0, -100)
+    return ids, labels, int(batch[:, 1, 1:].sum()), {"positions": channel(2)} if batch.shape[1] == 3 else {}
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], world: int):
@@ -98,8 +102,9 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     ``on_best``: called on rank 0 with (step, eval loss) when a --eval-every evaluation is the best so far."""
     rank, world = dist_info()
     masked = data.ndim == 3
-    if data.ndim not in (2, 3) or data.shape[-1] != cfg.seq_len or (masked and data.shape[1] != 2):
-        raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}] or [N, 2, {cfg.seq_len}]")
+    if data.ndim not in (2, 3) or data.shape[-1] != cfg.seq_len or (masked and data.shape[1] not in (2, 3)):
+        raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}] or [N, 2 or 3, "
+                          f"{cfg.seq_len}]")
     per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = len(data) // (per_step * world)
     if steps_per_epoch == 0:
@@ -159,13 +164,13 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     if step_tokens == 0:
                         raise ConfigError(f"step {step + 1} has no label tokens; the data needs responses")
                 for batch in _step_batches(data, order, epoch_step, cfg, rank, world):
-                    ids, labels, n = batch_tensors(batch, device)
+                    ids, labels, n, extra = batch_tensors(batch, device)
                     if n == 0:  # nothing to learn here (its share of the step's sum is 0)
                         continue
                     with engine.autocast():
                         # a mean over its n label tokens times n / (the step's tokens / ranks): gradient averaging
                         # across ranks then leaves the sum over all of them / their number
-                        loss = engine.loss(ids, labels)
+                        loss = engine.loss(ids, labels, **extra)
                         loss = loss / cfg.grad_accum if n is None else loss * (n * world / step_tokens)
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
@@ -284,11 +289,11 @@ def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.devi
     total, count = 0.0, 0
     with get_precision(cfg.precision).matmul_mode():
         for i in range(rank, n, world):
-            ids, labels, n = batch_tensors(data[i * cfg.batch_size:(i + 1) * cfg.batch_size], device)
+            ids, labels, n, extra = batch_tensors(data[i * cfg.batch_size:(i + 1) * cfg.batch_size], device)
             if n == 0:
                 continue
             with engine.autocast():
-                total += engine.loss(ids, labels).item() * (1 if n is None else n)
+                total += engine.loss(ids, labels, **extra).item() * (1 if n is None else n)
             count += 1 if n is None else n
     engine.train()
     if world > 1:

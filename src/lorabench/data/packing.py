@@ -34,6 +34,27 @@ def pack(token_lists: list[list[int]], seq_len: int) -> np.ndarray:
     return flat[: n * seq_len].reshape(n, seq_len)
 
 
+def pack_documents(token_lists: list[list[int]], mask_lists: list[list[int]] | None, seq_len: int) -> np.ndarray:
+    """``--packing documents``: the stream cut as ``pack`` cuts it, into [n_chunks, 3, seq_len] (int32): the ids,
+    the label mask (``mask_lists``, or every token) and each token's position within its document's part of the
+    chunk: positions restart at every document's first token and at every chunk's first token (a document cut by
+    a chunk boundary goes on as a part of its own), and a position-0 token is never a target (nothing before it
+    is in view)."""
+    ids = pack(token_lists, seq_len)
+    n = ids.shape[0] * seq_len
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    starts = np.zeros(n, dtype=np.int64)  # the index where each token's document starts in the stream
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    starts[doc_starts[doc_starts < n]] = doc_starts[doc_starts < n]
+    starts = np.maximum.accumulate(starts)
+    g = np.arange(n)
+    pos = g - np.maximum(starts, (g // seq_len) * seq_len)
+    mask = np.ones(n, dtype=np.int32) if mask_lists is None else \
+        np.fromiter((m for ms in mask_lists for m in ms), dtype=np.int32)[:n]
+    mask = mask * (pos > 0)
+    return np.stack([ids, mask.reshape(-1, seq_len), pos.reshape(-1, seq_len).astype(np.int32)], axis=1)
+
+
 def training_text(rec: dict) -> str:
     """What a record trains on: its "text" (data/formats.py renders it), or samsum's prompt of a bare
     {dialogue, summary} record."""
@@ -77,10 +98,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LORABENCH_CACHE", Path.home() / ".cache" / "lorabench"))
 
 
-def cache_key(records: list[dict], tok: Tokenizer, seq_len: int, loss_on: str = "all") -> str:
+def cache_key(records: list[dict], tok: Tokenizer, seq_len: int, loss_on: str = "all",
+              packing: str = "flagperf") -> str:
     h = hashlib.sha256(f"{_CACHE_VERSION}|{PROMPT}|{tok.fingerprint}|{seq_len}|".encode())
-    if loss_on != "all":
-        h.update(f"loss_on={loss_on}|".encode())
+    if loss_on != "all" or packing != "flagperf":
+        h.update(f"loss_on={loss_on}|packing={packing}|".encode())
     for r in records:
         h.update(training_text(r).encode() + b"\x01")
         if loss_on != "all":
@@ -89,10 +111,11 @@ def cache_key(records: list[dict], tok: Tokenizer, seq_len: int, loss_on: str = 
 
 
 def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir: Path | None = None,
-                   loss_on: str = "all") -> tuple[np.ndarray, bool]:
+                   loss_on: str = "all", packing: str = "flagperf") -> tuple[np.ndarray, bool]:
     """The packed chunks for ``records`` [N, seq_len] and whether they came from the cache; with ``loss_on``
-    "response", [N, 2, seq_len]: each chunk's ids and its label mask (tokenize_with_mask), packed alike. Each entry
-    carries the SHA-256 of
+    "response", [N, 2, seq_len]: each chunk's ids and its label mask (tokenize_with_mask), packed alike; with
+    ``packing`` "documents", [N, 3, seq_len]: ids, label mask and positions (pack_documents). Each entry carries
+    the SHA-256 of
     its array beside it (``<key>.sha256``); an entry that does not load or does not match (a truncated file, a
     zero-byte file, other tokens) is rebuilt with a one-line note naming it."""
     import sys
@@ -103,8 +126,9 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
     if cache_dir.exists() and not cache_dir.is_dir():
         raise DataError(f"the data cache {cache_dir} is a file, not a folder; point --cache-dir (or "
                         "$LORABENCH_CACHE) at a folder")
-    path = cache_dir / "packed" / f"{cache_key(records, tok, seq_len, loss_on)}.npy"
-    ndim = 2 if loss_on == "all" else 3
+    path = cache_dir / "packed" / f"{cache_key(records, tok, seq_len, loss_on, packing)}.npy"
+    channels = 3 if packing == "documents" else 2 if loss_on != "all" else 1
+    want = (seq_len,) if channels == 1 else (channels, seq_len)
     digest_path = path.with_suffix(".sha256")
     if path.is_file():
         why = None
@@ -114,18 +138,18 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
                 why = "no checksum beside it"
             elif _digest(arr) != digest_path.read_text().strip():
                 why = "its tokens do not match their checksum"
-            elif arr.ndim != ndim or arr.shape[-1] != seq_len:
-                why = f"shape {arr.shape}, expected [N, {'2, ' if ndim == 3 else ''}{seq_len}]"
+            elif arr.shape[1:] != want:
+                why = f"shape {arr.shape}, expected [N, {', '.join(map(str, want))}]"
         except (OSError, ValueError, EOFError) as e:
             why = f"unreadable ({type(e).__name__})"
         if why is None:
             return arr, True
         print(f"lorabench: note: data cache entry {path}: {why}; rebuilding it", file=sys.stderr)
-    if loss_on == "all":
-        arr = pack(tokenize_records(records, tok), seq_len)
+    ids, masks = (tokenize_records(records, tok), None) if loss_on == "all" else tokenize_with_mask(records, tok)
+    if packing == "documents":
+        arr = pack_documents(ids, masks, seq_len)
     else:
-        ids, masks = tokenize_with_mask(records, tok)
-        arr = np.stack([pack(ids, seq_len), pack(masks, seq_len)], axis=1)
+        arr = pack(ids, seq_len) if masks is None else np.stack([pack(ids, seq_len), pack(masks, seq_len)], axis=1)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent)

@@ -35,9 +35,10 @@ class Engine(abc.ABC):
 
     # -- training -------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32 scalar) of ``labels`` (aligned with ``ids``, shifted inside;
-        -100 ignored)."""
+        -100 ignored). ``positions`` [B, T] (``--packing documents``): each token's position in its document, 0
+        where one starts; RoPE takes these and attention stays within each document."""
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -130,8 +130,8 @@ class NativeEngine(Engine):
             model.compile_blocks(None if options.compile_mode == "default" else options.compile_mode)
 
     # -- the engine contract --------------------------------------------------------------------------------
-    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(ids, labels)
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.loss(ids, labels, positions)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids)

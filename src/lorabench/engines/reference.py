@@ -43,8 +43,12 @@ class PeftEngine(Engine):
     model's own forward (``self._fwd``, the compiled one where there is one), logits, hidden states and head for
     MMLU, and the adapters read from and written to PEFT's LoRA layers."""
 
-    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self._fwd(input_ids=ids, labels=labels, use_cache=False).loss
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            return self._fwd(input_ids=ids, labels=labels, use_cache=False).loss
+        # packed documents: transformers' mask builder reads the document boundaries from position_ids (a
+        # restart) and keeps attention within each document
+        return self._fwd(input_ids=ids, labels=labels, position_ids=positions.long(), use_cache=False).loss
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, use_cache=False).logits.float()

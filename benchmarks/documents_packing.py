@@ -33,7 +33,8 @@ from lorabench.config import MODEL_PRESETS, LoRAConfig, ModelConfig  # noqa: E40
 
 
 def check_gpu_path() -> dict:
-    """fp32 loss and adapter gradients of one documents-packed batch: CUDA (flex) vs CPU (dense mask)."""
+    """fp32 loss and adapter gradients of one documents-packed batch, the same weights everywhere: CUDA (flex;
+    compiled blocks and eager) vs CPU (dense mask)."""
     from lorabench.data.packing import pack_documents
     from lorabench.engines import build_engine
     from lorabench.train import batch_tensors
@@ -43,20 +44,30 @@ def check_gpu_path() -> dict:
     g = np.random.default_rng(0)
     data = pack_documents([g.integers(3, 512, size=int(k)).tolist() for k in g.integers(5, 300, size=40)],
                           None, 512)[:2]
-    out = {}
-    for dev in ("cpu", "cuda"):
+    out, weights = {}, None
+    from lorabench.engines import NativeOptions
+
+    for key, dev, compiled in (("cpu", "cpu", False), ("cuda", "cuda", True), ("cuda_eager", "cuda", False)):
         eng = build_engine("native", cfg, LoRAConfig(r=8, alpha=16, dropout=0.0), model_dir=None,
-                           device=torch.device(dev), precision="fp32", seed=0)
+                           device=torch.device(dev), precision="fp32", seed=0,
+                           native=NativeOptions(compile=compiled))
         with torch.no_grad():
-            for _, b in eng.adapters().values():
-                b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+            if weights is None:  # (random weights come from each device's own generator: the CPU's, copied)
+                for _, b in eng.adapters().values():
+                    b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+                weights = {k: v.detach().clone() for k, v in eng.model.state_dict().items()}
+            else:
+                eng.model.load_state_dict(weights)
         ids, labels, _, extra = batch_tensors(data, torch.device(dev))
         loss = eng.loss(ids, labels, **extra)
         loss.backward()
-        out[dev] = (loss.item(), [p.grad.detach().cpu().double() for p in eng.trainable_params()])
-    grad_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(out["cuda"][1], out["cpu"][1]))
-    return {"loss_cpu": out["cpu"][0], "loss_cuda": out["cuda"][0],
-            "loss_rel_err": abs(out["cuda"][0] - out["cpu"][0]) / out["cpu"][0], "grad_rel_err_max": grad_err}
+        out[key] = (loss.item(), [p.grad.detach().cpu().double() for p in eng.trainable_params()])
+    res = {"loss_cpu": out["cpu"][0]}
+    for key in ("cuda", "cuda_eager"):
+        res[f"{key}_loss_rel_err"] = abs(out[key][0] - out["cpu"][0]) / out["cpu"][0]
+        res[f"{key}_grad_rel_err_max"] = max(((a - b).norm() / b.norm()).item()
+                                             for a, b in zip(out[key][1], out["cpu"][1]))
+    return res
 
 
 def make_inputs(model: str, n_copies: int, where: Path) -> tuple[Path, Path]:

@@ -196,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "bundled model, flagperf-fp32 otherwise)")
     run.add_argument("--data", help="samsum corpus.7z, a folder of train/val/test files, a .json/.jsonl/.csv/"
                      ".parquet file, an HF dataset name, or 'synthetic'; default: the bundled tiny data")
-    run.add_argument("--format", dest="data_format", choices=("samsum", "alpaca", "text"), help="the records' "
-                     "format (default: from their columns: dialogue+summary, instruction+input+output, text)")
+    run.add_argument("--format", dest="data_format", choices=("samsum", "alpaca", "text", "chat", "sharegpt"),
+                     help="the records' format (default: from their columns: dialogue+summary, instruction+input+"
+                     "output, text, messages (role/content turns, rendered with the model's chat template), "
+                     "conversations (ShareGPT from/value turns))")
     run.add_argument("--val-fraction", type=float, help="hold out this fraction of the records (a fixed choice) "
                      "for the eval loss, for data without a validation split")
     run.add_argument("--prompt-template", help="the text of a record of other columns, e.g. \"Q: {question}\\n"

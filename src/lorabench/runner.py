@@ -233,8 +233,13 @@ def _load_data(plan: Plan) -> Data:
     tok = Tokenizer(job.model_dir)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{job.model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
-    records, label = load_split(job.data, "train", job.data_format, job.prompt_template)
-    val_records, _ = load_split(job.data, "validation", job.data_format, job.prompt_template)
+    from functools import cache
+
+    from .data.chat import ChatTemplate
+
+    chat = cache(lambda: ChatTemplate.from_model_dir(job.model_dir))  # read where a chat record first needs it
+    records, label = load_split(job.data, "train", job.data_format, job.prompt_template, chat)
+    val_records, _ = load_split(job.data, "validation", job.data_format, job.prompt_template, chat)
     if job.val_fraction is not None:
         if val_records:
             raise ConfigError(f"--val-fraction: {job.data} has a validation split of its own; leave it out")

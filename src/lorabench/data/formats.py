@@ -11,14 +11,18 @@
 - ``text`` (``text``): the text as it is;
 - ``--prompt-template "...{column}..."``: any other columns, each ``{column}`` replaced by the record's value.
 
-Every record's columns are checked (present, strings) with the file and row named. Chat formats (``messages``,
-ShareGPT ``conversations``) need the tokenizer's chat template and are refused with that said.
+- ``chat`` (``messages``: role/content turns) and ``sharegpt`` (``conversations``: from/value turns): the
+  conversation rendered with the model's chat template (chat.py), its assistant turns the response.
+
+Every record's columns are checked (present, strings; chat turns each with a role and a string) with the file and
+row named.
 """
 from __future__ import annotations
 
 import string
 
-FORMATS = ("samsum", "alpaca", "text")
+FORMATS = ("samsum", "alpaca", "text", "chat", "sharegpt")
+CHAT_COLUMNS = {"chat": "messages", "sharegpt": "conversations"}
 
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
@@ -44,9 +48,10 @@ def detect(columns, where: str) -> str:
         return "alpaca"
     if "text" in cols:
         return "text"
-    if "messages" in cols or "conversations" in cols:
-        raise ValueError(f"{where}: chat records ('messages' / 'conversations') need the tokenizer's chat template, "
-                         "which lorabench does not render yet; use --prompt-template with your columns")
+    if "messages" in cols:
+        return "chat"
+    if "conversations" in cols:
+        return "sharegpt"
     raise ValueError(f"{where}: columns {', '.join(sorted(map(str, cols)))} match no format (samsum: dialogue, "
                      "summary; alpaca: instruction, input, output; text: text); give --prompt-template "
                      "\"...{column}...\" or --format")
@@ -57,7 +62,7 @@ def needed(fmt: str | None, template: str | None) -> tuple[list[str], list[str]]
     if template is not None:
         return template_columns(template), []
     return {"samsum": (["dialogue", "summary"], []), "alpaca": (["instruction", "output"], ["input"]),
-            "text": (["text"], [])}[fmt]
+            "text": (["text"], []), "chat": (["messages"], []), "sharegpt": (["conversations"], [])}[fmt]
 
 
 def render_parts(rec: dict, fmt: str | None, template: str | None) -> tuple[str, str | None]:

@@ -62,35 +62,47 @@ def training_text(rec: dict) -> str:
 
 
 def tokenize_records(records: list[dict], tok: Tokenizer) -> list[list[int]]:
-    """Each record's training text with BOS and EOS."""
+    """Each record's training text with BOS and EOS (a chat template's text as it is: it carries its own)."""
     ids = tok.encode_batch([training_text(r) for r in records])
-    return [tok.with_bos(x) + [tok.eos_id] for x in ids]
+    return [x if r.get("templated") else tok.with_bos(x) + [tok.eos_id] for r, x in zip(records, ids)]
 
 
-def response_start(rec: dict) -> int | None:
-    """The character of training_text(rec) where its response begins (None: a record with no response)."""
+def response_spans(rec: dict) -> list[tuple[int, int]] | None:
+    """The [start, end) characters of training_text(rec) that are its response (None: a record with none): from
+    the response's start to the end for prompt/response records, the assistant turns for chat records."""
+    if rec.get("templated"):
+        return rec.get("response_spans")
     if "text" in rec:
-        return rec.get("response_start")
-    return len(PROMPT.format(dialogue=rec["dialogue"]))
+        start = rec.get("response_start")
+        return None if start is None else [(start, len(rec["text"]))]
+    return [(len(PROMPT.format(dialogue=rec["dialogue"])), len(format_sample(rec)))]
 
 
 def tokenize_with_mask(records: list[dict], tok: Tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """tokenize_records' ids, and beside each a label mask: 1 on the response's tokens (every token that holds a
-    character of the response, so one that straddles the boundary is trained on) and on EOS, 0 on BOS and the
-    prompt. A record without a response (plain text) is a DataError."""
+    character of a response span, so one that straddles a boundary is trained on) and on the EOS added after a
+    response, 0 on BOS and the prompt. A record without a response (plain text, or a chat template that does not
+    render turn by turn) is a DataError."""
     from .samsum import DataError
 
     texts = [training_text(r) for r in records]
     ids, masks = [], []
-    for i, (rec, (tokens, ends)) in enumerate(zip(records, tok.encode_batch_ends(texts))):
-        start = response_start(rec)
-        if start is None:
-            raise DataError(f"record {i + 1} has no response to train on (plain text); --loss-on response needs "
-                            "prompt/response records (samsum, alpaca, or a --prompt-template whose last {column} "
-                            "is the response)")
-        bos = tok.with_bos([])
-        ids.append(bos + tokens + [tok.eos_id])
-        masks.append([0] * len(bos) + [int(e > start) for e in ends] + [1])
+    for i, (rec, (tokens, offsets)) in enumerate(zip(records, tok.encode_batch_offsets(texts))):
+        spans = response_spans(rec)
+        if spans is None:
+            why = ("its chat template does not render turn by turn (an earlier turn changes with what follows)"
+                   if rec.get("templated") else "it is plain text")
+            raise DataError(f"record {i + 1} has no response to train on ({why}); --loss-on response needs "
+                            "prompt/response records (samsum, alpaca, chat, or a --prompt-template whose last "
+                            "{column} is the response)")
+        mask = [int(any(b > s and a < e for s, e in spans)) for a, b in offsets]
+        if rec.get("templated"):
+            ids.append(tokens)
+            masks.append(mask)
+        else:
+            bos = tok.with_bos([])
+            ids.append(bos + tokens + [tok.eos_id])
+            masks.append([0] * len(bos) + mask + [1])
     return ids, masks
 
 
@@ -104,9 +116,9 @@ def cache_key(records: list[dict], tok: Tokenizer, seq_len: int, loss_on: str = 
     if loss_on != "all" or packing != "flagperf":
         h.update(f"loss_on={loss_on}|packing={packing}|".encode())
     for r in records:
-        h.update(training_text(r).encode() + b"\x01")
+        h.update(training_text(r).encode() + (b"\x02" if r.get("templated") else b"\x01"))
         if loss_on != "all":
-            h.update(f"{response_start(r)}\x01".encode())
+            h.update(f"{response_spans(r)}\x01".encode())
     return h.hexdigest()[:24]
 
 

@@ -26,11 +26,12 @@ class DataError(ConfigError):
 
 
 def load_split(source: str | Path, split: str, fmt: str | None = None, template: str | None = None,
-               ) -> tuple[list[dict], str]:
+               chat=None) -> tuple[list[dict], str]:
     """Records of ``split`` (train / validation / test) and a label naming where they came from, each with its
     training "text" (``fmt``, or ``template``, or the format its columns show: formats.py).
-    Returns ([], label) when the source has no such split (e.g. a single file has no validation split)."""
-    spec = {"fmt": fmt, "template": template}
+    Returns ([], label) when the source has no such split (e.g. a single file has no validation split). ``chat``:
+    the model's chat template (chat.ChatTemplate) for chat records, None where it has none."""
+    spec = {"fmt": fmt, "template": template, "chat": chat}
     if split not in SPLITS:
         raise ValueError(split)
     p = Path(source)
@@ -59,7 +60,7 @@ def load_split(source: str | Path, split: str, fmt: str | None = None, template:
     raise DataError(f"--data {source}: no such file or folder")
 
 
-def read_file(path: Path, fmt: str | None = None, template: str | None = None) -> list[dict]:
+def read_file(path: Path, fmt: str | None = None, template: str | None = None, chat=None) -> list[dict]:
     ext = path.suffix.lower()
     if ext not in _EXTS:
         raise DataError(f"{path}: unsupported data file type {ext!r}; use {', '.join(_EXTS)} or corpus.7z")
@@ -72,8 +73,8 @@ def read_file(path: Path, fmt: str | None = None, template: str | None = None) -
             table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001  (pyarrow raises ArrowInvalid, OSError and others on a bad file)
             raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
-        return validate(table.to_pylist(), str(path), fmt=fmt, template=template)
-    return parse_bytes(path.read_bytes(), ext, str(path), fmt, template)
+        return validate(table.to_pylist(), str(path), fmt=fmt, template=template, chat=chat)
+    return parse_bytes(path.read_bytes(), ext, str(path), fmt, template, chat)
 
 
 def decode_utf8(raw: bytes, label: str) -> str:
@@ -87,7 +88,8 @@ def decode_utf8(raw: bytes, label: str) -> str:
                         "UTF-8") from None
 
 
-def parse_bytes(raw: bytes, ext: str, label: str, fmt: str | None = None, template: str | None = None) -> list[dict]:
+def parse_bytes(raw: bytes, ext: str, label: str, fmt: str | None = None, template: str | None = None,
+                chat=None) -> list[dict]:
     text = decode_utf8(raw, label)
     if ext == ".json":
         try:
@@ -98,7 +100,7 @@ def parse_bytes(raw: bytes, ext: str, label: str, fmt: str | None = None, templa
             rows = rows["data"]
         if not isinstance(rows, list):
             raise DataError(f"{label}: expected a JSON list of records (objects of columns)")
-        return validate(rows, label, fmt=fmt, template=template)
+        return validate(rows, label, fmt=fmt, template=template, chat=chat)
     if ext == ".jsonl":
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
@@ -108,13 +110,13 @@ def parse_bytes(raw: bytes, ext: str, label: str, fmt: str | None = None, templa
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{label}: line {i} is not valid JSON ({e.msg})") from None
-        return validate(rows, label, row_word="line", fmt=fmt, template=template)
+        return validate(rows, label, row_word="line", fmt=fmt, template=template, chat=chat)
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    return validate(rows, label, first_row=2, fmt=fmt, template=template)
+    return validate(rows, label, first_row=2, fmt=fmt, template=template, chat=chat)
 
 
 def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, fmt: str | None = None,
-             template: str | None = None) -> list[dict]:
+             template: str | None = None, chat=None) -> list[dict]:
     """Check every row against its format (formats.py; detected from the first row's columns when ``fmt`` and
     ``template`` are None) and return the records: their columns, plus "text", what the record trains on, and
     "response_start", the character where its response begins (formats.render_parts; absent for plain text)."""
@@ -135,9 +137,14 @@ def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, 
         for col in required + [c for c in optional if c in r and r[c] is not None]:
             if col not in r:
                 raise DataError(f"{where}: missing column {col!r} (columns present: {', '.join(map(str, r))})")
+            if fmt in formats.CHAT_COLUMNS and template is None:
+                continue  # turns: checked by chat_messages
             if not isinstance(r[col], str):
                 raise DataError(f"{where}: {col!r} must be a string, got {type(r[col]).__name__}")
         rec = {c: r[c] for c in required + optional if c in r and r[c] is not None}
+        if fmt in formats.CHAT_COLUMNS and template is None:
+            out.append(chat_record(r, formats.CHAT_COLUMNS[fmt], chat, where))
+            continue
         prompt, response = formats.render_parts(rec, fmt, template)
         rec["text"] = prompt + (response or "")
         if response is not None:
@@ -146,6 +153,28 @@ def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, 
     if not out:
         raise DataError(f"{label}: no rows")
     return out
+
+
+def chat_record(row: dict, column: str, chat, where: str) -> dict:
+    """A chat record: its turns, the text the model's chat template makes of them (special tokens included:
+    "templated"), and the character spans of its assistant turns (None where the template does not render turn by
+    turn)."""
+    from .chat import chat_messages
+
+    chat = chat() if callable(chat) else chat
+    if chat is None:
+        raise DataError(f"{where}: chat records ({column!r}) are rendered with the model's chat template, and this "
+                        "model's tokenizer has none (tokenizer_config.json 'chat_template' or chat_template.jinja); "
+                        "give --prompt-template, or a model folder with a template")
+    try:
+        messages = chat_messages(row, column, where)
+        text, spans = chat.render_with_spans(messages, where)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
+    rec = {"messages": messages, "text": text, "templated": True}
+    if spans is not None:
+        rec["response_spans"] = spans
+    return rec
 
 
 def _read_7z(path: Path, split: str, spec: dict) -> tuple[list[dict], str]:

@@ -67,15 +67,15 @@ class Tokenizer:
             return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
         return [self._hf.encode(t, add_special_tokens=False) for t in texts]
 
-    def encode_batch_ends(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
-        """Each text's token ids and the character where each token ends (exclusive; no special tokens)."""
+    def encode_batch_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Each text's token ids and each token's [start, end) characters (no special tokens added)."""
         if self._tok is not None:
-            return [(e.ids, [b for _, b in e.offsets]) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+            return [(e.ids, list(e.offsets)) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
         if not getattr(self._hf, "is_fast", False):
             raise ConfigError("this tokenizer (tokenizer.model only, no fast tokenizer) gives no character offsets, "
                               "which --loss-on response needs; add the model's tokenizer.json")
         enc = self._hf(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [(ids, [b for _, b in offs]) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+        return [(ids, [tuple(o) for o in offs]) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
 
     def decode(self, ids: list[int]) -> str:
         if self._tok is not None:

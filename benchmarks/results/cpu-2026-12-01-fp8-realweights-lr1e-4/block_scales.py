@@ -1,7 +1,9 @@
 """KL(bf16||fp8) on SmolLM2 with the forward's activations quantized per 1 x BLK block instead of per row (CPU
 emulation; NOTES item 43). Run from the repository root: python block_scales.py row | block 64 | block 32."""
 import sys, json
-sys.path.insert(0, "/work/main/src"); sys.path.insert(0, "/work/main/benchmarks")
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "src")); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
 import lorabench.kernels.fp8 as F
 mode = sys.argv[1]
@@ -21,5 +23,5 @@ if mode == "block":
     F._Fp8Linear.forward = staticmethod(forward)
 import fp8_realweights as R
 from pathlib import Path
-r = R.distributions(Path("/tmp/smollm2"), torch.device("cpu"), R.SHARED_MMLU, 16, 256)
+r = R.distributions(Path(sys.argv[3] if len(sys.argv) > 3 else "/tmp/smollm2"), torch.device("cpu"), R.SHARED_MMLU, 16, 256)
 print(mode, BLK, json.dumps({k: {m: round(v, 5) if isinstance(v, float) else v for m, v in d.items()} for k, d in r.items()}))

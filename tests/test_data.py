@@ -232,7 +232,8 @@ def test_a_cache_path_that_is_a_file_is_named(tmp_path):
 
 def test_formats_are_detected_and_rendered(tmp_path):
     """alpaca (with and without input), plain text and a --prompt-template, each to the text worked out here; chat
-    records are refused with what to do; a template column a row lacks is named."""
+    records without a chat template in the model are refused with what to do; a template column a row lacks is
+    named."""
     from lorabench.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 
     f = tmp_path / "train.jsonl"
@@ -252,7 +253,7 @@ def test_formats_are_detected_and_rendered(tmp_path):
     with pytest.raises(DataError, match=r"train.jsonl: line 1: missing column 'b'"):
         load_split(f, "train", template="{q} {b}")
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(DataError, match=r"line 1: chat records .* need the tokenizer's chat template"):
+    with pytest.raises(DataError, match=r"line 1: chat records .* this model's tokenizer has none"):
         load_split(f, "train")
 
 
@@ -340,3 +341,15 @@ def test_pack_documents_hand_worked():
     assert out[:, 1].tolist() == [[0, 1, 1, 1, 0], [0, 1, 0, 1, 1]]
     masked = pack_documents(docs, [[0, 0, 1, 1], [0, 1, 1], [0, 0, 0, 1, 1]], 5)
     assert masked[:, 1].tolist() == [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]
+
+
+def test_pack_rows_hand_worked():
+    """--packing none: one record a row, padded (id 9 here, mask 0, position -1); a record longer than a row goes on
+    in a row of its own from position 0; a row's first token is no target; a given mask is kept."""
+    from lorabench.data.packing import pack_rows
+
+    out = pack_rows([[1, 5, 6, 2], [1, 7, 2, 3, 4, 8, 2]], [[0, 0, 1, 1], [0, 0, 1, 1, 1, 1, 1]], 5, pad_id=9)
+    assert out.dtype == np.int32 and out.shape == (3, 3, 5)
+    assert out[:, 0].tolist() == [[1, 5, 6, 2, 9], [1, 7, 2, 3, 4], [8, 2, 9, 9, 9]]
+    assert out[:, 1].tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert out[:, 2].tolist() == [[0, 1, 2, 3, -1], [0, 1, 2, 3, 4], [0, 1, -1, -1, -1]]

@@ -347,3 +347,42 @@ def test_documents_packing_gives_each_document_its_own_logits_and_matches_transf
                          precision="fp32", seed=0)
         curves[name] = train_loop(e, data, cfg, CPU, progress=False)["series"]["loss"]
     np.testing.assert_allclose(curves["native"], curves["reference"], rtol=1e-5)
+
+
+def test_unpacked_rows_train_on_each_record_alone_and_count_no_padding():
+    """--packing none: records of 3 to 30 tokens, one a row: the first step's loss is the mean over every record's
+    targets, each record run alone (float64 from the engine's logits), at 1 x 8 and 2 x 4 micro-batches (each
+    batch cut to its longest row); the step's token count is the records' lengths, padding left out."""
+    from lorabench.data.packing import pack_rows
+
+    g = np.random.default_rng(4)
+    recs = [g.integers(3, SMALL.vocab_size, size=int(k)).tolist() for k in (3, 30, 7, 12, 25, 5, 18, 9)]
+    data = pack_rows(recs, None, 32, pad_id=0)
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
+    eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in recs:
+            t = torch.tensor([r])
+            logp = torch.log_softmax(eng.logits(t).double(), -1)[0, :-1]
+            total += -logp.gather(-1, t[0, 1:, None]).sum().item()
+            count += len(r) - 1
+    for lbs, ga in ((8, 1), (4, 2)):
+        cfg = TrainConfig(precision="fp32", batch_size=lbs, grad_accum=ga, seq_len=32, epochs=1, max_steps=1,
+                          lr=1e-6, untimed_steps=0, shuffle=False, packing="none")
+        e = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0)
+        out = train_loop(e, data, cfg, CPU, progress=False)["series"]
+        assert out["loss"][0] == pytest.approx(total / count, rel=1e-5)
+        assert out["tokens"] == [sum(map(len, recs))] and out["label_tokens"] == [count]
+        assert out["tokens_sq"] == [sum(len(r) ** 2 for r in recs)]
+
+
+def test_rows_flops_grow_the_attention_term_with_each_rows_own_length():
+    from lorabench.shapes import flops_per_token, rows_flops
+
+    lora = LoRAConfig()
+    full = rows_flops(SMALL, lora, 32, 32 ** 2)
+    assert full == pytest.approx(32 * flops_per_token(SMALL, lora, 32), rel=1e-12)  # one full row: the old count
+    two = rows_flops(SMALL, lora, 8 + 24, 8 ** 2 + 24 ** 2)
+    assert two == pytest.approx(8 * flops_per_token(SMALL, lora, 8) + 24 * flops_per_token(SMALL, lora, 24),
+                                rel=1e-12)

@@ -52,8 +52,9 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--loss-on": ("loss_on", str, "all (FlagPerf's: every token) or response (only the answers: samsum's summary, "
                   "alpaca's output, a --prompt-template's last {column}; normalised by the label tokens of the whole "
                   "optimiser step)"),
-    "--packing": ("packing", str, "flagperf (records concatenated under one causal mask, FlagPerf's) or documents "
-                  "(positions restart and attention stays within each record; native and reference engines)"),
+    "--packing": ("packing", str, "flagperf (records concatenated under one causal mask, FlagPerf's), documents "
+                  "(positions restart and attention stays within each record; native and reference engines) or "
+                  "none (one record a row, each batch padded to its longest row; tok/s and MFU count no padding)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "how many of the newest checkpoints stay on disk (default 1; "
                            "--resume takes the newest)"),
     "--seed": ("seed", int, "seed for random weights, adapter init, shuffling and dropout"),

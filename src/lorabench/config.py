@@ -371,8 +371,8 @@ class TrainConfig:
     and ranks)."""
     packing: str = "flagperf"
     """How records become chunks: "flagperf" (concatenated across documents under one causal mask, positions
-    running on: FlagPerf's) or "documents" (the same chunks, positions restarting and attention held within each
-    document)."""
+    running on: FlagPerf's), "documents" (the same chunks, positions restarting and attention held within each
+    document) or "none" (one record a row, each batch padded to its longest row, padding never counted)."""
     keep_checkpoints: int = 1
     """How many of the newest checkpoints stay in <run dir>/checkpoint (``--resume`` takes the newest)."""
     seed: int = 42
@@ -421,7 +421,7 @@ class TrainConfig:
 
 LR_SCHEDULES = ("step", "cosine", "linear", "constant")
 LOSS_ON = ("all", "response")
-PACKINGS = ("flagperf", "documents")
+PACKINGS = ("flagperf", "documents", "none")
 
 
 @dataclass(frozen=True)

@@ -77,19 +77,26 @@ def flagperf_figures(step_times: list[float], epoch_losses: list[float], epoch_t
     }
 
 
-def step_stats(step_times: list[float], tokens_per_step: int, warmup: int) -> dict:
+def step_stats(step_times: list[float], tokens_per_step: int | list[float], warmup: int) -> dict:
     """Tokens/s per chip from per-step wall times (warm-up steps excluded; all steps if too few remain).
-    ``tokens_per_s_per_chip`` is FlagPerf's: tokens per step / mean step time; the median is reported too, and
+    ``tokens_per_s_per_chip`` is FlagPerf's: tokens per step / mean step time (steps of different token counts,
+    a list: their tokens / their time); the median of the steps' own rates is reported too, and
     ``step_time_ci95_rel``, the half-width of a 95% interval of the mean step time (normal approximation,
     1.96 stdev / sqrt(n)) relative to the mean: how finely the run resolves a speed difference."""
-    timed = step_times[warmup:] if len(step_times) > warmup else step_times
+    first = warmup if len(step_times) > warmup else 0
+    timed = step_times[first:]
     if not timed:
         return {"tokens_per_s_per_chip": None, "tokens_per_s_per_chip_median": None, "timed_steps": 0}
     mean, med = statistics.fmean(timed), statistics.median(timed)
     stdev = statistics.stdev(timed) if len(timed) > 1 else None
+    if isinstance(tokens_per_step, list):
+        tokens = tokens_per_step[first:]
+        rate, rate_med = sum(tokens) / sum(timed), statistics.median(n / t for n, t in zip(tokens, timed))
+    else:
+        rate, rate_med = tokens_per_step / mean, tokens_per_step / med
     return {
-        "tokens_per_s_per_chip": tokens_per_step / mean,
-        "tokens_per_s_per_chip_median": tokens_per_step / med,
+        "tokens_per_s_per_chip": rate,
+        "tokens_per_s_per_chip_median": rate_med,
         "step_time_mean_s": mean,
         "step_time_median_s": med,
         "step_time_stdev_s": 0.0 if stdev is None else stdev,

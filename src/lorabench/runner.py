@@ -24,7 +24,7 @@ from .engines import Engine, NativeOptions, build_engine
 from .mmlu.evaluate import MmluOptions
 from .precision import PRECISIONS, Precision, get_precision
 from .report import GIB, claim_run_dir, environment, render_report, write_json_atomic, write_text_atomic
-from .shapes import count_params, flops_per_token
+from .shapes import count_params, flops_per_token, rows_flops
 from . import resume
 from .train import barrier, dist_info, train_loop
 
@@ -247,8 +247,8 @@ def _load_data(plan: Plan) -> Data:
         label += f", {len(val_records)} held out for validation"
     train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir, t.loss_on, t.packing)
     val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir, t.loss_on, t.packing)[0] if val_records else None
-    if t.packing == "documents":
-        label += ", packed as documents"
+    if t.packing != "flagperf":
+        label += ", packed as documents" if t.packing == "documents" else ", one record a row (padded per batch)"
     if train.ndim == 3:  # chunks with no target among their tokens teach nothing: left out, and said
         train, dropped = with_labels(train)
         val = with_labels(val)[0] if val is not None else None
@@ -302,10 +302,18 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
     """The result dict (config, env, metrics, per-step series) of a finished training loop ``out``; ``device_mem``:
     the device-memory sampler that ran over it (GPU)."""
     job, t, lo, cfg, device = plan.job, plan.train, plan.job.lora, plan.model_cfg, plan.device
-    stats = M.step_stats(out["series"]["step_time_s"], out["tokens_per_step"], t.untimed_steps)
+    ser = out["series"]
+    tokens, mean_tokens = out["tokens_per_step"], out["tokens_per_step"]  # a chip's, per step
+    fpt = flops_per_token(cfg, lo, t.seq_len)
+    if "tokens" in ser:  # --packing none: each step's own unpadded tokens; FLOPs with each row's own length
+        tokens = [n / plan.world for n in ser["tokens"]]
+        mean_tokens = sum(tokens) / len(tokens)
+        first = t.untimed_steps if len(tokens) > t.untimed_steps else 0
+        n, sq = ser["tokens"][first:], ser["tokens_sq"][first:]
+        fpt = rows_flops(cfg, lo, sum(n), sum(sq)) / max(1, sum(n))
+    stats = M.step_stats(ser["step_time_s"], tokens, t.untimed_steps)
     env = environment(device)
     peak = M.peak_flops(env["device_name"] if device.type == "cuda" else None, plan.precision, job.peak_tflops)
-    fpt = flops_per_token(cfg, lo, t.seq_len)
     n_params = count_params(cfg)["total"]
     tps = stats["tokens_per_s_per_chip"]
     losses = out["series"]["loss"]
@@ -313,7 +321,7 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         **stats,
         "mfu": None if tps is None else M.mfu(tps, fpt, peak),
         **M.flagperf_figures(out["series"]["step_time_s"], out["epoch_loss_avg"], out["epoch_time_s"],
-                             out["tokens_per_step"], plan.world, plan.nnodes,
+                             mean_tokens, plan.world, plan.nnodes,
                              llama2_7b=n_params == count_params(MODEL_PRESETS["llama2-7b"])["total"]),
         "flops_per_token": float(fpt),
         "peak_flops": peak,
@@ -339,7 +347,7 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
     }
     series = {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr", "grad_norm",
-                                            "label_tokens") if k in out["series"]}
+                                            "label_tokens", "tokens") if k in out["series"]}
     result = {"config": config, "env": env, "metrics": metrics, "series": series}
     if out.get("evals"):  # --eval-every: (step, eval loss) pairs, and the best of them
         result["evals"] = out["evals"]

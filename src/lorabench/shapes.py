@@ -70,6 +70,14 @@ def flops_per_token(cfg: ModelConfig, lora: LoRAConfig, seq_len: int) -> float:
     return 4 * n_frozen + 6 * lora_param_count(cfg, lora) + attn
 
 
+def rows_flops(cfg: ModelConfig, lora: LoRAConfig, tokens: int, tokens_sq: int) -> float:
+    """Training FLOPs of rows of their own lengths (``--packing none``): ``tokens`` = the sum of the lengths,
+    ``tokens_sq`` = the sum of their squares; a row of length T costs T x flops_per_token(T), the attention term
+    growing with its own length, not the padded one."""
+    per_token = flops_per_token(cfg, lora, 0)
+    return per_token * tokens + (flops_per_token(cfg, lora, 1) - per_token) * tokens_sq
+
+
 def gemm_groups(cfg: ModelConfig) -> list[tuple[int, list[int], int]]:
     """(in, [out of each matrix], times per step) of the frozen matrices, grouped by shared input: q/k/v read the
     same normed hidden state, gate/up likewise, so each group can run as one GEMM or as one per matrix."""

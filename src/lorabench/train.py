@@ -70,10 +70,21 @@ def _step_label_tokens(data: np.ndarray, order: np.ndarray, step: int, cfg: Trai
     return int(data[order[step * per_step:(step + 1) * per_step], 1, 1:].sum())
 
 
-def batch_tensors(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int | None, dict]:
+def _step_row_lengths(data: np.ndarray, order: np.ndarray, step: int, cfg: TrainConfig, world: int) -> np.ndarray:
+    """``--packing none``: the unpadded length of every row of optimiser step ``step`` (all ranks)."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return (data[order[step * per_step:(step + 1) * per_step], 2] >= 0).sum(axis=1)
+
+
+def batch_tensors(batch: np.ndarray, device: torch.device, packing: str = "flagperf",
+                  ) -> tuple[torch.Tensor, torch.Tensor, int | None, dict]:
     """(ids, labels, label tokens, the loss's other arguments) of a micro-batch: [B, S] chunks train on every
     token (labels = ids, count None); [B, 2, S] chunks carry a label mask, the tokens it leaves out labelled -100;
-    [B, 3, S] chunks (``--packing documents``) also each token's position in its document."""
+    [B, 3, S] chunks also each token's position: in its document (``--packing documents``), or in its row with -1
+    on padding (``--packing none``: the batch is cut to its longest row, each row one record from position 0)."""
+    if packing == "none":
+        batch = batch[:, :, :int((batch[:, 2] >= 0).sum(axis=1).max())]
+
     def channel(c, dtype=torch.long):
         return torch.from_numpy(np.ascontiguousarray(batch[:, c])).to(device=device, dtype=dtype, non_blocking=True)
 
@@ -82,7 +93,8 @@ def batch_tensors(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor
         return ids, ids, None, {}
     ids = channel(0)
     labels = ids.masked_fill(channel(1, torch.int32) == 0, -100)
-    return ids, labels, int(batch[:, 1, 1:].sum()), {"positions": channel(2)} if batch.shape[1] == 3 else {}
+    documents = batch.shape[1] == 3 and packing == "documents"
+    return ids, labels, int(batch[:, 1, 1:].sum()), {"positions": channel(2)} if documents else {}
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], world: int):
@@ -164,7 +176,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     if step_tokens == 0:
                         raise ConfigError(f"step {step + 1} has no label tokens; the data needs responses")
                 for batch in _step_batches(data, order, epoch_step, cfg, rank, world):
-                    ids, labels, n, extra = batch_tensors(batch, device)
+                    ids, labels, n, extra = batch_tensors(batch, device, cfg.packing)
                     if n == 0:  # nothing to learn here (its share of the step's sum is 0)
                         continue
                     with engine.autocast():
@@ -210,6 +222,10 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     series[k].append(v)
                 if masked:
                     series.setdefault("label_tokens", []).append(step_tokens)
+                if cfg.packing == "none":  # the tokens this step computed on, padding left out (all ranks)
+                    lengths = _step_row_lengths(data, order, epoch_step, cfg, world)
+                    series.setdefault("tokens", []).append(int(lengths.sum()))
+                    series.setdefault("tokens_sq", []).append(int((lengths.astype(np.int64) ** 2).sum()))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
                 record = {k: series[k][-1] for k in series}
@@ -289,7 +305,8 @@ def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.devi
     total, count = 0.0, 0
     with get_precision(cfg.precision).matmul_mode():
         for i in range(rank, n, world):
-            ids, labels, n, extra = batch_tensors(data[i * cfg.batch_size:(i + 1) * cfg.batch_size], device)
+            ids, labels, n, extra = batch_tensors(data[i * cfg.batch_size:(i + 1) * cfg.batch_size], device,
+                                                  cfg.packing)
             if n == 0:
                 continue
             with engine.autocast():

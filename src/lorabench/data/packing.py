@@ -55,6 +55,26 @@ def pack_documents(token_lists: list[list[int]], mask_lists: list[list[int]] | N
     return np.stack([ids, mask.reshape(-1, seq_len), pos.reshape(-1, seq_len).astype(np.int32)], axis=1)
 
 
+def pack_rows(token_lists: list[list[int]], mask_lists: list[list[int]] | None, seq_len: int,
+              pad_id: int = 0) -> np.ndarray:
+    """``--packing none``: one record a row, [n_rows, 3, seq_len] (int32): ids, label mask, positions. A record
+    longer than ``seq_len`` takes several rows, each a part of its own (positions from 0, its first token no
+    target); the rest of a row is padding: id ``pad_id``, mask 0, position -1 (the training loop cuts each batch to
+    its longest row and never counts padding)."""
+    rows = []
+    for k, ids in enumerate(token_lists):
+        mask = [1] * len(ids) if mask_lists is None else mask_lists[k]
+        for a in range(0, len(ids), seq_len):
+            part = ids[a:a + seq_len]
+            row = np.full((3, seq_len), [[pad_id], [0], [-1]], dtype=np.int32)
+            row[0, :len(part)] = part
+            row[1, :len(part)] = mask[a:a + seq_len]
+            row[1, 0] = 0
+            row[2, :len(part)] = np.arange(len(part))
+            rows.append(row)
+    return np.stack(rows) if rows else np.zeros((0, 3, seq_len), dtype=np.int32)
+
+
 def training_text(rec: dict) -> str:
     """What a record trains on: its "text" (data/formats.py renders it), or samsum's prompt of a bare
     {dialogue, summary} record."""
@@ -126,7 +146,8 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
                    loss_on: str = "all", packing: str = "flagperf") -> tuple[np.ndarray, bool]:
     """The packed chunks for ``records`` [N, seq_len] and whether they came from the cache; with ``loss_on``
     "response", [N, 2, seq_len]: each chunk's ids and its label mask (tokenize_with_mask), packed alike; with
-    ``packing`` "documents", [N, 3, seq_len]: ids, label mask and positions (pack_documents). Each entry carries
+    ``packing`` "documents" or "none", [N, 3, seq_len]: ids, label mask and positions (pack_documents, pack_rows).
+    Each entry carries
     the SHA-256 of
     its array beside it (``<key>.sha256``); an entry that does not load or does not match (a truncated file, a
     zero-byte file, other tokens) is rebuilt with a one-line note naming it."""
@@ -139,7 +160,7 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
         raise DataError(f"the data cache {cache_dir} is a file, not a folder; point --cache-dir (or "
                         "$LORABENCH_CACHE) at a folder")
     path = cache_dir / "packed" / f"{cache_key(records, tok, seq_len, loss_on, packing)}.npy"
-    channels = 3 if packing == "documents" else 2 if loss_on != "all" else 1
+    channels = 3 if packing != "flagperf" else 2 if loss_on != "all" else 1
     want = (seq_len,) if channels == 1 else (channels, seq_len)
     digest_path = path.with_suffix(".sha256")
     if path.is_file():
@@ -160,6 +181,8 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
     ids, masks = (tokenize_records(records, tok), None) if loss_on == "all" else tokenize_with_mask(records, tok)
     if packing == "documents":
         arr = pack_documents(ids, masks, seq_len)
+    elif packing == "none":
+        arr = pack_rows(ids, masks, seq_len, pad_id=tok.eos_id)
     else:
         arr = pack(ids, seq_len) if masks is None else np.stack([pack(ids, seq_len), pack(masks, seq_len)], axis=1)
     try:

@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.cache/lorabench)")
     o.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--eval-rouge", type=int, metavar="N", help="generate (greedy) for the first N validation "
+                   "records before and after training and report ROUGE-1/2/L against their references (needs "
+                   "pip install 'lorabench[rouge]')")
+    o.add_argument("--rouge-max-new-tokens", type=int, default=64, help="--eval-rouge: tokens generated at most "
+                   "per record (default 64)")
     o.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard "
                    "event files of the per-step series in <run dir>/tensorboard (default: on when the tensorboard "
                    "package is installed: pip install 'lorabench[tensorboard]')")
@@ -314,6 +319,7 @@ def cmd_run(a) -> int:
               peak_tflops=a.peak_tflops, run_dir=a.run_dir, default_run_dir=default_dir, overwrite=a.overwrite,
               save_adapter=not a.no_save_adapter, resume=a.resume, init_adapter=a.init_adapter,
               cache_dir=a.cache_dir, progress=not a.no_progress, tensorboard=a.tensorboard, mmlu=mmlu,
+              eval_rouge=a.eval_rouge, rouge_max_new_tokens=a.rouge_max_new_tokens,
               precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None)
     from .train import dist_info, init_distributed
 

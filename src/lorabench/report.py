@@ -244,6 +244,16 @@ def render_report(result: dict) -> str:
                      f"{m['mmlu_flagperf_seq_len']} tokens, whole-vocabulary argmax; eval mode, where FlagPerf leaves "
                      f"LoRA dropout on): {m['mmlu_acc_flagperf']:.3f} over {m['mmlu_flagperf_questions']} questions "
                      f"(mmlu_flagperf.json)")
+    if result.get("rouge"):
+        r = result["rouge"]
+
+        def trio(d):
+            return "n/a (a resumed run)" if d is None else " / ".join(f"{d[k]:.2f}" for k in ("rouge1", "rouge2",
+                                                                                               "rougeL"))
+        skipped = f"; {r['skipped_too_long']} longer than the context left out" if r["skipped_too_long"] else ""
+        extra.append(f"- ROUGE-1 / 2 / L on {r['records']} validation records (greedy, at most {r['max_new_tokens']} "
+                     f"new tokens{skipped}): before training {trio(r['before'])}, after {trio(r['after'])} "
+                     "(rouge_predictions.jsonl)")
     if result.get("adapter_dir"):
         extra.append(f"- adapter: {result['adapter_dir']}")
     if isinstance(result.get("plots"), list) and result["plots"]:

@@ -75,6 +75,9 @@ class Job:
     """TensorBoard event files in <run dir>/tensorboard (None: when the tensorboard package is installed)."""
     mmlu: MmluOptions | None = None
     """MMLU after training, or None to skip."""
+    eval_rouge: int | None = None
+    """Generate for this many validation records before and after training and score them with ROUGE."""
+    rouge_max_new_tokens: int = 64
     precision_off_cuda: str | None = None
     """The precision to run instead where there is no CUDA device (Preset.precision_off_cuda)."""
     precision_from_flag: bool = False
@@ -110,6 +113,8 @@ class Data:
     """Packed training chunks [N, seq_len]."""
     val: np.ndarray | None
     description: str
+    val_records: list | None = None
+    """The validation records themselves (--eval-rouge generates from them)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,6 +173,14 @@ def resolve(job: Job) -> Plan:
                               f"{','.join(sorted(a.targets))}; this run has r={job.lora.r}, alpha={job.lora.alpha}, "
                               f"targets={','.join(sorted(job.lora.targets))} (give the same --lora-r, --lora-alpha, "
                               "--lora-targets)")
+    if job.eval_rouge is not None:
+        from .rouge import scorer
+
+        if job.eval_rouge <= 0 or job.rouge_max_new_tokens <= 0:
+            raise ConfigError("--eval-rouge and --rouge-max-new-tokens must be positive")
+        if job.data == "synthetic":
+            raise ConfigError("--eval-rouge generates from validation records; --data synthetic has none")
+        scorer()
     subjects = None
     if job.mmlu is not None:
         from .mmlu.evaluate import check_mmlu_options
@@ -257,7 +270,13 @@ def _load_data(plan: Plan) -> Data:
         label += (", loss on responses" if t.loss_on == "response" else "") + \
             f" ({int(train[:, 1, 1:].sum())} label tokens" + \
             (f"; {dropped} chunks without any left out)" if dropped else ")")
-    return Data(train, val, f"{label} ({len(records)} samples{', cached' if cached else ''})")
+    if job.eval_rouge is not None:
+        from .rouge import prompt_pairs
+
+        if not prompt_pairs(val_records, 1):
+            raise ConfigError(f"--eval-rouge: {job.data} has no validation records with a response to generate (a "
+                              "validation split of samsum, alpaca or --prompt-template records, or --val-fraction)")
+    return Data(train, val, f"{label} ({len(records)} samples{', cached' if cached else ''})", val_records)
 
 
 def with_labels(chunks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -374,6 +393,37 @@ def evaluate(plan: Plan, engine: Engine, result: dict):
         m.update(mmlu_acc_flagperf=fp["acc"], mmlu_acc_flagperf_exact=fp["acc_exact"],
                  mmlu_flagperf_questions=fp["questions"], mmlu_flagperf_seq_len=fp["seq_len"],
                  mmlu_flagperf_shots_dropped=fp["shots_dropped"])
+
+
+def rouge_pass(plan: Plan, engine: Engine, data: Data) -> dict:
+    """--eval-rouge: greedy generations for the first validation records and their ROUGE (rouge.py)."""
+    from .data.tokenizer import Tokenizer
+    from .rouge import generate_and_score, prompt_pairs
+
+    job = plan.job
+    pairs = prompt_pairs(data.val_records, job.eval_rouge)
+    context = min(plan.model_cfg.context_limit, plan.model_cfg.max_position_embeddings)
+    with plan.precision.matmul_mode():
+        return generate_and_score(engine, Tokenizer(job.model_dir), pairs, job.rouge_max_new_tokens, context,
+                                  progress=job.progress)
+
+
+def record_rouge(result: dict, before: dict | None, after: dict, job: Job, run_dir: Path | None):
+    """ROUGE before and after training into ``result`` ("rouge"), each record's generations to
+    rouge_predictions.jsonl."""
+    from .rouge import METRICS
+
+    result["rouge"] = {"records": after["records"], "skipped_too_long": after["skipped_too_long"],
+                       "max_new_tokens": job.rouge_max_new_tokens,
+                       "before": None if before is None else {m: before[m] for m in METRICS},
+                       "after": {m: after[m] for m in METRICS}}
+    if run_dir is not None:
+        import json
+
+        lines = [json.dumps({"reference": ref, "before": None if before is None else before["predictions"][i],
+                             "after": pred}) for i, (ref, pred) in enumerate(zip(after["references"],
+                                                                                  after["predictions"]))]
+        write_text_atomic(run_dir / "rouge_predictions.jsonl", "".join(line + "\n" for line in lines))
 
 
 def write(run_dir: Path, result: dict):
@@ -541,6 +591,8 @@ def run_job(job: Job) -> dict:
     done = [ck.resume["step"] if ck is not None and ck.resume else 0]  # optimiser steps ended, for an OOM message
     with out_of_memory_message(plan, done, "while building the model"):
         engine, build_s = build(plan)
+    lead = plan.rank == 0
+    rouge_before = rouge_pass(plan, engine, data) if lead and job.eval_rouge and not done[0] else None
     device_mem = M.DeviceMemoryPeak(plan.device) if plan.device.type == "cuda" else None
     with device_mem or contextlib.nullcontext(), \
             resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext(), \
@@ -555,12 +607,14 @@ def run_job(job: Job) -> dict:
     result = measure(plan, engine, data, out, build_s, device_mem)
     if ck is not None and ck.resume is not None:
         result["resumed_at_step"] = ck.resume["step"]
-    lead, run_dir = plan.rank == 0, plan.run_dir
+    run_dir = plan.run_dir
     if run_dir is not None:
         result["run_dir"] = str(run_dir)
     if lead and run_dir is not None and job.save_adapter:
         engine.save_adapter(run_dir / "adapter")
         result["adapter_dir"] = str(run_dir / "adapter")
+    if lead and job.eval_rouge:
+        record_rouge(result, rouge_before, rouge_pass(plan, engine, data), job, run_dir)
     if lead and job.mmlu is not None:
         evaluate(plan, engine, result)
     barrier()

@@ -3,7 +3,8 @@ model stack, declared in one abstract class. A new engine (another stack, anothe
 implementing these, never by teaching the loop about it.
 
 The loop calls ``trainable_params``, ``train``, ``eval``, ``autocast``, ``loss``; MMLU calls ``evaluating``,
-``forward_hidden``, ``head`` (and ``prefix_kv`` where ``supports_prefix_cache``); the runner calls
+``forward_hidden``, ``head`` (and ``prefix_kv`` where ``supports_prefix_cache``); ROUGE calls ``generate``; the
+runner calls
 ``save_adapter``, ``describe`` and ``dtype``; ``eval`` calls ``load_adapter``; the tests also ``logits``,
 ``adapters`` and ``set_adapters``.
 """
@@ -66,6 +67,22 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits of hidden states ``h`` [..., C]."""
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+        """Greedy continuation of ``prompt`` (token ids) until ``eos_id`` (not returned) or ``max_new_tokens``;
+        call inside ``evaluating``. This default runs the whole sequence again for every token (any engine);
+        engines with a KV cache override it with the same result."""
+        device = next(self.model.parameters()).device
+        ids, out = torch.tensor([prompt], device=device), []
+        for _ in range(max_new_tokens):
+            with self.autocast():
+                nxt = int(self.head(self.forward_hidden(ids)[:, -1]).argmax(-1))
+            if nxt == eos_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+        return out
 
     def prefix_kv(self, ids: torch.Tensor):
         """Per-layer (k, v) of a prefix [1, T], for forward_hidden(kv_caches=..., position_offset=T)."""

@@ -145,6 +145,24 @@ class NativeEngine(Engine):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(h).float()
 
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+        """Greedy, with a KV cache: the prompt once, then one token a forward pass against the keys and values so
+        far (the same tokens as the base class's full reruns; tests/test_rouge.py)."""
+        h, kvs = self.model.hidden(torch.tensor([prompt], device=self.device), return_kv=True)
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = int(self.head(h[:, -1]).argmax(-1))
+            if nxt == eos_id:
+                break
+            out.append(nxt)
+            if len(out) == max_new_tokens:
+                break
+            h, new = self.model.hidden(torch.tensor([[nxt]], device=self.device), kv_caches=kvs,
+                                       position_offset=len(prompt) + len(out) - 1, return_kv=True)
+            kvs = [(torch.cat([k0, k1], dim=2), torch.cat([v0, v1], dim=2)) for (k0, v0), (k1, v1) in zip(kvs, new)]
+        return out
+
     @contextmanager
     def evaluating(self, compiled: bool):
         """Eval mode; the compiled blocks' shape-generic evaluation graph only where ``compiled`` (compiling it

@@ -261,7 +261,9 @@ def _load_data(plan: Plan) -> Data:
     train, cached = packed_dataset(records, tok, t.seq_len, job.cache_dir, t.loss_on, t.packing)
     val = packed_dataset(val_records, tok, t.seq_len, job.cache_dir, t.loss_on, t.packing)[0] if val_records else None
     if t.packing != "flagperf":
-        label += ", packed as documents" if t.packing == "documents" else ", one record a row (padded per batch)"
+        kernel = "FlexAttention, a block mask" if plan.device.type == "cuda" else "SDPA, a dense mask"
+        label += (f", packed as documents (attention within each: {kernel})" if t.packing == "documents" else
+                  ", one record a row (padded per batch; tok/s and MFU count no padding)")
     if train.ndim == 3:  # chunks with no target among their tokens teach nothing: left out, and said
         train, dropped = with_labels(train)
         val = with_labels(val)[0] if val is not None else None

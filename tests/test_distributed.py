@@ -35,7 +35,7 @@ def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision)
     whole step's count, two ranks still equal one process."""
     prec = ["--precision", *precision.split()]
     dp = lorabench(COMMON + prec + ["--grad-accum", "1", "--run-dir", str(tmp_path / "dp")], tmp_path, nproc=2)
-    one = lorabench(COMMON + prec + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
+    lorabench(COMMON + prec + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
     assert dp.stdout.count("# lorabench run") == 1  # only rank 0 reports
     r_dp = json.loads((tmp_path / "dp" / "result.json").read_text())
     r_one = json.loads((tmp_path / "one" / "result.json").read_text())

@@ -280,9 +280,9 @@ def check_supported(raw: dict, path: Path):
         refuse("architectures", f"is not supported; supported: {', '.join(ARCHITECTURES)}")
     if raw.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "is not supported; the Llama MLP is SwiGLU (silu)")
-    for field in ("attention_bias", "mlp_bias"):
-        if raw.get(field):
-            refuse(field, "is not supported (projections without bias only)")
+    for name in ("attention_bias", "mlp_bias"):
+        if raw.get(name):
+            refuse(name, "is not supported (projections without bias only)")
     if raw.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         refuse("partial_rotary_factor", "is not supported (rotary embedding over the whole head only)")
     for field in ("final_logit_softcapping", "attn_logit_softcapping"):

@@ -223,7 +223,8 @@ def render_report(result: dict) -> str:
         f"1.56e14) " + ("/ (its 7e9 is Llama-2-7B's size; not this model's)" if m.get("mfu_flagperf") is None
                         else f"{100 * m['mfu_flagperf']:.1f}%"),
         f"- lorabench's tokens/s per chip: mean {_fmt(m['tokens_per_s_per_chip'], '.1f')}, median "
-        f"{_fmt(m['tokens_per_s_per_chip_median'], '.1f')} ({timing_words(m, c)}; mean step time ±{_fmt(_pct(m.get('step_time_ci95_rel')), '.1f', 'n/a')}% "
+        f"{_fmt(m['tokens_per_s_per_chip_median'], '.1f')} ({timing_words(m, c)}; mean step time "
+        f"±{_fmt(_pct(m.get('step_time_ci95_rel')), '.1f', 'n/a')}% "
         f"at 95%); FLOPs/token {m['flops_per_token'] / 1e9:.3f} G; MFU "
         f"{'n/a (unknown peak; give --peak-tflops)' if m['mfu'] is None else format(m['mfu'], '.1%')}",
         f"- peak memory: allocated {_fmt(m['peak_mem_allocated_gib'], '.2f', 'n/a')} GiB, reserved "

@@ -285,9 +285,9 @@ def check_supported(raw: dict, path: Path):
             refuse(name, "is not supported (projections without bias only)")
     if raw.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         refuse("partial_rotary_factor", "is not supported (rotary embedding over the whole head only)")
-    for field in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if raw.get(field) is not None:
-            refuse(field, "is not supported (no logit soft-capping in the Llama architecture)")
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if raw.get(name) is not None:
+            refuse(name, "is not supported (no logit soft-capping in the Llama architecture)")
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,50 @@ def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path):
     b = json.loads((stopped / "result.json").read_text())
     assert a["series"]["loss"] == b["series"]["loss"] and len(b["series"]["loss"]) == 40
     assert b["resumed_at_step"] == state["step"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc):
+    """--shard fsdp (FSDP2 over gloo): N ranks holding a shard of every block each train as one process with N
+    micro-batches of accumulation: losses, eval loss, each step's gradient norm (recorded under a clip that never
+    bites; AdamW's steps hide a gradient's scale, the norm does not) and the whole adapters gathered from the shards.
+    Tolerances: float32 sums in another order (~1e-7 relative); for the adapters, AdamW divides each gradient by
+    its own running size, so an element whose gradient is near AdamW's eps moves by up to a share of lr (2e-3) on a
+    difference that small: 1% of lr, absolute."""
+    flags = COMMON + ["--max-grad-norm", "1e9"]
+    fsdp = lorabench(flags + ["--shard", "fsdp", "--run-dir", str(tmp_path / "fsdp")], tmp_path, nproc=nproc)
+    lorabench(flags + ["--grad-accum", str(nproc), "--run-dir", str(tmp_path / "one")], tmp_path)
+    assert fsdp.stdout.count("# lorabench run") == 1
+    a = json.loads((tmp_path / "fsdp" / "result.json").read_text())
+    b = json.loads((tmp_path / "one" / "result.json").read_text())
+    assert a["config"]["shard"] == "fsdp" and a["config"]["world_size"] == nproc
+    assert a["config"]["n_trainable"] == b["config"]["n_trainable"]  # counted whole, not per shard
+    np.testing.assert_allclose(a["series"]["loss"], b["series"]["loss"], atol=1e-5, rtol=0)
+    assert a["metrics"]["eval_loss"] == pytest.approx(b["metrics"]["eval_loss"], abs=1e-5)
+    np.testing.assert_allclose(a["series"]["grad_norm"], b["series"]["grad_norm"], rtol=1e-5)
+    wa = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert set(wa) == set(wb)
+    for k in wa:
+        assert wa[k].shape == wb[k].shape
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-5)
+
+
+def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
+    from lorabench.cli import main
+
+    base = COMMON + ["--shard", "fsdp", "--run-dir", str(tmp_path / "x")]
+    assert main(base) == 2
+    assert "--shard fsdp needs a torchrun job of 2 or more processes" in capsys.readouterr().err
+    from lorabench import shard
+    from lorabench.config import ConfigError
+
+    for kw, msg in ((dict(engine="reference"), "shards the native engine"), (dict(precision="fp8"), "FP8"),
+                    (dict(mmlu=True), "add --no-mmlu"), (dict(checkpoints=True), "--checkpoint-every"),
+                    (dict(resume=True), "--resume")):
+        args = dict(shard="fsdp", engine="native", precision="fp32", world=2, mmlu=False, rouge=False,
+                    checkpoints=False, resume=False)
+        with pytest.raises(ConfigError, match=msg):
+            shard.check(**{**args, **kw})
+    assert not (tmp_path / "x").exists()

@@ -55,6 +55,8 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--packing": ("packing", str, "flagperf (records concatenated under one causal mask, FlagPerf's), documents "
                   "(positions restart and attention stays within each record; native and reference engines) or "
                   "none (one record a row, each batch padded to its longest row; tok/s and MFU count no padding)"),
+    "--shard": ("shard", str, "none (each torchrun rank holds the whole model: data parallel) or fsdp (the model "
+                "sharded over the ranks with FSDP2; native engine, no MMLU/ROUGE/checkpoints yet)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "how many of the newest checkpoints stay on disk (default 1; "
                            "--resume takes the newest)"),
     "--seed": ("seed", int, "seed for random weights, adapter init, shuffling and dropout"),
@@ -327,6 +329,10 @@ def cmd_run(a) -> int:
     rank = dist_info()[0]
     try:
         result = run_job(job)
+        if joined:  # every rank past its last collective before any tears the group down
+            import torch
+
+            torch.distributed.barrier()
     finally:
         if joined:
             import torch

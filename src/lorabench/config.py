@@ -373,6 +373,9 @@ class TrainConfig:
     """How records become chunks: "flagperf" (concatenated across documents under one causal mask, positions
     running on: FlagPerf's), "documents" (the same chunks, positions restarting and attention held within each
     document) or "none" (one record a row, each batch padded to its longest row, padding never counted)."""
+    shard: str = "none"
+    """"fsdp": the native engine's model sharded over the torchrun ranks with FSDP2 (shard.py); "none": each rank
+    holds the whole model (data parallel)."""
     keep_checkpoints: int = 1
     """How many of the newest checkpoints stay in <run dir>/checkpoint (``--resume`` takes the newest)."""
     seed: int = 42

@@ -161,6 +161,12 @@ def resolve(job: Job) -> Plan:
                           "use --checkpoint-every under torchrun")
     if job.tensorboard:
         tensorboard_writer(None, True, 0, check_only=True)
+    from . import shard
+
+    shard.check(train.shard, job.engine, precision.name, world, mmlu=job.mmlu is not None,
+                rouge=job.eval_rouge is not None,
+                checkpoints=train.checkpoint_every is not None or train.checkpoint_minutes is not None,
+                resume=job.resume is not None)
     if train.packing == "documents" and job.engine.startswith("unsloth"):
         raise ConfigError(f"--packing documents runs on the native and reference engines; --engine {job.engine} "
                           "takes no document boundaries")
@@ -311,6 +317,11 @@ def build(plan: Plan) -> tuple[Engine, float]:
                           native=plan.native, attn=job.attn)
     if job.init_adapter is not None:
         engine.load_adapter(job.init_adapter)
+    if plan.train.shard == "fsdp":  # (after the adapters are in place: every rank shards identical weights)
+        from .shard import apply_fsdp
+
+        apply_fsdp(engine.model, plan.precision.dtype)
+        engine.sharded = True
     build_s = time.perf_counter() - t0
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -578,7 +589,8 @@ def step_stream(run_dir: Path | None, resumed_at: int, tensorboard: bool | None 
 def best_adapter_writer(plan: Plan, engine: Engine):
     """--eval-every's on_best: the adapter of the best evaluation so far to <run dir>/best_adapter (replaced whole,
     as save_adapter writes); None where nothing is written."""
-    if plan.run_dir is None or not plan.job.save_adapter or plan.train.eval_every is None:
+    if plan.run_dir is None or not plan.job.save_adapter or plan.train.eval_every is None or \
+            plan.train.shard != "none":  # (a sharded run's adapters would need every rank to gather them)
         return None
     return lambda step, loss: engine.save_adapter(plan.run_dir / "best_adapter")
 
@@ -612,8 +624,18 @@ def run_job(job: Job) -> dict:
     run_dir = plan.run_dir
     if run_dir is not None:
         result["run_dir"] = str(run_dir)
+    if getattr(engine, "sharded", False):  # the whole adapters, gathered on every rank (a collective)
+        from .shard import full
+
+        adapters = {k: (full(a.detach()), full(b.detach())) for k, (a, b) in engine.adapters().items()}
     if lead and run_dir is not None and job.save_adapter:
-        engine.save_adapter(run_dir / "adapter")
+        if getattr(engine, "sharded", False):
+            from .lora import save_adapter
+
+            save_adapter(adapters, engine.lora_cfg, run_dir / "adapter",
+                         base_model=None if engine.model_dir is None else str(engine.model_dir))
+        else:
+            engine.save_adapter(run_dir / "adapter")
         result["adapter_dir"] = str(run_dir / "adapter")
     if lead and job.eval_rouge:
         record_rouge(result, rouge_before, rouge_pass(plan, engine, data), job, run_dir)

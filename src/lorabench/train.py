@@ -113,6 +113,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     ``on_step``: called on rank 0 with each step's record (step, epoch, loss, lr, step_time_s) as it ends;
     ``on_best``: called on rank 0 with (step, eval loss) when a --eval-every evaluation is the best so far."""
     rank, world = dist_info()
+    sharded = getattr(engine, "sharded", False)  # FSDP2 reduce-scatters and averages the gradients itself
     masked = data.ndim == 3
     if data.ndim not in (2, 3) or data.shape[-1] != cfg.seq_len or (masked and data.shape[1] not in (2, 3)):
         raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}] or [N, 2 or 3, "
@@ -188,11 +189,13 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     step_loss += loss.detach()
                 if world > 1:  # the stop flag rides along, so every rank stops after the same step
                     stop.fill_(float(checkpoint is not None and checkpoint.stop.requested))
-                    _all_reduce_mean([p.grad for p in params] + [step_loss.view(1), stop], world)
+                    _all_reduce_mean(([] if sharded else [p.grad for p in params]) + [step_loss.view(1), stop],
+                                     world)
                 if cfg.max_grad_norm is not None:  # on the true gradients: unscaled first under a GradScaler
                     if scaler.is_enabled():
                         scaler.unscale_(opt)
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                     series.setdefault("grad_norm", []).append(float(norm))
                 if scaler.is_enabled():
                     scale = scaler.get_scale()
@@ -242,7 +245,11 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 if checkpoint is not None:
                     stopping = checkpoint.stop.requested if world == 1 else stop.item() > 0
                     # (the clock rule runs in one process only: the runner refuses --checkpoint-minutes under DDP)
-                    if stopping or checkpoint.due(step, total, time.monotonic()):
+                    if sharded:  # (shard.py: no checkpoints of sharded state yet; a signal stops the run)
+                        if stopping:
+                            bar.close()
+                            raise Interrupted(step, None)
+                    elif stopping or checkpoint.due(step, total, time.monotonic()):
                         save_checkpoint(checkpoint, {
                             "params": [p.detach().cpu().clone() for p in params], "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "scaler": scaler.state_dict(), "series": series,
@@ -302,16 +309,22 @@ def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.devi
     n = len(data) // cfg.batch_size
     if cfg.eval_batches is not None:
         n = min(n, cfg.eval_batches)
+    sharded = getattr(engine, "sharded", False)
+    # a sharded model needs every rank in each forward: all run the same number, a rank past the end a spare one
+    turns = -(-n // world) if sharded else None
     total, count = 0.0, 0
     with get_precision(cfg.precision).matmul_mode():
-        for i in range(rank, n, world):
-            ids, labels, n, extra = batch_tensors(data[i * cfg.batch_size:(i + 1) * cfg.batch_size], device,
-                                                  cfg.packing)
-            if n == 0:
+        for i in (range(rank, turns * world, world) if sharded else range(rank, n, world)):
+            spare = i >= n
+            ids, labels, tokens, extra = batch_tensors(data[(0 if spare else i) * cfg.batch_size:][:cfg.batch_size],
+                                                       device, cfg.packing)
+            if tokens == 0 and not sharded:
                 continue
             with engine.autocast():
-                total += engine.loss(ids, labels, **extra).item() * (1 if n is None else n)
-            count += 1 if n is None else n
+                loss = engine.loss(ids, labels, **extra).item()
+            if not spare and tokens != 0:
+                total += loss * (1 if tokens is None else tokens)
+                count += 1 if tokens is None else tokens
     engine.train()
     if world > 1:
         t = torch.tensor([total, count], device=device, dtype=torch.float64)

@@ -1,6 +1,8 @@
 """Our Llama against HF LlamaForCausalLM: same weights, fp32, CPU -> logits and loss within 1e-5."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -398,14 +400,18 @@ def test_shape_presets_have_the_published_parameter_counts(preset, total):
     assert count_params(MODEL_PRESETS[preset])["total"] == total
 
 
-def test_mistral_sliding_window_is_exact_up_to_the_window_and_longer_runs_are_refused(tmp_path):
-    """Mistral with a 16-token window: HF's windowed attention equals ours exactly for sequences up to 16 tokens
-    (no key is ever outside the window), and past it they differ; a run with --seq-len past the window is refused
-    before any data is read."""
+def test_mistral_sliding_window_is_exact_past_the_window_in_training(tmp_path):
+    """Mistral with a 16-token window: our logits equal HF's windowed attention at 16 tokens and at 40 (where
+    queries lose their earliest keys), and the adapters' gradients at 40 equal PEFT's; the window matters (without
+    it, 40 tokens give other logits); evaluation with a KV cache stops at the window (context_limit); the Unsloth
+    engines still refuse a --seq-len past it."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
     from transformers import MistralConfig, MistralForCausalLM
 
     from lorabench.checkpoint import iter_checkpoint
     from lorabench.config import LoRAConfig, TrainConfig
+    from lorabench.engines import build_engine
     from lorabench.runner import Job, resolve
 
     d = {k: v for k, v in SMALL.to_hf_dict().items() if k not in ("architectures", "model_type")}
@@ -416,12 +422,33 @@ def test_mistral_sliding_window_is_exact_up_to_the_window_and_longer_runs_are_re
     assert cfg.sliding_window == 16 and cfg.context_limit == 16 and cfg.hf_model_type == "mistral"
     ours = Llama(cfg).float().eval()
     load_into(ours, iter_checkpoint(tmp_path), True, str(tmp_path))
-    ids = torch.randint(0, SMALL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(6)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits.float(), atol=1e-5, rtol=1e-5)
-        longer = torch.randint(0, SMALL.vocab_size, (1, 40), generator=torch.Generator().manual_seed(7))
-        assert (ours(longer) - hf(input_ids=longer).logits).abs().max() > 1e-3  # past the window HF differs
-    job = Job(train=TrainConfig(precision="fp32", seq_len=32), lora=LoRAConfig(), model_dir=tmp_path, device="cpu",
-              data="synthetic", progress=False)
+        for t in (16, 40):
+            ids = torch.randint(0, SMALL.vocab_size, (2, t), generator=g)
+            torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits.float(), atol=1e-5, rtol=1e-5)
+        unwindowed = Llama(dataclasses.replace(cfg, sliding_window=None)).float().eval()
+        unwindowed.load_state_dict(ours.state_dict())
+        assert (unwindowed(ids) - ours(ids)).abs().max() > 1e-3
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
+    eng = build_engine("native", cfg, lora, model_dir=tmp_path, device=torch.device("cpu"), precision="fp32", seed=0)
+    peft = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj",
+                                                                                                  "v_proj"]))
+    gb = torch.Generator().manual_seed(9)
+    for name, (a, b) in eng.adapters().items():
+        with torch.no_grad():
+            b.normal_(0, 0.05, generator=gb)
+            mod = peft.get_submodule("base_model.model." + name)
+            mod.lora_A["default"].weight.copy_(a)
+            mod.lora_B["default"].weight.copy_(b)
+    eng.loss(ids, ids).backward()
+    peft(input_ids=ids, labels=ids).loss.backward()
+    for name, (a, b) in eng.adapters().items():
+        mod = peft.get_submodule("base_model.model." + name)
+        torch.testing.assert_close(a.grad, mod.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.grad, mod.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+    resolve(Job(train=TrainConfig(precision="fp32", seq_len=32), lora=LoRAConfig(), model_dir=tmp_path,
+                device="cpu", data="synthetic", progress=False))  # past the window: trained exactly, not refused
     with pytest.raises(ConfigError, match="--seq-len 32 exceeds the model's sliding_window 16"):
-        resolve(job)
+        resolve(Job(train=TrainConfig(precision="fp32", seq_len=32), lora=LoRAConfig(), model_dir=tmp_path,
+                    device="cpu", data="synthetic", progress=False, engine="unsloth"))

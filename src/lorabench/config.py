@@ -78,8 +78,9 @@ class ModelConfig:
     qk_norm: bool = False
     """RMSNorm over each head's queries and keys before RoPE (Qwen3; HF model_type qwen3)."""
     sliding_window: int | None = None
-    """Mistral's attention window, where it is shorter than max_position_embeddings. Attention here has no window,
-    so sequences are exact up to this length and longer ones are refused (``context_limit``)."""
+    """Mistral's attention window, where it is shorter than max_position_embeddings: in training each query sees
+    itself and the window - 1 tokens before it (model.training_mask); evaluation with a KV cache stops at it
+    (``context_limit``)."""
     explicit_head_dim: int | None = None
     """config.json's head_dim where it is given (Qwen3-0.6B: 128 with hidden 1024 / 16 heads); None:
     hidden_size / num_attention_heads."""
@@ -183,7 +184,8 @@ class ModelConfig:
 
     @property
     def context_limit(self) -> int:
-        """The longest sequence this model computes exactly: max_position_embeddings, or a shorter sliding window."""
+        """The longest prompt evaluation with a KV cache (MMLU, ROUGE) computes exactly: max_position_embeddings, or
+        a shorter sliding window (training attends within the window at any length)."""
         return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     @property

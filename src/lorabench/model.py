@@ -66,21 +66,36 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, offse
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def documents_mask(positions: torch.Tensor):
-    """Query i sees key j where j <= i and both lie in one document (a document starts at each position 0 of
-    ``positions`` [B, T]). On a GPU a FlexAttention block mask (blocks of two documents skipped, not computed);
-    elsewhere a [B, 1, T, T] boolean mask for SDPA (FlexAttention has no CPU backward)."""
-    doc = torch.cumsum(positions == 0, dim=1)
-    t = positions.shape[1]
-    if positions.is_cuda:
+def training_mask(positions: torch.Tensor | None, window: int | None, t: int, device):
+    """Which keys each query sees when it is not plain causal attention, or None: key j for query i where j <= i,
+    both in one document (with ``positions`` [B, T], a document starting at each 0: packed documents) and
+    i - j < ``window`` (a sliding window, as Mistral's: the query and the window - 1 tokens before it). On a GPU a
+    FlexAttention block mask (blocks outside it skipped, not computed); elsewhere a boolean mask for SDPA
+    ([B or 1, 1, T, T]; FlexAttention has no CPU backward)."""
+    window = window if window is not None and window < t else None
+    if positions is None and window is None:
+        return None
+    doc = None if positions is None else torch.cumsum(positions == 0, dim=1)
+    if torch.device(device).type == "cuda":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        def same_document(b, h, q, k):
-            return (doc[b, q] == doc[b, k]) & (k <= q)
+        def visible(b, h, q, k):
+            ok = k <= q
+            if doc is not None:
+                ok = ok & (doc[b, q] == doc[b, k])
+            if window is not None:
+                ok = ok & (q - k < window)
+            return ok
 
-        return create_block_mask(same_document, positions.shape[0], None, t, t, device=positions.device)
-    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+        return create_block_mask(visible, None if doc is None else doc.shape[0], None, t, t, device=device)
+    i = torch.arange(t, device=device)
+    ok = (i[None, :] <= i[:, None])
+    if window is not None:
+        ok = ok & (i[:, None] - i[None, :] < window)
+    ok = ok[None]
+    if doc is not None:
+        ok = ok & (doc[:, :, None] == doc[:, None, :])
+    return ok[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -238,19 +253,23 @@ class Llama(nn.Module):
                return_kv: bool = False, positions: torch.Tensor | None = None):
         """Final-norm hidden states [B, T, C]; optionally with each layer's (k, v) for prefix caching.
         ``positions`` [B, T] (packed documents): each token's position in its document, a 0 starting a document;
-        RoPE rotates by these and attention stays within each document (documents_mask)."""
+        RoPE rotates by these and attention stays within each document; a sequence longer than a sliding window
+        attends within it (training_mask)."""
         x = self.embed(ids)
         cos, sin = rope_cos_sin(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype,
                                 offset=position_offset, scaling=self.cfg.rope_scaling)
         documents = positions is not None
         if documents:  # [B, 1, T, D]: broadcast over heads
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-            attn_mask = documents_mask(positions)
+        windowed = kv_caches is None and attn_mask is None and self.cfg.sliding_window is not None and \
+            ids.shape[1] > self.cfg.sliding_window
+        if documents or windowed:
+            attn_mask = training_mask(positions, self.cfg.sliding_window, ids.shape[1], ids.device)
         kvs = []
         layers = self.layers
         if self.compiled_layers is not None:
-            training = torch.is_grad_enabled() and kv_caches is None and (attn_mask is None or documents) \
-                and not return_kv
+            training = torch.is_grad_enabled() and kv_caches is None and not return_kv and (
+                attn_mask is None or documents or windowed)
             # evaluation (no grad, caches, masks) runs the shape-generic graphs unless a short run turned them
             # off; a prefix whose K/V are kept (once per MMLU subject) runs eagerly: a graph of its own would cost
             # more to compile (seconds) than it saves

@@ -29,7 +29,7 @@ def attend(q, k, v, rep: int, impl: str = "sdpa", attn_mask=None, kv_cache=None)
     causally, computed without copying the cache (prefix_suffix_attention). ``impl`` "matmul" (training, no cache,
     no mask): matmul_attention; otherwise SDPA under whatever kernel priority the caller set."""
     B = q.shape[0]
-    if type(attn_mask).__name__ == "BlockMask":  # packed documents on a GPU (model.documents_mask)
+    if type(attn_mask).__name__ == "BlockMask":  # documents or a sliding window on a GPU (model.training_mask)
         from torch.nn.attention.flex_attention import flex_attention
 
         return flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=rep > 1)

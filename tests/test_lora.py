@@ -269,3 +269,43 @@ def test_disabled_adapters_give_the_base_model(lora_cfg, fused):
     torch.testing.assert_close(base, want, atol=1e-5, rtol=1e-5)
     assert (adapted - want).abs().max() > 1e-2  # the adapters do change the output
     torch.testing.assert_close(again, adapted, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_adapters_cross_to_peft_and_back_for_every_family(tmp_path, family):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms, its own head_dim) and Mistral (a 16-token window, 24 tokens here):
+    our adapter file loads in PEFT over transformers' model of the family, PEFT's loads in ours, logits equal."""
+    import dataclasses
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorabench.config import ModelConfig
+
+    extra = {"qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True, "explicit_head_dim": 24},
+             "mistral": {"sliding_window": 16}}[family]
+    cfg = dataclasses.replace(SMALL, **extra)
+    hf_model(cfg, seed=2, attn="sdpa").save_pretrained(tmp_path / "base")
+    assert ModelConfig.from_hf_json(tmp_path / "base").hf_model_type == family
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
+    eng = build_engine("native", cfg, lora, model_dir=tmp_path / "base", device=torch.device("cpu"),
+                       precision="fp32", seed=0)
+    random_adapters(eng.model, 5)
+    eng.save_adapter(tmp_path / "ours")
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "ours").eval()
+    ids = torch.randint(0, SMALL.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    eng.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(eng.logits(ids), pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # PEFT's own weights, saved by PEFT, into a fresh engine
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.mul_(-0.5)
+    pm.save_pretrained(tmp_path / "peft")
+    back = build_engine("native", cfg, lora, model_dir=tmp_path / "base", device=torch.device("cpu"),
+                        precision="fp32", seed=0)
+    back.load_adapter(tmp_path / "peft")
+    back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back.logits(ids), pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        assert (back.logits(ids) - eng.logits(ids)).abs().max() > 1e-3  # the second adapter is another one

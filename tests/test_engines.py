@@ -251,13 +251,25 @@ def test_qwen_native_and_reference_train_identically(family, fused):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp8"])
 def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
-    """--activation-checkpointing block: the same loss and adapter gradients as keeping everything (the recompute
-    redraws the same dropout masks: dropout 0.05 here), while the forward keeps only the blocks' inputs (bytes that
-    autograd saves, counted with saved-tensor hooks)."""
+    """--activation-checkpointing block and matmuls: the same loss and adapter gradients as keeping everything (the
+    recompute redraws the same dropout masks: dropout 0.05 here), while the forward keeps only the blocks' inputs
+    (bytes that autograd saves, counted with saved-tensor hooks); matmuls keeps the blocks' matrix products too,
+    so its backward runs no product twice where block's recomputes every forward product (counted per aten op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+            return func(*args, **(kwargs or {}))
+
     lora = LoRAConfig(r=4, alpha=16, dropout=0.05)
     ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=8)).long()
     out = {}
-    for policy in ("none", "block"):
+    for policy in ("none", "block", "matmuls"):
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision=precision, seed=0,
                            native=NativeOptions(activation_checkpointing=policy))
         with torch.no_grad():
@@ -272,11 +284,15 @@ def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
         torch.manual_seed(11)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = eng.loss(ids, ids)
-        loss.backward()
-        out[policy] = (loss.item(), torch.cat([p.grad.flatten() for p in eng.trainable_params()]), sum(saved))
-    assert out["block"][0] == out["none"][0]
-    torch.testing.assert_close(out["block"][1], out["none"][1], rtol=0, atol=0)
-    assert out["block"][2] < 0.5 * out["none"][2]
+        with CountProducts() as products:
+            loss.backward()
+        out[policy] = (loss.item(), torch.cat([p.grad.flatten() for p in eng.trainable_params()]), sum(saved),
+                       products.n)
+    for policy in ("block", "matmuls"):
+        assert out[policy][0] == out["none"][0]
+        torch.testing.assert_close(out[policy][1], out["none"][1], rtol=0, atol=0)
+    assert out["block"][2] < 0.5 * out["none"][2] and out["matmuls"][2] == out["block"][2]
+    assert out["matmuls"][3] == out["none"][3] < out["block"][3]
 
 
 def test_response_loss_is_the_sum_over_label_tokens_over_their_number_at_any_accumulation():

@@ -66,6 +66,25 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, offse
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def keep_matmul_outputs():
+    """Selective checkpointing's contexts for ``--activation-checkpointing matmuls``: the outputs of matrix
+    products (frozen projections, adapters, the FP8 GEMMs) and of attention kernels are saved, everything else is
+    recomputed in the backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention")
+    keep = {getattr(aten, n) for n in names if hasattr(aten, n)}
+
+    def policy(ctx, op, *args, **kwargs):
+        packet = getattr(op, "overloadpacket", op)
+        return CheckpointPolicy.MUST_SAVE if packet in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 def training_mask(positions: torch.Tensor | None, window: int | None, t: int, device):
     """Which keys each query sees when it is not plain causal attention, or None: key j for query i where j <= i,
     both in one document (with ``positions`` [B, T], a document starting at each 0: packed documents) and
@@ -280,11 +299,13 @@ class Llama(nn.Module):
         if layers is self.eval_layers:  # a batch size equal to a fixed size of the model (e.g. head_dim) would
             torch._dynamo.maybe_mark_dynamic(x, 0)  # otherwise be taken for it and specialised: a second graph
         with sdpa_priority(self.attention):
-            recompute = self.activation_checkpointing == "block" and torch.is_grad_enabled() and kv_caches is None
+            recompute = self.activation_checkpointing != "none" and torch.is_grad_enabled() and kv_caches is None
+            context = {"context_fn": keep_matmul_outputs} if self.activation_checkpointing == "matmuls" else {}
             for i, layer in enumerate(layers):
-                if recompute:  # keep only each block's input; the backward runs the block again (same RNG draws)
+                if recompute:  # keep each block's input (and with "matmuls" its products); the backward runs the
+                    # rest of the block again, drawing the same dropout masks (the RNG state is replayed)
                     x, kv = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, None,
-                                                              use_reentrant=False)
+                                                              use_reentrant=False, **context)
                 else:
                     x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
                 if return_kv:

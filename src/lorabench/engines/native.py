@@ -23,7 +23,7 @@ from ..precision import Precision
 from ..shapes import projection_shapes
 from .base import Engine, canonical_adapters
 
-ACTIVATION_CHECKPOINTING = ("none", "block")
+ACTIVATION_CHECKPOINTING = ("none", "block", "matmuls")
 """What the training forward keeps for the backward (NativeOptions.activation_checkpointing)."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """torch.compile's modes for the training blocks (reduce-overhead: CUDA graphs)."""
@@ -59,7 +59,9 @@ class NativeOptions:
     activation_checkpointing: str | None = None
     """One of ACTIVATION_CHECKPOINTING: "none" (default) keeps every activation the backward needs; "block" keeps
     only each decoder block's input and recomputes the block in the backward (about one more forward pass of the
-    blocks per step, for a fraction of the activation memory: long sequences, large models)."""
+    blocks per step, for a fraction of the activation memory: long sequences, large models); "matmuls" keeps the
+    cheap-to-keep, costly-to-recompute tensors, the outputs of the block's matrix products and attention, and
+    recomputes only the elementwise work between them (norms, RoPE, SwiGLU, dropout masks: model.py)."""
     fp8_grad: str | None = None
     """Under --precision fp8, the FP8 format the input gradients are quantized to (per row) for their GEMMs, one of
     kernels.fp8.GRAD_FORMATS (default e4m3; see kernels/fp8.py)."""

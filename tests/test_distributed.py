@@ -51,16 +51,18 @@ def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path, shard):
     """SIGTERM to torchrun once the first checkpoint exists: both ranks stop after the same step (the flag rides the
-    gradient all-reduce), each writes its random states, and the resumed job ends exactly as the uninterrupted one."""
+    gradient all-reduce), each writes its random states (and under --shard fsdp its shards of the adapters and of
+    AdamW's state), and the resumed job ends exactly as the uninterrupted one."""
     import signal
     import time
 
     from lorabench.resume import states
 
     flags = COMMON[:COMMON.index("--max-steps")] + ["--max-steps", "40"] + COMMON[COMMON.index("--max-steps") + 2:] \
-        + ["--checkpoint-every", "2"]
+        + ["--checkpoint-every", "2", "--shard", shard]
     lorabench(flags + ["--run-dir", str(tmp_path / "straight")], tmp_path, nproc=2)
     env = {**os.environ, "LORABENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorabench"]
@@ -120,10 +122,8 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
     from lorabench.config import ConfigError
 
     for kw, msg in ((dict(engine="reference"), "shards the native engine"), (dict(precision="fp8"), "FP8"),
-                    (dict(mmlu=True), "add --no-mmlu"), (dict(checkpoints=True), "--checkpoint-every"),
-                    (dict(resume=True), "--resume")):
-        args = dict(shard="fsdp", engine="native", precision="fp32", world=2, mmlu=False, rouge=False,
-                    checkpoints=False, resume=False)
+                    (dict(mmlu=True), "add --no-mmlu"), (dict(rouge=True), "--eval-rouge")):
+        args = dict(shard="fsdp", engine="native", precision="fp32", world=2, mmlu=False, rouge=False)
         with pytest.raises(ConfigError, match=msg):
             shard.check(**{**args, **kw})
     assert not (tmp_path / "x").exists()

@@ -127,15 +127,17 @@ def states(folder: Path) -> list[Path]:
     return _by_step(Path(folder).glob("state-*.pt"))
 
 
-def save(plan: CheckpointPlan, state: dict, rank: int):
+def save(plan: CheckpointPlan, state: dict, rank: int, shard: dict | None = None):
     """Write this rank's random states and (rank 0) ``state``: the loop's position and its optimiser objects.
     Every rank's ``rng-<rank>-<step>.pt`` is on disk (a barrier under torchrun) before ``state-<step>.pt`` appears;
     rank 0 then keeps the ``plan.keep`` newest states and each rank one random state more than that, so a process
-    killed at any point of a write leaves complete checkpoints: the new one or the ones before it."""
+    killed at any point of a write leaves complete checkpoints: the new one or the ones before it. ``shard``: this
+    rank's own part of a sharded run's state (shard.local_state), written with its random states."""
     plan.folder.mkdir(parents=True, exist_ok=True)
     plan.last_write = time.monotonic()
     step = state["step"]
-    _atomic_save(rng_state(), plan.folder / f"rng-{rank}-{step}.pt")
+    _atomic_save({**rng_state(), **({"shard": shard} if shard is not None else {})},
+                 plan.folder / f"rng-{rank}-{step}.pt")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:

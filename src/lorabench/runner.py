@@ -164,9 +164,7 @@ def resolve(job: Job) -> Plan:
     from . import shard
 
     shard.check(train.shard, job.engine, precision.name, world, mmlu=job.mmlu is not None,
-                rouge=job.eval_rouge is not None,
-                checkpoints=train.checkpoint_every is not None or train.checkpoint_minutes is not None,
-                resume=job.resume is not None)
+                rouge=job.eval_rouge is not None)
     if train.packing == "documents" and job.engine.startswith("unsloth"):
         raise ConfigError(f"--packing documents runs on the native and reference engines; --engine {job.engine} "
                           "takes no document boundaries")
@@ -454,7 +452,7 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
     """The settings a checkpoint's run and the run resuming it must share (resume.check_fingerprint)."""
     t, job = plan.train, plan.job
     return {"precision": plan.precision.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
-            "grad_accum": t.grad_accum, "loss_on": t.loss_on, "packing": t.packing, "lr": t.lr, "lr_gamma": t.lr_gamma,
+            "grad_accum": t.grad_accum, "loss_on": t.loss_on, "packing": t.packing, "shard": t.shard, "lr": t.lr, "lr_gamma": t.lr_gamma,
             "lr_schedule": t.lr_schedule,
             "lr_warmup_steps": t.lr_warmup_steps, "weight_decay": t.weight_decay,
             "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine, "engine_options": asdict(plan.native),

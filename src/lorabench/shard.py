@@ -8,11 +8,12 @@ process with N times the gradient accumulation. The adapters and their AdamW sta
 Under bf16 and fp16 the units gather in the run's dtype and reduce gradients in fp32 (``MixedPrecisionPolicy``):
 the fp32 adapters are computed in the activations' dtype, as they are without sharding.
 
-What this first form does not do, and refuses with a message rather than doing half: FP8 weights (held as plain
-tensors beside their scales, which FSDP does not shard), MMLU and ROUGE after training (they run on rank 0 alone,
-and a sharded model needs every rank for each forward), checkpoints and ``--resume`` (the state is sharded; a
-signal stops the run without one). Every rank builds the whole model before it is sharded: loading each shard
-straight to its owner is not done yet.
+Checkpoints: each rank writes its shards of the adapters and of their AdamW state beside its random states
+(``local_state``), so ``--resume`` continues on the same world size (a different one is refused by the job's
+fingerprint). What this first form does not do, and refuses with a message rather than doing half: FP8 weights
+(held as plain tensors beside their scales, which FSDP does not shard), MMLU and ROUGE after training (they run on
+rank 0 alone, and a sharded model needs every rank for each forward). Every rank builds the whole model before it
+is sharded: loading each shard straight to its owner is not done yet.
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from .config import ConfigError
 SHARDINGS = ("none", "fsdp")
 
 
-def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge: bool, checkpoints: bool,
-          resume: bool):
+def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge: bool):
     """Refuse what --shard fsdp does not run (see the module docstring), before any work."""
     if shard not in SHARDINGS:
         raise ConfigError(f"--shard must be one of {', '.join(SHARDINGS)}, got {shard!r}")
@@ -40,8 +40,6 @@ def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge
     elif mmlu or rouge:
         why = "cannot evaluate on rank 0 alone (a sharded model needs every rank); add --no-mmlu and leave out " \
               "--eval-rouge, then run lorabench eval on the adapter"
-    elif checkpoints or resume:
-        why = "does not checkpoint sharded state yet; leave out --checkpoint-every, --checkpoint-minutes and --resume"
     if why:
         raise ConfigError(f"--shard fsdp {why}")
 
@@ -61,6 +59,33 @@ def apply_fsdp(model: torch.nn.Module, dtype: torch.dtype):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "loss")  # the loop calls loss(), not forward(): gather the root there too
+
+
+def local_state(params: list, opt: torch.optim.Optimizer) -> dict:
+    """This rank's shards of the adapters and of their AdamW state, as plain CPU tensors (its checkpoint part)."""
+    def local(t):
+        return (t.to_local() if hasattr(t, "to_local") else t).detach().cpu().clone()
+
+    osd = opt.state_dict()
+    return {"params": [local(p) for p in params],
+            "opt": {"state": {k: {n: local(v) if torch.is_tensor(v) else v for n, v in st.items()}
+                              for k, st in osd["state"].items()}, "param_groups": osd["param_groups"]}}
+
+
+def load_local_state(params: list, opt: torch.optim.Optimizer, saved: dict):
+    """Put a checkpoint's shards back (``local_state``'s, written by a job of the same world size)."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for p, t in zip(params, saved["params"], strict=True):
+            p.to_local().copy_(t)
+    state = {}
+    for k, st in saved["opt"]["state"].items():
+        p = params[int(k)]
+        state[k] = {n: DTensor.from_local(v.to(p.to_local().device), p.device_mesh, p.placements, run_check=False,
+                                          shape=p.shape, stride=p.stride())
+                    if torch.is_tensor(v) and v.dim() > 0 else v for n, v in st.items()}
+    opt.load_state_dict({"state": state, "param_groups": saved["opt"]["param_groups"]})
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -142,10 +142,15 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     periodic_eval = cfg.eval_every is not None and val_data is not None and len(val_data) and cfg.eval_batches != 0
     resume = checkpoint.resume if checkpoint is not None else None
     if resume is not None:  # everything the steps so far left behind, in the order the loop made it
-        with torch.no_grad():
-            for p, saved in zip(params, resume["params"], strict=True):
-                p.copy_(saved)
-        opt.load_state_dict(resume["opt"])
+        if sharded:  # this rank's shards, from its own file
+            from .shard import load_local_state
+
+            load_local_state(params, opt, resume["rng"]["shard"])
+        else:
+            with torch.no_grad():
+                for p, saved in zip(params, resume["params"], strict=True):
+                    p.copy_(saved)
+            opt.load_state_dict(resume["opt"])
         sched.load_state_dict(resume["sched"])
         scaler.load_state_dict(resume["scaler"])
         series, epoch_losses, epoch_times = resume["series"], resume["epoch_losses"], resume["epoch_times"]
@@ -245,18 +250,20 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 if checkpoint is not None:
                     stopping = checkpoint.stop.requested if world == 1 else stop.item() > 0
                     # (the clock rule runs in one process only: the runner refuses --checkpoint-minutes under DDP)
-                    if sharded:  # (shard.py: no checkpoints of sharded state yet; a signal stops the run)
-                        if stopping:
-                            bar.close()
-                            raise Interrupted(step, None)
-                    elif stopping or checkpoint.due(step, total, time.monotonic()):
+                    if stopping or checkpoint.due(step, total, time.monotonic()):
+                        mine = None
+                        if sharded:
+                            from .shard import local_state
+
+                            mine = local_state(params, opt)
                         save_checkpoint(checkpoint, {
-                            "params": [p.detach().cpu().clone() for p in params], "opt": opt.state_dict(),
+                            "params": None if sharded else [p.detach().cpu().clone() for p in params],
+                            "opt": None if sharded else opt.state_dict(),
                             "sched": sched.state_dict(), "scaler": scaler.state_dict(), "series": series,
                             "epoch_losses": epoch_losses, "epoch_times": epoch_times, "skipped": skipped,
                             "step": step, "epoch": epoch, "epoch_step": epoch_step + 1, "losses": losses,
                             "evals": evals,
-                            "elapsed": time.perf_counter() - epoch_t0}, rank)
+                            "elapsed": time.perf_counter() - epoch_t0}, rank, shard=mine)
                     if stopping:
                         bar.close()
                         raise Interrupted(step, checkpoint.folder)

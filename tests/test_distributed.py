@@ -84,9 +84,25 @@ def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path, shard):
     assert b["resumed_at_step"] == state["step"]
 
 
+def sharded_copy_of_the_tiny_model(where):
+    """The bundled model rewritten as an HF folder of several safetensors shards and their index."""
+    import shutil
+
+    from lorabench.assets import TINY_MODEL
+    from lorabench.checkpoint import iter_checkpoint, write_hf_shards
+    from lorabench.config import ModelConfig
+
+    write_hf_shards(where, ModelConfig.from_hf_json(TINY_MODEL), iter_checkpoint(TINY_MODEL), torch.float32,
+                    shard_bytes=2_000_000)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{TINY_MODEL}/{name}", where / name)
+    assert len(json.loads((where / "model.safetensors.index.json").read_text())["weight_map"]) > 1
+    return where
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc):
+@pytest.mark.parametrize("nproc, sharded_dir", [(2, False), (4, False), (2, True)])
+def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir):
     """--shard fsdp (FSDP2 over gloo): N ranks holding a shard of every block each train as one process with N
     micro-batches of accumulation: losses, eval loss, each step's gradient norm (recorded under a clip that never
     bites; AdamW's steps hide a gradient's scale, the norm does not) and the whole adapters gathered from the shards.
@@ -94,6 +110,11 @@ def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc):
     its own running size, so an element whose gradient is near AdamW's eps moves by up to a share of lr (2e-3) on a
     difference that small: 1% of lr, absolute."""
     flags = COMMON + ["--max-grad-norm", "1e9"]
+    if sharded_dir:  # weights read from a folder of safetensors shards
+        from lorabench.assets import TINY_DATA
+
+        flags += ["--model-dir", str(sharded_copy_of_the_tiny_model(tmp_path / "model")), "--preset", "tiny",
+                  "--data", str(TINY_DATA)]
     fsdp = lorabench(flags + ["--shard", "fsdp", "--run-dir", str(tmp_path / "fsdp")], tmp_path, nproc=nproc)
     lorabench(flags + ["--grad-accum", str(nproc), "--run-dir", str(tmp_path / "one")], tmp_path)
     assert fsdp.stdout.count("# lorabench run") == 1

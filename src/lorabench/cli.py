@@ -56,7 +56,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
                   "(positions restart and attention stays within each record; native and reference engines) or "
                   "none (one record a row, each batch padded to its longest row; tok/s and MFU count no padding)"),
     "--shard": ("shard", str, "none (each torchrun rank holds the whole model: data parallel) or fsdp (the model "
-                "sharded over the ranks with FSDP2; native engine, no MMLU/ROUGE/checkpoints yet)"),
+                "sharded over the ranks with FSDP2; native engine, no MMLU/ROUGE after training yet)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "how many of the newest checkpoints stay on disk (default 1; "
                            "--resume takes the newest)"),
     "--seed": ("seed", int, "seed for random weights, adapter init, shuffling and dropout"),

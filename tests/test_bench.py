@@ -183,3 +183,23 @@ def test_an_out_of_memory_row_is_a_row_result(tmp_path, monkeypatch):
     assert len(calls) == 2 and all(r["error"] == "out of memory" for r in rows)
     assert rows[0]["oom"] == "lorabench: error: out of device memory in step 1 (...)"
     assert "| out of memory |" in B.table(rows)
+
+
+def test_rows_of_several_processes_run_under_torchrun(tmp_path, monkeypatch):
+    """bench --nproc 2 --shard fsdp: each row is one torchrun job of two processes with the row's --shard."""
+    import subprocess
+
+    from lorabench.bench import bench as B
+
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 2, "", "lorabench: error: stop here\n")
+
+    monkeypatch.setattr(B.subprocess, "run", fake_run)
+    B.run_row("native", "bf16", "tiny", 3, 1, "cpu", tmp_path / "r", ["--shard", "fsdp"], 60, nproc=2)
+    B.run_row("native", "bf16", "tiny", 3, 1, "cpu", tmp_path / "s", [], 60)
+    assert seen[0][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    assert seen[0][6:8] == ["lorabench", "run"] and seen[0][-2:] == ["--shard", "fsdp"]
+    assert seen[1][1:4] == ["-m", "lorabench", "run"]

@@ -101,15 +101,16 @@ def sharded_copy_of_the_tiny_model(where):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("nproc, sharded_dir", [(2, False), (4, False), (2, True)])
-def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir):
+@pytest.mark.parametrize("nproc, sharded_dir, engine", [(2, False, "native"), (4, False, "native"),
+                                                         (2, True, "native"), (2, False, "reference")])
+def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine):
     """--shard fsdp (FSDP2 over gloo): N ranks holding a shard of every block each train as one process with N
     micro-batches of accumulation: losses, eval loss, each step's gradient norm (recorded under a clip that never
     bites; AdamW's steps hide a gradient's scale, the norm does not) and the whole adapters gathered from the shards.
     Tolerances: float32 sums in another order (~1e-7 relative); for the adapters, AdamW divides each gradient by
     its own running size, so an element whose gradient is near AdamW's eps moves by up to a share of lr (2e-3) on a
     difference that small: 1% of lr, absolute."""
-    flags = COMMON + ["--max-grad-norm", "1e9"]
+    flags = COMMON + ["--max-grad-norm", "1e9", "--engine", engine]
     if sharded_dir:  # weights read from a folder of safetensors shards
         from lorabench.assets import TINY_DATA
 
@@ -142,7 +143,7 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
     from lorabench import shard
     from lorabench.config import ConfigError
 
-    for kw, msg in ((dict(engine="reference"), "shards the native engine"), (dict(precision="fp8"), "FP8"),
+    for kw, msg in ((dict(engine="reference+liger"), "shards the native and reference engines"), (dict(precision="fp8"), "FP8"),
                     (dict(mmlu=True), "add --no-mmlu"), (dict(rouge=True), "--eval-rouge")):
         args = dict(shard="fsdp", engine="native", precision="fp32", world=2, mmlu=False, rouge=False)
         with pytest.raises(ConfigError, match=msg):

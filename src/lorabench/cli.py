@@ -280,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=1, help="run every row this many times, round after round (each "
                    "engine once, then again), so a machine's drift slows all engines alike; a row reports its median "
                    "round and the spread, its speed-up the median of the ratios within each round")
+    b.add_argument("--nproc", type=int, default=1, help="run every row as a torchrun job of this many processes "
+                   "on this host (tok/s stays per chip)")
+    b.add_argument("--shard", choices=("none", "fsdp"), help="every row's --shard (fsdp: FSDP2, with --nproc 2+; "
+                   "native and reference rows)")
     b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
     b.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new runs/<time>-bench)")
     b.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
@@ -417,7 +421,8 @@ def bench_overrides(a) -> list[str]:
                     ("--lora-r", a.lora_r), ("--lora-alpha", a.lora_alpha), ("--lora-targets", a.lora_targets),
                     ("--lr", a.lr), ("--attn", a.attn), ("--attention", a.attention),
                     ("--compile-mode", a.compile_mode), ("--dropout-mask", a.dropout_mask),
-                    ("--fp8-grad", a.fp8_grad), ("--activation-checkpointing", a.activation_checkpointing)):
+                    ("--fp8-grad", a.fp8_grad), ("--activation-checkpointing", a.activation_checkpointing),
+                    ("--shard", a.shard)):
         if v is not None:
             out += [flag, str(v)]
     for flag, v in (("fused-projections", a.fused_projections), ("compile", a.compile)):
@@ -443,6 +448,8 @@ def cmd_bench(a) -> int:
         raise ConfigError(f"--steps {a.steps} must exceed --untimed-steps {a.untimed_steps}")
     if a.rounds < 1:
         raise ConfigError(f"--rounds {a.rounds}: give 1 or more")
+    if a.nproc < 1:
+        raise ConfigError(f"--nproc {a.nproc}: give 1 or more")
     native_options(a)  # a bad combination fails here, not in every row
     model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
     batch_sizes = [None]
@@ -457,7 +464,7 @@ def cmd_bench(a) -> int:
     run_dir = claim_run_dir(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench")
     rows, floors = run_bench(engines, presets, model, a.steps, a.untimed_steps, a.device, run_dir,
                              bench_overrides(a), a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes,
-                             rounds=a.rounds)
+                             rounds=a.rounds, nproc=a.nproc)
     print(table(rows))
     versus = native_lines(rows)
     if versus:

@@ -316,10 +316,9 @@ def build(plan: Plan) -> tuple[Engine, float]:
     if job.init_adapter is not None:
         engine.load_adapter(job.init_adapter)
     if plan.train.shard == "fsdp":  # (after the adapters are in place: every rank shards identical weights)
-        from .shard import apply_fsdp
+        from .shard import shard_engine
 
-        apply_fsdp(engine.model, plan.precision.dtype)
-        engine.sharded = True
+        shard_engine(engine, plan.precision.dtype)
     build_s = time.perf_counter() - t0
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()

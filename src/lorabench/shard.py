@@ -1,4 +1,4 @@
-"""``--shard fsdp``: the native engine's model sharded across the ranks of a torchrun job with PyTorch's FSDP2
+"""``--shard fsdp``: the native engine's model (or the reference engine's, for the bench) sharded across the ranks of a torchrun job with PyTorch's FSDP2
 (``torch.distributed.fsdp.fully_shard``), so no rank holds all of the frozen weights while it trains.
 
 Each decoder block is one FSDP unit and the root (embeddings, final norm, lm_head) another: a block's weights are
@@ -33,8 +33,8 @@ def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge
     why = None
     if world < 2:
         why = "needs a torchrun job of 2 or more processes (torchrun --nproc_per_node N -m lorabench run ...)"
-    elif engine != "native":
-        why = f"shards the native engine; --engine {engine} is not sharded"
+    elif engine not in ("native", "reference"):
+        why = f"shards the native and reference engines; --engine {engine} is not sharded"
     elif precision == "fp8":
         why = "does not shard FP8 weights yet; use --precision bf16"
     elif mmlu or rouge:
@@ -44,8 +44,19 @@ def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge
         raise ConfigError(f"--shard fsdp {why}")
 
 
-def apply_fsdp(model: torch.nn.Module, dtype: torch.dtype):
-    """Shard ``model`` in place: each decoder block, then the root."""
+def shard_engine(engine, dtype: torch.dtype):
+    """Shard an engine's model in place: the native engine's blocks and root (its loss() gathered like a forward),
+    or, for the reference engine, the decoder layers of transformers' model under PEFT and the PEFT model."""
+    if engine.name == "native":
+        apply_fsdp(engine.model, engine.model.layers, dtype, methods=("loss",))
+    else:
+        apply_fsdp(engine.model, engine.model.get_base_model().model.layers, dtype)
+    engine.sharded = True
+
+
+def apply_fsdp(root: torch.nn.Module, blocks, dtype: torch.dtype, methods: tuple[str, ...] = ()):
+    """Shard in place: each of ``blocks``, then ``root`` (``methods``: root methods the loop calls instead of
+    forward, gathered as a forward is)."""
     import warnings
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -55,10 +66,11 @@ def apply_fsdp(model: torch.nn.Module, dtype: torch.dtype):
 
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype in (
         torch.bfloat16, torch.float16) else MixedPrecisionPolicy()
-    for layer in model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    register_fsdp_forward_method(model, "loss")  # the loop calls loss(), not forward(): gather the root there too
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+    for name in methods:
+        register_fsdp_forward_method(root, name)
 
 
 def local_state(params: list, opt: torch.optim.Optimizer) -> dict:

@@ -26,10 +26,13 @@ from ..report import markdown_table, write_json_atomic, write_text_atomic
 
 
 def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, device: str, row_dir: Path,
-            overrides: list[str], timeout: float, env: dict | None = None) -> dict:
+            overrides: list[str], timeout: float, env: dict | None = None, nproc: int = 1) -> dict:
     """One ``lorabench run`` process for ``engine`` x ``preset`` (``env``: its environment, e.g. a PYTHONPATH
-    naming another source tree; default this process's), read back from its result.json."""
-    cmd = [sys.executable, "-m", "lorabench", "run", "--init", "random", "--model", model, "--data", "synthetic",
+    naming another source tree; default this process's; ``nproc`` > 1: a torchrun job of that many processes on
+    this host), read back from its result.json."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+              "lorabench"] if nproc > 1 else [sys.executable, "-m", "lorabench"]
+    cmd = [*launch, "run", "--init", "random", "--model", model, "--data", "synthetic",
            "--preset", preset, "--engine", engine, "--max-steps", str(steps), "--untimed-steps", str(warmup),
            "--device", device, "--run-dir", str(row_dir), "--no-mmlu", "--no-save-adapter", "--no-progress",
            "--eval-batches", "0", *overrides]
@@ -243,7 +246,7 @@ def _cannot_run(engine: str, preset: str, overrides: list[str]) -> str | None:
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
               run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True,
-              batch_sizes: list[int | None] = (None,), rounds: int = 1):
+              batch_sizes: list[int | None] = (None,), rounds: int = 1, nproc: int = 1):
     """Run every engine x preset x batch size row (None: the preset's own), ``rounds`` times round after round,
     compare them, and (on a GPU, unless ``floor`` is False) time the floor. Returns (rows, floors); writes
     bench.json and bench.md to ``run_dir``."""
@@ -263,7 +266,7 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
                     row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else "")
                                          + (f"__round{k}" if rounds > 1 else ""))
                     row = run_row(engine, preset, model, steps, warmup, device, row_dir,
-                                  overrides + (["--batch-size", str(lbs)] if lbs else []), timeout)
+                                  overrides + (["--batch-size", str(lbs)] if lbs else []), timeout, nproc=nproc)
                     row["lbs"] = lbs
                     log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}",
                         flush=True)

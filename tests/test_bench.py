@@ -123,7 +123,7 @@ def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkey
               ("native", 3): 210.0, ("reference", 3): None}  # the reference fails in round 3
     calls = []
 
-    def fake_row(engine, preset, model, steps, warmup, device, row_dir, overrides, timeout):
+    def fake_row(engine, preset, model, steps, warmup, device, row_dir, overrides, timeout, nproc=1):
         k = int(row_dir.name.rsplit("round", 1)[1])
         calls.append((engine, k))
         tps = speeds.get((engine, k))

@@ -101,10 +101,12 @@ def sharded_copy_of_the_tiny_model(where):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("nproc, sharded_dir, engine", [(2, False, "native"), (4, False, "native"),
-                                                         (2, True, "native"), (2, False, "reference")])
-def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine):
-    """--shard fsdp (FSDP2 over gloo): N ranks holding a shard of every block each train as one process with N
+@pytest.mark.parametrize("nproc, sharded_dir, engine, shard", [
+    (2, False, "native", "fsdp"), (4, False, "native", "fsdp"), (2, True, "native", "fsdp"),
+    (2, False, "reference", "fsdp"), (4, False, "native", "hsdp --shard-group-size 2")])
+def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine, shard):
+    """--shard fsdp (FSDP2 over gloo; hsdp: two replicas of two shards): N ranks holding a shard of every block
+    each train as one process with N
     micro-batches of accumulation: losses, eval loss, each step's gradient norm (recorded under a clip that never
     bites; AdamW's steps hide a gradient's scale, the norm does not) and the whole adapters gathered from the shards.
     Tolerances: float32 sums in another order (~1e-7 relative); for the adapters, AdamW divides each gradient by
@@ -116,12 +118,14 @@ def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, 
 
         flags += ["--model-dir", str(sharded_copy_of_the_tiny_model(tmp_path / "model")), "--preset", "tiny",
                   "--data", str(TINY_DATA)]
-    fsdp = lorabench(flags + ["--shard", "fsdp", "--run-dir", str(tmp_path / "fsdp")], tmp_path, nproc=nproc)
+    fsdp = lorabench(flags + ["--shard", *shard.split(), "--run-dir", str(tmp_path / "fsdp")], tmp_path,
+                     nproc=nproc)
     lorabench(flags + ["--grad-accum", str(nproc), "--run-dir", str(tmp_path / "one")], tmp_path)
     assert fsdp.stdout.count("# lorabench run") == 1
     a = json.loads((tmp_path / "fsdp" / "result.json").read_text())
     b = json.loads((tmp_path / "one" / "result.json").read_text())
-    assert a["config"]["shard"] == "fsdp" and a["config"]["world_size"] == nproc
+    assert a["config"]["shard"] == shard.split()[0] and a["config"]["world_size"] == nproc
+    assert a["config"]["shard_mesh"] == ([2, 2] if shard.startswith("hsdp") else [nproc])
     assert a["config"]["n_trainable"] == b["config"]["n_trainable"]  # counted whole, not per shard
     np.testing.assert_allclose(a["series"]["loss"], b["series"]["loss"], atol=1e-5, rtol=0)
     assert a["metrics"]["eval_loss"] == pytest.approx(b["metrics"]["eval_loss"], abs=1e-5)

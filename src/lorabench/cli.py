@@ -55,8 +55,10 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--packing": ("packing", str, "flagperf (records concatenated under one causal mask, FlagPerf's), documents "
                   "(positions restart and attention stays within each record; native and reference engines) or "
                   "none (one record a row, each batch padded to its longest row; tok/s and MFU count no padding)"),
-    "--shard": ("shard", str, "none (each torchrun rank holds the whole model: data parallel) or fsdp (the model "
-                "sharded over the ranks with FSDP2; native engine, no MMLU/ROUGE after training yet)"),
+    "--shard": ("shard", str, "none (each torchrun rank holds the whole model: data parallel), fsdp (the model "
+                "sharded over the ranks with FSDP2; native and reference engines, no MMLU/ROUGE after training yet) "
+                "or hsdp (sharded within each node, replicated across nodes)"),
+    "--shard-group-size": ("shard_group_size", int, "--shard hsdp: ranks per sharded group (default: one node's)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "how many of the newest checkpoints stay on disk (default 1; "
                            "--resume takes the newest)"),
     "--seed": ("seed", int, "seed for random weights, adapter init, shuffling and dropout"),
@@ -282,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "round and the spread, its speed-up the median of the ratios within each round")
     b.add_argument("--nproc", type=int, default=1, help="run every row as a torchrun job of this many processes "
                    "on this host (tok/s stays per chip)")
-    b.add_argument("--shard", choices=("none", "fsdp"), help="every row's --shard (fsdp: FSDP2, with --nproc 2+; "
-                   "native and reference rows)")
+    b.add_argument("--shard", choices=("none", "fsdp", "hsdp"), help="every row's --shard (fsdp: FSDP2, with "
+                   "--nproc 2+; native and reference rows)")
     b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
     b.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new runs/<time>-bench)")
     b.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")

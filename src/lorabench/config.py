@@ -376,8 +376,10 @@ class TrainConfig:
     running on: FlagPerf's), "documents" (the same chunks, positions restarting and attention held within each
     document) or "none" (one record a row, each batch padded to its longest row, padding never counted)."""
     shard: str = "none"
-    """"fsdp": the native engine's model sharded over the torchrun ranks with FSDP2 (shard.py); "none": each rank
-    holds the whole model (data parallel)."""
+    """"fsdp": the model sharded over the torchrun ranks with FSDP2 (shard.py); "hsdp": sharded within groups of
+    ranks, replicated across them; "none": each rank holds the whole model (data parallel)."""
+    shard_group_size: int | None = None
+    """--shard hsdp: ranks per sharded group (default: the ranks of one node)."""
     keep_checkpoints: int = 1
     """How many of the newest checkpoints stay in <run dir>/checkpoint (``--resume`` takes the newest)."""
     seed: int = 42

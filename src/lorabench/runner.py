@@ -164,7 +164,7 @@ def resolve(job: Job) -> Plan:
     from . import shard
 
     shard.check(train.shard, job.engine, precision.name, world, mmlu=job.mmlu is not None,
-                rouge=job.eval_rouge is not None)
+                rouge=job.eval_rouge is not None, group=train.shard_group_size)
     if train.packing == "documents" and job.engine.startswith("unsloth"):
         raise ConfigError(f"--packing documents runs on the native and reference engines; --engine {job.engine} "
                           "takes no document boundaries")
@@ -315,10 +315,13 @@ def build(plan: Plan) -> tuple[Engine, float]:
                           native=plan.native, attn=job.attn)
     if job.init_adapter is not None:
         engine.load_adapter(job.init_adapter)
-    if plan.train.shard == "fsdp":  # (after the adapters are in place: every rank shards identical weights)
-        from .shard import shard_engine
+    if plan.train.shard != "none":  # (after the adapters are in place: every rank shards identical weights)
+        from .shard import mesh, shard_engine
 
-        shard_engine(engine, plan.precision.dtype)
+        group = plan.train.shard_group_size or plan.world // plan.nnodes
+        layout = mesh(plan.train.shard, plan.world, group, plan.device)
+        shard_engine(engine, plan.precision.dtype, layout)
+        engine.shard_mesh = list(layout.shape)  # (replicas, ranks a group) for hsdp
     build_s = time.perf_counter() - t0
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -374,6 +377,7 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
         "data": data.description, "train_chunks": len(data.train), "device": str(device), "world_size": plan.world,
         "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
+        "shard_mesh": getattr(engine, "shard_mesh", None),
     }
     series = {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr", "grad_norm",
                                             "label_tokens", "tokens") if k in out["series"]}
@@ -451,7 +455,8 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
     """The settings a checkpoint's run and the run resuming it must share (resume.check_fingerprint)."""
     t, job = plan.train, plan.job
     return {"precision": plan.precision.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
-            "grad_accum": t.grad_accum, "loss_on": t.loss_on, "packing": t.packing, "shard": t.shard, "lr": t.lr, "lr_gamma": t.lr_gamma,
+            "grad_accum": t.grad_accum, "loss_on": t.loss_on, "packing": t.packing, "shard": t.shard,
+            "shard_group_size": t.shard_group_size, "lr": t.lr, "lr_gamma": t.lr_gamma,
             "lr_schedule": t.lr_schedule,
             "lr_warmup_steps": t.lr_warmup_steps, "weight_decay": t.weight_decay,
             "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine, "engine_options": asdict(plan.native),

@@ -8,6 +8,10 @@ process with N times the gradient accumulation. The adapters and their AdamW sta
 Under bf16 and fp16 the units gather in the run's dtype and reduce gradients in fp32 (``MixedPrecisionPolicy``):
 the fp32 adapters are computed in the activations' dtype, as they are without sharding.
 
+``--shard hsdp``: the same within groups of ``--shard-group-size`` ranks (default: one node's), the groups
+replicas of each other whose gradients are averaged across them (hybrid sharding: the all-gathers stay inside a
+node, only the gradient reduction crosses nodes).
+
 Checkpoints: each rank writes its shards of the adapters and of their AdamW state beside its random states
 (``local_state``), so ``--resume`` continues on the same world size (a different one is refused by the job's
 fingerprint). What this first form does not do, and refuses with a message rather than doing half: FP8 weights
@@ -21,16 +25,21 @@ import torch
 
 from .config import ConfigError
 
-SHARDINGS = ("none", "fsdp")
+SHARDINGS = ("none", "fsdp", "hsdp")
 
 
-def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge: bool):
-    """Refuse what --shard fsdp does not run (see the module docstring), before any work."""
+def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge: bool,
+          group: int | None = None):
+    """Refuse what --shard fsdp / hsdp does not run (see the module docstring), before any work."""
     if shard not in SHARDINGS:
         raise ConfigError(f"--shard must be one of {', '.join(SHARDINGS)}, got {shard!r}")
     if shard == "none":
+        if group is not None:
+            raise ConfigError("--shard-group-size goes with --shard hsdp")
         return
     why = None
+    if shard == "hsdp" and group is not None and (group < 1 or world % group):
+        raise ConfigError(f"--shard-group-size {group} must divide the world size {world}")
     if world < 2:
         why = "needs a torchrun job of 2 or more processes (torchrun --nproc_per_node N -m lorabench run ...)"
     elif engine not in ("native", "reference"):
@@ -41,22 +50,33 @@ def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge
         why = "cannot evaluate on rank 0 alone (a sharded model needs every rank); add --no-mmlu and leave out " \
               "--eval-rouge, then run lorabench eval on the adapter"
     if why:
-        raise ConfigError(f"--shard fsdp {why}")
+        raise ConfigError(f"--shard {shard} {why}")
 
 
-def shard_engine(engine, dtype: torch.dtype):
+def mesh(shard: str, world: int, group: int, device: torch.device):
+    """The ranks' layout: one dimension for fsdp (every rank holds a shard); for hsdp, replicas of ``group`` ranks
+    each (``--shard-group-size``, default the ranks of one node): sharded within a group, the gradients averaged
+    across the groups as data parallel averages them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard == "fsdp":
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_engine(engine, dtype: torch.dtype, device_mesh=None):
     """Shard an engine's model in place: the native engine's blocks and root (its loss() gathered like a forward),
     or, for the reference engine, the decoder layers of transformers' model under PEFT and the PEFT model."""
     if engine.name == "native":
-        apply_fsdp(engine.model, engine.model.layers, dtype, methods=("loss",))
+        apply_fsdp(engine.model, engine.model.layers, dtype, methods=("loss",), device_mesh=device_mesh)
     else:
-        apply_fsdp(engine.model, engine.model.get_base_model().model.layers, dtype)
+        apply_fsdp(engine.model, engine.model.get_base_model().model.layers, dtype, device_mesh=device_mesh)
     engine.sharded = True
 
 
-def apply_fsdp(root: torch.nn.Module, blocks, dtype: torch.dtype, methods: tuple[str, ...] = ()):
+def apply_fsdp(root: torch.nn.Module, blocks, dtype: torch.dtype, methods: tuple[str, ...] = (), device_mesh=None):
     """Shard in place: each of ``blocks``, then ``root`` (``methods``: root methods the loop calls instead of
-    forward, gathered as a forward is)."""
+    forward, gathered as a forward is), over ``device_mesh`` (None: every rank, one dimension)."""
     import warnings
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -67,8 +87,8 @@ def apply_fsdp(root: torch.nn.Module, blocks, dtype: torch.dtype, methods: tuple
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype in (
         torch.bfloat16, torch.float16) else MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(root, mp_policy=policy)
+        fully_shard(block, mesh=device_mesh, mp_policy=policy)
+    fully_shard(root, mesh=device_mesh, mp_policy=policy)
     for name in methods:
         register_fsdp_forward_method(root, name)
 

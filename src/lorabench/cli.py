@@ -20,7 +20,7 @@ from .kernels.dropout import MASK_IMPLS
 from .mmlu.scoring import PREFIX_ATTENTION
 from .precision import PRECISIONS
 from .resume import Interrupted
-from .runner import OutOfMemory
+from .streams import OutOfMemory
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--precision": ("precision", str, "fp32 (true fp32), tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 "

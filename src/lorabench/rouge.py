@@ -67,3 +67,33 @@ def generate_and_score(engine, tok, pairs: list[tuple[str, str]], max_new_tokens
             kept.append((prompt, ref))
     return {**score(kept, preds), "records": len(kept), "skipped_too_long": skipped, "predictions": preds,
             "references": [r for _, r in kept]}
+
+
+def rouge_pass(plan, engine, data) -> dict:
+    """--eval-rouge: greedy generations for the first validation records and their ROUGE."""
+    from .data.tokenizer import Tokenizer
+
+    job = plan.job
+    pairs = prompt_pairs(data.val_records, job.eval_rouge)
+    context = min(plan.model_cfg.context_limit, plan.model_cfg.max_position_embeddings)
+    with plan.precision.matmul_mode():
+        return generate_and_score(engine, Tokenizer(job.model_dir), pairs, job.rouge_max_new_tokens, context,
+                                  progress=job.progress)
+
+
+def record_rouge(result: dict, before: dict | None, after: dict, job, run_dir) -> None:
+    """ROUGE before and after training into ``result`` ("rouge"), each record's generations to
+    rouge_predictions.jsonl."""
+    result["rouge"] = {"records": after["records"], "skipped_too_long": after["skipped_too_long"],
+                       "max_new_tokens": job.rouge_max_new_tokens,
+                       "before": None if before is None else {m: before[m] for m in METRICS},
+                       "after": {m: after[m] for m in METRICS}}
+    if run_dir is not None:
+        import json
+
+        lines = [json.dumps({"reference": ref, "before": None if before is None else before["predictions"][i],
+                             "after": pred}) for i, (ref, pred) in enumerate(zip(after["references"],
+                                                                                  after["predictions"]))]
+        from .report import write_text_atomic
+
+        write_text_atomic(run_dir / "rouge_predictions.jsonl", "".join(line + "\n" for line in lines))

@@ -26,6 +26,8 @@ from .precision import PRECISIONS, Precision, get_precision
 from .report import GIB, claim_run_dir, environment, render_report, write_json_atomic, write_text_atomic
 from .shapes import count_params, flops_per_token, rows_flops
 from . import resume
+from .rouge import record_rouge, rouge_pass
+from .streams import out_of_memory_message, step_stream, tensorboard_writer
 from .train import barrier, dist_info, train_loop
 
 
@@ -409,37 +411,6 @@ def evaluate(plan: Plan, engine: Engine, result: dict):
                  mmlu_flagperf_shots_dropped=fp["shots_dropped"])
 
 
-def rouge_pass(plan: Plan, engine: Engine, data: Data) -> dict:
-    """--eval-rouge: greedy generations for the first validation records and their ROUGE (rouge.py)."""
-    from .data.tokenizer import Tokenizer
-    from .rouge import generate_and_score, prompt_pairs
-
-    job = plan.job
-    pairs = prompt_pairs(data.val_records, job.eval_rouge)
-    context = min(plan.model_cfg.context_limit, plan.model_cfg.max_position_embeddings)
-    with plan.precision.matmul_mode():
-        return generate_and_score(engine, Tokenizer(job.model_dir), pairs, job.rouge_max_new_tokens, context,
-                                  progress=job.progress)
-
-
-def record_rouge(result: dict, before: dict | None, after: dict, job: Job, run_dir: Path | None):
-    """ROUGE before and after training into ``result`` ("rouge"), each record's generations to
-    rouge_predictions.jsonl."""
-    from .rouge import METRICS
-
-    result["rouge"] = {"records": after["records"], "skipped_too_long": after["skipped_too_long"],
-                       "max_new_tokens": job.rouge_max_new_tokens,
-                       "before": None if before is None else {m: before[m] for m in METRICS},
-                       "after": {m: after[m] for m in METRICS}}
-    if run_dir is not None:
-        import json
-
-        lines = [json.dumps({"reference": ref, "before": None if before is None else before["predictions"][i],
-                             "after": pred}) for i, (ref, pred) in enumerate(zip(after["references"],
-                                                                                  after["predictions"]))]
-        write_text_atomic(run_dir / "rouge_predictions.jsonl", "".join(line + "\n" for line in lines))
-
-
 def write(run_dir: Path, result: dict):
     """result.json, report.md and the plots (plots.py; without matplotlib, result["plots"] says how to get
     them)."""
@@ -493,99 +464,6 @@ def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
                                  minutes=plan.train.checkpoint_minutes, keep=plan.train.keep_checkpoints,
                                  fingerprint=fingerprint,
                                  resume=state)
-
-
-class OutOfMemory(Exception):
-    """The device ran out of memory: the message names the job's shape, the memory held and what to try."""
-
-
-@contextlib.contextmanager
-def out_of_memory_message(plan: Plan, done: list, where: str | None = None):
-    """Turn the device's out-of-memory error into ``OutOfMemory``: where it happened (``where``, else the step
-    after ``done[0]``), the settings that set the memory (model, precision, batch shape, LoRA, activation
-    checkpointing), the memory held at the peak, the settings that lower it, and the per-step series kept so far."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as e:
-        t, job = plan.train, plan.job
-        shape = (f"{job.model_dir or job.model_preset}, {t.precision}, --batch-size {t.batch_size}, --seq-len "
-                 f"{t.seq_len}, --grad-accum {t.grad_accum}, LoRA r{job.lora.r} on {','.join(job.lora.targets)}")
-        native = job.engine == "native"
-        if native:
-            shape += f", --activation-checkpointing {plan.native.activation_checkpointing}"
-        held = ""
-        if plan.device.type == "cuda":
-            total = torch.cuda.get_device_properties(plan.device).total_memory
-            held = f"; {torch.cuda.max_memory_allocated(plan.device) / 2**30:.1f} of {total / 2**30:.1f} GiB held " \
-                   "at the peak"
-        tries = []
-        if t.batch_size > 1:
-            tries.append(f"--batch-size {t.batch_size // 2} --grad-accum {2 * t.grad_accum} (the same global batch)")
-        if native and plan.native.activation_checkpointing == "none":
-            tries.append("--activation-checkpointing block")
-        if native and t.precision in ("bf16", "fp16", "fp32", "tf32"):
-            tries.append("--precision fp8 (Ada/Hopper)" if t.precision in ("bf16", "fp16") else "--precision bf16")
-        if t.seq_len > 512:
-            tries.append("a shorter --seq-len")
-        kept = (f"; the {done[0]} steps so far are in {plan.run_dir / 'metrics.jsonl'}"
-                if plan.run_dir is not None and done[0] else "")
-        at = where or f"in step {done[0] + 1}"
-        advice = " or ".join(tries) or "a smaller model"
-        raise OutOfMemory(f"out of device memory {at} ({shape}{held}); try {advice}{kept} "
-                          f"[{str(e).splitlines()[0][:160]}]") from None
-
-
-def tensorboard_writer(run_dir: Path | None, wanted: bool | None, resumed_at: int, check_only: bool = False):
-    """A SummaryWriter on <run dir>/tensorboard, or None: ``wanted`` None takes it when the tensorboard package is
-    installed; True without it is a ConfigError saying what to install. A resumed run drops the events after its
-    checkpoint's step (``purge_step``), as metrics.jsonl drops those lines."""
-    if wanted is False:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if wanted:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'lorabench[tensorboard]' "
-                              "(or leave the flag out)") from None
-        return None
-    if check_only:
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
-
-
-@contextlib.contextmanager
-def step_stream(run_dir: Path | None, resumed_at: int, tensorboard: bool | None = None):
-    """``<run dir>/metrics.jsonl``: one JSON line per optimiser step, flushed as it ends (``tail -f`` it, or read it
-    after a crash); a resumed run keeps the lines up to its checkpoint's step. The same records go to TensorBoard
-    (``tensorboard_writer``: ``train/<series>`` per step, ``eval/loss`` where an eval ran). Yields the loop's
-    ``on_step`` (None without a run folder)."""
-    if run_dir is None:
-        yield None
-        return
-    import json
-
-    board = tensorboard_writer(run_dir, tensorboard, resumed_at)
-    path = run_dir / "metrics.jsonl"
-    kept = []
-    if resumed_at and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
-    try:
-        with open(path, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-
-            def on_step(record: dict):
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                if board is not None:
-                    for k, v in record.items():
-                        if k != "step" and isinstance(v, (int, float)):
-                            board.add_scalar("eval/loss" if k == "eval_loss" else f"train/{k}", v, record["step"])
-                    board.flush()
-
-            yield on_step
-    finally:
-        if board is not None:
-            board.close()
 
 
 def best_adapter_writer(plan: Plan, engine: Engine):

@@ -148,8 +148,27 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
     from lorabench.config import ConfigError
 
     for kw, msg in ((dict(engine="reference+liger"), "shards the native and reference engines"), (dict(precision="fp8"), "FP8"),
-                    (dict(mmlu=True), "add --no-mmlu"), (dict(rouge=True), "--eval-rouge")):
+                    (dict(engine="reference", mmlu=True), "MMLU with the native engine only"),
+                    (dict(rouge=True), "--eval-rouge")):
         args = dict(shard="fsdp", engine="native", precision="fp32", world=2, mmlu=False, rouge=False)
         with pytest.raises(ConfigError, match=msg):
             shard.check(**{**args, **kw})
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_fsdp_evaluates_mmlu_on_every_rank_as_one_process_does(tmp_path):
+    """MMLU after a --shard fsdp run (the bundled sample, both protocols): every rank runs the evaluation's
+    forwards, rank 0 writes; the accuracies and every question's prediction equal one process's."""
+    flags = [f for f in COMMON if f != "--no-mmlu"] + ["--mmlu-protocol", "both"]
+    lorabench(flags + ["--shard", "fsdp", "--run-dir", str(tmp_path / "fsdp")], tmp_path, nproc=2)
+    lorabench(flags + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
+    a = json.loads((tmp_path / "fsdp" / "result.json").read_text())["metrics"]
+    b = json.loads((tmp_path / "one" / "result.json").read_text())["metrics"]
+    assert a["mmlu_questions"] == b["mmlu_questions"] > 0
+    assert a["mmlu_acc"] == b["mmlu_acc"] and a["mmlu_acc_flagperf"] == b["mmlu_acc_flagperf"]
+    for name in ("mmlu_predictions.jsonl", "mmlu_flagperf_predictions.jsonl"):
+        pa = [json.loads(x) for x in (tmp_path / "fsdp" / name).read_text().splitlines()]
+        pb = [json.loads(x) for x in (tmp_path / "one" / name).read_text().splitlines()]
+        assert [p.get("pred", p.get("pred_token_id")) for p in pa] == [p.get("pred", p.get("pred_token_id"))
+                                                                        for p in pb]

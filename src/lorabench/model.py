@@ -316,6 +316,10 @@ class Llama(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden(ids)).float()
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-norm hidden states (a method of the model, so a sharded model gathers lm_head)."""
+        return self.lm_head(h).float()
+
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy; labels are aligned with ids (shifted here), -100 is ignored; ``positions``
         as in ``hidden``. With a frozen lm_head the logits are never kept (kernels/cross_entropy.py)."""

@@ -397,8 +397,9 @@ def evaluate(plan: Plan, engine: Engine, result: dict):
     from .mmlu.evaluate import evaluate_protocols
 
     job = plan.job
-    done = evaluate_protocols(engine, job.model_dir, job.mmlu, plan.device, plan.run_dir, progress=job.progress,
-                              subjects=plan.mmlu_subjects, seq_len=plan.train.seq_len)
+    done = evaluate_protocols(engine, job.model_dir, job.mmlu, plan.device, plan.run_dir,
+                              progress=job.progress and plan.rank == 0, subjects=plan.mmlu_subjects,
+                              seq_len=plan.train.seq_len)
     m = result["metrics"]
     if "lm-eval" in done:
         mm = done["lm-eval"]
@@ -519,7 +520,7 @@ def run_job(job: Job) -> dict:
         result["adapter_dir"] = str(run_dir / "adapter")
     if lead and job.eval_rouge:
         record_rouge(result, rouge_before, rouge_pass(plan, engine, data), job, run_dir)
-    if lead and job.mmlu is not None:
+    if job.mmlu is not None and (lead or getattr(engine, "sharded", False)):  # sharded: every rank's forwards
         evaluate(plan, engine, result)
     barrier()
     if lead and run_dir is not None:

@@ -15,8 +15,9 @@ node, only the gradient reduction crosses nodes).
 Checkpoints: each rank writes its shards of the adapters and of their AdamW state beside its random states
 (``local_state``), so ``--resume`` continues on the same world size (a different one is refused by the job's
 fingerprint). What this first form does not do, and refuses with a message rather than doing half: FP8 weights
-(held as plain tensors beside their scales, which FSDP does not shard), MMLU and ROUGE after training (they run on
-rank 0 alone, and a sharded model needs every rank for each forward). Every rank builds the whole model before it
+(held as plain tensors beside their scales, which FSDP does not shard), ROUGE after training (its generation runs
+on rank 0 alone), MMLU on the reference engine. MMLU on the native engine runs on every rank, the same questions
+in the same batches (a sharded model needs every rank in each forward), rank 0 writing the results. Every rank builds the whole model before it
 is sharded: loading each shard straight to its owner is not done yet.
 """
 from __future__ import annotations
@@ -46,9 +47,9 @@ def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge
         why = f"shards the native and reference engines; --engine {engine} is not sharded"
     elif precision == "fp8":
         why = "does not shard FP8 weights yet; use --precision bf16"
-    elif mmlu or rouge:
-        why = "cannot evaluate on rank 0 alone (a sharded model needs every rank); add --no-mmlu and leave out " \
-              "--eval-rouge, then run lorabench eval on the adapter"
+    elif (mmlu and engine != "native") or rouge:
+        why = ("evaluates MMLU with the native engine only (every rank takes part in each forward)" if mmlu else
+               "does not generate for --eval-rouge yet (one record at a time on rank 0); run it unsharded")
     if why:
         raise ConfigError(f"--shard {shard} {why}")
 
@@ -68,7 +69,8 @@ def shard_engine(engine, dtype: torch.dtype, device_mesh=None):
     """Shard an engine's model in place: the native engine's blocks and root (its loss() gathered like a forward),
     or, for the reference engine, the decoder layers of transformers' model under PEFT and the PEFT model."""
     if engine.name == "native":
-        apply_fsdp(engine.model, engine.model.layers, dtype, methods=("loss",), device_mesh=device_mesh)
+        apply_fsdp(engine.model, engine.model.layers, dtype, methods=("loss", "hidden", "head"),
+                   device_mesh=device_mesh)
     else:
         apply_fsdp(engine.model, engine.model.get_base_model().model.layers, dtype, device_mesh=device_mesh)
     engine.sharded = True

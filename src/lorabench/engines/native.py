@@ -145,7 +145,7 @@ class NativeEngine(Engine):
         return self.model.hidden(ids, return_kv=True)[1]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(h).float()
+        return self.model.head(h)
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:

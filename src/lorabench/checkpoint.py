@@ -151,6 +151,8 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
     the buffer ``<name>_scale``. Fails naming the source on a missing, unexpected or mis-shaped tensor."""
     from tqdm.auto import tqdm
 
+    from .shard import copy_into
+
     # every name a parameter answers to, tied aliases included (lm_head.weight when it is the embedding)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())  # an FP8 weight's scales: <name>_scale beside it
@@ -178,7 +180,7 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
                 p.copy_(q)
                 buffers[name + "_scale"].copy_(scale.view(-1))
             else:
-                p.copy_(t)
+                copy_into(p, t)  # (a sharded parameter takes its part)
         seen.add(id(p))
     missing = [n for n, p in params.items() if id(p) not in seen and ".lora_" not in n]
     if missing:

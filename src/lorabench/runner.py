@@ -312,17 +312,23 @@ def build(plan: Plan) -> tuple[Engine, float]:
     training's own (the weights stay allocated, so they count)."""
     job = plan.job
     t0 = time.perf_counter()
-    engine = build_engine(job.engine, plan.model_cfg, job.lora, model_dir=job.model_dir if job.init == "pretrained"
-                          else None, device=plan.device, precision=plan.precision, seed=plan.train.seed,
-                          native=plan.native, attn=job.attn)
-    if job.init_adapter is not None:
-        engine.load_adapter(job.init_adapter)
-    if plan.train.shard != "none":  # (after the adapters are in place: every rank shards identical weights)
-        from .shard import mesh, shard_engine
+    layout = sharder = None
+    if plan.train.shard != "none":
+        from .shard import mesh, native_sharder
 
         group = plan.train.shard_group_size or plan.world // plan.nnodes
         layout = mesh(plan.train.shard, plan.world, group, plan.device)
-        shard_engine(engine, plan.precision.dtype, layout)
+        sharder = native_sharder(plan.precision.dtype, layout) if job.engine == "native" else None
+    engine = build_engine(job.engine, plan.model_cfg, job.lora, model_dir=job.model_dir if job.init == "pretrained"
+                          else None, device=plan.device, precision=plan.precision, seed=plan.train.seed,
+                          native=plan.native, attn=job.attn, sharder=sharder)
+    if job.init_adapter is not None:
+        engine.load_adapter(job.init_adapter)
+    if layout is not None:
+        if sharder is None:  # the reference engine, built whole: sharded now (identical weights on every rank)
+            from .shard import shard_engine
+
+            shard_engine(engine, plan.precision.dtype, layout)
         engine.shard_mesh = list(layout.shape)  # (replicas, ranks a group) for hsdp
     build_s = time.perf_counter() - t0
     if plan.device.type == "cuda":

@@ -17,8 +17,11 @@ Checkpoints: each rank writes its shards of the adapters and of their AdamW stat
 fingerprint). What this first form does not do, and refuses with a message rather than doing half: FP8 weights
 (held as plain tensors beside their scales, which FSDP does not shard), ROUGE after training (its generation runs
 on rank 0 alone), MMLU on the reference engine. MMLU on the native engine runs on every rank, the same questions
-in the same batches (a sharded model needs every rank in each forward), rank 0 writing the results. Every rank builds the whole model before it
-is sharded: loading each shard straight to its owner is not done yet.
+in the same batches (a sharded model needs every rank in each forward), rank 0 writing the results.
+
+Loading: the native engine shards its model while it is on the meta device and cuts every checkpoint tensor to
+this rank's shard as it is read (one whole tensor in memory at a time), so no rank holds the whole model; the
+reference engine is built whole by transformers and sharded after.
 """
 from __future__ import annotations
 
@@ -65,14 +68,19 @@ def mesh(shard: str, world: int, group: int, device: torch.device):
     return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
 
+def native_sharder(dtype: torch.dtype, device_mesh=None):
+    """What the native engine calls on its model while it is still on the meta device (engines/native.py): the
+    blocks and root sharded before any weight exists, so each rank allocates only its shards and each checkpoint
+    tensor is cut to them as it is read (copy_into): no rank holds the whole model."""
+    def shard(model):
+        apply_fsdp(model, model.layers, dtype, methods=("loss", "hidden", "head"), device_mesh=device_mesh)
+    return shard
+
+
 def shard_engine(engine, dtype: torch.dtype, device_mesh=None):
-    """Shard an engine's model in place: the native engine's blocks and root (its loss() gathered like a forward),
-    or, for the reference engine, the decoder layers of transformers' model under PEFT and the PEFT model."""
-    if engine.name == "native":
-        apply_fsdp(engine.model, engine.model.layers, dtype, methods=("loss", "hidden", "head"),
-                   device_mesh=device_mesh)
-    else:
-        apply_fsdp(engine.model, engine.model.get_base_model().model.layers, dtype, device_mesh=device_mesh)
+    """Shard the reference engine's model in place (after it is built: transformers loads it whole): the decoder
+    layers of transformers' model under PEFT, then the PEFT model."""
+    apply_fsdp(engine.model, engine.model.get_base_model().model.layers, dtype, device_mesh=device_mesh)
     engine.sharded = True
 
 
@@ -120,6 +128,16 @@ def load_local_state(params: list, opt: torch.optim.Optimizer, saved: dict):
                                           shape=p.shape, stride=p.stride())
                     if torch.is_tensor(v) and v.dim() > 0 else v for n, v in st.items()}
     opt.load_state_dict({"state": state, "param_groups": saved["opt"]["param_groups"]})
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor):
+    """``dst.copy_(src)`` for a plain parameter, or, for a sharded one, this rank's part of the whole ``src``
+    (every rank holds the same ``src``: cut locally, nothing sent)."""
+    if hasattr(dst, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.copy_(src)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,11 @@ def precision_problem(name: str, precision: Precision) -> str | None:
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
                  device: torch.device, precision: Precision | str, seed: int,
-                 native: NativeOptions | None = None, attn: str = "eager") -> Engine:
+                 native: NativeOptions | None = None, attn: str = "eager", sharder=None) -> Engine:
     """Build engine ``name`` in ``precision`` with base weights from ``model_dir`` (None: canonical random weights
     from ``seed``) and canonical adapters from ``seed``. ``native``: the native engine's tuning (fields left None
     are resolved for the precision and device: NativeOptions.resolve); ``attn``: the plain reference engine's
-    attention (eager or sdpa)."""
+    attention (eager or sdpa); ``sharder``: the native engine's model sharded on the meta device (shard.py)."""
     precision = get_precision(precision) if isinstance(precision, str) else precision
     why = precision_problem(name, precision) if name in ENGINES else None
     if why:
@@ -49,7 +49,7 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
 
         options = (native or NativeOptions()).resolve(precision, device)
         return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                            options=options)
+                            options=options, sharder=sharder)
     if name == "reference" or name.startswith("reference+"):
         from .reference import ReferenceEngine
 

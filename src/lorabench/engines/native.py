@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..checkpoint import hf_to_native, iter_checkpoint, load_into, native_to_hf, random_hf_weights
+from ..shard import copy_into
 from ..config import ConfigError, LoRAConfig, ModelConfig
 from ..kernels.attention import ATTENTION_IMPLS
 from ..kernels.dropout import MASK_IMPLS
@@ -101,8 +102,9 @@ class NativeEngine(Engine):
     supports_prefix_cache = True
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 options: NativeOptions):
-        """``options`` resolved (NativeOptions.resolve; build_engine does it)."""
+                 options: NativeOptions, sharder=None):
+        """``options`` resolved (NativeOptions.resolve; build_engine does it). ``sharder``: called on the model
+        while it is still on the meta device (shard.native_sharder), so weights load straight into shards."""
         self.model_cfg, self.lora_cfg, self.model_dir, self.options = model_cfg, lora, model_dir, options
         self.device = torch.device(device)
         with torch.device("meta"):
@@ -115,6 +117,11 @@ class NativeEngine(Engine):
                                   f"(cuBLASLt's FP8 GEMMs); this model has {', '.join(bad)}")
             model.store_fp8(GRAD_FORMATS[options.fp8_grad])
         set_mask_impl(model, options.dropout_mask)
+        if sharder is not None:
+            if model_cfg.tie_word_embeddings:
+                raise ConfigError("--shard with tied embeddings (tie_word_embeddings) is not supported yet")
+            sharder(model)
+            self.sharded = True
         model.to_empty(device=device)
         if model_cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
@@ -207,5 +214,5 @@ class NativeEngine(Engine):
                 if a.shape != a_dst.shape or b.shape != b_dst.shape:
                     raise ConfigError(f"{source}: {k} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
                                       f"expected {tuple(a_dst.shape)}, {tuple(b_dst.shape)}")
-                a_dst.copy_(a)
-                b_dst.copy_(b)
+                copy_into(a_dst, a)
+                copy_into(b_dst, b)

@@ -103,7 +103,8 @@ def sharded_copy_of_the_tiny_model(where):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize("nproc, sharded_dir, engine, shard", [
     (2, False, "native", "fsdp"), (4, False, "native", "fsdp"), (2, True, "native", "fsdp"),
-    (2, False, "reference", "fsdp"), (4, False, "native", "hsdp --shard-group-size 2")])
+    (2, False, "reference", "fsdp"), (4, False, "native", "hsdp --shard-group-size 2"),
+    (2, False, "native", "fsdp --activation-checkpointing block")])
 def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine, shard):
     """--shard fsdp (FSDP2 over gloo; hsdp: two replicas of two shards): N ranks holding a shard of every block
     each train as one process with N

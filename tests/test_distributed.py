@@ -149,8 +149,8 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
     from lorabench.config import ConfigError
 
     for kw, msg in ((dict(engine="reference+liger"), "shards the native and reference engines"), (dict(precision="fp8"), "FP8"),
-                    (dict(engine="reference", mmlu=True), "MMLU with the native engine only"),
-                    (dict(rouge=True), "--eval-rouge")):
+                    (dict(engine="reference", mmlu=True), "with the native engine only"),
+                    (dict(engine="reference", rouge=True), "with the native engine only")):
         args = dict(shard="fsdp", engine="native", precision="fp32", world=2, mmlu=False, rouge=False)
         with pytest.raises(ConfigError, match=msg):
             shard.check(**{**args, **kw})
@@ -158,16 +158,23 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_fsdp_evaluates_mmlu_on_every_rank_as_one_process_does(tmp_path):
-    """MMLU after a --shard fsdp run (the bundled sample, both protocols): every rank runs the evaluation's
-    forwards, rank 0 writes; the accuracies and every question's prediction equal one process's."""
-    flags = [f for f in COMMON if f != "--no-mmlu"] + ["--mmlu-protocol", "both"]
+def test_fsdp_evaluates_mmlu_and_rouge_on_every_rank_as_one_process_does(tmp_path):
+    """MMLU and ROUGE after a --shard fsdp run (the bundled sample, both MMLU protocols): every rank runs the
+    evaluations' forwards, rank 0 writes; the accuracies, every question's prediction and every generation equal
+    one process's."""
+    pytest.importorskip("rouge_score")
+    flags = [f for f in COMMON if f != "--no-mmlu"] + ["--mmlu-protocol", "both", "--eval-rouge", "3",
+                                                        "--rouge-max-new-tokens", "8"]
     lorabench(flags + ["--shard", "fsdp", "--run-dir", str(tmp_path / "fsdp")], tmp_path, nproc=2)
     lorabench(flags + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
     a = json.loads((tmp_path / "fsdp" / "result.json").read_text())["metrics"]
     b = json.loads((tmp_path / "one" / "result.json").read_text())["metrics"]
     assert a["mmlu_questions"] == b["mmlu_questions"] > 0
     assert a["mmlu_acc"] == b["mmlu_acc"] and a["mmlu_acc_flagperf"] == b["mmlu_acc_flagperf"]
+    ra = json.loads((tmp_path / "fsdp" / "result.json").read_text())["rouge"]
+    assert ra == json.loads((tmp_path / "one" / "result.json").read_text())["rouge"] and ra["records"] == 3
+    assert (tmp_path / "fsdp" / "rouge_predictions.jsonl").read_text() == \
+        (tmp_path / "one" / "rouge_predictions.jsonl").read_text()
     for name in ("mmlu_predictions.jsonl", "mmlu_flagperf_predictions.jsonl"):
         pa = [json.loads(x) for x in (tmp_path / "fsdp" / name).read_text().splitlines()]
         pb = [json.loads(x) for x in (tmp_path / "one" / name).read_text().splitlines()]

@@ -56,7 +56,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
                   "(positions restart and attention stays within each record; native and reference engines) or "
                   "none (one record a row, each batch padded to its longest row; tok/s and MFU count no padding)"),
     "--shard": ("shard", str, "none (each torchrun rank holds the whole model: data parallel), fsdp (the model "
-                "sharded over the ranks with FSDP2; native and reference engines; no ROUGE yet) "
+                "sharded over the ranks with FSDP2; native and reference engines) "
                 "or hsdp (sharded within each node, replicated across nodes)"),
     "--shard-group-size": ("shard_group_size", int, "--shard hsdp: ranks per sharded group (default: one node's)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "how many of the newest checkpoints stay on disk (default 1; "

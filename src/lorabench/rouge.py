@@ -78,7 +78,7 @@ def rouge_pass(plan, engine, data) -> dict:
     context = min(plan.model_cfg.context_limit, plan.model_cfg.max_position_embeddings)
     with plan.precision.matmul_mode():
         return generate_and_score(engine, Tokenizer(job.model_dir), pairs, job.rouge_max_new_tokens, context,
-                                  progress=job.progress)
+                                  progress=job.progress and plan.rank == 0)
 
 
 def record_rouge(result: dict, before: dict | None, after: dict, job, run_dir) -> None:

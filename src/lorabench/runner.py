@@ -493,7 +493,8 @@ def run_job(job: Job) -> dict:
     with out_of_memory_message(plan, done, "while building the model"):
         engine, build_s = build(plan)
     lead = plan.rank == 0
-    rouge_before = rouge_pass(plan, engine, data) if lead and job.eval_rouge and not done[0] else None
+    evaluates = lead or getattr(engine, "sharded", False)  # a sharded model needs every rank in each forward
+    rouge_before = rouge_pass(plan, engine, data) if evaluates and job.eval_rouge and not done[0] else None
     device_mem = M.DeviceMemoryPeak(plan.device) if plan.device.type == "cuda" else None
     with device_mem or contextlib.nullcontext(), \
             resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext(), \
@@ -524,9 +525,9 @@ def run_job(job: Job) -> dict:
         else:
             engine.save_adapter(run_dir / "adapter")
         result["adapter_dir"] = str(run_dir / "adapter")
-    if lead and job.eval_rouge:
+    if evaluates and job.eval_rouge:
         record_rouge(result, rouge_before, rouge_pass(plan, engine, data), job, run_dir)
-    if job.mmlu is not None and (lead or getattr(engine, "sharded", False)):  # sharded: every rank's forwards
+    if job.mmlu is not None and evaluates:
         evaluate(plan, engine, result)
     barrier()
     if lead and run_dir is not None:

@@ -15,9 +15,10 @@ node, only the gradient reduction crosses nodes).
 Checkpoints: each rank writes its shards of the adapters and of their AdamW state beside its random states
 (``local_state``), so ``--resume`` continues on the same world size (a different one is refused by the job's
 fingerprint). What this first form does not do, and refuses with a message rather than doing half: FP8 weights
-(held as plain tensors beside their scales, which FSDP does not shard), ROUGE after training (its generation runs
-on rank 0 alone), MMLU on the reference engine. MMLU on the native engine runs on every rank, the same questions
-in the same batches (a sharded model needs every rank in each forward), rank 0 writing the results.
+(held as plain tensors beside their scales, which FSDP does not shard), MMLU and ROUGE on the reference engine.
+On the native engine both run on every rank, the same questions in the same batches and the same prompts token by
+token (a sharded model needs every rank in each forward; each generated token is rank 0's, broadcast), rank 0
+writing the results.
 
 Loading: the native engine shards its model while it is on the meta device and cuts every checkpoint tensor to
 this rank's shard as it is read (one whole tensor in memory at a time), so no rank holds the whole model; the
@@ -50,9 +51,8 @@ def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge
         why = f"shards the native and reference engines; --engine {engine} is not sharded"
     elif precision == "fp8":
         why = "does not shard FP8 weights yet; use --precision bf16"
-    elif (mmlu and engine != "native") or rouge:
-        why = ("evaluates MMLU with the native engine only (every rank takes part in each forward)" if mmlu else
-               "does not generate for --eval-rouge yet (one record at a time on rank 0); run it unsharded")
+    elif (mmlu or rouge) and engine != "native":
+        why = "evaluates (MMLU, --eval-rouge) with the native engine only (every rank takes part in each forward)"
     if why:
         raise ConfigError(f"--shard {shard} {why}")
 

@@ -161,7 +161,10 @@ class NativeEngine(Engine):
         h, kvs = self.model.hidden(torch.tensor([prompt], device=self.device), return_kv=True)
         out = []
         for _ in range(max_new_tokens):
-            nxt = int(self.head(h[:, -1]).argmax(-1))
+            top = self.head(h[:, -1]).argmax(-1)
+            if getattr(self, "sharded", False):  # every rank runs each forward: all follow rank 0's token
+                torch.distributed.broadcast(top, 0)
+            nxt = int(top)
             if nxt == eos_id:
                 break
             out.append(nxt)

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 from .config import TRAIN_PRESETS, ConfigError, resolve_preset
+from .data.formats import FORMATS
 from .kernels.attention import ATTENTION_IMPLS
 from .kernels.dropout import MASK_IMPLS
 from .mmlu.scoring import PREFIX_ATTENTION
 from .precision import PRECISIONS
 from .resume import Interrupted
+from .shard import SHARDINGS
 from .streams import OutOfMemory
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "bundled model, flagperf-fp32 otherwise)")
     run.add_argument("--data", help="samsum corpus.7z, a folder of train/val/test files, a .json/.jsonl/.csv/"
                      ".parquet file, an HF dataset name, or 'synthetic'; default: the bundled tiny data")
-    run.add_argument("--format", dest="data_format", choices=("samsum", "alpaca", "text", "chat", "sharegpt"),
+    run.add_argument("--format", dest="data_format", choices=FORMATS,
                      help="the records' format (default: from their columns: dialogue+summary, instruction+input+"
                      "output, text, messages (role/content turns, rendered with the model's chat template), "
                      "conversations (ShareGPT from/value turns))")
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "round and the spread, its speed-up the median of the ratios within each round")
     b.add_argument("--nproc", type=int, default=1, help="run every row as a torchrun job of this many processes "
                    "on this host (tok/s stays per chip)")
-    b.add_argument("--shard", choices=("none", "fsdp", "hsdp"), help="every row's --shard (fsdp: FSDP2, with "
+    b.add_argument("--shard", choices=SHARDINGS, help="every row's --shard (fsdp: FSDP2, with "
                    "--nproc 2+; native and reference rows)")
     b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
     b.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new runs/<time>-bench)")
@@ -333,16 +335,14 @@ def cmd_run(a) -> int:
 
     joined = init_distributed()
     rank = dist_info()[0]
+    import torch
+
     try:
         result = run_job(job)
         if joined:  # every rank past its last collective before any tears the group down
-            import torch
-
             torch.distributed.barrier()
     finally:
         if joined:
-            import torch
-
             torch.distributed.destroy_process_group()
     if rank == 0:  # under torchrun only rank 0 reports
         from .report import render_report

@@ -77,13 +77,18 @@ def flagperf_figures(step_times: list[float], epoch_losses: list[float], epoch_t
     }
 
 
+def first_timed(steps: int, untimed: int) -> int:
+    """The index of the first step the timing counts: after the ``untimed`` ones, or 0 where no step would remain."""
+    return untimed if steps > untimed else 0
+
+
 def step_stats(step_times: list[float], tokens_per_step: int | list[float], warmup: int) -> dict:
     """Tokens/s per chip from per-step wall times (warm-up steps excluded; all steps if too few remain).
     ``tokens_per_s_per_chip`` is FlagPerf's: tokens per step / mean step time (steps of different token counts,
     a list: their tokens / their time); the median of the steps' own rates is reported too, and
     ``step_time_ci95_rel``, the half-width of a 95% interval of the mean step time (normal approximation,
     1.96 stdev / sqrt(n)) relative to the mean: how finely the run resolves a speed difference."""
-    first = warmup if len(step_times) > warmup else 0
+    first = first_timed(len(step_times), warmup)
     timed = step_times[first:]
     if not timed:
         return {"tokens_per_s_per_chip": None, "tokens_per_s_per_chip_median": None, "timed_steps": 0}

@@ -6,6 +6,7 @@ upcast to fp32 before the cross-entropy. Weights come in through ``checkpoint.py
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,17 +67,22 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, offse
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+@functools.cache
+def _kept_ops() -> frozenset:
+    """The aten ops whose outputs ``--activation-checkpointing matmuls`` keeps (those this torch has)."""
+    names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention")
+    return frozenset(getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n))
+
+
 def keep_matmul_outputs():
     """Selective checkpointing's contexts for ``--activation-checkpointing matmuls``: the outputs of matrix
     products (frozen projections, adapters, the FP8 GEMMs) and of attention kernels are saved, everything else is
     recomputed in the backward."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention")
-    keep = {getattr(aten, n) for n in names if hasattr(aten, n)}
+    keep = _kept_ops()
 
     def policy(ctx, op, *args, **kwargs):
         packet = getattr(op, "overloadpacket", op)
@@ -259,6 +265,8 @@ class Llama(nn.Module):
         self.attention = "sdpa"
         self.activation_checkpointing = "none"
         """"block": training keeps each decoder block's input only and recomputes the block in the backward."""
+        self._window_masks: dict = {}
+        """A sliding window's training masks by (length, device): the same for every batch of a length."""
 
     def set_attention(self, impl: str):
         """Pick the training attention (one of ATTENTION_IMPLS)."""
@@ -282,8 +290,13 @@ class Llama(nn.Module):
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
         windowed = kv_caches is None and attn_mask is None and self.cfg.sliding_window is not None and \
             ids.shape[1] > self.cfg.sliding_window
-        if documents or windowed:
+        if documents:
             attn_mask = training_mask(positions, self.cfg.sliding_window, ids.shape[1], ids.device)
+        elif windowed:  # the same for every batch of a length: built once
+            key = (ids.shape[1], str(ids.device))
+            if key not in self._window_masks:
+                self._window_masks[key] = training_mask(None, self.cfg.sliding_window, *key)
+            attn_mask = self._window_masks[key]
         kvs = []
         layers = self.layers
         if self.compiled_layers is not None:

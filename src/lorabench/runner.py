@@ -348,7 +348,7 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
     if "tokens" in ser:  # --packing none: each step's own unpadded tokens; FLOPs with each row's own length
         tokens = [n / plan.world for n in ser["tokens"]]
         mean_tokens = sum(tokens) / len(tokens)
-        first = t.untimed_steps if len(tokens) > t.untimed_steps else 0
+        first = M.first_timed(len(tokens), t.untimed_steps)
         n, sq = ser["tokens"][first:], ser["tokens_sq"][first:]
         fpt = rows_flops(cfg, lo, sum(n), sum(sq)) / max(1, sum(n))
     stats = M.step_stats(ser["step_time_s"], tokens, t.untimed_steps)
@@ -512,18 +512,13 @@ def run_job(job: Job) -> dict:
     run_dir = plan.run_dir
     if run_dir is not None:
         result["run_dir"] = str(run_dir)
+    adapters = None
     if getattr(engine, "sharded", False):  # the whole adapters, gathered on every rank (a collective)
         from .shard import full
 
         adapters = {k: (full(a.detach()), full(b.detach())) for k, (a, b) in engine.adapters().items()}
     if lead and run_dir is not None and job.save_adapter:
-        if getattr(engine, "sharded", False):
-            from .lora import save_adapter
-
-            save_adapter(adapters, engine.lora_cfg, run_dir / "adapter",
-                         base_model=None if engine.model_dir is None else str(engine.model_dir))
-        else:
-            engine.save_adapter(run_dir / "adapter")
+        engine.save_adapter(run_dir / "adapter", adapters)
         result["adapter_dir"] = str(run_dir / "adapter")
     if evaluates and job.eval_rouge:
         record_rouge(result, rouge_before, rouge_pass(plan, engine, data), job, run_dir)

@@ -55,25 +55,18 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def _step_block(order: np.ndarray, step: int, cfg: TrainConfig, world: int) -> np.ndarray:
+    """The chunk indices of optimiser step ``step`` (0-based within the epoch), every rank's micro-batches."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return order[step * per_step:(step + 1) * per_step]
+
+
 def _step_batches(data: np.ndarray, order: np.ndarray, step: int, cfg: TrainConfig, rank: int, world: int):
-    """This rank's micro-batches of optimiser step ``step`` (0-based within the epoch)."""
-    bs, per_step = cfg.batch_size, cfg.batch_size * cfg.grad_accum * world
-    block = order[step * per_step:(step + 1) * per_step]
+    """This rank's micro-batches of optimiser step ``step``."""
+    block, bs = _step_block(order, step, cfg, world), cfg.batch_size
     for m in range(cfg.grad_accum):
         j = (m * world + rank) * bs
         yield data[block[j:j + bs]]
-
-
-def _step_label_tokens(data: np.ndarray, order: np.ndarray, step: int, cfg: TrainConfig, world: int) -> int:
-    """Label tokens of optimiser step ``step`` over every rank's micro-batches (a chunk's first token is no target)."""
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    return int(data[order[step * per_step:(step + 1) * per_step], 1, 1:].sum())
-
-
-def _step_row_lengths(data: np.ndarray, order: np.ndarray, step: int, cfg: TrainConfig, world: int) -> np.ndarray:
-    """``--packing none``: the unpadded length of every row of optimiser step ``step`` (all ranks)."""
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    return (data[order[step * per_step:(step + 1) * per_step], 2] >= 0).sum(axis=1)
 
 
 def batch_tensors(batch: np.ndarray, device: torch.device, packing: str = "flagperf",
@@ -178,7 +171,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 t0 = time.perf_counter()
                 step_loss = torch.zeros((), device=device)
                 if masked:  # the loss is the sum over the step's label tokens / their number, on every rank
-                    step_tokens = _step_label_tokens(data, order, epoch_step, cfg, world)
+                    # (a chunk's first token is no target)
+                    step_tokens = int(data[_step_block(order, epoch_step, cfg, world), 1, 1:].sum())
                     if step_tokens == 0:
                         raise ConfigError(f"step {step + 1} has no label tokens; the data needs responses")
                 for batch in _step_batches(data, order, epoch_step, cfg, rank, world):
@@ -231,7 +225,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                 if masked:
                     series.setdefault("label_tokens", []).append(step_tokens)
                 if cfg.packing == "none":  # the tokens this step computed on, padding left out (all ranks)
-                    lengths = _step_row_lengths(data, order, epoch_step, cfg, world)
+                    lengths = (data[_step_block(order, epoch_step, cfg, world), 2] >= 0).sum(axis=1)
                     series.setdefault("tokens", []).append(int(lengths.sum()))
                     series.setdefault("tokens_sq", []).append(int((lengths.astype(np.int64) ** 2).sum()))
                 bar.update(1)

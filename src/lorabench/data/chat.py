@@ -89,7 +89,7 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"the chat template ({self.source}) refused it: {e}") from None
 
-    def render_with_spans(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]] | None]:
+    def render_with_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]] | None]:
         """(the conversation's text, the [start, end) character spans of its assistant turns); spans None when the
         template does not render turn by turn (see the module's docstring)."""
         text = self.render(messages)
@@ -97,8 +97,7 @@ class ChatTemplate:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True) if i else \
-                self.render([], add_generation_prompt=True)
+            before = self.render(messages[:i], add_generation_prompt=True)
             through = self.render(messages[:i + 1])
             if not (text.startswith(through) and through.startswith(before) and len(through) > len(before)):
                 return text, None

@@ -81,10 +81,19 @@ def training_text(rec: dict) -> str:
     return rec["text"] if "text" in rec else format_sample(rec)
 
 
+def framing(rec: dict, tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens around a record's text: BOS (as the tokenizer config says) and EOS, or none for a chat
+    template's text, which carries its own."""
+    return ([], []) if rec.get("templated") else (tok.with_bos([]), [tok.eos_id])
+
+
 def tokenize_records(records: list[dict], tok: Tokenizer) -> list[list[int]]:
-    """Each record's training text with BOS and EOS (a chat template's text as it is: it carries its own)."""
-    ids = tok.encode_batch([training_text(r) for r in records])
-    return [x if r.get("templated") else tok.with_bos(x) + [tok.eos_id] for r, x in zip(records, ids)]
+    """Each record's training text within its framing (BOS and EOS, or a chat template's own)."""
+    out = []
+    for r, x in zip(records, tok.encode_batch([training_text(r) for r in records])):
+        head, tail = framing(r, tok)
+        out.append(head + x + tail)
+    return out
 
 
 def response_spans(rec: dict) -> list[tuple[int, int]] | None:
@@ -115,14 +124,10 @@ def tokenize_with_mask(records: list[dict], tok: Tokenizer) -> tuple[list[list[i
             raise DataError(f"record {i + 1} has no response to train on ({why}); --loss-on response needs "
                             "prompt/response records (samsum, alpaca, chat, or a --prompt-template whose last "
                             "{column} is the response)")
-        mask = [int(any(b > s and a < e for s, e in spans)) for a, b in offsets]
-        if rec.get("templated"):
-            ids.append(tokens)
-            masks.append(mask)
-        else:
-            bos = tok.with_bos([])
-            ids.append(bos + tokens + [tok.eos_id])
-            masks.append([0] * len(bos) + mask + [1])
+        head, tail = framing(rec, tok)
+        ids.append(head + tokens + tail)
+        masks.append([0] * len(head) + [int(any(b > s and a < e for s, e in spans)) for a, b in offsets]
+                     + [1] * len(tail))
     return ids, masks
 
 
@@ -147,9 +152,7 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
     """The packed chunks for ``records`` [N, seq_len] and whether they came from the cache; with ``loss_on``
     "response", [N, 2, seq_len]: each chunk's ids and its label mask (tokenize_with_mask), packed alike; with
     ``packing`` "documents" or "none", [N, 3, seq_len]: ids, label mask and positions (pack_documents, pack_rows).
-    Each entry carries
-    the SHA-256 of
-    its array beside it (``<key>.sha256``); an entry that does not load or does not match (a truncated file, a
+    Each entry carries the SHA-256 of its array beside it (``<key>.sha256``); an entry that does not load or does not match (a truncated file, a
     zero-byte file, other tokens) is rebuilt with a one-line note naming it."""
     import sys
 

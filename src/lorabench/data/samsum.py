@@ -134,16 +134,17 @@ def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, 
                 required, optional = formats.needed(fmt, template)
             except ValueError as e:
                 raise DataError(str(e)) from None
+        turns = formats.CHAT_COLUMNS.get(fmt) if template is None else None  # a chat record's column
         for col in required + [c for c in optional if c in r and r[c] is not None]:
             if col not in r:
                 raise DataError(f"{where}: missing column {col!r} (columns present: {', '.join(map(str, r))})")
-            if fmt in formats.CHAT_COLUMNS and template is None:
+            if turns is not None:
                 continue  # turns: checked by chat_messages
             if not isinstance(r[col], str):
                 raise DataError(f"{where}: {col!r} must be a string, got {type(r[col]).__name__}")
         rec = {c: r[c] for c in required + optional if c in r and r[c] is not None}
-        if fmt in formats.CHAT_COLUMNS and template is None:
-            out.append(chat_record(r, formats.CHAT_COLUMNS[fmt], chat, where))
+        if turns is not None:
+            out.append(chat_record(r, turns, chat, where))
             continue
         prompt, response = formats.render_parts(rec, fmt, template)
         rec["text"] = prompt + (response or "")
@@ -168,7 +169,7 @@ def chat_record(row: dict, column: str, chat, where: str) -> dict:
                         "give --prompt-template, or a model folder with a template")
     try:
         messages = chat_messages(row, column, where)
-        text, spans = chat.render_with_spans(messages, where)
+        text, spans = chat.render_with_spans(messages)
     except ValueError as e:
         raise DataError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
     rec = {"messages": messages, "text": text, "templated": True}

@@ -108,8 +108,9 @@ class Engine(abc.ABC):
     def set_adapters(self, adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], source: str):
         """Copy (A, B) into the adapters; a ConfigError naming ``source`` if they do not fit."""
 
-    def save_adapter(self, out_dir: str | Path):
-        save_adapter(self.adapters(), self.lora_cfg, out_dir,
+    def save_adapter(self, out_dir: str | Path, adapters: dict | None = None):
+        """The adapters (``adapters``: these instead, e.g. gathered from a sharded model) in PEFT format."""
+        save_adapter(self.adapters() if adapters is None else adapters, self.lora_cfg, out_dir,
                      base_model=None if self.model_dir is None else str(self.model_dir))
 
     def load_adapter(self, adapter_dir: str | Path):

@@ -167,16 +167,30 @@ def test_each_mmlu_flag_reaches_its_option():
     assert mmlu_options(run, "d", "both") == MmluOptions("d", protocol="both")  # from the run, not as an option
 
 
-def test_bench_passes_its_overrides_to_every_row():
+def test_bench_passes_its_overrides_to_every_row_and_native_tuning_to_native_rows():
     from lorabench.cli import bench_overrides, build_parser
 
     a = build_parser().parse_args(["bench", "--precision", "bf16", "--seq-len", "64", "--attention", "matmul",
                                    "--no-fused-projections", "--compile", "--dropout-mask", "bernoulli",
-                                   "--lora-r", "16", "--lora-alpha", "32", "--lora-targets", "q_proj,down_proj"])
-    assert bench_overrides(a) == ["--precision", "bf16", "--seq-len", "64", "--lora-r", "16", "--lora-alpha", "32.0",
-                                  "--lora-targets", "q_proj,down_proj", "--attention", "matmul",
-                                  "--dropout-mask", "bernoulli", "--no-fused-projections", "--compile"]
-    assert bench_overrides(build_parser().parse_args(["bench"])) == []
+                                   "--lora-r", "16", "--lora-alpha", "32", "--lora-targets", "q_proj,down_proj",
+                                   "--activation-checkpointing", "block"])
+    common, native = bench_overrides(a)
+    assert common == ["--precision", "bf16", "--seq-len", "64", "--lora-r", "16", "--lora-alpha", "32.0",
+                      "--lora-targets", "q_proj,down_proj", "--activation-checkpointing", "block"]
+    assert native == ["--attention", "matmul", "--dropout-mask", "bernoulli", "--no-fused-projections", "--compile"]
+    assert bench_overrides(build_parser().parse_args(["bench"])) == ([], [])
+
+
+def test_bench_gives_native_tuning_to_native_rows_only(tmp_path, monkeypatch):
+    """A reference row never receives --attention & co. (it would refuse them); a native row does."""
+    import lorabench.bench.bench as bb
+
+    seen = {}
+    monkeypatch.setattr(bb, "run_row", lambda engine, preset, *args, **kw: seen.setdefault(engine, args[5]) and
+                        {"engine": engine, "preset": preset, "error": "not run"})
+    bb.run_bench(["native", "reference"], ["fp32"], "tiny", 2, 1, "cpu", tmp_path, ["--seq-len", "32"], 10,
+                 log=lambda *a, **k: None, floor=False, native_overrides=["--attention", "matmul"])
+    assert seen == {"native": ["--seq-len", "32", "--attention", "matmul"], "reference": ["--seq-len", "32"]}
 
 
 def test_run_records_the_resolved_settings(tmp_path):

@@ -402,3 +402,61 @@ def test_rows_flops_grow_the_attention_term_with_each_rows_own_length():
     two = rows_flops(SMALL, lora, 8 + 24, 8 ** 2 + 24 ** 2)
     assert two == pytest.approx(8 * flops_per_token(SMALL, lora, 8) + 24 * flops_per_token(SMALL, lora, 24),
                                 rel=1e-12)
+
+
+def _saved_bytes_and_grads(eng, ids):
+    """The bytes autograd saves for the backward of one loss, the loss, and the adapters' gradients."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    eng.train()
+    torch.manual_seed(5)  # the same dropout masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = eng.loss(ids, ids)
+    loss.backward()
+    grads = [p.grad.clone() for p in eng.trainable_params()]
+    return sum(saved), loss.item(), grads
+
+
+def test_reference_block_checkpointing_recomputes_and_trains_the_same():
+    """--activation-checkpointing block on the reference engine is transformers' gradient checkpointing: the
+    same loss and adapter gradients (dropout 0.05: the masks are replayed) for much less saved activation."""
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.05)
+    ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=2)).long()
+    runs = {}
+    for mode in ("none", "block"):
+        eng = build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
+                           native=NativeOptions(activation_checkpointing=mode))
+        assert eng.describe()["activation_checkpointing"] == mode
+        runs[mode] = _saved_bytes_and_grads(eng, ids)
+    (full, loss0, g0), (ckpt, loss1, g1) = runs["none"], runs["block"]
+    assert ckpt < 0.5 * full, (ckpt, full)
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"attention": "matmul"}, "--attention: native engine tuning; --engine reference does not take it"),
+    ({"compile": True, "dropout_mask": "bernoulli"}, "--compile, --dropout-mask: native engine tuning"),
+])
+def test_native_tuning_flags_are_refused_for_other_engines(flags, message):
+    """Another engine would run without them while the command line said otherwise."""
+    from lorabench.config import ConfigError
+    from lorabench.engines import check_native_flags
+
+    with pytest.raises(ConfigError, match=message):
+        check_native_flags("reference", NativeOptions(**flags))
+    check_native_flags("native", NativeOptions(**flags))
+    check_native_flags("reference", NativeOptions(activation_checkpointing="block"))
+
+
+def test_matmuls_checkpointing_is_the_native_engines():
+    from lorabench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--activation-checkpointing matmuls is the native engine's"):
+        build_engine("reference", SMALL, LoRAConfig(), model_dir=None, device=CPU, precision="fp32", seed=0,
+                     native=NativeOptions(activation_checkpointing="matmuls"))

@@ -46,15 +46,17 @@ def pair(lora_cfg, seed=0, cfg=SMALL):
     return ours, pm
 
 
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QWEN2 = ModelConfig(**{**SMALL.__dict__, "qkv_bias": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6})
 QWEN3 = ModelConfig(**{**SMALL.__dict__, "qk_norm": True, "explicit_head_dim": 24, "rope_theta": 1e6})
 
 
 @pytest.mark.parametrize("targets, cfg", [(("q_proj", "v_proj"), SMALL),
                                           (("k_proj", "o_proj", "gate_proj", "down_proj"), SMALL),
+                                          (ALL_LINEAR, SMALL),
                                           (("q_proj", "k_proj", "v_proj"), QWEN2),
                                           (("q_proj", "v_proj", "o_proj"), QWEN3)],
-                         ids=["llama-qv", "llama-mix", "qwen2", "qwen3"])
+                         ids=["llama-qv", "llama-mix", "llama-all", "qwen2", "qwen3"])
 def test_outputs_and_adapter_grads_match_peft(targets, cfg):
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=targets)
     ours, pm = pair(lora, cfg=cfg)
@@ -309,3 +311,59 @@ def test_adapters_cross_to_peft_and_back_for_every_family(tmp_path, family):
     with torch.no_grad():
         torch.testing.assert_close(back.logits(ids), pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
         assert (back.logits(ids) - eng.logits(ids)).abs().max() > 1e-3  # the second adapter is another one
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_shared_input_deltas_equal_each_adapter_alone_in_float64(with_bias):
+    """q/k/v (or gate/up) without dropout share one product with x: outputs and the gradients of x, every A and
+    every B equal each adapter's own path (float64, a hand-made ranks mix 4/2/3)."""
+    from lorabench.lora import LoRALinear, shared_input_deltas
+
+    g = torch.Generator().manual_seed(3)
+    mods = []
+    for out, r in ((12, 4), (6, 2), (6, 3)):
+        lin = torch.nn.Linear(10, out, bias=with_bias).double()
+        m = LoRALinear(lin, r, 2.0 * r + 1, 0.0)
+        with torch.no_grad():
+            m.lora_A.data = torch.randn(r, 10, generator=g, dtype=torch.float64)
+            m.lora_B.data = torch.randn(out, r, generator=g, dtype=torch.float64)
+        mods.append(m)
+    x = torch.randn(2, 5, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(2, 5, m.out_features, generator=g, dtype=torch.float64) for m in mods]
+
+    def grads(outs):
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        params = [x] + [p for m in mods for p in (m.lora_A, m.lora_B)]
+        return [o.detach() for o in outs], torch.autograd.grad(loss, params)
+
+    stacked, g_stacked = grads(shared_input_deltas(x, mods))
+    alone, g_alone = grads([m.delta(x) for m in mods])
+    for a, b in zip(stacked + list(g_stacked), alone + list(g_alone)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert all(t.abs().max() > 0 for t in g_stacked)
+
+
+def test_adapters_with_dropout_keep_their_own_masks():
+    """With dropout in training each adapter of a shared input draws its own mask (PEFT's independent dropout), so
+    the shared product (which has no dropout) must not serve them: training differs from evaluation, the same
+    seed gives the same deltas again, and evaluation equals the projection's own forward."""
+    from lorabench.model import shared_input
+
+    m = Llama(SMALL)
+    inject_lora(m, LoRAConfig(r=4, alpha=16, dropout=0.5, targets=("q_proj", "v_proj")))
+    m.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for p in m.parameters():
+        p.data.normal_(0, 0.1)
+    attn = m.layers[0].attn
+    x = torch.randn(1, 8, SMALL.hidden_size)
+    m.train()
+    torch.manual_seed(1)
+    q1, _, v1 = shared_input(x, (attn.q_proj, attn.k_proj, attn.v_proj))
+    torch.manual_seed(1)
+    q2, _, v2 = shared_input(x, (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert torch.equal(q1, q2) and torch.equal(v1, v2)
+    m.eval()
+    q0, _, v0 = shared_input(x, (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert not torch.allclose(q1, q0) and not torch.allclose(v1, v0)
+    torch.testing.assert_close(q0, attn.q_proj(x), rtol=1e-6, atol=1e-6)

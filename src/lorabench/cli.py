@@ -128,7 +128,9 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "a Triton kernel on a GPU, torch's Bernoulli kernel on a CPU)")
     g.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, help="block: keep only each "
                    "decoder block's input and recompute the block in the backward (less memory, ~1/3 more compute; "
-                   "default none)")
+                   "default none); matmuls: keep the matrix products' outputs, recompute the elementwise work. "
+                   "The reference and Unsloth engines take block too, as their own gradient checkpointing "
+                   "(Unsloth's keeps the inputs in host memory); the other flags here are the native engine's")
     g.add_argument("--fp8-grad", choices=tuple(GRAD_FORMATS), help="--precision fp8: the FP8 format input "
                    "gradients are quantized to, per token, for their GEMMs (default e4m3)")
 
@@ -364,7 +366,7 @@ def cmd_eval(a) -> int:
 
     from .assets import TINY_MMLU, TINY_MODEL
     from .config import LoRAConfig, ModelConfig
-    from .engines import build_engine
+    from .engines import build_engine, check_native_flags
     from .lora import read_adapter
     from .mmlu.evaluate import check_mmlu_options, evaluate_protocols, render_mmlu
     from .precision import default_eval_precision, get_precision
@@ -377,6 +379,7 @@ def cmd_eval(a) -> int:
         raise ConfigError("--mmlu is required: the MMLU folder (dev/ and test/ CSVs, or cais/mmlu parquet)")
     opts = mmlu_options(a, mmlu_dir)
     native = native_options(a)
+    check_native_flags(a.engine, native)
     subjects = check_mmlu_options(opts, model_dir)  # bad flags fail before the model loads
     device = resolve_device(a.device)
     precision = get_precision(a.precision or default_eval_precision(device))
@@ -416,21 +419,24 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def bench_overrides(a) -> list[str]:
-    """The ``lorabench run`` flags every bench row gets from bench's own overrides."""
-    out = []
+def bench_overrides(a) -> tuple[list[str], list[str]]:
+    """The ``lorabench run`` flags bench's own overrides give every row, and those (the native engine's tuning)
+    given to the native rows alone."""
+    out, native = [], []
     for flag, v in (("--precision", a.precision), ("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
                     ("--lora-r", a.lora_r), ("--lora-alpha", a.lora_alpha), ("--lora-targets", a.lora_targets),
-                    ("--lr", a.lr), ("--attn", a.attn), ("--attention", a.attention),
-                    ("--compile-mode", a.compile_mode), ("--dropout-mask", a.dropout_mask),
-                    ("--fp8-grad", a.fp8_grad), ("--activation-checkpointing", a.activation_checkpointing),
+                    ("--lr", a.lr), ("--attn", a.attn), ("--activation-checkpointing", a.activation_checkpointing),
                     ("--shard", a.shard)):
         if v is not None:
             out += [flag, str(v)]
+    for flag, v in (("--attention", a.attention), ("--compile-mode", a.compile_mode),
+                    ("--dropout-mask", a.dropout_mask), ("--fp8-grad", a.fp8_grad)):
+        if v is not None:
+            native += [flag, str(v)]
     for flag, v in (("fused-projections", a.fused_projections), ("compile", a.compile)):
         if v is not None:
-            out.append(f"--{'' if v else 'no-'}{flag}")
-    return out
+            native.append(f"--{'' if v else 'no-'}{flag}")
+    return out, native
 
 
 def cmd_bench(a) -> int:
@@ -464,9 +470,10 @@ def cmd_bench(a) -> int:
             raise ConfigError(f"--batch-size {a.batch_size!r}: give a positive integer or a comma-separated list "
                               "of them (e.g. 4,16,32)")
     run_dir = claim_run_dir(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench")
-    rows, floors = run_bench(engines, presets, model, a.steps, a.untimed_steps, a.device, run_dir,
-                             bench_overrides(a), a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes,
-                             rounds=a.rounds, nproc=a.nproc)
+    common, native = bench_overrides(a)
+    rows, floors = run_bench(engines, presets, model, a.steps, a.untimed_steps, a.device, run_dir, common,
+                             a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes, rounds=a.rounds,
+                             nproc=a.nproc, native_overrides=native)
     print(table(rows))
     versus = native_lines(rows)
     if versus:

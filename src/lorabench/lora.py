@@ -84,10 +84,18 @@ class LoRALinear(Adapter, nn.Module):
         self.grad_dtype = grad_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_linear(x, self.weight, self.weight_scale, self.grad_dtype)
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.base_forward(x)
         return y + self.delta(x) if self.enabled else y
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen projection alone (its bias included)."""
+        y = frozen_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def drops(self) -> bool:
+        """Whether the adapter's input is dropped out in this mode (dropout > 0, training)."""
+        return bool(self.dropout) and self.training
 
     def adapter_params(self) -> tuple[nn.Parameter, nn.Parameter]:
         return self.lora_A, self.lora_B
@@ -143,6 +151,41 @@ class _AdapterDelta(torch.autograd.Function):
             if mask is not None:
                 grad_x = torch.where(mask, grad_x * (1.0 / (1.0 - ctx.p)), 0)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+def shared_input_deltas(x: torch.Tensor, adapters: list[LoRALinear]) -> tuple[torch.Tensor, ...]:
+    """The deltas of several adapters that read the same ``x`` without dropout (q/k/v, gate/up), as one product
+    of x with their A matrices stacked ([sum r, in]): x is read once for the forward's x A^T, once for the
+    gradient of the stacked A and the input gradient is one product (instead of one of each per adapter). With
+    dropout each adapter drops its own mask (as PEFT's do), so their inputs differ: ``LoRALinear.delta`` each."""
+    a = torch.cat([m.lora_A for m in adapters]).to(x.dtype)
+    bs = [m.lora_B.to(x.dtype) for m in adapters]
+    return _StackedDelta.apply(x, a, tuple(m.r for m in adapters), tuple(m.scale for m in adapters), *bs)
+
+
+class _StackedDelta(torch.autograd.Function):
+    """``x a^T`` once ([..., sum r]), then each adapter's slice times its own B^T and scale."""
+
+    @staticmethod
+    def forward(ctx, x, a, ranks, scales, *bs):
+        xa = x @ a.t()
+        parts = xa.split(ranks, dim=-1)
+        ctx.save_for_backward(x, xa, a, *bs)
+        ctx.ranks, ctx.scales = ranks, scales
+        return tuple((p @ b.t()) * s for p, b, s in zip(parts, bs, scales))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, xa, a, *bs = ctx.saved_tensors
+        gxas, grad_bs = [], []
+        for g, b, s, p in zip(grads, bs, ctx.scales, xa.split(ctx.ranks, dim=-1)):
+            g = g * s
+            gxas.append(g @ b)
+            grad_bs.append(_rows(g).t() @ _rows(p))
+        gxa = torch.cat(gxas, dim=-1)
+        grad_a = _rows(gxa).t() @ _rows(x)
+        grad_x = gxa @ a if ctx.needs_input_grad[0] else None
+        return (grad_x, grad_a, None, None, *grad_bs)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .kernels.attention import ATTENTION_IMPLS, attend, sdpa_priority
 from .kernels.cross_entropy import frozen_head_cross_entropy
 from .kernels.fp8 import WEIGHT_FORMAT, fp8_linear
-from .lora import Adapter, LoRALinear
+from .lora import Adapter, LoRALinear, shared_input_deltas
 from .shapes import PROJECTIONS, projection_shapes
 
 
@@ -168,7 +168,7 @@ class Attention(nn.Module):
         kernels.attention.attend takes them."""
         B, T, _ = x.shape
         if self.qkv_weight is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = shared_input(x, (self.q_proj, self.k_proj, self.v_proj))
         else:
             q, k, v = fused_projections(x, self.qkv_weight, (self.q_proj, self.k_proj, self.v_proj),
                                         bias=getattr(self, "qkv_weight_bias", None))
@@ -214,7 +214,23 @@ def fused_projections(x, weight, parts, interleaved: bool = False, bias=None):
         outs = [y[..., i::len(parts)] for i in range(len(parts))]
     else:
         outs = y.split([p.weight.shape[0] for p in parts], dim=-1)
-    return tuple(o + p.delta(x) if isinstance(p, Adapter) and p.enabled else o for o, p in zip(outs, parts))
+    return with_deltas(x, outs, parts)
+
+
+def shared_input(x, parts) -> tuple:
+    """The outputs of projections ``parts`` that all read ``x`` (q/k/v, gate/up), one frozen GEMM each, plus
+    their adapters' deltas."""
+    return with_deltas(x, [p.base_forward(x) if isinstance(p, LoRALinear) else p(x) for p in parts], parts)
+
+
+def with_deltas(x, outs, parts) -> tuple:
+    """Each frozen output in ``outs`` plus its projection's adapter delta where it has an enabled one; adapters
+    without dropout in this mode share one product with x (lora.shared_input_deltas)."""
+    live = [i for i, p in enumerate(parts) if isinstance(p, Adapter) and p.enabled]
+    plain = [i for i in live if isinstance(parts[i], LoRALinear) and not parts[i].drops]
+    deltas = dict(zip(plain, shared_input_deltas(x, [parts[i] for i in plain]))) if len(plain) > 1 else {}
+    return tuple(o + (deltas[i] if i in deltas else parts[i].delta(x)) if i in live else o
+                 for i, o in enumerate(outs))
 
 
 class MLP(nn.Module):
@@ -227,7 +243,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up_weight is None:
-            g, u = self.gate_proj(x), self.up_proj(x)
+            g, u = shared_input(x, (self.gate_proj, self.up_proj))
         else:
             g, u = fused_projections(x, self.gate_up_weight, (self.gate_proj, self.up_proj), interleaved=True)
         return self.down_proj(F.silu(g) * u)

@@ -20,7 +20,7 @@ import torch
 from . import metrics as M
 from .assets import TINY_DATA, TINY_MODEL
 from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainConfig
-from .engines import Engine, NativeOptions, build_engine
+from .engines import Engine, NativeOptions, build_engine, check_native_flags
 from .mmlu.evaluate import MmluOptions
 from .precision import PRECISIONS, Precision, get_precision
 from .report import GIB, claim_run_dir, environment, render_report, write_json_atomic, write_text_atomic
@@ -149,6 +149,7 @@ def resolve(job: Job) -> Plan:
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     precision, tf32 = resolve_precision(job, device)
+    check_native_flags(job.engine, job.native)
     train = replace(job.train, precision=precision.name)
     cfg = model_config(job)
     if train.seq_len > cfg.max_position_embeddings:

@@ -246,10 +246,12 @@ def _cannot_run(engine: str, preset: str, overrides: list[str]) -> str | None:
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
               run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True,
-              batch_sizes: list[int | None] = (None,), rounds: int = 1, nproc: int = 1):
+              batch_sizes: list[int | None] = (None,), rounds: int = 1, nproc: int = 1,
+              native_overrides: list[str] = ()):
     """Run every engine x preset x batch size row (None: the preset's own), ``rounds`` times round after round,
-    compare them, and (on a GPU, unless ``floor`` is False) time the floor. Returns (rows, floors); writes
-    bench.json and bench.md to ``run_dir``."""
+    compare them, and (on a GPU, unless ``floor`` is False) time the floor. ``overrides``: flags of every row;
+    ``native_overrides``: of the native rows alone (the native engine's tuning, which other engines refuse).
+    Returns (rows, floors); writes bench.json and bench.md to ``run_dir``."""
     rows = []
     for k in range(1, rounds + 1):
         for preset in presets:
@@ -265,8 +267,9 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
                     log(f"bench: {name} ...", flush=True)
                     row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else "")
                                          + (f"__round{k}" if rounds > 1 else ""))
-                    row = run_row(engine, preset, model, steps, warmup, device, row_dir,
-                                  overrides + (["--batch-size", str(lbs)] if lbs else []), timeout, nproc=nproc)
+                    flags = overrides + (list(native_overrides) if engine == "native" else []) + \
+                        (["--batch-size", str(lbs)] if lbs else [])
+                    row = run_row(engine, preset, model, steps, warmup, device, row_dir, flags, timeout, nproc=nproc)
                     row["lbs"] = lbs
                     log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}",
                         flush=True)
@@ -278,7 +281,9 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
     floors = add_floors(rows, model, log) if floor and gpu else {}
     dev = next((r["device_name"] for r in rows if "device_name" in r), None)
     write_json_atomic(run_dir / "bench.json", {"device_name": dev, "model": model, "steps": steps, "warmup": warmup,
-                                               "overrides": overrides, "batch_sizes": list(batch_sizes),
+                                               "overrides": overrides,
+                                               "native_overrides": list(native_overrides),
+                                               "batch_sizes": list(batch_sizes),
                                                "rounds": rounds, "rows": rows, "floors": floors})
     each = f", median of {rounds} rounds" if rounds > 1 else ""
     text = f"# lorabench bench: {model}, {steps} steps ({warmup} warm-up){each}, {dev}\n\n{table(rows)}\n"

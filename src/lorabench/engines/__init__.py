@@ -6,6 +6,7 @@ stack, with ``reference+liger`` and ``reference+compile`` as the strongest off-t
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ from ..precision import Precision, get_precision
 from .base import Engine, canonical_adapters
 from .native import NativeOptions
 
-__all__ = ["ENGINES", "Engine", "NativeOptions", "build_engine", "canonical_adapters", "precision_problem"]
+__all__ = ["ENGINES", "Engine", "NativeOptions", "build_engine", "canonical_adapters", "check_native_flags",
+           "precision_problem"]
 
 ENGINES = ("native", "reference", "reference+liger", "reference+compile", "unsloth", "unsloth-fp8")
 
@@ -33,6 +35,23 @@ def precision_problem(name: str, precision: Precision) -> str | None:
     return None
 
 
+OTHER_ENGINE_CHECKPOINTING = ("none", "block")
+"""--activation-checkpointing on the reference and Unsloth engines: "block" is each stack's own (transformers'
+gradient checkpointing of every decoder layer; Unsloth's, which keeps the layers' inputs in host memory)."""
+
+
+def check_native_flags(name: str, given: NativeOptions):
+    """Refuse a native-engine tuning flag (``given``: the options as the user set them, before defaults) for
+    another engine, which would run without it while the command line said otherwise."""
+    if name == "native":
+        return
+    set_ = [f for f, v in asdict(given).items() if v is not None and f != "activation_checkpointing"]
+    if set_:
+        flags = ", ".join("--" + f.replace("_", "-") for f in set_)
+        raise ConfigError(f"{flags}: native engine tuning; --engine {name} does not take it (drop it, or run "
+                          "--engine native)")
+
+
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
                  device: torch.device, precision: Precision | str, seed: int,
                  native: NativeOptions | None = None, attn: str = "eager", sharder=None) -> Engine:
@@ -44,6 +63,10 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
     why = precision_problem(name, precision) if name in ENGINES else None
     if why:
         raise ConfigError(why)
+    checkpointing = (native.activation_checkpointing if native is not None else None) or "none"
+    if name != "native" and checkpointing not in OTHER_ENGINE_CHECKPOINTING:
+        raise ConfigError(f"--activation-checkpointing {checkpointing} is the native engine's; --engine {name} has "
+                          f"{', '.join(OTHER_ENGINE_CHECKPOINTING)}")
     if name == "native":
         from .native import NativeEngine
 
@@ -54,10 +77,11 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
         from .reference import ReferenceEngine
 
         return ReferenceEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype,
-                               seed=seed, attn=attn, variant=name.partition("+")[2] or None)
+                               seed=seed, attn=attn, variant=name.partition("+")[2] or None,
+                               checkpointing=checkpointing)
     if name in ("unsloth", "unsloth-fp8"):
         from .unsloth import UnslothEngine
 
         return UnslothEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                             fp8=name == "unsloth-fp8")
+                             fp8=name == "unsloth-fp8", checkpointing=checkpointing)
     raise ConfigError(f"--engine: unknown {name!r}; choose from {', '.join(ENGINES)}")

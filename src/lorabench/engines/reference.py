@@ -90,7 +90,9 @@ class ReferenceEngine(PeftEngine):
     name = "reference"
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 attn: str = "eager", variant: str | None = None):
+                 attn: str = "eager", variant: str | None = None, checkpointing: str = "none"):
+        """``checkpointing`` "block": transformers' gradient checkpointing of every decoder layer (non-reentrant,
+        so the frozen embeddings need no gradient; dropout masks replayed from the saved RNG state)."""
         _require()
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -118,6 +120,12 @@ class ReferenceEngine(PeftEngine):
             base.set_attn_implementation(attn)
         stream = random_hf_weights(model_cfg, seed, device, dtype) if model_dir is None else iter_checkpoint(model_dir)
         load_into(base, stream, False, "random init" if model_dir is None else str(model_dir))
+        self.checkpointing = checkpointing
+        if checkpointing == "block":  # transformers 5.2x's name, and the older one
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, peft_cfg)
@@ -138,4 +146,4 @@ class ReferenceEngine(PeftEngine):
     def describe(self) -> dict:
         numerics = ("FlagPerf's fp16: model.half() after get_peft_model (fp16 adapters), autocast, GradScaler, "
                     "fused AdamW" if self.half else "PEFT: adapters in fp32, no autocast")
-        return {"attn": self.attn, "numerics": numerics}
+        return {"attn": self.attn, "numerics": numerics, "activation_checkpointing": self.checkpointing}

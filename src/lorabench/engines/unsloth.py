@@ -5,8 +5,10 @@ instead of ours, driven by the same loop, timing and report as every engine.
 FP8 LoRA: rowwise FP8 forward GEMMs via torchao, input gradients through the dequantized weight; REFERENCE section
 6b). Unsloth reads an HF model folder: ``--model-dir`` as given, or for ``--init random`` a folder of the
 canonical random weights (checkpoint.random_hf_weights, the same every engine starts from) written once per shape,
-seed and dtype and reused, to /dev/shm where it fits, else to the cache folder. No gradient checkpointing (no
-engine here recomputes), the adapters start from the canonical values as in every engine.
+seed and dtype and reused, to /dev/shm where it fits, else to the cache folder. Gradient checkpointing only with
+``--activation-checkpointing block``, then Unsloth's own (``use_gradient_checkpointing="unsloth"``: each decoder
+layer's input kept in host memory and the layer recomputed); the adapters start from the canonical values as in
+every engine.
 
 Optional and CUDA-only: absent, or on a CPU, building it fails with one line saying what to do. Offline:
 HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE and UNSLOTH_DISABLE_STATISTICS are set before Unsloth is imported.
@@ -89,7 +91,7 @@ class UnslothEngine(PeftEngine):
     name = "unsloth"
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 fp8: bool = False):
+                 fp8: bool = False, checkpointing: str = "none"):
         self.name = "unsloth-fp8" if fp8 else "unsloth"
         FastLanguageModel = _import_unsloth(device, self.name)
         if dtype not in (torch.bfloat16, torch.float16):
@@ -97,12 +99,14 @@ class UnslothEngine(PeftEngine):
         self.model_cfg, self.lora_cfg, self.model_dir, self.fp8 = model_cfg, lora, model_dir, fp8
         source = Path(model_dir) if model_dir is not None else random_hf_dir(model_cfg, seed, dtype, device)
         kw = {"load_in_fp8": True} if fp8 else {}
+        self.checkpointing = checkpointing
+        recompute = "unsloth" if checkpointing == "block" else False
         model, _ = FastLanguageModel.from_pretrained(
             str(source), max_seq_length=model_cfg.max_position_embeddings, dtype=dtype, load_in_4bit=False,
-            use_gradient_checkpointing=False, device_map={"": device.index or 0}, **kw)
+            use_gradient_checkpointing=recompute, device_map={"": device.index or 0}, **kw)
         self.model = FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=list(lora.targets), lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            bias="none", use_gradient_checkpointing=False, random_state=seed)
+            bias="none", use_gradient_checkpointing=recompute, random_state=seed)
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         self._fwd = self.model
         self._source = source
@@ -111,4 +115,6 @@ class UnslothEngine(PeftEngine):
         import unsloth
 
         return {"unsloth": getattr(unsloth, "__version__", None), "load_in_fp8": self.fp8,
+                "activation_checkpointing": "unsloth's (inputs in host memory)" if self.checkpointing == "block"
+                else "none",
                 "weights": str(self._source), "numerics": "Unsloth's (its get_peft_model's adapter dtype)"}

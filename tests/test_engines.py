@@ -460,3 +460,32 @@ def test_matmuls_checkpointing_is_the_native_engines():
     with pytest.raises(ConfigError, match="--activation-checkpointing matmuls is the native engine's"):
         build_engine("reference", SMALL, LoRAConfig(), model_dir=None, device=CPU, precision="fp32", seed=0,
                      native=NativeOptions(activation_checkpointing="matmuls"))
+
+
+def test_adapter_inputs_policy_saves_less_and_trains_the_same():
+    """--activation-checkpointing adapter-inputs (compiled blocks, adapters on all seven projections, no dropout):
+    the same loss and adapter gradients as "none", with fewer bytes saved for the backward (the norms' and SwiGLU's
+    outputs recomputed instead of kept)."""
+    from lorabench.config import ConfigError
+
+    all_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=all_linear)
+    ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=2)).long()
+    runs = {}
+    for policy in ("none", "adapter-inputs"):
+        eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
+                           native=NativeOptions(activation_checkpointing=policy, compile=True))
+        with torch.no_grad():
+            for _, b in eng.adapters().values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        runs[policy] = _saved_bytes_and_grads(eng, ids)
+    (full, loss0, g0), (less, loss1, g1) = runs["none"], runs["adapter-inputs"]
+    tokens, layers = ids.numel(), SMALL.num_hidden_layers
+    # at least SwiGLU's output and one norm's output a layer fewer (fp32: 4 bytes an element)
+    assert full - less >= layers * tokens * (SMALL.intermediate_size + SMALL.hidden_size) * 4, (full, less)
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="adapter-inputs works through the compiled blocks"):
+        build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
+                     native=NativeOptions(activation_checkpointing="adapter-inputs"))

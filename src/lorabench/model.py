@@ -328,7 +328,8 @@ class Llama(nn.Module):
         if layers is self.eval_layers:  # a batch size equal to a fixed size of the model (e.g. head_dim) would
             torch._dynamo.maybe_mark_dynamic(x, 0)  # otherwise be taken for it and specialised: a second graph
         with sdpa_priority(self.attention):
-            recompute = self.activation_checkpointing != "none" and torch.is_grad_enabled() and kv_caches is None
+            recompute = self.activation_checkpointing in ("block", "matmuls") and torch.is_grad_enabled() and \
+                kv_caches is None
             context = {"context_fn": keep_matmul_outputs} if self.activation_checkpointing == "matmuls" else {}
             for i, layer in enumerate(layers):
                 if recompute:  # keep each block's input (and with "matmuls" its products); the backward runs the

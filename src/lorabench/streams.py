@@ -27,8 +27,8 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
         shape = (f"{job.model_dir or job.model_preset}, {t.precision}, --batch-size {t.batch_size}, --seq-len "
                  f"{t.seq_len}, --grad-accum {t.grad_accum}, LoRA r{job.lora.r} on {','.join(job.lora.targets)}")
         native = job.engine == "native"
-        if native:
-            shape += f", --activation-checkpointing {plan.native.activation_checkpointing}"
+        policy = plan.native.activation_checkpointing
+        shape += f", --activation-checkpointing {policy}"
         held = ""
         if plan.device.type == "cuda":
             total = torch.cuda.get_device_properties(plan.device).total_memory
@@ -37,7 +37,7 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
         tries = []
         if t.batch_size > 1:
             tries.append(f"--batch-size {t.batch_size // 2} --grad-accum {2 * t.grad_accum} (the same global batch)")
-        if native and plan.native.activation_checkpointing == "none":
+        if policy not in ("block", "matmuls"):  # every engine takes block (engines.OTHER_ENGINE_CHECKPOINTING)
             tries.append("--activation-checkpointing block")
         if native and t.precision in ("bf16", "fp16", "fp32", "tf32"):
             tries.append("--precision fp8 (Ada/Hopper)" if t.precision in ("bf16", "fp16") else "--precision bf16")

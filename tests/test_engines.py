@@ -452,6 +452,8 @@ def test_native_tuning_flags_are_refused_for_other_engines(flags, message):
         check_native_flags("reference", NativeOptions(**flags))
     check_native_flags("native", NativeOptions(**flags))
     check_native_flags("reference", NativeOptions(activation_checkpointing="block"))
+    with pytest.raises(ConfigError, match="--activation-checkpointing matmuls is the native engine's"):
+        check_native_flags("unsloth", NativeOptions(activation_checkpointing="matmuls"))
 
 
 def test_matmuls_checkpointing_is_the_native_engines():

@@ -50,6 +50,13 @@ def check_native_flags(name: str, given: NativeOptions):
         flags = ", ".join("--" + f.replace("_", "-") for f in set_)
         raise ConfigError(f"{flags}: native engine tuning; --engine {name} does not take it (drop it, or run "
                           "--engine native)")
+    _check_other_checkpointing(name, given.activation_checkpointing or "none")
+
+
+def _check_other_checkpointing(name: str, policy: str):
+    if policy not in OTHER_ENGINE_CHECKPOINTING:
+        raise ConfigError(f"--activation-checkpointing {policy} is the native engine's; --engine {name} has "
+                          f"{', '.join(OTHER_ENGINE_CHECKPOINTING)}")
 
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
@@ -64,9 +71,8 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
     if why:
         raise ConfigError(why)
     checkpointing = (native.activation_checkpointing if native is not None else None) or "none"
-    if name != "native" and checkpointing not in OTHER_ENGINE_CHECKPOINTING:
-        raise ConfigError(f"--activation-checkpointing {checkpointing} is the native engine's; --engine {name} has "
-                          f"{', '.join(OTHER_ENGINE_CHECKPOINTING)}")
+    if name != "native":
+        _check_other_checkpointing(name, checkpointing)
     if name == "native":
         from .native import NativeEngine
 

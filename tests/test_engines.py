@@ -491,3 +491,33 @@ def test_adapter_inputs_policy_saves_less_and_trains_the_same():
     with pytest.raises(ConfigError, match="adapter-inputs works through the compiled blocks"):
         build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
                      native=NativeOptions(activation_checkpointing="adapter-inputs"))
+
+
+def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
+    """--activation-checkpointing offload: each decoder block's input (and nothing else) goes through the host
+    copy, and loss and adapter gradients are block checkpointing's exactly (dropout 0.05: the masks replayed)."""
+    import lorabench.model as lm
+    import lorabench.recompute as rc
+
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.05)
+    ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=2)).long()
+    moved = []
+    monkeypatch.setattr(lm, "checkpointed", lambda layer, policy, x, *args: rc.checkpointed(
+        layer, policy, x, *args, on_pack=lambda t: moved.append(t.shape)))
+    runs = {}
+    for policy in ("block", "offload"):
+        eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
+                           native=NativeOptions(activation_checkpointing=policy))
+        with torch.no_grad():
+            for _, b in eng.adapters().values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        runs[policy] = _saved_bytes_and_grads(eng, ids)
+    assert moved == [torch.Size([2, 32, SMALL.hidden_size])] * SMALL.num_hidden_layers
+    (_, loss0, g0), (_, loss1, g1) = runs["block"], runs["offload"]
+    assert loss1 == loss0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    with pytest.raises(Exception, match="--activation-checkpointing offload is the native engine's; --engine "
+                                        "reference has none, block"):
+        build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
+                     native=NativeOptions(activation_checkpointing="offload"))

@@ -6,12 +6,10 @@ upcast to fp32 before the cross-entropy. Weights come in through ``checkpoint.py
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from .config import ModelConfig
@@ -19,6 +17,7 @@ from .kernels.attention import ATTENTION_IMPLS, attend, sdpa_priority
 from .kernels.cross_entropy import frozen_head_cross_entropy
 from .kernels.fp8 import WEIGHT_FORMAT, fp8_linear
 from .lora import Adapter, LoRALinear, shared_input_deltas
+from .recompute import RECOMPUTING, checkpointed
 from .shapes import PROJECTIONS, projection_shapes
 
 
@@ -65,30 +64,6 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, offse
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-@functools.cache
-def _kept_ops() -> frozenset:
-    """The aten ops whose outputs ``--activation-checkpointing matmuls`` keeps (those this torch has)."""
-    names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention")
-    return frozenset(getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n))
-
-
-def keep_matmul_outputs():
-    """Selective checkpointing's contexts for ``--activation-checkpointing matmuls``: the outputs of matrix
-    products (frozen projections, adapters, the FP8 GEMMs) and of attention kernels are saved, everything else is
-    recomputed in the backward."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    keep = _kept_ops()
-
-    def policy(ctx, op, *args, **kwargs):
-        packet = getattr(op, "overloadpacket", op)
-        return CheckpointPolicy.MUST_SAVE if packet in keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return create_selective_checkpoint_contexts(policy)
 
 
 def training_mask(positions: torch.Tensor | None, window: int | None, t: int, device):
@@ -328,14 +303,12 @@ class Llama(nn.Module):
         if layers is self.eval_layers:  # a batch size equal to a fixed size of the model (e.g. head_dim) would
             torch._dynamo.maybe_mark_dynamic(x, 0)  # otherwise be taken for it and specialised: a second graph
         with sdpa_priority(self.attention):
-            recompute = self.activation_checkpointing in ("block", "matmuls") and torch.is_grad_enabled() and \
+            recompute = self.activation_checkpointing in RECOMPUTING and torch.is_grad_enabled() and \
                 kv_caches is None
-            context = {"context_fn": keep_matmul_outputs} if self.activation_checkpointing == "matmuls" else {}
             for i, layer in enumerate(layers):
                 if recompute:  # keep each block's input (and with "matmuls" its products); the backward runs the
                     # rest of the block again, drawing the same dropout masks (the RNG state is replayed)
-                    x, kv = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, None,
-                                                              use_reentrant=False, **context)
+                    x, kv = checkpointed(layer, self.activation_checkpointing, x, cos, sin, attn_mask, None)
                 else:
                     x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
                 if return_kv:

@@ -37,8 +37,10 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
         tries = []
         if t.batch_size > 1:
             tries.append(f"--batch-size {t.batch_size // 2} --grad-accum {2 * t.grad_accum} (the same global batch)")
-        if policy not in ("block", "matmuls"):  # every engine takes block (engines.OTHER_ENGINE_CHECKPOINTING)
+        if policy in ("none", "adapter-inputs"):  # every engine takes block (engines.OTHER_ENGINE_CHECKPOINTING)
             tries.append("--activation-checkpointing block")
+        elif policy == "block" and (native or job.engine.startswith("unsloth")):
+            tries.append("--activation-checkpointing offload (the blocks' inputs in host memory)")
         if native and t.precision in ("bf16", "fp16", "fp32", "tf32"):
             tries.append("--precision fp8 (Ada/Hopper)" if t.precision in ("bf16", "fp16") else "--precision bf16")
         if t.seq_len > 512:

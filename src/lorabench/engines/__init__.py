@@ -35,9 +35,10 @@ def precision_problem(name: str, precision: Precision) -> str | None:
     return None
 
 
-OTHER_ENGINE_CHECKPOINTING = ("none", "block")
-"""--activation-checkpointing on the reference and Unsloth engines: "block" is each stack's own (transformers'
-gradient checkpointing of every decoder layer; Unsloth's, which keeps the layers' inputs in host memory)."""
+OTHER_ENGINE_CHECKPOINTING = {"reference": ("none", "block"), "unsloth": ("none", "block", "offload")}
+"""--activation-checkpointing on the reference and Unsloth engines (by engine family), each stack's own: block is
+transformers' gradient checkpointing of every decoder layer (Unsloth: ``use_gradient_checkpointing=True``),
+offload Unsloth's ``"unsloth"`` mode, which keeps each layer's input in host memory."""
 
 
 def check_native_flags(name: str, given: NativeOptions):
@@ -54,9 +55,10 @@ def check_native_flags(name: str, given: NativeOptions):
 
 
 def _check_other_checkpointing(name: str, policy: str):
-    if policy not in OTHER_ENGINE_CHECKPOINTING:
+    takes = OTHER_ENGINE_CHECKPOINTING.get(name.partition("+")[0].removesuffix("-fp8"), ("none",))
+    if policy not in takes:
         raise ConfigError(f"--activation-checkpointing {policy} is the native engine's; --engine {name} has "
-                          f"{', '.join(OTHER_ENGINE_CHECKPOINTING)}")
+                          f"{', '.join(takes)}")
 
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,

@@ -24,7 +24,7 @@ from ..precision import Precision
 from ..shapes import projection_shapes
 from .base import Engine, canonical_adapters
 
-ACTIVATION_CHECKPOINTING = ("none", "block", "matmuls", "adapter-inputs")
+ACTIVATION_CHECKPOINTING = ("none", "block", "offload", "matmuls", "adapter-inputs")
 """What the training forward keeps for the backward (NativeOptions.activation_checkpointing)."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """torch.compile's modes for the training blocks (reduce-overhead: CUDA graphs)."""
@@ -60,7 +60,9 @@ class NativeOptions:
     activation_checkpointing: str | None = None
     """One of ACTIVATION_CHECKPOINTING: "none" (default) keeps every activation the backward needs; "block" keeps
     only each decoder block's input and recomputes the block in the backward (about one more forward pass of the
-    blocks per step, for a fraction of the activation memory: long sequences, large models); "matmuls" keeps the
+    blocks per step, for a fraction of the activation memory: long sequences, large models); "offload" is "block"
+    with the blocks' inputs in host memory (copied out and back on a side stream; recompute.py), so the GPU's share
+    no longer grows with the layers (its speed on a GPU is not measured yet); "matmuls" keeps the
     cheap-to-keep, costly-to-recompute tensors, the outputs of the block's matrix products and attention, and
     recomputes only the elementwise work between them (norms, RoPE, SwiGLU, dropout masks: model.py);
     "adapter-inputs" keeps what "none" keeps but the inputs of adapters without dropout (the norms' outputs,

@@ -5,10 +5,10 @@ instead of ours, driven by the same loop, timing and report as every engine.
 FP8 LoRA: rowwise FP8 forward GEMMs via torchao, input gradients through the dequantized weight; REFERENCE section
 6b). Unsloth reads an HF model folder: ``--model-dir`` as given, or for ``--init random`` a folder of the
 canonical random weights (checkpoint.random_hf_weights, the same every engine starts from) written once per shape,
-seed and dtype and reused, to /dev/shm where it fits, else to the cache folder. Gradient checkpointing only with
-``--activation-checkpointing block``, then Unsloth's own (``use_gradient_checkpointing="unsloth"``: each decoder
-layer's input kept in host memory and the layer recomputed); the adapters start from the canonical values as in
-every engine.
+seed and dtype and reused, to /dev/shm where it fits, else to the cache folder. Gradient checkpointing only as
+``--activation-checkpointing`` says: ``block`` is Unsloth's ``use_gradient_checkpointing=True`` (each decoder
+layer recomputed), ``offload`` its ``"unsloth"`` mode (each layer's input also kept in host memory); the adapters
+start from the canonical values as in every engine.
 
 Optional and CUDA-only: absent, or on a CPU, building it fails with one line saying what to do. Offline:
 HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE and UNSLOTH_DISABLE_STATISTICS are set before Unsloth is imported.
@@ -100,7 +100,7 @@ class UnslothEngine(PeftEngine):
         source = Path(model_dir) if model_dir is not None else random_hf_dir(model_cfg, seed, dtype, device)
         kw = {"load_in_fp8": True} if fp8 else {}
         self.checkpointing = checkpointing
-        recompute = "unsloth" if checkpointing == "block" else False
+        recompute = {"none": False, "block": True, "offload": "unsloth"}[checkpointing]
         model, _ = FastLanguageModel.from_pretrained(
             str(source), max_seq_length=model_cfg.max_position_embeddings, dtype=dtype, load_in_4bit=False,
             use_gradient_checkpointing=recompute, device_map={"": device.index or 0}, **kw)
@@ -115,6 +115,5 @@ class UnslothEngine(PeftEngine):
         import unsloth
 
         return {"unsloth": getattr(unsloth, "__version__", None), "load_in_fp8": self.fp8,
-                "activation_checkpointing": "unsloth's (inputs in host memory)" if self.checkpointing == "block"
-                else "none",
+                "activation_checkpointing": self.checkpointing,
                 "weights": str(self._source), "numerics": "Unsloth's (its get_peft_model's adapter dtype)"}

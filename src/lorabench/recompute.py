@@ -1,0 +1,117 @@
+"""What a training forward keeps for the backward (``--activation-checkpointing``), for the native engine's blocks.
+
+- ``block``: each decoder block's input only; the backward runs the block again (torch's non-reentrant
+  checkpoint, which replays the RNG state, so the dropout masks come out the same).
+- ``offload``: ``block`` with each block's input kept in host memory instead of on the GPU: copied out on a side
+  stream as the forward goes on and back before the block's recomputation (``offloaded``), so the GPU holds the
+  weights, one block's recomputation and the loss head's chunks whatever the number of layers. The stack most
+  users compare with (Unsloth) does the same with its own checkpointing.
+- ``matmuls``: selective checkpointing that keeps the outputs of matrix products and attention and recomputes the
+  elementwise work between them (``keep_matmul_outputs``).
+- ``adapter-inputs`` is not a checkpoint: lora.fresh.
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+
+import torch
+import torch.utils.checkpoint
+
+RECOMPUTING = ("block", "offload", "matmuls")
+"""The policies that run the blocks under torch's checkpoint."""
+
+
+@functools.cache
+def _kept_ops() -> frozenset:
+    """The aten ops whose outputs ``--activation-checkpointing matmuls`` keeps (those this torch has)."""
+    names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention")
+    return frozenset(getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n))
+
+
+def keep_matmul_outputs():
+    """Selective checkpointing's contexts for ``--activation-checkpointing matmuls``: the outputs of matrix
+    products (frozen projections, adapters, the FP8 GEMMs) and of attention kernels are saved, everything else is
+    recomputed in the backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = _kept_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        packet = getattr(op, "overloadpacket", op)
+        return CheckpointPolicy.MUST_SAVE if packet in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+class _HostCopy:
+    """A tensor's copy in (pinned, on CUDA) host memory, written on ``stream`` after the work that made it."""
+
+    def __init__(self, t: torch.Tensor, stream):
+        self.device = t.device
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        self.event = None
+        if t.is_cuda:
+            stream.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(stream):
+                self.host.copy_(t, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(stream)
+            t.record_stream(stream)  # its memory is not reused before the copy is done
+        else:
+            self.host.copy_(t)
+
+    def back(self) -> torch.Tensor:
+        if self.event is None:
+            return self.host.clone()
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+        return self.host.to(self.device, non_blocking=True)
+
+
+_STREAMS: dict = {}
+
+
+@contextmanager
+def offloaded(like: torch.Tensor, on_pack=None):
+    """Within this context, tensors saved for the backward with ``like``'s shape and dtype (a block's input, as
+    torch's checkpoint saves it) go to host memory and come back when the backward unpacks them; other saved
+    tensors (RoPE tables, masks) stay where they are. ``on_pack`` (tests): called with each tensor moved out."""
+    stream = None
+    if like.is_cuda:
+        stream = _STREAMS.setdefault(like.device, torch.cuda.Stream(like.device))
+    shape, dtype = like.shape, like.dtype
+
+    def pack(t: torch.Tensor):
+        if t.shape != shape or t.dtype != dtype:
+            return t
+        if on_pack is not None:
+            on_pack(t)
+        return _HostCopy(t, stream)
+
+    def unpack(p):
+        return p.back() if isinstance(p, _HostCopy) else p
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def checkpointed(layer, policy: str, x, *args, on_pack=None):
+    """``layer(x, *args)`` under ``policy`` (one of RECOMPUTING)."""
+    context = {"context_fn": keep_matmul_outputs} if policy == "matmuls" else {}
+    if policy != "offload":
+        return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False, **context)
+    moved = []
+
+    def count(t):
+        moved.append(1)
+        if on_pack is not None:
+            on_pack(t)
+
+    with offloaded(x, count):
+        out = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+    if not moved:  # a torch whose checkpoint holds its inputs itself: they would silently stay on the device
+        raise RuntimeError(f"--activation-checkpointing offload: torch {torch.__version__}'s checkpoint keeps its "
+                           "inputs outside the saved-tensor hooks, so they cannot go to host memory; use block")
+    return out

@@ -33,6 +33,11 @@ TABLE = {  # row -> lorabench bench flags (README, "Results")
                            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lora-r", "16",
                            "--lora-alpha", "32", "--lora-dropout", "0"],
 }
+for _seq in (16384, 32768, 65536, 131072):  # Llama-3.1-8B long context, both stacks keeping inputs on the host
+    TABLE[f"long-{_seq // 1024}k"] = ["--model", "llama3.1-8b", "--presets", "bf16", "--engines", "native,unsloth",
+                                     "--batch-size", "1", "--seq-len", str(_seq), "--activation-checkpointing",
+                                     "offload", "--steps", "4" if _seq < 131072 else "3", "--untimed-steps",
+                                     "2" if _seq < 131072 else "1", "--no-floor"]
 
 
 def table(a, extra: list[str]) -> int:

@@ -521,3 +521,43 @@ def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
                                         "reference has none, block"):
         build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
                      native=NativeOptions(activation_checkpointing="offload"))
+
+
+@pytest.mark.parametrize("policy, passed", [("none", False), ("block", True), ("offload", "unsloth")])
+def test_unsloth_engine_passes_its_checkpointing_mode(policy, passed, tmp_path, monkeypatch):
+    """Without a GPU, Unsloth's FastLanguageModel stood in by a recorder over transformers + PEFT: the engine asks
+    for the checkpointing mode the policy names (in both calls), starts from the canonical adapters and records
+    the policy in describe()."""
+    import sys
+    import types
+
+    import lorabench.engines.unsloth as un
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import hf_model
+
+    calls = []
+
+    class FakeFastLanguageModel:
+        @staticmethod
+        def from_pretrained(path, **kw):
+            calls.append(("from_pretrained", kw["use_gradient_checkpointing"]))
+            return hf_model(SMALL).to(kw["dtype"]), None
+
+        @staticmethod
+        def get_peft_model(model, r, target_modules, lora_alpha, lora_dropout, use_gradient_checkpointing, **kw):
+            calls.append(("get_peft_model", use_gradient_checkpointing))
+            return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                    target_modules=target_modules, task_type="CAUSAL_LM"))
+
+    monkeypatch.setattr(un, "_import_unsloth", lambda device, name: FakeFastLanguageModel)
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(__version__="fake"))
+    lora = LoRAConfig(r=4, alpha=16)
+    eng = un.UnslothEngine(SMALL, lora, model_dir=tmp_path, device=CPU, dtype=torch.bfloat16, seed=0,
+                           checkpointing=policy)
+    assert calls == [("from_pretrained", passed), ("get_peft_model", passed)]
+    assert eng.describe()["activation_checkpointing"] == policy
+    want = canonical_adapters(SMALL, lora, 0)
+    assert set(eng.adapters()) == set(want)
+    for k, (a, b) in eng.adapters().items():
+        torch.testing.assert_close(a.float(), want[k][0].float(), rtol=0, atol=0)

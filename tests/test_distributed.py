@@ -104,10 +104,11 @@ def sharded_copy_of_the_tiny_model(where):
 @pytest.mark.parametrize("nproc, sharded_dir, engine, shard", [
     (2, False, "native", "fsdp"), (4, False, "native", "fsdp"), (2, True, "native", "fsdp"),
     (2, False, "reference", "fsdp"), (4, False, "native", "hsdp --shard-group-size 2"),
-    (2, False, "native", "fsdp --activation-checkpointing block")])
+    (2, False, "native", "fsdp --activation-checkpointing block"),
+    (2, False, "native", "fsdp --compile --activation-checkpointing offload")])
 def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine, shard):
-    """--shard fsdp (FSDP2 over gloo; hsdp: two replicas of two shards): N ranks holding a shard of every block
-    each train as one process with N
+    """--shard fsdp (FSDP2 over gloo; hsdp: two replicas of two shards; compiled blocks with their inputs offloaded,
+    against one eager process): N ranks holding a shard of every block each train as one process with N
     micro-batches of accumulation: losses, eval loss, each step's gradient norm (recorded under a clip that never
     bites; AdamW's steps hide a gradient's scale, the norm does not) and the whole adapters gathered from the shards.
     Tolerances: float32 sums in another order (~1e-7 relative); for the adapters, AdamW divides each gradient by

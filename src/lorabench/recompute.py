@@ -3,9 +3,9 @@
 - ``block``: each decoder block's input only; the backward runs the block again (torch's non-reentrant
   checkpoint, which replays the RNG state, so the dropout masks come out the same).
 - ``offload``: ``block`` with each block's input kept in host memory instead of on the GPU: copied out on a side
-  stream as the forward goes on and back before the block's recomputation (``offloaded``), so the GPU holds the
-  weights, one block's recomputation and the loss head's chunks whatever the number of layers. The stack most
-  users compare with (Unsloth) does the same with its own checkpointing.
+  stream as the forward goes on and back before the block's recomputation (``offloaded``), so what the GPU
+  holds no longer grows by a [tokens, hidden] tensor a layer. The stack most users compare with (Unsloth) does
+  the same with its own checkpointing.
 - ``matmuls``: selective checkpointing that keeps the outputs of matrix products and attention and recomputes the
   elementwise work between them (``keep_matmul_outputs``).
 - ``adapter-inputs`` is not a checkpoint: lora.fresh.

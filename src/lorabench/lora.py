@@ -105,7 +105,7 @@ class LoRALinear(Adapter, nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """dropout(x) A^T B^T * scale (callers skip it while the adapter is disabled)."""
         mask = None
-        if self.dropout and self.training:
+        if self.drops:
             mask = keep_mask(x, self.dropout, self.mask_impl, self.salt)  # kept with probability 1 - p
         return adapter_delta(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), mask, self.dropout, self.scale,
                              self.fresh_input)

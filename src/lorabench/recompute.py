@@ -77,15 +77,20 @@ _STREAMS: dict = {}
 def offloaded(like: torch.Tensor, on_pack=None):
     """Within this context, tensors saved for the backward with ``like``'s shape and dtype (a block's input, as
     torch's checkpoint saves it) go to host memory and come back when the backward unpacks them; other saved
-    tensors (RoPE tables, masks) stay where they are. ``on_pack`` (tests): called with each tensor moved out."""
+    tensors (RoPE tables, masks) stay where they are. Yields the list of the shapes moved out, filled as they go;
+    ``on_pack`` (tests): called with each tensor moved out."""
     stream = None
-    if like.is_cuda:
-        stream = _STREAMS.setdefault(like.device, torch.cuda.Stream(like.device))
+    if like.is_cuda:  # one side stream a device, made once
+        if like.device not in _STREAMS:
+            _STREAMS[like.device] = torch.cuda.Stream(like.device)
+        stream = _STREAMS[like.device]
     shape, dtype = like.shape, like.dtype
+    moved = []
 
     def pack(t: torch.Tensor):
         if t.shape != shape or t.dtype != dtype:
             return t
+        moved.append(t.shape)
         if on_pack is not None:
             on_pack(t)
         return _HostCopy(t, stream)
@@ -94,7 +99,7 @@ def offloaded(like: torch.Tensor, on_pack=None):
         return p.back() if isinstance(p, _HostCopy) else p
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+        yield moved
 
 
 def checkpointed(layer, policy: str, x, *args, on_pack=None):
@@ -102,14 +107,7 @@ def checkpointed(layer, policy: str, x, *args, on_pack=None):
     context = {"context_fn": keep_matmul_outputs} if policy == "matmuls" else {}
     if policy != "offload":
         return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False, **context)
-    moved = []
-
-    def count(t):
-        moved.append(1)
-        if on_pack is not None:
-            on_pack(t)
-
-    with offloaded(x, count):
+    with offloaded(x, on_pack) as moved:
         out = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
     if not moved:  # a torch whose checkpoint holds its inputs itself: they would silently stay on the device
         raise RuntimeError(f"--activation-checkpointing offload: torch {torch.__version__}'s checkpoint keeps its "

@@ -89,12 +89,9 @@ class NativeOptions:
         if precision.fp8_weights and self.fused_projections:
             raise ConfigError("--fused-projections does not apply to --precision fp8 (each FP8 projection keeps "
                               "its own per-channel scales); leave it off")
-        if self.activation_checkpointing == "adapter-inputs" and not (gpu if self.compile is None else self.compile):
-            raise ConfigError("--activation-checkpointing adapter-inputs works through the compiled blocks' "
-                              "recomputation; add --compile (the default on a GPU)")
         if self.fp8_grad is not None and not precision.fp8_weights:
             raise ConfigError(f"--fp8-grad applies to --precision fp8 only, not {precision.name}")
-        return replace(
+        resolved = replace(
             self,
             attention=self.attention or (GPU_ATTENTION.get(precision.name, "sdpa") if gpu else "sdpa"),
             fused_projections=(gpu and precision.tf32) if self.fused_projections is None else self.fused_projections,
@@ -104,6 +101,10 @@ class NativeOptions:
             fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_weights else None,
             activation_checkpointing=self.activation_checkpointing or "none",
         )
+        if resolved.activation_checkpointing == "adapter-inputs" and not resolved.compile:
+            raise ConfigError("--activation-checkpointing adapter-inputs works through the compiled blocks' "
+                              "recomputation; add --compile (the default on a GPU)")
+        return resolved
 
 
 class NativeEngine(Engine):

@@ -10,10 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the flag or file and what to do."""
-
+from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3")
 

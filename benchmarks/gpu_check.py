@@ -197,16 +197,18 @@ def check_compiled_engine(dev):
 
 def check_offload(dev):
     """--activation-checkpointing offload against block on the device (bf16, eager, 8 layers of the 7B width,
-    seq 4096, dropout 0.05): loss and adapter gradients must be bit-equal (the same kernels; only where the
-    blocks' inputs wait differs), and the peak memory lower by about the inputs' size (8 x 32 MiB here)."""
+    seq 4096, dropout 0.05): loss and adapter gradients as block's to within block's own run-to-run difference
+    (bit for bit where block repeats itself: the same kernels, only where the blocks' inputs wait differs), block
+    within 1e-2 of no checkpointing (the dropout masks replayed: other masks move the gradients by O(1)), and the
+    peak memory lower by about the inputs' size (8 x 32 MiB here)."""
     cfg = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     data = torch.from_numpy(synthetic_chunks(1, 4096, cfg.vocab_size)).long().to(dev)
     print("\n| policy | loss | peak allocated MiB | step ms (3rd) |\n|---|---|---|---|")
     out = {}
-    for policy in ("block", "offload"):
+    for name in ("none", "block", "block again", "offload"):
         eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, precision="bf16", seed=0,
-                           native=NativeOptions(compile=False, activation_checkpointing=policy))
+                           native=NativeOptions(compile=False, activation_checkpointing=name.split()[0]))
         eng.train()
         for k in range(3):
             for p in eng.trainable_params():
@@ -221,15 +223,23 @@ def check_offload(dev):
             loss.backward()
             t1.record()
             torch.cuda.synchronize()
-        grad = torch.cat([p.grad.flatten() for p in eng.trainable_params()])
-        out[policy] = (loss.item(), grad, torch.cuda.max_memory_allocated(dev) / 2**20)
-        print(f"| {policy} | {loss.item():.6f} | {out[policy][2]:.0f} | {t0.elapsed_time(t1):.1f} |")
+        grad = torch.cat([p.grad.flatten() for p in eng.trainable_params()]).float()
+        out[name] = (loss.item(), grad, torch.cuda.max_memory_allocated(dev) / 2**20)
+        print(f"| {name} | {loss.item():.6f} | {out[name][2]:.0f} | {t0.elapsed_time(t1):.1f} |")
         del eng
         torch.cuda.empty_cache()
-    same = out["block"][0] == out["offload"][0] and torch.equal(out["block"][1], out["offload"][1])
-    print(f"offload equals block bit for bit: {same}; peak {out['block'][2] - out['offload'][2]:.0f} MiB lower")
-    if not same:
-        MISSES.append("offload: loss or adapter gradients differ from block")
+
+    def rel(a, b):
+        return ((out[a][1] - out[b][1]).norm() / out[b][1].norm()).item()
+
+    noise, off, replay = rel("block again", "block"), rel("offload", "block"), rel("block", "none")
+    print(f"adapter gradients, relative: block again vs block {noise:.1e}, offload vs block {off:.1e} "
+          f"(bit for bit: {torch.equal(out['offload'][1], out['block'][1])}), block vs none {replay:.1e}; "
+          f"offload's peak {out['block'][2] - out['offload'][2]:.0f} MiB below block's")
+    if off > 2 * noise or (noise == 0 and out["offload"][0] != out["block"][0]):
+        MISSES.append(f"offload: adapter gradients {off:.1e} from block's, past block's own {noise:.1e}")
+    if replay > 1e-2:
+        MISSES.append(f"block: adapter gradients {replay:.1e} from no checkpointing's (masks not replayed?)")
 
 
 if __name__ == "__main__":

@@ -523,6 +523,37 @@ def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
                      native=NativeOptions(activation_checkpointing="offload"))
 
 
+@pytest.mark.parametrize("policy", ["block", "offload"])
+def test_recomputed_blocks_attend_under_the_forwards_kernel_priority(policy, monkeypatch):
+    """The backward's recomputation runs each block under the SDPA kernel priority of the forward (--attention):
+    outside it an H200 picked flash in the recomputation where the forward had cuDNN, whose saved tensors differ
+    in shape, and torch's checkpoint stopped the backward (eager, 2026-12-01)."""
+    import contextlib
+
+    import lorabench.model as lm
+
+    depth, calls = [0], []
+
+    @contextlib.contextmanager
+    def priority(impl):
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    real_attend = lm.attend
+    monkeypatch.setattr(lm, "sdpa_priority", priority)
+    monkeypatch.setattr(lm, "attend", lambda *a, **k: calls.append(depth[0] > 0) or real_attend(*a, **k))
+    eng = build_engine("native", SMALL, LoRAConfig(r=4, alpha=16, dropout=0.05), model_dir=None, device=CPU,
+                       precision="fp32", seed=0, native=NativeOptions(activation_checkpointing=policy))
+    ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=2)).long()
+    loss = eng.loss(ids, ids)
+    assert len(calls) == SMALL.num_hidden_layers and all(calls)
+    loss.backward()
+    assert len(calls) == 2 * SMALL.num_hidden_layers and all(calls)  # each block attended again, under it
+
+
 @pytest.mark.parametrize("policy, passed", [("none", False), ("block", True), ("offload", "unsloth")])
 def test_unsloth_engine_passes_its_checkpointing_mode(policy, passed, tmp_path, monkeypatch):
     """Without a GPU, Unsloth's FastLanguageModel stood in by a recorder over transformers + PEFT: the engine asks

@@ -21,6 +21,16 @@ from .recompute import RECOMPUTING, checkpointed
 from .shapes import PROJECTIONS, projection_shapes
 
 
+def _under_priority(layer, attention: str):
+    """``layer`` run under ``attention``'s SDPA kernel priority, also when the backward's checkpoint runs it again
+    (outside the forward's context): else the recomputation may pick another kernel (flash for cuDNN, on an H200
+    in eager mode), whose saved tensors differ in shape, and torch's checkpoint stops the backward."""
+    def run(*args):
+        with sdpa_priority(attention):
+            return layer(*args)
+    return run
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -308,7 +318,8 @@ class Llama(nn.Module):
             for i, layer in enumerate(layers):
                 if recompute:  # keep each block's input (and with "matmuls" its products); the backward runs the
                     # rest of the block again, drawing the same dropout masks (the RNG state is replayed)
-                    x, kv = checkpointed(layer, self.activation_checkpointing, x, cos, sin, attn_mask, None)
+                    x, kv = checkpointed(_under_priority(layer, self.attention), self.activation_checkpointing, x,
+                                         cos, sin, attn_mask, None)
                 else:
                     x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
                 if return_kv:

@@ -20,7 +20,7 @@ def reference(h, w, labels):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, c, v, chunk_rows", [(37, 24, 101, 8), (64, 32, 500, 64), (5, 16, 33, 1)])
 def test_frozen_head_ce_matches_plain_cross_entropy(dtype, n, c, v, chunk_rows, monkeypatch):
-    monkeypatch.setattr(ce_mod, "_CHUNK_ELEMS", chunk_rows * v)  # several chunks, a ragged last one
+    monkeypatch.setattr(ce_mod, "_CHUNK_ROWS", chunk_rows)  # several chunks, a ragged last one
     g = torch.Generator().manual_seed(n + v)
     h0 = torch.randn(n, c, generator=g).to(dtype)
     w = (torch.randn(v, c, generator=g) * 0.3).to(dtype)
@@ -42,7 +42,7 @@ def test_compiled_chunks_match_plain_cross_entropy(dtype, monkeypatch):
     """The compiled chunk graph (used with compiled blocks) gives the same loss and gradient, ragged chunk too."""
     import torch._dynamo
 
-    monkeypatch.setattr(ce_mod, "_CHUNK_ELEMS", 16 * 211)
+    monkeypatch.setattr(ce_mod, "_CHUNK_ROWS", 16)
     g = torch.Generator().manual_seed(5)
     h0 = torch.randn(40, 24, generator=g).to(dtype)
     w = (torch.randn(211, 24, generator=g) * 0.3).to(dtype)

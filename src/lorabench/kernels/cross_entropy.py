@@ -18,16 +18,18 @@ import functools
 
 import torch
 
-# Rows per chunk so that one chunk's fp32 logits stay near 128 MiB (1024 rows at V = 32000).
-_CHUNK_ELEMS = 1 << 25
+# Rows of h per chunk. Fewer, larger chunks run the head faster: forward and backward over 8,192 tokens of hidden
+# 4096 on an H200 (2026-12-01, benchmarks/ce_chunks.py, each setting compiled afresh) took 35.8 ms at V = 128,256
+# with the 261 rows that a 128 MiB budget of fp32 logits gave, 31.4 at 512 and 29.6 at 1024 (1.2 GiB more at the
+# peak); at V = 32,000 1024 rows took what 1048 did (7.7 ms). A multiple of the GEMMs' 128/256-row tiles.
+_CHUNK_ROWS = 1024
 _LIFT = 1024.0
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, compiled: bool) -> torch.Tensor:
-        n_rows, vocab = h.shape[0], weight.shape[0]
-        chunk = max(1, _CHUNK_ELEMS // vocab)
+        n_rows, chunk = h.shape[0], _CHUNK_ROWS
         valid = labels != -100
         n_valid = valid.sum().clamp(min=1).to(torch.float32)
         need_grad = ctx.needs_input_grad[0]

@@ -5,13 +5,16 @@ median round of each, and B / A as the median of the ratios within rounds (``ben
     git worktree add /tmp/before <commit>      # or: git archive <commit> src | tar -x -C /tmp/before
     PYTHONPATH=src python benchmarks/ab.py --a /tmp/before/src --b src --preset bf16 --batch-size 16 --rounds 3
 
-Exits 1 if any row failed. Flags after ``--`` go to every row (e.g. ``-- --lora-dropout 0``).
+Exits 1 if any row failed. Flags after ``--`` go to every row (e.g. ``-- --lora-dropout 0``); ``--b-flags`` go to
+B's rows only, so one tree against itself measures a flag (``--a src --b src --b-flags="--activation-checkpointing
+adapter-inputs"``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,25 +36,28 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--run-dir", type=Path, default=Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-ab")
+    ap.add_argument("--b-flags", default="", help="more `lorabench run` flags for B's rows only (one string)")
     ap.add_argument("extra", nargs="*", help="more `lorabench run` flags for every row (after --)")
     a = ap.parse_args(argv)
     for src in (a.a, a.b):
         if not (src / "lorabench" / "__init__.py").is_file():
             ap.error(f"{src}: no lorabench/ package here (give the src/ folder of a checkout)")
     overrides = a.extra + (["--batch-size", str(a.batch_size)] if a.batch_size else [])
+    flags = {"A": overrides, "B": overrides + shlex.split(a.b_flags)}
     rows = []
     for k in range(1, a.rounds + 1):
         for label, src in (("A", a.a), ("B", a.b)):
             env = {**os.environ, "PYTHONPATH": str(src.resolve())}
             row = run_row(a.engine, a.preset, a.model, a.steps, a.untimed_steps, a.device,
-                          a.run_dir / f"{label}_round{k}", overrides, a.timeout, env=env)
+                          a.run_dir / f"{label}_round{k}", flags[label], a.timeout, env=env)
             row = {**row, "engine": label, "round": k}
             print(f"round {k} {label}: {row.get('error') or format(row['tokens_per_s_per_chip'], ',.0f') + ' tok/s'}",
                   flush=True)
             rows.append(row)
     failed = [r for r in rows if "error" in r]
     best = {r["engine"]: r for r in combine_rounds(rows) if "error" not in r}
-    summary = {"a": str(a.a), "b": str(a.b), "preset": a.preset, "overrides": overrides, "rows": rows}
+    summary = {"a": str(a.a), "b": str(a.b), "preset": a.preset, "overrides": overrides, "b_flags": a.b_flags,
+               "rows": rows}
     if len(best) == 2:
         ratio, each = speedup(best["B"], best["A"])
         summary.update(ratio_b_over_a=ratio, round_ratios=each)

@@ -113,6 +113,8 @@ def test_native_defaults_follow_the_precision_and_device():
     assert auto.resolve(P["bf16"], cuda).compile and not auto.resolve(P["bf16"], cpu).compile
     assert auto.resolve(P["bf16"], cpu).dropout_mask == "philox16"
     assert auto.resolve(P["bf16"], cpu).compile_mode == "default"
+    assert [auto.resolve(P["bf16"], d, p).activation_checkpointing for d, p in (
+        (cuda, 0.0), (cuda, 0.05), (cpu, 0.0), (cuda, None))] == ["adapter-inputs", "none", "none", "none"]
     mine = NativeOptions(attention="flash", fused_projections=False, compile=False, compile_mode="reduce-overhead",
                          dropout_mask="inline", activation_checkpointing="block")
     assert mine.resolve(P["tf32"], cuda) == mine
@@ -421,3 +423,21 @@ def test_run_on_alpaca_records_and_a_template(tmp_path, capsys):
     assert main(common + ["--data", str(g), "--prompt-template", "{question} {reply}",
                           "--run-dir", str(tmp_path / "bad")]) == 2
     assert "qa.csv: row 2: missing column 'reply'" in capsys.readouterr().err
+
+
+def test_every_module_imports_first():
+    """Each top-level module of the package imports in a fresh interpreter as the first one (precision.py once
+    failed so, on config.py's presets needing precision.py half-way through its own import); the subpackages'
+    modules import through these."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import lorabench
+
+    names = [m.name for m in pkgutil.iter_modules(lorabench.__path__, "lorabench.") if m.name != "lorabench.__main__"]
+    assert "lorabench.precision" in names and "lorabench.runner" in names
+    procs = {n: subprocess.Popen([sys.executable, "-c", f"import {n}"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE) for n in names}
+    bad = {n: p.communicate()[1].decode().strip().splitlines()[-1:] for n, p in procs.items()}
+    assert not {n: e for n, e in bad.items() if procs[n].returncode}

@@ -50,6 +50,18 @@ def test_resolve_refuses_before_any_data_is_read(change, message, monkeypatch):
         run_job(job)
 
 
+@pytest.mark.parametrize("engine, policy", [("native", "adapter-inputs"), ("reference", "none"), ("unsloth", "none")])
+def test_adapter_inputs_is_the_default_of_native_compiled_blocks_at_dropout_0_only(engine, policy, monkeypatch):
+    """On a GPU (here only its device, for resolve) at LoRA dropout 0 the native engine defaults to adapter-inputs;
+    another engine keeps none (bench once handed the native default to its Unsloth row, which refused it)."""
+    import lorabench.runner as runner
+
+    monkeypatch.setattr(runner, "resolve_device", lambda name: torch.device("cuda"))
+    job = tiny_job()
+    job = replace(job, engine=engine, train=replace(job.train, precision="bf16"), lora=replace(job.lora, dropout=0.0))
+    assert resolve(job).native.activation_checkpointing == policy
+
+
 def test_stages_composed_by_hand_give_run_jobs_result():
     job = tiny_job(data=str(TINY_DATA))
     plan = resolve(job)

@@ -194,8 +194,8 @@ def resolve(job: Job) -> Plan:
 
         subjects = check_mmlu_options(job.mmlu, job.model_dir)
     nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    return Plan(job, device, precision, train, tf32, cfg, job.native.resolve(precision, device), subjects, rank,
-                world, nnodes)
+    native = job.native.resolve(precision, device, job.lora.dropout if job.engine == "native" else None)
+    return Plan(job, device, precision, train, tf32, cfg, native, subjects, rank, world, nnodes)
 
 
 TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"

@@ -78,7 +78,7 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
     if name == "native":
         from .native import NativeEngine
 
-        options = (native or NativeOptions()).resolve(precision, device)
+        options = (native or NativeOptions()).resolve(precision, device, lora.dropout)
         return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
                             options=options, sharder=sharder)
     if name == "reference" or name.startswith("reference+"):

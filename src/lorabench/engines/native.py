@@ -58,7 +58,8 @@ class NativeOptions:
     eight mask elements per Philox call, on a CPU torch's Bernoulli kernel; inline measured 0.7% slower at bf16
     LBS 16 on an H200, 2026-11-28)."""
     activation_checkpointing: str | None = None
-    """One of ACTIVATION_CHECKPOINTING: "none" (default) keeps every activation the backward needs; "block" keeps
+    """One of ACTIVATION_CHECKPOINTING (default: "adapter-inputs" for compiled blocks with LoRA dropout 0, else
+    "none"). "none" keeps every activation the backward needs; "block" keeps
     only each decoder block's input and recomputes the block in the backward (about one more forward pass of the
     blocks per step, for a fraction of the activation memory: long sequences, large models); "offload" is "block"
     with the blocks' inputs in host memory (copied out and back on a side stream; recompute.py), so the GPU's share
@@ -66,9 +67,11 @@ class NativeOptions:
     cheap-to-keep, costly-to-recompute tensors, the outputs of the block's matrix products and attention, and
     recomputes only the elementwise work between them (norms, RoPE, SwiGLU, dropout masks: model.py);
     "adapter-inputs" keeps what "none" keeps but the inputs of adapters without dropout (the norms' outputs,
-    SwiGLU's), which the compiled block recomputes in the backward (lora.fresh; needs --compile): with adapters
-    on all seven projections and no dropout, about 310 MB a layer less at the 7B shape, LBS 16 x 512 (from a CPU
-    trace; the speed cost, an extra pass over each recomputed tensor, is not measured on a GPU yet)."""
+    SwiGLU's), which the compiled block recomputes in the backward (lora.fresh; needs --compile; with dropout
+    every adapter's input is recomputed anyway, so it changes nothing there): with adapters on all seven
+    projections r16 and no dropout at the 7B shape, LBS 16 x 512, on an H200 (2026-12-01, two rounds alternating)
+    46.3 -> 37.4 GiB peak for 0.76% fewer tokens/s (18,982 -> 18,848), which is why it is the default there
+    (benchmarks/NOTES.md item 52); "none" is the faster by that much."""
     fp8_grad: str | None = None
     """Under --precision fp8, the FP8 format the input gradients are quantized to (per row) for their GEMMs, one of
     kernels.fp8.GRAD_FORMATS (default e4m3; see kernels/fp8.py)."""
@@ -83,23 +86,28 @@ class NativeOptions:
             if value is not None and value not in choices:
                 raise ConfigError(f"--{field} {value!r}: choose from {', '.join(choices)}")
 
-    def resolve(self, precision: Precision, device: torch.device) -> "NativeOptions":
-        """These options with every None replaced by the default for ``precision`` on ``device``."""
+    def resolve(self, precision: Precision, device: torch.device,
+                lora_dropout: float | None = None) -> "NativeOptions":
+        """These options with every None replaced by the default for ``precision`` on ``device`` and adapters
+        with ``lora_dropout``; None: for another engine, which takes only the checkpointing policy from here
+        (so never the native-only adapter-inputs as a default)."""
         gpu = device.type == "cuda"
         if precision.fp8_weights and self.fused_projections:
             raise ConfigError("--fused-projections does not apply to --precision fp8 (each FP8 projection keeps "
                               "its own per-channel scales); leave it off")
         if self.fp8_grad is not None and not precision.fp8_weights:
             raise ConfigError(f"--fp8-grad applies to --precision fp8 only, not {precision.name}")
+        compile = gpu if self.compile is None else self.compile
         resolved = replace(
             self,
             attention=self.attention or (GPU_ATTENTION.get(precision.name, "sdpa") if gpu else "sdpa"),
             fused_projections=(gpu and precision.tf32) if self.fused_projections is None else self.fused_projections,
-            compile=gpu if self.compile is None else self.compile,
+            compile=compile,
             compile_mode=self.compile_mode or "default",
             dropout_mask=self.dropout_mask or MASK_IMPLS[0],
             fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_weights else None,
-            activation_checkpointing=self.activation_checkpointing or "none",
+            activation_checkpointing=self.activation_checkpointing or (
+                "adapter-inputs" if compile and lora_dropout == 0 else "none"),
         )
         if resolved.activation_checkpointing == "adapter-inputs" and not resolved.compile:
             raise ConfigError("--activation-checkpointing adapter-inputs works through the compiled blocks' "

@@ -495,15 +495,25 @@ def test_adapter_inputs_policy_saves_less_and_trains_the_same():
 
 def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
     """--activation-checkpointing offload: each decoder block's input (and nothing else) goes through the host
-    copy, and loss and adapter gradients are block checkpointing's exactly (dropout 0.05: the masks replayed)."""
+    copy, each is fetched back before the block after it is recomputed (so the transfer overlaps that block's
+    backward), and loss and adapter gradients are block checkpointing's exactly (dropout 0.05: masks replayed)."""
     import lorabench.model as lm
     import lorabench.recompute as rc
 
     lora = LoRAConfig(r=4, alpha=16, dropout=0.05)
     ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=2)).long()
-    moved = []
-    monkeypatch.setattr(lm, "checkpointed", lambda layer, policy, x, *args: rc.checkpointed(
-        layer, policy, x, *args, on_pack=lambda t: moved.append(t.shape)))
+    moved, log = [], []
+
+    def logged(layer, policy, x, *args, chain=None):
+        i = len(chain)  # this block's place in the forward
+
+        def run(*a):
+            log.append(("run", i))
+            return layer(*a)
+        return rc.checkpointed(run, policy, x, *args, chain=chain, on_pack=lambda t: moved.append(t.shape),
+                               on_fetch=lambda copy: log.append(("fetch", chain.index(copy))))
+
+    monkeypatch.setattr(lm, "checkpointed", logged)
     runs = {}
     for policy in ("block", "offload"):
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
@@ -512,7 +522,14 @@ def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
             for _, b in eng.adapters().values():
                 b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
         runs[policy] = _saved_bytes_and_grads(eng, ids)
-    assert moved == [torch.Size([2, 32, SMALL.hidden_size])] * SMALL.num_hidden_layers
+    n = SMALL.num_hidden_layers
+    assert moved == [torch.Size([2, 32, SMALL.hidden_size])] * n
+    # block's forward and recomputation first (2n runs, nothing fetched), then offload's forward and backward
+    assert len(log) == 5 * n and log[2 * n:3 * n] == [("run", i) for i in range(n)]
+    backward = log[3 * n:]
+    assert sorted(e for e in backward if e[0] == "fetch") == [("fetch", i) for i in range(n)]
+    for i in range(1, n):  # block i - 1's input is on its way before block i runs again
+        assert backward.index(("fetch", i - 1)) < backward.index(("run", i))
     (_, loss0, g0), (_, loss1, g1) = runs["block"], runs["offload"]
     assert loss1 == loss0
     for a, b in zip(g0, g1):

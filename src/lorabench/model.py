@@ -315,11 +315,12 @@ class Llama(nn.Module):
         with sdpa_priority(self.attention):
             recompute = self.activation_checkpointing in RECOMPUTING and torch.is_grad_enabled() and \
                 kv_caches is None
+            chain = []  # offload: the blocks' host copies, each fetched back during the next one's backward
             for i, layer in enumerate(layers):
                 if recompute:  # keep each block's input (and with "matmuls" its products); the backward runs the
                     # rest of the block again, drawing the same dropout masks (the RNG state is replayed)
                     x, kv = checkpointed(_under_priority(layer, self.attention), self.activation_checkpointing, x,
-                                         cos, sin, attn_mask, None)
+                                         cos, sin, attn_mask, None, chain=chain)
                 else:
                     x, kv = layer(x, cos, sin, attn_mask, None if kv_caches is None else kv_caches[i])
                 if return_kv:

@@ -3,9 +3,9 @@
 - ``block``: each decoder block's input only; the backward runs the block again (torch's non-reentrant
   checkpoint, which replays the RNG state, so the dropout masks come out the same).
 - ``offload``: ``block`` with each block's input kept in host memory instead of on the GPU: copied out on a side
-  stream as the forward goes on and back before the block's recomputation (``offloaded``), so what the GPU
-  holds no longer grows by a [tokens, hidden] tensor a layer. The stack most users compare with (Unsloth) does
-  the same with its own checkpointing.
+  stream as the forward goes on and back on it while the block after it runs its backward (``offloaded``), so
+  what the GPU holds no longer grows by a [tokens, hidden] tensor a layer (it holds one, the next to be used).
+  The stack most users compare with (Unsloth) does the same with its own checkpointing.
 - ``matmuls``: selective checkpointing that keeps the outputs of matrix products and attention and recomputes the
   elementwise work between them (``keep_matmul_outputs``).
 - ``adapter-inputs`` is not a checkpoint: lora.fresh.
@@ -47,12 +47,15 @@ def keep_matmul_outputs():
 
 
 class _HostCopy:
-    """A tensor's copy in (pinned, on CUDA) host memory, written on ``stream`` after the work that made it."""
+    """A tensor's copy in (pinned, on CUDA) host memory, written on ``stream`` after the work that made it.
+    ``previous``: the copy of the block before this one in the forward, whose recomputation comes next in the
+    backward: it is fetched back to the device on ``stream`` as soon as this one comes back (``back``), so its
+    transfer overlaps this block's backward instead of stalling the next one."""
 
-    def __init__(self, t: torch.Tensor, stream):
-        self.device = t.device
+    def __init__(self, t: torch.Tensor, stream, previous: "_HostCopy | None" = None, on_fetch=None):
+        self.device, self.stream, self.previous, self.on_fetch = t.device, stream, previous, on_fetch
         self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
-        self.event = None
+        self.event = self.fetched = None
         if t.is_cuda:
             stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(stream):
@@ -63,28 +66,53 @@ class _HostCopy:
         else:
             self.host.copy_(t)
 
-    def back(self) -> torch.Tensor:
+    def fetch(self):
+        """Start the copy back to the device (once)."""
+        if self.fetched is not None:
+            return
+        if self.on_fetch is not None:
+            self.on_fetch(self)
         if self.event is None:
-            return self.host.clone()
-        torch.cuda.current_stream(self.device).wait_event(self.event)
-        return self.host.to(self.device, non_blocking=True)
+            self.fetched = (self.host.clone(), None)
+            return
+        with torch.cuda.stream(self.stream):  # after the copy out, on the same stream
+            t = self.host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.fetched = (t, done)
+
+    def back(self) -> torch.Tensor:
+        """The tensor on its device, ready for the current stream; starts fetching the previous block's."""
+        self.fetch()
+        t, done = self.fetched
+        self.fetched = None  # the device copy is the autograd graph's from here (a second backward fetches again)
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+            t.record_stream(torch.cuda.current_stream(self.device))  # made on the side stream, used here
+        if self.previous is not None:
+            self.previous.fetch()
+            self.previous = None
+        return t
 
 
 _STREAMS: dict = {}
 
 
 @contextmanager
-def offloaded(like: torch.Tensor, on_pack=None):
+def offloaded(like: torch.Tensor, on_pack=None, chain: list | None = None, on_fetch=None):
     """Within this context, tensors saved for the backward with ``like``'s shape and dtype (a block's input, as
     torch's checkpoint saves it) go to host memory and come back when the backward unpacks them; other saved
-    tensors (RoPE tables, masks) stay where they are. Yields the list of the shapes moved out, filled as they go;
-    ``on_pack`` (tests): called with each tensor moved out."""
+    tensors (RoPE tables, masks) stay where they are. ``chain``: the copies this forward made so far (in block
+    order, appended to here): the last one is fetched back when this block's comes back. Yields the list of the
+    shapes moved out, filled as they go; ``on_pack``/``on_fetch`` (tests): called with each tensor moved out and
+    each copy as its fetch starts."""
     stream = None
     if like.is_cuda:  # one side stream a device, made once
         if like.device not in _STREAMS:
             _STREAMS[like.device] = torch.cuda.Stream(like.device)
         stream = _STREAMS[like.device]
     shape, dtype = like.shape, like.dtype
+    chain = [] if chain is None else chain
     moved = []
 
     def pack(t: torch.Tensor):
@@ -93,7 +121,8 @@ def offloaded(like: torch.Tensor, on_pack=None):
         moved.append(t.shape)
         if on_pack is not None:
             on_pack(t)
-        return _HostCopy(t, stream)
+        chain.append(_HostCopy(t, stream, chain[-1] if chain else None, on_fetch))
+        return chain[-1]
 
     def unpack(p):
         return p.back() if isinstance(p, _HostCopy) else p
@@ -102,12 +131,13 @@ def offloaded(like: torch.Tensor, on_pack=None):
         yield moved
 
 
-def checkpointed(layer, policy: str, x, *args, on_pack=None):
-    """``layer(x, *args)`` under ``policy`` (one of RECOMPUTING)."""
+def checkpointed(layer, policy: str, x, *args, chain: list | None = None, on_pack=None, on_fetch=None):
+    """``layer(x, *args)`` under ``policy`` (one of RECOMPUTING); ``chain`` (offload): one list for every block
+    of a forward, so that each block's input is fetched back while the block after it runs its backward."""
     context = {"context_fn": keep_matmul_outputs} if policy == "matmuls" else {}
     if policy != "offload":
         return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False, **context)
-    with offloaded(x, on_pack) as moved:
+    with offloaded(x, on_pack, chain, on_fetch) as moved:
         out = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
     if not moved:  # a torch whose checkpoint holds its inputs itself: they would silently stay on the device
         raise RuntimeError(f"--activation-checkpointing offload: torch {torch.__version__}'s checkpoint keeps its "

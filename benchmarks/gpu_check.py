@@ -199,8 +199,10 @@ def check_offload(dev):
     """--activation-checkpointing offload against block on the device (bf16, eager, 8 layers of the 7B width,
     seq 4096, dropout 0.05): loss and adapter gradients as block's to within block's own run-to-run difference
     (bit for bit where block repeats itself: the same kernels, only where the blocks' inputs wait differs), block
-    within 1e-2 of no checkpointing (the dropout masks replayed: other masks move the gradients by O(1)), and the
-    peak memory lower by about the inputs' size (8 x 32 MiB here)."""
+    within 0.1 of no checkpointing (the dropout masks replayed: masks drawn afresh change the dropped input by
+    ~sqrt(2p) = 0.32 of its norm at p = 0.05, while on an H200 the same policy run twice differed by 0.7-1.1e-2,
+    the attention backward not being deterministic), and the peak memory lower by about the inputs' size (8 x 32
+    MiB here)."""
     cfg = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     data = torch.from_numpy(synthetic_chunks(1, 4096, cfg.vocab_size)).long().to(dev)
@@ -238,7 +240,7 @@ def check_offload(dev):
           f"offload's peak {out['block'][2] - out['offload'][2]:.0f} MiB below block's")
     if off > 2 * noise or (noise == 0 and out["offload"][0] != out["block"][0]):
         MISSES.append(f"offload: adapter gradients {off:.1e} from block's, past block's own {noise:.1e}")
-    if replay > 1e-2:
+    if replay > 0.1:
         MISSES.append(f"block: adapter gradients {replay:.1e} from no checkpointing's (masks not replayed?)")
 
 

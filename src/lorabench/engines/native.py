@@ -63,7 +63,7 @@ class NativeOptions:
     recomputes the block in the backward (about one more forward pass of the blocks per step, for a fraction of
     the activation memory: long sequences, large models); "offload" is "block" with the blocks' inputs in host
     memory (copied out and back on a side stream; recompute.py), so the GPU's share no longer grows with the
-    layers (Llama-3.1-8B at 16k on an H200: 17.7 GiB instead of 21.6, 1.5% slower); "matmuls" keeps the
+    layers (Llama-3.1-8B at 16k on an H200: 17.9 GiB instead of 21.6, 0.24% slower); "matmuls" keeps the
     cheap-to-keep, costly-to-recompute tensors, the outputs of the block's matrix products and attention, and
     recomputes only the elementwise work between them (norms, RoPE, SwiGLU, dropout masks: model.py);
     "adapter-inputs" keeps what "none" keeps but the inputs of adapters without dropout (the norms' outputs,

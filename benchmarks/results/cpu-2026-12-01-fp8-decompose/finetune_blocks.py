@@ -2,8 +2,8 @@
 dialogues in file order) in fp8 with the frozen weights' scales per 128 x 128 block instead of per output channel
 (CPU emulation; activations and gradients per token as the engine does): item 57. Run from the repository root:
 python benchmarks/results/cpu-2026-12-01-fp8-decompose/finetune_blocks.py MODEL_DIR OUT_DIR [--control]
-(--control: the same fine-tune in bf16 with the loss head in 512-row chunks instead of 1024, the same maths rounded
-otherwise, for the noise floor of the comparison)."""
+(--control: the same fine-tune in bf16 with attention as two matmuls instead of SDPA's kernel, the same maths
+rounded otherwise, for the noise floor of the comparison)."""
 import sys
 from pathlib import Path
 
@@ -73,11 +73,9 @@ def init(self, *a, **k):
 N.NativeEngine.__init__ = init
 F._Fp8Linear = ByWeight
 model_dir, out = sys.argv[1], sys.argv[2]
-if len(sys.argv) > 3 and sys.argv[3] == "--control":  # bf16 with the loss head in 512-row chunks: other rounding
-    import lorabench.kernels.cross_entropy as CE
-    F._Fp8Linear, CE._CHUNK_ROWS = None, 512
+control = len(sys.argv) > 3 and sys.argv[3] == "--control"  # bf16, attention as two matmuls: other rounding
 data = ROOT / "src" / "lorabench" / "assets" / "samsum-tiny"
-precision = "bf16" if len(sys.argv) > 3 else "fp8"
-sys.exit(main(["run", "--model-dir", model_dir, "--data", str(data), "--device", "cpu", "--precision", precision,
+sys.exit(main(["run", "--model-dir", model_dir, "--data", str(data), "--device", "cpu"] +
+              (["--precision", "bf16", "--attention", "matmul"] if control else ["--precision", "fp8"]) + [
                "--max-steps", "200", "--epochs", "100", "--seq-len", "128", "--batch-size", "4", "--lr", "1e-4",
                "--no-mmlu", "--no-progress", "--no-save-adapter", "--run-dir", out, "--overwrite"]))

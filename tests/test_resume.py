@@ -97,6 +97,19 @@ def test_periodic_checkpoints_resume_from_the_last_one(tmp_path, monkeypatch):
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
 
 
+def test_a_run_resumes_under_another_checkpointing_policy(tmp_path, monkeypatch):
+    """What the backward keeps is not part of the job: a run stopped (say for memory) resumes with
+    --activation-checkpointing block and ends as the run that never stopped (block recomputes bit for bit)."""
+    assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
+    signal_after(monkeypatch, 3)
+    d = tmp_path / "stopped"
+    assert main(FLAGS + ["--run-dir", str(d)]) == 130
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    assert main(FLAGS + ["--activation-checkpointing", "block", "--resume", str(d)]) == 0
+    assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
+
+
 def test_keep_checkpoints_keeps_the_newest_and_a_corrupt_one_names_the_one_before(tmp_path, monkeypatch, capsys):
     """--keep-checkpoints 2: the two newest states (and one random state more) stay; the newest made unreadable is
     refused, naming it and the step before; with it removed, the run resumes from that step bit for bit."""

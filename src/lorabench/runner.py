@@ -438,7 +438,9 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
             "shard_group_size": t.shard_group_size, "lr": t.lr, "lr_gamma": t.lr_gamma,
             "lr_schedule": t.lr_schedule,
             "lr_warmup_steps": t.lr_warmup_steps, "weight_decay": t.weight_decay,
-            "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine, "engine_options": asdict(plan.native),
+            "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine,
+            # what the backward keeps changes memory, not the numbers: a run stopped for memory resumes with block
+            "engine_options": {k: v for k, v in asdict(plan.native).items() if k != "activation_checkpointing"},
             "model": str(job.model_dir or job.model_preset), "init": job.init, "lora": asdict(job.lora),
             "init_adapter": str(job.init_adapter) if job.init_adapter else None,
             "data": job.data, "chunks": len(data.train),

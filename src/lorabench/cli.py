@@ -130,9 +130,9 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "decoder block's input and recompute the block in the backward (less memory, ~1/3 more compute); "
                    "offload: block with those inputs in host memory; matmuls: keep the matrix products' outputs, "
                    "recompute the elementwise work; adapter-inputs: recompute only the inputs of adapters without "
-                   "dropout (with --compile; the default there, else none keeps everything). The reference engine takes block and Unsloth "
-                   "block and offload, as their own gradient checkpointing; the other flags here are the native "
-                   "engine's")
+                   "dropout (with --compile; the default there, else none keeps everything). The reference engine "
+                   "takes block and Unsloth block and offload, as their own gradient checkpointing; the other flags "
+                   "here are the native engine's")
     g.add_argument("--fp8-grad", choices=tuple(GRAD_FORMATS), help="--precision fp8: the FP8 format input "
                    "gradients are quantized to, per token, for their GEMMs (default e4m3)")
 

@@ -99,26 +99,22 @@ _STREAMS: dict = {}
 
 
 @contextmanager
-def offloaded(like: torch.Tensor, on_pack=None, chain: list | None = None, on_fetch=None):
+def offloaded(like: torch.Tensor, chain: list, on_pack=None, on_fetch=None):
     """Within this context, tensors saved for the backward with ``like``'s shape and dtype (a block's input, as
     torch's checkpoint saves it) go to host memory and come back when the backward unpacks them; other saved
     tensors (RoPE tables, masks) stay where they are. ``chain``: the copies this forward made so far (in block
-    order, appended to here): the last one is fetched back when this block's comes back. Yields the list of the
-    shapes moved out, filled as they go; ``on_pack``/``on_fetch`` (tests): called with each tensor moved out and
-    each copy as its fetch starts."""
+    order, each one made here appended): the last one is fetched back when this block's comes back.
+    ``on_pack``/``on_fetch`` (tests): called with each tensor moved out and each copy as its fetch starts."""
     stream = None
     if like.is_cuda:  # one side stream a device, made once
         if like.device not in _STREAMS:
             _STREAMS[like.device] = torch.cuda.Stream(like.device)
         stream = _STREAMS[like.device]
     shape, dtype = like.shape, like.dtype
-    chain = [] if chain is None else chain
-    moved = []
 
     def pack(t: torch.Tensor):
         if t.shape != shape or t.dtype != dtype:
             return t
-        moved.append(t.shape)
         if on_pack is not None:
             on_pack(t)
         chain.append(_HostCopy(t, stream, chain[-1] if chain else None, on_fetch))
@@ -128,7 +124,7 @@ def offloaded(like: torch.Tensor, on_pack=None, chain: list | None = None, on_fe
         return p.back() if isinstance(p, _HostCopy) else p
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield moved
+        yield
 
 
 def checkpointed(layer, policy: str, x, *args, chain: list | None = None, on_pack=None, on_fetch=None):
@@ -137,9 +133,11 @@ def checkpointed(layer, policy: str, x, *args, chain: list | None = None, on_pac
     context = {"context_fn": keep_matmul_outputs} if policy == "matmuls" else {}
     if policy != "offload":
         return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False, **context)
-    with offloaded(x, on_pack, chain, on_fetch) as moved:
+    chain = [] if chain is None else chain
+    copies = len(chain)
+    with offloaded(x, chain, on_pack, on_fetch):
         out = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
-    if not moved:  # a torch whose checkpoint holds its inputs itself: they would silently stay on the device
+    if len(chain) == copies:  # a torch whose checkpoint holds its inputs itself: they would stay on the device
         raise RuntimeError(f"--activation-checkpointing offload: torch {torch.__version__}'s checkpoint keeps its "
                            "inputs outside the saved-tensor hooks, so they cannot go to host memory; use block")
     return out

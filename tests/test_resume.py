@@ -43,6 +43,15 @@ def signal_after(monkeypatch, steps: int, signum=signal.SIGINT):
     monkeypatch.setattr(train_mod, "_progress", progress)
 
 
+def stop_after(monkeypatch, tmp_path, steps: int, flags: list[str]):
+    """Run FLAGS + flags, stopped by SIGINT after ``steps`` steps (exit 130), then undo the signal and keep the
+    test's cache, so the next run in the test resumes it."""
+    signal_after(monkeypatch, steps)
+    assert main(FLAGS + flags) == 130
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+
+
 def tensorboard_scalars(folder, tag):
     """(steps, values) of one scalar, read with TensorBoard's own reader."""
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator(str(folder))
@@ -86,13 +95,10 @@ def test_a_stopped_and_resumed_run_equals_the_run_that_never_stopped(tmp_path, m
 
 def test_periodic_checkpoints_resume_from_the_last_one(tmp_path, monkeypatch):
     assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
-    signal_after(monkeypatch, 5)  # checkpoints after steps 2 and 4, then one at the stop after 5
-    d = tmp_path / "every2"
-    assert main(FLAGS + ["--checkpoint-every", "2", "--run-dir", str(d)]) == 130
+    d = tmp_path / "every2"  # checkpoints after steps 2 and 4, then one at the stop after 5
+    stop_after(monkeypatch, tmp_path, 5, ["--checkpoint-every", "2", "--run-dir", str(d)])
     assert names(d, "state-*") == ["state-5.pt"]  # one kept by default
     assert torch.load(d / "checkpoint" / "state-5.pt", weights_only=True)["step"] == 5
-    monkeypatch.undo()
-    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     assert main(FLAGS + ["--checkpoint-every", "2", "--resume", str(d)]) == 0
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
 
@@ -101,11 +107,8 @@ def test_a_run_resumes_under_another_checkpointing_policy(tmp_path, monkeypatch)
     """What the backward keeps is not part of the job: a run stopped (say for memory) resumes with
     --activation-checkpointing block and ends as the run that never stopped (block recomputes bit for bit)."""
     assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
-    signal_after(monkeypatch, 3)
     d = tmp_path / "stopped"
-    assert main(FLAGS + ["--run-dir", str(d)]) == 130
-    monkeypatch.undo()
-    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    stop_after(monkeypatch, tmp_path, 3, ["--run-dir", str(d)])
     assert main(FLAGS + ["--activation-checkpointing", "block", "--resume", str(d)]) == 0
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
 
@@ -114,14 +117,11 @@ def test_keep_checkpoints_keeps_the_newest_and_a_corrupt_one_names_the_one_befor
     """--keep-checkpoints 2: the two newest states (and one random state more) stay; the newest made unreadable is
     refused, naming it and the step before; with it removed, the run resumes from that step bit for bit."""
     assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
-    signal_after(monkeypatch, 5)  # checkpoints after steps 2 and 4, then one at the stop after 5
-    d = tmp_path / "keep2"
-    assert main(FLAGS + ["--checkpoint-every", "2", "--keep-checkpoints", "2", "--tensorboard", "--run-dir",
-                         str(d)]) == 130
+    d = tmp_path / "keep2"  # checkpoints after steps 2 and 4, then one at the stop after 5
+    stop_after(monkeypatch, tmp_path, 5, ["--checkpoint-every", "2", "--keep-checkpoints", "2", "--tensorboard",
+                                          "--run-dir", str(d)])
     assert names(d, "state-*") == ["state-4.pt", "state-5.pt"]
     assert names(d, "rng-*") == ["rng-0-2.pt", "rng-0-4.pt", "rng-0-5.pt"]
-    monkeypatch.undo()
-    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     (d / "checkpoint" / "state-5.pt").write_bytes(b"half a file")
     assert main(FLAGS + ["--resume", str(d)]) == 2
     err = capsys.readouterr().err
@@ -139,11 +139,8 @@ def test_keep_checkpoints_keeps_the_newest_and_a_corrupt_one_names_the_one_befor
 
 
 def test_resume_refuses_another_job_and_a_folder_without_checkpoint(tmp_path, monkeypatch, capsys):
-    signal_after(monkeypatch, 2)
     d = tmp_path / "r"
-    assert main(FLAGS + ["--run-dir", str(d)]) == 130
-    monkeypatch.undo()
-    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    stop_after(monkeypatch, tmp_path, 2, ["--run-dir", str(d)])
     assert main(FLAGS + ["--lr", "1e-3", "--resume", str(d)]) == 2
     assert "made with lr = 0.002, this run has 0.001" in capsys.readouterr().err
     assert main(FLAGS + ["--precision", "bf16", "--resume", str(d)]) == 2

@@ -75,6 +75,8 @@ def test_second_run_uses_the_packed_cache(tmp_path):
     (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--lr-gamma", "-2"], "--lr-gamma must be a finite number > 0, got -2"),
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
+    (["--adam-beta1", "-0.1"], "--adam-beta1 must be in [0, 1), got -0.1"),
     (["--lora-alpha", "-32"], "--lora-alpha must be a finite number > 0"),
     (["--eval-batches", "-1"], "--eval-batches must be >= 0"),
 ])

@@ -230,6 +230,26 @@ def test_max_grad_norm_clips_the_true_gradient():
             torch.testing.assert_close(new.detach().double(), want, rtol=0, atol=1e-7)
 
 
+def test_adam_betas_reach_the_optimizer(monkeypatch):
+    """--adam-beta1/--adam-beta2 are the betas the run's AdamW steps with (seen on the optimizer it builds)."""
+    import lorabench.train as train
+
+    made = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(train.torch.optim, "AdamW", Recording)
+    cfg = TrainConfig(precision="fp32", batch_size=2, seq_len=32, epochs=1, max_steps=1, untimed_steps=0,
+                      adam_beta1=0.8, adam_beta2=0.95)
+    eng = build_engine("native", SMALL, LoRAConfig(r=4, alpha=16, dropout=0.0), model_dir=None, device=CPU,
+                       precision="fp32", seed=0)
+    train_loop(eng, synthetic_chunks(2, 32, SMALL.vocab_size, seed=5), cfg, CPU, progress=False)
+    assert [g["betas"] for g in made[0].param_groups] == [(0.8, 0.95)]
+
+
 @pytest.mark.parametrize("family, fused", [("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True)])
 def test_qwen_native_and_reference_train_identically(family, fused):
     """Qwen2's q/k/v biases and Qwen3's q/k norms with an explicit head_dim through the whole stack: native (plain

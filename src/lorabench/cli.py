@@ -35,6 +35,9 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--max-steps": ("max_steps", int, "stop after this many optimiser steps"),
     "--lr": ("lr", float, "AdamW learning rate"),
     "--weight-decay": ("weight_decay", float, "AdamW weight decay"),
+    "--adam-beta1": ("adam_beta1", float, "AdamW beta1, the gradient mean's decay (default 0.9)"),
+    "--adam-beta2": ("adam_beta2", float, "AdamW beta2, the squared gradient mean's decay (default 0.999; 0.95 "
+                     "follows a suddenly growing gradient, where 0.999 lets the steps grow with it)"),
     "--lr-gamma": ("lr_gamma", float, "StepLR decay per epoch"),
     "--untimed-steps": ("untimed_steps", int, "first steps left out of the timing statistics (compilation, "
                         "allocator warm-up); the learning rate's warm-up is --lr-warmup-steps"),

@@ -343,6 +343,11 @@ class TrainConfig:
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW's decay rate of the gradient's running mean (torch's and FlagPerf's default 0.9)."""
+    adam_beta2: float = 0.999
+    """AdamW's decay rate of the squared gradient's running mean (default 0.999, FlagPerf's; 0.95, common in LLM
+    training, lets the step size follow a gradient that grows suddenly instead of lagging ~1000 steps behind)."""
     lr_gamma: float = 0.85
     """StepLR decay applied after every epoch (lr_schedule "step")."""
     lr_schedule: str = "step"
@@ -398,6 +403,9 @@ class TrainConfig:
                              ("--weight-decay", self.weight_decay, ">= 0")):
             if not math.isfinite(v) or (v <= 0 if low == "> 0" else v < 0):
                 raise ConfigError(f"{flag} must be a finite number {low}, got {v}")
+        for flag, v in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
+            if not 0 <= v < 1:
+                raise ConfigError(f"{flag} must be in [0, 1), got {v}")
         if self.eval_batches is not None and self.eval_batches < 0:
             raise ConfigError(f"--eval-batches must be >= 0 (0 skips the eval loss), got {self.eval_batches}")
         if self.lr_schedule not in LR_SCHEDULES:

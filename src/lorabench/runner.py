@@ -438,6 +438,7 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
             "shard_group_size": t.shard_group_size, "lr": t.lr, "lr_gamma": t.lr_gamma,
             "lr_schedule": t.lr_schedule,
             "lr_warmup_steps": t.lr_warmup_steps, "weight_decay": t.weight_decay,
+            "adam_betas": [t.adam_beta1, t.adam_beta2],
             "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine,
             # what the backward keeps changes memory, not the numbers: a run stopped for memory resumes with block
             "engine_options": {k: v for k, v in asdict(plan.native).items() if k != "activation_checkpointing"},

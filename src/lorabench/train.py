@@ -125,7 +125,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     # fused on a GPU, and for fp16 adapters anywhere (FlagPerf's fused=use_fp16: GradScaler then hands the fused
     # kernel its scale instead of unscaling fp16 gradients, which it refuses)
     fused = device.type == "cuda" or any(p.dtype == torch.float16 for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            weight_decay=cfg.weight_decay, fused=fused)
     sched, per_step_sched = lr_scheduler(opt, cfg, total, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     series = {"step": [], "epoch": [], "loss": [], "step_time_s": [], "lr": []}

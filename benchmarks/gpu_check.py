@@ -161,6 +161,40 @@ def check_fp8_gemm(dev):
                   f"{within('fp8_gemm', 'vs bf16', 'dx', rel(xi.grad, dx_bf), where)} |")
 
 
+def check_fp8_blocks(dev):
+    """cuBLASLt's blockwise FP8 GEMMs (benchmarks/fp8_blocks.py: 1 x 128 activation groups by 128 x 128 weight
+    blocks) against their emulation and against bf16, at Llama-2-7B shapes (11008 = 86 blocks), odd token counts and
+    SmolLM2-135M's sizes (576, 192: partial blocks), with the block scales as torch checks them and as cuBLASLt reads
+    them (``padded_ld``). The bounds are the rowwise ones (LIMITS' fp8_gemm): the kernel may differ from the
+    emulation only in its fp32 sums' order, and from bf16 by e4m3's own error."""
+    from fp8_blocks import block_linear, dequantize_blocks, dequantize_groups, quantize_groups, quantize_weight_blocks
+
+    print("\n| blockwise M x K -> N | scales | grad | fwd vs emulation | dx vs emulation | fwd vs bf16 | dx vs bf16 |\n"
+          "|---|---|---|---|---|---|---|")
+    for m, k, n in ((8192, 4096, 4096), (1001, 4096, 11008), (7, 11008, 4096), (8190, 576, 192), (33, 1536, 576)):
+        x = torch.randn(m, k, device=dev).bfloat16()
+        w = (torch.randn(n, k, device=dev) * 0.02).bfloat16()
+        w[3] *= 40  # an outlier row: its blocks' own scales
+        g = torch.randn(m, n, device=dev).bfloat16()
+        wq, ws = quantize_weight_blocks(w)
+        for padded_ld in (False, True):
+            for fmt, dt in GRAD_FORMATS.items():
+                where = f"blockwise {m}x{k}->{n} {'padded' if padded_ld else 'plain'} {fmt}"
+                xi = x.clone().requires_grad_()
+                y = block_linear(xi, wq, ws, dt, padded_ld)
+                y.backward(g)
+                xq, xs = quantize_groups(x)
+                y_emu = (dequantize_groups(xq, xs) @ dequantize_blocks(wq, ws).t()).bfloat16()
+                gq, gs = quantize_groups(g, dt)
+                dx_emu = (dequantize_groups(gq, gs) @ dequantize_blocks(wq, ws)).bfloat16()
+                y_bf, dx_bf = x.float() @ w.float().t(), g.float() @ w.float()
+                print(f"| {m} x {k} -> {n} | {'padded' if padded_ld else 'plain'} | {fmt} | "
+                      f"{within('fp8_gemm', 'kernel', 'fwd', rel(y, y_emu), where)} | "
+                      f"{within('fp8_gemm', 'kernel', 'dx', rel(xi.grad, dx_emu), where)} | "
+                      f"{within('fp8_gemm', 'vs bf16', 'fwd', rel(y, y_bf), where)} | "
+                      f"{within('fp8_gemm', 'vs bf16', 'dx', rel(xi.grad, dx_bf), where)} |")
+
+
 def check_compiled_engine(dev):
     cfg = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
@@ -250,6 +284,7 @@ if __name__ == "__main__":
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     checks = {"cross_entropy": check_cross_entropy, "prefix_attention": check_prefix_attention,
               "dropout_masks": check_dropout_masks, "fp8_gemm": check_fp8_gemm,
+              "fp8_blocks": check_fp8_blocks,
               "compiled_engine": check_compiled_engine, "offload": check_offload}
     for name in sys.argv[1:] or checks:  # e.g. `gpu_check.py dropout_masks compiled_engine`
         checks[name](dev)

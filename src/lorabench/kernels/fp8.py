@@ -13,6 +13,13 @@ scale would) and, unlike blockwise scales, still factor out of both GEMMs of a s
   read both operands K-major, so Wq^T is written contiguous just before the GEMM (one stored copy of the weight: a
   70B model has no room for two).
 
+Why per channel and not in blocks (an H200, 2026-12-01, benchmarks/NOTES.md item 58): cuBLASLt's blockwise GEMMs
+(1 x 128 activation groups by 128 x 128 weight blocks; benchmarks/fp8_blocks.py) run 4-13% slower than the rowwise
+ones at Llama-2-7B's shapes (a projection's norm + GEMMs forward and backward, compiled, 4-15%), and on random
+weights they err against bf16 exactly as much (3.7e-2 either way: a Gaussian row's largest value is hardly larger
+than its blocks'). On a trained model they are more accurate (SmolLM2-135M, emulated: 128 x 128 weight blocks cut
+the next-token KL by 25-35%), but per-channel scales already meet the MMLU and fine-tune checks there.
+
 The gradient is quantized to e4m3 by default (``GRAD_FORMATS``: the per-row scale covers the range that e5m2's
 extra exponent bits would; the choice is measured in benchmarks/NOTES.md). Quantization is plain tensor code: in
 the compiled blocks Inductor fuses it into the kernels that produce the activations and gradients (the norms,

@@ -274,3 +274,57 @@ def test_fp8_keeps_qwen2_biases_in_bf16(lora_cfg):
                 getattr(layer.attn, name).bias.mul_(20)  # biases ~N(0, 0.02): scaled up so they dominate
         moved = ((e8.logits(ids) - l16).norm() / l16.norm()).item()
     assert err < 0.1 and moved > 2 * err
+
+
+def _fp8_blocks():
+    """benchmarks/fp8_blocks.py: the blockwise scales measured against the engine's per-channel ones (NOTES item
+    58); gpu_check compares cuBLASLt's blockwise GEMM with its emulation, so the emulation is checked here."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import fp8_blocks
+    finally:
+        sys.path.pop(0)
+    return fp8_blocks
+
+
+def test_blockwise_scales_and_their_emulated_gemms_match_float64():
+    """Group scales per 128 values of a row and block scales per 128 x 128, partial edge groups/blocks included (K
+    200 = 128 + 72, N 150 = 128 + 22), against float64 amaxes worked out here; the emulated forward and input
+    gradient against float64 products of the dequantized values."""
+    fb = _fp8_blocks()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 200, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, 5, dtype=torch.float64)[:, None]
+    x[1, 128:] = 0.0  # a group of zeros: scale 1
+    w = torch.randn(150, 200, generator=g, dtype=torch.float64) * 0.02
+    w[140, 10] = 3.0  # an outlier in the partial row block (rows 128-149), first column block
+    xq, xs = fb.quantize_groups(x.float())
+    wq, ws = fb.quantize_weight_blocks(w.float())
+    assert xs.shape == (5, 2) and ws.shape == (2, 2)
+    amax_x = torch.stack([x[:, :128].abs().amax(1), x[:, 128:].abs().amax(1)], 1)
+    want_xs = torch.where(amax_x > 0, amax_x / 448, torch.ones_like(amax_x))
+    torch.testing.assert_close(xs.double(), want_xs, rtol=2e-7, atol=0)
+    want_ws = torch.tensor([[w[r0:r1, c0:c1].abs().max().item() / 448 for c0, c1 in ((0, 128), (128, 200))]
+                            for r0, r1 in ((0, 128), (128, 150))], dtype=torch.float64)
+    torch.testing.assert_close(ws.double(), want_ws, rtol=2e-7, atol=0)
+    assert ws[1, 0] == pytest.approx(3.0 / 448, rel=1e-6)  # the outlier's block only
+    # dequantized values within half an e4m3 step (2^-4 relative) of the originals wherever they are normal
+    for q, s, full, rows in ((xq, xs, x, 1), (wq, ws, w, 128)):
+        deq = fb.dequantize_groups(q, s) if rows == 1 else fb.dequantize_blocks(q, s)
+        big = full.abs() >= s.double().repeat_interleave(rows, 0).repeat_interleave(128, 1)[:full.shape[0],
+                                                                                         :full.shape[1]] * 2 ** -6
+        assert torch.all(((deq.double() - full).abs() <= full.abs() * 2 ** -4 * (1 + 1e-6))[big])
+    y = fb.scaled_mm_blocks(xq, xs, wq, ws, torch.float32)
+    x_deq = xq.double() * torch.repeat_interleave(xs.double(), 128, 1)[:, :200]
+    w_deq = wq.double() * ws.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[:150, :200]
+    want = x_deq @ w_deq.t()  # fp32 sums of 200 terms: ~1e-6 relative
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    xi = x.float().requires_grad_()
+    gy = torch.randn(5, 150, generator=g)
+    fb.block_linear(xi, wq, ws).backward(gy)
+    gq, gs = fb.quantize_groups(gy)
+    g_deq = gq.double() * torch.repeat_interleave(gs.double(), 128, 1)[:, :150]
+    want = g_deq @ w_deq
+    torch.testing.assert_close(xi.grad.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

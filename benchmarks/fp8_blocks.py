@@ -14,22 +14,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorabench.kernels.fp8 import WEIGHT_FORMAT, cast_fp8, fp8_max
+from lorabench.kernels.fp8 import WEIGHT_FORMAT, quantize_rows
 
 BLOCK = 128
 
 
 def _quantize(x: torch.Tensor, dtype: torch.dtype, rows: int):
+    """x as blocks of ``rows`` x BLOCK (zero-padded at the edges), each quantized as kernels/fp8.py quantizes a row."""
     xf = x.float().reshape(-1, x.shape[-1])
     m, k = xf.shape
     xf = F.pad(xf, (0, -k % BLOCK, 0, -m % rows))
-    blocks = xf.view(xf.shape[0] // rows, rows, xf.shape[1] // BLOCK, BLOCK)
-    amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
-    scale = torch.where(amax > 0, amax / fp8_max(dtype), torch.ones_like(amax))
-    q = cast_fp8(blocks / scale, dtype).view(xf.shape)
+    mb, kb = xf.shape[0] // rows, xf.shape[1] // BLOCK
+    tiles = xf.view(mb, rows, kb, BLOCK).transpose(1, 2).reshape(mb, kb, rows * BLOCK)  # one block a row
+    q, scale = quantize_rows(tiles, dtype)
+    q = q.view(mb, kb, rows, BLOCK).transpose(1, 2).reshape(xf.shape)
     if q.shape != (m, k):  # partial blocks: the padding dropped
         q = q[:m, :k].contiguous()
-    return q.reshape(x.shape), scale.view(blocks.shape[0], blocks.shape[2])
+    return q.reshape(x.shape), scale.view(mb, kb)
 
 
 def quantize_groups(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT):

@@ -1,7 +1,7 @@
 """FP8 GEMMs at the frozen shapes of a Llama step on this GPU: bf16 vs FP8 (rowwise and tensorwise scales), the
 input-gradient GEMM with e4m3 or e5m2 gradients, the just-in-time weight transpose, and one projection's quantize +
 GEMM forward and backward, eager and compiled, with the norm that produces its input; blockwise scales (1 x 128
-activations by 128 x 128 weights, --fp8-scaling block) beside the rowwise ones.
+activations by 128 x 128 weights, benchmarks/fp8_blocks.py) beside the rowwise ones.
 
     PYTHONPATH=src python benchmarks/fp8_gemm.py [--model llama2-7b] [--tokens 8192] [--only blockwise]
 
@@ -58,31 +58,25 @@ def main():
         xq, xs = quantize_rows(x)
         wt = wq.t().contiguous()
         tag = f"{proj} {k}->{n}"
-        blockwise_rows(tag, x, g, w, wq, ws, xq, xs, fl)
+        blockwise_rows(tag, x, g, w, wq, ws, wt, xq, xs, fl)  # with the rowwise rows it is compared against
         if a.only == "blockwise":
             continue
         row(f"{tag} bf16 fwd x W^T", timed(lambda: F.linear(x, w)), fl)
         row(f"{tag} bf16 dx = g W", timed(lambda: g @ w), fl)
-        row(f"{tag} fp8 rowwise fwd", timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1),
-                                                                      out_dtype=torch.bfloat16)), fl)
         one = torch.ones((), device=dev)
         row(f"{tag} fp8 tensorwise fwd", timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
                                                                          out_dtype=torch.bfloat16)), fl)
         ones_k = torch.ones(1, k, device=dev)
-        for fmt, dt in (("e4m3", E4M3), ("e5m2", E5M2)):
-            gq, gs = quantize_rows(g, dt, multiplier=ws)
-            try:
-                row(f"{tag} fp8 rowwise dx, grad {fmt}",
-                    timed(lambda: torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=ones_k, out_dtype=torch.bfloat16)),
-                    fl)
-            except RuntimeError as e:
-                print(f"| {tag} fp8 rowwise dx, grad {fmt} | unsupported: {str(e).splitlines()[0][:80]} | |")
+        gq, gs = quantize_rows(g, E5M2, multiplier=ws)  # (the e4m3 gradient: in blockwise_rows)
+        try:
+            row(f"{tag} fp8 rowwise dx, grad e5m2",
+                timed(lambda: torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=ones_k, out_dtype=torch.bfloat16)), fl)
+        except RuntimeError as e:
+            print(f"| {tag} fp8 rowwise dx, grad e5m2 | unsupported: {str(e).splitlines()[0][:80]} | |")
         row(f"{tag} transpose Wq, eager contiguous()", timed(lambda: wq.t().contiguous()))
         ct = torch.compile(lambda t: t.t().contiguous())
         row(f"{tag} transpose Wq, compiled", timed(lambda: ct(wq)))
-        row(f"{tag} quantize x rowwise, eager", timed(lambda: quantize_rows(x)))
-        cq = torch.compile(quantize_rows)
-        row(f"{tag} quantize x rowwise, compiled", timed(lambda: cq(x)))
+        row(f"{tag} quantize x rowwise, eager", timed(lambda: quantize_rows(x)))  # (compiled: in blockwise_rows)
 
         norm_w = torch.rand(k, device=dev, dtype=torch.bfloat16) + 0.5
 
@@ -90,19 +84,18 @@ def main():
             hn = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype) * norm_w
             return fp8_linear(hn, wq, ws) if fp8 else F.linear(hn, w)
 
-        for fp8 in (False, True):
-            for compiled in (False, True):
-                f = torch.compile(layer) if compiled else layer
-                h = x.clone().requires_grad_()
+        for fp8, compiled in ((False, False), (False, True), (True, False)):  # (fp8 compiled: in blockwise_rows)
+            f = torch.compile(layer) if compiled else layer
+            h = x.clone().requires_grad_()
 
-                def step():
-                    f(h, fp8).backward(g)
+            def step():
+                f(h, fp8).backward(g)
 
-                row(f"{tag} norm + {'fp8' if fp8 else 'bf16'} linear fwd+bwd, {'compiled' if compiled else 'eager'}",
-                    timed(step), 2 * fl)
+            row(f"{tag} norm + {'fp8' if fp8 else 'bf16'} linear fwd+bwd, {'compiled' if compiled else 'eager'}",
+                timed(step), 2 * fl)
 
 
-def blockwise_rows(tag, x, g, w, wq, ws, xq, xs, fl):
+def blockwise_rows(tag, x, g, w, wq, ws, wt, xq, xs, fl):
     """Blockwise against rowwise scales at one shape: the GEMMs alone, the activation quantize, and the norm +
     projection forward and backward compiled (as the blocks run)."""
     bq, bs = quantize_weight_blocks(w)
@@ -112,8 +105,8 @@ def blockwise_rows(tag, x, g, w, wq, ws, xq, xs, fl):
     row(f"{tag} fp8 rowwise fwd", timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1),
                                                                   out_dtype=torch.bfloat16)), fl)
     rq, rs = quantize_rows(g, E4M3, multiplier=ws)
-    wt, ones_k = wq.t().contiguous(), torch.ones(1, x.shape[1], device=x.device)
-    row(f"{tag} fp8 rowwise dx", timed(lambda: torch._scaled_mm(rq, wt.t(), scale_a=rs, scale_b=ones_k,
+    ones_k = torch.ones(1, x.shape[1], device=x.device)
+    row(f"{tag} fp8 rowwise dx, grad e4m3", timed(lambda: torch._scaled_mm(rq, wt.t(), scale_a=rs, scale_b=ones_k,
                                                                  out_dtype=torch.bfloat16)), fl)
     # the scales laid out once, as the GEMM takes them (scaled_mm_blocks does it per call)
     xs_t, gs_t = gxs.t().contiguous().t(), ggs.t().contiguous().t()

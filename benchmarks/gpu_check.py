@@ -177,17 +177,18 @@ def check_fp8_blocks(dev):
         w[3] *= 40  # an outlier row: its blocks' own scales
         g = torch.randn(m, n, device=dev).bfloat16()
         wq, ws = quantize_weight_blocks(w)
+        w_deq = dequantize_blocks(wq, ws)
+        y_emu = (dequantize_groups(*quantize_groups(x)) @ w_deq.t()).bfloat16()
+        dx_emus = {fmt: (dequantize_groups(*quantize_groups(g, dt)) @ w_deq).bfloat16()
+                   for fmt, dt in GRAD_FORMATS.items()}
+        y_bf, dx_bf = x.float() @ w.float().t(), g.float() @ w.float()
         for padded_ld in (False, True):
             for fmt, dt in GRAD_FORMATS.items():
                 where = f"blockwise {m}x{k}->{n} {'padded' if padded_ld else 'plain'} {fmt}"
                 xi = x.clone().requires_grad_()
                 y = block_linear(xi, wq, ws, dt, padded_ld)
                 y.backward(g)
-                xq, xs = quantize_groups(x)
-                y_emu = (dequantize_groups(xq, xs) @ dequantize_blocks(wq, ws).t()).bfloat16()
-                gq, gs = quantize_groups(g, dt)
-                dx_emu = (dequantize_groups(gq, gs) @ dequantize_blocks(wq, ws)).bfloat16()
-                y_bf, dx_bf = x.float() @ w.float().t(), g.float() @ w.float()
+                dx_emu = dx_emus[fmt]
                 print(f"| {m} x {k} -> {n} | {'padded' if padded_ld else 'plain'} | {fmt} | "
                       f"{within('fp8_gemm', 'kernel', 'fwd', rel(y, y_emu), where)} | "
                       f"{within('fp8_gemm', 'kernel', 'dx', rel(xi.grad, dx_emu), where)} | "

@@ -67,7 +67,7 @@ def test_rows_get_their_share_of_the_floor(monkeypatch):
 
     calls = []
 
-    def fake_floor(cfg, batch, seq, precision):
+    def fake_floor(cfg, batch, seq, precision, fp8_skip=()):
         calls.append((batch, seq, precision))
         return {"batch": batch, "seq": seq, "tokens_per_s": 2000.0, "gemm_tflops": 700.0, "precision": precision,
                 "attn_by_kernel_ms": {"flash": 1.3, "cudnn": 0.7}}
@@ -84,6 +84,33 @@ def test_rows_get_their_share_of_the_floor(monkeypatch):
     assert "75.0%" in table(rows)
     assert floor_lines(floors) == ("- floor, bf16 (LBS 4, seq 512): 2000 tok/s (frozen GEMMs at 700 TFLOP/s + "
                                    "cudnn attention; nothing else)")
+
+
+def test_fp8_floor_keeps_the_skipped_projections_in_bf16(monkeypatch):
+    """--fp8-skip: a native row's floor is timed with those projections in bf16, an Unsloth FP8 row of the same
+    preset against the plain fp8 floor; which matrices floor() runs in FP8 follows the skip."""
+    import lorabench.bench.floor
+    from lorabench.bench.bench import add_floors, floor_lines
+    from lorabench.bench.floor import fp8_matrices
+
+    assert fp8_matrices(True) == [[True] * 3, [True], [True, True], [True], [False]]
+    assert fp8_matrices(True, ("down_proj", "k_proj")) == [[True, False, True], [True], [True, True], [False],
+                                                           [False]]
+    assert fp8_matrices(False, ("down_proj",)) == [[False] * 3, [False], [False] * 2, [False], [False]]
+    calls = []
+
+    def fake_floor(cfg, batch, seq, precision, fp8_skip=()):
+        calls.append(fp8_skip)
+        return {"batch": batch, "seq": seq, "tokens_per_s": 3000.0 if fp8_skip else 4000.0, "gemm_tflops": 1e3,
+                "precision": precision, "attn_by_kernel_ms": {"cudnn": 0.7}}
+
+    monkeypatch.setattr(lorabench.bench.floor, "floor_for_precision", fake_floor)
+    base = {"batch_size": 16, "seq_len": 512, "precision": "fp8", "preset": "fp8", "tokens_per_s_per_chip": 2400.0}
+    rows = [{**base, "engine": "native", "fp8_skip": ["down_proj"]}, {**base, "engine": "unsloth-fp8"}]
+    floors = add_floors(rows, "llama2-7b", log=lambda *a, **k: None)
+    assert calls == [("down_proj",), ()]
+    assert rows[0]["of_floor"] == 0.8 and rows[1]["of_floor"] == 0.6
+    assert "seq 512, down_proj in bf16): 3000 tok/s" in floor_lines(floors)
 
 
 def test_batch_size_sweep_compares_like_with_like_and_names_each_engines_best(capsys):

@@ -77,6 +77,8 @@ def test_second_run_uses_the_packed_cache(tmp_path):
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
     (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
     (["--adam-beta1", "-0.1"], "--adam-beta1 must be in [0, 1), got -0.1"),
+    (["--precision", "fp8", "--fp8-skip", "down_proj,mlp"], "--fp8-skip mlp: not a block projection"),
+    (["--precision", "bf16", "--fp8-skip", "down_proj"], "--fp8-skip applies to --precision fp8 only, not bf16"),
     (["--lora-alpha", "-32"], "--lora-alpha must be a finite number > 0"),
     (["--eval-batches", "-1"], "--eval-batches must be >= 0"),
 ])
@@ -204,7 +206,7 @@ def test_run_records_the_resolved_settings(tmp_path):
     c = json.loads((tmp_path / "run" / "result.json").read_text())["config"]
     options = {k: v for k, v in c["engine_options"].items() if k != "numerics"}
     assert options == {"attention": "matmul", "fused_projections": False, "compile": False,
-                       "compile_mode": "default", "dropout_mask": "philox16", "fp8_grad": None,
+                       "compile_mode": "default", "dropout_mask": "philox16", "fp8_grad": None, "fp8_skip": None,
                        "activation_checkpointing": "none"}
     assert "fp32 master weights" in c["engine_options"]["numerics"]
     assert c["tf32"] == {"on": False, "why": "preset tiny"} and c["precision"] == "fp32"

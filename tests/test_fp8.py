@@ -233,6 +233,40 @@ def test_fp8_options_that_do_not_apply_are_refused(lora_cfg):
 
 
 
+def test_fp8_skip_keeps_the_named_projections_in_bf16(lora_cfg):
+    """--fp8-skip down_proj,q_proj: those projections (q_proj adapted) hold the bf16 model's weights, the rest the
+    fp8 model's; the logits are those of the fp8 model with the bf16 engine's down_proj and q_proj put in, bit for
+    bit (and not the plain fp8 model's)."""
+    from lorabench.model import Fp8Linear
+
+    e = _engine("fp8", lora_cfg, native=NativeOptions(fp8_skip=("down_proj", "q_proj", "down_proj")))
+    e8, e16 = _engine("fp8", lora_cfg), _engine("bf16", lora_cfg)
+    assert e.options.fp8_skip == ("down_proj", "q_proj") and "norms, down_proj, q_proj, lm_head bf16" in e.describe()["numerics"]
+    for layer, l8, l16 in zip(e.model.layers, e8.model.layers, e16.model.layers):
+        assert type(layer.mlp.down_proj) is torch.nn.Linear and layer.attn.q_proj.weight_scale is None
+        assert torch.equal(layer.mlp.down_proj.weight, l16.mlp.down_proj.weight)
+        assert torch.equal(layer.attn.q_proj.weight, l16.attn.q_proj.weight)
+        assert isinstance(layer.mlp.up_proj, Fp8Linear) and layer.attn.v_proj.weight_scale is not None
+        assert torch.equal(layer.mlp.up_proj.weight.float(), l8.mlp.up_proj.weight.float())
+        l8.mlp.down_proj, l8.attn.q_proj = l16.mlp.down_proj, l16.attn.q_proj  # the mix, assembled by hand
+    ids = torch.from_numpy(synthetic_chunks(2, 32, FP8_CFG.vocab_size, seed=4)).long()
+    with torch.no_grad():
+        got, mixed = e.logits(ids), e8.logits(ids)
+        plain = _engine("fp8", lora_cfg).logits(ids)
+    assert torch.equal(got, mixed) and not torch.equal(got, plain)
+
+
+def test_fp8_skip_is_checked(lora_cfg):
+    with pytest.raises(ConfigError, match="--fp8-skip down: not a block projection; choose from q_proj"):
+        NativeOptions(fp8_skip=("down_proj", "down"))
+    with pytest.raises(ConfigError, match="--fp8-skip applies to --precision fp8 only, not bf16"):
+        _engine("bf16", lora_cfg, native=NativeOptions(fp8_skip=("down_proj",)))
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    with pytest.raises(ConfigError, match="nothing would run in FP8; use --precision bf16"):
+        _engine("fp8", lora_cfg, native=NativeOptions(fp8_skip=every))
+    assert _engine("fp8", lora_cfg).options.fp8_skip == () and _engine("bf16", lora_cfg).options.fp8_skip is None
+
+
 def test_fp8_run_and_eval_on_the_cli(tmp_path, monkeypatch):
     """The CLI end to end in fp8 on a CPU: a short run of the bundled tiny model with its MMLU sample (scored in
     fp8), then `eval` of the adapter it wrote, also in fp8; the settings recorded say what ran."""

@@ -76,7 +76,7 @@ LORA_FLAGS = {
                        "comma-separated projections, e.g. q_proj,v_proj"),
 }
 NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask", "fp8_grad",
-                "activation_checkpointing")
+                "fp8_skip", "activation_checkpointing")
 """NativeOptions fields, each a flag of the same name (kebab-case)."""
 
 
@@ -138,6 +138,9 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "here are the native engine's")
     g.add_argument("--fp8-grad", choices=tuple(GRAD_FORMATS), help="--precision fp8: the FP8 format input "
                    "gradients are quantized to, per token, for their GEMMs (default e4m3)")
+    g.add_argument("--fp8-skip", type=LORA_FLAGS["--lora-targets"][1], metavar="PROJ[,PROJ]",
+                   help="--precision fp8: block projections kept in bf16, e.g. down_proj (on a trained model its "
+                   "input carries the largest activations: more accurate, slower; benchmarks/NOTES.md item 63)")
 
 
 def native_options(a):
@@ -438,6 +441,8 @@ def bench_overrides(a) -> tuple[list[str], list[str]]:
                     ("--dropout-mask", a.dropout_mask), ("--fp8-grad", a.fp8_grad)):
         if v is not None:
             native += [flag, str(v)]
+    if a.fp8_skip:
+        native += ["--fp8-skip", ",".join(a.fp8_skip)]
     for flag, v in (("fused-projections", a.fused_projections), ("compile", a.compile)):
         if v is not None:
             native.append(f"--{'' if v else 'no-'}{flag}")

@@ -353,16 +353,16 @@ class Llama(nn.Module):
             fuse_weights(layer.attn, ("q_proj", "k_proj", "v_proj"), "qkv_weight")
             fuse_weights(layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight", interleave=True)
 
-    def store_fp8(self, grad_dtype: torch.dtype):
-        """Every decoder block's seven projections held in FP8 (adapted ones keep their adapters); embeddings,
-        norms and lm_head stay in the model's dtype. Call on the meta device, before the weights are loaded, so
+    def store_fp8(self, grad_dtype: torch.dtype, skip: tuple[str, ...] = ()):
+        """Every decoder block's seven projections but those named in ``skip`` held in FP8 (adapted ones keep their
+        adapters); embeddings, norms, lm_head and the skipped projections stay in the model's dtype. Call on the meta device, before the weights are loaded, so
         the full-precision model never exists (checkpoint.load_into quantizes each tensor as it arrives)."""
         if self.compiled_layers is not None or self.layers[0].attn.qkv_weight is not None:
             raise RuntimeError("store_fp8 goes before fuse_projections and compile_blocks")
         for layer in self.layers:
             for mod in (layer.attn, layer.mlp):
                 for name in PROJECTIONS:
-                    child = getattr(mod, name, None)
+                    child = getattr(mod, name, None) if name not in skip else None
                     if isinstance(child, LoRALinear):
                         child.store_fp8(grad_dtype)
                     elif isinstance(child, nn.Linear):

@@ -78,6 +78,10 @@ def rows_flops(cfg: ModelConfig, lora: LoRAConfig, tokens: int, tokens_sq: int) 
     return per_token * tokens + (flops_per_token(cfg, lora, 1) - per_token) * tokens_sq
 
 
+GEMM_GROUP_NAMES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",), ("lm_head",))
+"""The matrices of each of ``gemm_groups``' groups, in its order."""
+
+
 def gemm_groups(cfg: ModelConfig) -> list[tuple[int, list[int], int]]:
     """(in, [out of each matrix], times per step) of the frozen matrices, grouped by shared input: q/k/v read the
     same normed hidden state, gate/up likewise, so each group can run as one GEMM or as one per matrix."""

@@ -57,7 +57,8 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
     return {**row, **{k: m.get(k) for k in keep}, "loss_final": m["train_loss_final"], "losses": r["series"]["loss"],
             "batch_size": r["config"]["batch_size"], "seq_len": r["config"]["seq_len"],
             "precision": r["config"]["precision"], "device_name": r["env"]["device_name"],
-            "numerics": r["config"]["engine_options"].get("numerics"), "tf32": r["config"]["tf32"]}
+            "numerics": r["config"]["engine_options"].get("numerics"), "tf32": r["config"]["tf32"],
+            "fp8_skip": r["config"]["engine_options"].get("fp8_skip") or []}
 
 
 def combine_rounds(rows: list[dict]) -> list[dict]:
@@ -142,11 +143,12 @@ def add_floors(rows: list[dict], model: str, log=print) -> dict:
             continue
         log(f"bench: floor for {_floor_key(r)} ...", flush=True)
         try:
-            f = floor_for_precision(MODEL_PRESETS[model], r["batch_size"], r["seq_len"], r["precision"])
+            f = floor_for_precision(MODEL_PRESETS[model], r["batch_size"], r["seq_len"], r["precision"],
+                                    fp8_skip=tuple(r.get("fp8_skip") or ()))
         except Exception as e:  # out of memory, a dtype the card cannot run: the rows still get written
             f = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
                  "batch": r["batch_size"], "seq": r["seq_len"]}
-        floors[_floor_key(r)] = {**f, "preset": r["preset"]}
+        floors[_floor_key(r)] = {**f, "preset": r["preset"], "fp8_skip": list(r.get("fp8_skip") or ())}
     for r in rows:
         f = floors.get(_floor_key(r), {}) if "error" not in r else {}
         if "tokens_per_s" in f:
@@ -155,13 +157,17 @@ def add_floors(rows: list[dict], model: str, log=print) -> dict:
 
 
 def _floor_key(row: dict) -> str:
-    return f"{row['preset']}, LBS {row['batch_size']}, seq {row['seq_len']}"
+    """The floor a row is measured against: its preset's shape and precision, and the projections its FP8 keeps in
+    bf16 (--fp8-skip: native rows only)."""
+    skip = "".join(f", {p} bf16" for p in row.get("fp8_skip") or ())
+    return f"{row['preset']}, LBS {row['batch_size']}, seq {row['seq_len']}{skip}"
 
 
 def floor_lines(floors: dict) -> str:
     out = []
     for f in floors.values():
-        where = f"- floor, {f['preset']} (LBS {f['batch']}, seq {f['seq']})"
+        kept = "".join(f", {p} in bf16" for p in f.get("fp8_skip") or ())
+        where = f"- floor, {f['preset']} (LBS {f['batch']}, seq {f['seq']}{kept})"
         if "error" in f:
             out.append(f"{where}: failed ({f['error']})")
             continue

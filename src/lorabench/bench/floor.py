@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..kernels.attention import matmul_attention
 from ..precision import get_precision
-from ..shapes import gemm_groups
+from ..shapes import GEMM_GROUP_NAMES, gemm_groups
 
 
 def timed(fn, reps: int = 20, warmup: int = 5) -> float:
@@ -115,23 +115,29 @@ def _pair_time(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, fp8: bool) ->
             + timed(lambda: torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=ones, out_dtype=x.dtype)))
 
 
-def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16, fp8: bool = False) -> dict:
+def fp8_matrices(fp8: bool, skip: tuple[str, ...] = ()) -> list[list[bool]]:
+    """For each of shapes.gemm_groups' groups, whether each of its matrices runs in FP8: the block projections
+    under ``fp8`` but those in ``skip`` (--fp8-skip), never lm_head."""
+    return [[fp8 and name != "lm_head" and name not in skip for name in names] for names in GEMM_GROUP_NAMES]
+
+
+def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16, fp8: bool = False,
+          fp8_skip: tuple[str, ...] = ()) -> dict:
     """The floor of one step of ``batch`` x ``seq`` tokens in ``dtype`` (TF32 as the caller has set it); ``fp8``:
-    the blocks' frozen GEMMs in FP8 (lm_head and attention stay in ``dtype``, as --precision fp8 runs them)."""
+    the blocks' frozen GEMMs in FP8 but those of the projections in ``fp8_skip`` (lm_head and attention stay in
+    ``dtype``, as --precision fp8 runs them)."""
     import warnings
 
     n = batch * seq
     total, flops = 0.0, 0.0
-    groups = gemm_groups(cfg)
-    for g, (i, outs, count) in enumerate(groups):
-        in_fp8 = fp8 and g < len(groups) - 1  # the last group is lm_head
+    for (i, outs, count), in_fp8 in zip(gemm_groups(cfg), fp8_matrices(fp8, fp8_skip), strict=True):
         x = torch.randn(n, i, device="cuda", dtype=dtype)
         w = torch.randn(sum(outs), i, device="cuda", dtype=dtype) * 0.02
         dy = torch.randn(n, sum(outs), device="cuda", dtype=dtype)
-        fused = _pair_time(x, w, dy, in_fp8)
-        if len(outs) > 1:  # or one GEMM per matrix, whichever is faster on this card
+        fused = _pair_time(x, w, dy, in_fp8[0]) if len(set(in_fp8)) == 1 else float("inf")
+        if len(outs) > 1:  # or one GEMM per matrix, whichever is faster on this card (the only way if they differ)
             parts = [(wp.contiguous(), dyp.contiguous()) for wp, dyp in zip(w.split(outs), dy.split(outs, dim=1))]
-            fused = min(fused, sum(_pair_time(x, wp, dyp, in_fp8) for wp, dyp in parts))
+            fused = min(fused, sum(_pair_time(x, wp, dyp, f) for (wp, dyp), f in zip(parts, in_fp8)))
         total += count * fused
         flops += count * 2 * (2 * n * i * sum(outs))
         del x, w, dy
@@ -145,8 +151,10 @@ def floor(cfg: ModelConfig, batch: int, seq: int, dtype=torch.bfloat16, fp8: boo
             "gemm_tflops": flops / (total - t_attn) / 1e12, "tokens_per_s": n / total}
 
 
-def floor_for_precision(cfg: ModelConfig, batch: int, seq: int, precision: str) -> dict:
-    """The floor for a training precision (fp32, tf32, fp16, bf16, fp8), TF32 on only for tf32."""
+def floor_for_precision(cfg: ModelConfig, batch: int, seq: int, precision: str,
+                        fp8_skip: tuple[str, ...] = ()) -> dict:
+    """The floor for a training precision (fp32, tf32, fp16, bf16, fp8; under fp8, ``fp8_skip`` the projections
+    kept in bf16), TF32 on only for tf32."""
     p = get_precision(precision)
     with p.matmul_mode():
-        return {**floor(cfg, batch, seq, p.dtype, fp8=p.fp8_weights), "precision": precision}
+        return {**floor(cfg, batch, seq, p.dtype, fp8=p.fp8_weights, fp8_skip=fp8_skip), "precision": precision}

@@ -21,7 +21,7 @@ from ..kernels.fp8 import GRAD_FORMATS, fp8_shape_problems
 from ..lora import inject_lora, lora_modules, set_mask_impl
 from ..model import Llama
 from ..precision import Precision
-from ..shapes import projection_shapes
+from ..shapes import PROJECTIONS, projection_shapes
 from .base import Engine, canonical_adapters
 
 ACTIVATION_CHECKPOINTING = ("none", "block", "offload", "matmuls", "adapter-inputs")
@@ -75,6 +75,11 @@ class NativeOptions:
     fp8_grad: str | None = None
     """Under --precision fp8, the FP8 format the input gradients are quantized to (per row) for their GEMMs, one of
     kernels.fp8.GRAD_FORMATS (default e4m3; see kernels/fp8.py)."""
+    fp8_skip: tuple[str, ...] | None = None
+    """Under --precision fp8, block projections (of shapes.PROJECTIONS) kept in bf16, forward and input gradient,
+    the rest in FP8; resolved to a sorted tuple (empty: every projection in FP8, the default). On SmolLM2-135M
+    (CPU emulation, benchmarks/NOTES.md item 63) down_proj, whose input carries the trained model's largest
+    activations, makes ~40% of FP8's fine-tune loss gap: ("down_proj",) trades speed for that."""
 
     def __post_init__(self):
         for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
@@ -85,6 +90,10 @@ class NativeOptions:
                                       ("dropout-mask", self.dropout_mask, MASK_IMPLS)):
             if value is not None and value not in choices:
                 raise ConfigError(f"--{field} {value!r}: choose from {', '.join(choices)}")
+        unknown = sorted(set(self.fp8_skip or ()) - set(PROJECTIONS))
+        if unknown:
+            raise ConfigError(f"--fp8-skip {', '.join(unknown)}: not a block projection; choose from "
+                              f"{', '.join(PROJECTIONS)}")
 
     def resolve(self, precision: Precision, device: torch.device,
                 lora_dropout: float | None = None) -> "NativeOptions":
@@ -97,6 +106,11 @@ class NativeOptions:
                               "its own per-channel scales); leave it off")
         if self.fp8_grad is not None and not precision.fp8_weights:
             raise ConfigError(f"--fp8-grad applies to --precision fp8 only, not {precision.name}")
+        if self.fp8_skip and not precision.fp8_weights:
+            raise ConfigError(f"--fp8-skip applies to --precision fp8 only, not {precision.name}")
+        if set(self.fp8_skip or ()) >= set(PROJECTIONS):
+            raise ConfigError("--fp8-skip names every block projection: nothing would run in FP8; use "
+                              "--precision bf16")
         compile = gpu if self.compile is None else self.compile
         resolved = replace(
             self,
@@ -106,6 +120,7 @@ class NativeOptions:
             compile_mode=self.compile_mode or "default",
             dropout_mask=self.dropout_mask or MASK_IMPLS[0],
             fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_weights else None,
+            fp8_skip=tuple(sorted(set(self.fp8_skip or ()))) if precision.fp8_weights else None,
             activation_checkpointing=self.activation_checkpointing or (
                 "adapter-inputs" if compile and lora_dropout == 0 else "none"),
         )
@@ -133,7 +148,7 @@ class NativeEngine(Engine):
             if bad:
                 raise ConfigError(f"--precision fp8 on a GPU needs projection sizes that are multiples of 16 "
                                   f"(cuBLASLt's FP8 GEMMs); this model has {', '.join(bad)}")
-            model.store_fp8(GRAD_FORMATS[options.fp8_grad])
+            model.store_fp8(GRAD_FORMATS[options.fp8_grad], skip=options.fp8_skip or ())
         set_mask_impl(model, options.dropout_mask)
         if sharder is not None:
             if model_cfg.tie_word_embeddings:
@@ -211,8 +226,9 @@ class NativeEngine(Engine):
         numerics = "adapters: fp32 master weights, computed in the activations' dtype; no autocast"
         if self.options.fp8_grad is not None:
             gemm = "cuBLASLt rowwise-scaled FP8 GEMMs" if self.device.type == "cuda" else "FP8 GEMMs emulated in fp32"
+            kept = "".join(f", {p}" for p in self.options.fp8_skip or ())
             numerics += (f"; block projections e4m3 with per-channel scales, activations per token e4m3, input "
-                         f"gradients per token {self.options.fp8_grad}, {gemm}; embeddings, norms, lm_head bf16")
+                         f"gradients per token {self.options.fp8_grad}, {gemm}; embeddings, norms{kept}, lm_head bf16")
         return {**asdict(self.options), "numerics": numerics}
 
     def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

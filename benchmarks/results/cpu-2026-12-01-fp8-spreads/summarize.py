@@ -26,7 +26,7 @@ def main(where: Path):
     for s, ((bl, be), (fl, fe)) in rows.items():
         print(f"| {s} | {bl:.4f} | {fl:.4f} ({100 * (fl - bl) / bl:+.2f}%) | {be:.4f} | {fe:.4f} "
               f"({100 * (fe - be) / be:+.2f}%) |")
-    for i, what in ((0, "last 10"), (1, "eval")):
+    for i, what in ((0, "last 10"), (1, "eval")) if len(rows) > 1 else ():  # a spread needs two seeds
         b = [r[0][i] for r in rows.values()]
         f = [r[1][i] for r in rows.values()]
         d = [100 * (y - x) / x for x, y in zip(b, f)]

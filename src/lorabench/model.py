@@ -355,8 +355,9 @@ class Llama(nn.Module):
 
     def store_fp8(self, grad_dtype: torch.dtype, skip: tuple[str, ...] = ()):
         """Every decoder block's seven projections but those named in ``skip`` held in FP8 (adapted ones keep their
-        adapters); embeddings, norms, lm_head and the skipped projections stay in the model's dtype. Call on the meta device, before the weights are loaded, so
-        the full-precision model never exists (checkpoint.load_into quantizes each tensor as it arrives)."""
+        adapters); embeddings, norms, lm_head and the skipped projections stay in the model's dtype. Call on the meta
+        device, before the weights are loaded, so the full-precision model never exists (checkpoint.load_into
+        quantizes each tensor as it arrives)."""
         if self.compiled_layers is not None or self.layers[0].attn.qkv_weight is not None:
             raise RuntimeError("store_fp8 goes before fuse_projections and compile_blocks")
         for layer in self.layers:

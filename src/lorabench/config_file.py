@@ -3,8 +3,8 @@
 A config file is a flat TOML table whose keys are the flags' names without the dashes (``batch-size = 16`` or
 ``batch_size = 16``), values of the flag's kind (a list or a comma-separated string for ``lora-targets`` and
 ``fp8-skip``). Flags on the command line win over the file; a key that is no flag of ``run``, or a value of the wrong
-kind, is an error naming the file and the key. Every run writes ``config.toml`` beside ``result.json``: every setting it ran with,
-so ``lorabench run --config <run dir>/config.toml`` runs it again (into a new folder).
+kind, is an error naming the file and the key. Every run writes ``config.toml`` beside ``result.json``: every setting
+it ran with, so ``lorabench run --config <run dir>/config.toml`` runs it again (into a new folder).
 """
 from __future__ import annotations
 

@@ -462,6 +462,7 @@ def test_reference_block_checkpointing_recomputes_and_trains_the_same():
 @pytest.mark.parametrize("flags, message", [
     ({"attention": "matmul"}, "--attention: native engine tuning; --engine reference does not take it"),
     ({"compile": True, "dropout_mask": "bernoulli"}, "--compile, --dropout-mask: native engine tuning"),
+    ({"fp8_skip": ("down_proj",)}, "--fp8-skip: native engine tuning; --engine reference does not take it"),
 ])
 def test_native_tuning_flags_are_refused_for_other_engines(flags, message):
     """Another engine would run without them while the command line said otherwise."""

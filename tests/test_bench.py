@@ -32,6 +32,26 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
         assert "liger-kernel" in rows["reference+liger"]["error"]
 
 
+def test_fp8_only_flags_go_to_the_fp8_rows_alone(tmp_path, monkeypatch):
+    """One bench of an fp32 and an fp8 row with --fp8-skip and --fp8-grad: the fp8 row runs with both (its
+    numerics say so), the fp32 row runs without them instead of refusing them."""
+    from lorabench.bench.bench import native_flags_for
+
+    native = ["--attention", "matmul", "--fp8-skip", "down_proj", "--no-compile", "--fp8-grad", "e5m2"]
+    assert native_flags_for("bf16", [], native) == ["--attention", "matmul", "--no-compile"]
+    assert native_flags_for("fp8", [], native) == native
+    assert native_flags_for("bf16", ["--precision", "fp8"], native) == native
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    code = main(["bench", "--device", "cpu", "--model", "tiny", "--presets", "fp32,fp8", "--engines", "native",
+                 "--steps", "3", "--untimed-steps", "1", "--seq-len", "32", "--batch-size", "2",
+                 "--fp8-skip", "down_proj", "--fp8-grad", "e5m2", "--run-dir", str(tmp_path / "b")])
+    assert code == 0
+    rows = {r["preset"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
+    assert "error" not in rows["fp32"] and rows["fp32"]["fp8_skip"] == []
+    assert rows["fp8"]["fp8_skip"] == ["down_proj"] and "norms, down_proj, lm_head bf16" in rows["fp8"]["numerics"]
+    assert "input gradients per token e5m2" in rows["fp8"]["numerics"]
+
+
 def test_floor_counts_every_frozen_matrix():
     """The floor's GEMM groups cover each frozen linear weight once (q and k share a shape; GQA shrinks k/v)."""
     from lorabench.config import MODEL_PRESETS

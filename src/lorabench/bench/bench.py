@@ -237,17 +237,41 @@ def rounds_cell(row: dict) -> str:
     return f"{100 * row['rounds_spread']:.1f}% ({sum(1 for t in tps if t)}/{len(tps)})"
 
 
+def _row_precision(preset: str, overrides: list[str]) -> str | None:
+    """The precision a row of ``preset`` runs in: the --precision among ``overrides``, else the preset's (None for
+    an unknown preset, which the row itself reports)."""
+    from ..config import TRAIN_PRESETS
+
+    if "--precision" in overrides:
+        return overrides[overrides.index("--precision") + 1]
+    return TRAIN_PRESETS[preset].train.precision if preset in TRAIN_PRESETS else None
+
+
 def _cannot_run(engine: str, preset: str, overrides: list[str]) -> str | None:
     """Why ``engine`` cannot run ``preset``'s precision (or the --precision among ``overrides``), else None."""
-    from ..config import TRAIN_PRESETS
     from ..engines import precision_problem
     from ..precision import get_precision
 
-    if preset not in TRAIN_PRESETS:
-        return None  # the row itself reports the unknown preset
-    name = overrides[overrides.index("--precision") + 1] if "--precision" in overrides else \
-        TRAIN_PRESETS[preset].train.precision
-    return precision_problem(engine, get_precision(name))
+    name = _row_precision(preset, overrides)
+    return None if name is None else precision_problem(engine, get_precision(name))
+
+
+FP8_ONLY_FLAGS = ("--fp8-grad", "--fp8-skip")
+"""Native flags (each with a value) that only an fp8 row takes: bench gives them to its fp8 rows alone, so one bench
+can set them and still run the bf16 rows beside."""
+
+
+def native_flags_for(preset: str, overrides: list[str], native: list[str]) -> list[str]:
+    """``native`` (the native rows' flags) for a row of ``preset``, less FP8_ONLY_FLAGS where it is not fp8."""
+    if _row_precision(preset, overrides) == "fp8":
+        return list(native)
+    out, it = [], iter(native)
+    for token in it:
+        if token in FP8_ONLY_FLAGS:
+            next(it, None)  # and its value
+        else:
+            out.append(token)
+    return out
 
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
@@ -256,7 +280,8 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
               native_overrides: list[str] = ()):
     """Run every engine x preset x batch size row (None: the preset's own), ``rounds`` times round after round,
     compare them, and (on a GPU, unless ``floor`` is False) time the floor. ``overrides``: flags of every row;
-    ``native_overrides``: of the native rows alone (the native engine's tuning, which other engines refuse).
+    ``native_overrides``: of the native rows alone (the native engine's tuning, which other engines refuse; the
+    FP8-only ones of the fp8 rows alone).
     Returns (rows, floors); writes bench.json and bench.md to ``run_dir``."""
     rows = []
     for k in range(1, rounds + 1):
@@ -273,8 +298,8 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
                     log(f"bench: {name} ...", flush=True)
                     row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else "")
                                          + (f"__round{k}" if rounds > 1 else ""))
-                    flags = overrides + (list(native_overrides) if engine == "native" else []) + \
-                        (["--batch-size", str(lbs)] if lbs else [])
+                    native = native_flags_for(preset, overrides, native_overrides) if engine == "native" else []
+                    flags = overrides + native + (["--batch-size", str(lbs)] if lbs else [])
                     row = run_row(engine, preset, model, steps, warmup, device, row_dir, flags, timeout, nproc=nproc)
                     row["lbs"] = lbs
                     log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}",

@@ -24,23 +24,22 @@ import torch
 
 from lorabench.bench.floor import timed
 from lorabench.config import MODEL_PRESETS
-from lorabench.shapes import projection_shapes
+from lorabench.shapes import GEMM_GROUP_NAMES, gemm_groups
 
 
 def shapes(model: str) -> list[tuple[str, int, int]]:
-    """(name, K, N) of each distinct frozen matrix shape, and of q/k/v and gate/up fused (they share an input)."""
-    cfg = MODEL_PRESETS[model]
-    s = projection_shapes(cfg)
-    fused = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
-    out = [(p.removesuffix("_proj"), *s[p]) for p in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj")]
-    out += [(name, s[parts[0]][0], sum(s[p][1] for p in parts)) for name, parts in fused.items()]
-    out.append(("lm_head", cfg.hidden_size, cfg.vocab_size))
-    seen, uniq = set(), []
-    for name, k, n in out:  # k_proj has q's shape under MHA: time each shape once
-        if (k, n) not in seen:
-            seen.add((k, n))
-            uniq.append((name, k, n))
-    return uniq
+    """(name, K, N) of each distinct frozen matrix shape, and of each group that shares an input (q/k/v, gate/up)
+    fused (shapes.gemm_groups)."""
+    out, seen = [], set()
+    for names, (k, outs, _) in zip(GEMM_GROUP_NAMES, gemm_groups(MODEL_PRESETS[model]), strict=True):
+        parts = list(zip((p.removesuffix("_proj") for p in names), outs))
+        if len(parts) > 1:
+            parts.append(("/".join(n for n, _ in parts), sum(outs)))
+        for name, n in parts:
+            if (k, n) not in seen:  # k_proj/v_proj have q's shape under MHA: time each shape once
+                seen.add((k, n))
+                out.append((name, k, n))
+    return out
 
 
 def measure(m: int, k: int, n: int) -> dict[str, float]:

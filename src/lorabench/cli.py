@@ -439,11 +439,10 @@ def bench_overrides(a) -> tuple[list[str], list[str]]:
         if v is not None:
             out += [flag, str(v)]
     for flag, v in (("--attention", a.attention), ("--compile-mode", a.compile_mode),
-                    ("--dropout-mask", a.dropout_mask), ("--fp8-grad", a.fp8_grad)):
+                    ("--dropout-mask", a.dropout_mask), ("--fp8-grad", a.fp8_grad),
+                    ("--fp8-skip", ",".join(a.fp8_skip) if a.fp8_skip else None)):
         if v is not None:
             native += [flag, str(v)]
-    if a.fp8_skip:
-        native += ["--fp8-skip", ",".join(a.fp8_skip)]
     for flag, v in (("fused-projections", a.fused_projections), ("compile", a.compile)):
         if v is not None:
             native.append(f"--{'' if v else 'no-'}{flag}")

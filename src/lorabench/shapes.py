@@ -85,9 +85,6 @@ GEMM_GROUP_NAMES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "
 def gemm_groups(cfg: ModelConfig) -> list[tuple[int, list[int], int]]:
     """(in, [out of each matrix], times per step) of the frozen matrices, grouped by shared input: q/k/v read the
     same normed hidden state, gate/up likewise, so each group can run as one GEMM or as one per matrix."""
-    s, L = projection_shapes(cfg), cfg.num_hidden_layers
-    return [(s["q_proj"][0], [s[p][1] for p in ("q_proj", "k_proj", "v_proj")], L),
-            (s["o_proj"][0], [s["o_proj"][1]], L),
-            (s["gate_proj"][0], [s["gate_proj"][1], s["up_proj"][1]], L),
-            (s["down_proj"][0], [s["down_proj"][1]], L),
-            (cfg.hidden_size, [cfg.vocab_size], 1)]  # lm_head
+    s = {**projection_shapes(cfg), "lm_head": (cfg.hidden_size, cfg.vocab_size)}
+    return [(s[names[0]][0], [s[p][1] for p in names], 1 if names == ("lm_head",) else cfg.num_hidden_layers)
+            for names in GEMM_GROUP_NAMES]

@@ -16,7 +16,6 @@ from .config import ModelConfig
 from .kernels.attention import ATTENTION_IMPLS, attend, sdpa_priority
 from .kernels.cross_entropy import frozen_head_cross_entropy
 from .kernels.fp8 import WEIGHT_FORMAT, fp8_linear
-from .kernels.fp8_mlp import fp8_mlp
 from .lora import Adapter, LoRALinear, shared_input_deltas
 from .recompute import RECOMPUTING, checkpointed
 from .shapes import PROJECTIONS, projection_shapes
@@ -227,15 +226,7 @@ class MLP(nn.Module):
             setattr(self, name, nn.Linear(*shapes[name], bias=False))
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by Llama.fuse_projections
 
-    def frozen_fp8(self) -> bool:
-        """All three projections FP8 without adapters or biases (kernels/fp8_mlp.py runs such an MLP)."""
-        parts = (self.gate_proj, self.up_proj, self.down_proj)
-        return all(type(p) is Fp8Linear and p.bias is None for p in parts) and \
-            len({p.grad_dtype for p in parts}) == 1
-
     def forward(self, x):
-        if self.frozen_fp8():  # one autograd function, its SwiGLU passes fused with their quantizes
-            return fp8_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.down_proj.grad_dtype)
         if self.gate_up_weight is None:
             g, u = shared_input(x, (self.gate_proj, self.up_proj))
         else:

@@ -97,9 +97,10 @@ def check_prefix_attention(dev):
 
 
 def check_dropout_masks(dev):
-    """The Triton philox16 mask against its plain-PyTorch reference (bit for bit: the kernel's seed is the next
-    draw of torch's CPU generator), its rate, and each mask kernel's time at the adapters' bf16 LBS 16 shape."""
-    from lorabench.kernels.dropout import MASK_IMPLS, keep_mask, philox_keep_mask
+    """The Triton philox16 mask (packed bits, unpacked here) against its plain-PyTorch reference (bit for bit: the
+    kernel's seed is the next draw of torch's CPU generator), its rate, and each mask kernel's time at the adapters'
+    bf16 LBS 16 shape."""
+    from lorabench.kernels.dropout import MASK_IMPLS, keep_mask, philox_keep_mask, unpack_mask
 
     print("\n| mask | shape | p | elements differing from the reference | kept |\n|---|---|---|---|---|")
     for shape in ((8192, 4096), (3, 5, 1999)):
@@ -107,7 +108,8 @@ def check_dropout_masks(dev):
             torch.manual_seed(7)
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             torch.manual_seed(7)
-            got = keep_mask(torch.empty(shape, device=dev, dtype=torch.bfloat16), p, "philox16").cpu()
+            got = unpack_mask(keep_mask(torch.empty(shape, device=dev, dtype=torch.bfloat16), p, "philox16"),
+                              shape).cpu()
             want = philox_keep_mask(shape, p, seed)
             differ, kept = int((got != want).sum()), got.float().mean().item()
             sd = (p * (1 - p) / got.numel()) ** 0.5

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lorabench.config import ConfigError, LoRAConfig
-from lorabench.kernels.dropout import BLOCK, MASK_IMPLS, keep_mask, philox4x32, philox_keep_mask
+from lorabench.kernels.dropout import (BLOCK, MASK_IMPLS, keep_mask, pack_mask, philox4x32, philox_keep_mask,
+                                       unpack_mask)
 from lorabench.lora import LoRALinear, inject_lora, lora_modules, set_mask_impl
 
 
@@ -20,7 +21,12 @@ from lorabench.lora import LoRALinear, inject_lora, lora_modules, set_mask_impl
 def test_keep_mask_keeps_one_minus_p(impl, p):
     torch.manual_seed(0)
     x = torch.empty(300, 1000, dtype=torch.bfloat16)
-    m = keep_mask(x, p, impl)
+    packed = keep_mask(x, p, impl)
+    if impl == "inline":
+        assert packed.dtype == torch.bool and packed.shape == x.shape
+    else:  # the op's masks: one bit an element
+        assert packed.dtype == torch.uint8 and packed.shape == (300 * 1000 // 8,)
+    m = unpack_mask(packed, x.shape)
     assert m.dtype == torch.bool and m.shape == x.shape
     assert abs(m.float().mean().item() - (1 - p)) < 0.003  # 300,000 draws: sd <= 0.0009
     if p:  # rows are not copies of each other
@@ -55,14 +61,31 @@ def test_philox16_reference_mask():
     assert philox_keep_mask((7,), 0.0, seed=1).all()
 
 
+@pytest.mark.parametrize("shape", [(5, 8), (3, 5, 1999), (1,), (2, 9)])
+def test_packed_masks_hold_one_bit_an_element(shape):
+    """pack_mask against a hand-packed byte, and unpack_mask(pack_mask(m)) == m for sizes that are not multiples
+    of 8 (the last byte's spare bits are 0)."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(shape, generator=g) < 0.5
+    packed = pack_mask(m)
+    n = m.numel()
+    assert packed.dtype == torch.uint8 and packed.shape == (-(-n // 8),)
+    flat = m.reshape(-1).tolist() + [False] * (8 * packed.numel() - n)
+    assert packed.tolist() == [sum(int(b) << k for k, b in enumerate(flat[i:i + 8])) for i in range(0, len(flat), 8)]
+    assert torch.equal(unpack_mask(packed, shape), m)
+    assert torch.equal(unpack_mask(packed, shape, backward=True), m)
+    assert unpack_mask(m, shape) is m  # a bool mask (the inline draw) is used as it is
+
+
 INTERPRETED = """
 import sys, torch
 from lorabench.kernels import dropout
 kernel = dropout._triton_kernel()
 for shape, p in ((3, 5, 1999), 0.05), ((2, 8 * dropout.BLOCK), 0.5), ((7,), 0.3):
-    out = torch.empty(shape, dtype=torch.bool)
+    packed = torch.empty(dropout.packed_size(torch.Size(shape).numel()), dtype=torch.uint8)
     seed = 0x1234_5678_9ABC_DEF
-    dropout._launch(kernel, out, p, seed)
+    dropout._launch(kernel, packed, p, seed)
+    out = dropout.unpack_mask(packed, shape)
     want = dropout.philox_keep_mask(shape, p, seed)
     print(shape, p, int((out != want).sum()), "differ")
     if not torch.equal(out, want):

@@ -9,6 +9,7 @@ import torch
 from lorabench.checkpoint import load_into, native_to_hf
 from lorabench.config import ConfigError, LoRAConfig, ModelConfig
 from lorabench.engines import build_engine
+from lorabench.kernels.dropout import unpack_mask
 from lorabench.lora import LoRALinear, adapter_delta, inject_lora, lora_modules, read_adapter
 from lorabench.model import Llama
 
@@ -167,8 +168,9 @@ def test_compiled_adapter_delta_matches_plain_autograd(r, dtype):
 
 def test_dropout_keeps_one_minus_p_and_saves_no_dropped_copy():
     """In training the adapter drops inputs with probability p and scales the rest by 1 / (1 - p), as
-    F.dropout does; for the backward it keeps x, the bool mask and the [tokens, r] product, not a dropped float
-    copy of x (which the op-by-op path keeps: 4 more bytes per input element)."""
+    F.dropout does; for the backward it keeps x, the mask packed one bit an element and the [tokens, r] product,
+    not a dropped float copy of x (which the op-by-op path keeps: 4 more bytes per input element) nor a bool mask
+    (a byte an element)."""
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(256, 48, bias=False), r=8, alpha=16, dropout=0.3)
     with torch.no_grad():
@@ -178,9 +180,10 @@ def test_dropout_keeps_one_minus_p_and_saves_no_dropped_copy():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer.delta(x)
     acts = {t.data_ptr(): t for t in saved if t.shape[:-1] == x.shape[:-1]}  # activations, not the adapters
-    assert sorted((str(t.dtype), t.shape[-1]) for t in acts.values()) == [
-        ("torch.bool", 256), ("torch.float32", 8), ("torch.float32", 256)]
-    mask = next(t for t in acts.values() if t.dtype == torch.bool)
+    assert sorted((str(t.dtype), t.shape[-1]) for t in acts.values()) == [("torch.float32", 8), ("torch.float32", 256)]
+    masks = [t for t in saved if t.dtype == torch.uint8]
+    assert len(masks) == 1 and masks[0].numel() == x.numel() // 8
+    mask = unpack_mask(masks[0], x.shape)
     assert abs(mask.float().mean().item() - 0.7) < 0.01  # 102,400 draws: sd 0.0014
     torch.testing.assert_close(y, plain_delta(x, layer.lora_A, layer.lora_B, mask, 0.3, layer.scale))
     layer.eval()  # no dropout outside training

@@ -262,16 +262,17 @@ def test_prefix_suffix_attention_is_attention_over_prefix_and_suffix(heads, kv_h
 
 
 def test_compiled_block_keeps_only_masks_for_dropout():
-    """A compiled training block with adapter dropout keeps at most the dropout masks (bool) beyond what it keeps
-    without dropout: the dropped copies of the adapters' input are recomputed in the backward from the norm's
-    input, not saved (each was a [tokens, hidden] tensor in the activation dtype)."""
+    """A compiled training block with adapter dropout keeps at most the dropout masks beyond what it keeps without
+    dropout, and those packed, one bit an element (a bool mask is a byte an element): the dropped copies of the
+    adapters' input are recomputed in the backward from the norm's input, not saved (each was a [tokens, hidden]
+    tensor in the activation dtype)."""
     from lorabench.config import LoRAConfig
     from lorabench.lora import inject_lora
     from lorabench.model import rope_cos_sin
 
     B, T, C = 2, 24, SMALL.hidden_size
 
-    def saved_activation_bytes(dropout: float) -> int:
+    def saved_activations(dropout: float) -> list[torch.Tensor]:
         torch.manual_seed(0)
         m = Llama(SMALL)
         inject_lora(m, LoRAConfig(r=4, alpha=16, dropout=dropout, targets=("q_proj", "v_proj")))
@@ -282,10 +283,15 @@ def test_compiled_block_keeps_only_masks_for_dropout():
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.data_ptr(), t), lambda t: t):
             block(x, cos, sin)
         weights = {p.data_ptr() for p in m.parameters()}
-        return sum(t.numel() * t.element_size() for k, t in saved.items() if k not in weights and t.numel() >= B * T)
+        return [t for k, t in saved.items() if k not in weights and t.numel() >= B * T]
 
-    masks = 2 * B * T * C  # q_proj's and v_proj's, one byte per element
-    assert saved_activation_bytes(0.1) <= saved_activation_bytes(0.0) + masks
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    with_dropout = saved_activations(0.1)
+    masks = [t for t in with_dropout if t.dtype in (torch.bool, torch.uint8)]
+    assert sorted((t.dtype, t.numel()) for t in masks) == [(torch.uint8, B * T * C // 8)] * 2  # q_proj's, v_proj's
+    assert nbytes(with_dropout) <= nbytes(saved_activations(0.0)) + nbytes(masks)
 
 
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, LoRAConfig
-from .kernels.dropout import keep_mask
+from .kernels.dropout import keep_mask, unpack_mask
 from .kernels.fp8 import WEIGHT_FORMAT, dequantize, frozen_linear
 
 
@@ -121,8 +121,8 @@ class LoRALinear(Adapter, nn.Module):
 
 
 def adapter_delta(x, a, b, mask, p: float, scale: float, fresh_input: bool = False) -> torch.Tensor:
-    """``(x * mask / (1 - p)) a^T b^T * scale``; ``mask`` (bool, like x) or None for no dropout; ``fresh_input``:
-    the backward's product reads x through ``fresh``."""
+    """``(x * mask / (1 - p)) a^T b^T * scale``; ``mask`` (kernels.dropout.keep_mask's: packed or bool) or None for
+    no dropout; ``fresh_input``: the backward's product reads x through ``fresh``."""
     return _AdapterDelta.apply(x, a, b, mask, p, scale, fresh_input)
 
 
@@ -145,7 +145,7 @@ class _AdapterDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, mask, p, scale, fresh_input):
-        d = x if mask is None else x * mask * (1.0 / (1.0 - p))
+        d = x if mask is None else x * unpack_mask(mask, x.shape) * (1.0 / (1.0 - p))
         xa = d @ a.t()
         ctx.save_for_backward(x, mask, xa, a, b)
         ctx.p, ctx.scale, ctx.fresh_input = p, scale, fresh_input
@@ -157,6 +157,7 @@ class _AdapterDelta(torch.autograd.Function):
         g = grad * ctx.scale
         gxa = g @ b  # [..., r]
         if mask is not None:
+            mask = unpack_mask(mask, x.shape, backward=True)
             d = torch.where(mask, x * (1.0 / (1.0 - ctx.p)), 0)
         else:
             d = fresh(x) if ctx.fresh_input else x

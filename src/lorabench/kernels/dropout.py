@@ -17,6 +17,11 @@ benchmarks/NOTES.md item 12). ``keep_mask`` is a custom op instead, which a comp
 - ``inline``: ``rand_like(x, float32) >= p`` where it is needed (Inductor fuses it into its kernels); also the
   path on torch without ``torch.library.custom_op`` (before 2.4).
 
+The op's masks are packed, one bit an element (``pack_mask``; the inline draw's stay bool): the backward needs
+each mask again, and a bool mask is a byte an element, an eighth of a bf16 activation of its shape (2.1 GB a
+step at Llama-2-7B LBS 16 with the seed's q/v adapters, ~9 GB with all seven adapted); packed, a sixty-fourth. The
+kernels that apply a mask read the bits (``unpack_mask`` is elementwise, so Inductor folds it into them).
+
 The op is tagged as a seeded random op (the partitioner saves its output for the backward rather than drawing it
 again: it recomputes no op outside its allowlist). The joint graph's common-subexpression elimination, though,
 merges calls with equal arguments unless the op is one of torch's own random ops, so two adapters reading the same
@@ -33,8 +38,8 @@ MASK_IMPLS = ("philox16", "bernoulli", "inline")
 """How a keep-mask is drawn (see above)."""
 
 BLOCK = 1024
-"""Philox calls per program of the Triton kernel; a program writes 8 x BLOCK mask elements, word w's low and high
-halves to elements [(2w) BLOCK, (2w + 1) BLOCK) and [(2w + 1) BLOCK, (2w + 2) BLOCK) of its tile."""
+"""Philox calls per program of the Triton kernel; a program writes 8 x BLOCK mask elements (BLOCK bytes), word w's
+low and high halves to elements [(2w) BLOCK, (2w + 1) BLOCK) and [(2w + 1) BLOCK, (2w + 2) BLOCK) of its tile."""
 
 
 def _threshold(p: float) -> int:
@@ -43,36 +48,19 @@ def _threshold(p: float) -> int:
 
 @functools.cache
 def _triton_kernel():
-    """The Triton kernel (made once), or None without Triton."""
+    """The Triton kernel (its module imported once, on first use), or None without Triton."""
     try:
-        import triton
-        import triton.language as tl
+        from . import dropout_triton
     except ImportError:
         return None
-
-    @triton.jit(do_not_specialize=["seed"])  # one compiled kernel for every seed (16 | seed would be a second)
-    def keep_mask_kernel(out_ptr, n, seed, threshold, BLOCK: tl.constexpr):
-        tile = tl.program_id(0)
-        j = tl.arange(0, BLOCK)
-        r0, r1, r2, r3 = tl.randint4x(seed, tile * BLOCK + j)
-        i = tile.to(tl.int64) * (8 * BLOCK) + j  # the tile's first block; the k-th block starts at i + k BLOCK
-        tl.store(out_ptr + i, (r0 & 0xFFFF).to(tl.int32) >= threshold, mask=i < n)
-        tl.store(out_ptr + i + BLOCK, (r0 >> 16).to(tl.int32) >= threshold, mask=i + BLOCK < n)
-        tl.store(out_ptr + i + 2 * BLOCK, (r1 & 0xFFFF).to(tl.int32) >= threshold, mask=i + 2 * BLOCK < n)
-        tl.store(out_ptr + i + 3 * BLOCK, (r1 >> 16).to(tl.int32) >= threshold, mask=i + 3 * BLOCK < n)
-        tl.store(out_ptr + i + 4 * BLOCK, (r2 & 0xFFFF).to(tl.int32) >= threshold, mask=i + 4 * BLOCK < n)
-        tl.store(out_ptr + i + 5 * BLOCK, (r2 >> 16).to(tl.int32) >= threshold, mask=i + 5 * BLOCK < n)
-        tl.store(out_ptr + i + 6 * BLOCK, (r3 & 0xFFFF).to(tl.int32) >= threshold, mask=i + 6 * BLOCK < n)
-        tl.store(out_ptr + i + 7 * BLOCK, (r3 >> 16).to(tl.int32) >= threshold, mask=i + 7 * BLOCK < n)
-
-    return keep_mask_kernel
+    return dropout_triton.keep_mask_kernel
 
 
 def _philox16_cuda(x: torch.Tensor, p: float) -> torch.Tensor:
     kernel = _triton_kernel()
     if kernel is None or torch.cuda.is_current_stream_capturing():
-        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
-    out = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        return _bernoulli_packed(x, p)
+    out = torch.empty(packed_size(x.numel()), dtype=torch.uint8, device=x.device)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     with torch.cuda.device(x.device):
         _launch(kernel, out, p, seed)
@@ -80,12 +68,50 @@ def _philox16_cuda(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _launch(kernel, out: torch.Tensor, p: float, seed: int):
-    """Fill the contiguous bool tensor ``out`` with the philox16 mask of ``seed``."""
-    kernel[(_cdiv(out.numel(), 8 * BLOCK),)](out, out.numel(), seed, _threshold(p), BLOCK=BLOCK)
+    """Fill the contiguous uint8 tensor ``out`` with the packed philox16 mask of ``seed`` (8 out.numel() elements;
+    a program writes BLOCK bytes)."""
+    kernel[(_cdiv(out.numel(), BLOCK),)](out, out.numel(), seed, _threshold(p), BLOCK=BLOCK)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def packed_size(n: int) -> int:
+    """Bytes of a packed mask of ``n`` elements."""
+    return _cdiv(n, 8)
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A bool mask as packed bytes (uint8, flat): element 8i + k of the flattened mask in bit k of byte i, the last
+    byte's spare bits 0."""
+    flat = keep.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros(packed_size(flat.numel()) * 8 - flat.numel())])
+    bits = flat.view(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return bits.sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(mask: torch.Tensor, shape, backward: bool = False) -> torch.Tensor:
+    """The bool mask of ``shape`` that ``mask`` holds: as it is if it is bool already (the inline draw), else
+    unpacked from its bytes (pack_mask's layout). Elementwise ops, so a compiled graph reads the bytes inside the
+    kernels that use the mask. ``backward``: the same bits by other ops (a test against a bit instead of a shift),
+    so the joint graph's common-subexpression elimination cannot merge the backward's unpacking with the
+    forward's, which would let the partitioner keep the forward's bool mask (eight times the bytes) for it."""
+    if mask.dtype == torch.bool:
+        return mask
+    n = 1
+    for d in shape:
+        n *= d
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    if backward:
+        bits = (mask[:, None] & (torch.ones_like(shifts) << shifts)) != 0
+    else:
+        bits = ((mask[:, None] >> shifts) & 1).bool()
+    return bits.reshape(-1)[:n].view(shape)
+
+
+def _bernoulli_packed(x: torch.Tensor, p: float) -> torch.Tensor:
+    return pack_mask(torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p))
 
 
 def _define_op():
@@ -95,7 +121,7 @@ def _define_op():
     def impl(x: torch.Tensor, p: float, salt: int, philox16: bool) -> torch.Tensor:
         if philox16 and x.is_cuda:
             return _philox16_cuda(x, p)
-        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+        return _bernoulli_packed(x, p)
 
     try:
         op = torch.library.custom_op("lorabench::keep_mask", impl, mutates_args=(),
@@ -105,7 +131,7 @@ def _define_op():
 
     @op.register_fake
     def _(x, p, salt, philox16):
-        return torch.empty_like(x, dtype=torch.bool)
+        return torch.empty(packed_size(x.numel()), dtype=torch.uint8, device=x.device)
 
     return op
 
@@ -114,8 +140,10 @@ _KEEP_MASK = _define_op()
 
 
 def keep_mask(x: torch.Tensor, p: float, impl: str = "philox16", salt: int = 0) -> torch.Tensor:
-    """A bool tensor like ``x``, each element True (kept) with probability 1 - p, independently. Masks drawn from
-    the same ``x`` in one compiled graph need different ``salt`` values (see above); the draw ignores it."""
+    """A keep-mask of ``x``'s elements, each kept with probability 1 - p, independently: packed bytes (one bit an
+    element, pack_mask's layout) from the op, a bool tensor like x from the inline draw; ``unpack_mask`` gives
+    the bool tensor either way. Masks drawn from the same ``x`` in one compiled graph need different ``salt``
+    values (see above); the draw ignores it."""
     if impl != "inline" and _KEEP_MASK is not None:
         return _KEEP_MASK(x, p, salt, impl == "philox16")
     return torch.rand_like(x, dtype=torch.float32) >= p

@@ -9,6 +9,8 @@ by --seed) in fp8 variants the engine does not have, CPU emulation, for NOTES it
   quantize and the weight multiplied by s before its per-channel quantize (SmoothQuant's migration), amax(x_k)
   calibrated once on 32 training dialogues (train.json[200:232]) through the fp8 model; the input gradient is
   (dy W') / s.
+- down-e5m2: the engine's scheme, but down_proj's input (SwiGLU's output) quantized to e5m2 instead of e4m3 (two
+  exponent bits more range below each row's largest value, one mantissa bit less); the gradient as the engine's.
 - fwd-only: the engine's FP8 forward, the input gradient in bf16 through the dequantized weight (Unsloth's
   load_in_fp8 scheme): which direction the fine-tune's gap comes from.
 
@@ -65,6 +67,23 @@ class Smooth(torch.autograd.Function):
         return gx.to(gy.dtype).view(*gy.shape[:-1], wq.shape[1]), None, None, None, None
 
 
+class InputE5M2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, wq, w_scale, grad_dtype):
+        xq, xs = F.quantize_rows(x.reshape(-1, x.shape[-1]), torch.float8_e5m2)
+        ctx.save_for_backward(wq, w_scale)
+        ctx.grad_dtype = grad_dtype
+        return F.scaled_mm(xq, xs, wq, w_scale, x.dtype).view(*x.shape[:-1], wq.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        wq, w_scale = ctx.saved_tensors
+        gq, gs = F.quantize_rows(gy.reshape(-1, gy.shape[-1]), ctx.grad_dtype, multiplier=w_scale)
+        ones = torch.ones(wq.shape[1], dtype=torch.float32)
+        gx = F.scaled_mm(gq, gs, wq.t().contiguous(), ones, gy.dtype)
+        return gx.view(*gy.shape[:-1], wq.shape[1]), None, None, None
+
+
 AMAX = {}  # id(stored FP8 weight) -> per-channel amax of its input, while calibrating
 
 
@@ -85,6 +104,8 @@ class Variant:
             return B.block_linear(x, *w, grad_dtype)
         if variant == "smooth":
             return Smooth.apply(x, *w, grad_dtype)
+        if variant == "down-e5m2":
+            return InputE5M2.apply(x, wq, w_scale, grad_dtype)
         return torch.nn.functional.linear(x, w)  # down-bf16
 
 
@@ -116,6 +137,8 @@ def init(self, *a, **k):
             WEIGHT[id(m.weight)] = (1 / sm, q, sc.view(-1))
         elif variant == "down-bf16" and name.endswith("down_proj"):
             WEIGHT[id(m.weight)] = w.to(torch.bfloat16)
+        elif variant == "down-e5m2" and name.endswith("down_proj"):
+            WEIGHT[id(m.weight)] = True  # marks the projection; its stored FP8 weight is used as it is
     assert WEIGHT or variant == "fwd-only", "no projection replaced"
 
 

@@ -11,6 +11,9 @@ by --seed) in fp8 variants the engine does not have, CPU emulation, for NOTES it
   (dy W') / s.
 - down-e5m2: the engine's scheme, but down_proj's input (SwiGLU's output) quantized to e5m2 instead of e4m3 (two
   exponent bits more range below each row's largest value, one mantissa bit less); the gradient as the engine's.
+- ends-bf16: the engine's scheme, but every projection of the first and the last decoder block in bf16 (the
+  blocks quantization studies find most sensitive).
+- ends-down-bf16: ends-bf16 and down-bf16 together.
 - fwd-only: the engine's FP8 forward, the input gradient in bf16 through the dequantized weight (Unsloth's
   load_in_fp8 scheme): which direction the fine-tune's gap comes from.
 
@@ -136,6 +139,11 @@ def init(self, *a, **k):
             q, sc = F.quantize_rows(w.float() * sm)
             WEIGHT[id(m.weight)] = (1 / sm, q, sc.view(-1))
         elif variant == "down-bf16" and name.endswith("down_proj"):
+            WEIGHT[id(m.weight)] = w.to(torch.bfloat16)
+        elif variant in ("ends-bf16", "ends-down-bf16") and \
+                name.split(".")[1] in ("0", str(len(self.model.layers) - 1)):
+            WEIGHT[id(m.weight)] = w.to(torch.bfloat16)
+        elif variant == "ends-down-bf16" and name.endswith("down_proj"):
             WEIGHT[id(m.weight)] = w.to(torch.bfloat16)
         elif variant == "down-e5m2" and name.endswith("down_proj"):
             WEIGHT[id(m.weight)] = True  # marks the projection; its stored FP8 weight is used as it is

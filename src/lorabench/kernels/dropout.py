@@ -34,6 +34,7 @@ share one mask.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -102,15 +103,12 @@ def unpack_mask(mask: torch.Tensor, shape, backward: bool = False) -> torch.Tens
     forward's, which would let the partitioner keep the forward's bool mask (eight times the bytes) for it."""
     if mask.dtype == torch.bool:
         return mask
-    n = 1
-    for d in shape:
-        n *= d
     shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
     if backward:
         bits = (mask[:, None] & (torch.ones_like(shifts) << shifts)) != 0
     else:
         bits = ((mask[:, None] >> shifts) & 1).bool()
-    return bits.reshape(-1)[:n].view(shape)
+    return bits.reshape(-1)[:math.prod(shape)].view(shape)
 
 
 def _bernoulli_packed(x: torch.Tensor, p: float) -> torch.Tensor:

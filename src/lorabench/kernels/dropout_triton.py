@@ -13,6 +13,7 @@ def store_bits(out_ptr, word, shift, threshold, first, nbytes, BLOCK: tl.constex
     byte = first + tl.arange(0, BLOCK // 8)
     tl.store(out_ptr + byte, tl.sum(bits, axis=1).to(tl.uint8), mask=byte < nbytes)
 
+
 @triton.jit(do_not_specialize=["seed"])  # one compiled kernel for every seed (16 | seed would be a second)
 def keep_mask_kernel(out_ptr, nbytes, seed, threshold, BLOCK: tl.constexpr):
     tile = tl.program_id(0)

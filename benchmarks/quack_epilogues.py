@@ -9,7 +9,7 @@ today (cuBLAS through torch, then the elementwise part compiled by Inductor, the
 checked against an fp32 computation from the same bf16 inputs. quack is an optional package that is not installed
 by the project; this script needs it and a Hopper GPU.
 
-    python benchmarks/quack_epilogues.py [--tokens 8192] [--iters 30] [--tuned] [--json OUT.json]
+    PYTHONPATH=src python benchmarks/quack_epilogues.py [--tokens 8192] [--iters 30] [--tuned] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -21,21 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def timed(fn, iters: int, warm: int = 3) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` CUDA-event-timed calls, after ``warm`` untimed ones."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+from lorabench.bench.floor import timed
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -111,8 +97,8 @@ def main():
     rows = []
 
     def row(name, torch_fn, quack_fn, outs_ref, flops):
-        tt = timed(torch_fn, a.iters)
-        tq = timed(quack_fn, a.iters)
+        tt = 1e3 * timed(torch_fn, reps=a.iters, warmup=3)  # median ms
+        tq = 1e3 * timed(quack_fn, reps=a.iters, warmup=3)
         e_t = [rel(o, r) for o, r in zip(torch_fn(), outs_ref)]
         e_q = [rel(o, r) for o, r in zip(quack_fn(), outs_ref)]
         r = {"case": name, "torch_ms": tt, "quack_ms": tq, "speedup": tt / tq,

@@ -178,9 +178,7 @@ def philox4x32(counters: list[torch.Tensor], key: tuple[int, int], rounds: int =
 
 def philox_keep_mask(shape, p: float, seed: int) -> torch.Tensor:
     """The philox16 kernel's mask for ``seed``, computed in plain PyTorch on the CPU."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     tiles = _cdiv(n, 8 * BLOCK)
     counter = torch.arange(tiles * BLOCK, dtype=torch.int64)
     zero = torch.zeros_like(counter)

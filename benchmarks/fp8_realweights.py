@@ -121,7 +121,11 @@ def mmlu_text(mmlu: Path, out: Path, n_train: int = 4000, n_val: int = 500) -> P
     for f in sorted((mmlu / "test").glob("*_test.csv")):
         subject = f.name[: -len("_test.csv")].replace("_", " ")
         with open(f, newline="", encoding="utf-8") as fh:
-            for q, a, b, c, d, ans in csv.reader(fh):
+            for i, row in enumerate(csv.reader(fh), 1):
+                if len(row) != 6:
+                    raise SystemExit(f"{f}: row {i} has {len(row)} columns; MMLU rows are question, A, B, C, D, "
+                                     "answer")
+                q, a, b, c, d, ans = row
                 rows.append({"text": f"The following is a question about {subject}.\n{q}\nA. {a}\nB. {b}\n"
                                      f"C. {c}\nD. {d}\nAnswer: {ans}"})
     if len(rows) < n_train + n_val:

@@ -132,7 +132,6 @@ def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, 
     np.testing.assert_allclose(a["series"]["grad_norm"], b["series"]["grad_norm"], rtol=1e-5)
     wa = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    assert set(wa) == set(wb)
     assert_adapters_match(wa, wb, lr=a["config"]["lr"], steps=a["config"]["max_steps"])
 
 
@@ -144,6 +143,7 @@ def assert_adapters_match(wa: dict, wb: dict, lr: float, steps: int):
     to ~2 lr a step; elsewhere the rounding's ~1e-6 relative leaves them within 1% of lr. So: every element within
     2 * steps * lr of the other run, and all but 1% of each tensor's elements (at least one) within 1% of lr. A
     shard gathered into the wrong place, or not trained, moves whole rows: far more than 1% of the elements."""
+    assert steps <= 4, "the 1.01 bound on |m / sqrt(v)| holds for four steps at the most (1.0068; 1.0108 at five)"
     assert set(wa) == set(wb)
     for k in wa:
         assert wa[k].shape == wb[k].shape, k

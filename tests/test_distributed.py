@@ -32,7 +32,8 @@ def lorabench(args, tmp_path, nproc=1):
 def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision):
     """fp8 too: each micro-batch's forward and backward is the same computation on a rank as in one process; and
     a loss on the responses only, whose micro-batches hold different numbers of label tokens: normalised by the
-    whole step's count, two ranks still equal one process."""
+    whole step's count, two ranks still equal one process. Losses to 1e-5; the adapters as assert_adapters_match
+    says (AdamW can turn a rounding-sized difference in a near-zero gradient into most of lr)."""
     prec = ["--precision", *precision.split()]
     dp = lorabench(COMMON + prec + ["--grad-accum", "1", "--run-dir", str(tmp_path / "dp")], tmp_path, nproc=2)
     lorabench(COMMON + prec + ["--grad-accum", "2", "--run-dir", str(tmp_path / "one")], tmp_path)
@@ -44,9 +45,7 @@ def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision)
     assert r_dp["metrics"]["eval_loss"] == pytest.approx(r_one["metrics"]["eval_loss"], abs=1e-5)
     a = load_file(tmp_path / "dp" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert_adapters_match(a, b, lr=r_dp["config"]["lr"], steps=r_dp["config"]["max_steps"])
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
 
 

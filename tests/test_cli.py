@@ -46,16 +46,19 @@ def test_default_run_end_to_end(tmp_path, capsys):
     preds = (run_dir / "mmlu_predictions.jsonl").read_text().splitlines()
     assert len(preds) == m["mmlu_questions"] == 40
     assert set(json.loads(preds[0])) == {"subject", "index", "gold", "pred", "logprobs"}
-    assert not list(run_dir.glob(".*"))  # no temporary files left behind
+    from lorabench.rundir import LOCK, MARKER
+
+    assert sorted(p.name for p in run_dir.glob(".*")) == sorted([MARKER, LOCK])  # no temporary files left behind
 
 
 def test_second_run_uses_the_packed_cache(tmp_path):
     args = ["run", "--no-progress", "--device", "cpu", "--max-steps", "2", "--no-mmlu", "--no-save-adapter"]
     assert main(args + ["--run-dir", str(tmp_path / "a")]) == 0
     assert main(args + ["--run-dir", str(tmp_path / "b")]) == 0
-    a = json.loads((tmp_path / "a" / "result.json").read_text())["config"]["data"]
-    b = json.loads((tmp_path / "b" / "result.json").read_text())["config"]["data"]
-    assert "cached" not in a and "cached" in b
+    a = json.loads((tmp_path / "a" / "result.json").read_text())["config"]
+    b = json.loads((tmp_path / "b" / "result.json").read_text())["config"]
+    assert (a["data_cached"], b["data_cached"]) == (False, True) and a["data"] == b["data"]
+    assert "packed data from the cache" in (tmp_path / "b" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -342,8 +345,8 @@ def test_config_file_round_trip_and_errors(tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--run-dir", str(again)]) == 0
     a, b = (json.loads((d / "result.json").read_text()) for d in (first, again))
     assert a["series"]["loss"] == b["series"]["loss"]
-    assert {k: v for k, v in a["config"].items() if k != "data"} == {k: v for k, v in b["config"].items()
-                                                                      if k != "data"}
+    assert {k: v for k, v in a["config"].items() if k != "data_cached"} == {k: v for k, v in b["config"].items()
+                                                                             if k != "data_cached"}
     override = tmp_path / "override"
     assert main(["run", "--config", str(cfg), "--max-steps", "2", "--run-dir", str(override)]) == 0
     assert json.loads((override / "result.json").read_text())["metrics"]["steps"] == 2

@@ -157,13 +157,13 @@ def test_progress_off_a_terminal_is_plain_lines():
     """In a log file: one whole line every tenth of the run and at the end, no carriage returns."""
     import io
 
-    from lorabench.train import _progress
+    from lorabench.progress import progress as _progress
 
     out = io.StringIO()
     bar = _progress(42, True, stream=out)
     for step in range(42):
-        bar.update(1)
         bar.set_postfix(epoch=1, loss="1.0000")
+        bar.update(1)
     bar.close()
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue() and lines[0] == "train: step 4/42 (epoch 1, loss 1.0000)"
@@ -173,3 +173,10 @@ def test_progress_off_a_terminal_is_plain_lines():
     off.update(1)
     off.close()
     assert quiet.getvalue() == ""
+    # MMLU's bar moves a subject at a time: one line each time a tenth is passed, and at the end
+    mmlu = io.StringIO()
+    with _progress(1000, True, desc="mmlu", unit="question", stream=mmlu) as bar:
+        for n in (57, 57, 300, 6, 580):
+            bar.update(n)
+    assert mmlu.getvalue().splitlines() == ["mmlu: question 114/1000", "mmlu: question 414/1000",
+                                            "mmlu: question 1000/1000"]  # (420 passes no tenth)

@@ -35,7 +35,9 @@ def test_run_writes_readable_plots(tmp_path):
         w, h = png_size(d / name)
         assert w > 300 and h > 200
     assert "- plots: loss.png, step_time.png, mmlu_categories.png" in (d / "report.md").read_text()
-    assert not list(d.glob(".*"))  # no temporary files left
+    from lorabench.rundir import LOCK, MARKER
+
+    assert sorted(p.name for p in d.glob(".*")) == sorted([MARKER, LOCK])  # no temporary files left
 
 
 def test_without_matplotlib_everything_else_is_written(tmp_path, monkeypatch):

@@ -27,8 +27,8 @@ def signal_after(monkeypatch, steps: int, signum=signal.SIGINT):
     """The run receives ``signum`` while its step ``steps`` runs (delivered from the progress bar's update)."""
     real = train_mod._progress
 
-    def progress(total, enabled, stream=None):
-        bar = real(total, enabled, stream)
+    def progress(total, enabled, **kw):
+        bar = real(total, enabled, **kw)
         update, seen = bar.update, [0]
 
         def counted(k=1):

@@ -73,7 +73,7 @@ def test_stages_composed_by_hand_give_run_jobs_result():
     whole = run_job(tiny_job(data=str(TINY_DATA)))
     assert by_hand["series"]["loss"] == whole["series"]["loss"]  # bit for bit: same seeds, same stages
     assert by_hand["metrics"]["eval_loss"] == whole["metrics"]["eval_loss"]
-    assert by_hand["config"] == {**whole["config"], "data": by_hand["config"]["data"]}  # (second one: cached)
+    assert by_hand["config"] == {**whole["config"], "data_cached": False}  # (the second one: from the cache)
     assert by_hand["config"]["engine_options"]["attention"] == "sdpa"
 
 

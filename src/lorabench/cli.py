@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from . import rundir
 from .config import TRAIN_PRESETS, ConfigError, resolve_preset
 from .data.formats import FORMATS
+from .files import DiskFull
 from .kernels.attention import ATTENTION_IMPLS
 from .kernels.dropout import MASK_IMPLS
 from .mmlu.scoring import PREFIX_ATTENTION
@@ -314,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(a) -> int:
+    from . import config_file
     from .assets import TINY_DATA, TINY_MMLU, TINY_MODEL
     from .runner import Job, run_job
 
@@ -341,7 +344,8 @@ def cmd_run(a) -> int:
               save_adapter=not a.no_save_adapter, resume=a.resume, init_adapter=a.init_adapter,
               cache_dir=a.cache_dir, progress=not a.no_progress, tensorboard=a.tensorboard, mmlu=mmlu,
               eval_rouge=a.eval_rouge, rouge_max_new_tokens=a.rouge_max_new_tokens,
-              precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None)
+              precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None,
+              settings=config_file.render(build_parser().subcommands["run"], a), config_file=a.config)
     from .train import dist_info, init_distributed
 
     joined = init_distributed()
@@ -360,26 +364,17 @@ def cmd_run(a) -> int:
 
         print(render_report(result))
         run_dir = Path(result["run_dir"])
-        from . import config_file
-        from .report import write_text_atomic
-
-        write_text_atomic(run_dir / "config.toml", config_file.render(build_parser().subcommands["run"], a))
         print(f"wrote {run_dir / 'result.json'}, {run_dir / 'report.md'} and {run_dir / 'config.toml'}")
     return 0
 
 
 def cmd_eval(a) -> int:
-    import json
-
-    import torch
-
     from .assets import TINY_MMLU, TINY_MODEL
     from .config import LoRAConfig, ModelConfig
-    from .engines import build_engine, check_native_flags
+    from .engines import check_native_flags
     from .lora import read_adapter
-    from .mmlu.evaluate import check_mmlu_options, evaluate_protocols, render_mmlu
+    from .mmlu.evaluate import check_mmlu_options
     from .precision import default_eval_precision, get_precision
-    from .report import claim_run_dir, write_json_atomic
     from .runner import resolve_device
 
     model_dir = a.model_dir or TINY_MODEL
@@ -395,7 +390,28 @@ def cmd_eval(a) -> int:
     precision.check_device(device)
     lora = read_adapter(a.adapter)[0] if a.adapter else LoRAConfig()
     cfg = ModelConfig.from_hf_json(model_dir)
-    run_dir = claim_run_dir(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-eval")
+    inputs = {"--model-dir": model_dir, "--adapter": a.adapter, "--mmlu": mmlu_dir}
+    run_dir, held = rundir.claim(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-eval",
+                                 "eval", inputs)
+    try:
+        return _eval(a, run_dir, model_dir, opts, native, subjects, device, precision, lora, cfg)
+    except ConfigError:
+        if not (run_dir / "eval.json").exists():
+            rundir.unclaim(run_dir, held)
+        raise
+    finally:
+        held.release()
+
+
+def _eval(a, run_dir, model_dir, opts, native, subjects, device, precision, lora, cfg) -> int:
+    import json
+
+    import torch
+
+    from .engines import build_engine
+    from .files import write_json_atomic
+    from .mmlu.evaluate import evaluate_protocols, render_mmlu
+
     t0 = time.perf_counter()
     engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
                           device=device, precision=precision, seed=0, native=native, attn=a.attn or "eager")
@@ -452,9 +468,7 @@ def bench_overrides(a) -> tuple[list[str], list[str]]:
 def cmd_bench(a) -> int:
     import torch
 
-    from .bench.bench import best_lines, floor_lines, native_lines, run_bench, table
     from .engines import ENGINES
-    from .report import claim_run_dir
 
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
     presets = [p.strip() for p in a.presets.split(",") if p.strip()]
@@ -468,6 +482,10 @@ def cmd_bench(a) -> int:
         raise ConfigError(f"--rounds {a.rounds}: give 1 or more")
     if a.nproc < 1:
         raise ConfigError(f"--nproc {a.nproc}: give 1 or more")
+    if not a.timeout > 0:
+        raise ConfigError(f"--timeout {a.timeout}: give the seconds a row may take, more than 0")
+    if a.seq_len is not None and a.seq_len < 2:
+        raise ConfigError(f"--seq-len {a.seq_len}: a sequence needs at least 2 tokens (one input, one target)")
     native_options(a)  # a bad combination fails here, not in every row
     model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
     batch_sizes = [None]
@@ -479,7 +497,15 @@ def cmd_bench(a) -> int:
         if not batch_sizes or min(batch_sizes) < 1:
             raise ConfigError(f"--batch-size {a.batch_size!r}: give a positive integer or a comma-separated list "
                               "of them (e.g. 4,16,32)")
-    run_dir = claim_run_dir(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench")
+    run_dir, held = rundir.claim(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench",
+                                 "bench")
+    with held:
+        return _bench(a, run_dir, engines, presets, model, batch_sizes)
+
+
+def _bench(a, run_dir, engines, presets, model, batch_sizes) -> int:
+    from .bench.bench import best_lines, floor_lines, native_lines, run_bench, table
+
     common, native = bench_overrides(a)
     rows, floors = run_bench(engines, presets, model, a.steps, a.untimed_steps, a.device, run_dir, common,
                              a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes, rounds=a.rounds,
@@ -498,7 +524,8 @@ def cmd_bench(a) -> int:
 
 def cmd_report(a) -> int:
     from .plots import plot_run
-    from .report import compare_runs, read_result, render_report, write_text_atomic
+    from .files import write_text_atomic
+    from .report import compare_runs, read_result, render_report
 
     results = [(str(d), read_result(d)) for d in a.run_dirs]
     if len(results) == 1:
@@ -516,16 +543,34 @@ def cmd_report(a) -> int:
     return 0
 
 
+COMMANDS = """commands:
+  lorabench run      fine-tune with LoRA and measure (no flags: the bundled tiny model on the CPU, under a minute)
+  lorabench eval     MMLU k-shot accuracy of a model, with or without an adapter
+  lorabench bench    engines x presets side by side
+  lorabench report   re-render a run's report, or put several runs side by side
+
+lorabench COMMAND --help explains each command's flags."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_usage()
+        print(COMMANDS)
+        return 2
     args = parser.parse_args(argv)
     try:
-        if args.cmd == "run" and args.config is not None:  # the file's settings become defaults; flags win
+        if args.cmd == "run" and (args.config is not None or args.resume is not None):
             from . import config_file
 
-            run = parser.subcommands["run"]
-            run.set_defaults(**config_file.defaults_from(run, config_file.read(args.config), args.config))
-            args = parser.parse_args(argv)
+            # the file's settings become defaults and flags win; --resume reads the run's own (its config.toml)
+            if args.config is not None and args.resume is not None:
+                raise ConfigError("--resume reads the run's own settings from RUN_DIR/config.toml; leave out --config")
+            path = args.config if args.config is not None else args.resume / "config.toml"
+            if args.config is not None or path.is_file():
+                run = parser.subcommands["run"]
+                run.set_defaults(**config_file.defaults_from(run, config_file.read(path), path))
+                args = parser.parse_args(argv)
         return {"run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report}[args.cmd](args)
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
@@ -536,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutOfMemory as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         return 4
+    except DiskFull as e:
+        print(f"lorabench: error: {e}", file=sys.stderr)
+        return 6
     except Interrupted as e:
         print(f"lorabench: {e}", file=sys.stderr)
         return 130

@@ -309,6 +309,9 @@ class LoRAConfig:
             raise ConfigError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if twice:
+            raise ConfigError(f"--lora-targets: {', '.join(twice)} given more than once; name each projection once")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad or not self.targets:
             raise ConfigError(f"--lora-targets: unknown {bad or 'empty list'}; choose from {', '.join(LORA_TARGETS)}")
@@ -397,6 +400,11 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq-len {self.seq_len}: a sequence needs at least 2 tokens (an input and the "
+                              "target after it)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
         for flag, v, low in (("--lr", self.lr, "> 0"), ("--lr-gamma", self.lr_gamma, "> 0"),
@@ -431,6 +439,8 @@ class TrainConfig:
             raise ConfigError(f"--untimed-steps must be >= 0, got {self.untimed_steps}")
 
 
+MAX_SEED = 2 ** 31 - 1
+"""The largest --seed (numpy's and torch's generators take it with the epoch added)."""
 LR_SCHEDULES = ("step", "cosine", "linear", "constant")
 LOSS_ON = ("all", "response")
 PACKINGS = ("flagperf", "documents", "none")
@@ -478,5 +488,25 @@ def resolve_preset(name: str, train_overrides: dict, lora_overrides: dict) -> Pr
     p = TRAIN_PRESETS[name]
     t = {k: v for k, v in train_overrides.items() if v is not None}
     lo = {k: v for k, v in lora_overrides.items() if v is not None}
-    return Preset(replace(p.train, **t), replace(p.lora, **lo), p.fix_hp,
-                  None if "precision" in t else p.precision_off_cuda)
+    train, lora = replace(p.train, **t), replace(p.lora, **lo)
+    return Preset(train, lora, fix_hp_label(name, train, lora), None if "precision" in t else p.precision_off_cuda)
+
+
+NOT_IN_FIX_HP = ("untimed_steps", "eval_batches", "eval_every", "checkpoint_every", "checkpoint_minutes",
+                 "keep_checkpoints")
+"""Settings that change neither the training nor FlagPerf's figures, left out of the fix_hp label."""
+FIX_HP_NAMES = {"batch_size": "local_batchsize", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "targets": "lora_targets"}
+
+
+def fix_hp_label(name: str, train: TrainConfig, lora: LoRAConfig) -> str:
+    """The seed table's fix_hp cell: the preset's own words where the run kept its settings, otherwise the preset
+    and every setting the run changed, with the values that ran."""
+    p = TRAIN_PRESETS[name]
+    changed = [(f, getattr(train, f)) for f in (x.name for x in fields(TrainConfig))
+               if f not in NOT_IN_FIX_HP and getattr(train, f) != getattr(p.train, f)]
+    changed += [(f, getattr(lora, f)) for f in (x.name for x in fields(LoRAConfig)) if getattr(lora, f) != getattr(p.lora, f)]
+    if not changed:
+        return p.fix_hp
+    return f"{name} with " + ", ".join(f"{FIX_HP_NAMES.get(f, f)}={'+'.join(v) if isinstance(v, tuple) else v}"
+                                       for f, v in changed)

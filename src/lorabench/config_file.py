@@ -38,11 +38,14 @@ def read(path: Path) -> dict:
 def defaults_from(parser: argparse.ArgumentParser, table: dict, path: Path) -> dict:
     """{dest: value} for ``parser``'s set_defaults from a config ``table``, each checked against its flag."""
     actions = _actions(parser)
-    out = {}
+    out, keys = {}, {}
     for key, value in table.items():
         dest = key.replace("-", "_")
         if dest not in actions or dest in NOT_WRITTEN:
             raise ConfigError(f"--config {path}: {key!r} is not a setting of lorabench run (see run --help)")
+        if dest in keys:
+            raise ConfigError(f"--config {path}: {keys[dest]!r} and {key!r} are the same setting; keep one")
+        keys[dest] = key
         action = actions[dest]
         flag = action.option_strings[0]
         if isinstance(value, dict):
@@ -57,6 +60,10 @@ def defaults_from(parser: argparse.ArgumentParser, table: dict, path: Path) -> d
             value = ",".join(str(v) for v in value)
         if action.choices is not None and value not in action.choices:
             raise ConfigError(f"--config {path}: {key} = {value!r}; choose from {', '.join(map(str, action.choices))}")
+        if action.type is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"--config {path}: {key} = {value!r}; {flag} takes a whole number")
+            value = int(value)
         if action.type is not None:
             try:
                 value = action.type(value if not isinstance(value, bool) else str(value))

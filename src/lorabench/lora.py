@@ -14,9 +14,6 @@ from __future__ import annotations
 import abc
 import json
 import math
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -272,23 +269,17 @@ def save_adapter(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: Lo
                  base_model: str | None = None):
     """Write a PEFT-format adapter. ``adapters`` maps HF module names (model.layers.0.self_attn.q_proj) to (A, B).
     Written into a temporary folder first and renamed, so a failure leaves nothing half-written."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from .report import honour_umask
+    from .files import write_folder_atomic
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for hf_name, (a, b) in adapters.items():
         tensors[f"base_model.model.{hf_name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
         tensors[f"base_model.model.{hf_name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
-    honour_umask(tmp, is_dir=True)
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(peft_adapter_config(cfg, base_model), indent=2))
-    if out_dir.exists():  # replacing an earlier adapter: the new one is complete before the old one goes
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    write_folder_atomic(Path(out_dir), {
+        "adapter_model.safetensors": save(tensors, metadata={"format": "pt"}),
+        "adapter_config.json": json.dumps(peft_adapter_config(cfg, base_model), indent=2).encode()})
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

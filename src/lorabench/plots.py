@@ -7,11 +7,9 @@ line saying how to get plots, and everything else is written as usual.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from .report import honour_umask
+from .files import write_bytes_atomic
 
 NO_MATPLOTLIB = "plots: not drawn (pip install matplotlib, or 'lorabench[plots]', to get PNG plots)"
 
@@ -28,16 +26,12 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    """Write to a temporary name and rename, so a failure leaves no half-written PNG."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Render to memory, then write whole (files.write_bytes_atomic), so a failure leaves no half-written PNG."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 
@@ -63,7 +57,14 @@ def plot_run(result: dict, out_dir: Path) -> list[Path] | str:
     from .report import untimed_steps
 
     warm = untimed_steps(c)
-    ax.plot(s["step"], [1e3 * t for t in s["step_time_s"]], lw=1.2, marker=".")
+    ms = [1e3 * t for t in s["step_time_s"]]
+    top, over = step_time_scale(ms, warm)
+    ax.plot(s["step"], [min(v, top) for v in ms], lw=1.2, marker=".")
+    for i in over:  # a compiling first step would flatten the rest: drawn at the edge, its time written
+        ax.plot(s["step"][i], top, marker="^", color="red", ms=7)
+        ax.annotate(f"{ms[i]:,.0f} ms", (s["step"][i], top), textcoords="offset points", xytext=(4, -12),
+                    fontsize=8, color="red")
+    ax.set_ylim(0, top * 1.02)
     if warm:
         ax.axvspan(0.5, warm + 0.5, color="orange", alpha=0.2,
                    label=f"untimed ({warm} steps, left out of lorabench's timing)")
@@ -83,6 +84,14 @@ def plot_run(result: dict, out_dir: Path) -> list[Path] | str:
         written.append(_save(fig, out_dir / "mmlu_categories.png"))
         plt.close(fig)
     return written
+
+
+def step_time_scale(ms: list[float], untimed: int) -> tuple[float, list[int]]:
+    """The step-time plot's top (1.25 x the slowest timed step: the steps lorabench's timing counts) and the
+    indices of the steps above it, which are drawn at the edge with their times written."""
+    timed = ms[untimed:] if len(ms) > untimed else ms
+    top = 1.25 * max(timed) if timed else 1.0
+    return top, [i for i, v in enumerate(ms) if v > top]
 
 
 def plot_bench(bench: dict, out_dir: Path) -> list[Path] | str:

@@ -6,10 +6,10 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
 
 GIB = 1024 ** 3
 
@@ -47,87 +47,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def write_atomic(path: Path, write, sync: bool = False) -> None:
-    """``write(binary file)`` into a temporary file beside ``path``, renamed over it once complete (and, with
-    ``sync``, flushed to disk first), so ``path`` is always the old content or the new one whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        write(f)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    honour_umask(tmp)
-    os.replace(tmp, path)
-
-
-def honour_umask(path, is_dir: bool = False):
-    """Give a file made by tempfile (always 0600, folders 0700) the mode the user's umask asks for, so others on
-    a shared machine can read results as they can read the user's other files."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
-
-
-def claim_run_dir(run_dir: Path | None, overwrite: bool = False, default: Path | None = None) -> Path:
-    """The output folder of a run, made now and checked writable, before any work: ``run_dir`` as given, which
-    must be absent or empty (a folder holding anything, another run's files above all, is refused; ``overwrite``
-    replaces it whole); or, where none is given, ``default`` made unique with -2, -3, ... (made with one mkdir
-    each, so two runs started in the same second never share one)."""
-    import shutil
-
-    from .config import ConfigError
-
-    if run_dir is None:
-        base = Path(default)
-        base.parent.mkdir(parents=True, exist_ok=True)
-        for k in range(1, 10_000):
-            candidate = base if k == 1 else base.with_name(f"{base.name}-{k}")
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise ConfigError(f"{candidate}: cannot make the run folder ({e.strerror}); give --run-dir") from None
-            return candidate
-        raise ConfigError(f"{base}: 9,999 run folders of that name exist; give --run-dir")
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir {run_dir}: is a file, not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"--run-dir {run_dir}: not empty (another run's results?); give an empty or new "
-                              "folder, or --overwrite to replace it whole")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=run_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"--run-dir {run_dir}: not writable ({e.strerror}); give a folder you can write") from None
-    return run_dir
-
-
-def _jsonable(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
 def untimed_steps(config: dict) -> int:
     """The steps a run left out of its timing (result.json files before the flag's rename call it warmup_steps)."""
     return config.get("untimed_steps", config.get("warmup_steps", 0))
@@ -143,6 +62,22 @@ def timing_words(m: dict, c: dict) -> str:
 
 def _fmt(v, spec: str, missing: str = "/") -> str:
     return missing if v is None else format(v, spec)
+
+
+def on_a100(result: dict) -> bool:
+    """Whether the run's card is an A100, the card whose TF32 peak (156 TFLOP/s) FlagPerf's MFU formula divides
+    by."""
+    return "A100" in str(result["env"].get("device_name", ""))
+
+
+def on_cpu(result: dict) -> bool:
+    return str(result["config"].get("device", "")).startswith("cpu")
+
+
+MFU_FOOTNOTE = ("* FlagPerf's MFU formula (token/p/s x 2 x 7e9 / 1.56e14, an A100's TF32 peak) as FlagPerf prints "
+                "it; this run's card ({card}) is not an A100, so the figure is not a utilisation of this card "
+                "(lorabench's own MFU below is)")
+CPU_NOTE = "throughput measured on a CPU ({card}): not comparable with GPU figures"
 
 
 def seed_row(result: dict) -> dict[str, str]:
@@ -162,8 +97,18 @@ def seed_row(result: dict) -> dict[str, str]:
         "mem": mem,
         "acc(MMLU)": _fmt(m["mmlu_acc_flagperf"], ".3f") if m.get("mmlu_acc_flagperf") is not None
         else _fmt(m.get("mmlu_acc"), ".3f") + (" (lm-eval)" if m.get("mmlu_acc") is not None else ""),
-        "MFU": "/" if m.get("mfu_flagperf") is None else f"{_half_up(100 * m['mfu_flagperf'], 1)}%",
+        "MFU": "/" if m.get("mfu_flagperf") is None else
+        f"{_half_up(100 * m['mfu_flagperf'], 1)}%" + ("" if on_a100(result) else "*"),
     }
+
+
+def seed_table(result: dict) -> str:
+    """The seed's table and, where its MFU cell is marked, the footnote that says why."""
+    row = seed_row(result)
+    text = markdown_table([row])
+    if row["MFU"].endswith("*"):
+        text += "\n\n" + MFU_FOOTNOTE.format(card=result["env"].get("device_name"))
+    return text
 
 
 def _half_up(v: float, places: int) -> str:
@@ -178,8 +123,9 @@ def own_row(result: dict) -> dict[str, str]:
     """lorabench's own measurements of the same run, each column named for what it is."""
     m, c = result["metrics"], result["config"]
     peak = f"MFU (of the card's {c['precision']} peak)"
+    cpu = " (CPU)" if on_cpu(result) and m.get("tokens_per_s_per_chip") is not None else ""
     return {
-        "tok/s/chip (mean, untimed steps out)": _fmt(m.get("tokens_per_s_per_chip"), ".0f"),
+        "tok/s/chip (mean, untimed steps out)": _fmt(m.get("tokens_per_s_per_chip"), ".0f") + cpu,
         "median": _fmt(m.get("tokens_per_s_per_chip_median"), ".0f"),
         "±95%": _fmt(_pct(m.get("step_time_ci95_rel")), ".1f", "n/a") + ("%" if m.get("step_time_ci95_rel") else ""),
         peak: "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%",
@@ -211,7 +157,8 @@ def render_report(result: dict) -> str:
         f"git {str(e['git_hash'])[:10]}{' (dirty)' if e['git_dirty'] else ''}",
         f"- model: {c['model']}, {c['n_params']:,} parameters ({c['n_trainable']:,} trainable); "
         f"LoRA r={c['lora_r']} alpha={c['lora_alpha']} dropout={c['lora_dropout']} on {','.join(c['lora_targets'])}",
-        f"- data: {c['data']} -> {c['train_chunks']} chunks of {c['seq_len']} tokens, "
+        f"- data: {c['data']}{', packed data from the cache' if c.get('data_cached') else ''} -> "
+        f"{c['train_chunks']} chunks of {c['seq_len']} tokens, "
         f"{'shuffled each epoch' if c.get('shuffle', True) else 'in file order'}; LBS {c['batch_size']}, "
         f"GAS {c['grad_accum']}, {m['steps']} steps",
         f"- TF32 {'on' if c['tf32']['on'] else 'off'}: {c['tf32']['why']}; numerics: "
@@ -261,7 +208,9 @@ def render_report(result: dict) -> str:
         extra.append("- plots: " + ", ".join(result["plots"]))
     elif isinstance(result.get("plots"), str):
         extra.append(f"- {result['plots']}")
-    return ("# lorabench run\n\nThe seed's table, by FlagPerf's rules:\n\n" + markdown_table([seed_row(result)])
+    if on_cpu(result):
+        extra.insert(0, "- " + CPU_NOTE.format(card=e["device_name"]))
+    return ("# lorabench run\n\nThe seed's table, by FlagPerf's rules:\n\n" + seed_table(result)
             + "\n\nlorabench's own measurements of the same run:\n\n" + markdown_table([own_row(result)])
             + "\n\n" + "\n".join(extra) + "\n")
 
@@ -296,11 +245,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+NOT_COMPARED = ("data_cached",)
+"""Settings that differ between identical runs (whether the packed data came from the cache)."""
+
+
+def _data_words(text):
+    """A run's data description without its cache status (result.json files before data_cached said it there)."""
+    return text.replace(", cached)", ")") if isinstance(text, str) else text
+
+
+def _not_comparable(run: dict, base: dict) -> str | None:
+    """Why ``run``'s tok/s cannot be set against ``base``'s (another model or another card), or None."""
+    if run["config"].get("model_config") != base["config"].get("model_config"):
+        return "another model"
+    if run["env"].get("device_name") != base["env"].get("device_name"):
+        return "another device"
+    return None
+
+
 def compare_runs(runs: list[tuple[str, dict]]) -> str:
     """Several runs side by side: the settings that differ, the key metrics, and each run's tok/s as a ratio to
-    the first run's."""
+    the first run's where the two ran the same model on the same kind of device (else "n/a" and why)."""
     names = [name for name, _ in runs]
-    configs = [_flat({**r["config"], "device": r["env"]["device_name"]}) for _, r in runs]
+    configs = [_flat({**{k: v for k, v in r["config"].items() if k not in NOT_COMPARED},
+                      "data": _data_words(r["config"].get("data")), "device": r["env"]["device_name"]})
+               for _, r in runs]
     keys = sorted(set().union(*configs))
     differ = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
     diff_rows = [{"setting": k, **{n: str(c.get(k, "-")) for n, c in zip(names, configs)}} for k in differ]
@@ -310,12 +279,18 @@ def compare_runs(runs: list[tuple[str, dict]]) -> str:
         if all(v is None for v in values):
             continue
         metric_rows.append({"metric": label, **{n: _fmt(v, spec, "n/a") for n, v in zip(names, values)}})
-    base = runs[0][1]["metrics"].get("tokens_per_s_per_chip")
-    ratios = {"metric": "tok/s / first run"}
+    first = runs[0][1]
+    base = first["metrics"].get("tokens_per_s_per_chip")
+    ratios, caveats = {"metric": "tok/s / first run"}, []
     for n, (_, r) in zip(names, runs):
         v = r["metrics"].get("tokens_per_s_per_chip")
-        ratios[n] = "n/a" if not (v and base) else f"{v / base:.3f}x"
+        why = _not_comparable(r, first)
+        ratios[n] = f"n/a ({why})" if why else "n/a" if not (v and base) else f"{v / base:.3f}x"
+        if why:
+            caveats.append(f"- {n}: {why} than {names[0]}; its tok/s is not set against the first run's")
+    if any(on_cpu(r) for _, r in runs):
+        caveats.append("- runs on a CPU: their tok/s are not comparable with GPU figures")
     metric_rows.append(ratios)
     return ("# lorabench runs side by side\n\n## Settings that differ\n\n"
             + (markdown_table(diff_rows) if diff_rows else "none") + "\n\n## Key metrics\n\n"
-            + markdown_table(metric_rows) + "\n")
+            + markdown_table(metric_rows) + "\n" + ("\n" + "\n".join(caveats) + "\n" if caveats else ""))

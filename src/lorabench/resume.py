@@ -28,16 +28,17 @@ import torch
 from .config import ConfigError
 
 DIRNAME = "checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: the fingerprint holds every setting that changes the numbers (runner.job_fingerprint)."""
 
 
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
 
-    def __init__(self, step: int, where: Path | None):
+    def __init__(self, step: int, where: Path | None, during: str | None = None):
         self.step, self.where = step, where
         saved = f"; checkpoint in {where}, continue with --resume {where.parent}" if where else ""
-        super().__init__(f"interrupted after step {step}{saved}")
+        super().__init__(f"interrupted {during + ' ' if during else ''}after step {step}{saved}")
 
 
 class StopRequest:
@@ -86,6 +87,12 @@ class CheckpointPlan:
     """How many of the newest checkpoints stay on disk (``--keep-checkpoints``)."""
     last_write: float = field(default_factory=time.monotonic)
     """When the last checkpoint was written (or the plan made): the clock of ``minutes``."""
+    at_end: bool = False
+    """Also checkpoint after the last step, so a run stopped in the work after training (MMLU, ROUGE) resumes
+    there; the checkpoint goes once the results are written."""
+    extra: dict = field(default_factory=dict)
+    """What the run computed before training that its results need (the ROUGE before training), saved with each
+    checkpoint."""
 
     def due(self, step: int, total: int, now: float) -> bool:
         """Whether a periodic checkpoint falls after ``step`` (none after the last step: the run ends there)."""
@@ -97,7 +104,7 @@ class CheckpointPlan:
 
 
 def _atomic_save(obj, path: Path):
-    from .report import write_atomic
+    from .files import write_atomic
 
     write_atomic(path, lambda f: torch.save(obj, f), sync=True)
 
@@ -141,8 +148,12 @@ def save(plan: CheckpointPlan, state: dict, rank: int, shard: dict | None = None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:
-        _atomic_save({"version": VERSION, "fingerprint": plan.fingerprint, **state},
-                     plan.folder / f"state-{step}.pt")
+        try:
+            _atomic_save({"version": VERSION, "fingerprint": plan.fingerprint, "extra": plan.extra, **state},
+                         plan.folder / f"state-{step}.pt")
+        except BaseException:  # (out of space): the random states without their state go too, the last
+            (plan.folder / f"rng-{rank}-{step}.pt").unlink(missing_ok=True)  # complete checkpoint stays
+            raise
         for old in states(plan.folder)[:-plan.keep]:
             old.unlink(missing_ok=True)
     for old in _by_step(plan.folder.glob(f"rng-{rank}-*.pt"))[:-(plan.keep + 1)]:
@@ -169,9 +180,11 @@ def load(run_dir: Path, rank: int) -> dict:
     except Exception as e:  # noqa: BLE001  (truncated or foreign files raise several types)
         raise unreadable(state_path.name, e) from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
+        made = state.get("version") if isinstance(state, dict) else None
+        earlier = " (written by an earlier lorabench: finish that run with the version that wrote it)" \
+            if isinstance(made, int) and made < VERSION else ""
         raise ConfigError(f"--resume {run_dir}: {DIRNAME}/{state_path.name} is not a checkpoint this lorabench "
-                          f"reads (format {state.get('version') if isinstance(state, dict) else None!r}, expected "
-                          f"{VERSION}){older}")
+                          f"reads (format {made!r}, expected {VERSION}){earlier}{older}")
     rng_path = folder / f"rng-{rank}-{state['step']}.pt"
     if not rng_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no {DIRNAME}/{rng_path.name}; resume with the world size the run "
@@ -184,11 +197,13 @@ def load(run_dir: Path, rank: int) -> dict:
 
 
 def check_fingerprint(saved: dict, now: dict, run_dir: Path):
-    """Refuse to resume a checkpoint of a different job, naming the first setting that differs."""
-    for key in sorted(set(saved) | set(now)):
+    """Refuse to resume a checkpoint of a different job, naming the first setting that differs (in the
+    fingerprint's order: the user's settings before what follows from them)."""
+    for key in [*saved, *(k for k in now if k not in saved)]:
         if saved.get(key) != now.get(key):
             raise ConfigError(f"--resume {run_dir}: the checkpoint was made with {key} = {saved.get(key)!r}, this "
-                              f"run has {now.get(key)!r}; resume with the run's own settings")
+                              f"run has {now.get(key)!r}; a setting that changes the numbers cannot change on "
+                              f"resume (a bare --resume {run_dir} reads the run's own settings from its config.toml)")
 
 
 def remove(plan: CheckpointPlan):

@@ -54,11 +54,12 @@ def score(pairs: list[tuple[str, str]], predictions: list[str]) -> dict:
 def generate_and_score(engine, tok, pairs: list[tuple[str, str]], max_new_tokens: int, context: int,
                        progress: bool = False) -> dict:
     """Greedy predictions for ``pairs`` and their ROUGE; records too long for ``context`` tokens left out."""
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     preds, kept, skipped = [], [], 0
-    with engine.evaluating(compiled=False):
-        for prompt, ref in tqdm(pairs, desc="rouge", unit="record", disable=not progress):
+    with engine.evaluating(compiled=False), progress_bar(len(pairs), progress, "rouge", "record") as bar:
+        for prompt, ref in pairs:
+            bar.update(1)
             ids = tok.with_bos(tok.encode(prompt))
             if len(ids) + max_new_tokens > context:
                 skipped += 1
@@ -94,6 +95,6 @@ def record_rouge(result: dict, before: dict | None, after: dict, job, run_dir) -
         lines = [json.dumps({"reference": ref, "before": None if before is None else before["predictions"][i],
                              "after": pred}) for i, (ref, pred) in enumerate(zip(after["references"],
                                                                                   after["predictions"]))]
-        from .report import write_text_atomic
+        from .files import write_text_atomic
 
         write_text_atomic(run_dir / "rouge_predictions.jsonl", "".join(line + "\n" for line in lines))

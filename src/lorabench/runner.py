@@ -20,12 +20,13 @@ import torch
 from . import metrics as M
 from .assets import TINY_DATA, TINY_MODEL
 from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainConfig
-from .engines import Engine, NativeOptions, build_engine, check_native_flags
+from .engines import ENGINES, Engine, NativeOptions, build_engine, check_native_flags
 from .mmlu.evaluate import MmluOptions
 from .precision import PRECISIONS, Precision, get_precision
-from .report import GIB, claim_run_dir, environment, render_report, write_json_atomic, write_text_atomic
+from .files import write_json_atomic, write_text_atomic
+from .report import GIB, environment, render_report
 from .shapes import count_params, flops_per_token, rows_flops
-from . import resume
+from . import resume, rundir
 from .rouge import record_rouge, rouge_pass
 from .streams import out_of_memory_message, step_stream, tensorboard_writer
 from .train import barrier, dist_info, train_loop
@@ -61,11 +62,11 @@ class Job:
     """The native engine's tuning (None fields: defaults for the precision and device)."""
     peak_tflops: float | None = None
     run_dir: Path | None = None
-    """Output folder: absent or empty (report.claim_run_dir); None with default_run_dir None: nothing written."""
+    """Output folder: absent or empty (rundir.claim); None with default_run_dir None: nothing written."""
     default_run_dir: Path | None = None
     """Without run_dir: this name, made unique (-2, -3, ...)."""
     overwrite: bool = False
-    """Replace a non-empty run_dir whole."""
+    """Replace a non-empty run_dir whole, where it is a lorabench run folder (rundir.check_replaceable)."""
     save_adapter: bool = True
     init_adapter: Path | None = None
     """A PEFT-format adapter (lorabench's or PEFT's) to start training from instead of the canonical init."""
@@ -84,6 +85,17 @@ class Job:
     """The precision to run instead where there is no CUDA device (Preset.precision_off_cuda)."""
     precision_from_flag: bool = False
     """Whether --precision chose train.precision (else the preset did), for result.json's word on TF32."""
+    settings: str | None = None
+    """The job's settings as a config file (config_file.render), written to <run dir>/config.toml when the folder
+    is claimed, so that ``--resume`` reads them back."""
+    config_file: Path | None = None
+    """The --config file the settings came from (an input --overwrite must never delete)."""
+
+    def inputs(self) -> dict:
+        """{flag: path} of what the job reads, which no --overwrite may touch."""
+        data = None if self.data == "synthetic" else self.data
+        return {"--model-dir": self.model_dir, "--data": data, "--mmlu": self.mmlu.dir if self.mmlu else None,
+                "--init-adapter": self.init_adapter, "--config": self.config_file, "--cache-dir": self.cache_dir}
 
 
 @dataclass
@@ -107,6 +119,8 @@ class Plan:
     """Nodes of a torchrun job (WORLD_SIZE / LOCAL_WORLD_SIZE), 1 otherwise."""
     run_dir: Path | None = None
     """The output folder once claimed (rank 0; run_job), None for a run that writes nothing."""
+    lock: rundir.FolderLock | None = None
+    """The run folder's lock (rank 0), held until the run ends."""
 
 
 @dataclass
@@ -117,11 +131,13 @@ class Data:
     description: str
     val_records: list | None = None
     """The validation records themselves (--eval-rouge generates from them)."""
+    cached: bool = False
+    """Whether the packed chunks came from the cache (result.json's data_cached)."""
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -130,6 +146,12 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("--device cuda: this torch build sees no CUDA device; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name!r}: lorabench runs on cpu or cuda")
+    if dev.type == "cuda":  # always with its index, so results name the card that ran
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -145,9 +167,9 @@ def model_config(job: Job) -> ModelConfig:
 def resolve(job: Job) -> Plan:
     """Check the job against the device and the model, and fill in every default."""
     rank, world = dist_info()
-    device = resolve_device(job.device)
-    if device.type == "cuda" and device.index is None and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if job.engine not in ENGINES:
+        raise ConfigError(f"--engine: unknown {job.engine!r}; choose from {', '.join(ENGINES)}")
+    device = resolve_device(job.device)  # (under torchrun: cuda:LOCAL_RANK, which init_distributed made current)
     precision, tf32 = resolve_precision(job, device)
     check_native_flags(job.engine, job.native)
     train = replace(job.train, precision=precision.name)
@@ -247,7 +269,7 @@ def _load_data(plan: Plan) -> Data:
         raise ConfigError("--data needs a tokenizer: give --model-dir (with --init random only its config.json and "
                           "tokenizer are used), or --data synthetic")
     from .data.packing import packed_dataset
-    from .data.samsum import load_split
+    from .data.samsum import drop_empty, load_split
     from .data.tokenizer import Tokenizer
 
     tok = Tokenizer(job.model_dir)
@@ -259,7 +281,11 @@ def _load_data(plan: Plan) -> Data:
 
     chat = cache(lambda: ChatTemplate.from_model_dir(job.model_dir))  # read where a chat record first needs it
     records, label = load_split(job.data, "train", job.data_format, job.prompt_template, chat)
-    val_records, _ = load_split(job.data, "validation", job.data_format, job.prompt_template, chat)
+    records, empty = drop_empty(records, label)
+    val_records, val_label = load_split(job.data, "validation", job.data_format, job.prompt_template, chat)
+    val_records, val_empty = drop_empty(val_records, val_label)
+    if empty or val_empty:
+        label += f", {empty + val_empty} records without content left out"
     if job.val_fraction is not None:
         if val_records:
             raise ConfigError(f"--val-fraction: {job.data} has a validation split of its own; leave it out")
@@ -285,7 +311,7 @@ def _load_data(plan: Plan) -> Data:
         if not prompt_pairs(val_records, 1):
             raise ConfigError(f"--eval-rouge: {job.data} has no validation records with a response to generate (a "
                               "validation split of samsum, alpaca or --prompt-template records, or --val-fraction)")
-    return Data(train, val, f"{label} ({len(records)} samples{', cached' if cached else ''})", val_records)
+    return Data(train, val, f"{label} ({len(records)} samples)", val_records, cached)
 
 
 def with_labels(chunks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -384,13 +410,19 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         "engine_options": engine.describe(), "tf32": plan.tf32, "init": job.init,
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
-        "data": data.description, "train_chunks": len(data.train), "device": str(device), "world_size": plan.world,
+        "data": data.description, "data_cached": data.cached, "train_chunks": len(data.train), "device": str(device), "world_size": plan.world,
         "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
         "shard_mesh": getattr(engine, "shard_mesh", None),
     }
     series = {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr", "grad_norm",
                                             "label_tokens", "tokens") if k in out["series"]}
     result = {"config": config, "env": env, "metrics": metrics, "series": series}
+    from .report import CPU_NOTE, MFU_FOOTNOTE, on_a100
+
+    if device.type == "cpu":
+        metrics["throughput_note"] = CPU_NOTE.format(card=env["device_name"])
+    if metrics["mfu_flagperf"] is not None and not on_a100(result):
+        metrics["mfu_flagperf_note"] = MFU_FOOTNOTE.format(card=env["device_name"]).removeprefix("* ")
     if out.get("evals"):  # --eval-every: (step, eval loss) pairs, and the best of them
         result["evals"] = out["evals"]
         best = min(range(len(out["evals"]["step"])), key=lambda i: out["evals"]["eval_loss"][i])
@@ -420,39 +452,58 @@ def evaluate(plan: Plan, engine: Engine, result: dict):
 
 
 def write(run_dir: Path, result: dict):
-    """result.json, report.md and the plots (plots.py; without matplotlib, result["plots"] says how to get
-    them)."""
+    """result.json first (the data), then report.md and the plots (plots.py; without matplotlib, result["plots"]
+    says how to get them), then result.json again naming the plots: a failure at a later file never costs the
+    results."""
     from .plots import plot_run
 
+    write_json_atomic(run_dir / "result.json", result)
+    write_text_atomic(run_dir / "report.md", render_report(result))
     drawn = plot_run(result, run_dir)
     result["plots"] = drawn if isinstance(drawn, str) else [p.name for p in drawn]
     write_json_atomic(run_dir / "result.json", result)
     write_text_atomic(run_dir / "report.md", render_report(result))
 
 
+RESUME_MAY_DIFFER = {
+    "job": ("fix_hp", "progress", "tensorboard", "cache_dir", "run_dir", "default_run_dir", "overwrite", "resume", "settings",
+            "config_file", "save_adapter", "precision_from_flag", "device", "train", "lora", "native", "mmlu"),
+    "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints"),
+    "native": ("activation_checkpointing",),  # what the backward keeps changes memory, not the numbers
+    "mmlu": ("tokenize_workers",),
+}
+"""Settings a resumed run may change: where and how it reports, how often it checkpoints, what the backward
+keeps. Every other setting changes the numbers and must equal the checkpointed run's (job_fingerprint)."""
+
+
+def _plain(v):
+    """A setting as the checkpoint stores it (torch.load's weights_only reads only plain types)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return str(v) if isinstance(v, Path) else v
+
+
 def job_fingerprint(plan: Plan, data: Data) -> dict:
-    """The settings a checkpoint's run and the run resuming it must share (resume.check_fingerprint)."""
-    t, job = plan.train, plan.job
-    return {"precision": plan.precision.name, "batch_size": t.batch_size, "seq_len": t.seq_len,
-            "grad_accum": t.grad_accum, "loss_on": t.loss_on, "packing": t.packing, "shard": t.shard,
-            "shard_group_size": t.shard_group_size, "lr": t.lr, "lr_gamma": t.lr_gamma,
-            "lr_schedule": t.lr_schedule,
-            "lr_warmup_steps": t.lr_warmup_steps, "weight_decay": t.weight_decay,
-            "adam_betas": [t.adam_beta1, t.adam_beta2],
-            "seed": t.seed, "shuffle": t.shuffle, "engine": job.engine,
-            # what the backward keeps changes memory, not the numbers: a run stopped for memory resumes with block
-            "engine_options": {k: v for k, v in asdict(plan.native).items() if k != "activation_checkpointing"},
-            "model": str(job.model_dir or job.model_preset), "init": job.init, "lora": asdict(job.lora),
-            "init_adapter": str(job.init_adapter) if job.init_adapter else None,
-            "data": job.data, "chunks": len(data.train),
-            "tokens_sha256": hashlib.sha256(np.ascontiguousarray(data.train).tobytes()).hexdigest()[:16],
-            "world_size": plan.world}
+    """Every setting that changes a run's numbers, as resolved (the settings of a checkpoint's run and of the run
+    resuming it must be equal: resume.check_fingerprint), the user's settings first, then what follows from
+    them (the data's chunks)."""
+    job, skip = plan.job, RESUME_MAY_DIFFER
+    out = {k: v for k, v in asdict(job).items() if k not in skip["job"]}
+    out.update({k: v for k, v in asdict(plan.train).items() if k not in skip["train"]})
+    out.update({f"lora_{k}": v for k, v in asdict(job.lora).items()})
+    out.update({k: v for k, v in asdict(plan.native).items() if k not in skip["native"]})
+    out["mmlu"] = None if job.mmlu is None else {k: v for k, v in asdict(job.mmlu).items() if k not in skip["mmlu"]}
+    out.update(device=str(plan.device), world_size=plan.world, chunks=len(data.train),
+               tokens_sha256=hashlib.sha256(np.ascontiguousarray(data.train).tobytes()).hexdigest()[:16])
+    return _plain(out)
 
 
 def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
-    """The run folder (claimed on rank 0, the path shared with every rank) and the checkpoint plan in it; with
-    --resume, the resumed run's folder and its checkpoint, checked against this job. None for a run that writes
-    nothing."""
+    """The run folder (claimed and locked on rank 0, the path shared with every rank) and the checkpoint plan in
+    it, the job's settings written there as config.toml; with --resume, the resumed run's folder (locked) and its
+    checkpoint, checked against this job. None for a run that writes nothing."""
     job = plan.job
     if job.resume is None and job.run_dir is None and job.default_run_dir is None:
         return None
@@ -461,20 +512,25 @@ def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
     if job.resume is not None:
         if job.run_dir is not None and Path(job.run_dir).resolve() != Path(job.resume).resolve():
             raise ConfigError("--resume continues a run in its own folder; leave out --run-dir")
+        if plan.rank == 0 and Path(job.resume).is_dir():
+            plan.lock = rundir.lock(Path(job.resume))
         state = resume.load(job.resume, plan.rank)
         resume.check_fingerprint(state["fingerprint"], fingerprint, job.resume)
         plan.run_dir = Path(job.resume)
     else:
         if plan.rank == 0:
-            plan.run_dir = claim_run_dir(job.run_dir, job.overwrite, job.default_run_dir)  # before the model
+            plan.run_dir, plan.lock = rundir.claim(job.run_dir, job.overwrite, job.default_run_dir, "run",
+                                                   job.inputs())
+            if job.settings is not None:
+                write_text_atomic(plan.run_dir / "config.toml", job.settings)
         if plan.world > 1:
             shared = [str(plan.run_dir) if plan.rank == 0 else None]
             torch.distributed.broadcast_object_list(shared, src=0)
             plan.run_dir = Path(shared[0])
     return resume.CheckpointPlan(plan.run_dir / resume.DIRNAME, every=plan.train.checkpoint_every,
                                  minutes=plan.train.checkpoint_minutes, keep=plan.train.keep_checkpoints,
-                                 fingerprint=fingerprint,
-                                 resume=state)
+                                 fingerprint=fingerprint, resume=state,
+                                 at_end=job.mmlu is not None or job.eval_rouge is not None)
 
 
 def best_adapter_writer(plan: Plan, engine: Engine):
@@ -487,10 +543,25 @@ def best_adapter_writer(plan: Plan, engine: Engine):
 
 
 def run_job(job: Job) -> dict:
-    """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0."""
+    """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0. The run
+    folder stays locked until the run ends; a refusal before training starts gives a new folder back."""
     plan = resolve(job)
     data = load_data(plan)
-    ck = claim_output(plan, data)
+    try:
+        ck = claim_output(plan, data)
+        return _run(plan, data, ck)
+    except ConfigError:
+        if plan.run_dir is not None and job.resume is None and plan.lock is not None and \
+                not (plan.run_dir / "metrics.jsonl").exists():
+            rundir.unclaim(plan.run_dir, plan.lock)
+        raise
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
+
+
+def _run(plan: Plan, data: Data, ck: resume.CheckpointPlan | None) -> dict:
+    job = plan.job
     if plan.rank != 0:
         plan.run_dir = None  # only rank 0 writes results (the other ranks write their checkpoint RNG files)
     done = [ck.resume["step"] if ck is not None and ck.resume else 0]  # optimiser steps ended, for an OOM message
@@ -498,7 +569,12 @@ def run_job(job: Job) -> dict:
         engine, build_s = build(plan)
     lead = plan.rank == 0
     evaluates = lead or getattr(engine, "sharded", False)  # a sharded model needs every rank in each forward
-    rouge_before = rouge_pass(plan, engine, data) if evaluates and job.eval_rouge and not done[0] else None
+    if ck is not None and ck.resume is not None:
+        rouge_before = ck.resume.get("extra", {}).get("rouge_before")
+    else:
+        rouge_before = rouge_pass(plan, engine, data) if evaluates and job.eval_rouge else None
+    if ck is not None:
+        ck.extra["rouge_before"] = rouge_before
     device_mem = M.DeviceMemoryPeak(plan.device) if plan.device.type == "cuda" else None
     with device_mem or contextlib.nullcontext(), \
             resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext(), \
@@ -510,6 +586,20 @@ def run_job(job: Job) -> dict:
 
         out = train_loop(engine, data.train, plan.train, plan.device, val_data=data.val, progress=job.progress,
                          checkpoint=ck, on_step=counted, on_best=best_adapter_writer(plan, engine))
+    try:
+        result = _after_training(plan, engine, data, out, build_s, device_mem, ck, rouge_before)
+    except KeyboardInterrupt:
+        if ck is None or not resume.states(ck.folder):
+            raise
+        raise resume.Interrupted(out["steps"], ck.folder, "while evaluating after training") from None
+    return result
+
+
+def _after_training(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float, device_mem, ck,
+                    rouge_before) -> dict:
+    """Measure, save the adapter, evaluate, write; the checkpoint goes once the results are written."""
+    job, lead = plan.job, plan.rank == 0
+    evaluates = lead or getattr(engine, "sharded", False)
     result = measure(plan, engine, data, out, build_s, device_mem)
     if ck is not None and ck.resume is not None:
         result["resumed_at_step"] = ck.resume["step"]

@@ -71,6 +71,33 @@ def tensorboard_writer(run_dir: Path | None, wanted: bool | None, resumed_at: in
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
 
 
+def kept_lines(path: Path, resumed_at: int) -> list[str]:
+    """The lines of a resumed run's ``metrics.jsonl`` up to its checkpoint's step. A line cut short by a crash
+    mid-write (not JSON) and lines past the checkpoint (steps the resumed run repeats) are dropped, and said."""
+    import json
+    import sys
+
+    kept, cut, past = [], 0, 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            cut += 1
+            continue
+        if isinstance(step, int) and step <= resumed_at:
+            kept.append(line)
+        else:
+            past += 1
+    if cut or past:
+        why = ", ".join(w for w in (f"{cut} incomplete (a write cut short)" if cut else "",
+                                    f"{past} past the checkpoint's step {resumed_at} (run again now)" if past else "")
+                        if w)
+        print(f"lorabench: {path}: dropped {cut + past} lines: {why}", file=sys.stderr)
+    return kept
+
+
 @contextlib.contextmanager
 def step_stream(run_dir: Path | None, resumed_at: int, tensorboard: bool | None = None):
     """``<run dir>/metrics.jsonl``: one JSON line per optimiser step, flushed as it ends (``tail -f`` it, or read it
@@ -84,9 +111,7 @@ def step_stream(run_dir: Path | None, resumed_at: int, tensorboard: bool | None 
 
     board = tensorboard_writer(run_dir, tensorboard, resumed_at)
     path = run_dir / "metrics.jsonl"
-    kept = []
-    if resumed_at and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
+    kept = kept_lines(path, resumed_at) if resumed_at and path.is_file() else []
     try:
         with open(path, "w") as f:
             f.write("".join(line + "\n" for line in kept))

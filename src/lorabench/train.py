@@ -21,6 +21,7 @@ import torch
 
 from .config import ConfigError, TrainConfig
 from .precision import get_precision
+from .progress import progress as _progress
 from .resume import CheckpointPlan, Interrupted, set_rng_state
 from .resume import states as checkpoint_states
 from .resume import save as save_checkpoint
@@ -152,13 +153,32 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
         start_epoch, start_step = resume["epoch"], resume["epoch_step"]
         evals = resume.get("evals", evals)
         set_rng_state(resume["rng"])
-    bar = _progress(total, progress and rank == 0)
+    bar = _progress(total, progress and rank == 0, desc="train", unit="step")
     bar.update(step)
     stop = torch.zeros(1, device=device)
     engine.train()
+    def save(epoch: int, epoch_step: int, losses: list, elapsed: float):
+        """A checkpoint of the loop as it stands: next up, step ``epoch_step`` of ``epoch`` (0-based)."""
+        mine = None
+        if sharded:
+            from .shard import local_state
+
+            mine = local_state(params, opt)
+        save_checkpoint(checkpoint, {
+            "params": None if sharded else [p.detach().cpu().clone() for p in params],
+            "opt": None if sharded else opt.state_dict(),
+            "sched": sched.state_dict(), "scaler": scaler.state_dict(), "series": series,
+            "epoch_losses": epoch_losses, "epoch_times": epoch_times, "skipped": skipped,
+            "step": step, "epoch": epoch, "epoch_step": epoch_step, "losses": losses, "evals": evals,
+            "elapsed": elapsed}, rank, shard=mine)
+
+    stop_at_epoch_end = False
+    epoch = start_epoch - 1
     with precision.matmul_mode():
         for epoch in range(start_epoch, cfg.epochs):
-            if step >= total:
+            # (a run resumed within an epoch whose last step is done still closes that epoch's books)
+            if step >= total and not (resume is not None and epoch == start_epoch and start_step > 0):
+                epoch -= 1
                 break
             order = (np.random.default_rng(cfg.seed + epoch).permutation(len(data)) if cfg.shuffle
                      else np.arange(len(data)))
@@ -229,8 +249,8 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     lengths = (data[_step_block(order, epoch_step, cfg, world), 2] >= 0).sum(axis=1)
                     series.setdefault("tokens", []).append(int(lengths.sum()))
                     series.setdefault("tokens_sq", []).append(int((lengths.astype(np.int64) ** 2).sum()))
-                bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.4f}")
+                bar.update(1)
                 record = {k: series[k][-1] for k in series}
                 if periodic_eval and step % cfg.eval_every == 0:  # after the step's clock: not in its time
                     ev = evaluate_loss(engine, val_data, cfg, device)
@@ -244,21 +264,12 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     on_step(record)
                 if checkpoint is not None:
                     stopping = checkpoint.stop.requested if world == 1 else stop.item() > 0
+                    if stopping and (epoch_step + 1 == steps_per_epoch or step >= total):
+                        stop_at_epoch_end = True  # checkpointed once the epoch's books are closed
+                        break
                     # (the clock rule runs in one process only: the runner refuses --checkpoint-minutes under DDP)
                     if stopping or checkpoint.due(step, total, time.monotonic()):
-                        mine = None
-                        if sharded:
-                            from .shard import local_state
-
-                            mine = local_state(params, opt)
-                        save_checkpoint(checkpoint, {
-                            "params": None if sharded else [p.detach().cpu().clone() for p in params],
-                            "opt": None if sharded else opt.state_dict(),
-                            "sched": sched.state_dict(), "scaler": scaler.state_dict(), "series": series,
-                            "epoch_losses": epoch_losses, "epoch_times": epoch_times, "skipped": skipped,
-                            "step": step, "epoch": epoch, "epoch_step": epoch_step + 1, "losses": losses,
-                            "evals": evals,
-                            "elapsed": time.perf_counter() - epoch_t0}, rank, shard=mine)
+                        save(epoch, epoch_step + 1, losses, time.perf_counter() - epoch_t0)
                     if stopping:
                         bar.close()
                         raise Interrupted(step, checkpoint.folder)
@@ -267,6 +278,12 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
             epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
             if not per_step_sched:
                 sched.step()
+            if stop_at_epoch_end:
+                save(epoch + 1, 0, [], 0.0)
+                bar.close()
+                raise Interrupted(step, checkpoint.folder)
+    if checkpoint is not None and checkpoint.at_end and (resume is None or resume["step"] < step):
+        save(epoch + 1, 0, [], 0.0)  # the trained state, for a run stopped in the work that follows
     bar.close()
     out = {"series": series, "epoch_loss_avg": epoch_losses, "epoch_time_s": epoch_times, "skipped_steps": skipped,
            "steps": step, "evals": evals if periodic_eval else None,
@@ -333,37 +350,3 @@ def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.devi
         torch.distributed.all_reduce(t)
         total, count = t.tolist()
     return total / count if count else None
-
-
-def _progress(total: int, enabled: bool, stream=None):
-    """A tqdm bar on a terminal; off a terminal (a log file, CI) one plain line every tenth of the run instead of
-    carriage returns; nothing when not ``enabled``."""
-    import sys
-
-    stream = sys.stderr if stream is None else stream
-    if enabled and not stream.isatty():
-        return PlainProgress(total, stream)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True, file=stream)
-
-
-class PlainProgress:
-    """The calls the loop makes of a tqdm bar, written as whole lines: ``train: step 5/42 (epoch 1, loss 2.31)``."""
-
-    def __init__(self, total: int, stream):
-        self.total, self.stream, self.n, self.every = total, stream, 0, max(1, total // 10)
-        self.postfix = {}
-
-    def update(self, k: int = 1):
-        self.n += k
-
-    def set_postfix(self, **kw):
-        self.postfix = kw
-        if self.n % self.every == 0 or self.n == self.total:
-            extra = ", ".join(f"{k} {v}" for k, v in kw.items())
-            print(f"train: step {self.n}/{self.total}" + (f" ({extra})" if extra else ""), file=self.stream,
-                  flush=True)
-
-    def close(self):
-        pass

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..report import markdown_table, write_json_atomic, write_text_atomic
+from ..files import write_json_atomic, write_text_atomic
+from ..report import markdown_table
 
 
 def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, device: str, row_dir: Path,

@@ -147,6 +147,8 @@ def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, 
             out.append(chat_record(r, turns, chat, where))
             continue
         prompt, response = formats.render_parts(rec, fmt, template)
+        if not any(str(rec.get(c, "")).strip() for c in required):
+            rec["empty"] = True  # the prompt's words alone: left out and counted (drop_empty)
         rec["text"] = prompt + (response or "")
         if response is not None:
             rec["response_start"] = len(prompt)  # where the response begins in "text" (--loss-on response)
@@ -154,6 +156,16 @@ def validate(rows: list, label: str, row_word: str = "row", first_row: int = 1, 
     if not out:
         raise DataError(f"{label}: no rows")
     return out
+
+
+def drop_empty(records: list[dict], label: str) -> tuple[list[dict], int]:
+    """The records with content (some column of the format not blank), and how many had none; a DataError
+    naming ``label`` where none has any (training would learn the prompt template alone)."""
+    kept = [r for r in records if not r.get("empty")]
+    if records and not kept:
+        raise DataError(f"{label}: every one of its {len(records)} records is empty (no text in any column it "
+                        "trains on); give records with content")
+    return kept, len(records) - len(kept)
 
 
 def chat_record(row: dict, column: str, chat, where: str) -> dict:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..report import markdown_table, write_text_atomic
+from ..files import write_text_atomic
+from ..report import markdown_table
 from .data import CATEGORY, LETTERS, Request, Subject, load_mmlu, subject_requests
 from .scoring import PREFIX_ATTENTION, queue_scores
 
@@ -106,14 +107,23 @@ def check_mmlu_options(opts: MmluOptions, model_dir) -> list[Subject]:
     """Read the questions ``opts`` asks for, so a bad folder or subject fails before any training."""
     if model_dir is None:
         raise ConfigError("MMLU needs the model's tokenizer: give --model-dir (or --no-mmlu)")
-    return load_mmlu(opts.dir, list(opts.subjects) if opts.subjects else None, opts.limit)
+    if opts.shots < 0:
+        raise ConfigError(f"--shots must be 0 or more, got {opts.shots}")
+    subjects = load_mmlu(opts.dir, list(opts.subjects) if opts.subjects else None, opts.limit)
+    short = [s for s in subjects if len(s.dev) < opts.shots]
+    if short:  # the report would say k-shot where fewer shots exist
+        s = min(short, key=lambda s: len(s.dev))
+        raise ConfigError(f"--shots {opts.shots}: {opts.dir} has {len(s.dev)} dev questions for {s.name}"
+                          f"{f' and {len(short) - 1} more subjects with fewer than {opts.shots}' if len(short) > 1 else ''}"
+                          f"; give --shots {len(s.dev)} or less")
+    return subjects
 
 
 def evaluate_mmlu(engine, model_dir, opts: MmluOptions, device, out_dir: Path | None,
                   progress: bool = True, subjects: list[Subject] | None = None) -> dict:
     """Run MMLU as ``opts`` says; write mmlu_predictions.jsonl, mmlu.json and mmlu.md to ``out_dir``; return the
     summary. ``subjects``: the questions as ``check_mmlu_options`` already read them."""
-    from tqdm.auto import tqdm
+    from ..progress import progress as progress_bar
 
     if subjects is None:
         subjects = check_mmlu_options(opts, model_dir)
@@ -130,8 +140,7 @@ def evaluate_mmlu(engine, model_dir, opts: MmluOptions, device, out_dir: Path | 
     timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
     chunks = subject_requests(model_dir, subjects, opts.shots, max_len, background)
     try:
-        with engine.evaluating(compiled), tqdm(total=n, desc="mmlu", unit="q", disable=not progress,
-                                               dynamic_ncols=True) as bar:
+        with engine.evaluating(compiled), progress_bar(n, progress, desc="mmlu", unit="question") as bar:
             previous = None  # (collect, count) of the subject queued last
             while True:
                 t0 = time.perf_counter()

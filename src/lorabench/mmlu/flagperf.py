@@ -28,7 +28,7 @@ import torch
 
 from ..config import ConfigError
 from ..data.tokenizer import Tokenizer
-from ..report import write_text_atomic
+from ..files import write_text_atomic
 from .data import CATEGORY, LETTERS, Question, Subject
 from .scoring import _pad, _to_device, length_batches
 

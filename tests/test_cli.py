@@ -262,13 +262,19 @@ def test_run_folders_are_never_shared(tmp_path, monkeypatch, capsys):
     (tmp_path / "r" / "notes.txt").write_text("mine")
     assert main(args + ["--run-dir", str(tmp_path / "r")]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "r" / "notes.txt").read_text() == "mine"
+    assert main(args + ["--run-dir", str(tmp_path / "r"), "--overwrite"]) == 2  # not a lorabench folder
+    assert "did not write (notes.txt)" in capsys.readouterr().err and (tmp_path / "r" / "notes.txt").is_file()
+    (tmp_path / "r" / "notes.txt").unlink()
     old = os.umask(0o022)
     try:
-        assert main(args + ["--run-dir", str(tmp_path / "r"), "--overwrite"]) == 0
+        assert main(args[:-1] + ["--run-dir", str(tmp_path / "r")]) == 0
+        assert main(args[:-1] + ["--run-dir", str(tmp_path / "r"), "--overwrite"]) == 0
     finally:
         os.umask(old)
-    assert not (tmp_path / "r" / "notes.txt").exists() and (tmp_path / "r" / "result.json").is_file()
-    assert (tmp_path / "r" / "result.json").stat().st_mode & 0o777 == 0o644
+    for f in ("result.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "loss.png",
+              "config.toml", "metrics.jsonl"):
+        assert (tmp_path / "r" / f).stat().st_mode & 0o777 == 0o644, f
+    assert (tmp_path / "r" / "adapter").stat().st_mode & 0o777 == 0o755
     (tmp_path / "f").write_text("")
     assert main(args + ["--run-dir", str(tmp_path / "f")]) == 2 and "is a file" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)

@@ -30,6 +30,11 @@ def disk_full(path: Path, needed: int | None, e: BaseException) -> DiskFull:
                     f"checkpointed run: --resume it) [{e.strerror if isinstance(e, OSError) else e}]")
 
 
+def _write(path: Path, f, data: bytes):
+    """One file's bytes (its own function, so a test can make it run out of space for a chosen file)."""
+    f.write(data)
+
+
 def honour_umask(path, is_dir: bool = False):
     """Give a file made by tempfile (always 0600, folders 0700) the mode the user's umask asks for, so others on
     a shared machine can read results as they can read the user's other files."""
@@ -48,7 +53,7 @@ def write_bytes_atomic(path: Path, data: bytes, sync: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            _write(Path(tmp), f, data)
             f.flush()
             if sync:
                 os.fsync(f.fileno())
@@ -103,7 +108,7 @@ def write_folder_atomic(out_dir: Path, files: dict[str, bytes]) -> None:
         honour_umask(tmp, is_dir=True)
         for name, data in files.items():
             with open(tmp / name, "wb") as f:
-                f.write(data)
+                _write(tmp / name, f, data)
             honour_umask(tmp / name)
         if out_dir.exists():  # replacing an earlier folder: the new one is complete before the old one goes
             shutil.rmtree(out_dir)

@@ -128,7 +128,7 @@ def holder(folder: Path) -> str | None:
         os.close(fd)
 
 
-def _in_use(folder: Path, who: str) -> ConfigError:
+def in_use(folder: Path, who: str) -> ConfigError:
     return ConfigError(f"{folder}: in use by {who} (a lorabench run writing there); wait for it to end or give "
                        "another folder")
 
@@ -148,7 +148,7 @@ def lock(folder: Path) -> FolderLock:
     except BlockingIOError:
         pid = os.read(fd, 64).decode(errors="replace").strip()
         os.close(fd)
-        raise _in_use(folder, f"process {pid}" if pid.isdigit() else "another process") from None
+        raise in_use(folder, f"process {pid}" if pid.isdigit() else "another process") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return FolderLock(folder, fd)
@@ -160,6 +160,25 @@ def _mark(folder: Path, kind: str):
 
 def _empty_but_ours(folder: Path) -> bool:
     return all(e.name in (MARKER, LOCK) for e in folder.iterdir())
+
+
+def check_claimable(run_dir: Path | None, overwrite: bool = False, inputs: dict | None = None):
+    """The checks ``claim`` makes before it takes a folder, reading only: a job runs them before any work, so a
+    refusal costs nothing (``claim`` makes them again under the lock)."""
+    if run_dir is None:
+        return
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: is a file, not a folder")
+    if run_dir.is_dir():
+        who = holder(run_dir)
+        if who is not None:
+            raise in_use(run_dir, who)
+        if not _empty_but_ours(run_dir):
+            if not overwrite:
+                raise ConfigError(f"--run-dir {run_dir}: not empty (another run's results?); give an empty or new "
+                                  "folder, or --overwrite to replace a lorabench run folder whole")
+            check_replaceable(run_dir, inputs or {})
 
 
 def claim(run_dir: Path | None, overwrite: bool = False, default: Path | None = None, kind: str = "run",
@@ -190,18 +209,8 @@ def claim(run_dir: Path | None, overwrite: bool = False, default: Path | None = 
             return candidate, held
         raise ConfigError(f"{base}: 9,999 run folders of that name exist; give --run-dir")
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir {run_dir}: is a file, not a folder")
+    check_claimable(run_dir, overwrite, inputs)
     existed = run_dir.is_dir()
-    if existed:
-        who = holder(run_dir)
-        if who is not None:
-            raise _in_use(run_dir, who)
-        if not _empty_but_ours(run_dir):
-            if not overwrite:
-                raise ConfigError(f"--run-dir {run_dir}: not empty (another run's results?); give an empty or new "
-                                  "folder, or --overwrite to replace a lorabench run folder whole")
-            check_replaceable(run_dir, inputs or {})
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -215,6 +215,13 @@ def resolve(job: Job) -> Plan:
         from .mmlu.evaluate import check_mmlu_options
 
         subjects = check_mmlu_options(job.mmlu, job.model_dir)
+    if rank == 0:  # the output folder's checks (read only), before any data is read
+        if job.resume is not None:
+            who = rundir.holder(Path(job.resume)) if Path(job.resume).is_dir() else None
+            if who is not None:
+                raise rundir.in_use(Path(job.resume), who)
+        else:
+            rundir.check_claimable(job.run_dir, job.overwrite, job.inputs())
     nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     native = job.native.resolve(precision, device, job.lora.dropout if job.engine == "native" else None)
     return Plan(job, device, precision, train, tf32, cfg, native, subjects, rank, world, nnodes)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -172,7 +173,6 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
             "step": step, "epoch": epoch, "epoch_step": epoch_step, "losses": losses, "evals": evals,
             "elapsed": elapsed}, rank, shard=mine)
 
-    stop_at_epoch_end = False
     epoch = start_epoch - 1
     with precision.matmul_mode():
         for epoch in range(start_epoch, cfg.epochs):
@@ -264,9 +264,6 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
                     on_step(record)
                 if checkpoint is not None:
                     stopping = checkpoint.stop.requested if world == 1 else stop.item() > 0
-                    if stopping and (epoch_step + 1 == steps_per_epoch or step >= total):
-                        stop_at_epoch_end = True  # checkpointed once the epoch's books are closed
-                        break
                     # (the clock rule runs in one process only: the runner refuses --checkpoint-minutes under DDP)
                     if stopping or checkpoint.due(step, total, time.monotonic()):
                         save(epoch, epoch_step + 1, losses, time.perf_counter() - epoch_t0)
@@ -277,11 +274,9 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
             epoch_times.append(time.perf_counter() - epoch_t0)
             epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
             if not per_step_sched:
-                sched.step()
-            if stop_at_epoch_end:
-                save(epoch + 1, 0, [], 0.0)
-                bar.close()
-                raise Interrupted(step, checkpoint.folder)
+                with warnings.catch_warnings():  # (a run resumed at an epoch's end steps it before any opt.step)
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    sched.step()
     if checkpoint is not None and checkpoint.at_end and (resume is None or resume["step"] < step):
         save(epoch + 1, 0, [], 0.0)  # the trained state, for a run stopped in the work that follows
     bar.close()

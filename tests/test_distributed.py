@@ -178,10 +178,13 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
     from lorabench import shard
     from lorabench.config import ConfigError
 
-    for kw, msg in ((dict(engine="reference+liger"), "shards the native and reference engines"), (dict(precision="fp8"), "FP8"),
+    from lorabench.precision import get_precision
+
+    for kw, msg in ((dict(engine="reference+liger"), "shards the native and reference engines"),
+                    (dict(precision=get_precision("fp8")), "FP8"),
                     (dict(engine="reference", mmlu=True), "with the native engine only"),
                     (dict(engine="reference", rouge=True), "with the native engine only")):
-        args = dict(shard="fsdp", engine="native", precision="fp32", world=2, mmlu=False, rouge=False)
+        args = dict(shard="fsdp", engine="native", precision=get_precision("fp32"), world=2, mmlu=False, rouge=False)
         with pytest.raises(ConfigError, match=msg):
             shard.check(**{**args, **kw})
     assert not (tmp_path / "x").exists()

@@ -99,7 +99,8 @@ def test_seed_row_prints_the_seeds_mfu_for_its_speed():
                           "device_mem_total_gib": 40.0, "mmlu_acc": 0.4111,
                           "mmlu_acc_flagperf": 0.432},
               "config": {"nnodes": 1, "gpus_per_node": 1, "engine": "reference", "precision": "fp16",
-                         "fix_hp": "precision=fp16, local_batchsize=4"}}
+                         "fix_hp": "precision=fp16, local_batchsize=4"},
+              "env": {"device_name": "NVIDIA A100-SXM4-40GB"}}  # (the seed's card)
     assert seed_row(result) == {"config": "1x1 reference fp16", "fix_hp": "precision=fp16, local_batchsize=4",
                                 "token/p/s": "4017", "loss": "1.77", "mem": "32.0/40", "acc(MMLU)": "0.432",
                                 "MFU": "36.1%"}
@@ -107,6 +108,9 @@ def test_seed_row_prints_the_seeds_mfu_for_its_speed():
     assert seed_row(result)["acc(MMLU)"] == "0.411 (lm-eval)"
     del result["metrics"]["peak_mem_device_gib"]  # no device reading: reserved, labelled
     assert seed_row(result)["mem"] == "29.5/40 (reserved)"
+    for card in ("NVIDIA H100 80GB HBM3", None):  # off an A100 (or on an unknown card) the formula is marked
+        result["env"]["device_name"] = card
+        assert seed_row(result)["MFU"] == "36.1%*"
 
 
 def test_reference_fp16_is_flagperfs_stack_step_for_step():

@@ -108,7 +108,7 @@ def test_resume_refuses_each_setting_that_changes_the_numbers(tmp_path, monkeypa
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{"dialogue": f"A: hello {i}", "summary": f"hi {i}"} for i in range(400)]))
     assert main(["run", "--resume", str(d), "--data", str(other)]) == 2
-    assert f"made with data = " in (err := capsys.readouterr().err) and "chunks" not in err
+    assert "made with data = " in (err := capsys.readouterr().err) and "chunks" not in err
     assert {p.name: p.read_bytes() for p in sorted((d / "checkpoint").iterdir())} == stamp  # nothing changed
     # what cannot change the numbers may change
     assert main(["run", "--resume", str(d), "--no-progress", "--no-tensorboard",
@@ -317,7 +317,7 @@ def test_the_labels_say_what_ran(tmp_path):
               "metrics": {**r["metrics"], "mfu_flagperf": 1.434}}
         assert seed_row(r2)["MFU"] == ("143.4%*" if marked else "143.4%")
         assert ("* FlagPerf's MFU formula" in render_report(r2)) == marked
-        assert (f"this run's card ({card}) is not an A100" in render_report(r2)) == marked
+        assert (f"this run's card ({card}) is not known to be an A100" in render_report(r2)) == marked
 
 
 def test_report_compares_only_what_is_comparable(tmp_path):

@@ -67,7 +67,7 @@ def _fmt(v, spec: str, missing: str = "/") -> str:
 def on_a100(result: dict) -> bool:
     """Whether the run's card is an A100, the card whose TF32 peak (156 TFLOP/s) FlagPerf's MFU formula divides
     by."""
-    return "A100" in str(result["env"].get("device_name", ""))
+    return "A100" in str(result.get("env", {}).get("device_name") or "")
 
 
 def on_cpu(result: dict) -> bool:
@@ -75,8 +75,8 @@ def on_cpu(result: dict) -> bool:
 
 
 MFU_FOOTNOTE = ("* FlagPerf's MFU formula (token/p/s x 2 x 7e9 / 1.56e14, an A100's TF32 peak) as FlagPerf prints "
-                "it; this run's card ({card}) is not an A100, so the figure is not a utilisation of this card "
-                "(lorabench's own MFU below is)")
+                "it; this run's card ({card}) is not known to be an A100, so the figure is not a utilisation of "
+                "this card (lorabench's own MFU below is)")
 CPU_NOTE = "throughput measured on a CPU ({card}): not comparable with GPU figures"
 
 

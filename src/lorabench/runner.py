@@ -20,7 +20,7 @@ import torch
 from . import metrics as M
 from .assets import TINY_DATA, TINY_MODEL
 from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainConfig
-from .engines import ENGINES, Engine, NativeOptions, build_engine, check_native_flags
+from .engines import Engine, NativeOptions, build_engine, check_native_flags, precision_problem, spec
 from .mmlu.evaluate import MmluOptions
 from .precision import PRECISIONS, Precision, get_precision
 from .files import write_json_atomic, write_text_atomic
@@ -167,20 +167,21 @@ def model_config(job: Job) -> ModelConfig:
 def resolve(job: Job) -> Plan:
     """Check the job against the device and the model, and fill in every default."""
     rank, world = dist_info()
-    if job.engine not in ENGINES:
-        raise ConfigError(f"--engine: unknown {job.engine!r}; choose from {', '.join(ENGINES)}")
+    engine_spec = spec(job.engine)
     device = resolve_device(job.device)  # (under torchrun: cuda:LOCAL_RANK, which init_distributed made current)
     precision, tf32 = resolve_precision(job, device)
+    why = precision_problem(job.engine, precision)
+    if why:
+        raise ConfigError(why)
     check_native_flags(job.engine, job.native)
     train = replace(job.train, precision=precision.name)
     cfg = model_config(job)
     if train.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {train.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
-    if train.seq_len > cfg.context_limit and job.engine.startswith("unsloth"):
-        raise ConfigError(f"--seq-len {train.seq_len} exceeds the model's sliding_window {cfg.sliding_window}, "
-                          f"which --engine {job.engine} is not checked against here; give --seq-len "
-                          f"{cfg.sliding_window} or less, or the native or reference engine")
+    if train.seq_len > cfg.context_limit and not engine_spec.can("beyond-sliding-window"):
+        raise engine_spec.refuse(f"--seq-len {train.seq_len} (past the model's sliding_window "
+                                 f"{cfg.sliding_window})", "beyond-sliding-window")
     if train.checkpoint_minutes is not None and world > 1:
         raise ConfigError("--checkpoint-minutes runs in one process only (ranks would see different clocks); "
                           "use --checkpoint-every under torchrun")
@@ -188,11 +189,10 @@ def resolve(job: Job) -> Plan:
         tensorboard_writer(None, True, 0, check_only=True)
     from . import shard
 
-    shard.check(train.shard, job.engine, precision.name, world, mmlu=job.mmlu is not None,
+    shard.check(train.shard, job.engine, precision, world, mmlu=job.mmlu is not None,
                 rouge=job.eval_rouge is not None, group=train.shard_group_size)
-    if train.packing == "documents" and job.engine.startswith("unsloth"):
-        raise ConfigError(f"--packing documents runs on the native and reference engines; --engine {job.engine} "
-                          "takes no document boundaries")
+    if train.packing == "documents" and not engine_spec.can("packing-documents"):
+        raise engine_spec.refuse("--packing documents", "packing-documents")
     if job.init_adapter is not None:  # its shape checked now, before any data is read
         from .lora import read_adapter
 
@@ -223,7 +223,7 @@ def resolve(job: Job) -> Plan:
         else:
             rundir.check_claimable(job.run_dir, job.overwrite, job.inputs())
     nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    native = job.native.resolve(precision, device, job.lora.dropout if job.engine == "native" else None)
+    native = job.native.resolve(precision, device, job.lora.dropout if engine_spec.can("native-options") else None)
     return Plan(job, device, precision, train, tf32, cfg, native, subjects, rank, world, nnodes)
 
 
@@ -352,7 +352,7 @@ def build(plan: Plan) -> tuple[Engine, float]:
 
         group = plan.train.shard_group_size or plan.world // plan.nnodes
         layout = mesh(plan.train.shard, plan.world, group, plan.device)
-        sharder = native_sharder(plan.precision.dtype, layout) if job.engine == "native" else None
+        sharder = native_sharder(plan.precision.dtype, layout) if spec(job.engine).can("shard-at-build") else None
     engine = build_engine(job.engine, plan.model_cfg, job.lora, model_dir=job.model_dir if job.init == "pretrained"
                           else None, device=plan.device, precision=plan.precision, seed=plan.train.seed,
                           native=plan.native, attn=job.attn, sharder=sharder)
@@ -363,7 +363,7 @@ def build(plan: Plan) -> tuple[Engine, float]:
             from .shard import shard_engine
 
             shard_engine(engine, plan.precision.dtype, layout)
-        engine.shard_mesh = list(layout.shape)  # (replicas, ranks a group) for hsdp
+        engine.mark_sharded(list(layout.shape))  # (replicas, ranks a group) for hsdp
     build_s = time.perf_counter() - t0
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -419,7 +419,7 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
         "data": data.description, "data_cached": data.cached, "train_chunks": len(data.train), "device": str(device), "world_size": plan.world,
         "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
-        "shard_mesh": getattr(engine, "shard_mesh", None),
+        "shard_mesh": engine.shard_mesh,
     }
     series = {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr", "grad_norm",
                                             "label_tokens", "tokens") if k in out["series"]}
@@ -575,7 +575,7 @@ def _run(plan: Plan, data: Data, ck: resume.CheckpointPlan | None) -> dict:
     with out_of_memory_message(plan, done, "while building the model"):
         engine, build_s = build(plan)
     lead = plan.rank == 0
-    evaluates = lead or getattr(engine, "sharded", False)  # a sharded model needs every rank in each forward
+    evaluates = lead or engine.sharded  # a sharded model needs every rank in each forward
     if ck is not None and ck.resume is not None:
         rouge_before = ck.resume.get("extra", {}).get("rouge_before")
     else:
@@ -606,7 +606,7 @@ def _after_training(plan: Plan, engine: Engine, data: Data, out: dict, build_s: 
                     rouge_before) -> dict:
     """Measure, save the adapter, evaluate, write; the checkpoint goes once the results are written."""
     job, lead = plan.job, plan.rank == 0
-    evaluates = lead or getattr(engine, "sharded", False)
+    evaluates = lead or engine.sharded
     result = measure(plan, engine, data, out, build_s, device_mem)
     if ck is not None and ck.resume is not None:
         result["resumed_at_step"] = ck.resume["step"]
@@ -614,7 +614,7 @@ def _after_training(plan: Plan, engine: Engine, data: Data, out: dict, build_s: 
     if run_dir is not None:
         result["run_dir"] = str(run_dir)
     adapters = None
-    if getattr(engine, "sharded", False):  # the whole adapters, gathered on every rank (a collective)
+    if engine.sharded:  # the whole adapters, gathered on every rank (a collective)
         from .shard import full
 
         adapters = {k: (full(a.detach()), full(b.detach())) for k, (a, b) in engine.adapters().items()}

@@ -33,9 +33,12 @@ from .config import ConfigError
 SHARDINGS = ("none", "fsdp", "hsdp")
 
 
-def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge: bool,
+def check(shard: str, engine: str, precision, world: int, mmlu: bool, rouge: bool,
           group: int | None = None):
-    """Refuse what --shard fsdp / hsdp does not run (see the module docstring), before any work."""
+    """Refuse what --shard fsdp / hsdp does not run (see the module docstring; the engine's capabilities from its
+    spec), before any work."""
+    from .engines.registry import SPECS, spec
+
     if shard not in SHARDINGS:
         raise ConfigError(f"--shard must be one of {', '.join(SHARDINGS)}, got {shard!r}")
     if shard == "none":
@@ -47,12 +50,15 @@ def check(shard: str, engine: str, precision: str, world: int, mmlu: bool, rouge
         raise ConfigError(f"--shard-group-size {group} must divide the world size {world}")
     if world < 2:
         why = "needs a torchrun job of 2 or more processes (torchrun --nproc_per_node N -m lorabench run ...)"
-    elif engine not in ("native", "reference"):
-        why = f"shards the native and reference engines; --engine {engine} is not sharded"
-    elif precision == "fp8":
+    elif not spec(engine).can("shard"):
+        able = " and ".join(s.name for s in SPECS.values() if s.can("shard"))
+        why = f"shards the {able} engines; --engine {engine} is not sharded"
+    elif precision.fp8_weights:
         why = "does not shard FP8 weights yet; use --precision bf16"
-    elif (mmlu or rouge) and engine != "native":
-        why = "evaluates (MMLU, --eval-rouge) with the native engine only (every rank takes part in each forward)"
+    elif (mmlu or rouge) and not spec(engine).can("evaluate-sharded"):
+        able = " and ".join(s.name for s in SPECS.values() if s.can("evaluate-sharded"))
+        why = (f"evaluates (MMLU, --eval-rouge) with the {able} engine only (every rank takes part in each "
+               "forward)")
     if why:
         raise ConfigError(f"--shard {shard} {why}")
 
@@ -81,7 +87,6 @@ def shard_engine(engine, dtype: torch.dtype, device_mesh=None):
     """Shard the reference engine's model in place (after it is built: transformers loads it whole): the decoder
     layers of transformers' model under PEFT, then the PEFT model."""
     apply_fsdp(engine.model, engine.model.get_base_model().model.layers, dtype, device_mesh=device_mesh)
-    engine.sharded = True
 
 
 def apply_fsdp(root: torch.nn.Module, blocks, dtype: torch.dtype, methods: tuple[str, ...] = (), device_mesh=None):

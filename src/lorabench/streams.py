@@ -26,7 +26,9 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
         t, job = plan.train, plan.job
         shape = (f"{job.model_dir or job.model_preset}, {t.precision}, --batch-size {t.batch_size}, --seq-len "
                  f"{t.seq_len}, --grad-accum {t.grad_accum}, LoRA r{job.lora.r} on {','.join(job.lora.targets)}")
-        native = job.engine == "native"
+        from .engines import spec
+
+        engine = spec(job.engine)
         policy = plan.native.activation_checkpointing
         shape += f", --activation-checkpointing {policy}"
         held = ""
@@ -37,12 +39,13 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
         tries = []
         if t.batch_size > 1:
             tries.append(f"--batch-size {t.batch_size // 2} --grad-accum {2 * t.grad_accum} (the same global batch)")
-        if policy in ("none", "adapter-inputs"):  # every engine takes block (engines.OTHER_ENGINE_CHECKPOINTING)
+        if policy in ("none", "adapter-inputs") and "block" in engine.checkpointing:
             tries.append("--activation-checkpointing block")
-        elif policy == "block" and (native or job.engine.startswith("unsloth")):
+        elif policy == "block" and "offload" in engine.checkpointing:
             tries.append("--activation-checkpointing offload (the blocks' inputs in host memory)")
-        if native and t.precision in ("bf16", "fp16", "fp32", "tf32"):
-            tries.append("--precision fp8 (Ada/Hopper)" if t.precision in ("bf16", "fp16") else "--precision bf16")
+        if engine.can("fp8-weights") and not plan.precision.fp8_weights:
+            tries.append("--precision fp8 (Ada/Hopper)" if plan.precision.dtype in (torch.bfloat16, torch.float16)
+                         else "--precision bf16")
         if t.seq_len > 512:
             tries.append("a shorter --seq-len")
         kept = (f"; the {done[0]} steps so far are in {plan.run_dir / 'metrics.jsonl'}"

@@ -108,7 +108,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     ``on_step``: called on rank 0 with each step's record (step, epoch, loss, lr, step_time_s) as it ends;
     ``on_best``: called on rank 0 with (step, eval loss) when a --eval-every evaluation is the best so far."""
     rank, world = dist_info()
-    sharded = getattr(engine, "sharded", False)  # FSDP2 reduce-scatters and averages the gradients itself
+    sharded = engine.sharded  # FSDP2 reduce-scatters and averages the gradients itself
     masked = data.ndim == 3
     if data.ndim not in (2, 3) or data.shape[-1] != cfg.seq_len or (masked and data.shape[1] not in (2, 3)):
         raise ConfigError(f"packed data has shape {data.shape}, expected [N, {cfg.seq_len}] or [N, 2 or 3, "
@@ -323,7 +323,7 @@ def evaluate_loss(engine, data: np.ndarray, cfg: TrainConfig, device: torch.devi
     n = len(data) // cfg.batch_size
     if cfg.eval_batches is not None:
         n = min(n, cfg.eval_batches)
-    sharded = getattr(engine, "sharded", False)
+    sharded = engine.sharded
     # a sharded model needs every rank in each forward: all run the same number, a rank past the end a spare one
     turns = -(-n // world) if sharded else None
     total, count = 0.0, 0

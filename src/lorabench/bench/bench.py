@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..engines.registry import BASELINE, OURS, spec
 from ..files import write_json_atomic, write_text_atomic
 from ..report import markdown_table
 
@@ -97,7 +98,7 @@ def speedup(row: dict, base: dict) -> tuple[float, list[float]]:
 def compare(rows: list[dict]) -> None:
     """Add speed-up (``speedup``) and largest per-step loss gap against the plain reference row of the same
     preset and LBS."""
-    refs = {(r["preset"], r.get("lbs")): r for r in rows if r["engine"] == "reference" and "error" not in r}
+    refs = {(r["preset"], r.get("lbs")): r for r in rows if r["engine"] == BASELINE and "error" not in r}
     for r in rows:
         ref = refs.get((r["preset"], r.get("lbs")))
         if ref is None or "error" in r or r is ref:
@@ -118,7 +119,7 @@ def native_lines(rows: list[dict]) -> str:
     per-step loss gap between the two (same weights and batches: bf16 rounding, and the engines' own dropout
     masks where dropout > 0)."""
     out = []
-    for nat in (r for r in rows if r["engine"] == "native" and "error" not in r):
+    for nat in (r for r in rows if r["engine"] == OURS and "error" not in r):
         for other in rows:
             if other is nat or "error" in other or (other["preset"], other.get("lbs")) != (nat["preset"],
                                                                                           nat.get("lbs")):
@@ -192,10 +193,10 @@ def best_lines(rows: list[dict]) -> str:
             continue
         line = f"- best LBS, {preset}: " + "; ".join(f"{e} {r['tokens_per_s_per_chip']:.0f} (LBS {r['batch_size']})"
                                                      for e, r in best.items())
-        others = [r for e, r in best.items() if e != "native"]
-        if "native" in best and others:  # within rounds where both ran, as every speed-up here
+        others = [r for e, r in best.items() if e != OURS]
+        if OURS in best and others:  # within rounds where both ran, as every speed-up here
             top = max(others, key=lambda r: r["tokens_per_s_per_chip"])
-            line += f"; native / best other: {speedup(best['native'], top)[0]:.2f}x"
+            line += f"; {OURS} / best other: {speedup(best[OURS], top)[0]:.2f}x"
         out.append(line)
     return "\n".join(out)
 
@@ -299,7 +300,8 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
                     log(f"bench: {name} ...", flush=True)
                     row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else "")
                                          + (f"__round{k}" if rounds > 1 else ""))
-                    native = native_flags_for(preset, overrides, native_overrides) if engine == "native" else []
+                    native = (native_flags_for(preset, overrides, native_overrides)
+                              if spec(engine).can("native-options") else [])
                     flags = overrides + native + (["--batch-size", str(lbs)] if lbs else [])
                     row = run_row(engine, preset, model, steps, warmup, device, row_dir, flags, timeout, nproc=nproc)
                     row["lbs"] = lbs

@@ -1,8 +1,9 @@
-"""Engines: the model stacks the training loop can drive, behind one contract (base.Engine).
+"""Engines: the model stacks the training loop can drive, behind one contract (base.Engine), each declared with
+what it can do in registry.SPECS.
 
-``native`` is ours (model.py + lora.py, tuned by NativeOptions); ``reference`` is transformers + PEFT, the seed's
-stack, with ``reference+liger`` and ``reference+compile`` as the strongest off-the-shelf variants; ``unsloth`` and
-``unsloth-fp8`` are Unsloth's stack (optional, CUDA only).
+``native`` is ours (model.py + lora.py, tuned by NativeOptions); ``reference`` is transformers + PEFT, the stack
+FlagPerf's case runs, with ``reference+liger`` and ``reference+compile`` as the strongest off-the-shelf variants;
+``unsloth`` and ``unsloth-fp8`` are Unsloth's stack (optional, CUDA only).
 """
 from __future__ import annotations
 
@@ -15,81 +16,61 @@ from ..config import ConfigError, LoRAConfig, ModelConfig
 from ..precision import Precision, get_precision
 from .base import Engine, canonical_adapters
 from .native import NativeOptions
+from .registry import OURS, SPECS, EngineSpec, spec
 
-__all__ = ["ENGINES", "Engine", "NativeOptions", "build_engine", "canonical_adapters", "check_native_flags",
-           "precision_problem"]
+__all__ = ["ENGINES", "OURS", "SPECS", "Engine", "EngineSpec", "NativeOptions", "build_engine", "canonical_adapters",
+           "check_native_flags", "precision_problem", "spec"]
 
-ENGINES = ("native", "reference", "reference+liger", "reference+compile", "unsloth", "unsloth-fp8")
+ENGINES = tuple(SPECS)
 
 
 def precision_problem(name: str, precision: Precision) -> str | None:
-    """Why engine ``name`` cannot run ``precision`` (None if it can): FP8 weights are the native engine's and
-    Unsloth's ``load_in_fp8`` (``unsloth-fp8``), which in turn runs nothing else, so a row's precision always says
-    what its weights were."""
-    if precision.fp8_weights and name not in ("native", "unsloth-fp8"):
-        return (f"--engine {name} has no FP8 weights; --precision fp8 runs on native and unsloth-fp8 "
-                "(Unsloth's load_in_fp8)")
-    if name == "unsloth-fp8" and not precision.fp8_weights:
-        return (f"--engine unsloth-fp8 is Unsloth's FP8 weights (load_in_fp8); run it with --precision fp8 "
-                f"(preset fp8), not {precision.name}")
-    return None
-
-
-OTHER_ENGINE_CHECKPOINTING = {"reference": ("none", "block"), "unsloth": ("none", "block", "offload")}
-"""--activation-checkpointing on the reference and Unsloth engines (by engine family), each stack's own: block is
-transformers' gradient checkpointing of every decoder layer (Unsloth: ``use_gradient_checkpointing=True``),
-offload Unsloth's ``"unsloth"`` mode, which keeps each layer's input in host memory."""
+    """Why engine ``name`` cannot run ``precision`` (None if it can), so a row's precision always says what its
+    weights were: FP8 weights only under --precision fp8, and --precision fp8 only on an engine with FP8 weights."""
+    s = spec(name)
+    if precision.name in s.precisions:
+        return None
+    if precision.fp8_weights:
+        able = [e.name for e in SPECS.values() if e.can("fp8-weights")]
+        return f"--engine {name} has no FP8 weights; --precision fp8 runs on {' and '.join(able)}"
+    if s.precisions == ("fp8",):
+        return f"--engine {name} holds FP8 weights; run it with --precision fp8 (preset fp8), not {precision.name}"
+    return f"--engine {name} runs {', '.join(s.precisions)}, not --precision {precision.name}"
 
 
 def check_native_flags(name: str, given: NativeOptions):
-    """Refuse a native-engine tuning flag (``given``: the options as the user set them, before defaults) for
-    another engine, which would run without it while the command line said otherwise."""
-    if name == "native":
-        return
-    set_ = [f for f, v in asdict(given).items() if v is not None and f != "activation_checkpointing"]
-    if set_:
-        flags = ", ".join("--" + f.replace("_", "-") for f in set_)
-        raise ConfigError(f"{flags}: native engine tuning; --engine {name} does not take it (drop it, or run "
-                          "--engine native)")
-    _check_other_checkpointing(name, given.activation_checkpointing or "none")
-
-
-def _check_other_checkpointing(name: str, policy: str):
-    takes = OTHER_ENGINE_CHECKPOINTING.get(name.partition("+")[0].removesuffix("-fp8"), ("none",))
-    if policy not in takes:
-        raise ConfigError(f"--activation-checkpointing {policy} is the native engine's; --engine {name} has "
-                          f"{', '.join(takes)}")
+    """Refuse a native-engine tuning flag (``given``: the options as the user set them, before defaults) for an
+    engine without that tuning, which would run without it while the command line said otherwise; and a
+    checkpointing policy the engine does not have."""
+    s = spec(name)
+    if not s.can("native-options"):
+        set_ = [f for f, v in asdict(given).items() if v is not None and f != "activation_checkpointing"]
+        if set_:
+            flags = ", ".join("--" + f.replace("_", "-") for f in set_)
+            raise ConfigError(f"{flags}: native engine tuning; --engine {name} does not take it (drop it, or run "
+                              "--engine native)")
+    s.check_checkpointing(given.activation_checkpointing or "none")
 
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
                  device: torch.device, precision: Precision | str, seed: int,
                  native: NativeOptions | None = None, attn: str = "eager", sharder=None) -> Engine:
-    """Build engine ``name`` in ``precision`` with base weights from ``model_dir`` (None: canonical random weights
-    from ``seed``) and canonical adapters from ``seed``. ``native``: the native engine's tuning (fields left None
-    are resolved for the precision and device: NativeOptions.resolve); ``attn``: the plain reference engine's
-    attention (eager or sdpa); ``sharder``: the native engine's model sharded on the meta device (shard.py)."""
+    """Build engine ``name`` (its spec's builder) in ``precision`` with base weights from ``model_dir`` (None:
+    canonical random weights from ``seed``) and canonical adapters from ``seed``. ``native``: the native engine's
+    tuning, as ``NativeOptions.resolve`` made it (a job resolves it once: runner.resolve; fields left None are
+    resolved here for the precision and device); ``attn``: the plain reference engine's attention (eager or sdpa);
+    ``sharder``: the native engine's model sharded on the meta device (shard.py)."""
+    import importlib
+
+    s = spec(name)
     precision = get_precision(precision) if isinstance(precision, str) else precision
-    why = precision_problem(name, precision) if name in ENGINES else None
+    why = precision_problem(name, precision)
     if why:
         raise ConfigError(why)
-    checkpointing = (native.activation_checkpointing if native is not None else None) or "none"
-    if name != "native":
-        _check_other_checkpointing(name, checkpointing)
-    if name == "native":
-        from .native import NativeEngine
-
-        options = (native or NativeOptions()).resolve(precision, device, lora.dropout)
-        return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                            options=options, sharder=sharder)
-    if name == "reference" or name.startswith("reference+"):
-        from .reference import ReferenceEngine
-
-        return ReferenceEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype,
-                               seed=seed, attn=attn, variant=name.partition("+")[2] or None,
-                               checkpointing=checkpointing)
-    if name in ("unsloth", "unsloth-fp8"):
-        from .unsloth import UnslothEngine
-
-        return UnslothEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                             fp8=name == "unsloth-fp8", checkpointing=checkpointing)
-    raise ConfigError(f"--engine: unknown {name!r}; choose from {', '.join(ENGINES)}")
+    native = native or NativeOptions()
+    check_native_flags(name, native if s.can("native-options") else
+                       NativeOptions(activation_checkpointing=native.activation_checkpointing))
+    module, function = s.builder.split(":")
+    build = getattr(importlib.import_module(f".{module}", __name__), function)
+    return build(s, model_cfg, lora, model_dir=model_dir, device=device, precision=precision, seed=seed,
+                 native=native, attn=attn, sharder=sharder)

@@ -33,6 +33,14 @@ class Engine(abc.ABC):
     supports_prefix_cache: bool = False
     """Whether forward_hidden takes kv_caches / position_offset / attn_mask and prefix_kv exists (MMLU reuses
     each subject's shared prompt prefix)."""
+    sharded: bool = False
+    """Whether the model is sharded over the ranks (FSDP2): every rank then takes part in each forward, and the
+    loop leaves the gradients' averaging to FSDP."""
+    shard_mesh: list | None = None
+    """The ranks' layout of a sharded model ([ranks] for fsdp, [replicas, ranks a group] for hsdp)."""
+
+    def mark_sharded(self, mesh_shape: list[int]):
+        self.sharded, self.shard_mesh = True, list(mesh_shape)
 
     # -- training -------------------------------------------------------------------------------------------
     @abc.abstractmethod

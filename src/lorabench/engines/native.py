@@ -130,6 +130,20 @@ class NativeOptions:
         return resolved
 
 
+RESOLVED_BY_DEFAULT = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask",
+                       "activation_checkpointing")
+"""The fields ``resolve`` always fills: options with all of them set are resolved already."""
+
+
+def build(spec, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, precision: Precision, seed: int,
+          native: NativeOptions, attn: str, sharder=None) -> "NativeEngine":
+    """The native engine (engines.build_engine): ``native`` as the job resolved it, else resolved here."""
+    if any(getattr(native, f) is None for f in RESOLVED_BY_DEFAULT):
+        native = native.resolve(precision, device, lora.dropout)
+    return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
+                        options=native, sharder=sharder)
+
+
 class NativeEngine(Engine):
     name = "native"
     supports_prefix_cache = True
@@ -154,7 +168,7 @@ class NativeEngine(Engine):
             if model_cfg.tie_word_embeddings:
                 raise ConfigError("--shard with tied embeddings (tie_word_embeddings) is not supported yet")
             sharder(model)
-            self.sharded = True
+            self.sharded = True  # (the mesh's shape: mark_sharded, by the runner)
         model.to_empty(device=device)
         if model_cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
@@ -197,7 +211,7 @@ class NativeEngine(Engine):
         out = []
         for _ in range(max_new_tokens):
             top = self.head(h[:, -1]).argmax(-1)
-            if getattr(self, "sharded", False):  # every rank runs each forward: all follow rank 0's token
+            if self.sharded:  # every rank runs each forward: all follow rank 0's token
                 torch.distributed.broadcast(top, 0)
             nxt = int(top)
             if nxt == eos_id:

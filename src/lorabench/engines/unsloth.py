@@ -87,6 +87,13 @@ def write_placeholder_tokenizer(out: Path, cfg: ModelConfig):
         "pad_token": "<unk>", "add_bos_token": True, "model_max_length": cfg.max_position_embeddings}))
 
 
+def build(spec, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, precision, seed: int,
+          native, attn: str, sharder=None) -> "UnslothEngine":
+    """The Unsloth engines (engines.build_engine): its FP8 weights where the spec has them."""
+    return UnslothEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
+                         fp8=spec.can("fp8-weights"), checkpointing=native.activation_checkpointing or "none")
+
+
 class UnslothEngine(PeftEngine):
     name = "unsloth"
 

@@ -130,3 +130,32 @@ def test_eval_every_records_each_evaluation_and_keeps_the_best_adapter(tmp_path)
     a = load_file(tmp_path / "r" / "best_adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_jobs_native_options_are_resolved_once(monkeypatch):
+    """runner.resolve fills the defaults; the engine takes them as they are (no second resolve downstream)."""
+    calls = []
+    real = NativeOptions.resolve
+
+    def counted(self, *a, **kw):
+        calls.append(self)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(NativeOptions, "resolve", counted)
+    run_job(tiny_job())
+    assert len(calls) == 1
+
+
+def test_no_engine_is_named_outside_the_engines():
+    """What an engine can do is read from its spec (engines/registry.py), never from its name."""
+    import re
+    from pathlib import Path
+
+    import lorabench
+
+    root = Path(lorabench.__file__).parent
+    pattern = re.compile(r"""engine\s*[!=]=\s*["']|\.startswith\(["'](unsloth|reference|native)|"""
+                         r"""getattr\(engine,\s*["']shard|job\.engine\s+(not\s+)?in\s""")
+    found = [f"{f.relative_to(root)}:{i}" for f in root.rglob("*.py") if "engines" not in f.parts
+             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []

@@ -4,9 +4,12 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from lorabench.cli import main
 
 
+@pytest.mark.slow
 def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     engines = "native,reference"
@@ -32,6 +35,7 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
         assert "liger-kernel" in rows["reference+liger"]["error"]
 
 
+@pytest.mark.slow
 def test_fp8_only_flags_go_to_the_fp8_rows_alone(tmp_path, monkeypatch):
     """One bench of an fp32 and an fp8 row with --fp8-skip and --fp8-grad: the fp8 row runs with both (its
     numerics say so), the fp32 row runs without them instead of refusing them."""
@@ -232,6 +236,7 @@ def test_an_out_of_memory_row_is_a_row_result(tmp_path, monkeypatch):
     assert "| out of memory |" in B.table(rows)
 
 
+@pytest.mark.slow
 def test_rows_of_several_processes_run_under_torchrun(tmp_path, monkeypatch):
     """bench --nproc 2 --shard fsdp: each row is one torchrun job of two processes with the row's --shard."""
     import subprocess

@@ -438,6 +438,7 @@ def test_run_on_alpaca_records_and_a_template(tmp_path, capsys):
     assert "qa.csv: row 2: missing column 'reply'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_module_imports_first():
     """Each top-level module of the package imports in a fresh interpreter as the first one (precision.py once
     failed so, on config.py's presets needing precision.py half-way through its own import); the subpackages'

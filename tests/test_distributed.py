@@ -27,6 +27,7 @@ def lorabench(args, tmp_path, nproc=1):
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize("precision", ["fp32", "fp8", "fp32 --loss-on response"])
 def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision):
@@ -49,6 +50,7 @@ def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize("shard", ["none", "fsdp"])
 def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path, shard):
@@ -105,6 +107,7 @@ def sharded_copy_of_the_tiny_model(where):
     (2, False, "reference", "fsdp"), (4, False, "native", "hsdp --shard-group-size 2"),
     (2, False, "native", "fsdp --activation-checkpointing block"),
     (2, False, "native", "fsdp --compile --activation-checkpointing offload")])
+@pytest.mark.slow
 def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine, shard):
     """--shard fsdp (FSDP2 over gloo; hsdp: two replicas of two shards; compiled blocks with their inputs offloaded,
     against one eager process): N ranks holding a shard of every block each train as one process with N
@@ -190,6 +193,7 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_fsdp_evaluates_mmlu_and_rouge_on_every_rank_as_one_process_does(tmp_path):
     """MMLU and ROUGE after a --shard fsdp run (the bundled sample, both MMLU protocols): every rank runs the

@@ -114,6 +114,7 @@ def identity_adapter(n: int, p: float, impl: str) -> LoRALinear:
     return layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", MASK_IMPLS)
 def test_compiled_backward_uses_the_forward_mask(impl):
     torch.manual_seed(0)
@@ -142,6 +143,7 @@ class TwoProjections(torch.nn.Module):
         return self.q_proj(x) + 2 * self.v_proj(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", MASK_IMPLS)
 def test_adapters_on_one_input_draw_independent_masks_when_compiled(impl):
     """Each gradient element is 2 (kept by q's mask) + 4 (kept by v's), so one shared mask would leave only 0

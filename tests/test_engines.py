@@ -80,6 +80,7 @@ def test_reference_engine_keeps_adapters_fp32_over_bf16_base():
         assert eng.logits(ids).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_compiled_native_trains_like_eager():
     """torch.compile of the blocks (the GPU default) computes the same training in fp32, with or without the
     fused projections and the matmul attention (together: the TF32 default on a GPU)."""
@@ -485,6 +486,7 @@ def test_matmuls_checkpointing_is_the_native_engines():
                      native=NativeOptions(activation_checkpointing="matmuls"))
 
 
+@pytest.mark.slow
 def test_adapter_inputs_policy_saves_less_and_trains_the_same():
     """--activation-checkpointing adapter-inputs (compiled blocks, adapters on all seven projections, no dropout):
     the same loss and adapter gradients as "none", with fewer bytes saved for the backward (the norms' and SwiGLU's

@@ -37,6 +37,7 @@ def test_frozen_head_ce_matches_plain_cross_entropy(dtype, n, c, v, chunk_rows, 
     assert h1.grad.dtype == dtype and ours.dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_chunks_match_plain_cross_entropy(dtype, monkeypatch):
     """The compiled chunk graph (used with compiled blocks) gives the same loss and gradient, ragged chunk too."""

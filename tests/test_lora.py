@@ -10,7 +10,8 @@ from lorabench.checkpoint import load_into, native_to_hf
 from lorabench.config import ConfigError, LoRAConfig, ModelConfig
 from lorabench.engines import build_engine
 from lorabench.kernels.dropout import unpack_mask
-from lorabench.lora import LoRALinear, adapter_delta, inject_lora, lora_modules, read_adapter
+from lorabench.adapter_io import read_adapter
+from lorabench.lora import LoRALinear, adapter_delta, inject_lora, lora_modules
 from lorabench.model import Llama
 
 from conftest import SMALL, hf_model
@@ -158,6 +159,7 @@ def test_adapter_delta_matches_plain_autograd(shape, p, dtype):
     check_delta_against_float64(adapter_delta, shape, 5, 19, p, dtype, seed=len(shape) + int(100 * p))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("r", [5, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_adapter_delta_matches_plain_autograd(r, dtype):

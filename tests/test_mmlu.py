@@ -295,6 +295,7 @@ def test_background_tokenising_gives_the_same_requests(monkeypatch):
         assert (a.q, a.contexts, a.conts, a.shots, a.truncated) == (b.q, b.contexts, b.conts, b.shots, b.truncated)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix_attention", ["copy", "split"])
 def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention):
     """The GPU default compiles the blocks; its shape-generic eval graph (suffix batches of every size, the

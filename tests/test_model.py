@@ -261,6 +261,7 @@ def test_prefix_suffix_attention_is_attention_over_prefix_and_suffix(heads, kv_h
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
+@pytest.mark.slow
 def test_compiled_block_keeps_only_masks_for_dropout():
     """A compiled training block with adapter dropout keeps at most the dropout masks beyond what it keeps without
     dropout, and those packed, one bit an element (a bool mask is a byte an element): the dropped copies of the

@@ -53,6 +53,7 @@ def killed(tmp_path, at: int, argv: list[str], signum: str = "SIGKILL") -> subpr
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_bare_resume_after_sigkill_continues_the_recorded_job(tmp_path, capsys):
     """Issue: --resume with no other flags forgot --max-steps, --checkpoint-every and --no-mmlu. The killed run's
     settings come back from its config.toml; a cut last line and the steps past the checkpoint are dropped."""
@@ -118,6 +119,7 @@ def test_resume_refuses_each_setting_that_changes_the_numbers(tmp_path, monkeypa
     assert_same_run(result(straight), result(d))
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_last_step_then_resume_gives_every_metric(tmp_path, monkeypatch, capsys):
     """Issue: after --resume, loss_flagperf, the last epoch's loss and FlagPerf's token/p/s were null."""
     from test_resume import signal_after

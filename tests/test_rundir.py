@@ -96,6 +96,7 @@ def test_overwrite_onto_a_folder_with_a_foreign_file_deletes_nothing(tmp_path, c
     assert (other / ".hidden").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_lorabench_run_folder_whole(tmp_path, capsys):
     run = a_run_folder(tmp_path / "r")
     (run / "loss.png").write_bytes(b"an old plot")
@@ -172,6 +173,7 @@ def test_a_locked_folder_is_refused_naming_the_holder_and_a_killed_holder_leaves
     assert main(ARGS + ["--run-dir", str(empty)]) == 0  # the kernel dropped the killed holder's lock
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_on_one_folder_one_is_refused(tmp_path):
     """Two processes started together on one --run-dir: exactly one runs, the other is refused and writes
     nothing, whichever order they reach the folder in."""
@@ -242,6 +244,7 @@ def test_a_read_only_working_directory_is_one_line_for_each_command(tmp_path, mo
             ro.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_a_dead_runs_folder_is_resumable_at_once(tmp_path):
     """A SIGKILLed run leaves its lock file, and no lock: --resume takes the folder straight away."""
     d = tmp_path / "killed"

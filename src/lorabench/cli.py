@@ -44,7 +44,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--untimed-steps": ("untimed_steps", int, "first steps left out of the timing statistics (compilation, "
                         "allocator warm-up); the learning rate's warm-up is --lr-warmup-steps"),
     "--eval-batches": ("eval_batches", int, "validation batches after training (0 skips)"),
-    "--lr-schedule": ("lr_schedule", str, "step (the seed's: x --lr-gamma after every epoch), cosine or linear "
+    "--lr-schedule": ("lr_schedule", str, "step (FlagPerf's: x --lr-gamma after every epoch), cosine or linear "
                       "(to 0 over the run's steps after the warm-up) or constant"),
     "--lr-warmup-steps": ("lr_warmup_steps", int, "steps of linear learning-rate warm-up (any schedule; default 0)"),
     "--eval-every": ("eval_every", int, "also compute the eval loss every N steps (recorded per step; the best "
@@ -110,7 +110,7 @@ def _add_model_flags(p: argparse.ArgumentParser):
                    "seed's stack), reference+liger, reference+compile, unsloth or unsloth-fp8 (Unsloth's stack, "
                    "CUDA only)")
     g.add_argument("--attn", default=None, choices=("eager", "sdpa"), help="attention of the plain reference "
-                   "engine (default eager, as the seed's stack)")
+                   "engine (default eager, as FlagPerf's stack)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -372,7 +372,7 @@ def cmd_eval(a) -> int:
     from .assets import TINY_MMLU, TINY_MODEL
     from .config import LoRAConfig, ModelConfig
     from .engines import check_native_flags
-    from .lora import read_adapter
+    from .adapter_io import read_adapter
     from .mmlu.evaluate import check_mmlu_options
     from .precision import default_eval_precision, get_precision
     from .runner import resolve_device

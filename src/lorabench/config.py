@@ -221,7 +221,7 @@ class ModelConfig:
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    # Llama-2-7B / 13B: the published config.json values (REFERENCE section 2).
+    # Llama-2-7B / 13B: the published config.json values (meta-llama/Llama-2-7b-hf and -13b-hf).
     "llama2-7b": ModelConfig(),
     "llama2-13b": ModelConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                               num_attention_heads=40, num_key_value_heads=40),
@@ -354,7 +354,7 @@ class TrainConfig:
     lr_gamma: float = 0.85
     """StepLR decay applied after every epoch (lr_schedule "step")."""
     lr_schedule: str = "step"
-    """"step": the seed's StepLR, x lr_gamma after every epoch; "cosine": from lr down to 0 over the run's steps,
+    """"step": FlagPerf's StepLR, x lr_gamma after every epoch; "cosine": from lr down to 0 over the run's steps,
     per step; "constant"."""
     lr_warmup_steps: int = 0
     """Optimiser steps over which the learning rate rises linearly from lr / lr_warmup_steps to lr (any schedule)."""
@@ -448,23 +448,24 @@ PACKINGS = ("flagperf", "documents", "none")
 
 @dataclass(frozen=True)
 class Preset:
-    """A named starting point: training settings plus the LoRA config (the seed's rows, and the tiny default)."""
+    """A named starting point: training settings plus the LoRA config (FlagPerf's rows, and the tiny default)."""
 
     train: TrainConfig
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     fix_hp: str = "/"
-    """What the preset changes from the case's defaults, as the seed's table words it."""
+    """What the preset changes from the case's defaults, as FlagPerf's table words it."""
     precision_off_cuda: str | None = None
     """The precision to run where there is no CUDA device, when the preset's own needs one (and --precision was
     not given): flagperf-fp32's TF32 becomes true fp32 on a CPU, and result.json says so."""
 
 
-_FLAGPERF = {"seq_len": 512, "shuffle": False}  # FlagPerf's DataLoader: file order, drop_last (REFERENCE 1)
+# FlagPerf's DataLoader: file order, drop_last (FlagPerf's training/benchmarks/llama2_7b_finetune/pytorch)
+_FLAGPERF = {"seq_len": 512, "shuffle": False}
 
 TRAIN_PRESETS: dict[str, Preset] = {
     # The seed's first row: fp32 weights, LBS 2, seq 512, run by NGC PyTorch images with
     # TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, so the matmuls ran in TF32 (2,788 tok/s on an A100 is beyond true fp32;
-    # REFERENCE 1).
+    # FlagPerf's training/benchmarks/llama2_7b_finetune/pytorch).
     "flagperf-fp32": Preset(TrainConfig(precision="tf32", batch_size=2, **_FLAGPERF), precision_off_cuda="fp32"),
     # The seed's second row: fp16 weights (model.half()) + GradScaler, LBS 4.
     "flagperf-fp16": Preset(TrainConfig(precision="fp16", batch_size=4, **_FLAGPERF),
@@ -505,7 +506,8 @@ def fix_hp_label(name: str, train: TrainConfig, lora: LoRAConfig) -> str:
     p = TRAIN_PRESETS[name]
     changed = [(f, getattr(train, f)) for f in (x.name for x in fields(TrainConfig))
                if f not in NOT_IN_FIX_HP and getattr(train, f) != getattr(p.train, f)]
-    changed += [(f, getattr(lora, f)) for f in (x.name for x in fields(LoRAConfig)) if getattr(lora, f) != getattr(p.lora, f)]
+    changed += [(f, getattr(lora, f)) for f in (x.name for x in fields(LoRAConfig))
+                if getattr(lora, f) != getattr(p.lora, f)]
     if not changed:
         return p.fix_hp
     return f"{name} with " + ", ".join(f"{FIX_HP_NAMES.get(f, f)}={'+'.join(v) if isinstance(v, tuple) else v}"

@@ -4,3 +4,7 @@ other's names, can both import it first)."""
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the flag or file and what to do."""
+
+
+class DataError(ConfigError):
+    """Bad training data: names the file and row."""

@@ -10,14 +10,15 @@ import statistics
 
 from .precision import Precision
 
-# Dense datasheet peaks in TFLOP/s (REFERENCE section 3). Keys are matched against the CUDA device name.
+# Dense peaks in TFLOP/s from the vendors' datasheets (no sparsity). Keys are matched against the CUDA device name.
 PEAK_TFLOPS = {
     "H100": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9},  # SXM
     "H200": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9},
     "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},  # SXM; no FP8 tensor cores
 }
 # FlagPerf's MFU: tokens/s * 2 * 7e9 / 1.56e14 (the A100 TF32 peak), literally these constants on every card and
-# precision (REFERENCE 1): 4,017 tok/s gives 36.05%, the seed's 36.1%.
+# precision (FlagPerf's training/benchmarks/llama2_7b_finetune/pytorch/run_pretraining.py): 4,017 tok/s gives 36.05%,
+# FlagPerf's published 36.1%.
 FLAGPERF_PEAK = 1.56e14
 FLAGPERF_PARAMS = 7e9
 
@@ -42,15 +43,17 @@ def mfu(tokens_per_s: float, flops_tok: float, peak: float | None) -> float | No
 
 
 def mfu_flagperf(tokens_per_s: float) -> float:
-    """FlagPerf's MFU: tokens/s * 2 * 7e9 / 1.56e14, whatever the model, card and precision (REFERENCE 1)."""
+    """FlagPerf's MFU: tokens/s * 2 * 7e9 / 1.56e14, whatever the model, card and precision
+    (FlagPerf's training/benchmarks/llama2_7b_finetune/pytorch/run_pretraining.py)."""
     return tokens_per_s * 2 * FLAGPERF_PARAMS / FLAGPERF_PEAK
 
 
 def flagperf_figures(step_times: list[float], epoch_losses: list[float], epoch_times: list[float],
                      tokens_per_step: int, nproc: int, nnodes: int, llama2_7b: bool) -> dict:
-    """The figures FlagPerf's run_pretraining.py prints for this case (REFERENCE 1), from the same run:
+    """The figures FlagPerf's run_pretraining.py prints for this case (FlagPerf's training/benchmarks/llama2_7b_finetune/pytorch), from the
+    same run:
 
-    - ``loss_flagperf``: its avg_train_loss, the mean over epochs of each epoch's mean step loss (the seed table's
+    - ``loss_flagperf``: its avg_train_loss, the mean over epochs of each epoch's mean step loss (FlagPerf's table's
       loss column);
     - ``avg_train_prep``: the mean over epochs of exp(epoch mean loss);
     - ``avg_iter_time_s``: the mean time of EVERY step of all epochs (no warm-up left out);
@@ -111,7 +114,7 @@ def step_stats(step_times: list[float], tokens_per_step: int | list[float], warm
 
 
 class DeviceMemoryPeak:
-    """The peak of the device memory in use while the ``with`` block runs, as nvidia-smi shows it (the seed's mem
+    """The peak of the device memory in use while the ``with`` block runs, as nvidia-smi shows it (FlagPerf's mem
     column: CUDA context and the allocator's cache included, unlike torch's allocated/reserved peaks): sampled
     every ``interval`` seconds in a background thread. The reading is this process's own where NVML (pynvml) can
     tell it, else the device's whole used memory (cudaMemGetInfo: total - free), which on a GPU shared with other

@@ -81,11 +81,11 @@ CPU_NOTE = "throughput measured on a CPU ({card}): not comparable with GPU figur
 
 
 def seed_row(result: dict) -> dict[str, str]:
-    """The seed's table columns (config, fix_hp, token/p/s, loss, mem, acc(MMLU), MFU) by FlagPerf's rules:
-    token/p/s over every step's mean time, avg_train_loss, FlagPerf's MFU constants (metrics.flagperf_figures)."""
+    """The columns of FlagPerf's table for the case (config, fix_hp, token/p/s, loss, mem, acc(MMLU), MFU) by its
+    rules: token/p/s over every step's mean time, avg_train_loss, FlagPerf's MFU constants (metrics.flagperf_figures)."""
     m, c = result["metrics"], result["config"]
     mem = "/"
-    if m.get("peak_mem_device_gib") is not None:  # as nvidia-smi shows it, as the seed read it
+    if m.get("peak_mem_device_gib") is not None:  # as nvidia-smi shows it, as FlagPerf read it
         mem = f"{m['peak_mem_device_gib']:.1f}/{m['device_mem_total_gib']:.0f}"
     elif m.get("peak_mem_reserved_gib") is not None:
         mem = f"{m['peak_mem_reserved_gib']:.1f}/{m['device_mem_total_gib']:.0f} (reserved)"
@@ -103,7 +103,7 @@ def seed_row(result: dict) -> dict[str, str]:
 
 
 def seed_table(result: dict) -> str:
-    """The seed's table and, where its MFU cell is marked, the footnote that says why."""
+    """FlagPerf's table for the case and, where its MFU cell is marked, the footnote that says why."""
     row = seed_row(result)
     text = markdown_table([row])
     if row["MFU"].endswith("*"):
@@ -112,7 +112,7 @@ def seed_table(result: dict) -> str:
 
 
 def _half_up(v: float, places: int) -> str:
-    """``v`` rounded half up as a person (and the seed's table) rounds: 36.05 -> 36.1, where format() gives 36.0
+    """``v`` rounded half up as a person (and FlagPerf's table) rounds: 36.05 -> 36.1, where format() gives 36.0
     for the binary 36.0499999... that 4,017 x 2 x 7e9 / 1.56e14 x 100 is in floating point."""
     from decimal import ROUND_HALF_UP, Decimal
 
@@ -177,7 +177,7 @@ def render_report(result: dict) -> str:
         f"- peak memory: allocated {_fmt(m['peak_mem_allocated_gib'], '.2f', 'n/a')} GiB, reserved "
         f"{_fmt(m['peak_mem_reserved_gib'], '.2f', 'n/a')} GiB, the device's as nvidia-smi shows it "
         f"{_fmt(m.get('peak_mem_device_gib'), '.2f', 'n/a')} GiB ({m.get('peak_mem_device_source') or 'no GPU'}; "
-        f"the seed's mem column)",
+        f"FlagPerf's mem column)",
         f"- train loss: first step {_fmt(m['train_loss_first'], '.4f')}, last step "
         f"{_fmt(m['train_loss_final'], '.4f')}, last-epoch average {_fmt(m['train_loss_last_epoch_avg'], '.4f')}; "
         f"eval loss {_fmt(m['eval_loss'], '.4f', 'n/a')}",
@@ -210,7 +210,8 @@ def render_report(result: dict) -> str:
         extra.append(f"- {result['plots']}")
     if on_cpu(result):
         extra.insert(0, "- " + CPU_NOTE.format(card=e["device_name"]))
-    return ("# lorabench run\n\nThe seed's table, by FlagPerf's rules:\n\n" + seed_table(result)
+    return ("# lorabench run\n\nFlagPerf's table for the llama2_7b_finetune case, by FlagPerf's rules:\n\n"
+            + seed_table(result)
             + "\n\nlorabench's own measurements of the same run:\n\n" + markdown_table([own_row(result)])
             + "\n\n" + "\n".join(extra) + "\n")
 

@@ -194,7 +194,7 @@ def resolve(job: Job) -> Plan:
     if train.packing == "documents" and not engine_spec.can("packing-documents"):
         raise engine_spec.refuse("--packing documents", "packing-documents")
     if job.init_adapter is not None:  # its shape checked now, before any data is read
-        from .lora import read_adapter
+        from .adapter_io import read_adapter
 
         a = read_adapter(job.init_adapter)[0]
         if (a.r, a.alpha, set(a.targets)) != (job.lora.r, job.lora.alpha, set(job.lora.targets)):

@@ -3,7 +3,7 @@
 The model (model.py), the checkpoint name map (checkpoint.py), the MFU figures (metrics.py) and the floor
 (bench/floor.py) all read their shapes from here, so the four can never disagree.
 
-FLOPs per token (REFERENCE section 3, PaLM appendix B adapted to LoRA)::
+FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B, adapted to LoRA)::
 
     4 * N_frozen + 6 * N_lora + 12 * L * H * Q * T
 

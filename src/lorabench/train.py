@@ -291,7 +291,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
 
 
 def lr_scheduler(opt, cfg: TrainConfig, total: int, steps_per_epoch: int):
-    """(scheduler, whether it steps every optimiser step). "step" with no warm-up is the seed's StepLR, stepped per
+    """(scheduler, whether it steps every optimiser step). "step" with no warm-up is FlagPerf's StepLR, stepped per
     epoch; otherwise a per-step factor of the base lr: warm-up (k + 1) / w for the first w = lr_warmup_steps, then
     1 (constant), gamma ** epoch (step, the epoch counted in steps), the cosine from 1 to 0 over the steps left, or a
     straight line from 1 to 0 over them (linear: 1 - j / span after j steps past the warm-up)."""

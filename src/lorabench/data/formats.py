@@ -3,7 +3,7 @@
 ``--format`` names one, or it is detected from the first record's columns:
 
 - ``samsum`` (``dialogue``, ``summary``): FlagPerf's prompt, ``Summarize this dialog:\\n{dialogue}\\n---\\nSummary:\\n``
-  then the summary (REFERENCE section 1);
+  then the summary (FlagPerf's training/benchmarks/llama2_7b_finetune/pytorch);
 - ``alpaca`` (``instruction``, optional ``input``, ``output``): the Stanford Alpaca prompt (its repository's
   ``PROMPT_DICT``: "Below is an instruction that describes a task[, paired with an input that provides further
   context]. Write a response that appropriately completes the request." then ``### Instruction:``, ``### Input:``,
@@ -24,6 +24,8 @@ import string
 FORMATS = ("samsum", "alpaca", "text", "chat", "sharegpt")
 CHAT_COLUMNS = {"chat": "messages", "sharegpt": "conversations"}
 
+PROMPT = "Summarize this dialog:\n{dialogue}\n---\nSummary:\n"
+"""FlagPerf's samsum prompt (its dataset code); the summary and EOS follow."""
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
@@ -81,8 +83,6 @@ def render_parts(rec: dict, fmt: str | None, template: str | None) -> tuple[str,
                        for lit, name, spec, conv in pieces[:fields[-1]]) + pieces[fields[-1]][0]
         return head, text[len(head):]
     if fmt == "samsum":
-        from .packing import PROMPT
-
         return PROMPT.format(dialogue=rec["dialogue"]), rec["summary"]
     if fmt == "alpaca":
         prompt = ALPACA_WITH_INPUT if rec.get("input") else ALPACA_NO_INPUT

@@ -2,8 +2,8 @@
 
 Each record becomes ``"Summarize this dialog:\\n{dialogue}\\n---\\nSummary:\\n{summary}"`` tokenised with BOS (as the
 tokenizer config says) and EOS appended; all samples are concatenated in order and cut into ``seq_len`` chunks;
-the incomplete tail is dropped (REFERENCE section 1). Labels are the inputs (the model shifts them). Samples
-therefore share chunks and attend across their boundaries, exactly as the case trains.
+the incomplete tail is dropped (FlagPerf's dataset code under training/benchmarks/llama2_7b_finetune/pytorch).
+Labels are the inputs (the model shifts them). Samples therefore share chunks and attend across their boundaries, exactly as the case trains.
 
 The packed array is cached as ``<cache>/<key>.npy`` with key = hash(tokenizer files, records content, seq_len,
 template), so a second run with the same data skips tokenisation.
@@ -19,7 +19,7 @@ import numpy as np
 
 from .tokenizer import Tokenizer
 
-PROMPT = "Summarize this dialog:\n{dialogue}\n---\nSummary:\n"
+from .formats import PROMPT
 _CACHE_VERSION = "2"
 
 
@@ -112,7 +112,7 @@ def tokenize_with_mask(records: list[dict], tok: Tokenizer) -> tuple[list[list[i
     character of a response span, so one that straddles a boundary is trained on) and on the EOS added after a
     response, 0 on BOS and the prompt. A record without a response (plain text, or a chat template that does not
     render turn by turn) is a DataError."""
-    from .samsum import DataError
+    from ..errors import DataError
 
     texts = [training_text(r) for r in records]
     ids, masks = [], []
@@ -156,7 +156,7 @@ def packed_dataset(records: list[dict], tok: Tokenizer, seq_len: int, cache_dir:
     zero-byte file, other tokens) is rebuilt with a one-line note naming it."""
     import sys
 
-    from .samsum import DataError
+    from ..errors import DataError
 
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     if cache_dir.exists() and not cache_dir.is_dir():

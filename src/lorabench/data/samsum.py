@@ -14,15 +14,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import DataError
 from . import looks_like_hub_name
 
 SPLITS = {"train": ("train",), "validation": ("val", "validation", "valid", "dev"), "test": ("test",)}
 _EXTS = (".json", ".jsonl", ".csv", ".parquet")
 
 
-class DataError(ConfigError):
-    """Bad training data: names the file and row."""
 
 
 def load_split(source: str | Path, split: str, fmt: str | None = None, template: str | None = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, LoRAConfig, ModelConfig
-from ..lora import read_adapter, save_adapter
+from ..adapter_io import read_adapter, save_adapter
 
 
 class Engine(abc.ABC):

@@ -1,8 +1,8 @@
 """The reference engine: transformers ``LlamaForCausalLM`` + PEFT ``LoraConfig``, the stack FlagPerf's case runs.
 
 Attention is ``eager`` by default, as the case's transformers 4.31 ran it; ``attn="sdpa"`` is available. Two
-variants stand for the strongest off-the-shelf stacks (REFERENCE section 6), both with SDPA attention:
-``reference+liger`` (Liger kernels patched into transformers' Llama: RoPE, RMSNorm, SwiGLU, fused linear
+variants stand for the strongest off-the-shelf stacks (Liger-Kernel's Llama patch; torch.compile), both with SDPA
+attention: ``reference+liger`` (Liger kernels patched into transformers' Llama: RoPE, RMSNorm, SwiGLU, fused linear
 cross-entropy; needs liger-kernel) and ``reference+compile`` (torch.compile of the PEFT model). Base
 weights come from the same stream as the native engine's (a checkpoint folder or the canonical random weights),
 and the adapters start from the same canonical values, so both engines train the same thing.
@@ -137,8 +137,8 @@ class ReferenceEngine(PeftEngine):
         peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, peft_cfg)
-        # fp16 is FlagPerf's fp16 row (REFERENCE 1): get_peft_model, then model.half() (the adapters too), the
-        # loss under autocast, GradScaler, fused AdamW (train.py); other dtypes keep PEFT's fp32 adapters
+        # fp16 is FlagPerf's fp16 row (its training/benchmarks/llama2_7b_finetune/pytorch): get_peft_model, then
+        # model.half() (the adapters too), the loss under autocast, GradScaler, fused AdamW (train.py); other dtypes keep PEFT's fp32 adapters
         self.half = dtype == torch.float16
         if self.half:
             self.model.half()

@@ -19,9 +19,9 @@ benchmarks/NOTES.md item 12). ``keep_mask`` is a custom op instead, which a comp
 
 The op's masks are packed, one bit an element (``pack_mask``; the inline draw's stay bool): the backward needs
 each mask again, and a bool mask is a byte an element, half a bf16 activation of its shape (2.1 GB a step at
-Llama-2-7B LBS 16 with the seed's q/v adapters, ~8.6 GB with all seven adapted); packed, an eighth of that. The
+Llama-2-7B LBS 16 with FlagPerf's q/v adapters, ~8.6 GB with all seven adapted); packed, an eighth of that. The
 kernels that apply a mask read the bits (``unpack_mask`` is elementwise, so Inductor folds it into them). On an
-H200 (2026-12-02, benchmarks/NOTES.md item 73) that took the seed's bf16 LBS 16 row from 38.2 to 36.5 GiB and the
+H200 (2026-12-02, benchmarks/NOTES.md item 73) that took FlagPerf's bf16 LBS 16 row from 38.2 to 36.5 GiB and the
 all-linear dropout-0.05 row from 46.0 to 38.5 GiB at the same speed; the packing kernel takes 44.7 us a [8192,
 4096] mask.
 

@@ -1,5 +1,5 @@
-"""MMLU k-shot evaluation as lm-evaluation-harness scores it (REFERENCE section 4): the typed options, the whole
-evaluation loop and its outputs (mmlu.json, mmlu.md, mmlu_predictions.jsonl).
+"""MMLU k-shot evaluation as lm-evaluation-harness scores it (its mmlu task; hendrycks/test): the typed options, the
+whole evaluation loop and its outputs (mmlu.json, mmlu.md, mmlu_predictions.jsonl).
 
 The questions and prompts come from data.py, the scores from scoring.py. Speed: on a GPU the blocks run compiled
 (one shape-generic graph, from COMPILED_EVAL_MIN questions, as compiling costs seconds), worker processes tokenise

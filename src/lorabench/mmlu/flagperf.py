@@ -1,5 +1,5 @@
-"""MMLU by FlagPerf's rules (its dataset/dataloader_mmlu.py and evaluate/evaluator.py; REFERENCE section 1), so a
-lab running lorabench beside FlagPerf gets the seed's accuracy figure the way the seed got it.
+"""MMLU by FlagPerf's rules (its dataset/dataloader_mmlu.py and evaluate/evaluator.py under
+training/benchmarks/llama2_7b_finetune/pytorch), so a lab running lorabench beside FlagPerf gets FlagPerf's accuracy figure the way FlagPerf got it.
 
 - Prompt: "The following are multiple choice questions (with answers) about" + " " + each word of the subject
   preceded by a space (two spaces after "about") + ".\\n\\n", then each of the first k dev rows as read (not
@@ -30,7 +30,7 @@ from ..config import ConfigError
 from ..data.tokenizer import Tokenizer
 from ..files import write_text_atomic
 from .data import CATEGORY, LETTERS, Question, Subject
-from .scoring import _pad, _to_device, length_batches
+from .scoring import pad_batch, to_device, length_batches
 
 
 def description(subject: str) -> str:
@@ -108,8 +108,8 @@ def predict(engine, reqs: list[FlagperfRequest], device, batch_size: int,
     pending = []
     for batch in length_batches([len(r.ids) for r in reqs], batch_size, batch_tokens):
         seqs = [reqs[i].ids for i in batch]
-        h = engine.forward_hidden(_pad(seqs, device))
-        last = h[_to_device(list(range(len(seqs))), device), _to_device([len(s) - 1 for s in seqs], device)]
+        h = engine.forward_hidden(pad_batch(seqs, device))
+        last = h[to_device(list(range(len(seqs))), device), to_device([len(s) - 1 for s in seqs], device)]
         pending.append((batch, engine.head(last).argmax(-1)))
     for batch, pred in pending:  # read back once the device has every batch
         for i, p in zip(batch, pred.tolist()):

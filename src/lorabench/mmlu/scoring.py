@@ -36,16 +36,16 @@ def _prefix_mask(T: int, P: int, device):
     return torch.cat((torch.ones(T, P, dtype=torch.bool, device=device), causal), dim=1)[None, None]
 
 
-def _to_device(data, device) -> torch.Tensor:
+def to_device(data, device) -> torch.Tensor:
     """A long tensor on ``device`` without stalling the host: through pinned memory, asynchronously, on a GPU
     (a plain copy would wait for every queued kernel, and the host could not prepare the next batch meanwhile)."""
     t = torch.tensor(data, dtype=torch.long)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def _pad(seqs: list[list[int]], device) -> torch.Tensor:
+def pad_batch(seqs: list[list[int]], device) -> torch.Tensor:
     T = max(len(s) for s in seqs)
-    return _to_device([s + [0] * (T - len(s)) for s in seqs], device)
+    return to_device([s + [0] * (T - len(s)) for s in seqs], device)
 
 
 def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], targets: list[list[int]],
@@ -53,17 +53,17 @@ def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], 
     """Log-probs of targets[i] (token ids) at positions[i] of each padded sequence, in one forward pass, flat
     and still on the device. ``positions`` index the logits that predict each target. ``prefix``: (kv_caches,
     length) shared by all; ``copy_prefix``: attend through SDPA on per-row copies of it (else without copies)."""
-    ids = _pad(seqs, device)
+    ids = pad_batch(seqs, device)
     if prefix is None:
         h = engine.forward_hidden(ids)
     else:
         kv, P = prefix
         mask = _prefix_mask(ids.shape[1], P, device) if copy_prefix else None
         h = engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=mask)
-    rows = _to_device([i for i, p in enumerate(positions) for _ in p], device)
-    cols = _to_device([c for p in positions for c in p], device)
+    rows = to_device([i for i, p in enumerate(positions) for _ in p], device)
+    cols = to_device([c for p in positions for c in p], device)
     logp = torch.log_softmax(engine.head(h[rows, cols]), dim=-1)
-    return logp.gather(1, _to_device([[t] for ts in targets for t in ts], device))[:, 0].float()
+    return logp.gather(1, to_device([[t] for ts in targets for t in ts], device))[:, 0].float()
 
 
 def length_batches(lengths: list[int], batch_size: int, batch_tokens: int | None, max_padding: float = 0.2,
@@ -133,7 +133,7 @@ def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefi
             shared = _common_prefix([reqs[i].context for i in idxs]) - 1  # keep >= 1 token in every suffix
             if shared > 0:  # (a left-truncated context can share nothing with the others)
                 P = shared
-                prefix = (engine.prefix_kv(_to_device([reqs[idxs[0]].context[:P]], device)), P)
+                prefix = (engine.prefix_kv(to_device([reqs[idxs[0]].context[:P]], device)), P)
         for batch in length_batches([len(reqs[i].context) - P for i in idxs], batch_size, batch_tokens,
                                     prefix=P, kv_tokens=kv_tokens if copy else None):
             chunk = [idxs[j] for j in batch]

@@ -118,8 +118,8 @@ def _add_native_flags(p: argparse.ArgumentParser):
     from .engines.native import ACTIVATION_CHECKPOINTING, COMPILE_MODES
     from .kernels.fp8 import GRAD_FORMATS
 
-    g = p.add_argument_group("native engine tuning", "defaults follow the precision and device (measured on an "
-                             "H200; see NativeOptions); result.json records what ran")
+    g = p.add_argument_group("native engine tuning", "defaults follow the precision and device (chosen by "
+                             "measurement; see NativeOptions); result.json records what ran")
     g.add_argument("--attention", choices=ATTENTION_IMPLS, help="training attention: SDPA's own pick, an SDPA "
                    "kernel put first, or two matmuls (default: cudnn for fp16/bf16 and matmul for tf32 on a GPU, "
                    "else sdpa)")
@@ -142,8 +142,7 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "gradients are quantized to, per token, for their GEMMs (default e4m3)")
     g.add_argument("--fp8-skip", type=LORA_FLAGS["--lora-targets"][1], metavar="PROJ[,PROJ]",
                    help="--precision fp8: block projections kept in bf16, e.g. down_proj (on a trained model its "
-                   "input carries the largest activations: more accurate, at 0.934x plain fp8's speed on the 7B "
-                   "seed row, H200; benchmarks/NOTES.md items 63, 67)")
+                   "input carries the largest activations: more accurate, somewhat slower)")
 
 
 def native_options(a):
@@ -241,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
     o.add_argument("--config", type=Path, metavar="FILE", help="settings from a TOML file of flag = value lines "
                    "(flags given here win); every run writes its own as <run dir>/config.toml")
-    o.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the checkpointed run in RUN_DIR (give "
-                   "the run's own flags again; its folder receives the results)")
+    o.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the checkpointed run in RUN_DIR with "
+                   "its own settings (read from RUN_DIR/config.toml; a flag that would change the numbers is "
+                   "refused); its folder receives the results")
     o.add_argument("--cache-dir", type=Path, help="packed-data cache (default: $LORABENCH_CACHE or "
                    "~/.cache/lorabench)")
     o.add_argument("--no-save-adapter", action="store_true", help="do not write the adapter")

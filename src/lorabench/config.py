@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError
+from .precision import get_precision
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -394,8 +395,6 @@ class TrainConfig:
     (no shuffling; an incomplete last step is dropped either way)."""
 
     def __post_init__(self):
-        from .precision import get_precision  # (precision.py imports this module)
-
         get_precision(self.precision)
         for name in ("batch_size", "seq_len", "grad_accum", "epochs"):
             if getattr(self, name) <= 0:

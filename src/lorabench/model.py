@@ -172,8 +172,7 @@ def fuse_weights(module: nn.Module, names: tuple[str, ...], buffer: str, interle
     make each projection's weight a view of its rows (loading, export and merging still see the parts).
     ``interleave`` (parts of one size): row j of every part side by side, so the fused output holds each
     position's parts next to each other and the backward writes their gradients in one pass over adjacent
-    elements (concatenated halves made the SwiGLU backward read its inputs twice: 14.3 vs 6.7 ms at bf16 LBS 16, H200,
-    2026-11-28)."""
+    elements (concatenated halves made the SwiGLU backward read its inputs twice; benchmarks/NOTES.md item 20)."""
     parts = [getattr(module, n) for n in names]
     weights = [p.weight.detach() for p in parts]
     if interleave:

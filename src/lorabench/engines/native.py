@@ -2,7 +2,7 @@
 
 ``NativeOptions`` holds every knob of the engine (attention kernel, fused projections, torch.compile and its mode,
 the dropout-mask generator). A field left None takes the default of the run's precision and device
-(``resolve``), measured on an H200 as each docstring below says; the CLI exposes each field as a flag and
+(``resolve``), each chosen by measurement (benchmarks/NOTES.md keeps the runs, with card and date); the CLI exposes each field as a flag and
 result.json records the resolved values.
 """
 from __future__ import annotations
@@ -30,10 +30,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 """torch.compile's modes for the training blocks (reduce-overhead: CUDA graphs)."""
 
 GPU_ATTENTION = {"tf32": "matmul", "fp16": "cudnn", "bf16": "cudnn"}
-"""Training attention on a GPU by precision: cuDNN's SDPA kernel first for fp16/bf16 (on an H200, 2026-11-28, it
-ran causal attention forward + backward 1.2-1.9x faster than the flash kernel eager SDPA picks; torch 2.11's
-compiled graphs pick it anyway, other versions may not: benchmarks/NOTES.md), plain matmuls under TF32 (6% faster
-there than SDPA's fp32 kernel); SDPA's own choice for fp32 and on a CPU."""
+"""Training attention on a GPU by precision: cuDNN's SDPA kernel first for fp16/bf16 (faster for causal attention
+forward + backward than the flash kernel eager SDPA picks; compiled graphs of some torch versions pick it anyway),
+plain matmuls under TF32 (faster there than SDPA's fp32 kernel); SDPA's own choice for fp32 and on a CPU."""
 
 
 @dataclass(frozen=True)
@@ -43,43 +42,38 @@ class NativeOptions:
     attention: str | None = None
     """Training attention, one of kernels.attention.ATTENTION_IMPLS (default: GPU_ATTENTION on a GPU, else sdpa)."""
     fused_projections: bool | None = None
-    """One GEMM for q/k/v and one for gate/up. Default: on under TF32 on a GPU, where it measured 2.2% faster
-    (H200, 2026-11-28: 9,417 vs 9,211 tok/s, same machine); off in fp16/bf16, where it was 0.4% slower with gate/up
-    concatenated and 1.1% slower interleaved (bf16 LBS 16: 20,452 vs 20,682; benchmarks/NOTES.md items 13,
-    20)."""
+    """One GEMM for q/k/v and one for gate/up. Default: on under TF32 on a GPU, where it measured faster; off in
+    fp16/bf16, where it measured slower (benchmarks/NOTES.md items 13, 20)."""
     compile: bool | None = None
     """torch.compile each decoder block (default: on with CUDA)."""
     compile_mode: str | None = None
-    """torch.compile's mode for the training blocks, one of COMPILE_MODES (default: torch's default). On an H200
-    (2026-11-28) reduce-overhead gave +0.9% under TF32, within noise, and -1.6% at bf16 LBS 16;
-    max-autotune-no-cudagraphs no gain at bf16 LBS 16 (benchmarks/NOTES.md items 14, 28)."""
+    """torch.compile's mode for the training blocks, one of COMPILE_MODES (default: torch's default; the others
+    measured no gain: benchmarks/NOTES.md items 14, 28)."""
     dropout_mask: str | None = None
     """How adapters draw dropout masks, one of kernels.dropout.MASK_IMPLS (default philox16: a Triton kernel,
-    eight mask elements per Philox call, on a CPU torch's Bernoulli kernel; inline measured 0.7% slower at bf16
-    LBS 16 on an H200, 2026-11-28)."""
+    eight mask elements per Philox call, on a CPU torch's Bernoulli kernel; kernels/dropout.py)."""
     activation_checkpointing: str | None = None
     """One of ACTIVATION_CHECKPOINTING (default: "adapter-inputs" for compiled blocks with LoRA dropout 0, else
     "none"). "none" keeps every activation the backward needs; "block" keeps only each decoder block's input and
     recomputes the block in the backward (about one more forward pass of the blocks per step, for a fraction of
     the activation memory: long sequences, large models); "offload" is "block" with the blocks' inputs in host
     memory (copied out and back on a side stream; recompute.py), so the GPU's share no longer grows with the
-    layers (Llama-3.1-8B at 16k on an H200: 17.9 GiB instead of 21.6, 0.24% slower); "matmuls" keeps the
+    layers; "matmuls" keeps the
     cheap-to-keep, costly-to-recompute tensors, the outputs of the block's matrix products and attention, and
     recomputes only the elementwise work between them (norms, RoPE, SwiGLU, dropout masks: model.py);
     "adapter-inputs" keeps what "none" keeps but the inputs of adapters without dropout (the norms' outputs,
     SwiGLU's), which the compiled block recomputes in the backward (lora.fresh; needs --compile; with dropout
-    every adapter's input is recomputed anyway, so it changes nothing there): with adapters on all seven
-    projections r16 and no dropout at the 7B shape, LBS 16 x 512, on an H200 (2026-12-01, two rounds alternating)
-    46.3 -> 37.4 GiB peak for 0.76% fewer tokens/s (18,982 -> 18,848), which is why it is the default there
+    every adapter's input is recomputed anyway, so it changes nothing there): it saves about a fifth of the peak
+    memory for under 1% of the speed with all seven projections adapted, which is why it is the default there
     (benchmarks/NOTES.md item 52); "none" is the faster by that much."""
     fp8_grad: str | None = None
     """Under --precision fp8, the FP8 format the input gradients are quantized to (per row) for their GEMMs, one of
     kernels.fp8.GRAD_FORMATS (default e4m3; see kernels/fp8.py)."""
     fp8_skip: tuple[str, ...] | None = None
     """Under --precision fp8, block projections (of shapes.PROJECTIONS) kept in bf16, forward and input gradient,
-    the rest in FP8; resolved to a sorted tuple (empty: every projection in FP8, the default). On SmolLM2-135M
-    (CPU emulation, benchmarks/NOTES.md item 63) down_proj, whose input carries the trained model's largest
-    activations, makes ~40% of FP8's fine-tune loss gap: ("down_proj",) trades speed for that."""
+    the rest in FP8; resolved to a sorted tuple (empty: every projection in FP8, the default). down_proj's input
+    carries a trained model's largest activations: ("down_proj",) trades speed for accuracy (benchmarks/NOTES.md
+    item 63)."""
 
     def __post_init__(self):
         for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),

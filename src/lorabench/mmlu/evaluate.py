@@ -36,13 +36,11 @@ Llama-2-7B in bf16): at most ~3 GB transient, whatever the prefix length."""
 BACKGROUND_TOKENIZE_MIN = 2000
 """Questions from which tokenising runs in worker processes, overlapped with scoring."""
 COMPILED_EVAL_MIN = 6000
-"""Questions from which evaluation runs the compiled graph (when the engine has one). Full MMLU cold on an H200
-(2026-11-28), each in a fresh process of one call: eager 68.2 s (4.5 ms a question), compiled 54.0 s (3.0 ms a
-question after a first subject of 11.0 s, 1.8 s eager: ~9 s of compiling), so compiling pays from ~6,000
-questions on (benchmarks/NOTES.md item 18)."""
+"""Questions from which evaluation runs the compiled graph (when the engine has one): compiling costs seconds once
+and saves a share of every question's time, so it pays from a few thousand questions on (benchmarks/NOTES.md
+item 18)."""
 TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
-"""On an H200 host (16 cores, 2026-11-28) 4 workers keep up with the GPU: full MMLU end to end 62.7 s vs scoring
-alone 59.6 s; 1 worker: 76.7 s (benchmarks/NOTES.md)."""
+"""Tokenising workers: four keep up with a fast GPU where the host has the cores (benchmarks/NOTES.md item 18)."""
 
 
 PROTOCOLS = ("lm-eval", "flagperf", "both")

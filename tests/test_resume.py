@@ -25,22 +25,9 @@ def _cache(tmp_path, monkeypatch):
 
 def signal_after(monkeypatch, steps: int, signum=signal.SIGINT):
     """The run receives ``signum`` while its step ``steps`` runs (delivered from the progress bar's update)."""
-    real = train_mod._progress
+    from interrupt_at import signalling_progress
 
-    def progress(total, enabled, **kw):
-        bar = real(total, enabled, **kw)
-        update, seen = bar.update, [0]
-
-        def counted(k=1):
-            update(k)
-            seen[0] += k
-            if seen[0] == steps:
-                signal.raise_signal(signum)
-
-        bar.update = counted
-        return bar
-
-    monkeypatch.setattr(train_mod, "_progress", progress)
+    monkeypatch.setattr(train_mod, "_progress", signalling_progress(train_mod._progress, steps, signum))
 
 
 def stop_after(monkeypatch, tmp_path, steps: int, flags: list[str]):

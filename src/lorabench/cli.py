@@ -160,8 +160,9 @@ def _add_mmlu_flags(p: argparse.ArgumentParser, in_run: bool):
     g.add_argument("--subjects", help="comma-separated subjects (default: all found)")
     g.add_argument("--shots", type=int, default=5, help="few-shot examples per question")
     g.add_argument("--limit", type=int, help="at most this many test questions per subject")
-    names = ["--mmlu-batch-size"] if in_run else ["--batch-size", "--mmlu-batch-size"]
-    g.add_argument(*names, dest="mmlu_batch_size", type=int, default=None,
+    if not in_run:  # one name in run and eval (in run --batch-size is the training batch)
+        g.add_argument("--batch-size", action=_Renamed, new="--mmlu-batch-size")
+    g.add_argument("--mmlu-batch-size", dest="mmlu_batch_size", type=int, default=None,
                    help="at most this many questions per forward pass (default: 256 on GPU, 8 on CPU)")
     g.add_argument("--mmlu-batch-tokens", type=int, help="at most this many tokens per forward pass, padding "
                    "included (default: 16384 on GPU, no cap on CPU; 0: no cap)")

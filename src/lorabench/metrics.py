@@ -50,8 +50,8 @@ def mfu_flagperf(tokens_per_s: float) -> float:
 
 def flagperf_figures(step_times: list[float], epoch_losses: list[float], epoch_times: list[float],
                      tokens_per_step: int, nproc: int, nnodes: int, llama2_7b: bool) -> dict:
-    """The figures FlagPerf's run_pretraining.py prints for this case (FlagPerf's training/benchmarks/llama2_7b_finetune/pytorch), from the
-    same run:
+    """The figures FlagPerf's run_pretraining.py prints for this case (its
+    training/benchmarks/llama2_7b_finetune/pytorch), from the same run:
 
     - ``loss_flagperf``: its avg_train_loss, the mean over epochs of each epoch's mean step loss (FlagPerf's table's
       loss column);

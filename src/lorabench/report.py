@@ -82,7 +82,8 @@ CPU_NOTE = "throughput measured on a CPU ({card}): not comparable with GPU figur
 
 def seed_row(result: dict) -> dict[str, str]:
     """The columns of FlagPerf's table for the case (config, fix_hp, token/p/s, loss, mem, acc(MMLU), MFU) by its
-    rules: token/p/s over every step's mean time, avg_train_loss, FlagPerf's MFU constants (metrics.flagperf_figures)."""
+    rules: token/p/s over every step's mean time, avg_train_loss, FlagPerf's MFU constants
+    (metrics.flagperf_figures)."""
     m, c = result["metrics"], result["config"]
     mem = "/"
     if m.get("peak_mem_device_gib") is not None:  # as nvidia-smi shows it, as FlagPerf read it

@@ -417,7 +417,8 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         "engine_options": engine.describe(), "tf32": plan.tf32, "init": job.init,
         "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
         "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
-        "data": data.description, "data_cached": data.cached, "train_chunks": len(data.train), "device": str(device), "world_size": plan.world,
+        "data": data.description, "data_cached": data.cached, "train_chunks": len(data.train),
+        "device": str(device), "world_size": plan.world,
         "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
         "shard_mesh": engine.shard_mesh,
     }
@@ -473,8 +474,8 @@ def write(run_dir: Path, result: dict):
 
 
 RESUME_MAY_DIFFER = {
-    "job": ("fix_hp", "progress", "tensorboard", "cache_dir", "run_dir", "default_run_dir", "overwrite", "resume", "settings",
-            "config_file", "save_adapter", "precision_from_flag", "device", "train", "lora", "native", "mmlu"),
+    "job": ("fix_hp", "progress", "tensorboard", "cache_dir", "run_dir", "default_run_dir", "overwrite", "resume",
+            "settings", "config_file", "save_adapter", "precision_from_flag", "device", "train", "lora", "native", "mmlu"),
     "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints"),
     "native": ("activation_checkpointing",),  # what the backward keeps changes memory, not the numbers
     "mmlu": ("tokenize_workers",),

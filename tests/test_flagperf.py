@@ -48,6 +48,8 @@ def test_flagperf_presets_keep_file_order_and_the_others_shuffle():
     class Recorder:
         """Records the first token of every chunk the loop feeds it."""
 
+        sharded = False  # (the engine contract's: base.Engine)
+
         def __init__(self):
             self.w = torch.nn.Parameter(torch.zeros(()))
             self.seen = []

@@ -164,7 +164,7 @@ def test_each_mmlu_flag_reaches_its_option():
     from lorabench.mmlu.evaluate import MmluOptions
 
     a = build_parser().parse_args(["eval", "--subjects", "anatomy, virology", "--shots", "3", "--limit", "7",
-                                   "--batch-size", "5", "--mmlu-batch-tokens", "0", "--no-prefix-cache",
+                                   "--mmlu-batch-size", "5", "--mmlu-batch-tokens", "0", "--no-prefix-cache",
                                    "--prefix-attention", "copy", "--mmlu-kv-tokens", "99", "--tokenize-workers",
                                    "2", "--no-mmlu-compiled-graph", "--mmlu-protocol", "both", "--seq-len", "300"])
     assert mmlu_options(a, "d") == MmluOptions("d", subjects=("anatomy", "virology"), shots=3, limit=7,

@@ -219,6 +219,9 @@ def test_a_refused_job_claims_nothing(tmp_path, monkeypatch, capsys):
     made.mkdir()
     refused(ARGS + ["--data", str(tmp_path / "none.json"), "--run-dir", str(made)], capsys)
     assert made.is_dir() and list(made.iterdir()) == []  # the user's own empty folder stays, empty
+    (made / "notes.txt").write_text("mine")
+    refused(["run", "--resume", str(made)], capsys, "no checkpoint")
+    assert [p.name for p in made.iterdir()] == ["notes.txt"]  # no lock file left in a folder that is no run
 
 
 def test_a_read_only_working_directory_is_one_line_for_each_command(tmp_path, monkeypatch, capsys):

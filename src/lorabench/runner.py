@@ -520,8 +520,8 @@ def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
     if job.resume is not None:
         if job.run_dir is not None and Path(job.run_dir).resolve() != Path(job.resume).resolve():
             raise ConfigError("--resume continues a run in its own folder; leave out --run-dir")
-        if plan.rank == 0 and Path(job.resume).is_dir():
-            plan.lock = rundir.lock(Path(job.resume))
+        if plan.rank == 0 and resume.states(Path(job.resume) / resume.DIRNAME):  # (a folder with no checkpoint
+            plan.lock = rundir.lock(Path(job.resume))                            # is refused, untouched, below)
         state = resume.load(job.resume, plan.rank)
         resume.check_fingerprint(state["fingerprint"], fingerprint, job.resume)
         plan.run_dir = Path(job.resume)

@@ -258,3 +258,19 @@ def test_a_dead_runs_folder_is_resumable_at_once(tmp_path):
     assert p.returncode == -signal.SIGKILL and (d / rundir.LOCK).exists()
     t0 = time.monotonic()
     assert main(["run", "--resume", str(d)]) == 0 and time.monotonic() - t0 < 120
+
+
+def test_overwrite_never_deletes_runs_inside_the_folder_nor_foreign_files_in_its_subfolders(tmp_path, capsys):
+    """A folder of runs (runs/ itself) is no run folder: the runs in it are named, not deleted; a file lorabench
+    does not write inside checkpoint/, adapter/ or tensorboard/ is foreign too."""
+    outer = a_run_folder(tmp_path / "runs")
+    inner = a_run_folder(outer / "20260101-000000-tiny-native")
+    before = tree(outer)
+    refused(ARGS + ["--run-dir", str(outer), "--overwrite"], capsys, "20260101-000000-tiny-native")
+    assert tree(outer) == before and (inner / "result.json").is_file()
+    other = tmp_path / "other"
+    (other / "checkpoint").mkdir(parents=True)
+    (other / "result.json").write_text("{}")
+    (other / "checkpoint" / "model_weights.pt").write_bytes(b"weeks of training")
+    refused(ARGS + ["--run-dir", str(other), "--overwrite"], capsys, "did not write (checkpoint)")
+    assert (other / "checkpoint" / "model_weights.pt").read_bytes() == b"weeks of training"

@@ -35,11 +35,26 @@ OUTPUT_NAMES = (MARKER, LOCK, *_VISIBLE, "*.png", ".*.png.*", ".write-check.*",
 RECOGNISED_BY = (MARKER, "result.json", "metrics.jsonl", "bench.json")
 
 
-def _lorabench_entry(entry: Path) -> bool:
-    if any(fnmatch.fnmatch(entry.name, pat) for pat in OUTPUT_NAMES):
-        return True
-    # a bench row: a folder of its own that is lorabench's
-    return entry.is_dir() and not entry.is_symlink() and foreign_entries(entry) == [] and is_recognised(entry)
+CONTENTS = {"adapter": ("adapter_config.json", "adapter_model.safetensors"),
+            "best_adapter": ("adapter_config.json", "adapter_model.safetensors"),
+            "checkpoint": ("state-*.pt", "rng-*-*.pt", ".state-*", ".rng-*"),
+            "tensorboard": ("events.out.tfevents.*",)}
+"""What lorabench writes inside its own subfolders: anything else in them is foreign."""
+
+
+def _lorabench_entry(entry: Path, bench: bool = False) -> bool:
+    """Whether ``entry`` is something lorabench writes: a file of OUTPUT_NAMES, one of its subfolders holding only
+    its own files, or (in a bench folder, ``bench``) a row's run folder that no process holds."""
+    if entry.is_symlink():
+        return False
+    if entry.is_dir():
+        if entry.name in CONTENTS:
+            return all(not e.is_dir() and any(fnmatch.fnmatch(e.name, p) for p in CONTENTS[entry.name])
+                       for e in entry.iterdir())
+        if any(fnmatch.fnmatch(entry.name, p) for p in OUTPUT_NAMES if p.startswith(".")):
+            return True  # a temporary folder of lorabench's (.adapter-*)
+        return bench and holder(entry) is None and is_recognised(entry) and foreign_entries(entry) == []
+    return any(fnmatch.fnmatch(entry.name, pat) for pat in OUTPUT_NAMES)
 
 
 def is_recognised(folder: Path) -> bool:
@@ -48,7 +63,8 @@ def is_recognised(folder: Path) -> bool:
 
 def foreign_entries(folder: Path) -> list[str]:
     """Names in ``folder`` that lorabench does not write."""
-    return sorted(e.name for e in Path(folder).iterdir() if not _lorabench_entry(e))
+    bench = (Path(folder) / "bench.json").is_file()  # only a bench folder holds run folders (its rows)
+    return sorted(e.name for e in Path(folder).iterdir() if not _lorabench_entry(e, bench))
 
 
 def _inside(a: Path, b: Path) -> bool:

@@ -346,3 +346,16 @@ def test_the_step_time_plot_is_scaled_to_the_timed_steps():
     top, over = step_time_scale([20000.0, 300.0, 110.0, 111.0, 112.0], untimed=2)
     assert top == pytest.approx(1.25 * 112) and over == [0, 1]
     assert step_time_scale([5.0, 6.0], untimed=3) == (pytest.approx(7.5), [])  # too few: every step timed
+
+
+def test_a_resumed_runs_warm_up_is_left_out_of_its_timing():
+    """The resumed process compiles again: its first steps are untimed as the run's first were (a review found a
+    resumed compiled run's mean tok/s at a seventh of its median)."""
+    from lorabench.metrics import step_stats
+
+    times = [10.0, 1.0, 1.0, 1.0, 5.0, 1.0, 1.0]
+    assert step_stats(times, 100, 1)["step_time_mean_s"] == pytest.approx(10 / 6)
+    s = step_stats(times, 100, 1, resumed_at=4)
+    assert s["step_time_mean_s"] == 1.0 and s["timed_steps"] == 5 and s["tokens_per_s_per_chip"] == 100.0
+    tokens = [100.0, 100.0, 100.0, 100.0, 900.0, 100.0, 100.0]
+    assert step_stats(times, tokens, 1, resumed_at=4)["tokens_per_s_per_chip"] == 100.0

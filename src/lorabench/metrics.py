@@ -85,20 +85,25 @@ def first_timed(steps: int, untimed: int) -> int:
     return untimed if steps > untimed else 0
 
 
-def step_stats(step_times: list[float], tokens_per_step: int | list[float], warmup: int) -> dict:
+def step_stats(step_times: list[float], tokens_per_step: int | list[float], warmup: int,
+               resumed_at: int | None = None) -> dict:
     """Tokens/s per chip from per-step wall times (warm-up steps excluded; all steps if too few remain).
     ``tokens_per_s_per_chip`` is FlagPerf's: tokens per step / mean step time (steps of different token counts,
     a list: their tokens / their time); the median of the steps' own rates is reported too, and
     ``step_time_ci95_rel``, the half-width of a 95% interval of the mean step time (normal approximation,
     1.96 stdev / sqrt(n)) relative to the mean: how finely the run resolves a speed difference."""
     first = first_timed(len(step_times), warmup)
-    timed = step_times[first:]
+    keep = list(range(first, len(step_times)))
+    if resumed_at:  # the resumed process warms up (compiles) again: its first ``warmup`` steps are untimed too
+        again = set(range(resumed_at, resumed_at + warmup))
+        keep = [i for i in keep if i not in again] or keep
+    timed = [step_times[i] for i in keep]
     if not timed:
         return {"tokens_per_s_per_chip": None, "tokens_per_s_per_chip_median": None, "timed_steps": 0}
     mean, med = statistics.fmean(timed), statistics.median(timed)
     stdev = statistics.stdev(timed) if len(timed) > 1 else None
     if isinstance(tokens_per_step, list):
-        tokens = tokens_per_step[first:]
+        tokens = [tokens_per_step[i] for i in keep]
         rate, rate_med = sum(tokens) / sum(timed), statistics.median(n / t for n, t in zip(tokens, timed))
     else:
         rate, rate_med = tokens_per_step / mean, tokens_per_step / med

@@ -183,6 +183,9 @@ def render_report(result: dict) -> str:
         f"{_fmt(m['train_loss_final'], '.4f')}, last-epoch average {_fmt(m['train_loss_last_epoch_avg'], '.4f')}; "
         f"eval loss {_fmt(m['eval_loss'], '.4f', 'n/a')}",
     ]
+    if m.get("resumed_at_step"):
+        extra.append(f"- resumed from a checkpoint at step {m['resumed_at_step']}: the {untimed_steps(c)} steps "
+                     "after it (the new process's warm-up) are left out of lorabench's timing too")
     if m.get("skipped_steps"):
         extra.append(f"- fp16 GradScaler skipped {m['skipped_steps']} steps")
     if m.get("mmlu_acc") is not None:

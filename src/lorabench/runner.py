@@ -385,7 +385,10 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
         first = M.first_timed(len(tokens), t.untimed_steps)
         n, sq = ser["tokens"][first:], ser["tokens_sq"][first:]
         fpt = rows_flops(cfg, lo, sum(n), sum(sq)) / max(1, sum(n))
-    stats = M.step_stats(ser["step_time_s"], tokens, t.untimed_steps)
+    resumed_at = out.get("resumed_at")
+    stats = M.step_stats(ser["step_time_s"], tokens, t.untimed_steps, resumed_at)
+    if resumed_at:
+        stats["resumed_at_step"] = resumed_at
     env = environment(device)
     peak = M.peak_flops(env["device_name"] if device.type == "cuda" else None, plan.precision, job.peak_tflops)
     n_params = count_params(cfg)["total"]

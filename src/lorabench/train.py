@@ -282,7 +282,7 @@ def train_loop(engine, data: np.ndarray, cfg: TrainConfig, device: torch.device,
     bar.close()
     out = {"series": series, "epoch_loss_avg": epoch_losses, "epoch_time_s": epoch_times, "skipped_steps": skipped,
            "steps": step, "evals": evals if periodic_eval else None,
-           "tokens_per_step": per_step * cfg.seq_len}
+           "tokens_per_step": per_step * cfg.seq_len, "resumed_at": resume["step"] if resume is not None else None}
     if val_data is not None and len(val_data) and cfg.eval_batches != 0:
         # an --eval-every evaluation after the last step already has it: the same weights and batches
         done = periodic_eval and evals["step"] and evals["step"][-1] == step

@@ -136,12 +136,17 @@ def holder(folder: Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.read(fd, 64).decode(errors="replace").strip()
-            return f"process {pid}" if pid.isdigit() else "another process"
+            return _who(fd)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def _who(fd: int) -> str:
+    """The holder named in a lock file: the pid its holder wrote there."""
+    pid = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    return f"process {pid}" if pid.isdigit() else "another process"
 
 
 def in_use(folder: Path, who: str) -> ConfigError:
@@ -162,9 +167,9 @@ def lock(folder: Path) -> FolderLock:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = os.read(fd, 64).decode(errors="replace").strip()
+        who = _who(fd)
         os.close(fd)
-        raise in_use(folder, f"process {pid}" if pid.isdigit() else "another process") from None
+        raise in_use(folder, who) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return FolderLock(folder, fd)
@@ -187,14 +192,27 @@ def check_claimable(run_dir: Path | None, overwrite: bool = False, inputs: dict 
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir}: is a file, not a folder")
     if run_dir.is_dir():
-        who = holder(run_dir)
-        if who is not None:
-            raise in_use(run_dir, who)
-        if not _empty_but_ours(run_dir):
-            if not overwrite:
-                raise ConfigError(f"--run-dir {run_dir}: not empty (another run's results?); give an empty or new "
-                                  "folder, or --overwrite to replace a lorabench run folder whole")
-            check_replaceable(run_dir, inputs or {})
+        check_free(run_dir)
+        _check_contents(run_dir, overwrite, inputs)
+
+
+def check_free(folder: Path):
+    """Refuse a folder another process holds, naming it (reads only)."""
+    who = holder(folder)
+    if who is not None:
+        raise in_use(folder, who)
+
+
+def _check_contents(run_dir: Path, overwrite: bool, inputs: dict | None) -> bool:
+    """Whether ``run_dir`` holds anything but the claim's own files; a ConfigError where it does and may not be
+    replaced (without ``overwrite``, or not a lorabench folder: check_replaceable)."""
+    if _empty_but_ours(run_dir):
+        return False
+    if not overwrite:
+        raise ConfigError(f"--run-dir {run_dir}: not empty (another run's results?); give an empty or new "
+                          "folder, or --overwrite to replace a lorabench run folder whole")
+    check_replaceable(run_dir, inputs or {})
+    return True
 
 
 def claim(run_dir: Path | None, overwrite: bool = False, default: Path | None = None, kind: str = "run",
@@ -234,11 +252,7 @@ def claim(run_dir: Path | None, overwrite: bool = False, default: Path | None = 
     held = lock(run_dir)
     held.created = not existed
     try:
-        if existed and not _empty_but_ours(run_dir):  # replaced under the lock (checked above, and again now)
-            if not overwrite:
-                raise ConfigError(f"--run-dir {run_dir}: not empty (another run's results?); give an empty or new "
-                                  "folder, or --overwrite to replace a lorabench run folder whole")
-            check_replaceable(run_dir, inputs or {})
+        if existed and _check_contents(run_dir, overwrite, inputs):  # (checked above; again now, under the lock)
             _clear(run_dir)
         fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=run_dir)
         os.close(fd)

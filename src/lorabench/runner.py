@@ -217,9 +217,7 @@ def resolve(job: Job) -> Plan:
         subjects = check_mmlu_options(job.mmlu, job.model_dir)
     if rank == 0:  # the output folder's checks (read only), before any data is read
         if job.resume is not None:
-            who = rundir.holder(Path(job.resume)) if Path(job.resume).is_dir() else None
-            if who is not None:
-                raise rundir.in_use(Path(job.resume), who)
+            rundir.check_free(Path(job.resume))
         else:
             rundir.check_claimable(job.run_dir, job.overwrite, job.inputs())
     nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))

@@ -10,6 +10,7 @@ flags left out keep the preset's value or the default for the precision and devi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -347,20 +348,8 @@ def cmd_run(a) -> int:
               eval_rouge=a.eval_rouge, rouge_max_new_tokens=a.rouge_max_new_tokens,
               precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None,
               settings=config_file.render(build_parser().subcommands["run"], a), config_file=a.config)
-    from .train import dist_info, init_distributed
-
-    joined = init_distributed()
-    rank = dist_info()[0]
-    import torch
-
-    try:
-        result = run_job(job)
-        if joined:  # every rank past its last collective before any tears the group down
-            torch.distributed.barrier()
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
-    if rank == 0:  # under torchrun only rank 0 reports
+    result = run_job(job)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         from .report import render_report
 
         print(render_report(result))

@@ -29,7 +29,8 @@ from .shapes import count_params, flops_per_token, rows_flops
 from . import resume, rundir
 from .rouge import record_rouge, rouge_pass
 from .streams import out_of_memory_message, step_stream, tensorboard_writer
-from .train import barrier, dist_info, train_loop
+from .distributed import barrier, dist_info, process_group
+from .train import train_loop
 
 
 @dataclass
@@ -552,8 +553,14 @@ def best_adapter_writer(plan: Plan, engine: Engine):
 
 
 def run_job(job: Job) -> dict:
-    """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0. The run
-    folder stays locked until the run ends; a refusal before training starts gives a new folder back."""
+    """Train (and evaluate) as ``job`` says; returns the result dict, also written to run_dir on rank 0. Under
+    torchrun every rank runs this, in the process group it joins here. The run folder stays locked until the run
+    ends; a refusal before training starts gives a new folder back."""
+    with process_group():
+        return _run_job(job)
+
+
+def _run_job(job: Job) -> dict:
     plan = resolve(job)
     data = load_data(plan)
     try:

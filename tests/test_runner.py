@@ -159,3 +159,21 @@ def test_no_engine_is_named_outside_the_engines():
     found = [f"{f.relative_to(root)}:{i}" for f in root.rglob("*.py") if "engines" not in f.parts
              for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+def test_eval_goes_through_the_runs_stages(monkeypatch, tmp_path):
+    """`lorabench eval` resolves (once, NativeOptions with it) and builds through runner's own stages, as a run."""
+    import lorabench.runner as runner
+    from lorabench.cli import main
+
+    seen = []
+    for name in ("resolve", "build"):
+        real = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _real=real, _name=name, **kw: seen.append(_name) or
+                            _real(*a, **kw))
+    real_native = NativeOptions.resolve
+    monkeypatch.setattr(NativeOptions, "resolve", lambda self, *a, **kw: seen.append("native") or
+                        real_native(self, *a, **kw))
+    assert main(["eval", "--run-dir", str(tmp_path / "e"), "--no-progress", "--limit", "2"]) == 0
+    assert seen == ["resolve", "native", "build"]
+    assert (tmp_path / "e" / "eval.json").is_file()

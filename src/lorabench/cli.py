@@ -359,78 +359,40 @@ def cmd_run(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .assets import TINY_MMLU, TINY_MODEL
-    from .config import LoRAConfig, ModelConfig
-    from .engines import check_native_flags
-    from .adapter_io import read_adapter
-    from .mmlu.evaluate import check_mmlu_options
-    from .precision import default_eval_precision, get_precision
-    from .runner import resolve_device
+    import json
 
+    from .adapter_io import read_adapter
+    from .assets import TINY_MMLU, TINY_MODEL
+    from .config import LoRAConfig, TrainConfig
+    from .mmlu.evaluate import render_mmlu
+    from .precision import default_eval_precision
+    from .runner import Job, eval_job, resolve_device
+
+    if a.model_preset is not None:
+        raise ConfigError("--model: eval reads the model's shape and its tokenizer from --model-dir (with --init "
+                          "random, only those)")
     model_dir = a.model_dir or TINY_MODEL
     mmlu_dir = a.mmlu or (str(TINY_MMLU) if a.model_dir is None else None)
     if mmlu_dir is None:
         raise ConfigError("--mmlu is required: the MMLU folder (dev/ and test/ CSVs, or cais/mmlu parquet)")
-    opts = mmlu_options(a, mmlu_dir)
-    native = native_options(a)
-    check_native_flags(a.engine, native)
-    subjects = check_mmlu_options(opts, model_dir)  # bad flags fail before the model loads
-    device = resolve_device(a.device)
-    precision = get_precision(a.precision or default_eval_precision(device))
-    precision.check_device(device)
+    precision = a.precision or default_eval_precision(resolve_device(a.device))
     lora = read_adapter(a.adapter)[0] if a.adapter else LoRAConfig()
-    cfg = ModelConfig.from_hf_json(model_dir)
-    inputs = {"--model-dir": model_dir, "--adapter": a.adapter, "--mmlu": mmlu_dir}
-    run_dir, held = rundir.claim(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-eval",
-                                 "eval", inputs)
-    try:
-        return _eval(a, run_dir, model_dir, opts, native, subjects, device, precision, lora, cfg)
-    except ConfigError:
-        if not (run_dir / "eval.json").exists():
-            rundir.unclaim(run_dir, held)
-        raise
-    finally:
-        held.release()
-
-
-def _eval(a, run_dir, model_dir, opts, native, subjects, device, precision, lora, cfg) -> int:
-    import json
-
-    import torch
-
-    from .engines import build_engine
-    from .files import write_json_atomic
-    from .mmlu.evaluate import evaluate_protocols, render_mmlu
-
-    t0 = time.perf_counter()
-    engine = build_engine(a.engine, cfg, lora, model_dir=model_dir if a.init == "pretrained" else None,
-                          device=device, precision=precision, seed=0, native=native, attn=a.attn or "eager")
-    if a.adapter:
-        engine.load_adapter(a.adapter)
-    load_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    with precision.matmul_mode():
-        done = evaluate_protocols(engine, model_dir, opts, device, run_dir, progress=not a.no_progress,
-                                  subjects=subjects, seq_len=opts.seq_len)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    eval_s = time.perf_counter() - t1
-    if "lm-eval" in done:
-        print(render_mmlu(done["lm-eval"]))
-    if "flagperf" in done:
-        fp = done["flagperf"]
+    job = Job(train=TrainConfig(precision=precision, seq_len=a.seq_len, seed=0), lora=lora, preset="eval",
+              engine=a.engine, model_dir=model_dir, init=a.init, device=a.device, attn=a.attn or "eager",
+              native=native_options(a), run_dir=a.run_dir, overwrite=a.overwrite, init_adapter=a.adapter,
+              default_run_dir=Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-eval",
+              progress=not a.no_progress, mmlu=mmlu_options(a, mmlu_dir), precision_from_flag=True, command="eval")
+    info = eval_job(job)
+    if info["mmlu"] is not None:
+        print(render_mmlu(info["mmlu"]))
+    if info["mmlu_flagperf"] is not None:
+        fp = info["mmlu_flagperf"]
         print(f"MMLU by FlagPerf's rules: acc {fp['acc']:.3f} ({fp['acc_exact']:.4f}) over {fp['questions']} "
               f"questions, prompts within {fp['seq_len']} tokens; shots dropped for {fp['shots_dropped']}, the "
               f"question itself cut for {fp['question_cut']}")
-    info = {"load_s": load_s, "eval_s": eval_s, "precision": precision.name, "engine": a.engine,
-            "engine_options": engine.describe(), "adapter": str(a.adapter) if a.adapter else None,
-            "model_dir": str(model_dir), "init": a.init}
-    write_json_atomic(run_dir / "eval.json", {**info, "mmlu": done.get("lm-eval"),
-                                              "mmlu_flagperf": done.get("flagperf")})
-    print(json.dumps({**{f"acc_{k}": v["acc"] for k, v in done.items()}, "load_s": load_s, "eval_s": eval_s,
-                      "precision": precision.name, "engine": a.engine}))
+    done = {k: info[k] for k in ("mmlu", "mmlu_flagperf") if info[k] is not None}
+    print(json.dumps({**{f"acc_{'lm-eval' if k == 'mmlu' else 'flagperf'}": v["acc"] for k, v in done.items()},
+                      **{k: info[k] for k in ("load_s", "eval_s", "precision", "engine")}}))
     return 0
 
 

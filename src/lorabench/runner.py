@@ -91,12 +91,15 @@ class Job:
     is claimed, so that ``--resume`` reads them back."""
     config_file: Path | None = None
     """The --config file the settings came from (an input --overwrite must never delete)."""
+    command: str = "run"
+    """run (train, then evaluate) or eval (evaluate the model and init_adapter, no training: ``eval_job``)."""
 
     def inputs(self) -> dict:
         """{flag: path} of what the job reads, which no --overwrite may touch."""
         data = None if self.data == "synthetic" else self.data
+        adapter = "--adapter" if self.command == "eval" else "--init-adapter"
         return {"--model-dir": self.model_dir, "--data": data, "--mmlu": self.mmlu.dir if self.mmlu else None,
-                "--init-adapter": self.init_adapter, "--config": self.config_file, "--cache-dir": self.cache_dir}
+                adapter: self.init_adapter, "--config": self.config_file, "--cache-dir": self.cache_dir}
 
 
 @dataclass
@@ -440,15 +443,20 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
     return result
 
 
-def evaluate(plan: Plan, engine: Engine, result: dict):
-    """MMLU on rank 0 (the adapters are identical on every rank) by the protocols the job asks for, their figures
-    into ``result``'s metrics: mmlu_acc (lm-evaluation-harness's), mmlu_acc_flagperf (FlagPerf's, 3 decimals)."""
+def evaluate(plan: Plan, engine: Engine, result: dict | None = None) -> dict:
+    """MMLU on rank 0 (the adapters are identical on every rank) by the protocols the job asks for, in the job's
+    precision (its matmul mode): {"lm-eval": summary, "flagperf": summary} of those that ran, their figures also
+    into ``result``'s metrics where given: mmlu_acc (lm-evaluation-harness's), mmlu_acc_flagperf (FlagPerf's, 3
+    decimals)."""
     from .mmlu.evaluate import evaluate_protocols
 
     job = plan.job
-    done = evaluate_protocols(engine, job.model_dir, job.mmlu, plan.device, plan.run_dir,
-                              progress=job.progress and plan.rank == 0, subjects=plan.mmlu_subjects,
-                              seq_len=plan.train.seq_len)
+    with plan.precision.matmul_mode():
+        done = evaluate_protocols(engine, job.model_dir, job.mmlu, plan.device, plan.run_dir,
+                                  progress=job.progress and plan.rank == 0, subjects=plan.mmlu_subjects,
+                                  seq_len=plan.train.seq_len)
+    if result is None:
+        return done
     m = result["metrics"]
     if "lm-eval" in done:
         mm = done["lm-eval"]
@@ -459,6 +467,34 @@ def evaluate(plan: Plan, engine: Engine, result: dict):
         m.update(mmlu_acc_flagperf=fp["acc"], mmlu_acc_flagperf_exact=fp["acc_exact"],
                  mmlu_flagperf_questions=fp["questions"], mmlu_flagperf_seq_len=fp["seq_len"],
                  mmlu_flagperf_shots_dropped=fp["shots_dropped"])
+    return done
+
+
+def eval_job(job: Job) -> dict:
+    """``lorabench eval``: the model (and ``job.init_adapter``) scored on MMLU through the run's own stages:
+    resolve, claim the folder, build, evaluate; eval.json written there. Returns eval.json's content."""
+    plan = resolve(job)
+    plan.run_dir, plan.lock = rundir.claim(job.run_dir, job.overwrite, job.default_run_dir, "eval", job.inputs())
+    try:
+        engine, load_s = build(plan)
+        from .distributed import synchronize
+
+        synchronize(plan.device)
+        t0 = time.perf_counter()
+        done = evaluate(plan, engine)
+        synchronize(plan.device)
+        info = {"load_s": load_s, "eval_s": time.perf_counter() - t0, "precision": plan.precision.name,
+                "engine": job.engine, "engine_options": engine.describe(),
+                "adapter": str(job.init_adapter) if job.init_adapter else None, "model_dir": str(job.model_dir),
+                "init": job.init, "mmlu": done.get("lm-eval"), "mmlu_flagperf": done.get("flagperf")}
+        write_json_atomic(plan.run_dir / "eval.json", info)
+        return info
+    except ConfigError:
+        if not (plan.run_dir / "eval.json").exists():
+            rundir.unclaim(plan.run_dir, plan.lock)
+        raise
+    finally:
+        plan.lock.release()
 
 
 def write(run_dir: Path, result: dict):

@@ -39,12 +39,12 @@ def test_bench_native_vs_reference_on_cpu(tmp_path, capsys, monkeypatch):
 def test_fp8_only_flags_go_to_the_fp8_rows_alone(tmp_path, monkeypatch):
     """One bench of an fp32 and an fp8 row with --fp8-skip and --fp8-grad: the fp8 row runs with both (its
     numerics say so), the fp32 row runs without them instead of refusing them."""
-    from lorabench.bench.bench import native_flags_for
+    from lorabench.bench.bench import native_settings_for
 
-    native = ["--attention", "matmul", "--fp8-skip", "down_proj", "--no-compile", "--fp8-grad", "e5m2"]
-    assert native_flags_for("bf16", [], native) == ["--attention", "matmul", "--no-compile"]
-    assert native_flags_for("fp8", [], native) == native
-    assert native_flags_for("bf16", ["--precision", "fp8"], native) == native
+    native = {"attention": "matmul", "fp8_skip": ("down_proj",), "compile": False, "fp8_grad": "e5m2"}
+    assert native_settings_for("bf16", {}, native) == {"attention": "matmul", "compile": False}
+    assert native_settings_for("fp8", {}, native) == native
+    assert native_settings_for("bf16", {"precision": "fp8"}, native) == native
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     code = main(["bench", "--device", "cpu", "--model", "tiny", "--presets", "fp32,fp8", "--engines", "native",
                  "--steps", "3", "--untimed-steps", "1", "--seq-len", "32", "--batch-size", "2",
@@ -187,7 +187,7 @@ def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkey
 
     monkeypatch.setattr(bench, "run_row", fake_row)
     rows, _ = bench.run_bench(["native", "reference", "reference+liger"], ["bf16"], "tiny", 4, 1, "cpu", tmp_path,
-                              [], 60.0, log=lambda *a, **k: None, floor=False, rounds=3)
+                              {}, 60.0, log=lambda *a, **k: None, floor=False, rounds=3, to_flags=lambda s: [])
     assert calls == [(e, k) for k in (1, 2, 3) for e in ("native", "reference", "reference+liger")]
     nat, ref, liger = rows
     assert nat["rounds_tokens_per_s"] == [200.0, 180.0, 210.0] and nat["seen_in_round"] == 1  # the median round
@@ -209,11 +209,11 @@ def test_bench_skips_rows_an_engine_cannot_run():
     """unsloth-fp8 only under fp8, the reference stacks never under fp8: such rows are skipped, not run mislabelled."""
     from lorabench.bench.bench import _cannot_run
 
-    assert "--precision fp8" in _cannot_run("unsloth-fp8", "bf16", [])
-    assert _cannot_run("unsloth-fp8", "fp8", []) is None
-    assert "no FP8 weights" in _cannot_run("reference", "fp8", [])
-    assert "no FP8 weights" in _cannot_run("reference", "bf16", ["--precision", "fp8"])
-    assert _cannot_run("native", "fp8", []) is None
+    assert "--precision fp8" in _cannot_run("unsloth-fp8", "bf16", {})
+    assert _cannot_run("unsloth-fp8", "fp8", {}) is None
+    assert "no FP8 weights" in _cannot_run("reference", "fp8", {})
+    assert "no FP8 weights" in _cannot_run("reference", "bf16", {"precision": "fp8"})
+    assert _cannot_run("native", "fp8", {}) is None
 
 
 def test_an_out_of_memory_row_is_a_row_result(tmp_path, monkeypatch):

@@ -177,17 +177,27 @@ def test_each_mmlu_flag_reaches_its_option():
 
 
 def test_bench_passes_its_overrides_to_every_row_and_native_tuning_to_native_rows():
-    from lorabench.cli import bench_overrides, build_parser
+    """bench's flags become typed run settings, and those become the row process's flags, which run's parser reads
+    back as the same values."""
+    from lorabench.cli import bench_settings, build_parser, run_flags
 
     a = build_parser().parse_args(["bench", "--precision", "bf16", "--seq-len", "64", "--attention", "matmul",
                                    "--no-fused-projections", "--compile", "--dropout-mask", "bernoulli",
                                    "--lora-r", "16", "--lora-alpha", "32", "--lora-targets", "q_proj,down_proj",
-                                   "--activation-checkpointing", "block"])
-    common, native = bench_overrides(a)
-    assert common == ["--precision", "bf16", "--seq-len", "64", "--lora-r", "16", "--lora-alpha", "32.0",
-                      "--lora-targets", "q_proj,down_proj", "--activation-checkpointing", "block"]
-    assert native == ["--attention", "matmul", "--dropout-mask", "bernoulli", "--no-fused-projections", "--compile"]
-    assert bench_overrides(build_parser().parse_args(["bench"])) == ([], [])
+                                   "--activation-checkpointing", "block", "--fp8-skip", "down_proj,o_proj"])
+    common, native = bench_settings(a)
+    assert common == {"precision": "bf16", "seq_len": 64, "lora_r": 16, "lora_alpha": 32.0,
+                      "lora_targets": "q_proj,down_proj", "activation_checkpointing": "block"}
+    assert native == {"attention": "matmul", "fused_projections": False, "compile": True,
+                      "dropout_mask": "bernoulli", "fp8_skip": ("down_proj", "o_proj")}
+    flags = run_flags({**common, **native})
+    assert flags[:2] == ["--precision", "bf16"] and "--no-fused-projections" in flags and "--compile" in flags
+    back = vars(build_parser().parse_args(["run", *flags]))
+    assert {k: back[k] for k in native} == native
+    assert {k: back[k] for k in common if k != "lora_targets"} == {k: v for k, v in common.items()
+                                                                  if k != "lora_targets"}
+    assert back["lora_targets"] == ("q_proj", "down_proj")
+    assert bench_settings(build_parser().parse_args(["bench"])) == ({}, {})
 
 
 def test_bench_gives_native_tuning_to_native_rows_only(tmp_path, monkeypatch):
@@ -197,8 +207,10 @@ def test_bench_gives_native_tuning_to_native_rows_only(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(bb, "run_row", lambda engine, preset, *args, **kw: seen.setdefault(engine, args[5]) and
                         {"engine": engine, "preset": preset, "error": "not run"})
-    bb.run_bench(["native", "reference"], ["fp32"], "tiny", 2, 1, "cpu", tmp_path, ["--seq-len", "32"], 10,
-                 log=lambda *a, **k: None, floor=False, native_overrides=["--attention", "matmul"])
+    from lorabench.cli import run_flags
+
+    bb.run_bench(["native", "reference"], ["fp32"], "tiny", 2, 1, "cpu", tmp_path, {"seq_len": 32}, 10,
+                 log=lambda *a, **k: None, floor=False, native_overrides={"attention": "matmul"}, to_flags=run_flags)
     assert seen == {"native": ["--seq-len", "32", "--attention", "matmul"], "reference": ["--seq-len", "32"]}
 
 

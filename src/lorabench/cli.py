@@ -396,25 +396,24 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def bench_overrides(a) -> tuple[list[str], list[str]]:
-    """The ``lorabench run`` flags bench's own overrides give every row, and those (the native engine's tuning)
-    given to the native rows alone."""
-    out, native = [], []
-    for flag, v in (("--precision", a.precision), ("--seq-len", a.seq_len), ("--lora-dropout", a.lora_dropout),
-                    ("--lora-r", a.lora_r), ("--lora-alpha", a.lora_alpha), ("--lora-targets", a.lora_targets),
-                    ("--lr", a.lr), ("--attn", a.attn), ("--activation-checkpointing", a.activation_checkpointing),
-                    ("--shard", a.shard)):
-        if v is not None:
-            out += [flag, str(v)]
-    for flag, v in (("--attention", a.attention), ("--compile-mode", a.compile_mode),
-                    ("--dropout-mask", a.dropout_mask), ("--fp8-grad", a.fp8_grad),
-                    ("--fp8-skip", ",".join(a.fp8_skip) if a.fp8_skip else None)):
-        if v is not None:
-            native += [flag, str(v)]
-    for flag, v in (("fused-projections", a.fused_projections), ("compile", a.compile)):
-        if v is not None:
-            native.append(f"--{'' if v else 'no-'}{flag}")
-    return out, native
+BENCH_COMMON = ("precision", "seq_len", "lora_dropout", "lora_r", "lora_alpha", "lora_targets", "lr", "attn",
+                "activation_checkpointing", "shard")
+"""bench's flags that every row takes, as run's settings of the same names."""
+
+
+def run_flags(settings: dict) -> list[str]:
+    """``lorabench run``'s flags for ``settings`` ({dest: value}): how a bench row's job reaches its process."""
+    from . import config_file
+
+    return config_file.as_flags(build_parser().subcommands["run"], settings)
+
+
+def bench_settings(a) -> tuple[dict, dict]:
+    """The ``lorabench run`` settings ({dest: value}) bench's own overrides give every row, and those (the native
+    engine's tuning) given to the native rows alone; unset ones left out."""
+    common = {k: getattr(a, k) for k in BENCH_COMMON if getattr(a, k) is not None}
+    native = {k: getattr(a, k) for k in NATIVE_FLAGS if k != "activation_checkpointing" and getattr(a, k) is not None}
+    return common, native
 
 
 def cmd_bench(a) -> int:
@@ -458,10 +457,10 @@ def cmd_bench(a) -> int:
 def _bench(a, run_dir, engines, presets, model, batch_sizes) -> int:
     from .bench.bench import best_lines, floor_lines, native_lines, run_bench, table
 
-    common, native = bench_overrides(a)
+    common, native = bench_settings(a)
     rows, floors = run_bench(engines, presets, model, a.steps, a.untimed_steps, a.device, run_dir, common,
                              a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes, rounds=a.rounds,
-                             nproc=a.nproc, native_overrides=native)
+                             nproc=a.nproc, native_overrides=native, to_flags=run_flags)
     print(table(rows))
     versus = native_lines(rows)
     if versus:

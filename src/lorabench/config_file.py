@@ -98,3 +98,23 @@ def render(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
         if text is not None:
             lines.append(f"{dest.replace('_', '-')} = {text}")
     return "\n".join(lines) + "\n"
+
+
+def as_flags(parser: argparse.ArgumentParser, settings: dict) -> list[str]:
+    """``settings`` ({dest: value}) as ``parser``'s command-line flags, in their order: the one way a job's settings
+    cross into another process (bench rows). A value of None is left out; a list or tuple is comma-separated."""
+    actions, out = _actions(parser), []
+    for dest, value in settings.items():
+        if value is None:
+            continue
+        if dest not in actions:
+            raise ConfigError(f"{dest.replace('_', '-')} is not a setting of lorabench {parser.prog.split()[-1]}")
+        action = actions[dest]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            out.append(action.option_strings[0 if value else 1])
+        elif isinstance(action, argparse._StoreTrueAction):
+            out += [action.option_strings[0]] if value else []
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            out += [action.option_strings[0], text]
+    return out

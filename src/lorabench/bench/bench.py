@@ -239,51 +239,45 @@ def rounds_cell(row: dict) -> str:
     return f"{100 * row['rounds_spread']:.1f}% ({sum(1 for t in tps if t)}/{len(tps)})"
 
 
-def _row_precision(preset: str, overrides: list[str]) -> str | None:
-    """The precision a row of ``preset`` runs in: the --precision among ``overrides``, else the preset's (None for
+def _row_precision(preset: str, settings: dict) -> str | None:
+    """The precision a row of ``preset`` runs in: the precision among its ``settings``, else the preset's (None for
     an unknown preset, which the row itself reports)."""
     from ..config import TRAIN_PRESETS
 
-    if "--precision" in overrides:
-        return overrides[overrides.index("--precision") + 1]
+    if settings.get("precision") is not None:
+        return settings["precision"]
     return TRAIN_PRESETS[preset].train.precision if preset in TRAIN_PRESETS else None
 
 
-def _cannot_run(engine: str, preset: str, overrides: list[str]) -> str | None:
-    """Why ``engine`` cannot run ``preset``'s precision (or the --precision among ``overrides``), else None."""
+def _cannot_run(engine: str, preset: str, settings: dict) -> str | None:
+    """Why ``engine`` cannot run ``preset``'s precision (or the precision among ``settings``), else None."""
     from ..engines import precision_problem
     from ..precision import get_precision
 
-    name = _row_precision(preset, overrides)
+    name = _row_precision(preset, settings)
     return None if name is None else precision_problem(engine, get_precision(name))
 
 
-FP8_ONLY_FLAGS = ("--fp8-grad", "--fp8-skip")
-"""Native flags (each with a value) that only an fp8 row takes: bench gives them to its fp8 rows alone, so one bench
-can set them and still run the bf16 rows beside."""
+FP8_ONLY = ("fp8_grad", "fp8_skip")
+"""Native settings that only an fp8 row takes: bench gives them to its fp8 rows alone, so one bench can set them and
+still run the bf16 rows beside."""
 
 
-def native_flags_for(preset: str, overrides: list[str], native: list[str]) -> list[str]:
-    """``native`` (the native rows' flags) for a row of ``preset``, less FP8_ONLY_FLAGS where it is not fp8."""
-    if _row_precision(preset, overrides) == "fp8":
-        return list(native)
-    out, it = [], iter(native)
-    for token in it:
-        if token in FP8_ONLY_FLAGS:
-            next(it, None)  # and its value
-        else:
-            out.append(token)
-    return out
+def native_settings_for(preset: str, settings: dict, native: dict) -> dict:
+    """``native`` (the native rows' settings) for a row of ``preset``, less FP8_ONLY where it is not fp8."""
+    fp8 = _row_precision(preset, settings) == "fp8"
+    return {k: v for k, v in native.items() if fp8 or k not in FP8_ONLY}
 
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
               run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True,
               batch_sizes: list[int | None] = (None,), rounds: int = 1, nproc: int = 1,
-              native_overrides: list[str] = ()):
+              native_overrides: dict | None = None, *, to_flags):
     """Run every engine x preset x batch size row (None: the preset's own), ``rounds`` times round after round,
-    compare them, and (on a GPU, unless ``floor`` is False) time the floor. ``overrides``: flags of every row;
-    ``native_overrides``: of the native rows alone (the native engine's tuning, which other engines refuse; the
-    FP8-only ones of the fp8 rows alone).
+    compare them, and (on a GPU, unless ``floor`` is False) time the floor. ``overrides``: settings ({dest:
+    value}, as ``lorabench run`` names them) of every row; ``native_overrides``: of the native rows alone (the
+    native engine's tuning, which other engines refuse; the FP8-only ones of the fp8 rows alone); ``to_flags``:
+    a row's settings as its process's flags (config_file.as_flags over run's parser).
     Returns (rows, floors); writes bench.json and bench.md to ``run_dir``."""
     rows = []
     for k in range(1, rounds + 1):
@@ -300,9 +294,9 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
                     log(f"bench: {name} ...", flush=True)
                     row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else "")
                                          + (f"__round{k}" if rounds > 1 else ""))
-                    native = (native_flags_for(preset, overrides, native_overrides)
-                              if spec(engine).can("native-options") else [])
-                    flags = overrides + native + (["--batch-size", str(lbs)] if lbs else [])
+                    native = (native_settings_for(preset, overrides, native_overrides or {})
+                              if spec(engine).can("native-options") else {})
+                    flags = to_flags({**overrides, **native, "batch_size": lbs})
                     row = run_row(engine, preset, model, steps, warmup, device, row_dir, flags, timeout, nproc=nproc)
                     row["lbs"] = lbs
                     log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}",
@@ -316,7 +310,7 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
     dev = next((r["device_name"] for r in rows if "device_name" in r), None)
     write_json_atomic(run_dir / "bench.json", {"device_name": dev, "model": model, "steps": steps, "warmup": warmup,
                                                "overrides": overrides,
-                                               "native_overrides": list(native_overrides),
+                                               "native_overrides": native_overrides or {},
                                                "batch_sizes": list(batch_sizes),
                                                "rounds": rounds, "rows": rows, "floors": floors})
     each = f", median of {rounds} rounds" if rounds > 1 else ""

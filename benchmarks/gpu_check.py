@@ -247,7 +247,7 @@ def check_offload(dev):
     out = {}
     for name in ("none", "block", "block again", "offload"):
         eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, precision="bf16", seed=0,
-                           native=NativeOptions(compile=False, activation_checkpointing=name.split()[0]))
+                           native=NativeOptions(compile=False), checkpointing=name.split()[0])
         eng.train()
         for k in range(3):
             for p in eng.trainable_params():

@@ -120,10 +120,14 @@ def test_native_defaults_follow_the_precision_and_device():
     assert auto.resolve(P["bf16"], cuda).compile and not auto.resolve(P["bf16"], cpu).compile
     assert auto.resolve(P["bf16"], cpu).dropout_mask == "philox16"
     assert auto.resolve(P["bf16"], cpu).compile_mode == "default"
-    assert [auto.resolve(P["bf16"], d, p).activation_checkpointing for d, p in (
-        (cuda, 0.0), (cuda, 0.05), (cpu, 0.0), (cuda, None))] == ["adapter-inputs", "none", "none", "none"]
+    from lorabench.engines import checkpointing_policy
+
+    assert [checkpointing_policy(e, None, auto.resolve(P["bf16"], d), p) for e, d, p in (
+        ("native", cuda, 0.0), ("native", cuda, 0.05), ("native", cpu, 0.0), ("reference", cuda, 0.0))] == \
+        ["adapter-inputs", "none", "none", "none"]
+    assert checkpointing_policy("native", "block", auto.resolve(P["bf16"], cuda), 0.0) == "block"
     mine = NativeOptions(attention="flash", fused_projections=False, compile=False, compile_mode="reduce-overhead",
-                         dropout_mask="inline", activation_checkpointing="block")
+                         dropout_mask="inline")
     assert mine.resolve(P["tf32"], cuda) == mine
 
 

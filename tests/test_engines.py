@@ -203,7 +203,7 @@ def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
     out = {}
     for policy in ("none", "block", "matmuls"):
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision=precision, seed=0,
-                           native=NativeOptions(activation_checkpointing=policy))
+                           checkpointing=policy)
         with torch.no_grad():
             for _, b in eng.adapters().values():
                 b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
@@ -323,7 +323,7 @@ def test_reference_block_checkpointing_recomputes_and_trains_the_same():
     runs = {}
     for mode in ("none", "block"):
         eng = build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
-                           native=NativeOptions(activation_checkpointing=mode))
+                           checkpointing=mode)
         assert eng.describe()["activation_checkpointing"] == mode
         runs[mode] = _saved_bytes_and_grads(eng, ids)
     (full, loss0, g0), (ckpt, loss1, g1) = runs["none"], runs["block"]
@@ -346,9 +346,11 @@ def test_native_tuning_flags_are_refused_for_other_engines(flags, message):
     with pytest.raises(ConfigError, match=message):
         check_native_flags("reference", NativeOptions(**flags))
     check_native_flags("native", NativeOptions(**flags))
-    check_native_flags("reference", NativeOptions(activation_checkpointing="block"))
+    from lorabench.engines import checkpointing_policy
+
+    assert checkpointing_policy("reference", "block", NativeOptions(), 0.0) == "block"
     with pytest.raises(ConfigError, match="--activation-checkpointing matmuls runs on native; --engine "):
-        check_native_flags("unsloth", NativeOptions(activation_checkpointing="matmuls"))
+        checkpointing_policy("unsloth", "matmuls", NativeOptions(), 0.0)
 
 
 def test_matmuls_checkpointing_is_the_native_engines():
@@ -356,7 +358,7 @@ def test_matmuls_checkpointing_is_the_native_engines():
 
     with pytest.raises(ConfigError, match="--activation-checkpointing matmuls runs on native; --engine "):
         build_engine("reference", SMALL, LoRAConfig(), model_dir=None, device=CPU, precision="fp32", seed=0,
-                     native=NativeOptions(activation_checkpointing="matmuls"))
+                     checkpointing="matmuls")
 
 
 @pytest.mark.slow
@@ -374,7 +376,7 @@ def test_adapter_inputs_policy_saves_less_and_trains_the_same():
     runs = {}
     for policy in ("none", "adapter-inputs"):
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
-                           native=NativeOptions(activation_checkpointing=policy, compile=True))
+                           native=NativeOptions(compile=True), checkpointing=policy)
         with torch.no_grad():
             for _, b in eng.adapters().values():
                 b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
@@ -388,7 +390,7 @@ def test_adapter_inputs_policy_saves_less_and_trains_the_same():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="adapter-inputs works through the compiled blocks"):
         build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
-                     native=NativeOptions(activation_checkpointing="adapter-inputs"))
+                     checkpointing="adapter-inputs")
 
 
 def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
@@ -415,7 +417,7 @@ def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
     runs = {}
     for policy in ("block", "offload"):
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
-                           native=NativeOptions(activation_checkpointing=policy))
+                           checkpointing=policy)
         with torch.no_grad():
             for _, b in eng.adapters().values():
                 b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
@@ -435,7 +437,7 @@ def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
     with pytest.raises(Exception, match="--activation-checkpointing offload runs on native, unsloth and unsloth-fp8; --engine "
                                         "reference has none, block"):
         build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
-                     native=NativeOptions(activation_checkpointing="offload"))
+                     checkpointing="offload")
 
 
 @pytest.mark.parametrize("policy", ["block", "offload"])
@@ -461,7 +463,7 @@ def test_recomputed_blocks_attend_under_the_forwards_kernel_priority(policy, mon
     monkeypatch.setattr(lm, "sdpa_priority", priority)
     monkeypatch.setattr(lm, "attend", lambda *a, **k: calls.append(depth[0] > 0) or real_attend(*a, **k))
     eng = build_engine("native", SMALL, LoRAConfig(r=4, alpha=16, dropout=0.05), model_dir=None, device=CPU,
-                       precision="fp32", seed=0, native=NativeOptions(activation_checkpointing=policy))
+                       precision="fp32", seed=0, checkpointing=policy)
     ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=2)).long()
     loss = eng.loss(ids, ids)
     assert len(calls) == SMALL.num_hidden_layers and all(calls)

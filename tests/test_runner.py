@@ -29,7 +29,8 @@ def test_resolve_fills_every_default_and_reads_the_questions():
     plan = resolve(tiny_job(native=NativeOptions(attention="matmul"), mmlu=MmluOptions(str(TINY_MMLU), limit=2)))
     assert plan.device == torch.device("cpu") and plan.precision.name == "fp32" and plan.world == 1
     assert plan.native == NativeOptions(attention="matmul", fused_projections=False, compile=False,
-                                        compile_mode="default", dropout_mask="philox16", activation_checkpointing="none")
+                                        compile_mode="default", dropout_mask="philox16")
+    assert plan.train.activation_checkpointing == "none"
     assert [len(s.test) for s in plan.mmlu_subjects] == [2, 2]
 
 
@@ -59,7 +60,7 @@ def test_adapter_inputs_is_the_default_of_native_compiled_blocks_at_dropout_0_on
     monkeypatch.setattr(runner, "resolve_device", lambda name: torch.device("cuda"))
     job = tiny_job()
     job = replace(job, engine=engine, train=replace(job.train, precision="bf16"), lora=replace(job.lora, dropout=0.0))
-    assert resolve(job).native.activation_checkpointing == policy
+    assert resolve(job).train.activation_checkpointing == policy
 
 
 def test_stages_composed_by_hand_give_run_jobs_result():

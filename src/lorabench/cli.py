@@ -79,7 +79,7 @@ LORA_FLAGS = {
                        "comma-separated projections, e.g. q_proj,v_proj"),
 }
 NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask", "fp8_grad",
-                "fp8_skip", "activation_checkpointing")
+                "fp8_skip")
 """NativeOptions fields, each a flag of the same name (kebab-case)."""
 
 
@@ -115,8 +115,21 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
+def _add_memory_flags(p: argparse.ArgumentParser):
+    from .config import ACTIVATION_CHECKPOINTING
+
+    g = p.add_argument_group("memory")
+    g.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, help="what the forward keeps "
+                   "for the backward (memory and speed, never the numbers): block keeps only each decoder block's "
+                   "input and recomputes the block (less memory, ~1/3 more compute); offload: block with those inputs "
+                   "in host memory; matmuls: keeps the matrix products' outputs, recomputes the elementwise work; "
+                   "adapter-inputs: recomputes only the inputs of adapters without dropout (native, compiled: the "
+                   "default there, else none keeps everything). The reference engine takes block, Unsloth block and "
+                   "offload, as their own gradient checkpointing")
+
+
 def _add_native_flags(p: argparse.ArgumentParser):
-    from .engines.native import ACTIVATION_CHECKPOINTING, COMPILE_MODES
+    from .engines.native import COMPILE_MODES
     from .kernels.fp8 import GRAD_FORMATS
 
     g = p.add_argument_group("native engine tuning", "defaults follow the precision and device (chosen by "
@@ -132,13 +145,6 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "(reduce-overhead: CUDA graphs; default: torch's default)")
     g.add_argument("--dropout-mask", choices=MASK_IMPLS, help="how adapters draw dropout masks (default philox16: "
                    "a Triton kernel on a GPU, torch's Bernoulli kernel on a CPU)")
-    g.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, help="block: keep only each "
-                   "decoder block's input and recompute the block in the backward (less memory, ~1/3 more compute); "
-                   "offload: block with those inputs in host memory; matmuls: keep the matrix products' outputs, "
-                   "recompute the elementwise work; adapter-inputs: recompute only the inputs of adapters without "
-                   "dropout (with --compile; the default there, else none keeps everything). The reference engine "
-                   "takes block and Unsloth block and offload, as their own gradient checkpointing; the other flags "
-                   "here are the native engine's")
     g.add_argument("--fp8-grad", choices=tuple(GRAD_FORMATS), help="--precision fp8: the FP8 format input "
                    "gradients are quantized to, per token, for their GEMMs (default e4m3)")
     g.add_argument("--fp8-skip", type=LORA_FLAGS["--lora-targets"][1], metavar="PROJ[,PROJ]",
@@ -234,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each epoch (default: on, off in the flagperf-* presets, which keep FlagPerf's file order)")
     g.add_argument("--init-adapter", type=Path, metavar="ADAPTER_DIR", help="start from this PEFT-format adapter "
                    "(lorabench's or PEFT's; same r, alpha and targets) instead of the fresh init")
+    _add_memory_flags(run)
     _add_native_flags(run)
     o = run.add_argument_group("output")
     o.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device the table does not know")
@@ -306,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-floor", action="store_true", help="skip timing the floor (on a GPU it runs after the rows)")
     b.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new runs/<time>-bench)")
     b.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
+    _add_memory_flags(b)
     _add_native_flags(b)
 
     rp = sub.add_parser("report", help="re-render a run's report and plots, or put several runs side by side",
@@ -327,7 +335,7 @@ def cmd_run(a) -> int:
         raise ConfigError("--init random needs --model (a shape preset such as llama2-7b) or --model-dir")
     preset = a.preset or ("tiny" if bundled else "flagperf-fp32")
     train_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in TRAIN_FLAGS.items()}
-    train_kw["shuffle"] = a.shuffle
+    train_kw.update(shuffle=a.shuffle, activation_checkpointing=a.activation_checkpointing)
     lora_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in LORA_FLAGS.items()}
     p = resolve_preset(preset, train_kw, lora_kw)
     data = a.data or (str(TINY_DATA) if bundled or a.model_dir == TINY_MODEL else None)
@@ -412,7 +420,7 @@ def bench_settings(a) -> tuple[dict, dict]:
     """The ``lorabench run`` settings ({dest: value}) bench's own overrides give every row, and those (the native
     engine's tuning) given to the native rows alone; unset ones left out."""
     common = {k: getattr(a, k) for k in BENCH_COMMON if getattr(a, k) is not None}
-    native = {k: getattr(a, k) for k in NATIVE_FLAGS if k != "activation_checkpointing" and getattr(a, k) is not None}
+    native = {k: getattr(a, k) for k in NATIVE_FLAGS if getattr(a, k) is not None}
     return common, native
 
 

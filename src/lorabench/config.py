@@ -393,9 +393,26 @@ class TrainConfig:
     shuffle: bool = True
     """Shuffle the packed chunks each epoch (from ``seed`` + epoch); False: file order, as FlagPerf's DataLoader
     (no shuffling; an incomplete last step is dropped either way)."""
+    activation_checkpointing: str | None = None
+    """What the training forward keeps for the backward, one of ACTIVATION_CHECKPOINTING (None: the engine's
+    default, which runner.resolve fills in: "adapter-inputs" for the native engine's compiled blocks with LoRA
+    dropout 0, else "none"). It changes memory and speed, never the numbers. "none" keeps every activation the
+    backward needs; "block" keeps only each decoder block's input and recomputes the block in the backward (about
+    one more forward pass of the blocks per step, for a fraction of the activation memory: long sequences, large
+    models); "offload" is "block" with the blocks' inputs in host memory (copied out and back on a side stream;
+    recompute.py), so the GPU's share no longer grows with the layers; "matmuls" keeps the outputs of the block's
+    matrix products and attention, cheap to keep and costly to recompute, and recomputes only the elementwise work
+    between them (norms, RoPE, SwiGLU, dropout masks: model.py); "adapter-inputs" keeps what "none" keeps but the
+    inputs of adapters without dropout (the norms' outputs, SwiGLU's), which the compiled block recomputes in the
+    backward (lora.fresh; native engine, needs its --compile): about a fifth of the peak memory saved for under 1%
+    of the speed with all seven projections adapted (benchmarks/NOTES.md). Each engine declares the policies it
+    takes (engines/registry.py)."""
 
     def __post_init__(self):
         get_precision(self.precision)
+        if self.activation_checkpointing is not None and self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(f"--activation-checkpointing {self.activation_checkpointing!r}: choose from "
+                              f"{', '.join(ACTIVATION_CHECKPOINTING)}")
         for name in ("batch_size", "seq_len", "grad_accum", "epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -440,6 +457,8 @@ class TrainConfig:
 
 MAX_SEED = 2 ** 31 - 1
 """The largest --seed (numpy's and torch's generators take it with the epoch added)."""
+ACTIVATION_CHECKPOINTING = ("none", "block", "offload", "matmuls", "adapter-inputs")
+"""What the training forward keeps for the backward (TrainConfig.activation_checkpointing)."""
 LR_SCHEDULES = ("step", "cosine", "linear", "constant")
 LOSS_ON = ("all", "response")
 PACKINGS = ("flagperf", "documents", "none")
@@ -493,7 +512,7 @@ def resolve_preset(name: str, train_overrides: dict, lora_overrides: dict) -> Pr
 
 
 NOT_IN_FIX_HP = ("untimed_steps", "eval_batches", "eval_every", "checkpoint_every", "checkpoint_minutes",
-                 "keep_checkpoints")
+                 "keep_checkpoints", "activation_checkpointing")
 """Settings that change neither the training nor FlagPerf's figures, left out of the fix_hp label."""
 FIX_HP_NAMES = {"batch_size": "local_batchsize", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                 "targets": "lora_targets"}

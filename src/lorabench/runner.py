@@ -20,7 +20,8 @@ import torch
 from . import metrics as M
 from .assets import TINY_DATA, TINY_MODEL
 from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainConfig
-from .engines import Engine, NativeOptions, build_engine, check_native_flags, precision_problem, spec
+from .engines import (Engine, NativeOptions, build_engine, check_native_flags, checkpointing_policy,
+                      precision_problem, spec)
 from .mmlu.evaluate import MmluOptions
 from .precision import PRECISIONS, Precision, get_precision
 from .files import write_json_atomic, write_text_atomic
@@ -225,7 +226,9 @@ def resolve(job: Job) -> Plan:
         else:
             rundir.check_claimable(job.run_dir, job.overwrite, job.inputs())
     nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    native = job.native.resolve(precision, device, job.lora.dropout if engine_spec.can("native-options") else None)
+    native = job.native.resolve(precision, device)
+    train = replace(train, activation_checkpointing=checkpointing_policy(job.engine, train.activation_checkpointing,
+                                                                         native, job.lora.dropout))
     return Plan(job, device, precision, train, tf32, cfg, native, subjects, rank, world, nnodes)
 
 
@@ -357,7 +360,8 @@ def build(plan: Plan) -> tuple[Engine, float]:
         sharder = native_sharder(plan.precision.dtype, layout) if spec(job.engine).can("shard-at-build") else None
     engine = build_engine(job.engine, plan.model_cfg, job.lora, model_dir=job.model_dir if job.init == "pretrained"
                           else None, device=plan.device, precision=plan.precision, seed=plan.train.seed,
-                          native=plan.native, attn=job.attn, sharder=sharder)
+                          native=plan.native, attn=job.attn, checkpointing=plan.train.activation_checkpointing,
+                          sharder=sharder)
     if job.init_adapter is not None:
         engine.load_adapter(job.init_adapter)
     if layout is not None:
@@ -514,8 +518,8 @@ def write(run_dir: Path, result: dict):
 RESUME_MAY_DIFFER = {
     "job": ("fix_hp", "progress", "tensorboard", "cache_dir", "run_dir", "default_run_dir", "overwrite", "resume",
             "settings", "config_file", "save_adapter", "precision_from_flag", "device", "train", "lora", "native", "mmlu"),
-    "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints"),
-    "native": ("activation_checkpointing",),  # what the backward keeps changes memory, not the numbers
+    "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+              "activation_checkpointing"),  # what the backward keeps changes memory, not the numbers
     "mmlu": ("tokenize_workers",),
 }
 """Settings a resumed run may change: where and how it reports, how often it checkpoints, what the backward
@@ -539,7 +543,7 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
     out = {k: v for k, v in asdict(job).items() if k not in skip["job"]}
     out.update({k: v for k, v in asdict(plan.train).items() if k not in skip["train"]})
     out.update({f"lora_{k}": v for k, v in asdict(job.lora).items()})
-    out.update({k: v for k, v in asdict(plan.native).items() if k not in skip["native"]})
+    out.update(asdict(plan.native))
     out["mmlu"] = None if job.mmlu is None else {k: v for k, v in asdict(job.mmlu).items() if k not in skip["mmlu"]}
     out.update(device=str(plan.device), world_size=plan.world, chunks=len(data.train),
                tokens_sha256=hashlib.sha256(np.ascontiguousarray(data.train).tobytes()).hexdigest()[:16])

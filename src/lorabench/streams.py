@@ -29,7 +29,7 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
         from .engines import spec
 
         engine = spec(job.engine)
-        policy = plan.native.activation_checkpointing
+        policy = plan.train.activation_checkpointing
         shape += f", --activation-checkpointing {policy}"
         held = ""
         if plan.device.type == "cuda":

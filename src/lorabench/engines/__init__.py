@@ -15,11 +15,11 @@ import torch
 from ..config import ConfigError, LoRAConfig, ModelConfig
 from ..precision import Precision, get_precision
 from .base import Engine, canonical_adapters
-from .native import NativeOptions
+from .native import NativeOptions, resolve_checkpointing
 from .registry import OURS, SPECS, EngineSpec, spec
 
 __all__ = ["ENGINES", "OURS", "SPECS", "Engine", "EngineSpec", "NativeOptions", "build_engine", "canonical_adapters",
-           "check_native_flags", "precision_problem", "spec"]
+           "check_native_flags", "checkpointing_policy", "precision_problem", "spec"]
 
 ENGINES = tuple(SPECS)
 
@@ -40,25 +40,35 @@ def precision_problem(name: str, precision: Precision) -> str | None:
 
 def check_native_flags(name: str, given: NativeOptions):
     """Refuse a native-engine tuning flag (``given``: the options as the user set them, before defaults) for an
-    engine without that tuning, which would run without it while the command line said otherwise; and a
-    checkpointing policy the engine does not have."""
+    engine without that tuning, which would run without it while the command line said otherwise."""
     s = spec(name)
     if not s.can("native-options"):
-        set_ = [f for f, v in asdict(given).items() if v is not None and f != "activation_checkpointing"]
+        set_ = [f for f, v in asdict(given).items() if v is not None]
         if set_:
             flags = ", ".join("--" + f.replace("_", "-") for f in set_)
             raise ConfigError(f"{flags}: native engine tuning; --engine {name} does not take it (drop it, or run "
                               "--engine native)")
-    s.check_checkpointing(given.activation_checkpointing or "none")
+
+
+def checkpointing_policy(name: str, policy: str | None, native: NativeOptions, lora_dropout: float) -> str:
+    """The activation-checkpointing policy engine ``name`` runs: ``policy`` as given (refused where the engine
+    lacks it), else the engine's default (the native engine's follows its resolved ``native`` options and the
+    adapters' dropout: native.resolve_checkpointing; the others', "none")."""
+    s = spec(name)
+    policy = resolve_checkpointing(policy, native, lora_dropout) if s.can("native-options") else policy or "none"
+    s.check_checkpointing(policy)
+    return policy
 
 
 def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir: str | Path | None,
                  device: torch.device, precision: Precision | str, seed: int,
-                 native: NativeOptions | None = None, attn: str = "eager", sharder=None) -> Engine:
+                 native: NativeOptions | None = None, attn: str = "eager", checkpointing: str | None = None,
+                 sharder=None) -> Engine:
     """Build engine ``name`` (its spec's builder) in ``precision`` with base weights from ``model_dir`` (None:
     canonical random weights from ``seed``) and canonical adapters from ``seed``. ``native``: the native engine's
     tuning, as ``NativeOptions.resolve`` made it (a job resolves it once: runner.resolve; fields left None are
     resolved here for the precision and device); ``attn``: the plain reference engine's attention (eager or sdpa);
+    ``checkpointing``: the activation-checkpointing policy (None: the engine's default, checkpointing_policy);
     ``sharder``: the native engine's model sharded on the meta device (shard.py)."""
     import importlib
 
@@ -68,9 +78,9 @@ def build_engine(name: str, model_cfg: ModelConfig, lora: LoRAConfig, *, model_d
     if why:
         raise ConfigError(why)
     native = native or NativeOptions()
-    check_native_flags(name, native if s.can("native-options") else
-                       NativeOptions(activation_checkpointing=native.activation_checkpointing))
+    if checkpointing is not None:
+        s.check_checkpointing(checkpointing)
     module, function = s.builder.split(":")
     build = getattr(importlib.import_module(f".{module}", __name__), function)
     return build(s, model_cfg, lora, model_dir=model_dir, device=device, precision=precision, seed=seed,
-                 native=native, attn=attn, sharder=sharder)
+                 native=native, attn=attn, checkpointing=checkpointing, sharder=sharder)

@@ -24,8 +24,6 @@ from ..precision import Precision
 from ..shapes import PROJECTIONS, projection_shapes
 from .base import Engine, canonical_adapters
 
-ACTIVATION_CHECKPOINTING = ("none", "block", "offload", "matmuls", "adapter-inputs")
-"""What the training forward keeps for the backward (NativeOptions.activation_checkpointing)."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """torch.compile's modes for the training blocks (reduce-overhead: CUDA graphs)."""
 
@@ -52,20 +50,6 @@ class NativeOptions:
     dropout_mask: str | None = None
     """How adapters draw dropout masks, one of kernels.dropout.MASK_IMPLS (default philox16: a Triton kernel,
     eight mask elements per Philox call, on a CPU torch's Bernoulli kernel; kernels/dropout.py)."""
-    activation_checkpointing: str | None = None
-    """One of ACTIVATION_CHECKPOINTING (default: "adapter-inputs" for compiled blocks with LoRA dropout 0, else
-    "none"). "none" keeps every activation the backward needs; "block" keeps only each decoder block's input and
-    recomputes the block in the backward (about one more forward pass of the blocks per step, for a fraction of
-    the activation memory: long sequences, large models); "offload" is "block" with the blocks' inputs in host
-    memory (copied out and back on a side stream; recompute.py), so the GPU's share no longer grows with the
-    layers; "matmuls" keeps the
-    cheap-to-keep, costly-to-recompute tensors, the outputs of the block's matrix products and attention, and
-    recomputes only the elementwise work between them (norms, RoPE, SwiGLU, dropout masks: model.py);
-    "adapter-inputs" keeps what "none" keeps but the inputs of adapters without dropout (the norms' outputs,
-    SwiGLU's), which the compiled block recomputes in the backward (lora.fresh; needs --compile; with dropout
-    every adapter's input is recomputed anyway, so it changes nothing there): it saves about a fifth of the peak
-    memory for under 1% of the speed with all seven projections adapted, which is why it is the default there
-    (benchmarks/NOTES.md item 52); "none" is the faster by that much."""
     fp8_grad: str | None = None
     """Under --precision fp8, the FP8 format the input gradients are quantized to (per row) for their GEMMs, one of
     kernels.fp8.GRAD_FORMATS (default e4m3; see kernels/fp8.py)."""
@@ -78,8 +62,6 @@ class NativeOptions:
     def __post_init__(self):
         for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
                                       ("fp8-grad", self.fp8_grad, tuple(GRAD_FORMATS)),
-                                      ("activation-checkpointing", self.activation_checkpointing,
-                                       ACTIVATION_CHECKPOINTING),
                                       ("compile-mode", self.compile_mode, COMPILE_MODES),
                                       ("dropout-mask", self.dropout_mask, MASK_IMPLS)):
             if value is not None and value not in choices:
@@ -89,11 +71,8 @@ class NativeOptions:
             raise ConfigError(f"--fp8-skip {', '.join(unknown)}: not a block projection; choose from "
                               f"{', '.join(PROJECTIONS)}")
 
-    def resolve(self, precision: Precision, device: torch.device,
-                lora_dropout: float | None = None) -> "NativeOptions":
-        """These options with every None replaced by the default for ``precision`` on ``device`` and adapters
-        with ``lora_dropout``; None: for another engine, which takes only the checkpointing policy from here
-        (so never the native-only adapter-inputs as a default)."""
+    def resolve(self, precision: Precision, device: torch.device) -> "NativeOptions":
+        """These options with every None replaced by the default for ``precision`` on ``device``."""
         gpu = device.type == "cuda"
         if precision.fp8_weights and self.fused_projections:
             raise ConfigError("--fused-projections does not apply to --precision fp8 (each FP8 projection keeps "
@@ -115,27 +94,34 @@ class NativeOptions:
             dropout_mask=self.dropout_mask or MASK_IMPLS[0],
             fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_weights else None,
             fp8_skip=tuple(sorted(set(self.fp8_skip or ()))) if precision.fp8_weights else None,
-            activation_checkpointing=self.activation_checkpointing or (
-                "adapter-inputs" if compile and lora_dropout == 0 else "none"),
         )
-        if resolved.activation_checkpointing == "adapter-inputs" and not resolved.compile:
-            raise ConfigError("--activation-checkpointing adapter-inputs works through the compiled blocks' "
-                              "recomputation; add --compile (the default on a GPU)")
         return resolved
 
 
-RESOLVED_BY_DEFAULT = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask",
-                       "activation_checkpointing")
+def resolve_checkpointing(policy: str | None, options: NativeOptions, lora_dropout: float) -> str:
+    """The native engine's activation-checkpointing policy: ``policy`` as given, else "adapter-inputs" for
+    compiled blocks (resolved ``options``) whose adapters have no dropout (the compiled block recomputes those
+    inputs; with dropout every adapter's input is recomputed anyway), else "none"."""
+    policy = policy or ("adapter-inputs" if options.compile and lora_dropout == 0 else "none")
+    if policy == "adapter-inputs" and not options.compile:
+        raise ConfigError("--activation-checkpointing adapter-inputs works through the compiled blocks' "
+                          "recomputation; add --compile (the default on a GPU)")
+    return policy
+
+
+RESOLVED_BY_DEFAULT = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask")
 """The fields ``resolve`` always fills: options with all of them set are resolved already."""
 
 
 def build(spec, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, precision: Precision, seed: int,
-          native: NativeOptions, attn: str, sharder=None) -> "NativeEngine":
-    """The native engine (engines.build_engine): ``native`` as the job resolved it, else resolved here."""
+          native: NativeOptions, attn: str, checkpointing: str | None, sharder=None) -> "NativeEngine":
+    """The native engine (engines.build_engine): ``native`` and ``checkpointing`` as the job resolved them, else
+    resolved here."""
     if any(getattr(native, f) is None for f in RESOLVED_BY_DEFAULT):
-        native = native.resolve(precision, device, lora.dropout)
+        native = native.resolve(precision, device)
     return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                        options=native, sharder=sharder)
+                        options=native, checkpointing=resolve_checkpointing(checkpointing, native, lora.dropout),
+                        sharder=sharder)
 
 
 class NativeEngine(Engine):
@@ -143,9 +129,10 @@ class NativeEngine(Engine):
     supports_prefix_cache = True
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 options: NativeOptions, sharder=None):
-        """``options`` resolved (NativeOptions.resolve; build_engine does it). ``sharder``: called on the model
-        while it is still on the meta device (shard.native_sharder), so weights load straight into shards."""
+                 options: NativeOptions, checkpointing: str = "none", sharder=None):
+        """``options`` resolved (NativeOptions.resolve; build_engine does it); ``checkpointing``: one of
+        config.ACTIVATION_CHECKPOINTING. ``sharder``: called on the model while it is still on the meta device
+        (shard.native_sharder), so weights load straight into shards."""
         self.model_cfg, self.lora_cfg, self.model_dir, self.options = model_cfg, lora, model_dir, options
         self.device = torch.device(device)
         with torch.device("meta"):
@@ -171,9 +158,10 @@ class NativeEngine(Engine):
         else:
             load_into(model, iter_checkpoint(model_dir), True, str(model_dir))
         model.set_attention(options.attention)
-        model.activation_checkpointing = options.activation_checkpointing
+        self.checkpointing = checkpointing
+        model.activation_checkpointing = checkpointing
         for m in lora_modules(model).values():
-            m.fresh_input = options.activation_checkpointing == "adapter-inputs"
+            m.fresh_input = checkpointing == "adapter-inputs"
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         if options.fused_projections:
@@ -237,7 +225,7 @@ class NativeEngine(Engine):
             kept = "".join(f", {p}" for p in self.options.fp8_skip or ())
             numerics += (f"; block projections e4m3 with per-channel scales, activations per token e4m3, input "
                          f"gradients per token {self.options.fp8_grad}, {gemm}; embeddings, norms{kept}, lm_head bf16")
-        return {**asdict(self.options), "numerics": numerics}
+        return {**asdict(self.options), "activation_checkpointing": self.checkpointing, "numerics": numerics}
 
     def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {native_to_hf(n): m.adapter_params() for n, m in lora_modules(self.model).items()}

@@ -87,11 +87,11 @@ class PeftEngine(Engine):
 
 
 def build(spec, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, precision, seed: int,
-          native, attn: str, sharder=None) -> "ReferenceEngine":
+          native, attn: str, checkpointing: str | None, sharder=None) -> "ReferenceEngine":
     """The reference engines (engines.build_engine): plain, +liger or +compile as ``spec`` names them."""
     return ReferenceEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
                            attn=attn, variant=spec.name.partition("+")[2] or None,
-                           checkpointing=native.activation_checkpointing or "none")
+                           checkpointing=checkpointing or "none")
 
 
 class ReferenceEngine(PeftEngine):

@@ -88,10 +88,10 @@ def write_placeholder_tokenizer(out: Path, cfg: ModelConfig):
 
 
 def build(spec, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, precision, seed: int,
-          native, attn: str, sharder=None) -> "UnslothEngine":
+          native, attn: str, checkpointing: str | None, sharder=None) -> "UnslothEngine":
     """The Unsloth engines (engines.build_engine): its FP8 weights where the spec has them."""
     return UnslothEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                         fp8=spec.can("fp8-weights"), checkpointing=native.activation_checkpointing or "none")
+                         fp8=spec.can("fp8-weights"), checkpointing=checkpointing or "none")
 
 
 class UnslothEngine(PeftEngine):

@@ -122,7 +122,7 @@ def main():
           f"tokenised in one go (no overlap) in {prep_s:.1f} s")
     t0 = time.perf_counter()  # the last variant's scoring alone, on the requests tokenised up front
     fast = score_requests(eng, reqs, dev, int(variants[-1][1]), True, batch_tokens=DEFAULT_BATCH_TOKENS,
-                          kv_tokens=kv_token_cap(eng), prefix_attention=opts.prefix_attention)
+                          kv_tokens=kv_token_cap(eng.model_cfg, eng.dtype), prefix_attention=opts.prefix_attention)
     sync()
     score_s = time.perf_counter() - t0
     print(f"scoring alone ({variants[-1][0]} blocks, batch {variants[-1][1]}): {score_s:.1f} s", flush=True)

@@ -32,6 +32,9 @@ def test_resolve_fills_every_default_and_reads_the_questions():
                                         compile_mode="default", dropout_mask="philox16")
     assert plan.train.activation_checkpointing == "none"
     assert [len(s.test) for s in plan.mmlu_subjects] == [2, 2]
+    # MMLU's defaults for a CPU and 4 questions: 8 a batch, no token caps, tokenised inline, not compiled
+    assert plan.mmlu == MmluOptions(str(TINY_MMLU), limit=2, batch_size=8, batch_tokens=0, kv_tokens=0,
+                                    tokenize_workers=0, compiled_graph=False)
 
 
 @pytest.mark.parametrize("change, message", [

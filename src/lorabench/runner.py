@@ -117,6 +117,8 @@ class Plan:
     """{"on": bool, "why": str}, for result.json."""
     model_cfg: ModelConfig
     native: NativeOptions
+    mmlu: MmluOptions | None
+    """The job's MMLU options with every default filled in for the device and the questions."""
     mmlu_subjects: list | None
     rank: int
     world: int
@@ -215,11 +217,13 @@ def resolve(job: Job) -> Plan:
         if job.data == "synthetic":
             raise ConfigError("--eval-rouge generates from validation records; --data synthetic has none")
         scorer()
-    subjects = None
+    subjects = mmlu = None
     if job.mmlu is not None:
-        from .mmlu.evaluate import check_mmlu_options
+        from .mmlu.evaluate import check_mmlu_options, kv_token_cap
 
         subjects = check_mmlu_options(job.mmlu, job.model_dir)
+        mmlu = job.mmlu.resolve(device.type == "cuda", sum(len(s.test) for s in subjects),
+                                kv_token_cap(cfg, precision.dtype))
     if rank == 0:  # the output folder's checks (read only), before any data is read
         if job.resume is not None:
             rundir.check_free(Path(job.resume))
@@ -229,7 +233,7 @@ def resolve(job: Job) -> Plan:
     native = job.native.resolve(precision, device)
     train = replace(train, activation_checkpointing=checkpointing_policy(job.engine, train.activation_checkpointing,
                                                                          native, job.lora.dropout))
-    return Plan(job, device, precision, train, tf32, cfg, native, subjects, rank, world, nnodes)
+    return Plan(job, device, precision, train, tf32, cfg, native, mmlu, subjects, rank, world, nnodes)
 
 
 TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
@@ -456,7 +460,7 @@ def evaluate(plan: Plan, engine: Engine, result: dict | None = None) -> dict:
 
     job = plan.job
     with plan.precision.matmul_mode():
-        done = evaluate_protocols(engine, job.model_dir, job.mmlu, plan.device, plan.run_dir,
+        done = evaluate_protocols(engine, job.model_dir, plan.mmlu, plan.device, plan.run_dir,
                                   progress=job.progress and plan.rank == 0, subjects=plan.mmlu_subjects,
                                   seq_len=plan.train.seq_len)
     if result is None:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,8 @@ PROTOCOLS = ("lm-eval", "flagperf", "both")
 
 @dataclass(frozen=True)
 class MmluOptions:
-    """One MMLU evaluation. None: the default for the device and the amount of work (``evaluate_mmlu``)."""
+    """One MMLU evaluation. None: the default for the device and the amount of work, which ``resolve`` fills in
+    (runner.resolve does, once per job)."""
 
     dir: str
     """MMLU folder (dev/ + test/ CSVs, or the cais/mmlu parquet layout) or an HF dataset name."""
@@ -100,6 +101,24 @@ class MmluOptions:
             raise ConfigError(f"--prefix-attention {self.prefix_attention!r}: choose from "
                               f"{', '.join(PREFIX_ATTENTION)}")
 
+    @property
+    def resolved(self) -> bool:
+        return None not in (self.batch_size, self.batch_tokens, self.kv_tokens, self.tokenize_workers,
+                            self.compiled_graph)
+
+    def resolve(self, gpu: bool, questions: int, kv_tokens: int) -> "MmluOptions":
+        """These options with every default filled in for a GPU or not (``gpu``), the number of test
+        ``questions`` and ``kv_tokens`` (kv_token_cap for the model and dtype); a cap of 0 is none."""
+        def cap(value, default):
+            return value if value is not None else default
+
+        return replace(self, batch_size=self.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU),
+                       batch_tokens=cap(self.batch_tokens, DEFAULT_BATCH_TOKENS if gpu else 0),
+                       kv_tokens=cap(self.kv_tokens, kv_tokens if gpu else 0),
+                       tokenize_workers=cap(self.tokenize_workers,
+                                            TOKENIZE_WORKERS if questions >= BACKGROUND_TOKENIZE_MIN else 0),
+                       compiled_graph=cap(self.compiled_graph, questions >= COMPILED_EVAL_MIN))
+
 
 def check_mmlu_options(opts: MmluOptions, model_dir) -> list[Subject]:
     """Read the questions ``opts`` asks for, so a bad folder or subject fails before any training."""
@@ -127,18 +146,15 @@ def evaluate_mmlu(engine, model_dir, opts: MmluOptions, device, out_dir: Path | 
         subjects = check_mmlu_options(opts, model_dir)
     max_len = engine.model_cfg.context_limit  # a sliding window caps it: longer prompts drop shots, then truncate
     n = sum(len(s.test) for s in subjects)
-    background = opts.tokenize_workers
-    if background is None:  # worker processes pay off once tokenising takes seconds
-        background = TOKENIZE_WORKERS if n >= BACKGROUND_TOKENIZE_MIN else 0
-    gpu = device.type == "cuda"
-    caps = {**batch_caps(opts, gpu), "kv_tokens": _cap(opts.kv_tokens, kv_token_cap(engine) if gpu else None)}
+    opts = resolved(opts, engine, device, n)
+    caps = {"batch_size": opts.batch_size, "batch_tokens": opts.batch_tokens or None,
+            "kv_tokens": opts.kv_tokens or None}
     how = (opts.prefix_cache, opts.prefix_attention)
-    compiled = n >= COMPILED_EVAL_MIN if opts.compiled_graph is None else opts.compiled_graph
     reqs, scores = [], []
     timing = {"tokenize_wait_s": 0.0, "score_s": 0.0, "first_subject_s": None}
-    chunks = subject_requests(model_dir, subjects, opts.shots, max_len, background)
+    chunks = subject_requests(model_dir, subjects, opts.shots, max_len, opts.tokenize_workers)
     try:
-        with engine.evaluating(compiled), progress_bar(n, progress, desc="mmlu", unit="question") as bar:
+        with engine.evaluating(opts.compiled_graph), progress_bar(n, progress, desc="mmlu", unit="question") as bar:
             previous = None  # (collect, count) of the subject queued last
             while True:
                 t0 = time.perf_counter()
@@ -175,6 +191,7 @@ def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Pa
 
     if subjects is None:
         subjects = check_mmlu_options(opts, model_dir)
+    opts = resolved(opts, engine, device, sum(len(s.test) for s in subjects))
     out = {}
     if opts.protocol in ("lm-eval", "both"):
         out["lm-eval"] = evaluate_mmlu(engine, model_dir, opts, device, out_dir, progress, subjects)
@@ -183,29 +200,22 @@ def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Pa
         if cap > engine.model_cfg.context_limit:
             raise ConfigError(f"--seq-len {cap} exceeds the model's sliding_window {engine.model_cfg.sliding_window} "
                               "(attention here has no window); give a shorter --seq-len for FlagPerf's MMLU")
-        out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, cap, device,
-                                            out_dir, **batch_caps(opts, device.type == "cuda"))
+        out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, cap, device, out_dir,
+                                            batch_size=opts.batch_size, batch_tokens=opts.batch_tokens or None)
     return out
 
 
-def batch_caps(opts: MmluOptions, gpu: bool) -> dict:
-    """Questions and tokens per forward pass: as given, else the device's defaults."""
-    return {"batch_size": opts.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU),
-            "batch_tokens": _cap(opts.batch_tokens, DEFAULT_BATCH_TOKENS if gpu else None)}
+def resolved(opts: MmluOptions, engine, device, questions: int) -> MmluOptions:
+    """``opts`` as the job resolved them, else resolved here (a caller that evaluates without a job)."""
+    if opts.resolved:
+        return opts
+    return opts.resolve(device.type == "cuda", questions, kv_token_cap(engine.model_cfg, engine.dtype))
 
 
-def _cap(value: int | None, default: int | None) -> int | None:
-    """A batch cap as given (0: none), or ``default`` where unset."""
-    if value is None:
-        return default
-    return value or None
-
-
-def kv_token_cap(engine) -> int:
-    """Keys + values per layer that fit KV_COPY_BYTES in the engine's dtype (the cached prefix is copied per
-    question of a batch)."""
-    cfg = engine.model_cfg
-    elem = torch.empty((), dtype=engine.dtype).element_size()
+def kv_token_cap(cfg, dtype: torch.dtype) -> int:
+    """Keys + values per layer that fit KV_COPY_BYTES in ``dtype`` for model ``cfg`` (the cached prefix is copied
+    per question of a batch)."""
+    elem = torch.empty((), dtype=dtype).element_size()
     return KV_COPY_BYTES // (2 * cfg.num_key_value_heads * cfg.head_dim * elem)
 
 

@@ -40,7 +40,7 @@ def assert_same_run(a: dict, b: dict):
     for k in SAME:
         assert a["metrics"].get(k) == b["metrics"].get(k), k
     assert [k for k, v in a["metrics"].items() if v is None] == [k for k, v in b["metrics"].items() if v is None]
-    from lorabench.runner import RESUME_MAY_DIFFER
+    from lorabench.outputs import RESUME_MAY_DIFFER
 
     differ = ("data_cached", *RESUME_MAY_DIFFER["train"])  # (the cache, the checkpoint cadence)
     assert {k: v for k, v in a["config"].items() if k not in differ} == \

@@ -29,7 +29,7 @@ from .config import ConfigError
 
 DIRNAME = "checkpoint"
 VERSION = 2
-"""2: the fingerprint holds every setting that changes the numbers (runner.job_fingerprint)."""
+"""2: the fingerprint holds every setting that changes the numbers (outputs.job_fingerprint)."""
 
 
 class Interrupted(Exception):

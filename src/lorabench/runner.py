@@ -8,10 +8,9 @@ what differs between engines lives in the engines (``Engine.describe``, ``Engine
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,9 @@ from .engines import (Engine, NativeOptions, build_engine, check_native_flags, c
                       precision_problem, spec)
 from .mmlu.evaluate import MmluOptions
 from .precision import PRECISIONS, Precision, get_precision
-from .files import write_json_atomic, write_text_atomic
-from .report import GIB, environment, render_report
-from .shapes import count_params, flops_per_token, rows_flops
+from .files import write_json_atomic
+from .measure import measure
+from .outputs import best_adapter_writer, claim_output, write
 from . import resume, rundir
 from .rouge import record_rouge, rouge_pass
 from .streams import out_of_memory_message, step_stream, tensorboard_writer
@@ -381,76 +380,6 @@ def build(plan: Plan) -> tuple[Engine, float]:
     return engine, build_s
 
 
-def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
-            device_mem: M.DeviceMemoryPeak | None = None) -> dict:
-    """The result dict (config, env, metrics, per-step series) of a finished training loop ``out``; ``device_mem``:
-    the device-memory sampler that ran over it (GPU)."""
-    job, t, lo, cfg, device = plan.job, plan.train, plan.job.lora, plan.model_cfg, plan.device
-    ser = out["series"]
-    tokens, mean_tokens = out["tokens_per_step"], out["tokens_per_step"]  # a chip's, per step
-    fpt = flops_per_token(cfg, lo, t.seq_len)
-    if "tokens" in ser:  # --packing none: each step's own unpadded tokens; FLOPs with each row's own length
-        tokens = [n / plan.world for n in ser["tokens"]]
-        mean_tokens = sum(tokens) / len(tokens)
-        first = M.first_timed(len(tokens), t.untimed_steps)
-        n, sq = ser["tokens"][first:], ser["tokens_sq"][first:]
-        fpt = rows_flops(cfg, lo, sum(n), sum(sq)) / max(1, sum(n))
-    resumed_at = out.get("resumed_at")
-    stats = M.step_stats(ser["step_time_s"], tokens, t.untimed_steps, resumed_at)
-    if resumed_at:
-        stats["resumed_at_step"] = resumed_at
-    env = environment(device)
-    peak = M.peak_flops(env["device_name"] if device.type == "cuda" else None, plan.precision, job.peak_tflops)
-    n_params = count_params(cfg)["total"]
-    tps = stats["tokens_per_s_per_chip"]
-    losses = out["series"]["loss"]
-    metrics = {
-        **stats,
-        "mfu": None if tps is None else M.mfu(tps, fpt, peak),
-        **M.flagperf_figures(out["series"]["step_time_s"], out["epoch_loss_avg"], out["epoch_time_s"],
-                             mean_tokens, plan.world, plan.nnodes,
-                             llama2_7b=n_params == count_params(MODEL_PRESETS["llama2-7b"])["total"]),
-        "flops_per_token": float(fpt),
-        "peak_flops": peak,
-        **memory_stats(device, device_mem),
-        "train_loss_last_epoch_avg": out["epoch_loss_avg"][-1] if out["epoch_loss_avg"] else None,
-        "train_loss_epoch_avgs": out["epoch_loss_avg"],
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_final": losses[-1] if losses else None,
-        "eval_loss": out.get("eval_loss"),
-        "eval_perplexity": None if out.get("eval_loss") is None else float(np.exp(out["eval_loss"])),
-        "skipped_steps": out["skipped_steps"],
-        "steps": out["steps"],
-        "build_s": build_s,
-        "mmlu_acc": None,
-    }
-    config = {
-        **asdict(t), "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
-        "lora_targets": list(lo.targets), "preset": job.preset, "fix_hp": job.fix_hp, "engine": job.engine,
-        "engine_options": engine.describe(), "tf32": plan.tf32, "init": job.init,
-        "model": str(job.model_dir) if job.model_dir else job.model_preset, "model_config": asdict(cfg),
-        "n_params": n_params, "n_trainable": sum(p.numel() for p in engine.trainable_params()),
-        "data": data.description, "data_cached": data.cached, "train_chunks": len(data.train),
-        "device": str(device), "world_size": plan.world,
-        "nnodes": plan.nnodes, "gpus_per_node": plan.world // plan.nnodes,
-        "shard_mesh": engine.shard_mesh,
-    }
-    series = {k: out["series"][k] for k in ("step", "epoch", "loss", "step_time_s", "lr", "grad_norm",
-                                            "label_tokens", "tokens") if k in out["series"]}
-    result = {"config": config, "env": env, "metrics": metrics, "series": series}
-    from .report import CPU_NOTE, MFU_FOOTNOTE, on_a100
-
-    if device.type == "cpu":
-        metrics["throughput_note"] = CPU_NOTE.format(card=env["device_name"])
-    if metrics["mfu_flagperf"] is not None and not on_a100(result):
-        metrics["mfu_flagperf_note"] = MFU_FOOTNOTE.format(card=env["device_name"]).removeprefix("* ")
-    if out.get("evals"):  # --eval-every: (step, eval loss) pairs, and the best of them
-        result["evals"] = out["evals"]
-        best = min(range(len(out["evals"]["step"])), key=lambda i: out["evals"]["eval_loss"][i])
-        metrics["best_eval_loss"], metrics["best_eval_step"] = out["evals"]["eval_loss"][best], out["evals"]["step"][best]
-    return result
-
-
 def evaluate(plan: Plan, engine: Engine, result: dict | None = None) -> dict:
     """MMLU on rank 0 (the adapters are identical on every rank) by the protocols the job asks for, in the job's
     precision (its matmul mode): {"lm-eval": summary, "flagperf": summary} of those that ran, their figures also
@@ -503,97 +432,6 @@ def eval_job(job: Job) -> dict:
         raise
     finally:
         plan.lock.release()
-
-
-def write(run_dir: Path, result: dict):
-    """result.json first (the data), then report.md and the plots (plots.py; without matplotlib, result["plots"]
-    says how to get them), then result.json again naming the plots: a failure at a later file never costs the
-    results."""
-    from .plots import plot_run
-
-    write_json_atomic(run_dir / "result.json", result)
-    write_text_atomic(run_dir / "report.md", render_report(result))
-    drawn = plot_run(result, run_dir)
-    result["plots"] = drawn if isinstance(drawn, str) else [p.name for p in drawn]
-    write_json_atomic(run_dir / "result.json", result)
-    write_text_atomic(run_dir / "report.md", render_report(result))
-
-
-RESUME_MAY_DIFFER = {
-    "job": ("fix_hp", "progress", "tensorboard", "cache_dir", "run_dir", "default_run_dir", "overwrite", "resume",
-            "settings", "config_file", "save_adapter", "precision_from_flag", "device", "train", "lora", "native", "mmlu"),
-    "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
-              "activation_checkpointing"),  # what the backward keeps changes memory, not the numbers
-    "mmlu": ("tokenize_workers",),
-}
-"""Settings a resumed run may change: where and how it reports, how often it checkpoints, what the backward
-keeps. Every other setting changes the numbers and must equal the checkpointed run's (job_fingerprint)."""
-
-
-def _plain(v):
-    """A setting as the checkpoint stores it (torch.load's weights_only reads only plain types)."""
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return str(v) if isinstance(v, Path) else v
-
-
-def job_fingerprint(plan: Plan, data: Data) -> dict:
-    """Every setting that changes a run's numbers, as resolved (the settings of a checkpoint's run and of the run
-    resuming it must be equal: resume.check_fingerprint), the user's settings first, then what follows from
-    them (the data's chunks)."""
-    job, skip = plan.job, RESUME_MAY_DIFFER
-    out = {k: v for k, v in asdict(job).items() if k not in skip["job"]}
-    out.update({k: v for k, v in asdict(plan.train).items() if k not in skip["train"]})
-    out.update({f"lora_{k}": v for k, v in asdict(job.lora).items()})
-    out.update(asdict(plan.native))
-    out["mmlu"] = None if job.mmlu is None else {k: v for k, v in asdict(job.mmlu).items() if k not in skip["mmlu"]}
-    out.update(device=str(plan.device), world_size=plan.world, chunks=len(data.train),
-               tokens_sha256=hashlib.sha256(np.ascontiguousarray(data.train).tobytes()).hexdigest()[:16])
-    return _plain(out)
-
-
-def claim_output(plan: Plan, data: Data) -> resume.CheckpointPlan | None:
-    """The run folder (claimed and locked on rank 0, the path shared with every rank) and the checkpoint plan in
-    it, the job's settings written there as config.toml; with --resume, the resumed run's folder (locked) and its
-    checkpoint, checked against this job. None for a run that writes nothing."""
-    job = plan.job
-    if job.resume is None and job.run_dir is None and job.default_run_dir is None:
-        return None
-    state = None
-    fingerprint = job_fingerprint(plan, data)  # (hashes the training tokens: once)
-    if job.resume is not None:
-        if job.run_dir is not None and Path(job.run_dir).resolve() != Path(job.resume).resolve():
-            raise ConfigError("--resume continues a run in its own folder; leave out --run-dir")
-        if plan.rank == 0 and resume.states(Path(job.resume) / resume.DIRNAME):  # (a folder with no checkpoint
-            plan.lock = rundir.lock(Path(job.resume))                            # is refused, untouched, below)
-        state = resume.load(job.resume, plan.rank)
-        resume.check_fingerprint(state["fingerprint"], fingerprint, job.resume)
-        plan.run_dir = Path(job.resume)
-    else:
-        if plan.rank == 0:
-            plan.run_dir, plan.lock = rundir.claim(job.run_dir, job.overwrite, job.default_run_dir, "run",
-                                                   job.inputs())
-            if job.settings is not None:
-                write_text_atomic(plan.run_dir / "config.toml", job.settings)
-        if plan.world > 1:
-            shared = [str(plan.run_dir) if plan.rank == 0 else None]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            plan.run_dir = Path(shared[0])
-    return resume.CheckpointPlan(plan.run_dir / resume.DIRNAME, every=plan.train.checkpoint_every,
-                                 minutes=plan.train.checkpoint_minutes, keep=plan.train.keep_checkpoints,
-                                 fingerprint=fingerprint, resume=state,
-                                 at_end=job.mmlu is not None or job.eval_rouge is not None)
-
-
-def best_adapter_writer(plan: Plan, engine: Engine):
-    """--eval-every's on_best: the adapter of the best evaluation so far to <run dir>/best_adapter (replaced whole,
-    as save_adapter writes); None where nothing is written."""
-    if plan.run_dir is None or not plan.job.save_adapter or plan.train.eval_every is None or \
-            plan.train.shard != "none":  # (a sharded run's adapters would need every rank to gather them)
-        return None
-    return lambda step, loss: engine.save_adapter(plan.run_dir / "best_adapter")
 
 
 def run_job(job: Job) -> dict:
@@ -685,13 +523,3 @@ def _after_training(plan: Plan, engine: Engine, data: Data, out: dict, build_s: 
     return result
 
 
-def memory_stats(device: torch.device, device_mem: M.DeviceMemoryPeak | None = None) -> dict:
-    """torch's allocated/reserved peaks, the device's total, and the sampled device-wide peak where there is one."""
-    sampled = {"peak_mem_device_gib": None if device_mem is None else device_mem.peak_gib,
-               "peak_mem_device_source": None if device_mem is None else device_mem.source}
-    if device.type != "cuda":
-        return {"peak_mem_allocated_gib": None, "peak_mem_reserved_gib": None, "device_mem_total_gib": None,
-                **sampled}
-    return {"peak_mem_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
-            "peak_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
-            "device_mem_total_gib": torch.cuda.get_device_properties(device).total_memory / GIB, **sampled}

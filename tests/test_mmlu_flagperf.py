@@ -82,11 +82,17 @@ def plain_predictions(eng, tok, subjects, shots, seq_len):
     return out
 
 
+PREFIX_MODES = [{"prefix_cache": False}, {"prefix_cache": True, "prefix_attention": "split"},
+                {"prefix_cache": True, "prefix_attention": "copy"}]
+
+
+@pytest.mark.parametrize("prefix", PREFIX_MODES, ids=["whole-prompts", "prefix-split", "prefix-copy"])
 @pytest.mark.parametrize("real", [False, True])
-def test_batched_scores_equal_one_prompt_per_forward(tmp_path, real):
+def test_batched_scores_equal_one_prompt_per_forward(tmp_path, real, prefix):
     """The tiny MMLU sample at seq 512 and, with ../shared, real subjects where the 512 cap drops some shots
     (abstract_algebra keeps 3 with the tiny tokenizer) and where it eats into the question itself
-    (high_school_european_history's passages)."""
+    (high_school_european_history's passages); whole prompts in batches, or each subject's shared header and shots
+    run once and the rest after it."""
     tok = Tokenizer(TINY_MODEL)
     subjects = load_mmlu(TINY_MMLU)
     if real:
@@ -94,7 +100,7 @@ def test_batched_scores_equal_one_prompt_per_forward(tmp_path, real):
     eng = build_engine("native", ModelConfig.from_hf_json(TINY_MODEL), LoRAConfig(), model_dir=TINY_MODEL,
                        device=CPU, precision="fp32", seed=0)
     eng.eval()
-    summary = fp.evaluate_flagperf(eng, TINY_MODEL, subjects, 5, 512, CPU, tmp_path, batch_size=5)
+    summary = fp.evaluate_flagperf(eng, TINY_MODEL, subjects, 5, 512, CPU, tmp_path, batch_size=5, **prefix)
     lines = [json.loads(x) for x in (tmp_path / "mmlu_flagperf_predictions.jsonl").read_text().splitlines()]
     want = plain_predictions(eng, tok, subjects, 5, 512)
     assert [x["pred_token_id"] for x in lines] == want
@@ -116,6 +122,8 @@ def test_rigged_model_scores_the_gold_share():
     b = fp.letter_ids(tok)[1]
 
     class Rigged:
+        supports_prefix_cache = False
+
         def forward_hidden(self, ids):
             return torch.zeros(*ids.shape, 1)
 
@@ -130,3 +138,29 @@ def test_rigged_model_scores_the_gold_share():
     assert preds == [b] * len(reqs)
     share = sum(r.q.gold == 1 for r in reqs) / len(reqs)
     assert 0 < share < 1
+
+
+@pytest.mark.slow
+def test_llama2s_tokenizer_length_rule_and_shared_prefixes(llama2_dir, tmp_path):
+    """Llama-2's real tokenizer at the case's 512 tokens on real subjects: the prompts are FlagPerf's loop's own
+    (written out in this file), the rule drops shots where the passages are long and eats into the question where one
+    passage alone is, the gold token of A is 319 as in FlagPerf's runs, and the prefix-shared predictions of a model
+    of Llama-2's vocabulary equal one prompt per forward pass, question by question."""
+    tok = Tokenizer(llama2_dir)
+    assert fp.letter_ids(tok)[0] == 319
+    names = ["college_computer_science", "econometrics", "high_school_european_history"]
+    subjects = load_mmlu(need_shared_mmlu(), names, limit=8)
+    reqs = [fp.make_request(tok, s, q, 5, 512) for s in subjects for q in s.test]
+    assert all(len(r.ids) <= 512 for r in reqs)
+    for s, r in zip([s for s in subjects for _ in s.test], reqs):
+        if r.dropped <= 5 and len(r.ids) < 512:  # (a prompt cut from the left is not FlagPerf's: its loop fails)
+            assert r.ids == tok.with_bos(tok.encode(flagperf_prompt(tok, s, r.q, 5, 512)))
+    assert any(0 < r.shots < 5 for r in reqs) and any(r.question_cut for r in reqs)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=CPU, precision="fp32", seed=0)
+    eng.eval()
+    with torch.no_grad():  # one prompt per forward pass (the prompts themselves are checked above)
+        want = [int(eng.logits(torch.tensor([r.ids]))[0, -1].argmax()) for r in reqs]
+    for prefix in PREFIX_MODES:
+        assert fp.predict(eng, reqs, CPU, batch_size=4, **prefix) == want, prefix

@@ -201,7 +201,9 @@ def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Pa
             raise ConfigError(f"--seq-len {cap} exceeds the model's sliding_window {engine.model_cfg.sliding_window} "
                               "(attention here has no window); give a shorter --seq-len for FlagPerf's MMLU")
         out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, cap, device, out_dir,
-                                            batch_size=opts.batch_size, batch_tokens=opts.batch_tokens or None)
+                                            batch_size=opts.batch_size, batch_tokens=opts.batch_tokens or None,
+                                            prefix_cache=opts.prefix_cache, prefix_attention=opts.prefix_attention,
+                                            kv_tokens=opts.kv_tokens or None)
     return out
 
 

@@ -13,9 +13,11 @@ training/benchmarks/llama2_7b_finetune/pytorch), so a lab running lorabench besi
   decimals as FlagPerf prints it (the exact value beside it).
 - Unlike FlagPerf, the model is in eval mode (FlagPerf leaves LoRA dropout on during MMLU, which only adds noise).
 
-Questions are scored in length-sorted batches with right padding (the lm-eval path's machinery: one forward pass
-per batch, only the last real position of each row through lm_head), and give, in fp32, exactly what one prompt
-per forward pass gives (tests/test_mmlu_flagperf.py).
+Questions are scored with the lm-eval path's machinery (scoring.py): the prompts of one subject that kept the
+same shots share their header and shots, so that token prefix runs once and its keys and values serve every
+question's remaining tokens; the remainders go in length-sorted batches with right padding, and only each row's
+last position goes through lm_head. In fp32 this gives, question by question, what one prompt per forward pass
+gives (tests/test_mmlu_flagperf.py).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from ..config import ConfigError
 from ..data.tokenizer import Tokenizer
 from ..files import write_text_atomic
 from .data import CATEGORY, LETTERS, Question, Subject
-from .scoring import pad_batch, to_device, length_batches
+from .scoring import PREFIX_ATTENTION, forward_padded, length_batches, shared_prefix, to_device
 
 
 def description(subject: str) -> str:
@@ -100,32 +102,46 @@ def letter_ids(tok: Tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def predict(engine, reqs: list[FlagperfRequest], device, batch_size: int,
-            batch_tokens: int | None = None) -> list[int]:
-    """The argmax token at each prompt's last position, in request order (length-sorted batches, right padding:
-    under a causal model the padding after a row's last token does not reach it)."""
+def predict(engine, reqs: list[FlagperfRequest], device, batch_size: int, batch_tokens: int | None = None,
+            prefix_cache: bool = True, prefix_attention: str = PREFIX_ATTENTION[0],
+            kv_tokens: int | None = None) -> list[int]:
+    """The argmax token at each prompt's last position, in request order. The prompts of one subject with the same
+    shots left run their shared token prefix once (``prefix_cache``, where the engine can; ``prefix_attention``
+    and ``kv_tokens`` as the lm-eval path takes them), the rest in length-sorted batches."""
     out: list[int | None] = [None] * len(reqs)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(reqs):  # same subject, same shots kept -> the same header and shots
+        groups.setdefault((r.q.subject, r.shots) if prefix_cache else (), []).append(i)
+    copy = prefix_attention == "copy"
     pending = []
-    for batch in length_batches([len(r.ids) for r in reqs], batch_size, batch_tokens):
-        seqs = [reqs[i].ids for i in batch]
-        h = engine.forward_hidden(pad_batch(seqs, device))
-        last = h[to_device(list(range(len(seqs))), device), to_device([len(s) - 1 for s in seqs], device)]
-        pending.append((batch, engine.head(last).argmax(-1)))
-    for batch, pred in pending:  # read back once the device has every batch
-        for i, p in zip(batch, pred.tolist()):
+    for idxs in groups.values():
+        prefix = None
+        if prefix_cache and len(idxs) > 1 and getattr(engine, "supports_prefix_cache", False):
+            prefix = shared_prefix(engine, [reqs[i].ids for i in idxs], device)
+        P = prefix[1] if prefix else 0
+        for batch in length_batches([len(reqs[i].ids) - P for i in idxs], batch_size, batch_tokens, prefix=P,
+                                    kv_tokens=kv_tokens if copy and prefix else None):
+            chunk = [idxs[j] for j in batch]
+            seqs = [reqs[i].ids[P:] for i in chunk]
+            h = forward_padded(engine, seqs, device, prefix, copy)
+            last = h[to_device(list(range(len(seqs))), device), to_device([len(s) - 1 for s in seqs], device)]
+            pending.append((chunk, engine.head(last).argmax(-1)))
+    for chunk, pred in pending:  # read back once the device has every batch
+        for i, p in zip(chunk, pred.tolist()):
             out[i] = p
     return out
 
 
 def evaluate_flagperf(engine, model_dir, subjects: list[Subject], shots: int, seq_len: int, device,
-                      out_dir: Path | None, batch_size: int, batch_tokens: int | None = None) -> dict:
+                      out_dir: Path | None, batch_size: int, batch_tokens: int | None = None, **prefix) -> dict:
     """MMLU by FlagPerf's rules over ``subjects``; writes mmlu_flagperf.json and mmlu_flagperf_predictions.jsonl
-    (subject, index, pred_token_id, gold_token_id, correct, shots per question) to ``out_dir``."""
+    (subject, index, pred_token_id, gold_token_id, correct, shots per question) to ``out_dir``. ``prefix``:
+    predict's prefix_cache, prefix_attention and kv_tokens."""
     tok = Tokenizer(model_dir)
     gold_ids = letter_ids(tok)
     reqs = [make_request(tok, s, q, shots, seq_len) for s in subjects for q in s.test]
     with engine.evaluating(compiled=False):
-        preds = predict(engine, reqs, device, batch_size, batch_tokens)
+        preds = predict(engine, reqs, device, batch_size, batch_tokens, **prefix)
     correct = [int(p == gold_ids[r.q.gold]) for r, p in zip(reqs, preds)]
     summary = summarize(reqs, correct, shots, seq_len)
     if out_dir is not None:

@@ -48,18 +48,31 @@ def pad_batch(seqs: list[list[int]], device) -> torch.Tensor:
     return to_device([s + [0] * (T - len(s)) for s in seqs], device)
 
 
+def forward_padded(engine, seqs: list[list[int]], device, prefix=None, copy_prefix: bool = True) -> torch.Tensor:
+    """Hidden states [rows, longest, hidden] of ``seqs`` padded on the right (under a causal model the padding
+    after a row's last token never reaches it). ``prefix``: (kv_caches, length) of tokens every row continues;
+    ``copy_prefix``: attend through SDPA on per-row copies of it (else one attention against it, no copies)."""
+    ids = pad_batch(seqs, device)
+    if prefix is None:
+        return engine.forward_hidden(ids)
+    kv, P = prefix
+    mask = _prefix_mask(ids.shape[1], P, device) if copy_prefix else None
+    return engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=mask)
+
+
+def shared_prefix(engine, seqs: list[list[int]], device):
+    """(kv_caches, P) of the longest token prefix all ``seqs`` share, less one token so that every row keeps a
+    suffix to run; None where they share nothing (a left-truncated prompt, say)."""
+    P = _common_prefix(seqs) - 1
+    return (engine.prefix_kv(to_device([seqs[0][:P]], device)), P) if P > 0 else None
+
+
 def _score_sequences(engine, seqs: list[list[int]], positions: list[list[int]], targets: list[list[int]],
                      device, prefix=None, copy_prefix: bool = True) -> torch.Tensor:
     """Log-probs of targets[i] (token ids) at positions[i] of each padded sequence, in one forward pass, flat
-    and still on the device. ``positions`` index the logits that predict each target. ``prefix``: (kv_caches,
-    length) shared by all; ``copy_prefix``: attend through SDPA on per-row copies of it (else without copies)."""
-    ids = pad_batch(seqs, device)
-    if prefix is None:
-        h = engine.forward_hidden(ids)
-    else:
-        kv, P = prefix
-        mask = _prefix_mask(ids.shape[1], P, device) if copy_prefix else None
-        h = engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=mask)
+    and still on the device. ``positions`` index the logits that predict each target; ``prefix``,
+    ``copy_prefix``: as forward_padded."""
+    h = forward_padded(engine, seqs, device, prefix, copy_prefix)
     rows = to_device([i for i, p in enumerate(positions) for _ in p], device)
     cols = to_device([c for p in positions for c in p], device)
     logp = torch.log_softmax(engine.head(h[rows, cols]), dim=-1)
@@ -128,12 +141,10 @@ def queue_scores(engine, reqs: list[Request], device, batch_size: int, use_prefi
     copy = prefix_attention == "copy"
     done, pending = [], []  # request indices and their scores, still on the device
     for idxs in groups.values():
-        prefix, P = None, 0
+        prefix = None
         if use_prefix_cache and len(idxs) > 1 and engine.supports_prefix_cache:
-            shared = _common_prefix([reqs[i].context for i in idxs]) - 1  # keep >= 1 token in every suffix
-            if shared > 0:  # (a left-truncated context can share nothing with the others)
-                P = shared
-                prefix = (engine.prefix_kv(to_device([reqs[idxs[0]].context[:P]], device)), P)
+            prefix = shared_prefix(engine, [reqs[i].context for i in idxs], device)
+        P = prefix[1] if prefix else 0
         for batch in length_batches([len(reqs[i].context) - P for i in idxs], batch_size, batch_tokens,
                                     prefix=P, kv_tokens=kv_tokens if copy else None):
             chunk = [idxs[j] for j in batch]

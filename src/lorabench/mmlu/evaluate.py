@@ -194,16 +194,20 @@ def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Pa
     opts = resolved(opts, engine, device, sum(len(s.test) for s in subjects))
     out = {}
     if opts.protocol in ("lm-eval", "both"):
+        t0 = time.perf_counter()
         out["lm-eval"] = evaluate_mmlu(engine, model_dir, opts, device, out_dir, progress, subjects)
+        out["lm-eval"]["eval_s"] = time.perf_counter() - t0  # (the scores were read back: the device is done)
     if opts.protocol in ("flagperf", "both"):
         cap = opts.seq_len or seq_len
         if cap > engine.model_cfg.context_limit:
             raise ConfigError(f"--seq-len {cap} exceeds the model's sliding_window {engine.model_cfg.sliding_window} "
                               "(attention here has no window); give a shorter --seq-len for FlagPerf's MMLU")
+        t0 = time.perf_counter()
         out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, cap, device, out_dir,
                                             batch_size=opts.batch_size, batch_tokens=opts.batch_tokens or None,
                                             prefix_cache=opts.prefix_cache, prefix_attention=opts.prefix_attention,
                                             kv_tokens=opts.kv_tokens or None)
+        out["flagperf"]["eval_s"] = time.perf_counter() - t0
     return out
 
 

@@ -1,6 +1,8 @@
 """The run pipeline: each stage alone (resolve, load data, build, measure) and their composition equal to run_job."""
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -181,3 +183,33 @@ def test_eval_goes_through_the_runs_stages(monkeypatch, tmp_path):
     assert main(["eval", "--run-dir", str(tmp_path / "e"), "--no-progress", "--limit", "2"]) == 0
     assert seen == ["resolve", "native", "build"]
     assert (tmp_path / "e" / "eval.json").is_file()
+
+
+def test_a_runs_phases_add_up_to_its_wall_time(tmp_path):
+    """result.json's phases: each stage's seconds in the order they ran, within the total; from the CLI the
+    start-up (interpreter, imports) comes first, counted from the process's start."""
+    from lorabench.cli import main
+
+    job = tiny_job(mmlu=MmluOptions(str(TINY_MMLU), limit=2, protocol="both"), run_dir=tmp_path / "a")
+    t0 = time.perf_counter()
+    phases = run_job(job)["phases"]
+    wall = time.perf_counter() - t0
+    assert list(phases) == ["resolve_s", "data_s", "build_s", "train_s", "mmlu_lm_eval_s", "mmlu_flagperf_s",
+                            "write_s", "total_s"]
+    assert all(v >= 0 for v in phases.values())
+    assert sum(v for k, v in phases.items() if k != "total_s") <= phases["total_s"] <= wall
+    assert phases["train_s"] > 0 and phases["mmlu_flagperf_s"] > 0
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["phases"] == phases
+    assert main(["run", "--no-progress", "--max-steps", "2", "--no-mmlu", "--run-dir", str(tmp_path / "b")]) == 0
+    phases = json.loads((tmp_path / "b" / "result.json").read_text())["phases"]
+    assert list(phases)[:2] == ["startup_s", "resolve_s"] and phases["startup_s"] > 0
+    assert "time per phase: start-up" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_process_age_follows_the_clock():
+    from lorabench.metrics import process_age
+
+    a = process_age()
+    time.sleep(0.2)
+    b = process_age()
+    assert a > 0 and 0.17 <= b - a <= 1.0  # (/proc/uptime counts in hundredths)

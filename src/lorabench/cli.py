@@ -355,7 +355,8 @@ def cmd_run(a) -> int:
               cache_dir=a.cache_dir, progress=not a.no_progress, tensorboard=a.tensorboard, mmlu=mmlu,
               eval_rouge=a.eval_rouge, rouge_max_new_tokens=a.rouge_max_new_tokens,
               precision_off_cuda=p.precision_off_cuda, precision_from_flag=a.precision is not None,
-              settings=config_file.render(build_parser().subcommands["run"], a), config_file=a.config)
+              settings=config_file.render(build_parser().subcommands["run"], a), config_file=a.config,
+              started=_process_start())
     result = run_job(job)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         from .report import render_report
@@ -364,6 +365,14 @@ def cmd_run(a) -> int:
         run_dir = Path(result["run_dir"])
         print(f"wrote {run_dir / 'result.json'}, {run_dir / 'report.md'} and {run_dir / 'config.toml'}")
     return 0
+
+
+def _process_start() -> float | None:
+    """This process's start as a time.perf_counter() reading (None where the system does not say)."""
+    from .metrics import process_age
+
+    age = process_age()
+    return None if age is None else time.perf_counter() - age
 
 
 def cmd_eval(a) -> int:

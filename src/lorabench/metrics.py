@@ -5,8 +5,10 @@ LoRA; its derivation is there) and the peak of the dtype the matmuls run in (``P
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import time
 
 from .precision import Precision
 
@@ -181,3 +183,40 @@ class DeviceMemoryPeak:
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / 1024 ** 3
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc, to the clock tick), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Phases:
+    """Wall-clock seconds of a job's phases in the order they ran, and its total from ``start`` (a perf_counter
+    reading: the process's start where the CLI knows it). A phase that queues device work ends with the device
+    synchronised by the code it times (results read back), so the seconds are the phase's own."""
+
+    def __init__(self, start: float | None = None):
+        self.start = time.perf_counter() if start is None else start
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float):
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def as_dict(self) -> dict:
+        """{phase_s: seconds, ..., "total_s": seconds from start to now}."""
+        return {**{f"{k}_s": v for k, v in self.seconds.items()}, "total_s": time.perf_counter() - self.start}

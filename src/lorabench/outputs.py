@@ -21,16 +21,22 @@ if TYPE_CHECKING:
     from .runner import Data, Plan
 
 
-def write(run_dir: Path, result: dict):
+def write(run_dir: Path, result: dict, phases=None):
     """result.json first (the data), then report.md and the plots (plots.py; without matplotlib, result["plots"]
-    says how to get them), then result.json again naming the plots: a failure at a later file never costs the
-    results."""
+    says how to get them), then result.json again naming the plots (and, with ``phases``, the time this took): a
+    failure at a later file never costs the results."""
+    import time
+
     from .plots import plot_run
 
+    t0 = time.perf_counter()
     write_json_atomic(run_dir / "result.json", result)
     write_text_atomic(run_dir / "report.md", render_report(result))
     drawn = plot_run(result, run_dir)
     result["plots"] = drawn if isinstance(drawn, str) else [p.name for p in drawn]
+    if phases is not None:
+        phases.add("write", time.perf_counter() - t0)
+        result["phases"] = phases.as_dict()
     write_json_atomic(run_dir / "result.json", result)
     write_text_atomic(run_dir / "report.md", render_report(result))
 

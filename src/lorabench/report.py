@@ -151,6 +151,19 @@ def _pct(v):
     return None if v is None else 100 * v
 
 
+PHASE_NAMES = {"startup": "start-up (interpreter, imports, flags)", "resolve": "checks (settings, MMLU questions)",
+               "data": "data (read, tokenise, pack; or the cache)", "build": "model build or load",
+               "train": "training (compiling included)", "rouge": "ROUGE generation", "save_adapter": "adapter",
+               "mmlu_lm_eval": "MMLU lm-eval", "mmlu_flagperf": "MMLU FlagPerf", "write": "writing results"}
+"""What each phase of result.json's phases covers, in words."""
+
+
+def phase_words(phases: dict) -> str:
+    """result.json's phases as one line: each phase's seconds, then the total."""
+    parts = [f"{PHASE_NAMES.get(k[:-2], k[:-2])} {v:.1f} s" for k, v in phases.items() if k != "total_s"]
+    return ", ".join(parts) + f"; {phases['total_s']:.1f} s in all"
+
+
 def render_report(result: dict) -> str:
     m, c, e = result["metrics"], result["config"], result["env"]
     extra = [
@@ -206,6 +219,8 @@ def render_report(result: dict) -> str:
         extra.append(f"- ROUGE-1 / 2 / L on {r['records']} validation records (greedy, at most {r['max_new_tokens']} "
                      f"new tokens{skipped}): before training {trio(r['before'])}, after {trio(r['after'])} "
                      "(rouge_predictions.jsonl)")
+    if result.get("phases"):
+        extra.append(f"- time per phase: {phase_words(result['phases'])}")
     if result.get("adapter_dir"):
         extra.append(f"- adapter: {result['adapter_dir']}")
     if isinstance(result.get("plots"), list) and result["plots"]:

@@ -93,6 +93,9 @@ class Job:
     """The --config file the settings came from (an input --overwrite must never delete)."""
     command: str = "run"
     """run (train, then evaluate) or eval (evaluate the model and init_adapter, no training: ``eval_job``)."""
+    started: float | None = None
+    """The process's start as a time.perf_counter() reading (the CLI's), so the phase times count the start-up
+    (interpreter, imports, flags); None: the phases start when run_job is called."""
 
     def inputs(self) -> dict:
         """{flag: path} of what the job reads, which no --overwrite may touch."""
@@ -127,6 +130,8 @@ class Plan:
     """The output folder once claimed (rank 0; run_job), None for a run that writes nothing."""
     lock: rundir.FolderLock | None = None
     """The run folder's lock (rank 0), held until the run ends."""
+    phases: M.Phases = field(default_factory=M.Phases)
+    """Seconds each stage took (result.json's phases)."""
 
 
 @dataclass
@@ -443,8 +448,14 @@ def run_job(job: Job) -> dict:
 
 
 def _run_job(job: Job) -> dict:
-    plan = resolve(job)
-    data = load_data(plan)
+    phases = M.Phases(job.started)
+    if job.started is not None:
+        phases.add("startup", time.perf_counter() - job.started)
+    with phases("resolve"):
+        plan = resolve(job)
+    plan.phases = phases
+    with phases("data"):
+        data = load_data(plan)
     try:
         ck = claim_output(plan, data)
         return _run(plan, data, ck)
@@ -463,20 +474,24 @@ def _run(plan: Plan, data: Data, ck: resume.CheckpointPlan | None) -> dict:
     if plan.rank != 0:
         plan.run_dir = None  # only rank 0 writes results (the other ranks write their checkpoint RNG files)
     done = [ck.resume["step"] if ck is not None and ck.resume else 0]  # optimiser steps ended, for an OOM message
-    with out_of_memory_message(plan, done, "while building the model"):
+    with out_of_memory_message(plan, done, "while building the model"), plan.phases("build"):
         engine, build_s = build(plan)
     lead = plan.rank == 0
     evaluates = lead or engine.sharded  # a sharded model needs every rank in each forward
     if ck is not None and ck.resume is not None:
         rouge_before = ck.resume.get("extra", {}).get("rouge_before")
+    elif evaluates and job.eval_rouge:
+        with plan.phases("rouge"):
+            rouge_before = rouge_pass(plan, engine, data)
     else:
-        rouge_before = rouge_pass(plan, engine, data) if evaluates and job.eval_rouge else None
+        rouge_before = None
     if ck is not None:
         ck.extra["rouge_before"] = rouge_before
     device_mem = M.DeviceMemoryPeak(plan.device) if plan.device.type == "cuda" else None
     with device_mem or contextlib.nullcontext(), \
             resume.on_signals(ck.stop) if ck is not None else contextlib.nullcontext(), \
-            step_stream(plan.run_dir, done[0], job.tensorboard) as on_step, out_of_memory_message(plan, done):
+            step_stream(plan.run_dir, done[0], job.tensorboard) as on_step, out_of_memory_message(plan, done), \
+            plan.phases("train"):
         def counted(record: dict):
             done[0] = record["step"]
             if on_step is not None:
@@ -510,15 +525,20 @@ def _after_training(plan: Plan, engine: Engine, data: Data, out: dict, build_s: 
 
         adapters = {k: (full(a.detach()), full(b.detach())) for k, (a, b) in engine.adapters().items()}
     if lead and run_dir is not None and job.save_adapter:
-        engine.save_adapter(run_dir / "adapter", adapters)
+        with plan.phases("save_adapter"):
+            engine.save_adapter(run_dir / "adapter", adapters)
         result["adapter_dir"] = str(run_dir / "adapter")
     if evaluates and job.eval_rouge:
-        record_rouge(result, rouge_before, rouge_pass(plan, engine, data), job, run_dir)
+        with plan.phases("rouge"):
+            record_rouge(result, rouge_before, rouge_pass(plan, engine, data), job, run_dir)
     if job.mmlu is not None and evaluates:
-        evaluate(plan, engine, result)
+        done = evaluate(plan, engine, result)
+        for protocol, summary in done.items():
+            plan.phases.add(f"mmlu_{protocol.replace('-', '_')}", summary["eval_s"])
     barrier()
+    result["phases"] = plan.phases.as_dict()
     if lead and run_dir is not None:
-        write(run_dir, result)
+        write(run_dir, result, plan.phases)
         resume.remove(ck)  # the run is complete: its results replace the checkpoint
     return result
 

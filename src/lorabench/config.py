@@ -490,7 +490,8 @@ TRAIN_PRESETS: dict[str, Preset] = {
                             fix_hp="precision=fp16, local_batchsize=4"),
     # The first row's shape in true fp32 (no TF32 anywhere).
     "fp32": Preset(TrainConfig(precision="fp32", batch_size=2, seq_len=512), fix_hp="true fp32 (no TF32)"),
-    "bf16": Preset(TrainConfig(precision="bf16", batch_size=4, seq_len=512), fix_hp="precision=bf16, local_batchsize=4"),
+    "bf16": Preset(TrainConfig(precision="bf16", batch_size=4, seq_len=512),
+                   fix_hp="precision=bf16, local_batchsize=4"),
     # bf16's row with the blocks' frozen projections in FP8 (precision.py, kernels/fp8.py).
     "fp8": Preset(TrainConfig(precision="fp8", batch_size=4, seq_len=512), fix_hp="precision=fp8, local_batchsize=4"),
     # The bundled tiny default: short sequences and a larger lr so that a CPU run shows learning in seconds.

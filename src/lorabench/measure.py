@@ -84,7 +84,8 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
     if out.get("evals"):  # --eval-every: (step, eval loss) pairs, and the best of them
         result["evals"] = out["evals"]
         best = min(range(len(out["evals"]["step"])), key=lambda i: out["evals"]["eval_loss"][i])
-        metrics["best_eval_loss"], metrics["best_eval_step"] = out["evals"]["eval_loss"][best], out["evals"]["step"][best]
+        metrics["best_eval_loss"] = out["evals"]["eval_loss"][best]
+        metrics["best_eval_step"] = out["evals"]["step"][best]
     return result
 
 

@@ -43,7 +43,8 @@ def write(run_dir: Path, result: dict, phases=None):
 
 RESUME_MAY_DIFFER = {
     "job": ("fix_hp", "progress", "tensorboard", "cache_dir", "run_dir", "default_run_dir", "overwrite", "resume",
-            "settings", "config_file", "save_adapter", "precision_from_flag", "device", "train", "lora", "native", "mmlu"),
+            "settings", "config_file", "save_adapter", "precision_from_flag", "device", "train", "lora", "native",
+            "mmlu", "command", "started"),
     "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
               "activation_checkpointing"),  # what the backward keeps changes memory, not the numbers
     "mmlu": ("tokenize_workers",),

@@ -2,8 +2,8 @@
 
 ``NativeOptions`` holds every knob of the engine (attention kernel, fused projections, torch.compile and its mode,
 the dropout-mask generator). A field left None takes the default of the run's precision and device
-(``resolve``), each chosen by measurement (benchmarks/NOTES.md keeps the runs, with card and date); the CLI exposes each field as a flag and
-result.json records the resolved values.
+(``resolve``), each chosen by measurement (benchmarks/NOTES.md keeps the runs, with card and date); the CLI
+exposes each field as a flag and result.json records the resolved values.
 """
 from __future__ import annotations
 

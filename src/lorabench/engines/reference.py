@@ -108,7 +108,8 @@ class ReferenceEngine(PeftEngine):
         if attn not in ("eager", "sdpa"):
             raise ConfigError(f"--attn must be eager or sdpa, got {attn!r}")
         if variant not in (None, "liger", "compile"):
-            raise ConfigError(f"--engine reference+{variant}: unknown variant; use reference+liger or reference+compile")
+            raise ConfigError(f"--engine reference+{variant}: unknown variant; use reference+liger or "
+                              "reference+compile")
         if variant:
             attn = "sdpa"
             self.name = f"reference+{variant}"
@@ -138,7 +139,8 @@ class ReferenceEngine(PeftEngine):
                               target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, peft_cfg)
         # fp16 is FlagPerf's fp16 row (its training/benchmarks/llama2_7b_finetune/pytorch): get_peft_model, then
-        # model.half() (the adapters too), the loss under autocast, GradScaler, fused AdamW (train.py); other dtypes keep PEFT's fp32 adapters
+        # model.half() (the adapters too), the loss under autocast, GradScaler, fused AdamW (train.py); other
+        # dtypes keep PEFT's fp32 adapters
         self.half = dtype == torch.float16
         if self.half:
             self.model.half()

@@ -4,7 +4,8 @@ instead of ours, driven by the same loop, timing and report as every engine.
 ``unsloth`` loads the base in the run's dtype (bf16 or fp16); ``unsloth-fp8`` with ``load_in_fp8=True`` (Unsloth's
 FP8 LoRA: rowwise FP8 forward GEMMs via torchao, input gradients through the dequantized weight, as
 Unsloth's source reads). Unsloth reads an HF model folder: ``--model-dir`` as given, or for ``--init random`` a folder
-of the canonical random weights (checkpoint.random_hf_weights, the same every engine starts from) written once per shape,
+of the canonical random weights (checkpoint.random_hf_weights, the same every engine starts from) written once per
+shape,
 seed and dtype and reused, to /dev/shm where it fits, else to the cache folder. Gradient checkpointing only as
 ``--activation-checkpointing`` says: ``block`` is Unsloth's ``use_gradient_checkpointing=True`` (each decoder
 layer recomputed), ``offload`` its ``"unsloth"`` mode (each layer's input also kept in host memory); the adapters

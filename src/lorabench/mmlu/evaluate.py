@@ -130,9 +130,9 @@ def check_mmlu_options(opts: MmluOptions, model_dir) -> list[Subject]:
     short = [s for s in subjects if len(s.dev) < opts.shots]
     if short:  # the report would say k-shot where fewer shots exist
         s = min(short, key=lambda s: len(s.dev))
-        raise ConfigError(f"--shots {opts.shots}: {opts.dir} has {len(s.dev)} dev questions for {s.name}"
-                          f"{f' and {len(short) - 1} more subjects with fewer than {opts.shots}' if len(short) > 1 else ''}"
-                          f"; give --shots {len(s.dev)} or less")
+        more = f" and {len(short) - 1} more subjects with fewer than {opts.shots}" if len(short) > 1 else ""
+        raise ConfigError(f"--shots {opts.shots}: {opts.dir} has {len(s.dev)} dev questions for {s.name}{more}; "
+                          f"give --shots {len(s.dev)} or less")
     return subjects
 
 

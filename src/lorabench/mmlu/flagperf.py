@@ -1,5 +1,6 @@
 """MMLU by FlagPerf's rules (its dataset/dataloader_mmlu.py and evaluate/evaluator.py under
-training/benchmarks/llama2_7b_finetune/pytorch), so a lab running lorabench beside FlagPerf gets FlagPerf's accuracy figure the way FlagPerf got it.
+training/benchmarks/llama2_7b_finetune/pytorch), so a lab running lorabench beside FlagPerf gets FlagPerf's accuracy
+figure the way FlagPerf got it.
 
 - Prompt: "The following are multiple choice questions (with answers) about" + " " + each word of the subject
   preceded by a space (two spaces after "about") + ".\\n\\n", then each of the first k dev rows as read (not

@@ -202,7 +202,7 @@ def temporaries(d: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "loss.png", "result.json", "report.md",
-                                  "mmlu.json", "config.toml"])
+                                  "mmlu.json", "config.toml", "metrics.jsonl"])
 def test_a_full_disk_at_each_write_is_one_line_and_leaves_no_debris(name, tmp_path, monkeypatch, capsys):
     d = tmp_path / "r"
     out_of_space_at(monkeypatch, name)
@@ -254,6 +254,7 @@ def test_a_real_full_disk(tmp_path, capsys):
     (["bench", "--seq-len", "1", "--device", "cpu"], "--seq-len 1: a sequence needs at least 2 tokens"),
     (["bench", "--timeout", "0", "--device", "cpu"], "--timeout 0"),
     (ARGS + ["--seed", "-1"], "--seed must be between 0 and"),
+    (ARGS + ["--peak-tflops", "0"], "--peak-tflops 0.0: give the device's peak"),
     (ARGS + ["--seed", str(2 ** 40)], "--seed must be between 0 and"),
     (ARGS + ["--lora-targets", "q_proj,q_proj"], "q_proj given more than once"),
     (ARGS + ["--shots", "100", "--limit", "1"], "--shots 100"),
@@ -285,7 +286,9 @@ def test_records_without_content_are_counted_or_refused(tmp_path, monkeypatch, c
 def test_config_file_numbers_must_be_what_the_flag_takes(tmp_path, capsys):
     for text, message in (("max-steps = 3.7\n", "max-steps = 3.7; --max-steps takes a whole number"),
                           ("max_steps = 3\nmax-steps = 4\n", "'max_steps' and 'max-steps' are the same setting"),
-                          ("seed = 1e23\n", "--seed must be between 0 and")):
+                          ("seed = 1e23\n", "--seed must be between 0 and"),
+                          ("data = 5\n", "data = 5; --data takes text (in quotes)"),
+                          ("subjects = 5\n", "subjects = 5; --subjects takes text")):
         cfg = tmp_path / "c.toml"
         cfg.write_text(text)
         assert main(["run", "--config", str(cfg), "--run-dir", str(tmp_path / "x")]) == 2
@@ -359,3 +362,36 @@ def test_a_resumed_runs_warm_up_is_left_out_of_its_timing():
     assert s["step_time_mean_s"] == 1.0 and s["timed_steps"] == 5 and s["tokens_per_s_per_chip"] == 100.0
     tokens = [100.0, 100.0, 100.0, 100.0, 900.0, 100.0, 100.0]
     assert step_stats(times, tokens, 1, resumed_at=4)["tokens_per_s_per_chip"] == 100.0
+
+
+def test_config_toml_names_existing_paths_absolutely(tmp_path, monkeypatch):
+    """A run given relative paths writes them absolute in its config.toml, so a bare --resume (or --config) reads the
+    same files from any folder; a dataset name stays as given."""
+    import shutil
+
+    from lorabench.assets import TINY_DATA
+
+    shutil.copytree(TINY_DATA, tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    assert main(ARGS + ["--data", "d", "--max-steps", "1", "--no-mmlu", "--run-dir", "r"]) == 0
+    text = (tmp_path / "r" / "config.toml").read_text()
+    assert f'data = "{tmp_path / "d"}"' in text
+
+
+def test_ctrl_c_before_the_first_step_gives_the_new_folder_back(tmp_path, monkeypatch, capsys):
+    import lorabench.runner as runner
+
+    def interrupted(plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "build", interrupted)
+    assert main(ARGS + ["--max-steps", "2", "--no-mmlu", "--run-dir", str(tmp_path / "r")]) == 130
+    assert not (tmp_path / "r").exists()  # nothing to resume, so nothing left: the same command runs again
+
+
+def test_resume_refuses_mmlu_for_a_run_started_without_it(tmp_path, capsys):
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "config.toml").write_text("no-mmlu = true\nmax-steps = 2\n")
+    assert main(["run", "--resume", str(d), "--mmlu", str(tmp_path)]) == 2
+    assert "was started with --no-mmlu" in capsys.readouterr().err

@@ -67,6 +67,20 @@ def test_report_re_renders_one_run_and_compares_two(tmp_path, capsys):
     assert "| seed |" not in text  # equal settings are not listed
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no result.json" in capsys.readouterr().err
+    # a comparison never replaces a run's own file, and a folder is no file to write
+    before = (a / "result.json").read_bytes()
+    for out, says in ((a / "result.json", "one of its own files"), (tmp_path, "a folder")):
+        assert main(["report", str(a), str(b), "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err
+    assert (a / "result.json").read_bytes() == before
+    from lorabench import rundir
+
+    held = rundir.lock(a)  # a run still writing the folder: its report is not rendered under it
+    try:
+        assert main(["report", str(a)]) == 2
+        assert "in use by" in capsys.readouterr().err
+    finally:
+        held.release()
 
 
 def test_bench_draws_speed_and_loss_plots(tmp_path):

@@ -342,6 +342,9 @@ def cmd_run(a) -> int:
     if data is None:
         raise ConfigError("--data is required with your own model (samsum folder/file, or 'synthetic')")
     mmlu = None
+    if a.no_mmlu and a.mmlu and a.resume is not None:  # (elsewhere --no-mmlu wins over a --config file's mmlu)
+        raise ConfigError(f"--mmlu {a.mmlu}: the run in {a.resume} was started with --no-mmlu (its config.toml), "
+                          "and a resumed run evaluates as its run did; run lorabench eval on its adapter afterwards")
     if not a.no_mmlu and (a.mmlu or bundled):
         mmlu = mmlu_options(a, a.mmlu or str(TINY_MMLU), "both" if preset.startswith("flagperf-") else "lm-eval")
     default_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{a.engine}"
@@ -498,17 +501,31 @@ def cmd_report(a) -> int:
     results = [(str(d), read_result(d)) for d in a.run_dirs]
     if len(results) == 1:
         d, result = a.run_dirs[0], results[0][1]
+        rundir.check_free(d)  # (a run still writing its folder would have its report replaced under it)
         drawn = plot_run(result, d)
         write_text_atomic(d / "report.md", render_report(result))
         print(render_report(result))
         print(drawn if isinstance(drawn, str) else "wrote " + ", ".join(str(p) for p in [d / "report.md", *drawn]))
         return 0
+    if a.out is not None:
+        _check_report_out(a.out)
     text = compare_runs(results)
     print(text)
     if a.out:
         write_text_atomic(a.out, text)
         print(f"wrote {a.out}")
     return 0
+
+
+def _check_report_out(out: Path):
+    """Refuse a comparison's --out that is a folder, or a file a run wrote in its own folder."""
+    import fnmatch
+
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: a folder; give a file to write, e.g. {out / 'compare.md'}")
+    if rundir.is_recognised(out.parent) and any(fnmatch.fnmatch(out.name, p) for p in rundir.OUTPUT_NAMES):
+        raise ConfigError(f"--out {out}: {out.parent} is a lorabench folder and {out.name} one of its own files; "
+                          "give another name (e.g. compare.md) or another folder")
 
 
 COMMANDS = """commands:

@@ -58,6 +58,8 @@ def defaults_from(parser: argparse.ArgumentParser, table: dict, path: Path) -> d
             continue
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
+        elif action.type in (None, str, Path) and not isinstance(value, str):
+            raise ConfigError(f"--config {path}: {key} = {value!r}; {flag} takes text (in quotes)")
         if action.choices is not None and value not in action.choices:
             raise ConfigError(f"--config {path}: {key} = {value!r}; choose from {', '.join(map(str, action.choices))}")
         if action.type is int and isinstance(value, float):
@@ -88,13 +90,21 @@ def _toml_value(v) -> str | None:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+PATH_SETTINGS = ("data", "mmlu")
+"""Settings of text that may name a path (else a dataset name or 'synthetic'), besides the flags of type Path."""
+
+
 def render(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """The run's settings as a config file (unset optional values left out: they take their defaults again)."""
+    """The run's settings as a config file (unset optional values left out: they take their defaults again). A
+    path that exists is written absolute, so the file reads the same from any folder (``--resume`` from another)."""
     lines = ["# lorabench run settings; rerun with: lorabench run --config THIS_FILE [--run-dir NEW]"]
     for dest, action in _actions(parser).items():
         if dest in NOT_WRITTEN or isinstance(action, (argparse._VersionAction, argparse._HelpAction)):
             continue
-        text = _toml_value(getattr(args, dest, None))
+        value = getattr(args, dest, None)
+        if value is not None and (action.type is Path or dest in PATH_SETTINGS) and Path(value).exists():
+            value = str(Path(value).resolve())
+        text = _toml_value(value)
         if text is not None:
             lines.append(f"{dest.replace('_', '-')} = {text}")
     return "\n".join(lines) + "\n"

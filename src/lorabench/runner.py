@@ -8,6 +8,7 @@ what differs between engines lives in the engines (``Engine.describe``, ``Engine
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -193,6 +194,8 @@ def resolve(job: Job) -> Plan:
     if train.seq_len > cfg.context_limit and not engine_spec.can("beyond-sliding-window"):
         raise engine_spec.refuse(f"--seq-len {train.seq_len} (past the model's sliding_window "
                                  f"{cfg.sliding_window})", "beyond-sliding-window")
+    if job.peak_tflops is not None and not (math.isfinite(job.peak_tflops) and job.peak_tflops > 0):
+        raise ConfigError(f"--peak-tflops {job.peak_tflops}: give the device's peak in TFLOP/s, more than 0")
     if train.checkpoint_minutes is not None and world > 1:
         raise ConfigError("--checkpoint-minutes runs in one process only (ranks would see different clocks); "
                           "use --checkpoint-every under torchrun")
@@ -459,7 +462,7 @@ def _run_job(job: Job) -> dict:
     try:
         ck = claim_output(plan, data)
         return _run(plan, data, ck)
-    except ConfigError:
+    except BaseException:  # a refusal, Ctrl-C or a failure before the first step: the new folder given back
         if plan.run_dir is not None and job.resume is None and plan.lock is not None and \
                 not (plan.run_dir / "metrics.jsonl").exists():
             rundir.unclaim(plan.run_dir, plan.lock)

@@ -66,28 +66,40 @@ class FlagperfRequest:
     paragraph left, the prompt was cut from the left to fit."""
 
 
-def fit_prompt(tok: Tokenizer, prompt: str, seq_len: int) -> tuple[str, int]:
-    """FlagPerf's length rule: drop paragraph 1 while the prompt and BOS exceed seq_len. Returns the prompt and
-    how many paragraphs went."""
-    dropped = 0
-    while len(tok.encode(prompt)) + 1 > seq_len:
-        parts = prompt.split("\n\n")
-        if len(parts) < 2:
-            break
-        parts.pop(1)
-        prompt = "\n\n".join(parts)
-        dropped += 1
-    return prompt, dropped
+def make_requests(tok: Tokenizer, items: list[tuple[Subject, Question]], shots: int,
+                  seq_len: int) -> list[FlagperfRequest]:
+    """Each (subject, question)'s prompt by FlagPerf's length rule: while the prompt and BOS exceed ``seq_len``
+    tokens, drop its paragraph 1 (split on "\\n\\n"). Every round encodes all the prompts still too long in one
+    batch (the tokenizer's threads), the same encodings one prompt at a time would make. Where one paragraph is
+    left and it is still too long, FlagPerf's loop would fail: the tokens are cut from the left to fit."""
+    prompts = [build_prompt(s, q, min(shots, len(s.dev))) for s, q in items]
+    dropped = [0] * len(prompts)
+    ids = tok.encode_batch(prompts) if prompts else []
+    todo = [i for i, x in enumerate(ids) if len(x) + 1 > seq_len]
+    while todo:
+        more = []
+        for i in todo:
+            parts = prompts[i].split("\n\n")
+            if len(parts) >= 2:
+                parts.pop(1)
+                prompts[i], dropped[i] = "\n\n".join(parts), dropped[i] + 1
+                more.append(i)
+        for i, x in zip(more, tok.encode_batch([prompts[i] for i in more]) if more else []):
+            ids[i] = x
+        todo = [i for i in more if len(ids[i]) + 1 > seq_len]
+    out = []
+    for (s, q), x, d in zip(items, ids, dropped):
+        x = tok.with_bos(x)
+        cut = len(x) > seq_len
+        if cut:
+            x = x[len(x) - seq_len:]
+        k = min(shots, len(s.dev))
+        out.append(FlagperfRequest(q, x, max(0, k - d), d, cut or d > k))
+    return out
 
 
 def make_request(tok: Tokenizer, subject: Subject, q: Question, shots: int, seq_len: int) -> FlagperfRequest:
-    shots = min(shots, len(subject.dev))
-    prompt, dropped = fit_prompt(tok, build_prompt(subject, q, shots), seq_len)
-    ids = tok.with_bos(tok.encode(prompt))
-    cut = len(ids) > seq_len
-    if cut:
-        ids = ids[len(ids) - seq_len:]
-    return FlagperfRequest(q, ids, max(0, shots - dropped), dropped, cut or dropped > shots)
+    return make_requests(tok, [(subject, q)], shots, seq_len)[0]
 
 
 def letter_ids(tok: Tokenizer) -> list[int]:
@@ -140,7 +152,7 @@ def evaluate_flagperf(engine, model_dir, subjects: list[Subject], shots: int, se
     predict's prefix_cache, prefix_attention and kv_tokens."""
     tok = Tokenizer(model_dir)
     gold_ids = letter_ids(tok)
-    reqs = [make_request(tok, s, q, shots, seq_len) for s in subjects for q in s.test]
+    reqs = make_requests(tok, [(s, q) for s in subjects for q in s.test], shots, seq_len)
     with engine.evaluating(compiled=False):
         preds = predict(engine, reqs, device, batch_size, batch_tokens, **prefix)
     correct = [int(p == gold_ids[r.q.gold]) for r, p in zip(reqs, preds)]

@@ -1,0 +1,175 @@
+"""4-bit NormalFloat (NF4) frozen weights, as QLoRA defines them (Dettmers et al. 2023, "QLoRA: Efficient Finetuning
+of Quantized LLMs", section 3 and appendix E), in the layout bitsandbytes stores them, so checkpoints quantized by
+bitsandbytes load here and ours load there.
+
+- **Levels**: 16 values in [-1, 1], the quantiles of a standard normal distribution, split so that zero is exact: 8
+  from the positive half and 7 from the negative, each half spread over the probabilities from 0.5 to
+  ``NF4_OFFSET``, then scaled so the largest is 1 (``nf4_levels_float64`` builds them in float64; ``NF4_LEVELS``
+  are those values in float32, as bitsandbytes stores its ``quant_map``).
+- **Blocks**: the weight, flattened in row-major order, is cut into blocks of ``BLOCK`` (64) elements; each block
+  is divided by its absolute maximum (``absmax``) and each element coded by the nearest level. Two codes share a
+  byte, the first element in the high four bits.
+- **Double quantization** (QLoRA's section 3): the float32 absmax constants, less their mean (``offset``), are
+  themselves quantized to 8 bits in blocks of ``NESTED_BLOCK`` (256) with the signed dynamic map
+  (``dynamic_map``: Dettmers' dynamic tree quantization, 2^i values in decade i for i = 0..6, from 1e-6 to 1, both
+  signs, and 0 and 1), which costs 0.127 bits per parameter instead of 0.5.
+
+Dequantizing gives ``level[code] * absmax`` for each element, absmax being ``nested_code[q] * nested_absmax +
+offset`` under double quantization. The functions here are plain PyTorch (any device); tests compare them with
+bitsandbytes bit for bit where it is installed, and with the float64 levels everywhere.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+
+BLOCK = 64
+"""Elements per absmax block (QLoRA's and bitsandbytes' default)."""
+NESTED_BLOCK = 256
+"""Absmax constants per block of the double quantization."""
+NF4_OFFSET = 0.9677083
+"""The largest probability the levels are taken at: QLoRA's choice, so that the outermost level is the mean of the
+normal quantiles 1 - 1/(2 x 15) and 1 - 1/(2 x 16) rather than an infinite one."""
+
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+"""The 16 NF4 levels in float32, in code order (code 7 is 0.0); tests check them against nf4_levels_float64."""
+
+
+def nf4_levels_float64() -> list[float]:
+    """The NF4 levels computed in float64 from the normal quantiles (QLoRA appendix E's construction)."""
+    ppf = NormalDist().inv_cdf
+
+    def probs(n: int) -> list[float]:  # n points from NF4_OFFSET down to 0.5, the last (0.5: quantile 0) left out
+        return [NF4_OFFSET + (0.5 - NF4_OFFSET) * k / (n - 1) for k in range(n - 1)]
+
+    positive = [ppf(p) for p in probs(9)]
+    negative = [-ppf(p) for p in probs(8)]
+    levels = sorted(positive + [0.0] + negative)
+    top = max(abs(v) for v in levels)
+    return [v / top for v in levels]
+
+
+def dynamic_map() -> torch.Tensor:
+    """The signed 8-bit dynamic map (256 float32 values, ascending) that double quantization codes the absmax
+    constants with: in decade i (i = 0..6, values of magnitude 10^(i-6) x [0.1, 1]) the midpoints of 2^i equal
+    steps from 0.1 to 1, both signs, then 0 and 1."""
+    values = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** i + 1)
+        mids = (edges[:-1] + edges[1:]) / 2
+        values += (10.0 ** (i - 6) * mids).tolist() + (-(10.0 ** (i - 6)) * mids).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The index of the level nearest each element of ``x`` (levels ascending; a tie goes to the upper level)."""
+    mids = (levels[:-1] + levels[1:]) / 2
+    return torch.bucketize(x, mids, right=True).to(torch.uint8)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes, float32 absmax per block) of flat float32 ``x`` coded by ``code`` (ascending values in
+    [-1, 1]) after dividing each block of ``block`` elements by its absolute maximum (an all-zero block by 1)."""
+    n = x.numel()
+    pad = (-n) % block
+    blocks = torch.nn.functional.pad(x.float().reshape(-1), (0, pad)).view(-1, block)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    return _nearest(scaled, code.to(x.device)).reshape(-1)[:n], absmax
+
+
+@dataclass
+class NF4Tensor:
+    """A weight stored as NF4 (the fields bitsandbytes' quant state holds)."""
+
+    packed: torch.Tensor
+    """uint8 [ceil(n / 2)]: two 4-bit codes a byte, the first element in the high bits."""
+    absmax: torch.Tensor
+    """Per block of BLOCK: float32, or uint8 codes of the double quantization."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    """The dtype the weight dequantizes to (and was quantized from)."""
+    block: int = BLOCK
+    levels: torch.Tensor = NF4_LEVELS
+    nested_absmax: torch.Tensor | None = None
+    """Double quantization: float32 absmax per block of NESTED_BLOCK absmax codes."""
+    nested_code: torch.Tensor | None = None
+    offset: float = 0.0
+    nested_block: int = NESTED_BLOCK
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+    def block_absmax(self) -> torch.Tensor:
+        """float32 absmax of each block (decoded from the double quantization where there is one)."""
+        if not self.nested:
+            return self.absmax.float()
+        n = self.absmax.numel()
+        code = self.nested_code.to(self.absmax.device)[self.absmax.long()]
+        scale = self.nested_absmax.repeat_interleave(self.nested_block)[:n]
+        return code * scale + self.offset
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as ``dtype``: level[code] x its block's absmax, computed in float32."""
+        n = math.prod(self.shape)
+        codes = torch.stack((self.packed >> 4, self.packed & 0xF), dim=1).reshape(-1)[:n].long()
+        values = self.levels.to(self.packed.device)[codes]
+        pad = (-n) % self.block
+        values = torch.nn.functional.pad(values, (0, pad)).view(-1, self.block) * self.block_absmax()[:, None]
+        return values.reshape(-1)[:n].view(self.shape).to(self.dtype)
+
+    def quant_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors bitsandbytes saves beside ``<prefix>`` (the packed weight itself not included)."""
+        meta = {"quant_type": "nf4", "blocksize": self.block, "dtype": str(self.dtype).removeprefix("torch."),
+                "shape": list(self.shape)}
+        out = {f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.levels}
+        if self.nested:
+            meta.update(nested_blocksize=self.nested_block, nested_dtype="float32", nested_offset=self.offset)
+            out.update({f"{prefix}.nested_absmax": self.nested_absmax, f"{prefix}.nested_quant_map": self.nested_code})
+        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()),
+                                                                      dtype=torch.uint8)
+        return out
+
+
+def quantize_nf4(w: torch.Tensor, double_quant: bool = True, block: int = BLOCK) -> NF4Tensor:
+    """``w`` as NF4 in blocks of ``block``, its absmax constants double-quantized where ``double_quant``."""
+    codes, absmax = quantize_blockwise(w.reshape(-1), NF4_LEVELS, block)
+    if codes.numel() % 2:
+        codes = torch.cat((codes, codes.new_zeros(1)))
+    packed = (codes[0::2] << 4) | codes[1::2]
+    q = NF4Tensor(packed, absmax, tuple(w.shape), w.dtype, block)
+    if double_quant:
+        offset = absmax.mean()
+        q.nested_code = dynamic_map().to(w.device)
+        q.absmax, q.nested_absmax = quantize_blockwise(absmax - offset, q.nested_code, NESTED_BLOCK)
+        q.offset = offset.item()
+    return q
+
+
+def from_quant_state(packed: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str) -> NF4Tensor:
+    """An NF4Tensor from a bitsandbytes checkpoint's packed weight and the quant-state tensors saved beside it
+    (``<prefix>.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map``,
+    ``.quant_state.bitsandbytes__nf4``); a ValueError naming what is missing or not NF4."""
+    key = f"{prefix}.quant_state.bitsandbytes__nf4"
+    if key not in tensors:
+        raise ValueError(f"{prefix}: no {key} (not an NF4 weight of bitsandbytes)")
+    meta = json.loads(bytes(tensors[key].tolist()).decode())
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"{prefix}: quant_type {meta.get('quant_type')!r}; lorabench reads nf4")
+    q = NF4Tensor(packed.reshape(-1), tensors[f"{prefix}.absmax"], tuple(meta["shape"]),
+                  getattr(torch, meta["dtype"]), int(meta["blocksize"]), tensors[f"{prefix}.quant_map"].float())
+    if "nested_blocksize" in meta:
+        q.nested_absmax = tensors[f"{prefix}.nested_absmax"].float()
+        q.nested_code = tensors[f"{prefix}.nested_quant_map"].float()
+        q.offset, q.nested_block = float(meta["nested_offset"]), int(meta["nested_blocksize"])
+    return q

@@ -1,0 +1,120 @@
+"""NF4 frozen weights (kernels/nf4.py): the 16 levels against their float64 construction, the dynamic map of the
+double quantization, quantize and dequantize against a float64 reference written here, the byte layout by a
+hand-worked example, and bitsandbytes' own quantize and dequantize where it is installed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.kernels import nf4
+
+
+def test_levels_are_the_normal_quantiles_of_qlora():
+    """The float32 table against the construction in float64 (normal quantiles at probabilities from 0.9677083 to
+    0.5, 8 positive and 7 negative, over the largest). float32 holds each level to 6e-8; the table's own
+    construction took its probabilities in float32 (1e-7 of 0.97 each, through a quantile slope of ~14 at the
+    outermost level, over its 1.85): 5e-7 bounds both, and a level from a wrong construction (another offset, 8
+    negative levels) is off by more than 1e-2."""
+    want = nf4.nf4_levels_float64()
+    assert len(want) == 16 and want[0] == -1.0 and want[15] == 1.0 and want[7] == 0.0
+    assert max(abs(a - b) for a, b in zip(want, nf4.NF4_LEVELS.tolist())) < 5e-7
+    assert nf4.NF4_LEVELS.tolist() == sorted(nf4.NF4_LEVELS.tolist())
+
+
+def test_dynamic_map_has_2_to_the_i_values_in_decade_i():
+    m = nf4.dynamic_map()
+    assert m.shape == (256,) and m.dtype == torch.float32 and torch.all(m[1:] > m[:-1])
+    assert m[-1] == 1.0 and (m == 0).sum() == 1
+    positive = m[m > 0][:-1]  # (less the 1.0)
+    for i in range(7):
+        decade = positive[(positive >= 10.0 ** (i - 7)) & (positive < 10.0 ** (i - 6))]
+        assert len(decade) == 2 ** i, i
+    assert torch.equal(m[m < 0].flip(0), -positive)
+
+
+def reference(w: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, dequantized values) in float64: each block over its absolute maximum, the nearest level."""
+    x = w.double().reshape(-1, block)
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    levels = torch.tensor(nf4.nf4_levels_float64(), dtype=torch.float64)
+    codes = ((x / absmax)[..., None] - levels).abs().argmin(dim=-1)
+    return codes.reshape(-1), (levels[codes] * absmax).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_and_dequantize_against_float64(dtype):
+    """Without double quantization every element is the level nearest it times its block's absmax: the codes equal
+    the float64 reference's (a tie between two levels has probability ~0 on random data) and the values agree to
+    float32's rounding of a product (then the dtype's own rounding)."""
+    torch.manual_seed(0)
+    w = (torch.randn(96, 128) * 0.02).to(dtype)
+    q = nf4.quantize_nf4(w, double_quant=False)
+    codes, want = reference(w)
+    got_codes = torch.stack((q.packed >> 4, q.packed & 0xF), dim=1).reshape(-1).long()
+    assert torch.equal(got_codes, codes)
+    got = q.dequantize()
+    assert got.dtype == dtype and got.shape == w.shape
+    torch.testing.assert_close(got.double().reshape(-1), want.to(dtype).double(), rtol=0, atol=0) \
+        if dtype != torch.float32 else torch.testing.assert_close(got.double().reshape(-1), want, rtol=1e-6, atol=0)
+
+
+def test_byte_layout_by_hand():
+    """One block [1, -1, 0, 0.5, ...zeros]: codes 15, 0, 7 and the level nearest 0.5 (0.4407, code 12); two codes a
+    byte, the first element in the high four bits; an odd count pads the last byte's low bits."""
+    w = torch.zeros(65)
+    w[:4] = torch.tensor([1.0, -1.0, 0.0, 0.5])
+    q = nf4.quantize_nf4(w, double_quant=False)
+    assert q.packed.shape == (33,)
+    assert q.packed[:2].tolist() == [0xF0, 0x7C] and q.packed[2:].tolist() == [0x77] * 30 + [0x70]
+    assert q.absmax.tolist() == [1.0, 0.0]
+    assert q.dequantize()[:4].tolist() == [1.0, -1.0, 0.0, nf4.NF4_LEVELS[12].item()]
+
+
+def test_double_quantization_keeps_each_absmax_within_half_a_code_step():
+    torch.manual_seed(1)
+    w = torch.randn(512, 256) * 0.02
+    plain, double = nf4.quantize_nf4(w, double_quant=False), nf4.quantize_nf4(w)
+    assert double.absmax.dtype == torch.uint8 and double.nested_absmax.shape == (2048 // 256,)
+    err = (double.block_absmax() - plain.absmax).abs()
+    m = nf4.dynamic_map()
+    step = (m[1:] - m[:-1]).max()  # the widest gap of the map, times each block's scale
+    assert torch.all(err <= step / 2 * double.nested_absmax.repeat_interleave(256) + 1e-7)
+    codes = torch.stack((plain.packed >> 4, plain.packed & 0xF), dim=1).reshape(-1).long()
+    want = (nf4.NF4_LEVELS[codes].view(-1, 64) * double.block_absmax()[:, None]).view(w.shape)
+    assert torch.equal(double.dequantize(), want)  # the same codes, each block's decoded absmax
+
+
+@pytest.fixture
+def bnb():
+    return pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed here")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_against_bitsandbytes(bnb, dtype):
+    """bitsandbytes' quantize_4bit(nf4, double quantization) and ours give the same 4-bit codes, absmax
+    constants, nested scales and offset. Of the 8-bit codes of the absmax constants, its CPU build picks a
+    neighbour of the nearest code for a few (0.2-0.5% here: its table-driven search is approximate where the
+    dynamic map's steps are fine), ours the nearest. Its checkpoint tensors dequantize here bit for bit as it
+    dequantizes them, and ours there as here."""
+    torch.manual_seed(2)
+    w = (torch.randn(1000, 512) * 0.02).to(dtype)
+    qb, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    q = nf4.quantize_nf4(w)
+    assert torch.equal(qb.reshape(-1), q.packed) and torch.equal(state.code, nf4.NF4_LEVELS)
+    assert torch.equal(state.state2.absmax, q.nested_absmax) and state.offset.item() == q.offset
+    assert torch.equal(state.state2.code, q.nested_code)
+    differ = (state.absmax != q.absmax).nonzero().flatten()
+    a = nf4.quantize_blockwise(w.reshape(-1), nf4.NF4_LEVELS, 64)[1] - q.offset
+    m = q.nested_code
+    for i in differ.tolist():
+        x = a[i] / q.nested_absmax[i // 256]
+        mine, theirs = q.absmax[i].long(), state.absmax[i].long()
+        assert abs(mine - theirs) == 1 and (x - m[mine]).abs() <= (x - m[theirs]).abs()
+    assert len(differ) < 0.01 * len(q.absmax)
+    saved = {f"w.{k}": v for k, v in state.as_dict(packed=True).items()}
+    theirs = nf4.from_quant_state(qb, saved, "w")
+    assert torch.equal(theirs.dequantize(), bnb.dequantize_4bit(qb, state))
+    from bitsandbytes.functional import QuantState
+
+    ours = QuantState.from_dict({k.removeprefix("w."): v for k, v in q.quant_state("w").items()}, torch.device("cpu"))
+    assert torch.equal(bnb.dequantize_4bit(q.packed.view(-1, 1), ours), q.dequantize())

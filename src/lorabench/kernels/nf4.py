@@ -173,3 +173,23 @@ def from_quant_state(packed: torch.Tensor, tensors: dict[str, torch.Tensor], pre
         q.nested_code = tensors[f"{prefix}.nested_quant_map"].float()
         q.offset, q.nested_block = float(meta["nested_offset"]), int(meta["nested_blocksize"])
     return q
+
+
+class _Nf4Linear(torch.autograd.Function):
+    """x W^T over an NF4 weight: W dequantized for the forward product and again for the input gradient's, so
+    no dequantized weight outlives its product (the backward holds only the 4-bit codes and their scales). The
+    weight is frozen: no gradient for it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+        ctx.q = q
+        return torch.nn.functional.linear(x, q.dequantize().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.q.dequantize().to(grad.dtype), None
+
+
+def nf4_linear(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """x W^T for a frozen weight stored as NF4 (``q``), computed in x's dtype."""
+    return _Nf4Linear.apply(x, q)

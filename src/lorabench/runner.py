@@ -30,7 +30,7 @@ from .outputs import best_adapter_writer, claim_output, write
 from . import resume, rundir
 from .rouge import record_rouge, rouge_pass
 from .streams import out_of_memory_message, step_stream, tensorboard_writer
-from .distributed import barrier, dist_info, process_group
+from .distributed import barrier, dist_info, process_group, synchronize
 from .train import train_loop
 
 
@@ -422,8 +422,6 @@ def eval_job(job: Job) -> dict:
     plan.run_dir, plan.lock = rundir.claim(job.run_dir, job.overwrite, job.default_run_dir, "eval", job.inputs())
     try:
         engine, load_s = build(plan)
-        from .distributed import synchronize
-
         synchronize(plan.device)
         t0 = time.perf_counter()
         done = evaluate(plan, engine)
@@ -434,7 +432,7 @@ def eval_job(job: Job) -> dict:
                 "init": job.init, "mmlu": done.get("lm-eval"), "mmlu_flagperf": done.get("flagperf")}
         write_json_atomic(plan.run_dir / "eval.json", info)
         return info
-    except ConfigError:
+    except BaseException:  # a refusal, Ctrl-C or a failure before eval.json: the new folder given back
         if not (plan.run_dir / "eval.json").exists():
             rundir.unclaim(plan.run_dir, plan.lock)
         raise

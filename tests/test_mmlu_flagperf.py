@@ -164,3 +164,21 @@ def test_llama2s_tokenizer_length_rule_and_shared_prefixes(llama2_dir, tmp_path)
         want = [int(eng.logits(torch.tensor([r.ids]))[0, -1].argmax()) for r in reqs]
     for prefix in PREFIX_MODES:
         assert fp.predict(eng, reqs, CPU, batch_size=4, **prefix) == want, prefix
+
+
+def test_both_protocols_with_flagperfs_prompts_made_alongside(tmp_path):
+    """--mmlu-protocol both: FlagPerf's prompts made in a thread while lm-eval's questions are scored (as on a GPU)
+    give the same two results and files as one after the other."""
+    from lorabench.mmlu.evaluate import MmluOptions, evaluate_protocols
+
+    eng = build_engine("native", ModelConfig.from_hf_json(TINY_MODEL), LoRAConfig(), model_dir=TINY_MODEL,
+                       device=CPU, precision="fp32", seed=0)
+    eng.eval()
+    opts = MmluOptions(str(TINY_MMLU), protocol="both")
+    runs = {}
+    for overlap in (False, True):
+        out = tmp_path / str(overlap)
+        done = evaluate_protocols(eng, TINY_MODEL, opts, CPU, out, progress=False, overlap=overlap)
+        runs[overlap] = ({k: {f: v for f, v in s.items() if f not in ("eval_s", "timing")} for k, s in done.items()},
+                         [(out / f).read_text() for f in ("mmlu_predictions.jsonl", "mmlu_flagperf_predictions.jsonl")])
+    assert runs[True] == runs[False] and set(runs[True][0]) == {"lm-eval", "flagperf"}

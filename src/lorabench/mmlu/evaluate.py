@@ -184,30 +184,44 @@ def evaluate_mmlu(engine, model_dir, opts: MmluOptions, device, out_dir: Path | 
 
 
 def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Path | None, progress: bool = True,
-                       subjects: list[Subject] | None = None, seq_len: int = 512) -> dict:
+                       subjects: list[Subject] | None = None, seq_len: int = 512,
+                       overlap: bool | None = None) -> dict:
     """Every protocol ``opts`` asks for: {"lm-eval": summary, "flagperf": summary} (those that ran).
-    ``seq_len``: FlagPerf's cap where opts.seq_len is unset (the run's sequence length)."""
-    from .flagperf import evaluate_flagperf
+    ``seq_len``: FlagPerf's cap where opts.seq_len is unset (the run's sequence length). ``overlap``: with both
+    protocols, make FlagPerf's prompts in a thread while lm-eval's are scored (None: on a GPU, where the host is
+    otherwise idle)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .flagperf import evaluate_flagperf, flagperf_requests
 
     if subjects is None:
         subjects = check_mmlu_options(opts, model_dir)
     opts = resolved(opts, engine, device, sum(len(s.test) for s in subjects))
-    out = {}
-    if opts.protocol in ("lm-eval", "both"):
-        t0 = time.perf_counter()
-        out["lm-eval"] = evaluate_mmlu(engine, model_dir, opts, device, out_dir, progress, subjects)
-        out["lm-eval"]["eval_s"] = time.perf_counter() - t0  # (the scores were read back: the device is done)
-    if opts.protocol in ("flagperf", "both"):
-        cap = opts.seq_len or seq_len
-        if cap > engine.model_cfg.context_limit:
-            raise ConfigError(f"--seq-len {cap} exceeds the model's sliding_window {engine.model_cfg.sliding_window} "
-                              "(attention here has no window); give a shorter --seq-len for FlagPerf's MMLU")
-        t0 = time.perf_counter()
-        out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, cap, device, out_dir,
-                                            batch_size=opts.batch_size, batch_tokens=opts.batch_tokens or None,
-                                            prefix_cache=opts.prefix_cache, prefix_attention=opts.prefix_attention,
-                                            kv_tokens=opts.kv_tokens or None)
-        out["flagperf"]["eval_s"] = time.perf_counter() - t0
+    cap = opts.seq_len or seq_len
+    if opts.protocol in ("flagperf", "both") and cap > engine.model_cfg.context_limit:
+        raise ConfigError(f"--seq-len {cap} exceeds the model's sliding_window {engine.model_cfg.sliding_window} "
+                          "(attention here has no window); give a shorter --seq-len for FlagPerf's MMLU")
+    out, pool, prepared = {}, None, None
+    if opts.protocol == "both" and (device.type == "cuda" if overlap is None else overlap):
+        pool = ThreadPoolExecutor(1)  # (the tokenizer's own threads do the work, outside the GIL)
+        prepared = pool.submit(flagperf_requests, model_dir, subjects, opts.shots, cap)
+    try:
+        if opts.protocol in ("lm-eval", "both"):
+            t0 = time.perf_counter()
+            out["lm-eval"] = evaluate_mmlu(engine, model_dir, opts, device, out_dir, progress, subjects)
+            out["lm-eval"]["eval_s"] = time.perf_counter() - t0  # (the scores were read back: the device is done)
+        if opts.protocol in ("flagperf", "both"):
+            t0 = time.perf_counter()
+            out["flagperf"] = evaluate_flagperf(engine, model_dir, subjects, opts.shots, cap, device, out_dir,
+                                                batch_size=opts.batch_size, batch_tokens=opts.batch_tokens or None,
+                                                reqs=prepared.result() if prepared else None,
+                                                prefix_cache=opts.prefix_cache,
+                                                prefix_attention=opts.prefix_attention,
+                                                kv_tokens=opts.kv_tokens or None)
+            out["flagperf"]["eval_s"] = time.perf_counter() - t0  # (its prompts' making overlapped on a GPU)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 

@@ -145,14 +145,22 @@ def predict(engine, reqs: list[FlagperfRequest], device, batch_size: int, batch_
     return out
 
 
+def flagperf_requests(model_dir, subjects: list[Subject], shots: int, seq_len: int) -> list[FlagperfRequest]:
+    """Every test question of ``subjects`` as FlagPerf prompts it (make_requests), in order."""
+    return make_requests(Tokenizer(model_dir), [(s, q) for s in subjects for q in s.test], shots, seq_len)
+
+
 def evaluate_flagperf(engine, model_dir, subjects: list[Subject], shots: int, seq_len: int, device,
-                      out_dir: Path | None, batch_size: int, batch_tokens: int | None = None, **prefix) -> dict:
+                      out_dir: Path | None, batch_size: int, batch_tokens: int | None = None,
+                      reqs: list[FlagperfRequest] | None = None, **prefix) -> dict:
     """MMLU by FlagPerf's rules over ``subjects``; writes mmlu_flagperf.json and mmlu_flagperf_predictions.jsonl
-    (subject, index, pred_token_id, gold_token_id, correct, shots per question) to ``out_dir``. ``prefix``:
-    predict's prefix_cache, prefix_attention and kv_tokens."""
+    (subject, index, pred_token_id, gold_token_id, correct, shots per question) to ``out_dir``. ``reqs``: the
+    questions' requests where already made (flagperf_requests); ``prefix``: predict's prefix_cache,
+    prefix_attention and kv_tokens."""
     tok = Tokenizer(model_dir)
     gold_ids = letter_ids(tok)
-    reqs = make_requests(tok, [(s, q) for s in subjects for q in s.test], shots, seq_len)
+    if reqs is None:
+        reqs = flagperf_requests(model_dir, subjects, shots, seq_len)
     with engine.evaluating(compiled=False):
         preds = predict(engine, reqs, device, batch_size, batch_tokens, **prefix)
     correct = [int(p == gold_ids[r.q.gold]) for r, p in zip(reqs, preds)]

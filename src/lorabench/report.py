@@ -93,7 +93,8 @@ def seed_row(result: dict) -> dict[str, str]:
     return {
         "config": f"{c['nnodes']}x{c['gpus_per_node']} {c['engine']} {c['precision']}",
         "fix_hp": c.get("fix_hp") or "/",
-        "token/p/s": _fmt(m.get("tokens_per_s_flagperf"), ".0f"),
+        "token/p/s": _fmt(m.get("tokens_per_s_flagperf"), ".0f")
+        + (" (CPU)" if on_cpu(result) and m.get("tokens_per_s_flagperf") is not None else ""),
         "loss": _fmt(m.get("loss_flagperf"), ".2f"),
         "mem": mem,
         "acc(MMLU)": _fmt(m["mmlu_acc_flagperf"], ".3f") if m.get("mmlu_acc_flagperf") is not None

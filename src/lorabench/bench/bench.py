@@ -215,7 +215,8 @@ def table(rows: list[dict]) -> str:
         else:
             line = {
                 "engine": r["engine"], "preset": r["preset"], "LBS": r["batch_size"],
-                "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f"),
+                "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f")
+                + (" (CPU)" if str(r.get("device_name", "")).startswith("cpu") else ""),
                 "±95%": "-" if r.get("step_time_ci95_rel") is None else f"{100 * r['step_time_ci95_rel']:.1f}%",
                 "MFU": "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                 "peak alloc GiB": f(r["peak_mem_allocated_gib"], ".1f"), "loss@N": f(r["loss_final"], ".4f"),

@@ -178,6 +178,12 @@ def test_ctrl_c_during_mmlu_leaves_a_resumable_run(tmp_path, monkeypatch, capsys
     assert_same_run(a, b)
     assert a["rouge"] == b["rouge"] and b["metrics"]["mmlu_acc_flagperf"] is not None
     assert not (d / "checkpoint").exists()  # the results written, the checkpoint goes
+    monkeypatch.setattr(runner, "write", interrupted)  # Ctrl-C while the results are written: said so
+    capsys.readouterr()
+    assert main(job + ["--run-dir", str(tmp_path / "writing")]) == 130
+    assert "interrupted while writing the results after step 4" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     # a run with nothing after training writes no extra checkpoint at its end
     assert main(ARGS + ["--max-steps", "2", "--no-mmlu", "--run-dir", str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain" / "checkpoint").exists()

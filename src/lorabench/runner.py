@@ -133,6 +133,8 @@ class Plan:
     """The run folder's lock (rank 0), held until the run ends."""
     phases: M.Phases = field(default_factory=M.Phases)
     """Seconds each stage took (result.json's phases)."""
+    writing: bool = False
+    """The results are being written (what an interrupt then stops)."""
 
 
 @dataclass
@@ -505,7 +507,8 @@ def _run(plan: Plan, data: Data, ck: resume.CheckpointPlan | None) -> dict:
     except KeyboardInterrupt:
         if ck is None or not resume.states(ck.folder):
             raise
-        raise resume.Interrupted(out["steps"], ck.folder, "while evaluating after training") from None
+        during = "while writing the results" if plan.writing else "while evaluating after training"
+        raise resume.Interrupted(out["steps"], ck.folder, during) from None
     return result
 
 
@@ -539,6 +542,7 @@ def _after_training(plan: Plan, engine: Engine, data: Data, out: dict, build_s: 
     barrier()
     result["phases"] = plan.phases.as_dict()
     if lead and run_dir is not None:
+        plan.writing = True
         write(run_dir, result, plan.phases)
         resume.remove(ck)  # the run is complete: its results replace the checkpoint
     return result

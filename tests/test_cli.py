@@ -471,3 +471,20 @@ def test_every_module_imports_first():
                                  stderr=subprocess.PIPE) for n in names}
     bad = {n: p.communicate()[1].decode().strip().splitlines()[-1:] for n, p in procs.items()}
     assert not {n: e for n, e in bad.items() if procs[n].returncode}
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_line(monkeypatch, capsys):
+    """Ctrl-C during the seconds `import torch` takes stops with one line and exit 130, not a traceback."""
+    import sys
+
+    from lorabench.__main__ import run
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "lorabench.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "lorabench.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert run() == 130
+    assert capsys.readouterr().err == "lorabench: interrupted\n"

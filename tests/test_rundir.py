@@ -235,7 +235,11 @@ def test_a_read_only_working_directory_is_one_line_for_each_command(tmp_path, mo
         ro.chmod(0o555)
     try:
         monkeypatch.chdir(ro)
-        refused(ARGS, capsys, "cannot make", "give --run-dir")
+        import lorabench.runner as runner
+
+        with monkeypatch.context() as m:  # refused before any data is read or tokenised
+            m.setattr(runner, "_load_data", lambda plan: pytest.fail("data read before the folder was checked"))
+            refused(ARGS, capsys, "cannot make", "give --run-dir")
         refused(["eval", "--limit", "1"], capsys, "cannot make")
         refused(["bench", "--engines", "native", "--presets", "tiny", "--steps", "3", "--untimed-steps", "1",
                  "--device", "cpu"], capsys, "cannot make")

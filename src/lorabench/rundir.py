@@ -183,9 +183,19 @@ def _empty_but_ours(folder: Path) -> bool:
     return all(e.name in (MARKER, LOCK) for e in folder.iterdir())
 
 
-def check_claimable(run_dir: Path | None, overwrite: bool = False, inputs: dict | None = None):
+def check_claimable(run_dir: Path | None, overwrite: bool = False, inputs: dict | None = None,
+                    default: Path | None = None):
     """The checks ``claim`` makes before it takes a folder, reading only: a job runs them before any work, so a
-    refusal costs nothing (``claim`` makes them again under the lock)."""
+    refusal costs nothing (``claim`` makes them again under the lock). ``default``: the folder made where
+    ``run_dir`` is None; the nearest existing folder above a folder to be made must be writable."""
+    made = Path(run_dir) if run_dir is not None else Path(default) if default is not None else None
+    if made is not None and (run_dir is None or not made.exists()):
+        base = made.absolute().parent
+        while not base.exists():
+            base = base.parent
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise ConfigError(f"{base}: cannot make {made} here (no write access); give --run-dir a folder you can "
+                              "write")
     if run_dir is None:
         return
     run_dir = Path(run_dir)

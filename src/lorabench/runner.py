@@ -237,7 +237,7 @@ def resolve(job: Job) -> Plan:
         if job.resume is not None:
             rundir.check_free(Path(job.resume))
         else:
-            rundir.check_claimable(job.run_dir, job.overwrite, job.inputs())
+            rundir.check_claimable(job.run_dir, job.overwrite, job.inputs(), job.default_run_dir)
     nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     native = job.native.resolve(precision, device)
     train = replace(train, activation_checkpointing=checkpointing_policy(job.engine, train.activation_checkpointing,

@@ -42,7 +42,7 @@ def test_default_run_end_to_end(tmp_path, capsys):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and r["adapter_dir"]
     report = (run_dir / "report.md").read_text()
     assert report.count("| 1x1 native fp32 |") == 1 and "lorabench's own measurements" in report
-    assert f"| {m['tokens_per_s_flagperf']:.0f} (CPU) | {m['loss_flagperf']:.2f} |" in report  # (measured on a CPU, said so)
+    assert f"| {m['tokens_per_s_flagperf']:.0f} (CPU) | {m['loss_flagperf']:.2f} |" in report  # (a CPU's, said so)
     preds = (run_dir / "mmlu_predictions.jsonl").read_text().splitlines()
     assert len(preds) == m["mmlu_questions"] == 40
     assert set(json.loads(preds[0])) == {"subject", "index", "gold", "pred", "logprobs"}

@@ -83,9 +83,10 @@ CHANGES = [
     (["--seed", "7"], "seed = 42, this run has 7"),
     (["--eval-batches", "1"], "eval_batches = None, this run has 1"),
     (["--untimed-steps", "5"], "untimed_steps = 2, this run has 5"),
-    (["--mmlu-protocol", "both"], "mmlu = "),
+    (["--mmlu-protocol", "both"], "mmlu.protocol = 'lm-eval', this run has 'both' (--mmlu-protocol)"),
     (["--no-mmlu"], "mmlu = {"),
-    (["--shots", "2"], "mmlu = "),
+    (["--shots", "2"], "mmlu.shots = 5, this run has 2 (--shots)"),
+    (["--lora-r", "4"], "lora_r = 8, this run has 4 (--lora-r)"),
     (["--peak-tflops", "100"], "peak_tflops = None, this run has 100.0"),
 ]
 

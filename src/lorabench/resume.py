@@ -196,14 +196,35 @@ def load(run_dir: Path, rank: int) -> dict:
     return state
 
 
+FLAG_OF = {"data_format": "--format", "model_preset": "--model", "mmlu.dir": "--mmlu",
+           "mmlu.batch_size": "--mmlu-batch-size", "mmlu.batch_tokens": "--mmlu-batch-tokens",
+           "mmlu.kv_tokens": "--mmlu-kv-tokens", "mmlu.protocol": "--mmlu-protocol",
+           "mmlu.compiled_graph": "--mmlu-compiled-graph", "mmlu.prefix_cache": "--no-prefix-cache",
+           "mmlu.seq_len": "--seq-len", "mmlu": "--mmlu/--no-mmlu", "chunks": "--data", "tokens_sha256": "--data",
+           "world_size": "the torchrun world size"}
+"""Fingerprint keys whose flag is not their own name in kebab case."""
+
+
+def _first_difference(saved, now, key: str = ""):
+    """(dotted key, saved value, new value) of the first setting that differs, inside tables too."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for k in [*saved, *(k for k in now if k not in saved)]:
+            if saved.get(k) != now.get(k):
+                return _first_difference(saved.get(k), now.get(k), f"{key}.{k}" if key else k)
+    return key, saved, now
+
+
 def check_fingerprint(saved: dict, now: dict, run_dir: Path):
     """Refuse to resume a checkpoint of a different job, naming the first setting that differs (in the
-    fingerprint's order: the user's settings before what follows from them)."""
-    for key in [*saved, *(k for k in now if k not in saved)]:
-        if saved.get(key) != now.get(key):
-            raise ConfigError(f"--resume {run_dir}: the checkpoint was made with {key} = {saved.get(key)!r}, this "
-                              f"run has {now.get(key)!r}; a setting that changes the numbers cannot change on "
-                              f"resume (a bare --resume {run_dir} reads the run's own settings from its config.toml)")
+    fingerprint's order: the user's settings before what follows from them) and its flag."""
+    if saved == now:
+        return
+    key, was, new = _first_difference(saved, now)
+    leaf = key.rsplit(".", 1)[-1]
+    flag = FLAG_OF.get(key) or FLAG_OF.get(leaf) or "--" + leaf.replace("_", "-")
+    raise ConfigError(f"--resume {run_dir}: the checkpoint was made with {key} = {was!r}, this run has {new!r} "
+                      f"({flag}); a setting that changes the numbers cannot change on resume (a bare --resume "
+                      f"{run_dir} reads the run's own settings from its config.toml)")
 
 
 def remove(plan: CheckpointPlan):

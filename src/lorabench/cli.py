@@ -410,8 +410,8 @@ def cmd_eval(a) -> int:
         print(f"MMLU by FlagPerf's rules: acc {fp['acc']:.3f} ({fp['acc_exact']:.4f}) over {fp['questions']} "
               f"questions, prompts within {fp['seq_len']} tokens; shots dropped for {fp['shots_dropped']}, the "
               f"question itself cut for {fp['question_cut']}")
-    done = {k: info[k] for k in ("mmlu", "mmlu_flagperf") if info[k] is not None}
-    print(json.dumps({**{f"acc_{'lm-eval' if k == 'mmlu' else 'flagperf'}": v["acc"] for k, v in done.items()},
+    accs = {"acc_lm-eval": info["mmlu"], "acc_flagperf": info["mmlu_flagperf"]}
+    print(json.dumps({**{k: s["acc"] for k, s in accs.items() if s is not None},
                       **{k: info[k] for k in ("load_s", "eval_s", "precision", "engine")}}))
     return 0
 
@@ -519,11 +519,9 @@ def cmd_report(a) -> int:
 
 def _check_report_out(out: Path):
     """Refuse a comparison's --out that is a folder, or a file a run wrote in its own folder."""
-    import fnmatch
-
     if out.is_dir():
         raise ConfigError(f"--out {out}: a folder; give a file to write, e.g. {out / 'compare.md'}")
-    if rundir.is_recognised(out.parent) and any(fnmatch.fnmatch(out.name, p) for p in rundir.OUTPUT_NAMES):
+    if rundir.is_recognised(out.parent) and rundir.is_output_name(out.name):
         raise ConfigError(f"--out {out}: {out.parent} is a lorabench folder and {out.name} one of its own files; "
                           "give another name (e.g. compare.md) or another folder")
 

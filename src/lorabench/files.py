@@ -4,6 +4,7 @@ complete. A write that runs out of space (ENOSPC, quota) removes its temporary f
 names the file and the bytes it needed; the CLI turns it into one line and exit code 6."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,6 +31,18 @@ def disk_full(path: Path, needed: int | None, e: BaseException) -> DiskFull:
                     f"checkpointed run: --resume it) [{e.strerror if isinstance(e, OSError) else e}]")
 
 
+@contextlib.contextmanager
+def full_disk_names(path: Path, needed: int | None = None):
+    """Inside: a write that runs out of space raises ``DiskFull`` naming ``path`` (and the ``needed`` bytes); any
+    other error passes as it is."""
+    try:
+        yield
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path, needed, e) from None
+        raise
+
+
 def _write(path: Path, f, data: bytes):
     """One file's bytes (its own function, so a test can make it run out of space for a chosen file)."""
     f.write(data)
@@ -50,20 +63,17 @@ def write_bytes_atomic(path: Path, data: bytes, sync: bool = False) -> None:
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            _write(Path(tmp), f, data)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        honour_umask(tmp)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        if is_disk_full(e):
-            raise disk_full(path, len(data), e) from None
-        raise
+        with full_disk_names(path, len(data)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                _write(Path(tmp), f, data)
+                f.flush()
+                if sync:
+                    os.fsync(f.fileno())
+            honour_umask(tmp)
+            os.replace(tmp, path)
+            tmp = None
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

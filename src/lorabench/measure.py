@@ -89,7 +89,6 @@ def measure(plan: Plan, engine: Engine, data: Data, out: dict, build_s: float,
     return result
 
 
-
 def memory_stats(device: torch.device, device_mem: M.DeviceMemoryPeak | None = None) -> dict:
     """torch's allocated/reserved peaks, the device's total, and the sampled device-wide peak where there is one."""
     sampled = {"peak_mem_device_gib": None if device_mem is None else device_mem.peak_gib,

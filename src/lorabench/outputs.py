@@ -4,6 +4,7 @@ written in an order where a failure at a later file never costs an earlier one (
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,8 +26,6 @@ def write(run_dir: Path, result: dict, phases=None):
     """result.json first (the data), then report.md and the plots (plots.py; without matplotlib, result["plots"]
     says how to get them), then result.json again naming the plots (and, with ``phases``, the time this took): a
     failure at a later file never costs the results."""
-    import time
-
     from .plots import plot_run
 
     t0 = time.perf_counter()
@@ -117,5 +116,3 @@ def best_adapter_writer(plan: Plan, engine: Engine):
             plan.train.shard != "none":  # (a sharded run's adapters would need every rank to gather them)
         return None
     return lambda step, loss: engine.save_adapter(plan.run_dir / "best_adapter")
-
-

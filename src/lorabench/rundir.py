@@ -42,6 +42,11 @@ CONTENTS = {"adapter": ("adapter_config.json", "adapter_model.safetensors"),
 """What lorabench writes inside its own subfolders: anything else in them is foreign."""
 
 
+def is_output_name(name: str) -> bool:
+    """Whether a file called ``name`` is one lorabench writes in an output folder (OUTPUT_NAMES)."""
+    return any(fnmatch.fnmatch(name, pattern) for pattern in OUTPUT_NAMES)
+
+
 def _lorabench_entry(entry: Path, bench: bool = False) -> bool:
     """Whether ``entry`` is something lorabench writes: a file of OUTPUT_NAMES, one of its subfolders holding only
     its own files, or (in a bench folder, ``bench``) a row's run folder that no process holds."""
@@ -54,7 +59,7 @@ def _lorabench_entry(entry: Path, bench: bool = False) -> bool:
         if any(fnmatch.fnmatch(entry.name, p) for p in OUTPUT_NAMES if p.startswith(".")):
             return True  # a temporary folder of lorabench's (.adapter-*)
         return bench and holder(entry) is None and is_recognised(entry) and foreign_entries(entry) == []
-    return any(fnmatch.fnmatch(entry.name, pat) for pat in OUTPUT_NAMES)
+    return is_output_name(entry.name)
 
 
 def is_recognised(folder: Path) -> bool:

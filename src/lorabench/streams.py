@@ -118,32 +118,32 @@ def step_stream(run_dir: Path | None, resumed_at: int, tensorboard: bool | None 
     path = run_dir / "metrics.jsonl"
     kept = kept_lines(path, resumed_at) if resumed_at and path.is_file() else []
 
-    def written(where: Path, write, size: int | None = None):
-        """``write()``; a full disk there is DiskFull naming the file (exit 6), any other error as it is."""
-        try:
-            write()
-        except OSError as e:
-            if files.is_disk_full(e):
-                raise files.disk_full(where, size, e) from None
-            raise
-
+    # (a full disk at any of these writes is DiskFull naming the file: exit 6)
     try:
-        f = open(path, "w")
+        with files.full_disk_names(path):
+            f = open(path, "w")
         try:
-            written(path, lambda: files._write(path, f, "".join(line + "\n" for line in kept)) or f.flush())
+            with files.full_disk_names(path):
+                files._write(path, f, "".join(line + "\n" for line in kept))
+                f.flush()
 
             def on_step(record: dict):
                 line = json.dumps(record) + "\n"
-                written(path, lambda: files._write(path, f, line) or f.flush(), len(line))
+                with files.full_disk_names(path, len(line)):
+                    files._write(path, f, line)
+                    f.flush()
                 if board is not None:
                     for k, v in record.items():
                         if k != "step" and isinstance(v, (int, float)):
                             board.add_scalar("eval/loss" if k == "eval_loss" else f"train/{k}", v, record["step"])
-                    written(run_dir / "tensorboard", board.flush)
+                    with files.full_disk_names(run_dir / "tensorboard"):
+                        board.flush()
 
             yield on_step
         finally:
-            written(path, f.close)
+            with files.full_disk_names(path):
+                f.close()
     finally:
         if board is not None:
-            written(run_dir / "tensorboard", board.close)
+            with files.full_disk_names(run_dir / "tensorboard"):
+                board.close()

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .config import ConfigError, ModelConfig
 from .kernels.fp8 import FP8_DTYPES, quantize_rows
+from .kernels.nf4 import quantize_nf4
 from .shapes import hf_param_shape
 
 # HF LlamaForCausalLM name -> our name; {i} is the layer index.
@@ -148,20 +149,30 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
     """Copy (HF name, tensor) pairs into ``model``'s parameters, converting dtype/device on the way.
     ``to_native``: map names through ``hf_to_native`` (our engine) or use them as they are (HF model).
     A parameter stored in FP8 (Llama.store_fp8) gets the tensor quantized per output channel, its scales written to
-    the buffer ``<name>_scale``. Fails naming the source on a missing, unexpected or mis-shaped tensor."""
+    the buffer ``<name>_scale``; one stored as NF4 (Llama.store_nf4) gets it quantized to NF4 (quantized.py). A
+    bitsandbytes NF4 weight (its packed codes and quant state) loads as it is into an NF4 parameter and dequantized
+    into any other. Fails naming the source on a missing, unexpected or mis-shaped tensor."""
     from tqdm.auto import tqdm
 
+    from .quantized import NF4_FORMAT, Bnb4bitReader, set_nf4
     from .shard import copy_into
 
     # every name a parameter answers to, tied aliases included (lm_head.weight when it is the embedding)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())  # an FP8 weight's scales: <name>_scale beside it
+    modules = dict(model.named_modules())
+    bnb = Bnb4bitReader(source)
     seen: set[int] = set()
     # a bar only on a terminal (disable=None): a 7B checkpoint takes tens of seconds to read
     for hf_name, t in tqdm(tensors, total=len(params), desc=f"load {source}", unit="tensor", disable=None,
                            leave=False, dynamic_ncols=True):
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer older HF checkpoints carry; we compute it
+        quantized, got = bnb.take(hf_name, t)
+        if quantized:
+            if got is None:
+                continue  # the rest of this 4-bit weight is still to come
+            hf_name, t = got
         name = hf_name
         if to_native:
             try:
@@ -171,17 +182,26 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
         if name not in params:
             raise ConfigError(f"{source}: unexpected tensor {hf_name!r}")
         p = params[name]
-        if tuple(p.shape) != tuple(t.shape):
-            raise ConfigError(f"{source}: {hf_name} has shape {tuple(t.shape)}, the config says {tuple(p.shape)}; "
+        owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+        nf4 = p.dtype == NF4_FORMAT
+        shape = (owner.out_features, owner.in_features) if nf4 else tuple(p.shape)
+        if tuple(shape) != tuple(t.shape):
+            raise ConfigError(f"{source}: {hf_name} has shape {tuple(t.shape)}, the config says {shape}; "
                               "does config.json match the weights?")
         with torch.no_grad():
-            if p.dtype in FP8_DTYPES:  # quantized on its device, one tensor at a time (kernels/fp8.py)
-                q, scale = quantize_rows(t.to(p.device), p.dtype)
-                p.copy_(q)
-                buffers[name + "_scale"].copy_(scale.view(-1))
+            if nf4:  # quantized on its device, one tensor at a time, unless bitsandbytes did it already
+                set_nf4(owner, t if quantized else quantize_nf4(t.to(p.device)))
             else:
-                copy_into(p, t)  # (a sharded parameter takes its part)
+                if quantized:
+                    t = t.dequantize()
+                if p.dtype in FP8_DTYPES:  # quantized on its device, one tensor at a time (kernels/fp8.py)
+                    q, scale = quantize_rows(t.to(p.device), p.dtype)
+                    p.copy_(q)
+                    buffers[name + "_scale"].copy_(scale.view(-1))
+                else:
+                    copy_into(p, t)  # (a sharded parameter takes its part)
         seen.add(id(p))
+    bnb.finish()
     missing = [n for n, p in params.items() if id(p) not in seen and ".lora_" not in n]
     if missing:
         raise ConfigError(f"{source}: missing tensors for {', '.join(missing[:5])}"

@@ -29,8 +29,9 @@ from .streams import OutOfMemory
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--precision": ("precision", str, "fp32 (true fp32), tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 "
-                    "weights + GradScaler), bf16, or fp8 (the blocks' frozen projections in FP8, forward and "
-                    "input-gradient GEMMs in FP8; Ada/Hopper GPUs, emulated on a CPU)"),
+                    "weights + GradScaler), bf16, fp8 (the blocks' frozen projections in FP8, forward and "
+                    "input-gradient GEMMs in FP8; Ada/Hopper GPUs, emulated on a CPU) or nf4 (QLoRA: those "
+                    "projections in 4-bit NF4, dequantized to bf16 for each product; any device)"),
     "--batch-size": ("batch_size", int, "local batch size (packed sequences per micro-batch per chip)"),
     "--seq-len": ("seq_len", int, "tokens per packed sequence"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimiser step"),

@@ -332,7 +332,8 @@ class TrainConfig:
     precision: str = "fp32"
     """A name of precision.PRECISIONS: fp32 (weights and math in fp32), tf32 (fp32 weights, TF32 matmuls), fp16
     (fp16 weights + GradScaler, as FlagPerf's model.half()), bf16 (bf16 weights), fp8 (bf16 with the blocks'
-    frozen projections in FP8). Adapter weights stay fp32, as PEFT keeps them."""
+    frozen projections in FP8), nf4 (bf16 with them in 4-bit NF4: QLoRA). Adapter weights stay fp32, as PEFT keeps
+    them."""
     batch_size: int = 2
     """Local batch size (LBS): packed sequences per micro-batch per chip."""
     seq_len: int = 512
@@ -494,6 +495,9 @@ TRAIN_PRESETS: dict[str, Preset] = {
                    fix_hp="precision=bf16, local_batchsize=4"),
     # bf16's row with the blocks' frozen projections in FP8 (precision.py, kernels/fp8.py).
     "fp8": Preset(TrainConfig(precision="fp8", batch_size=4, seq_len=512), fix_hp="precision=fp8, local_batchsize=4"),
+    # QLoRA: the seed's LoRA over a 4-bit NF4 base, bf16 compute (precision.py, quantized.py).
+    "qlora": Preset(TrainConfig(precision="nf4", batch_size=4, seq_len=512),
+                    fix_hp="precision=nf4 (QLoRA), local_batchsize=4"),
     # The bundled tiny default: short sequences and a larger lr so that a CPU run shows learning in seconds.
     "tiny": Preset(TrainConfig(precision="fp32", batch_size=8, seq_len=128, epochs=2, lr=2e-3, untimed_steps=2,
                                eval_batches=None),

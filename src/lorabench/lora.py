@@ -20,6 +20,7 @@ import torch.nn as nn
 from .config import ConfigError, LoRAConfig
 from .kernels.dropout import keep_mask, unpack_mask
 from .kernels.fp8 import WEIGHT_FORMAT, dequantize, frozen_linear
+from .quantized import is_nf4, nf4_forward, nf4_weight, store_nf4
 
 
 class Adapter(abc.ABC):
@@ -79,13 +80,20 @@ class LoRALinear(Adapter, nn.Module):
         self.weight_scale = torch.ones(self.out_features, dtype=torch.float32, device=w.device)
         self.grad_dtype = grad_dtype
 
+    def store_nf4(self):
+        """Hold the frozen weight as NF4 (quantized.py), filled when it is loaded."""
+        store_nf4(self, self.out_features, self.in_features, self.weight.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
         return y + self.delta(x) if self.enabled else y
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen projection alone (its bias included)."""
-        y = frozen_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+        if is_nf4(self):
+            y = nf4_forward(self, x)
+        else:
+            y = frozen_linear(x, self.weight, self.weight_scale, self.grad_dtype)
         return y if self.bias is None else y + self.bias
 
     @property
@@ -105,7 +113,9 @@ class LoRALinear(Adapter, nn.Module):
                              self.fresh_input)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + scale * B A in the base dtype (for export and the merge invariant)."""
+        """W + scale * B A in the base dtype (for export and the merge invariant); bf16 for a quantized weight."""
+        if is_nf4(self):
+            return (nf4_weight(self, torch.float32).dequantize() + self.scale * (self.lora_B @ self.lora_A)).bfloat16()
         if self.weight_scale is None:
             return (self.weight.float() + self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
         return (dequantize(self.weight, self.weight_scale) + self.scale * (self.lora_B @ self.lora_A)).bfloat16()

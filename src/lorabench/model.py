@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .kernels.attention import ATTENTION_IMPLS, attend, sdpa_priority
 from .kernels.cross_entropy import frozen_head_cross_entropy
 from .kernels.fp8 import WEIGHT_FORMAT, fp8_linear
+from .quantized import Nf4Linear
 from .lora import Adapter, LoRALinear, shared_input_deltas
 from .recompute import RECOMPUTING, checkpointed
 from .shapes import PROJECTIONS, projection_shapes
@@ -357,17 +358,29 @@ class Llama(nn.Module):
         adapters); embeddings, norms, lm_head and the skipped projections stay in the model's dtype. Call on the meta
         device, before the weights are loaded, so the full-precision model never exists (checkpoint.load_into
         quantizes each tensor as it arrives)."""
+        self._store_projections(lambda c: c.store_fp8(grad_dtype),
+                                lambda c: Fp8Linear(c.in_features, c.out_features, grad_dtype, device=c.weight.device,
+                                                    bias=c.bias), skip)
+
+    def store_nf4(self):
+        """Every decoder block's seven projections held as NF4 (quantized.py; adapted ones keep their adapters);
+        embeddings, norms and lm_head stay in the model's dtype. Call on the meta device, as store_fp8."""
+        self._store_projections(lambda c: c.store_nf4(),
+                                lambda c: Nf4Linear(c.in_features, c.out_features, device=c.weight.device,
+                                                    bias=c.bias))
+
+    def _store_projections(self, adapted, plain, skip: tuple[str, ...] = ()):
+        """``adapted(child)`` on each adapted block projection, each plain one replaced by ``plain(child)``."""
         if self.compiled_layers is not None or self.layers[0].attn.qkv_weight is not None:
-            raise RuntimeError("store_fp8 goes before fuse_projections and compile_blocks")
+            raise RuntimeError("quantized projections go before fuse_projections and compile_blocks")
         for layer in self.layers:
             for mod in (layer.attn, layer.mlp):
                 for name in PROJECTIONS:
                     child = getattr(mod, name, None) if name not in skip else None
                     if isinstance(child, LoRALinear):
-                        child.store_fp8(grad_dtype)
+                        adapted(child)
                     elif isinstance(child, nn.Linear):
-                        setattr(mod, name, Fp8Linear(child.in_features, child.out_features, grad_dtype,
-                                                     device=child.weight.device, bias=child.bias))
+                        setattr(mod, name, plain(child))
 
     def compile_blocks(self, mode: str | None = None):
         """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has

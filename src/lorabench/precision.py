@@ -7,7 +7,8 @@ strings.
 
 No precision autocasts: fp16 and bf16 store the frozen base in that dtype (FlagPerf's ``model.half()``) and the
 native engine computes its adapter path in the activations' dtype over fp32 master weights (lora.py). fp8 stores
-the blocks' frozen projections in float8 e4m3 and runs everything else as bf16 does.
+the blocks' frozen projections in float8 e4m3 and runs everything else as bf16 does; nf4 stores them as 4-bit
+NormalFloat (QLoRA) and computes in bf16.
 """
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ class Precision:
     """The decoder blocks' frozen projections are stored in FP8 with per-channel scales and their forward and
     input-gradient GEMMs run in FP8 (kernels/fp8.py; emulated off CUDA); ``dtype`` is then the activations',
     the embeddings' and lm_head's."""
+    nf4_weights: bool = False
+    """The decoder blocks' frozen projections are stored as 4-bit NF4 (QLoRA; quantized.py, kernels/nf4.py) and
+    dequantized to ``dtype`` for each product; ``dtype`` is the activations', the embeddings' and lm_head's."""
+
+    @property
+    def weights(self) -> str | None:
+        """The quantized format of the blocks' frozen projections ("fp8", "nf4"), None for plain ``dtype``."""
+        return "fp8" if self.fp8_weights else "nf4" if self.nf4_weights else None
 
     @contextmanager
     def matmul_mode(self):
@@ -69,6 +78,8 @@ PRECISIONS: dict[str, Precision] = {
     "fp16": Precision("fp16", torch.float16, grad_scaler=True, peak_key="fp16"),
     "bf16": Precision("bf16", torch.bfloat16, peak_key="bf16"),
     "fp8": Precision("fp8", torch.bfloat16, peak_key="fp8", fp8_weights=True),
+    # the products run in bf16 over weights dequantized from NF4: bf16's peak
+    "nf4": Precision("nf4", torch.bfloat16, peak_key="bf16", nf4_weights=True),
 }
 
 

@@ -53,8 +53,8 @@ def check(shard: str, engine: str, precision, world: int, mmlu: bool, rouge: boo
     elif not spec(engine).can("shard"):
         able = " and ".join(s.name for s in SPECS.values() if s.can("shard"))
         why = f"shards the {able} engines; --engine {engine} is not sharded"
-    elif precision.fp8_weights:
-        why = "does not shard FP8 weights yet; use --precision bf16"
+    elif precision.weights:
+        why = f"does not shard {precision.weights.upper()} weights yet; use --precision bf16"
     elif (mmlu or rouge) and not spec(engine).can("evaluate-sharded"):
         able = " and ".join(s.name for s in SPECS.values() if s.can("evaluate-sharded"))
         why = (f"evaluates (MMLU, --eval-rouge) with the {able} engine only (every rank takes part in each "

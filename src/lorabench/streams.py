@@ -43,9 +43,11 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
             tries.append("--activation-checkpointing block")
         elif policy == "block" and "offload" in engine.checkpointing:
             tries.append("--activation-checkpointing offload (the blocks' inputs in host memory)")
-        if engine.can("fp8-weights") and not plan.precision.fp8_weights:
+        if engine.can("fp8-weights") and not plan.precision.weights:
             tries.append("--precision fp8 (Ada/Hopper)" if plan.precision.dtype in (torch.bfloat16, torch.float16)
                          else "--precision bf16")
+        if engine.can("nf4-weights") and plan.precision.weights != "nf4":
+            tries.append("--precision nf4 (the frozen weights in 4 bits)")
         if t.seq_len > 512:
             tries.append("a shorter --seq-len")
         kept = (f"; the {done[0]} steps so far are in {plan.run_dir / 'metrics.jsonl'}"

@@ -26,13 +26,15 @@ ENGINES = tuple(SPECS)
 
 def precision_problem(name: str, precision: Precision) -> str | None:
     """Why engine ``name`` cannot run ``precision`` (None if it can), so a row's precision always says what its
-    weights were: FP8 weights only under --precision fp8, and --precision fp8 only on an engine with FP8 weights."""
+    weights were: FP8 (NF4) weights only under --precision fp8 (nf4), and --precision fp8 (nf4) only on an engine
+    with such weights."""
     s = spec(name)
     if precision.name in s.precisions:
         return None
-    if precision.fp8_weights:
-        able = [e.name for e in SPECS.values() if e.can("fp8-weights")]
-        return f"--engine {name} has no FP8 weights; --precision fp8 runs on {' and '.join(able)}"
+    if precision.weights:
+        able = [e.name for e in SPECS.values() if e.can(f"{precision.weights}-weights")]
+        return (f"--engine {name} has no {precision.weights.upper()} weights; --precision {precision.name} runs on "
+                f"{' and '.join(able)}")
     if s.precisions == ("fp8",):
         return f"--engine {name} holds FP8 weights; run it with --precision fp8 (preset fp8), not {precision.name}"
     return f"--engine {name} runs {', '.join(s.precisions)}, not --precision {precision.name}"

@@ -19,6 +19,7 @@ CAPABILITIES = {
     "packing-documents": "--packing documents (positions and attention within each record)",
     "beyond-sliding-window": "training past a sliding window (checked against transformers at any --seq-len)",
     "fp8-weights": "FP8 frozen weights (--precision fp8)",
+    "nf4-weights": "4-bit NF4 frozen weights, QLoRA (--precision nf4)",
     "native-options": "the native engine's tuning flags (NativeOptions)",
     "cuda-only": "runs on CUDA devices only",
 }
@@ -65,9 +66,9 @@ _NON_FP8 = ("fp32", "tf32", "fp16", "bf16")
 
 SPECS: dict[str, EngineSpec] = {s.name: s for s in (
     EngineSpec("native", "native:build", "ours: model.py + lora.py, tuned by NativeOptions",
-               (*_NON_FP8, "fp8"), NATIVE_CHECKPOINTING,
+               (*_NON_FP8, "fp8", "nf4"), NATIVE_CHECKPOINTING,
                frozenset({"shard", "shard-at-build", "evaluate-sharded", "packing-documents",
-                          "beyond-sliding-window", "fp8-weights", "native-options"})),
+                          "beyond-sliding-window", "fp8-weights", "nf4-weights", "native-options"})),
     EngineSpec("reference", "reference:build", "transformers + PEFT, FlagPerf's stack", _NON_FP8,
                ("none", "block"), frozenset({"shard", "packing-documents", "beyond-sliding-window"})),
     EngineSpec("reference+liger", "reference:build", "transformers + PEFT with Liger's kernels", _NON_FP8,

@@ -103,7 +103,8 @@ class NF4Tensor:
     nested_absmax: torch.Tensor | None = None
     """Double quantization: float32 absmax per block of NESTED_BLOCK absmax codes."""
     nested_code: torch.Tensor | None = None
-    offset: float = 0.0
+    offset: float | torch.Tensor = 0.0
+    """Double quantization: the mean subtracted from the absmax constants (a 0-d float32 tensor in a module)."""
     nested_block: int = NESTED_BLOCK
 
     @property
@@ -122,7 +123,8 @@ class NF4Tensor:
     def dequantize(self) -> torch.Tensor:
         """The weight as ``dtype``: level[code] x its block's absmax, computed in float32."""
         n = math.prod(self.shape)
-        codes = torch.stack((self.packed >> 4, self.packed & 0xF), dim=1).reshape(-1)[:n].long()
+        packed = self.packed.reshape(-1)
+        codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n].long()
         values = self.levels.to(self.packed.device)[codes]
         pad = (-n) % self.block
         values = torch.nn.functional.pad(values, (0, pad)).view(-1, self.block) * self.block_absmax()[:, None]
@@ -132,10 +134,12 @@ class NF4Tensor:
         """The tensors bitsandbytes saves beside ``<prefix>`` (the packed weight itself not included)."""
         meta = {"quant_type": "nf4", "blocksize": self.block, "dtype": str(self.dtype).removeprefix("torch."),
                 "shape": list(self.shape)}
-        out = {f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.levels}
+        # copies of the shared code tables: each weight's state saves on its own (safetensors refuses shared memory)
+        out = {f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.levels.clone()}
         if self.nested:
-            meta.update(nested_blocksize=self.nested_block, nested_dtype="float32", nested_offset=self.offset)
-            out.update({f"{prefix}.nested_absmax": self.nested_absmax, f"{prefix}.nested_quant_map": self.nested_code})
+            meta.update(nested_blocksize=self.nested_block, nested_dtype="float32", nested_offset=float(self.offset))
+            out.update({f"{prefix}.nested_absmax": self.nested_absmax,
+                        f"{prefix}.nested_quant_map": self.nested_code.clone()})
         out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()),
                                                                       dtype=torch.uint8)
         return out
@@ -178,18 +182,31 @@ def from_quant_state(packed: torch.Tensor, tensors: dict[str, torch.Tensor], pre
 class _Nf4Linear(torch.autograd.Function):
     """x W^T over an NF4 weight: W dequantized for the forward product and again for the input gradient's, so
     no dequantized weight outlives its product (the backward holds only the 4-bit codes and their scales). The
-    weight is frozen: no gradient for it."""
+    weight is frozen: no gradient for it. Its tensors come as separate arguments (an offset as a 0-d tensor), so
+    that a compiled block traces one graph for every layer."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
-        ctx.q = q
-        return torch.nn.functional.linear(x, q.dequantize().to(x.dtype))
+    def forward(ctx, x, packed, absmax, levels, nested_absmax, nested_code, offset, meta):
+        ctx.meta = meta
+        ctx.save_for_backward(packed, absmax, levels, nested_absmax, nested_code, offset)
+        return torch.nn.functional.linear(x, _weight(packed, absmax, levels, nested_absmax, nested_code, offset,
+                                                     meta, x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.q.dequantize().to(grad.dtype), None
+        w = _weight(*ctx.saved_tensors, ctx.meta, grad.dtype)
+        return grad @ w, None, None, None, None, None, None, None
+
+
+def _weight(packed, absmax, levels, nested_absmax, nested_code, offset, meta, dtype) -> torch.Tensor:
+    shape, block, nested_block = meta
+    return NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset,
+                     nested_block).dequantize()
 
 
 def nf4_linear(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
-    """x W^T for a frozen weight stored as NF4 (``q``), computed in x's dtype."""
-    return _Nf4Linear.apply(x, q)
+    """x W^T for a frozen weight stored as NF4 (``q``), computed in x's dtype (the weight dequantized in float32,
+    then rounded to x's dtype, as bitsandbytes dequantizes)."""
+    offset = q.offset if isinstance(q.offset, torch.Tensor) else torch.tensor(q.offset, device=q.packed.device)
+    return _Nf4Linear.apply(x, q.packed, q.absmax, q.levels.to(q.packed.device), q.nested_absmax, q.nested_code,
+                            offset, (tuple(q.shape), q.block, q.nested_block))

@@ -1,0 +1,282 @@
+"""--precision nf4 (QLoRA): the native engine with its block projections stored as NF4 (quantized.py).
+
+The references: the bf16 engine of the same seed (its weights quantized by kernels.nf4.quantize_nf4, itself tested
+against float64 and bitsandbytes in test_nf4.py), the bf16 engine computing over the dequantized weights (the same
+model in another storage), and bitsandbytes' own Linear4bit where it is installed.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lorabench.checkpoint import load_into, random_hf_weights, write_hf_dir
+from lorabench.config import ConfigError, LoRAConfig, ModelConfig, TrainConfig
+from lorabench.data.synthetic import synthetic_chunks
+from lorabench.engines import NativeOptions, build_engine
+from lorabench.kernels.nf4 import quantize_nf4
+from lorabench.quantized import Nf4Linear, is_nf4, nf4_weight
+from lorabench.shapes import PROJECTIONS
+from lorabench.train import train_loop
+
+CPU = torch.device("cpu")
+CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0)
+
+
+def _engine(precision: str, lora: LoRAConfig, **kw):
+    return build_engine("native", CFG, lora, model_dir=kw.pop("model_dir", None), device=CPU, precision=precision,
+                        seed=0, **kw)
+
+
+def _projections(model):
+    for i, layer in enumerate(model.layers):
+        for part in (layer.attn, layer.mlp):
+            for name in PROJECTIONS:
+                if hasattr(part, name):
+                    yield f"layers.{i}.{name}", part, name
+
+
+def test_nf4_engine_holds_each_block_projection_quantized_from_the_bf16_weights(lora_cfg):
+    e4, e16 = _engine("nf4", lora_cfg), _engine("bf16", lora_cfg)
+    n = 0
+    for (where, p4, name), (_, p16, _) in zip(_projections(e4.model), _projections(e16.model), strict=True):
+        m4, m16 = getattr(p4, name), getattr(p16, name)
+        want = quantize_nf4(m16.weight.detach())
+        assert is_nf4(m4) and not m4.weight.requires_grad, where
+        assert torch.equal(m4.weight.reshape(-1), want.packed) and torch.equal(m4.weight_absmax, want.absmax), where
+        assert torch.equal(nf4_weight(m4).dequantize(), want.dequantize()), where
+        assert (name in lora_cfg.targets) == hasattr(m4, "lora_A"), where
+        n += 1
+    assert n == 7 * CFG.num_hidden_layers
+    p4, p16 = dict(e4.model.named_parameters()), dict(e16.model.named_parameters())
+    for name in ("embed.weight", "lm_head.weight", "norm.weight", "layers.0.attn_norm.weight"):
+        assert name in p4 and p4[name].dtype == torch.bfloat16 and torch.equal(p4[name], p16[name]), name
+    assert "NF4" in e4.describe()["numerics"]
+
+
+def test_nf4_store_takes_4_point_1_bits_a_weight():
+    """A 4096 x 4096 projection: 4 bits a weight for the codes, 8 bits per block of 64 for the absmax codes and a
+    float32 per 256 blocks (QLoRA's double quantization: 4.127 bits a weight), plus the 16 + 256 float32 code
+    tables."""
+    m = Nf4Linear(4096, 4096, device="meta")
+    n = 4096 * 4096
+    total = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    assert total == n // 2 + n // 64 + 4 * (n // 64 // 256) + 4 * (1 + 16 + 256)
+    assert 4.12 < 8 * total / n < 4.13
+
+
+def _dequantized_bf16_engine(e4, lora):
+    """The bf16 engine with every block projection's weight replaced by the NF4 engine's, dequantized."""
+    e16 = _engine("bf16", lora)
+    with torch.no_grad():
+        for (_, p4, name), (_, p16, _) in zip(_projections(e4.model), _projections(e16.model), strict=True):
+            getattr(p16, name).weight.copy_(nf4_weight(getattr(p4, name)).dequantize())
+    return e16
+
+
+def test_nf4_computes_as_bf16_over_the_dequantized_weights(lora_cfg):
+    """Logits, loss and adapter gradients of the NF4 model equal those of the bf16 model holding its dequantized
+    weights: the same products in the same dtype, only the storage differs (so any difference is a bug: a weight
+    in the wrong module, a wrong block scale, a missing adapter or input gradient)."""
+    ids = torch.from_numpy(synthetic_chunks(2, 32, CFG.vocab_size, seed=4)).long()
+    e4 = _engine("nf4", lora_cfg)
+    e16 = _dequantized_bf16_engine(e4, lora_cfg)
+    grads = []
+    for eng in (e4, e16):
+        with torch.no_grad():
+            for a, b in eng.adapters().values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))  # B = 0 would hide A's gradient
+        loss = eng.loss(ids, ids)
+        loss.backward()
+        grads.append((loss.detach(), eng.logits(ids).detach(),
+                      torch.cat([p.grad.flatten() for p in eng.trainable_params()])))
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():  # and the NF4 model is not the bf16 one: quantization moved the logits
+        assert not torch.equal(grads[0][1], _engine("bf16", lora_cfg).logits(ids))
+
+
+def test_nf4_trains_as_bf16_over_the_dequantized_weights_and_learns():
+    """Ten steps of the same data and init (dropout 0): the loss curves are equal step for step, and fall."""
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
+    rng = np.random.default_rng(1)
+    pair = [np.tile(rng.integers(0, CFG.vocab_size, 8), 4) for _ in range(2)]
+    data = np.stack(pair * 10).astype(np.int32)
+    cfg = TrainConfig(precision="bf16", batch_size=2, seq_len=32, epochs=1, max_steps=10, lr=3e-2, untimed_steps=0,
+                      shuffle=False)
+    e4 = _engine("nf4", lora)
+    e16 = _dequantized_bf16_engine(e4, lora)
+    c4 = np.array(train_loop(e4, data, cfg, CPU, progress=False)["series"]["loss"])
+    c16 = np.array(train_loop(e16, data, cfg, CPU, progress=False)["series"]["loss"])
+    np.testing.assert_array_equal(c4, c16)
+    assert c4[-1] < c4[0] - 0.05
+
+
+def test_nf4_merged_weight_is_the_dequantized_weight_plus_the_update(lora_cfg):
+    m = _engine("nf4", lora_cfg).model.layers[0].attn.v_proj
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.1)
+    ref = nf4_weight(m, torch.float64).dequantize() + m.scale * (m.lora_B.double() @ m.lora_A.double())
+    torch.testing.assert_close(m.merged_weight().double(), ref, rtol=2.0 ** -8, atol=1e-6)  # one bf16 rounding
+
+
+def test_nf4_options_that_do_not_apply_are_refused(lora_cfg):
+    with pytest.raises(ConfigError, match="--fused-projections does not apply to --precision nf4"):
+        _engine("nf4", lora_cfg, native=NativeOptions(fused_projections=True))
+    with pytest.raises(ConfigError, match="--fp8-grad applies to --precision fp8 only, not nf4"):
+        _engine("nf4", lora_cfg, native=NativeOptions(fp8_grad="e5m2"))
+    with pytest.raises(ConfigError, match="--engine reference has no NF4 weights; --precision nf4 runs on native"):
+        build_engine("reference", CFG, lora_cfg, model_dir=None, device=CPU, precision="nf4", seed=0)
+
+
+def test_nf4_is_refused_where_it_cannot_be_sharded():
+    from lorabench.precision import get_precision
+    from lorabench.shard import check
+
+    with pytest.raises(ConfigError, match="--shard fsdp does not shard NF4 weights yet"):
+        check("fsdp", "native", get_precision("nf4"), 2, False, False)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+
+def _bnb_style(tensors: dict[str, torch.Tensor], nested_for=lambda name: True) -> dict[str, torch.Tensor]:
+    """``tensors`` as bitsandbytes saves a 4-bit model: each block projection's weight as its packed codes
+    ([n / 2, 1] uint8) beside its quant state (``<name>.weight.absmax`` ...), the rest as they are."""
+    out = {}
+    for name, t in tensors.items():
+        if ".layers." in name and name.endswith("_proj.weight"):
+            q = quantize_nf4(t, double_quant=nested_for(name))
+            out[name] = q.packed.view(-1, 1)
+            out.update(q.quant_state(name))
+        else:
+            out[name] = t
+    return out
+
+
+def test_a_bitsandbytes_nf4_checkpoint_loads_as_it_is(tmp_path, lora_cfg):
+    """A checkpoint quantized by bitsandbytes' rules, some weights with double quantization and some without: an
+    nf4 model keeps each weight's own codes and state (the undouble-quantized ones with float32 absmax, which a
+    re-quantization would not give); a bf16 model loads the same checkpoint dequantized."""
+    tensors = dict(random_hf_weights(CFG, 5, CPU, torch.bfloat16))
+    plain = "model.layers.1.self_attn.q_proj.weight"
+    write_hf_dir(tmp_path, CFG, _bnb_style(tensors, nested_for=lambda n: n != plain))
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                 "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    e4 = _engine("nf4", lora_cfg, model_dir=tmp_path)
+    e16 = _engine("bf16", lora_cfg, model_dir=tmp_path)
+    q_plain = e4.model.layers[1].attn.q_proj
+    assert q_plain.weight_absmax.dtype == torch.float32 and q_plain.weight_nested_absmax is None
+    want = quantize_nf4(tensors[plain], double_quant=False)
+    assert torch.equal(q_plain.weight_absmax, want.absmax)
+    down = e4.model.layers[0].mlp.down_proj
+    want = quantize_nf4(tensors["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(down.weight.reshape(-1), want.packed) and torch.equal(down.weight_absmax, want.absmax)
+    assert down.weight_offset.item() == want.offset and torch.equal(down.weight_nested_absmax, want.nested_absmax)
+    for (_, p4, name), (_, p16, _) in zip(_projections(e4.model), _projections(e16.model), strict=True):
+        assert torch.equal(nf4_weight(getattr(p4, name)).dequantize(), getattr(p16, name).weight), name
+    assert torch.equal(e16.model.embed.weight, tensors["model.embed_tokens.weight"])
+
+
+def test_a_damaged_or_other_quantized_checkpoint_is_refused(lora_cfg):
+    tensors = _bnb_style(dict(random_hf_weights(CFG, 5, CPU, torch.bfloat16)))
+
+    def load(ts, precision="nf4"):
+        load_into(_engine(precision, lora_cfg).model, iter(ts.items()), True, "ckpt")
+
+    cut = {k: v for k, v in tensors.items() if k != "model.layers.0.mlp.up_proj.weight.nested_absmax"}
+    with pytest.raises(ConfigError, match=r"ckpt: the 4-bit weight model.layers.0.mlp.up_proj.weight is incomplete"):
+        load(cut)
+    key = "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"
+    fp4 = {k.replace("bitsandbytes__nf4", "bitsandbytes__fp4"): v for k, v in tensors.items()}
+    with pytest.raises(ConfigError, match=r"4-bit FP4 \(bnb_4bit_quant_type='fp4'\) weight; lorabench reads NF4"):
+        load(fp4, "bf16")
+    with pytest.raises(ConfigError, match=r"8-bit \(load_in_8bit\)"):
+        load({**tensors, "model.layers.0.mlp.up_proj.SCB": torch.ones(3)})
+    bad = dict(tensors)
+    bad[key] = torch.tensor(list(b'{"quant_type": "nf4"'), dtype=torch.uint8)  # cut short
+    with pytest.raises(ConfigError, match="up_proj.weight is not a readable bitsandbytes NF4 weight"):
+        load(bad)
+
+
+@pytest.fixture
+def bnb():
+    return pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed here")
+
+
+def test_bitsandbytes_linear4bit_weights_load_and_compute_as_there(bnb, lora_cfg):
+    """Each block projection made by bitsandbytes' Linear4bit (nf4, double quantization, bf16 compute) and its
+    state dict streamed into the nf4 model: every projection dequantizes bit for bit as bitsandbytes dequantizes
+    it, and computes its output as Linear4bit does. Rows here are multiples of 64 wide, as in the models people
+    quantize: bitsandbytes 0.50's CPU dequantize_4bit is wrong for other widths (on a [64, 96] weight its error
+    is 4x the quantization's, ours within it; its codes and absmax equal ours there too)."""
+    import bitsandbytes.functional as F
+
+    cfg = ModelConfig(**{**CFG.__dict__, "intermediate_size": 128})
+    tensors = dict(random_hf_weights(cfg, 5, CPU, torch.bfloat16))
+    layers = {}
+    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+        w = tensors.pop(name)
+        lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                compress_statistics=True)
+        lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        lin = lin.to("cpu")
+        layers[name] = lin
+        tensors.update({f"{name[:-len('.weight')]}.{k}": v for k, v in lin.state_dict().items()})
+    e4 = build_engine("native", cfg, lora_cfg, model_dir=None, device=CPU, precision="nf4", seed=0)
+    load_into(e4.model, iter(tensors.items()), True, "bitsandbytes")
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    for i, layer in enumerate(e4.model.layers):
+        for part, prefix in ((layer.attn, "self_attn"), (layer.mlp, "mlp")):
+            for name in PROJECTIONS:
+                if not hasattr(part, name):
+                    continue
+                lin = layers[f"model.layers.{i}.{prefix}.{name}.weight"]
+                mod = getattr(part, name)
+                theirs = F.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+                assert torch.equal(nf4_weight(mod).dequantize(), theirs), (i, name)
+                xi = x[:, :mod.in_features]
+                with torch.no_grad():
+                    got = mod.base_forward(xi) if hasattr(mod, "lora_A") else mod(xi)
+                    torch.testing.assert_close(got, lin(xi), rtol=0, atol=0)
+
+
+def test_nf4_run_and_eval_on_the_cli(tmp_path, monkeypatch):
+    """The CLI end to end in nf4 on a CPU (the qlora preset's precision): a short run of the bundled tiny model with
+    its MMLU sample, then `eval` of the adapter it wrote, also in nf4, giving the run's own score."""
+    from lorabench.cli import main
+
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["run", "--no-progress", "--device", "cpu", "--precision", "nf4", "--max-steps", "3",
+                 "--run-dir", str(run)]) == 0
+    r = json.loads((run / "result.json").read_text())
+    assert r["config"]["precision"] == "nf4" and "NF4" in r["config"]["engine_options"]["numerics"]
+    ev = tmp_path / "eval"
+    assert main(["eval", "--no-progress", "--device", "cpu", "--precision", "nf4", "--adapter", str(run / "adapter"),
+                 "--run-dir", str(ev)]) == 0
+    e = json.loads((ev / "eval.json").read_text())
+    assert e["precision"] == "nf4"
+    assert e["mmlu"]["acc"] == pytest.approx(r["metrics"]["mmlu_acc"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_compiled_nf4_blocks_train_as_eager():
+    """torch.compile of NF4 blocks (the GPU default) computes the training of the eager ones, without a graph
+    break. In bf16 a fused graph rounds its intermediates differently from eager ops (2^-8 relative each, mostly
+    averaging out in the loss): 3e-5 relative measured, 1e-3 allowed."""
+    pytest.importorskip("torch._inductor")
+    import torch._dynamo.utils
+
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
+    cfg = TrainConfig(precision="nf4", batch_size=2, seq_len=32, epochs=1, max_steps=3, lr=1e-2, untimed_steps=0)
+    data = synthetic_chunks(16, 32, CFG.vocab_size, seed=2)
+    torch._dynamo.utils.counters.clear()
+    engines = [_engine("nf4", lora, native=NativeOptions(compile=c)) for c in (False, True)]
+    curves = [train_loop(e, data, cfg, CPU, progress=False)["series"]["loss"] for e in engines]
+    assert engines[1].model.compiled_layers is not None and not torch._dynamo.utils.counters["graph_break"]
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-3)

@@ -214,6 +214,8 @@ def test_bench_skips_rows_an_engine_cannot_run():
     assert "no FP8 weights" in _cannot_run("reference", "fp8", {})
     assert "no FP8 weights" in _cannot_run("reference", "bf16", {"precision": "fp8"})
     assert _cannot_run("native", "fp8", {}) is None
+    assert "no NF4 weights" in _cannot_run("reference", "qlora", {})
+    assert _cannot_run("unsloth-4bit", "qlora", {}) is None and _cannot_run("native", "qlora", {}) is None
 
 
 def test_an_out_of_memory_row_is_a_row_result(tmp_path, monkeypatch):

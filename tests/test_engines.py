@@ -116,7 +116,7 @@ def test_bf16_native_follows_the_reference_curve():
 def test_unsloth_engines_say_what_they_need_on_a_cpu():
     from lorabench.config import ConfigError
 
-    for name, precision in (("unsloth", "bf16"), ("unsloth-fp8", "fp8")):
+    for name, precision in (("unsloth", "bf16"), ("unsloth-fp8", "fp8"), ("unsloth-4bit", "nf4")):
         with pytest.raises(ConfigError, match=f"--engine {name} needs a CUDA GPU"):
             build_engine(name, SMALL, LoRAConfig(), model_dir=None, device=CPU, precision=precision, seed=0)
 
@@ -125,9 +125,11 @@ def test_unsloth_engines_say_what_they_need_on_a_cpu():
     ("reference", "fp8", "--engine reference has no FP8 weights"),
     ("unsloth", "fp8", "--engine unsloth has no FP8 weights"),
     ("unsloth-fp8", "bf16", "run it with --precision fp8"),
+    ("unsloth-4bit", "bf16", "--engine unsloth-4bit holds NF4 weights; run it with --precision nf4 .preset qlora."),
+    ("unsloth", "nf4", "--engine unsloth has no NF4 weights; --precision nf4 runs on native and unsloth-4bit"),
 ])
 def test_a_row_label_always_says_what_the_weights_were(name, precision, message):
-    """FP8 weights only under --precision fp8, and --precision fp8 only where an engine has FP8 weights: refused
+    """FP8 (NF4) weights only under --precision fp8 (nf4), and it only where an engine has such weights: refused
     before anything is built or imported."""
     from lorabench.config import ConfigError
 
@@ -434,8 +436,8 @@ def test_offload_moves_each_blocks_input_and_trains_as_block(monkeypatch):
     assert loss1 == loss0
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
-    with pytest.raises(Exception, match="--activation-checkpointing offload runs on native, unsloth and "
-                                        "unsloth-fp8; --engine "
+    with pytest.raises(Exception, match="--activation-checkpointing offload runs on native, unsloth, "
+                                        "unsloth-fp8 and unsloth-4bit; --engine "
                                         "reference has none, block"):
         build_engine("reference", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
                      checkpointing="offload")

@@ -44,6 +44,8 @@ def test_resolve_fills_every_default_and_reads_the_questions():
     ({"train": TrainConfig(seq_len=100_000)}, "exceeds the model's max_position_embeddings"),
     ({"train": TrainConfig(precision="tf32")}, "--precision tf32 needs a CUDA device"),
     ({"model_dir": None, "model_preset": "nope"}, "--model: unknown 'nope'"),
+    ({"train": TrainConfig(memory_budget_gib=24)}, "--memory-budget-gib caps a CUDA device's memory; this run's "
+                                                   "device is cpu"),
 ])
 def test_resolve_refuses_before_any_data_is_read(change, message, monkeypatch):
     import lorabench.runner as runner
@@ -213,3 +215,22 @@ def test_process_age_follows_the_clock():
     time.sleep(0.2)
     b = process_age()
     assert a > 0 and 0.17 <= b - a <= 1.0  # (/proc/uptime counts in hundredths)
+
+
+def test_memory_budget_is_a_fraction_of_the_card_and_changes_no_number(monkeypatch):
+    """--memory-budget-gib: the fraction of the card's memory it caps the allocator at, refused past the card or
+    at 0; left out of fix_hp and free to change on --resume (memory, not numbers)."""
+    from types import SimpleNamespace
+
+    from lorabench.config import NOT_IN_FIX_HP
+    from lorabench.outputs import RESUME_MAY_DIFFER
+    from lorabench.runner import check_memory_budget
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 2**30))
+    assert check_memory_budget(48, torch.device("cuda", 0)) == pytest.approx(0.6, abs=1e-12)
+    with pytest.raises(ConfigError, match="--memory-budget-gib 96: more than this GPU's 80.0 GiB"):
+        check_memory_budget(96, torch.device("cuda", 0))
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ConfigError, match="--memory-budget-gib"):
+            TrainConfig(memory_budget_gib=bad)
+    assert "memory_budget_gib" in NOT_IN_FIX_HP and "memory_budget_gib" in RESUME_MAY_DIFFER["train"]

@@ -109,8 +109,8 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--model", dest="model_preset", help="shape preset for --init random without --model-dir "
                    "(llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3.1-8b, mistral-7b, qwen2.5-7b, tiny)")
     g.add_argument("--engine", default="native", help="native (ours, default), reference (transformers + PEFT, the "
-                   "seed's stack), reference+liger, reference+compile, unsloth or unsloth-fp8 (Unsloth's stack, "
-                   "CUDA only)")
+                   "seed's stack), reference+liger, reference+compile, unsloth, unsloth-fp8 or unsloth-4bit "
+                   "(Unsloth's stack, CUDA only)")
     g.add_argument("--attn", default=None, choices=("eager", "sdpa"), help="attention of the plain reference "
                    "engine (default eager, as FlagPerf's stack)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -127,6 +127,9 @@ def _add_memory_flags(p: argparse.ArgumentParser):
                    "adapter-inputs: recomputes only the inputs of adapters without dropout (native, compiled: the "
                    "default there, else none keeps everything). The reference engine takes block, Unsloth block and "
                    "offload, as their own gradient checkpointing")
+    g.add_argument("--memory-budget-gib", type=float, metavar="GIB", help="cap the GPU memory the run may use at "
+                   "GIB (PyTorch's caching allocator), to measure what fits a smaller card on this one; recorded in "
+                   "result.json (CUDA only)")
 
 
 def _add_native_flags(p: argparse.ArgumentParser):
@@ -284,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Each engine x preset runs as its own `lorabench run --init random --data "
                        "synthetic` process; prints one table and writes bench.json/bench.md under --run-dir.")
     b.add_argument("--engines", default="native,reference", help="comma-separated: native, reference, "
-                   "reference+liger, reference+compile, unsloth, unsloth-fp8 (Unsloth: CUDA, pip install unsloth)")
+                   "reference+liger, reference+compile, unsloth, unsloth-fp8, unsloth-4bit (Unsloth: CUDA, pip "
+                   "install unsloth)")
     b.add_argument("--presets", default="flagperf-fp32,flagperf-fp16,bf16", help=f"comma-separated of "
                    f"{', '.join(TRAIN_PRESETS)}")
     b.add_argument("--model", help="shape preset (default: llama2-7b on a GPU, tiny on CPU)")
@@ -336,7 +340,8 @@ def cmd_run(a) -> int:
         raise ConfigError("--init random needs --model (a shape preset such as llama2-7b) or --model-dir")
     preset = a.preset or ("tiny" if bundled else "flagperf-fp32")
     train_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in TRAIN_FLAGS.items()}
-    train_kw.update(shuffle=a.shuffle, activation_checkpointing=a.activation_checkpointing)
+    train_kw.update(shuffle=a.shuffle, activation_checkpointing=a.activation_checkpointing,
+                    memory_budget_gib=a.memory_budget_gib)
     lora_kw = {f: getattr(a, flag[2:].replace("-", "_")) for flag, (f, _, _) in LORA_FLAGS.items()}
     p = resolve_preset(preset, train_kw, lora_kw)
     data = a.data or (str(TINY_DATA) if bundled or a.model_dir == TINY_MODEL else None)
@@ -418,7 +423,7 @@ def cmd_eval(a) -> int:
 
 
 BENCH_COMMON = ("precision", "seq_len", "lora_dropout", "lora_r", "lora_alpha", "lora_targets", "lr", "attn",
-                "activation_checkpointing", "shard")
+                "activation_checkpointing", "memory_budget_gib", "shard")
 """bench's flags that every row takes, as run's settings of the same names."""
 
 

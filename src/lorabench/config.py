@@ -408,9 +408,16 @@ class TrainConfig:
     backward (lora.fresh; native engine, needs its --compile): about a fifth of the peak memory saved for under 1%
     of the speed with all seven projections adapted (benchmarks/NOTES.md). Each engine declares the policies it
     takes (engines/registry.py)."""
+    memory_budget_gib: float | None = None
+    """Cap the CUDA caching allocator at this many GiB (torch.cuda.set_per_process_memory_fraction) for the whole
+    run, to measure what fits a smaller card on a larger one ("70B on a 48 GB card"); a step that needs more fails
+    as out of memory. None: the whole device."""
 
     def __post_init__(self):
         get_precision(self.precision)
+        if self.memory_budget_gib is not None and not (math.isfinite(self.memory_budget_gib)
+                                                       and self.memory_budget_gib > 0):
+            raise ConfigError(f"--memory-budget-gib {self.memory_budget_gib}: give the GiB a run may use, more than 0")
         if self.activation_checkpointing is not None and self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise ConfigError(f"--activation-checkpointing {self.activation_checkpointing!r}: choose from "
                               f"{', '.join(ACTIVATION_CHECKPOINTING)}")
@@ -517,7 +524,7 @@ def resolve_preset(name: str, train_overrides: dict, lora_overrides: dict) -> Pr
 
 
 NOT_IN_FIX_HP = ("untimed_steps", "eval_batches", "eval_every", "checkpoint_every", "checkpoint_minutes",
-                 "keep_checkpoints", "activation_checkpointing")
+                 "keep_checkpoints", "activation_checkpointing", "memory_budget_gib")
 """Settings that change neither the training nor FlagPerf's figures, left out of the fix_hp label."""
 FIX_HP_NAMES = {"batch_size": "local_batchsize", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                 "targets": "lora_targets"}

@@ -45,11 +45,11 @@ RESUME_MAY_DIFFER = {
             "settings", "config_file", "save_adapter", "precision_from_flag", "device", "train", "lora", "native",
             "mmlu", "command", "started"),
     "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
-              "activation_checkpointing"),  # what the backward keeps changes memory, not the numbers
+              "activation_checkpointing", "memory_budget_gib"),  # memory, not the numbers
     "mmlu": ("tokenize_workers",),
 }
 """Settings a resumed run may change: where and how it reports, how often it checkpoints, what the backward
-keeps. Every other setting changes the numbers and must equal the checkpointed run's (job_fingerprint)."""
+keeps, the memory budget. Every other setting changes the numbers and must equal the checkpointed run's (job_fingerprint)."""
 
 
 def _plain(v):

@@ -192,7 +192,8 @@ def render_report(result: dict) -> str:
         f"- peak memory: allocated {_fmt(m['peak_mem_allocated_gib'], '.2f', 'n/a')} GiB, reserved "
         f"{_fmt(m['peak_mem_reserved_gib'], '.2f', 'n/a')} GiB, the device's as nvidia-smi shows it "
         f"{_fmt(m.get('peak_mem_device_gib'), '.2f', 'n/a')} GiB ({m.get('peak_mem_device_source') or 'no GPU'}; "
-        f"FlagPerf's mem column)",
+        f"FlagPerf's mem column)" + ("" if c.get("memory_budget_gib") is None else
+                                     f"; run under a budget of {c['memory_budget_gib']:g} GiB (--memory-budget-gib)"),
         f"- train loss: first step {_fmt(m['train_loss_first'], '.4f')}, last step "
         f"{_fmt(m['train_loss_final'], '.4f')}, last-epoch average {_fmt(m['train_loss_last_epoch_avg'], '.4f')}; "
         f"eval loss {_fmt(m['eval_loss'], '.4f', 'n/a')}",

@@ -198,6 +198,8 @@ def resolve(job: Job) -> Plan:
                                  f"{cfg.sliding_window})", "beyond-sliding-window")
     if job.peak_tflops is not None and not (math.isfinite(job.peak_tflops) and job.peak_tflops > 0):
         raise ConfigError(f"--peak-tflops {job.peak_tflops}: give the device's peak in TFLOP/s, more than 0")
+    if train.memory_budget_gib is not None:
+        check_memory_budget(train.memory_budget_gib, device)
     if train.checkpoint_minutes is not None and world > 1:
         raise ConfigError("--checkpoint-minutes runs in one process only (ranks would see different clocks); "
                           "use --checkpoint-every under torchrun")
@@ -243,6 +245,18 @@ def resolve(job: Job) -> Plan:
     train = replace(train, activation_checkpointing=checkpointing_policy(job.engine, train.activation_checkpointing,
                                                                          native, job.lora.dropout))
     return Plan(job, device, precision, train, tf32, cfg, native, mmlu, subjects, rank, world, nnodes)
+
+
+def check_memory_budget(gib: float, device: torch.device) -> float:
+    """The fraction of ``device``'s memory that --memory-budget-gib ``gib`` is; refused off CUDA and past the
+    device's own memory."""
+    if device.type != "cuda":
+        raise ConfigError(f"--memory-budget-gib caps a CUDA device's memory; this run's device is {device.type} "
+                          "(leave the flag out)")
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if gib > total:
+        raise ConfigError(f"--memory-budget-gib {gib:g}: more than this GPU's {total:.1f} GiB")
+    return gib / total
 
 
 TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
@@ -363,6 +377,9 @@ def build(plan: Plan) -> tuple[Engine, float]:
     """The engine, and the seconds its build took. On a GPU the memory peaks restart afterwards, so they are the
     training's own (the weights stay allocated, so they count)."""
     job = plan.job
+    if plan.train.memory_budget_gib is not None:  # before the first allocation of the model
+        torch.cuda.set_per_process_memory_fraction(check_memory_budget(plan.train.memory_budget_gib, plan.device),
+                                                   plan.device)
     t0 = time.perf_counter()
     layout = sharder = None
     if plan.train.shard != "none":

@@ -50,6 +50,8 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
             tries.append("--precision nf4 (the frozen weights in 4 bits)")
         if t.seq_len > 512:
             tries.append("a shorter --seq-len")
+        if t.memory_budget_gib is not None:
+            tries.append(f"a larger --memory-budget-gib than {t.memory_budget_gib:g}")
         kept = (f"; the {done[0]} steps so far are in {plan.run_dir / 'metrics.jsonl'}"
                 if plan.run_dir is not None and done[0] else "")
         at = where or f"in step {done[0] + 1}"

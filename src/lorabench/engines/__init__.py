@@ -3,7 +3,7 @@ what it can do in registry.SPECS.
 
 ``native`` is ours (model.py + lora.py, tuned by NativeOptions); ``reference`` is transformers + PEFT, the stack
 FlagPerf's case runs, with ``reference+liger`` and ``reference+compile`` as the strongest off-the-shelf variants;
-``unsloth`` and ``unsloth-fp8`` are Unsloth's stack (optional, CUDA only).
+``unsloth``, ``unsloth-fp8`` and ``unsloth-4bit`` are Unsloth's stack (optional, CUDA only).
 """
 from __future__ import annotations
 
@@ -35,8 +35,13 @@ def precision_problem(name: str, precision: Precision) -> str | None:
         able = [e.name for e in SPECS.values() if e.can(f"{precision.weights}-weights")]
         return (f"--engine {name} has no {precision.weights.upper()} weights; --precision {precision.name} runs on "
                 f"{' and '.join(able)}")
-    if s.precisions == ("fp8",):
-        return f"--engine {name} holds FP8 weights; run it with --precision fp8 (preset fp8), not {precision.name}"
+    held = s.precisions[0]
+    if len(s.precisions) == 1 and get_precision(held).weights:
+        from ..config import TRAIN_PRESETS
+
+        preset = next(n for n, p in TRAIN_PRESETS.items() if p.train.precision == held)
+        return (f"--engine {name} holds {get_precision(held).weights.upper()} weights; run it with --precision "
+                f"{held} (preset {preset}), not {precision.name}")
     return f"--engine {name} runs {', '.join(s.precisions)}, not --precision {precision.name}"
 
 

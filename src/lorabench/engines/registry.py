@@ -79,6 +79,8 @@ SPECS: dict[str, EngineSpec] = {s.name: s for s in (
                ("none", "block", "offload"), frozenset({"cuda-only"})),
     EngineSpec("unsloth-fp8", "unsloth:build", "Unsloth with load_in_fp8 (its FP8 LoRA)", ("fp8",),
                ("none", "block", "offload"), frozenset({"cuda-only", "fp8-weights"})),
+    EngineSpec("unsloth-4bit", "unsloth:build", "Unsloth with load_in_4bit (QLoRA: bitsandbytes NF4)", ("nf4",),
+               ("none", "block", "offload"), frozenset({"cuda-only", "nf4-weights"})),
 )}
 
 OURS = "native"

@@ -3,7 +3,8 @@ instead of ours, driven by the same loop, timing and report as every engine.
 
 ``unsloth`` loads the base in the run's dtype (bf16 or fp16); ``unsloth-fp8`` with ``load_in_fp8=True`` (Unsloth's
 FP8 LoRA: rowwise FP8 forward GEMMs via torchao, input gradients through the dequantized weight, as
-Unsloth's source reads). Unsloth reads an HF model folder: ``--model-dir`` as given, or for ``--init random`` a folder
+Unsloth's source reads); ``unsloth-4bit`` with ``load_in_4bit=True`` (QLoRA through bitsandbytes' NF4, bf16
+compute: the row --precision nf4 is set against). Unsloth reads an HF model folder: ``--model-dir`` as given, or for ``--init random`` a folder
 of the canonical random weights (checkpoint.random_hf_weights, the same every engine starts from) written once per
 shape,
 seed and dtype and reused, to /dev/shm where it fits, else to the cache folder. Gradient checkpointing only as
@@ -90,27 +91,28 @@ def write_placeholder_tokenizer(out: Path, cfg: ModelConfig):
 
 def build(spec, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, precision, seed: int,
           native, attn: str, checkpointing: str | None, sharder=None) -> "UnslothEngine":
-    """The Unsloth engines (engines.build_engine): its FP8 weights where the spec has them."""
+    """The Unsloth engines (engines.build_engine): its FP8 or 4-bit weights where the spec has them."""
     return UnslothEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                         fp8=spec.can("fp8-weights"), checkpointing=checkpointing or "none")
+                         fp8=spec.can("fp8-weights"), four_bit=spec.can("nf4-weights"),
+                         checkpointing=checkpointing or "none")
 
 
 class UnslothEngine(PeftEngine):
     name = "unsloth"
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 fp8: bool = False, checkpointing: str = "none"):
-        self.name = "unsloth-fp8" if fp8 else "unsloth"
+                 fp8: bool = False, four_bit: bool = False, checkpointing: str = "none"):
+        self.name = "unsloth-fp8" if fp8 else "unsloth-4bit" if four_bit else "unsloth"
         FastLanguageModel = _import_unsloth(device, self.name)
         if dtype not in (torch.bfloat16, torch.float16):
             raise ConfigError(f"--engine {self.name} runs bf16 or fp16 base weights; use --precision bf16 or fp16")
-        self.model_cfg, self.lora_cfg, self.model_dir, self.fp8 = model_cfg, lora, model_dir, fp8
+        self.model_cfg, self.lora_cfg, self.model_dir, self.fp8, self.four_bit = model_cfg, lora, model_dir, fp8, four_bit
         source = Path(model_dir) if model_dir is not None else random_hf_dir(model_cfg, seed, dtype, device)
         kw = {"load_in_fp8": True} if fp8 else {}
         self.checkpointing = checkpointing
         recompute = {"none": False, "block": True, "offload": "unsloth"}[checkpointing]
         model, _ = FastLanguageModel.from_pretrained(
-            str(source), max_seq_length=model_cfg.max_position_embeddings, dtype=dtype, load_in_4bit=False,
+            str(source), max_seq_length=model_cfg.max_position_embeddings, dtype=dtype, load_in_4bit=four_bit,
             use_gradient_checkpointing=recompute, device_map={"": device.index or 0}, **kw)
         self.model = FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=list(lora.targets), lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -123,5 +125,6 @@ class UnslothEngine(PeftEngine):
         import unsloth
 
         return {"unsloth": getattr(unsloth, "__version__", None), "load_in_fp8": self.fp8,
+                "load_in_4bit": self.four_bit,
                 "activation_checkpointing": self.checkpointing,
                 "weights": str(self._source), "numerics": "Unsloth's (its get_peft_model's adapter dtype)"}

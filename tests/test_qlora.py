@@ -245,6 +245,31 @@ def test_bitsandbytes_linear4bit_weights_load_and_compute_as_there(bnb, lora_cfg
                     torch.testing.assert_close(got, lin(xi), rtol=0, atol=0)
 
 
+def test_native_nf4_follows_peft_over_bitsandbytes(bnb):
+    """The same seed's base quantized by each (codes equal: test_nf4.py), adapters from the same init, dropout 0:
+    native nf4 and PEFT over bitsandbytes' Linear4bit (reference+bnb) train within bf16 rounding of each other over
+    8 steps, as native and PEFT do in bf16 (test_engines.BF16_CURVE_GAP), while other weights (seed 1) do not.
+    Rows a multiple of 64 wide (bitsandbytes' CPU dequantization, see above)."""
+    from test_engines import BF16_CURVE_GAP
+
+    cfg = ModelConfig(**{**CFG.__dict__, "intermediate_size": 128})
+    data = synthetic_chunks(32, 32, cfg.vocab_size, seed=1)
+    train = TrainConfig(precision="nf4", batch_size=2, seq_len=32, epochs=1, max_steps=8, lr=1e-2, untimed_steps=0)
+
+    def curve(engine, seed=0):
+        eng = build_engine(engine, cfg, LoRAConfig(r=4, alpha=16, dropout=0.0), model_dir=None, device=CPU,
+                           precision="nf4", seed=seed)
+        return eng, np.array(train_loop(eng, data, train, CPU, progress=False)["series"]["loss"])
+
+    ref, theirs = curve("reference+bnb")
+    assert "Linear4bit" in ref.describe()["numerics"]
+    ours = curve("native")[1]
+    rel = np.abs(ours - theirs) / theirs
+    assert rel.max() < BF16_CURVE_GAP, rel
+    other = curve("reference+bnb", seed=1)[1]
+    assert (np.abs(ours - other) / other).max() > 2 * BF16_CURVE_GAP
+
+
 def test_nf4_run_and_eval_on_the_cli(tmp_path, monkeypatch):
     """The CLI end to end in nf4 on a CPU (the qlora preset's precision): a short run of the bundled tiny model with
     its MMLU sample, then `eval` of the adapter it wrote, also in nf4, giving the run's own score."""

@@ -3,7 +3,10 @@
 Attention is ``eager`` by default, as the case's transformers 4.31 ran it; ``attn="sdpa"`` is available. Two
 variants stand for the strongest off-the-shelf stacks (Liger-Kernel's Llama patch; torch.compile), both with SDPA
 attention: ``reference+liger`` (Liger kernels patched into transformers' Llama: RoPE, RMSNorm, SwiGLU, fused linear
-cross-entropy; needs liger-kernel) and ``reference+compile`` (torch.compile of the PEFT model). Base
+cross-entropy; needs liger-kernel) and ``reference+compile`` (torch.compile of the PEFT model). ``reference+bnb``
+is QLoRA's own stack, PEFT over bitsandbytes' Linear4bit (NF4, double quantization, bf16 compute: what
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=torch.bfloat16)`` loads), the row --precision nf4 is set against. Base
 weights come from the same stream as the native engine's (a checkpoint folder or the canonical random weights),
 and the adapters start from the same canonical values, so both engines train the same thing.
 """
@@ -107,12 +110,17 @@ class ReferenceEngine(PeftEngine):
 
         if attn not in ("eager", "sdpa"):
             raise ConfigError(f"--attn must be eager or sdpa, got {attn!r}")
-        if variant not in (None, "liger", "compile"):
-            raise ConfigError(f"--engine reference+{variant}: unknown variant; use reference+liger or "
-                              "reference+compile")
+        if variant not in (None, "liger", "compile", "bnb"):
+            raise ConfigError(f"--engine reference+{variant}: unknown variant; use reference+liger, "
+                              "reference+compile or reference+bnb")
         if variant:
             attn = "sdpa"
             self.name = f"reference+{variant}"
+        if variant == "bnb":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ConfigError("--engine reference+bnb needs bitsandbytes: pip install 'lorabench[qlora]'") from None
         if variant == "liger":
             try:
                 from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -129,6 +137,8 @@ class ReferenceEngine(PeftEngine):
             base.set_attn_implementation(attn)
         stream = random_hf_weights(model_cfg, seed, device, dtype) if model_dir is None else iter_checkpoint(model_dir)
         load_into(base, stream, False, "random init" if model_dir is None else str(model_dir))
+        if variant == "bnb":
+            to_bnb_4bit(base, device)
         self.checkpointing = checkpointing
         if checkpointing == "block":  # transformers 5.2x's name, and the older one
             if hasattr(base, "activation_checkpointing_enable"):
@@ -156,4 +166,34 @@ class ReferenceEngine(PeftEngine):
     def describe(self) -> dict:
         numerics = ("FlagPerf's fp16: model.half() after get_peft_model (fp16 adapters), autocast, GradScaler, "
                     "fused AdamW" if self.half else "PEFT: adapters in fp32, no autocast")
+        if self.name == "reference+bnb":
+            import bitsandbytes
+
+            numerics += (f"; block projections bitsandbytes {bitsandbytes.__version__} Linear4bit: NF4, double "
+                         "quantization, bf16 compute")
         return {"attn": self.attn, "numerics": numerics, "activation_checkpointing": self.checkpointing}
+
+
+def to_bnb_4bit(model, device):
+    """Every decoder block projection of the HF ``model`` replaced by bitsandbytes' Linear4bit holding its weight as
+    NF4 (blocks of 64, double quantization, bf16 compute), quantized by bitsandbytes on ``device`` one projection at
+    a time; embeddings, norms and lm_head as they were."""
+    import bitsandbytes as bnb
+    import torch.nn as nn
+
+    from ..shapes import PROJECTIONS
+
+    for layer in model.model.layers:
+        for part in (layer.self_attn, layer.mlp):
+            for name in PROJECTIONS:
+                lin = getattr(part, name, None)
+                if not isinstance(lin, nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                if lin.bias is not None:
+                    q.bias = lin.bias
+                setattr(part, name, q.to(device))

@@ -16,7 +16,7 @@ from ..config import ConfigError, LoRAConfig, ModelConfig
 from ..precision import Precision, get_precision
 from .base import Engine, canonical_adapters
 from .native import NativeOptions, resolve_checkpointing
-from .registry import OURS, SPECS, EngineSpec, spec
+from .registry import OURS, SPECS, EngineSpec, either, spec
 
 __all__ = ["ENGINES", "OURS", "SPECS", "Engine", "EngineSpec", "NativeOptions", "build_engine", "canonical_adapters",
            "check_native_flags", "checkpointing_policy", "precision_problem", "spec"]
@@ -34,7 +34,7 @@ def precision_problem(name: str, precision: Precision) -> str | None:
     if precision.weights:
         able = [e.name for e in SPECS.values() if e.can(f"{precision.weights}-weights")]
         return (f"--engine {name} has no {precision.weights.upper()} weights; --precision {precision.name} runs on "
-                f"{' and '.join(able)}")
+                f"{either(able)}")
     held = s.precisions[0]
     if len(s.precisions) == 1 and get_precision(held).weights:
         from ..config import TRAIN_PRESETS

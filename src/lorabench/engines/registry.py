@@ -47,17 +47,17 @@ class EngineSpec:
     def refuse(self, what: str, capability: str) -> ConfigError:
         """``what`` (a flag, a setting) refused for this engine, naming the engines that have ``capability``."""
         able = [s.name for s in SPECS.values() if s.can(capability)]
-        return ConfigError(f"{what}: {CAPABILITIES[capability]} runs on {_either(able)}; --engine {self.name} "
+        return ConfigError(f"{what}: {CAPABILITIES[capability]} runs on {either(able)}; --engine {self.name} "
                            "does not have it")
 
     def check_checkpointing(self, policy: str):
         if policy not in self.checkpointing:
             able = [s.name for s in SPECS.values() if policy in s.checkpointing]
-            raise ConfigError(f"--activation-checkpointing {policy} runs on {_either(able)}; --engine {self.name} "
+            raise ConfigError(f"--activation-checkpointing {policy} runs on {either(able)}; --engine {self.name} "
                               f"has {', '.join(self.checkpointing)}")
 
 
-def _either(names: list[str]) -> str:
+def either(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 

@@ -232,6 +232,50 @@ def check_compiled_engine(dev):
               f"{within('compiled_engine', precision, 'grad', rel(grad, ref_grad), name)} |")
 
 
+def check_nf4(dev):
+    """The Triton NF4 dequantization against the plain-PyTorch one on the device (bit for bit, each output dtype,
+    double-quantized and plain absmax), against bitsandbytes' dequantize_4bit of the same state where it is
+    installed (bit for bit), and the time of each at Llama-2-7B's gate_proj shape."""
+    from lorabench.kernels.nf4 import NF4Tensor, quantize_nf4
+
+    print("\n| weight | dtype | double | elements differing from PyTorch's | from bitsandbytes' |\n|---|---|---|---|---|")
+    try:
+        import bitsandbytes.functional as bnb
+    except ImportError:
+        bnb = None
+    torch.manual_seed(5)
+    for shape in ((11008, 4096), (4096, 11008), (3, 2112)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for double in (True, False):
+                w = (torch.randn(shape, device=dev) * 0.02).to(dtype)
+                q = quantize_nf4(w, double_quant=double)
+                got, want = q.dequantize(), q.dequantize(kernel=False)
+                differ, theirs = int((got != want).sum()), "-"
+                if bnb is not None:
+                    packed, state = bnb.quantize_4bit(w, quant_type="nf4", compress_statistics=double)
+                    mine = NF4Tensor(packed.reshape(-1), state.absmax, shape, dtype, 64, state.code,
+                                     *((state.state2.absmax, state.state2.code, state.offset) if double else ()))
+                    theirs = int((mine.dequantize() != bnb.dequantize_4bit(packed, state)).sum())
+                if differ or theirs not in ("-", 0):
+                    MISSES.append(f"nf4 {shape} {dtype} double={double}: {differ} from PyTorch's, {theirs} from "
+                                  "bitsandbytes'")
+                print(f"| {shape} | {str(dtype)[6:]} | {double} | {differ} | {theirs} |")
+    q = quantize_nf4((torch.randn(11008, 4096, device=dev) * 0.02).bfloat16())
+    print("\n| dequantize [11008, 4096] -> bf16 | us | GB/s (0.5 B read + 2 B written a weight) |\n|---|---|---|")
+    for name, fn in (("Triton kernel", lambda: q.dequantize()), ("PyTorch ops", lambda: q.dequantize(kernel=False)),
+                     ("PyTorch ops, compiled", torch.compile(lambda: q.dequantize(kernel=False)))):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        us = start.elapsed_time(end) / 20 * 1e3
+        print(f"| {name} | {us:.0f} | {2.5 * 11008 * 4096 / us / 1e3:.0f} |")
+
+
 def check_offload(dev):
     """--activation-checkpointing offload against block on the device (bf16, eager, 8 layers of the 7B width,
     seq 4096, dropout 0.05): loss and adapter gradients as block's to within block's own run-to-run difference
@@ -287,7 +331,7 @@ if __name__ == "__main__":
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     checks = {"cross_entropy": check_cross_entropy, "prefix_attention": check_prefix_attention,
               "dropout_masks": check_dropout_masks, "fp8_gemm": check_fp8_gemm,
-              "fp8_blocks": check_fp8_blocks,
+              "fp8_blocks": check_fp8_blocks, "nf4": check_nf4,
               "compiled_engine": check_compiled_engine, "offload": check_offload}
     for name in sys.argv[1:] or checks:  # e.g. `gpu_check.py dropout_masks compiled_engine`
         checks[name](dev)

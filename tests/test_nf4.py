@@ -140,3 +140,38 @@ def test_nf4_linear_forward_and_input_gradient_against_float64():
     assert any(t is q.packed for t in saved)
     state = q.packed.numel() + q.absmax.numel() + 4 * (q.nested_absmax.numel() + 256 + 16 + 1)
     assert sum(t.numel() * t.element_size() for t in saved) == state  # 4.1 bits a weight, nothing more
+
+
+INTERPRETED = """
+import sys, torch
+from lorabench.kernels import nf4
+kernel = nf4._triton_kernel()
+torch.manual_seed(4)
+bad = 0
+for shape, dtype, double in (((96, 256), torch.bfloat16, True), ((40, 1000), torch.float16, False),
+                             ((3, 2 * nf4.DEQUANTIZE_BYTES + 64), torch.float32, True)):
+    q = nf4.quantize_nf4((torch.randn(shape) * 0.02).to(dtype), double_quant=double)
+    out = torch.empty(q.packed.numel() * 2, dtype=dtype)
+    nf4.launch_dequantize(kernel, q.packed, q.block_absmax().float(), q.levels, q.block, out)
+    want = q.dequantize(kernel=False)
+    differ = int((out.view(shape) != want).sum())
+    print(shape, dtype, double, differ, "differ")
+    bad += differ
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_dequantize_kernel_matches_the_pytorch_dequantization_in_the_interpreter():
+    """The Triton kernel itself, run by Triton's CPU interpreter: bit for bit the plain PyTorch dequantization
+    (bf16, fp16 and fp32 outputs; double-quantized and plain absmax; a last program only partly full). In a fresh
+    process: the interpreter must be on before triton is imported. On a GPU, benchmarks/gpu_check.py compares
+    the compiled kernel the same way."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="the test extra installs triton on Linux x86-64 (its interpreter runs here)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(" 0 differ") == 3, done.stdout

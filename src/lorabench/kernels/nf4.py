@@ -20,6 +20,7 @@ bitsandbytes bit for bit where it is installed, and with the float64 levels ever
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -120,15 +121,15 @@ class NF4Tensor:
         scale = self.nested_absmax.repeat_interleave(self.nested_block)[:n]
         return code * scale + self.offset
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight as ``dtype``: level[code] x its block's absmax, computed in float32."""
+    def dequantize(self, kernel: bool = True) -> torch.Tensor:
+        """The weight as ``dtype``: level[code] x its block's absmax, computed in float32 and rounded once. On a
+        GPU (``kernel``), one Triton kernel writes it (``dequantize_kernel``: the same values, bit for bit);
+        elsewhere plain PyTorch ops."""
         n = math.prod(self.shape)
-        packed = self.packed.reshape(-1)
-        codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n].long()
-        values = self.levels.to(self.packed.device)[codes]
-        pad = (-n) % self.block
-        values = torch.nn.functional.pad(values, (0, pad)).view(-1, self.block) * self.block_absmax()[:, None]
-        return values.reshape(-1)[:n].view(self.shape).to(self.dtype)
+        absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
+        if kernel and self.packed.is_cuda and n % 2 == 0 and self.block % 2 == 0 and _DEQUANTIZE is not None:
+            return _DEQUANTIZE(self.packed.reshape(-1), absmax, levels, self.block, self.dtype).view(self.shape)
+        return _dequantize(self.packed.reshape(-1), absmax, levels, self.block, self.dtype)[:n].view(self.shape)
 
     def quant_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes saves beside ``<prefix>`` (the packed weight itself not included)."""
@@ -143,6 +144,67 @@ class NF4Tensor:
         out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()),
                                                                       dtype=torch.uint8)
         return out
+
+
+def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The 2 x packed.numel() weights of the flat codes ``packed`` (the last block padded), each block of ``block``
+    scaled by its float32 ``absmax``, in plain PyTorch ops."""
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1).long()
+    values = levels[codes]
+    pad = (-values.numel()) % block
+    values = torch.nn.functional.pad(values, (0, pad)).view(-1, block) * absmax[:, None]
+    return values.reshape(-1)[:codes.numel()].to(dtype)
+
+
+DEQUANTIZE_BYTES = 1024
+"""Packed bytes (2 x this many weights) a program of the dequantization kernel handles."""
+
+
+@functools.cache
+def _triton_kernel():
+    """The Triton kernel (its module imported once, on first use), or None without Triton."""
+    try:
+        from . import nf4_triton
+    except ImportError:
+        return None
+    return nf4_triton.dequantize_kernel
+
+
+def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
+                      out: torch.Tensor):
+    """Fill ``out`` (2 x packed.numel() elements) with the weights ``packed`` codes, each block of ``block``
+    elements scaled by its float32 ``absmax``."""
+    nbytes = packed.numel()
+    kernel[(-(-nbytes // DEQUANTIZE_BYTES),)](packed, absmax, levels, out, nbytes, BYTES=DEQUANTIZE_BYTES,
+                                               BLOCK_BYTES=block // 2)
+
+
+def _define_dequantize():
+    """The kernel as a custom op, which a compiled block calls as one opaque kernel (Inductor's own fusion of the
+    PyTorch ops ran far from the memory bandwidth: benchmarks/NOTES.md item 81)."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("lorabench::nf4_dequantize", mutates_args=())
+    def op(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
+           dtype: torch.dtype) -> torch.Tensor:
+        kernel = _triton_kernel()
+        if kernel is None:  # a GPU without Triton
+            return _dequantize(packed, absmax, levels, block, dtype)
+        out = torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
+        with torch.cuda.device(packed.device):
+            launch_dequantize(kernel, packed, absmax, levels, block, out)
+        return out
+
+    @op.register_fake
+    def _(packed, absmax, levels, block, dtype):
+        return torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
+
+    return op
+
+
+_DEQUANTIZE = _define_dequantize()
 
 
 def quantize_nf4(w: torch.Tensor, double_quant: bool = True, block: int = BLOCK) -> NF4Tensor:

@@ -29,9 +29,9 @@ def lorabench(args, tmp_path, nproc=1):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("precision", ["fp32", "fp8", "fp32 --loss-on response"])
+@pytest.mark.parametrize("precision", ["fp32", "fp8", "nf4", "fp32 --loss-on response"])
 def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision):
-    """fp8 too: each micro-batch's forward and backward is the same computation on a rank as in one process; and
+    """fp8 and nf4 too: each micro-batch's forward and backward is the same computation on a rank as in one process; and
     a loss on the responses only, whose micro-batches hold different numbers of label tokens: normalised by the
     whole step's count, two ranks still equal one process. Losses to 1e-5; the adapters as assert_adapters_match
     says (AdamW can turn a rounding-sized difference in a near-zero gradient into most of lr)."""
@@ -185,6 +185,7 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
 
     for kw, msg in ((dict(engine="reference+liger"), "shards the native and reference engines"),
                     (dict(precision=get_precision("fp8")), "FP8"),
+                    (dict(precision=get_precision("nf4")), "NF4"),
                     (dict(engine="reference", mmlu=True), "with the native engine only"),
                     (dict(engine="reference", rouge=True), "with the native engine only")):
         args = dict(shard="fsdp", engine="native", precision=get_precision("fp32"), world=2, mmlu=False, rouge=False)

@@ -183,7 +183,7 @@ def test_qwen_native_and_reference_train_identically(family, fused):
     np.testing.assert_allclose(curves[0], curves[1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp8", "nf4"])
 def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
     """--activation-checkpointing block and matmuls: the same loss and adapter gradients as keeping everything (the
     recompute redraws the same dropout masks: dropout 0.05 here), while the forward keeps only the blocks' inputs

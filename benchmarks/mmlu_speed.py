@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lorabench.config import MODEL_PRESETS, LoRAConfig
+from lorabench.convert import compile_blocks
 from lorabench.data.tokenizer import Tokenizer
 from lorabench.engines import build_engine
 from lorabench.mmlu.data import load_mmlu, make_requests
@@ -82,7 +83,7 @@ def main():
     for blocks, bs, *rest in variants:
         workers, attention = (rest + ["", "split"][len(rest):])[:2]
         if blocks == "compiled" and eng.model.compiled_layers is None:
-            eng.model.compile_blocks()
+            compile_blocks(eng.model)
         opts = MmluOptions(str(a.mmlu), limit=a.limit, batch_size=int(bs), prefix_attention=attention,
                            tokenize_workers=int(workers) if workers else None,  # GPU: 16k-token batches
                            compiled_graph=blocks == "compiled")

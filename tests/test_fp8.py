@@ -237,7 +237,7 @@ def test_fp8_skip_keeps_the_named_projections_in_bf16(lora_cfg):
     """--fp8-skip down_proj,q_proj: those projections (q_proj adapted) hold the bf16 model's weights, the rest the
     fp8 model's; the logits are those of the fp8 model with the bf16 engine's down_proj and q_proj put in, bit for
     bit (and not the plain fp8 model's)."""
-    from lorabench.model import Fp8Linear
+    from lorabench.quantized import Fp8Linear
 
     e = _engine("fp8", lora_cfg, native=NativeOptions(fp8_skip=("down_proj", "q_proj", "down_proj")))
     e8, e16 = _engine("fp8", lora_cfg), _engine("bf16", lora_cfg)

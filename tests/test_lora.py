@@ -255,6 +255,7 @@ def test_adapter_mismatch_fails_clearly(tmp_path, lora_cfg):
 def test_disabled_adapters_give_the_base_model(lora_cfg, fused):
     """adapters_disabled: the model computes its frozen base alone (HF's model without the adapter), in the plain
     and in the fused-projection path, and the adapters come back afterwards."""
+    from lorabench.convert import fuse_projections
     from lorabench.lora import Adapter, adapters_disabled
 
     hf = hf_model(SMALL, seed=4)
@@ -263,7 +264,7 @@ def test_disabled_adapters_give_the_base_model(lora_cfg, fused):
     inject_lora(ours, LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q_proj", "v_proj", "gate_proj")))
     random_adapters(ours, 4)
     if fused:
-        ours.fuse_projections()
+        fuse_projections(ours)
     ours.eval()
     assert all(isinstance(m, Adapter) for m in lora_modules(ours).values())
     ids = torch.randint(0, SMALL.vocab_size, (2, 12))

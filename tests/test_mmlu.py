@@ -306,10 +306,12 @@ def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention):
 
     from torch._dynamo.utils import counters
 
+    from lorabench.convert import compile_blocks
+
     eng = tiny_engine()
     opts = MmluOptions(str(TINY_MMLU), batch_size=3, prefix_attention=prefix_attention)
     eager = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "eager", progress=False)
-    eng.model.compile_blocks()
+    compile_blocks(eng.model)
     graphs = counters["stats"]["unique_graphs"]
     short = evaluate_mmlu(eng, TINY_MODEL, opts, CPU, tmp_path / "short", progress=False)
     assert counters["stats"]["unique_graphs"] == graphs  # too few questions to pay for compiling: eager

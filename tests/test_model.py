@@ -177,6 +177,7 @@ def test_fused_projections_compute_the_same(targets):
     gives the unfused loss and adapter gradients in fp32; the parts stay views of the fused weight, so export still
     sees them."""
     from lorabench.config import LoRAConfig
+    from lorabench.convert import fuse_projections
     from lorabench.lora import inject_lora, lora_modules
 
     ids = torch.randint(0, SMALL.vocab_size, (2, 23), generator=torch.Generator().manual_seed(4))
@@ -189,7 +190,7 @@ def test_fused_projections_compute_the_same(targets):
             if p.requires_grad:
                 p.data.normal_(0, 0.1)
         if fuse:
-            m.fuse_projections()
+            fuse_projections(m)
             attn = m.layers[1].attn
             assert attn.qkv_weight.shape[0] == attn.q_proj.weight.shape[0] + 2 * attn.k_proj.weight.shape[0]
             assert attn.k_proj.weight.data_ptr() == attn.qkv_weight[attn.q_proj.weight.shape[0]:].data_ptr()
@@ -457,7 +458,8 @@ def test_mistral_sliding_window_is_exact_past_the_window_in_training(tmp_path):
     resolve(Job(train=TrainConfig(precision="fp32", seq_len=32), lora=LoRAConfig(), model_dir=tmp_path,
                 device="cpu", data="synthetic", progress=False))  # past the window: trained exactly, not refused
     with pytest.raises(ConfigError, match=r"--seq-len 32 \(past the model's sliding_window 16\): training past a "
-                       "sliding window .* runs on native, reference, reference\+liger and reference\+compile; "
+                       "sliding window .* runs on native, reference, reference\+liger, reference\+compile and "
+                       "reference\+bnb; "
                        "--engine unsloth does not have it"):
         resolve(Job(train=TrainConfig(precision="bf16", seq_len=32), lora=LoRAConfig(), model_dir=tmp_path,
                     device="cpu", data="synthetic", progress=False, engine="unsloth"))

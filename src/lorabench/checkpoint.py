@@ -148,8 +148,8 @@ def unreadable_file_errors() -> tuple[type[BaseException], ...]:
 def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_native: bool, source: str):
     """Copy (HF name, tensor) pairs into ``model``'s parameters, converting dtype/device on the way.
     ``to_native``: map names through ``hf_to_native`` (our engine) or use them as they are (HF model).
-    A parameter stored in FP8 (Llama.store_fp8) gets the tensor quantized per output channel, its scales written to
-    the buffer ``<name>_scale``; one stored as NF4 (Llama.store_nf4) gets it quantized to NF4 (quantized.py). A
+    A parameter stored in FP8 (convert.quantize_projections) gets the tensor quantized per output channel, its scales
+    written to the buffer ``<name>_scale``; one stored as NF4 gets it quantized to NF4 (quantized.py). A
     bitsandbytes NF4 weight (its packed codes and quant state) loads as it is into an NF4 parameter and dequantized
     into any other. Fails naming the source on a missing, unexpected or mis-shaped tensor."""
     from tqdm.auto import tqdm

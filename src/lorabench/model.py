@@ -15,11 +15,9 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kernels.attention import ATTENTION_IMPLS, attend, sdpa_priority
 from .kernels.cross_entropy import frozen_head_cross_entropy
-from .kernels.fp8 import WEIGHT_FORMAT, fp8_linear
-from .quantized import Nf4Linear
 from .lora import Adapter, LoRALinear, shared_input_deltas
 from .recompute import RECOMPUTING, checkpointed
-from .shapes import PROJECTIONS, projection_shapes
+from .shapes import projection_shapes
 
 
 def _under_priority(layer, attention: str):
@@ -115,28 +113,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class Fp8Linear(nn.Module):
-    """A frozen bias-free projection stored in float8 e4m3 with one fp32 scale per output channel; forward and
-    input gradient run as FP8 GEMMs (kernels/fp8.py). Its weights arrive quantized through checkpoint.load_into."""
-
-    def __init__(self, in_features: int, out_features: int, grad_dtype: torch.dtype, device=None,
-                 bias: nn.Parameter | None = None):
-        super().__init__()
-        self.in_features, self.out_features, self.grad_dtype = in_features, out_features, grad_dtype
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=WEIGHT_FORMAT, device=device),
-                                   requires_grad=False)
-        self.bias = bias  # kept in the model's dtype (Qwen2's q/k/v)
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.weight_scale, self.grad_dtype)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3, per-channel scales"
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -145,7 +121,7 @@ class Attention(nn.Module):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, nn.Linear(*shapes[name], bias=cfg.qkv_bias and name != "o_proj"))
         self.impl = "sdpa"
-        self.register_buffer("qkv_weight", None, persistent=False)  # set by Llama.fuse_projections
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by convert.fuse_projections
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None  # Qwen3
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -166,29 +142,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, self.n_heads // self.n_kv, self.impl, attn_mask, kv_cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
-
-
-def fuse_weights(module: nn.Module, names: tuple[str, ...], buffer: str, interleave: bool = False):
-    """Concatenate the frozen weights of ``module``'s projections ``names`` into one non-persistent buffer and
-    make each projection's weight a view of its rows (loading, export and merging still see the parts).
-    ``interleave`` (parts of one size): row j of every part side by side, so the fused output holds each
-    position's parts next to each other and the backward writes their gradients in one pass over adjacent
-    elements (concatenated halves made the SwiGLU backward read its inputs twice; benchmarks/NOTES.md item 20)."""
-    parts = [getattr(module, n) for n in names]
-    weights = [p.weight.detach() for p in parts]
-    if interleave:
-        fused = torch.stack(weights, dim=1).reshape(-1, weights[0].shape[1])
-        views = [fused[i::len(parts)] for i in range(len(parts))]
-    else:
-        fused = torch.cat(weights)
-        views = list(fused.split([w.shape[0] for w in weights]))
-    setattr(module, buffer, fused)  # registered (as None, non-persistent) by the module
-    for p, view in zip(parts, views):
-        p.weight = nn.Parameter(view, requires_grad=False)
-    if parts[0].bias is not None:  # q/k/v biases (Qwen2): one fused bias beside the fused weight
-        biases = [p.bias.detach() for p in parts]
-        fused_b = torch.stack(biases, dim=1).reshape(-1) if interleave else torch.cat(biases)
-        module.register_buffer(buffer + "_bias", fused_b, persistent=False)
 
 
 def fused_projections(x, weight, parts, interleaved: bool = False, bias=None):
@@ -224,7 +177,7 @@ class MLP(nn.Module):
         shapes = projection_shapes(cfg)
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, nn.Linear(*shapes[name], bias=False))
-        self.register_buffer("gate_up_weight", None, persistent=False)  # set by Llama.fuse_projections
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by convert.fuse_projections
 
     def forward(self, x):
         if self.gate_up_weight is None:
@@ -345,50 +298,3 @@ class Llama(nn.Module):
                                              compiled=self.compiled_layers is not None)
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
-
-    def fuse_projections(self):
-        """One GEMM for q/k/v and one for gate/up in every layer (frozen weights concatenated; adapters stay per
-        projection). Call after the weights are loaded (engines.native.NativeOptions says when it pays)."""
-        for layer in self.layers:
-            fuse_weights(layer.attn, ("q_proj", "k_proj", "v_proj"), "qkv_weight")
-            fuse_weights(layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight", interleave=True)
-
-    def store_fp8(self, grad_dtype: torch.dtype, skip: tuple[str, ...] = ()):
-        """Every decoder block's seven projections but those named in ``skip`` held in FP8 (adapted ones keep their
-        adapters); embeddings, norms, lm_head and the skipped projections stay in the model's dtype. Call on the meta
-        device, before the weights are loaded, so the full-precision model never exists (checkpoint.load_into
-        quantizes each tensor as it arrives)."""
-        self._store_projections(lambda c: c.store_fp8(grad_dtype),
-                                lambda c: Fp8Linear(c.in_features, c.out_features, grad_dtype, device=c.weight.device,
-                                                    bias=c.bias), skip)
-
-    def store_nf4(self):
-        """Every decoder block's seven projections held as NF4 (quantized.py; adapted ones keep their adapters);
-        embeddings, norms and lm_head stay in the model's dtype. Call on the meta device, as store_fp8."""
-        self._store_projections(lambda c: c.store_nf4(),
-                                lambda c: Nf4Linear(c.in_features, c.out_features, device=c.weight.device,
-                                                    bias=c.bias))
-
-    def _store_projections(self, adapted, plain, skip: tuple[str, ...] = ()):
-        """``adapted(child)`` on each adapted block projection, each plain one replaced by ``plain(child)``."""
-        if self.compiled_layers is not None or self.layers[0].attn.qkv_weight is not None:
-            raise RuntimeError("quantized projections go before fuse_projections and compile_blocks")
-        for layer in self.layers:
-            for mod in (layer.attn, layer.mlp):
-                for name in PROJECTIONS:
-                    child = getattr(mod, name, None) if name not in skip else None
-                    if isinstance(child, LoRALinear):
-                        adapted(child)
-                    elif isinstance(child, nn.Linear):
-                        setattr(mod, name, plain(child))
-
-    def compile_blocks(self, mode: str | None = None):
-        """Compile each decoder block (one graph serves all blocks): for training, shape-specialised (a run has
-        one shape; ``mode`` is torch.compile's, e.g. reduce-overhead for CUDA graphs); for evaluation with prefix
-        caches (batch and length vary), shape-generic from the start, so a whole MMLU run compiles one graph for
-        its batches (its per-subject prefixes run eagerly)."""
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(self.layers))
-        self.compiled_layers = tuple(torch.compile(layer, mode=mode) for layer in self.layers)
-        self.eval_layers = tuple(torch.compile(layer, dynamic=True) for layer in self.layers)

@@ -1,4 +1,6 @@
-"""Frozen block projections held as NF4 (--precision nf4, QLoRA's 4-bit base; the format is kernels/nf4.py's).
+"""Frozen block projections held quantized: FP8 (--precision fp8; ``Fp8Linear``, kernels/fp8.py) and NF4
+(--precision nf4, QLoRA's 4-bit base; the format is kernels/nf4.py's). convert.quantize_projections puts them in a
+model; an adapted projection (lora.LoRALinear) holds the same storage itself.
 
 A projection stored as NF4 keeps its packed codes in ``weight`` (uint8 [out, in / 2], frozen: the parameter a
 checkpoint's tensor is loaded into, so names, devices and DDP see it as any frozen weight) and its quantization
@@ -22,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
+from .kernels.fp8 import WEIGHT_FORMAT, fp8_linear
 from .kernels.nf4 import BLOCK, NESTED_BLOCK, NF4Tensor, from_quant_state, nf4_linear
 
 NF4_FORMAT = torch.uint8
@@ -81,6 +84,28 @@ def nf4_weight(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> NF4Ten
 def nf4_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x W^T over ``module``'s NF4 weight, in x's dtype (its bias, if any, not added)."""
     return nf4_linear(x, nf4_weight(module, x.dtype))
+
+
+class Fp8Linear(nn.Module):
+    """A frozen bias-free projection stored in float8 e4m3 with one fp32 scale per output channel; forward and
+    input gradient run as FP8 GEMMs (kernels/fp8.py). Its weights arrive quantized through checkpoint.load_into."""
+
+    def __init__(self, in_features: int, out_features: int, grad_dtype: torch.dtype, device=None,
+                 bias: nn.Parameter | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.grad_dtype = in_features, out_features, grad_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=WEIGHT_FORMAT, device=device),
+                                   requires_grad=False)
+        self.bias = bias  # kept in the model's dtype (Qwen2's q/k/v)
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3, per-channel scales"
 
 
 class Nf4Linear(nn.Module):

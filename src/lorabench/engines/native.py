@@ -15,6 +15,7 @@ import torch
 from ..checkpoint import hf_to_native, iter_checkpoint, load_into, native_to_hf, random_hf_weights
 from ..shard import copy_into
 from ..config import ConfigError, LoRAConfig, ModelConfig
+from ..convert import compile_blocks, fuse_projections, quantize_projections
 from ..kernels.attention import ATTENTION_IMPLS
 from ..kernels.dropout import MASK_IMPLS
 from ..kernels.fp8 import GRAD_FORMATS, fp8_shape_problems
@@ -143,9 +144,9 @@ class NativeEngine(Engine):
             if bad:
                 raise ConfigError(f"--precision fp8 on a GPU needs projection sizes that are multiples of 16 "
                                   f"(cuBLASLt's FP8 GEMMs); this model has {', '.join(bad)}")
-            model.store_fp8(GRAD_FORMATS[options.fp8_grad], skip=options.fp8_skip or ())
+            quantize_projections(model, "fp8", GRAD_FORMATS[options.fp8_grad], skip=options.fp8_skip or ())
         elif nf4:  # --precision nf4: likewise as NF4, each weight quantized as it loads
-            model.store_nf4()
+            quantize_projections(model, "nf4")
         self.nf4 = nf4
         set_mask_impl(model, options.dropout_mask)
         if sharder is not None:
@@ -168,9 +169,9 @@ class NativeEngine(Engine):
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         if options.fused_projections:
-            model.fuse_projections()
+            fuse_projections(model)
         if options.compile:
-            model.compile_blocks(None if options.compile_mode == "default" else options.compile_mode)
+            compile_blocks(model, None if options.compile_mode == "default" else options.compile_mode)
 
     # -- the engine contract --------------------------------------------------------------------------------
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,15 +1,14 @@
 """Run modes applied to a plain model (model.Llama), each a function that converts or wraps it, so the model's own
 code is the computation alone: the blocks' frozen projections held quantized (FP8 or NF4, before the weights
 load), q/k/v and gate/up fused into one GEMM each (after they load), the blocks compiled. engines/native.py applies
-what NativeOptions and the precision say, in this order: quantize, load, fuse, compile. (Activation checkpointing
-is the model's ``activation_checkpointing`` mode, read by its forward: recompute.py.)
+what NativeOptions and the precision say, in this order: quantize, load, checkpointing, fuse, compile.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .lora import LoRALinear
+from .lora import LoRALinear, lora_modules
 from .model import Llama
 from .quantized import Fp8Linear, Nf4Linear
 from .shapes import PROJECTIONS
@@ -89,3 +88,12 @@ def compile_blocks(model: Llama, mode: str | None = None):
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(model.layers))
     model.compiled_layers = tuple(torch.compile(layer, mode=mode) for layer in model.layers)
     model.eval_layers = tuple(torch.compile(layer, dynamic=True) for layer in model.layers)
+
+
+def apply_checkpointing(model: Llama, policy: str):
+    """What the training forward keeps for the backward (config.ACTIVATION_CHECKPOINTING; recompute.py has the
+    policies): the model's forward reads its ``activation_checkpointing``; under "adapter-inputs" each adapter reads
+    its input through lora.fresh in the backward."""
+    model.activation_checkpointing = policy
+    for m in lora_modules(model).values():
+        m.fresh_input = policy == "adapter-inputs"

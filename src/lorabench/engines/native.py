@@ -15,7 +15,7 @@ import torch
 from ..checkpoint import hf_to_native, iter_checkpoint, load_into, native_to_hf, random_hf_weights
 from ..shard import copy_into
 from ..config import ConfigError, LoRAConfig, ModelConfig
-from ..convert import compile_blocks, fuse_projections, quantize_projections
+from ..convert import apply_checkpointing, compile_blocks, fuse_projections, quantize_projections
 from ..kernels.attention import ATTENTION_IMPLS
 from ..kernels.dropout import MASK_IMPLS
 from ..kernels.fp8 import GRAD_FORMATS, fp8_shape_problems
@@ -163,9 +163,7 @@ class NativeEngine(Engine):
             load_into(model, iter_checkpoint(model_dir), True, str(model_dir))
         model.set_attention(options.attention)
         self.checkpointing = checkpointing
-        model.activation_checkpointing = checkpointing
-        for m in lora_modules(model).values():
-            m.fresh_input = checkpointing == "adapter-inputs"
+        apply_checkpointing(model, checkpointing)
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         if options.fused_projections:

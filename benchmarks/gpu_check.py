@@ -249,7 +249,7 @@ def check_nf4(dev):
             for double in (True, False):
                 w = (torch.randn(shape, device=dev) * 0.02).to(dtype)
                 q = quantize_nf4(w, double_quant=double)
-                got, want = q.dequantize(), q.dequantize(kernel=False)
+                got, want = q.dequantize(kernel=True), q.dequantize()
                 differ, theirs = int((got != want).sum()), "-"
                 if bnb is not None:
                     packed, state = bnb.quantize_4bit(w, quant_type="nf4", compress_statistics=double)
@@ -262,8 +262,8 @@ def check_nf4(dev):
                 print(f"| {shape} | {str(dtype)[6:]} | {double} | {differ} | {theirs} |")
     q = quantize_nf4((torch.randn(11008, 4096, device=dev) * 0.02).bfloat16())
     print("\n| dequantize [11008, 4096] -> bf16 | us | GB/s (0.5 B read + 2 B written a weight) |\n|---|---|---|")
-    for name, fn in (("Triton kernel", lambda: q.dequantize()), ("PyTorch ops", lambda: q.dequantize(kernel=False)),
-                     ("PyTorch ops, compiled", torch.compile(lambda: q.dequantize(kernel=False)))):
+    for name, fn in (("Triton kernel", lambda: q.dequantize(kernel=True)), ("PyTorch ops", lambda: q.dequantize()),
+                     ("PyTorch ops, compiled", torch.compile(lambda: q.dequantize()))):
         for _ in range(3):
             fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

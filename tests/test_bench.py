@@ -45,6 +45,9 @@ def test_fp8_only_flags_go_to_the_fp8_rows_alone(tmp_path, monkeypatch):
     assert native_settings_for("bf16", {}, native) == {"attention": "matmul", "compile": False}
     assert native_settings_for("fp8", {}, native) == native
     assert native_settings_for("bf16", {"precision": "fp8"}, native) == native
+    nf4 = {"compile": False, "nf4_dequant": "triton", "fp8_grad": "e5m2"}  # each to its own precision's rows
+    assert native_settings_for("qlora", {}, nf4) == {"compile": False, "nf4_dequant": "triton"}
+    assert native_settings_for("fp8", {}, nf4) == {"compile": False, "fp8_grad": "e5m2"}
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     code = main(["bench", "--device", "cpu", "--model", "tiny", "--presets", "fp32,fp8", "--engines", "native",
                  "--steps", "3", "--untimed-steps", "1", "--seq-len", "32", "--batch-size", "2",

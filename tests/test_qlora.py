@@ -128,6 +128,14 @@ def test_nf4_options_that_do_not_apply_are_refused(lora_cfg):
         _engine("nf4", lora_cfg, native=NativeOptions(fused_projections=True))
     with pytest.raises(ConfigError, match="--fp8-grad applies to --precision fp8 only, not nf4"):
         _engine("nf4", lora_cfg, native=NativeOptions(fp8_grad="e5m2"))
+    with pytest.raises(ConfigError, match="--nf4-dequant applies to --precision nf4 only, not bf16"):
+        _engine("bf16", lora_cfg, native=NativeOptions(nf4_dequant="triton"))
+    with pytest.raises(ConfigError, match="--nf4-dequant 'cuda': choose from torch, triton"):
+        NativeOptions(nf4_dequant="cuda")
+    assert _engine("nf4", lora_cfg).options.nf4_dequant == "torch"  # the measured default
+    eng = _engine("nf4", lora_cfg, native=NativeOptions(nf4_dequant="triton"))
+    assert eng.options.nf4_dequant == "triton"
+    assert {m.nf4_dequant for _, p, name in _projections(eng.model) for m in [getattr(p, name)]} == {"triton"}
     with pytest.raises(ConfigError, match="--engine reference has no NF4 weights; --precision nf4 runs on native"):
         build_engine("reference", CFG, lora_cfg, model_dir=None, device=CPU, precision="nf4", seed=0)
 

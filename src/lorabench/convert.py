@@ -15,9 +15,10 @@ from .shapes import PROJECTIONS
 
 
 def quantize_projections(model: Llama, weights: str, grad_dtype: torch.dtype | None = None,
-                         skip: tuple[str, ...] = ()):
+                         skip: tuple[str, ...] = (), nf4_dequant: str = "torch"):
     """Every decoder block's seven projections but those named in ``skip`` held as ``weights`` ("fp8": float8
-    e4m3 with per-channel scales, input gradients in ``grad_dtype``; "nf4": QLoRA's 4-bit NormalFloat); adapted
+    e4m3 with per-channel scales, input gradients in ``grad_dtype``; "nf4": QLoRA's 4-bit NormalFloat, dequantized
+    as ``nf4_dequant`` says, one of quantized.NF4_DEQUANT); adapted
     ones keep their adapters; embeddings, norms, lm_head and the skipped projections stay in the model's dtype.
     Call on the meta device, before the weights are loaded, so the full-precision model never exists
     (checkpoint.load_into quantizes each tensor as it arrives)."""
@@ -32,9 +33,12 @@ def quantize_projections(model: Llama, weights: str, grad_dtype: torch.dtype | N
     elif weights == "nf4":
         def adapted(c):
             c.store_nf4()
+            c.nf4_dequant = nf4_dequant
 
         def plain(c):
-            return Nf4Linear(c.in_features, c.out_features, device=c.weight.device, bias=c.bias)
+            q = Nf4Linear(c.in_features, c.out_features, device=c.weight.device, bias=c.bias)
+            q.nf4_dequant = nf4_dequant
+            return q
     else:
         raise ValueError(f"quantized weights are fp8 or nf4, not {weights!r}")
     for layer in model.layers:

@@ -81,9 +81,14 @@ def nf4_weight(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> NF4Ten
                      module.weight_nested_absmax, module.weight_nested_code, module.weight_offset, nested_block)
 
 
+NF4_DEQUANT = ("torch", "triton")
+"""How an NF4 weight is dequantized for its products: PyTorch ops (fused by torch.compile into the block) or one
+Triton kernel on a GPU (kernels/nf4_triton.py). A module's ``nf4_dequant`` says which."""
+
+
 def nf4_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x W^T over ``module``'s NF4 weight, in x's dtype (its bias, if any, not added)."""
-    return nf4_linear(x, nf4_weight(module, x.dtype))
+    return nf4_linear(x, nf4_weight(module, x.dtype), getattr(module, "nf4_dequant", "torch") == "triton")
 
 
 class Fp8Linear(nn.Module):

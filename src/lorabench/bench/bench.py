@@ -259,15 +259,16 @@ def _cannot_run(engine: str, preset: str, settings: dict) -> str | None:
     return None if name is None else precision_problem(engine, get_precision(name))
 
 
-FP8_ONLY = ("fp8_grad", "fp8_skip")
-"""Native settings that only an fp8 row takes: bench gives them to its fp8 rows alone, so one bench can set them and
-still run the bf16 rows beside."""
+PRECISION_ONLY = {"fp8_grad": "fp8", "fp8_skip": "fp8", "nf4_dequant": "nf4"}
+"""Native settings that only rows of one precision take: bench gives them to those rows alone, so one bench can set
+them and still run the bf16 rows beside."""
 
 
 def native_settings_for(preset: str, settings: dict, native: dict) -> dict:
-    """``native`` (the native rows' settings) for a row of ``preset``, less FP8_ONLY where it is not fp8."""
-    fp8 = _row_precision(preset, settings) == "fp8"
-    return {k: v for k, v in native.items() if fp8 or k not in FP8_ONLY}
+    """``native`` (the native rows' settings) for a row of ``preset``, less the PRECISION_ONLY ones of another
+    precision."""
+    precision = _row_precision(preset, settings)
+    return {k: v for k, v in native.items() if PRECISION_ONLY.get(k, precision) == precision}
 
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,

@@ -22,6 +22,7 @@ from ..kernels.fp8 import GRAD_FORMATS, fp8_shape_problems
 from ..lora import inject_lora, lora_modules, set_mask_impl
 from ..model import Llama
 from ..precision import Precision
+from ..quantized import NF4_DEQUANT
 from ..shapes import PROJECTIONS, projection_shapes
 from .base import Engine, canonical_adapters
 
@@ -59,12 +60,17 @@ class NativeOptions:
     the rest in FP8; resolved to a sorted tuple (empty: every projection in FP8, the default). down_proj's input
     carries a trained model's largest activations: ("down_proj",) trades speed for accuracy (benchmarks/NOTES.md
     item 63)."""
+    nf4_dequant: str | None = None
+    """Under --precision nf4, how each product dequantizes its NF4 weight, one of quantized.NF4_DEQUANT: "torch"
+    (PyTorch ops, fused into the compiled block; the default, the one measured on a card so far) or "triton" (one
+    Triton kernel on a GPU, bit for bit the same values; benchmarks/NOTES.md items 81, 84)."""
 
     def __post_init__(self):
         for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
                                       ("fp8-grad", self.fp8_grad, tuple(GRAD_FORMATS)),
                                       ("compile-mode", self.compile_mode, COMPILE_MODES),
-                                      ("dropout-mask", self.dropout_mask, MASK_IMPLS)):
+                                      ("dropout-mask", self.dropout_mask, MASK_IMPLS),
+                                      ("nf4-dequant", self.nf4_dequant, NF4_DEQUANT)):
             if value is not None and value not in choices:
                 raise ConfigError(f"--{field} {value!r}: choose from {', '.join(choices)}")
         unknown = sorted(set(self.fp8_skip or ()) - set(PROJECTIONS))
@@ -80,6 +86,8 @@ class NativeOptions:
                               "projection keeps its own scales); leave it off")
         if self.fp8_grad is not None and not precision.fp8_weights:
             raise ConfigError(f"--fp8-grad applies to --precision fp8 only, not {precision.name}")
+        if self.nf4_dequant is not None and not precision.nf4_weights:
+            raise ConfigError(f"--nf4-dequant applies to --precision nf4 only, not {precision.name}")
         if self.fp8_skip and not precision.fp8_weights:
             raise ConfigError(f"--fp8-skip applies to --precision fp8 only, not {precision.name}")
         if set(self.fp8_skip or ()) >= set(PROJECTIONS):
@@ -95,6 +103,7 @@ class NativeOptions:
             dropout_mask=self.dropout_mask or MASK_IMPLS[0],
             fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_weights else None,
             fp8_skip=tuple(sorted(set(self.fp8_skip or ()))) if precision.fp8_weights else None,
+            nf4_dequant=(self.nf4_dequant or "torch") if precision.nf4_weights else None,
         )
         return resolved
 
@@ -146,7 +155,7 @@ class NativeEngine(Engine):
                                   f"(cuBLASLt's FP8 GEMMs); this model has {', '.join(bad)}")
             quantize_projections(model, "fp8", GRAD_FORMATS[options.fp8_grad], skip=options.fp8_skip or ())
         elif nf4:  # --precision nf4: likewise as NF4, each weight quantized as it loads
-            quantize_projections(model, "nf4")
+            quantize_projections(model, "nf4", nf4_dequant=options.nf4_dequant or "torch")
         self.nf4 = nf4
         set_mask_impl(model, options.dropout_mask)
         if sharder is not None:

@@ -121,10 +121,10 @@ class NF4Tensor:
         scale = self.nested_absmax.repeat_interleave(self.nested_block)[:n]
         return code * scale + self.offset
 
-    def dequantize(self, kernel: bool = True) -> torch.Tensor:
-        """The weight as ``dtype``: level[code] x its block's absmax, computed in float32 and rounded once. On a
-        GPU (``kernel``), one Triton kernel writes it (``dequantize_kernel``: the same values, bit for bit);
-        elsewhere plain PyTorch ops."""
+    def dequantize(self, kernel: bool = False) -> torch.Tensor:
+        """The weight as ``dtype``: level[code] x its block's absmax, computed in float32 and rounded once, by plain
+        PyTorch ops; with ``kernel``, on a GPU, by one Triton kernel (``dequantize_kernel``: the same values, bit for
+        bit; --nf4-dequant triton)."""
         n = math.prod(self.shape)
         absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
         if kernel and self.packed.is_cuda and n % 2 == 0 and self.block % 2 == 0 and _DEQUANTIZE is not None:
@@ -261,14 +261,15 @@ class _Nf4Linear(torch.autograd.Function):
 
 
 def _weight(packed, absmax, levels, nested_absmax, nested_code, offset, meta, dtype) -> torch.Tensor:
-    shape, block, nested_block = meta
+    shape, block, nested_block, kernel = meta
     return NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset,
-                     nested_block).dequantize()
+                     nested_block).dequantize(kernel)
 
 
-def nf4_linear(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+def nf4_linear(x: torch.Tensor, q: NF4Tensor, kernel: bool = False) -> torch.Tensor:
     """x W^T for a frozen weight stored as NF4 (``q``), computed in x's dtype (the weight dequantized in float32,
-    then rounded to x's dtype, as bitsandbytes dequantizes)."""
+    then rounded to x's dtype, as bitsandbytes dequantizes); ``kernel``: dequantized by the Triton kernel on a
+    GPU."""
     offset = q.offset if isinstance(q.offset, torch.Tensor) else torch.tensor(q.offset, device=q.packed.device)
     return _Nf4Linear.apply(x, q.packed, q.absmax, q.levels.to(q.packed.device), q.nested_absmax, q.nested_code,
-                            offset, (tuple(q.shape), q.block, q.nested_block))
+                            offset, (tuple(q.shape), q.block, q.nested_block, kernel))

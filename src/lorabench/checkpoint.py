@@ -195,8 +195,8 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
                 if quantized:
                     t = t.dequantize()
                 if p.dtype in FP8_DTYPES:  # quantized on its device, one tensor at a time (kernels/fp8.py)
-                    q, scale = quantize_rows(t.to(p.device), p.dtype)
-                    p.copy_(q)
+                    q, scale = quantize_rows(t.to(p.device), p.dtype)  # (the whole tensor's per-row scales)
+                    copy_into(p, q)  # (a sharded parameter takes its rows)
                     buffers[name + "_scale"].copy_(scale.view(-1))
                 else:
                     copy_into(p, t)  # (a sharded parameter takes its part)

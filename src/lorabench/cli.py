@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import rundir
-from .config import TRAIN_PRESETS, ConfigError, resolve_preset
+from .config import MODEL_PRESETS, TRAIN_PRESETS, ConfigError, resolve_preset
 from .data.formats import FORMATS
 from .files import DiskFull
 from .kernels.attention import ATTENTION_IMPLS
@@ -107,7 +107,7 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="random: exact architecture with random weights made on the device (no weight files)")
     g.add_argument("--model", dest="model_preset", help="shape preset for --init random without --model-dir "
-                   "(llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3.1-8b, mistral-7b, qwen2.5-7b, tiny)")
+                   f"({', '.join(MODEL_PRESETS)})")
     g.add_argument("--engine", default="native", help="native (ours, default), reference (transformers + PEFT, the "
                    "seed's stack), reference+liger, reference+compile, unsloth, unsloth-fp8 or unsloth-4bit "
                    "(Unsloth's stack, CUDA only)")

@@ -230,6 +230,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # config.json; the FP8 issue's shape).
     "llama2-70b": ModelConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                               num_attention_heads=64, num_key_value_heads=8),
+    # MLPerf Training's llama2_70b_lora shape: Llama-2-70B trained on sequences of 8,192 tokens (GovReport packed to
+    # 8,192): the published config with max_position_embeddings 8,192, RoPE as published (no scaling).
+    "llama2-70b-8k": ModelConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                 num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192),
     # Llama-3-8B and Llama-3.1-8B: their published config.json values (vocab 128,256, GQA 32/8, intermediate 14,336,
     # rope_theta 500,000; 3.1: 131,072 positions with llama3 RoPE scaling factor 8, low 1, high 4, original 8,192).
     "llama3-8b": ModelConfig(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8,

@@ -387,7 +387,8 @@ def build(plan: Plan) -> tuple[Engine, float]:
 
         group = plan.train.shard_group_size or plan.world // plan.nnodes
         layout = mesh(plan.train.shard, plan.world, group, plan.device)
-        sharder = native_sharder(plan.precision.dtype, layout) if spec(job.engine).can("shard-at-build") else None
+        sharder = native_sharder(plan.precision.dtype, layout, gather_as_stored=plan.precision.fp8_weights) \
+            if spec(job.engine).can("shard-at-build") else None
     engine = build_engine(job.engine, plan.model_cfg, job.lora, model_dir=job.model_dir if job.init == "pretrained"
                           else None, device=plan.device, precision=plan.precision, seed=plan.train.seed,
                           native=plan.native, attn=job.attn, checkpointing=plan.train.activation_checkpointing,

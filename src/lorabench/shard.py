@@ -14,8 +14,11 @@ node, only the gradient reduction crosses nodes).
 
 Checkpoints: each rank writes its shards of the adapters and of their AdamW state beside its random states
 (``local_state``), so ``--resume`` continues on the same world size (a different one is refused by the job's
-fingerprint). What this first form does not do, and refuses with a message rather than doing half: FP8 weights
-(held as plain tensors beside their scales, which FSDP does not shard), MMLU and ROUGE on the reference engine.
+fingerprint). FP8 weights are sharded by rows like any weight and gathered as FP8 (``gather_as_stored``: half of
+bf16's bytes), their per-row scales held whole on every rank (non-persistent buffers, which FSDP leaves alone; a
+checkpoint tensor's scales are computed from the whole tensor as it is read, then its rows cut to the shard). What
+this form does not do, and refuses with a message rather than doing half: NF4 weights (their block constants
+would have to be cut with them), MMLU and ROUGE on the reference engine.
 On the native engine both run on every rank, the same questions in the same batches and the same prompts token by
 token (a sharded model needs every rank in each forward; each generated token is rank 0's, broadcast), rank 0
 writing the results.
@@ -53,8 +56,9 @@ def check(shard: str, engine: str, precision, world: int, mmlu: bool, rouge: boo
     elif not spec(engine).can("shard"):
         able = " and ".join(s.name for s in SPECS.values() if s.can("shard"))
         why = f"shards the {able} engines; --engine {engine} is not sharded"
-    elif precision.weights:
-        why = f"does not shard {precision.weights.upper()} weights yet; use --precision bf16"
+    elif precision.nf4_weights:
+        why = "does not shard NF4 weights yet (their quantization state would need sharding with them); use " \
+              "--precision bf16 or fp8"
     elif (mmlu or rouge) and not spec(engine).can("evaluate-sharded"):
         able = " and ".join(s.name for s in SPECS.values() if s.can("evaluate-sharded"))
         why = (f"evaluates (MMLU, --eval-rouge) with the {able} engine only (every rank takes part in each "
@@ -74,12 +78,13 @@ def mesh(shard: str, world: int, group: int, device: torch.device):
     return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
 
-def native_sharder(dtype: torch.dtype, device_mesh=None):
+def native_sharder(dtype: torch.dtype, device_mesh=None, gather_as_stored: bool = False):
     """What the native engine calls on its model while it is still on the meta device (engines/native.py): the
     blocks and root sharded before any weight exists, so each rank allocates only its shards and each checkpoint
     tensor is cut to them as it is read (copy_into): no rank holds the whole model."""
     def shard(model):
-        apply_fsdp(model, model.layers, dtype, methods=("loss", "hidden", "head"), device_mesh=device_mesh)
+        apply_fsdp(model, model.layers, dtype, methods=("loss", "hidden", "head"), device_mesh=device_mesh,
+                   gather_as_stored=gather_as_stored)
     return shard
 
 
@@ -89,9 +94,13 @@ def shard_engine(engine, dtype: torch.dtype, device_mesh=None):
     apply_fsdp(engine.model, engine.model.get_base_model().model.layers, dtype, device_mesh=device_mesh)
 
 
-def apply_fsdp(root: torch.nn.Module, blocks, dtype: torch.dtype, methods: tuple[str, ...] = (), device_mesh=None):
+def apply_fsdp(root: torch.nn.Module, blocks, dtype: torch.dtype, methods: tuple[str, ...] = (), device_mesh=None,
+               gather_as_stored: bool = False):
     """Shard in place: each of ``blocks``, then ``root`` (``methods``: root methods the loop calls instead of
-    forward, gathered as a forward is), over ``device_mesh`` (None: every rank, one dimension)."""
+    forward, gathered as a forward is), over ``device_mesh`` (None: every rank, one dimension).
+    ``gather_as_stored`` (FP8 weights): every parameter all-gathered in its own dtype (the FP8 weights as FP8
+    bytes, half of bf16's; the fp32 adapters cast to the activations' dtype where they are used, as without
+    sharding), not cast to ``dtype``."""
     import warnings
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -99,8 +108,8 @@ def apply_fsdp(root: torch.nn.Module, blocks, dtype: torch.dtype, methods: tuple
     # a block returns its (k, v) as views beside its output; nothing writes into them in place (the warning's case)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype in (
-        torch.bfloat16, torch.float16) else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=None if gather_as_stored else dtype, reduce_dtype=torch.float32) \
+        if dtype in (torch.bfloat16, torch.float16) else MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mesh=device_mesh, mp_policy=policy)
     fully_shard(root, mesh=device_mesh, mp_policy=policy)

@@ -110,17 +110,20 @@ def sharded_copy_of_the_tiny_model(where):
     (2, False, "native", "fsdp --activation-checkpointing block", "fp32"),
     (2, False, "native", "fsdp --compile --activation-checkpointing offload", "fp32"),
     (2, False, "native", "fsdp", "fp8"), (2, True, "native", "fsdp", "fp8"),
-    (4, False, "native", "hsdp --shard-group-size 2 --activation-checkpointing block", "fp8")])
+    (4, False, "native", "hsdp --shard-group-size 2 --activation-checkpointing block", "fp8"),
+    (2, False, "native", "fsdp --activation-checkpointing matmuls", "fp8"),
+    (2, False, "native", "fsdp", "fp8 --compile")])
 @pytest.mark.slow
 def test_fsdp_ranks_equal_one_process_with_matching_grad_accum(tmp_path, nproc, sharded_dir, engine, shard,
                                                                precision):
     """--shard fsdp (FSDP2 over gloo; hsdp: two replicas of two shards; compiled blocks with their inputs offloaded,
     against one eager process; FP8 weights sharded as FP8, read from a folder of safetensors shards straight into
-    FP8 shards): N ranks holding a shard of every block each train as one process with N micro-batches of
+    FP8 shards, compiled against one compiled process, whose fused quantization rounds otherwise than eager's): N
+    ranks holding a shard of every block each train as one process with N micro-batches of
     accumulation: losses, eval loss, each step's gradient norm (recorded under a clip that never bites; AdamW's
     steps hide a gradient's scale, the norm does not) and the whole adapters gathered from the shards.
     Tolerances: float32 sums in another order (~1e-7 relative); the adapters as assert_adapters_match says."""
-    flags = COMMON + ["--max-grad-norm", "1e9", "--engine", engine, "--precision", precision]
+    flags = COMMON + ["--max-grad-norm", "1e9", "--engine", engine, "--precision", *precision.split()]
     if sharded_dir:  # weights read from a folder of safetensors shards
         from lorabench.assets import TINY_DATA
 

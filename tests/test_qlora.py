@@ -293,3 +293,19 @@ def test_compiled_nf4_blocks_train_as_eager():
     curves = [train_loop(e, data, cfg, CPU, progress=False)["series"]["loss"] for e in engines]
     assert engines[1].model.compiled_layers is not None and not torch._dynamo.utils.counters["graph_break"]
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("quant", [{"quant_method": "gptq", "bits": 4},
+                                   {"quant_method": "bitsandbytes", "load_in_8bit": True},
+                                   {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}])
+def test_config_of_another_quantization_is_refused_naming_the_field(tmp_path, quant):
+    """A checkpoint quantized otherwise than bitsandbytes' NF4 (GPTQ, 8-bit, FP4) is refused at its config.json,
+    before any tensor is read; bitsandbytes' NF4 config is read."""
+    hf = CFG.to_hf_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "quantization_config": quant}))
+    with pytest.raises(ConfigError, match=r"config.json: quantization_config = .* is not supported: lorabench reads "
+                                          "unquantized checkpoints and bitsandbytes' 4-bit NF4 ones"):
+        ModelConfig.from_hf_json(tmp_path)
+    nf4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "quantization_config": nf4}))
+    assert ModelConfig.from_hf_json(tmp_path) == CFG

@@ -292,6 +292,12 @@ def check_supported(raw: dict, path: Path):
     for name in ("final_logit_softcapping", "attn_logit_softcapping"):
         if raw.get(name) is not None:
             refuse(name, "is not supported (no logit soft-capping in the Llama architecture)")
+    quant = raw.get("quantization_config")
+    if quant is not None:  # bitsandbytes' NF4 checkpoints are read (quantized.py); other formats are not
+        if not isinstance(quant, dict) or quant.get("quant_method", "bitsandbytes") != "bitsandbytes" \
+                or quant.get("load_in_8bit") or quant.get("bnb_4bit_quant_type", "nf4") != "nf4":
+            refuse("quantization_config", "is not supported: lorabench reads unquantized checkpoints and "
+                                          "bitsandbytes' 4-bit NF4 ones (load_in_4bit, bnb_4bit_quant_type nf4)")
 
 
 @dataclass(frozen=True)

@@ -121,12 +121,10 @@ def _add_memory_flags(p: argparse.ArgumentParser):
 
     g = p.add_argument_group("memory")
     g.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, help="what the forward keeps "
-                   "for the backward (memory and speed, never the numbers): block keeps only each decoder block's "
-                   "input and recomputes the block (less memory, ~1/3 more compute); offload: block with those inputs "
-                   "in host memory; matmuls: keeps the matrix products' outputs, recomputes the elementwise work; "
-                   "adapter-inputs: recomputes only the inputs of adapters without dropout (native, compiled: the "
-                   "default there, else none keeps everything). The reference engine takes block, Unsloth block and "
-                   "offload, as their own gradient checkpointing")
+                   "for the backward (memory and speed, never the numbers): block keeps each block's input and "
+                   "recomputes the block; offload: block with those inputs in host memory; matmuls: recomputes only "
+                   "the elementwise work; adapter-inputs: recomputes the inputs of adapters without dropout (native, "
+                   "compiled: the default there, else none). reference* take none and block, unsloth* also offload")
     g.add_argument("--memory-budget-gib", type=float, metavar="GIB", help="cap the GPU memory the run may use at "
                    "GIB (PyTorch's caching allocator), to measure what fits a smaller card on this one; recorded in "
                    "result.json (CUDA only)")

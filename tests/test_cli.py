@@ -488,3 +488,14 @@ def test_ctrl_c_while_the_cli_imports_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     assert run() == 130
     assert capsys.readouterr().err == "lorabench: interrupted\n"
+
+
+def test_engine_flags_name_every_engine():
+    """--engine (run) and --engines (bench) list every registered engine in their help."""
+    from lorabench.cli import build_parser
+    from lorabench.engines import ENGINES
+
+    parsers = build_parser().subcommands
+    for command, dest in (("run", "engine"), ("bench", "engines")):
+        text = next(a.help for a in parsers[command]._actions if a.dest == dest)
+        assert [e for e in ENGINES if e not in text.replace(",", " ").split()] == [], command

@@ -109,8 +109,8 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--model", dest="model_preset", help="shape preset for --init random without --model-dir "
                    f"({', '.join(MODEL_PRESETS)})")
     g.add_argument("--engine", default="native", help="native (ours, default), reference (transformers + PEFT, the "
-                   "seed's stack), reference+liger, reference+compile, unsloth, unsloth-fp8 or unsloth-4bit "
-                   "(Unsloth's stack, CUDA only)")
+                   "seed's stack), reference+liger, reference+compile, reference+bnb (over bitsandbytes' NF4), "
+                   "unsloth, unsloth-fp8 or unsloth-4bit (Unsloth's stack, CUDA only)")
     g.add_argument("--attn", default=None, choices=("eager", "sdpa"), help="attention of the plain reference "
                    "engine (default eager, as FlagPerf's stack)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -289,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Each engine x preset runs as its own `lorabench run --init random --data "
                        "synthetic` process; prints one table and writes bench.json/bench.md under --run-dir.")
     b.add_argument("--engines", default="native,reference", help="comma-separated: native, reference, "
-                   "reference+liger, reference+compile, unsloth, unsloth-fp8, unsloth-4bit (Unsloth: CUDA, pip "
-                   "install unsloth)")
+                   "reference+liger, reference+compile, reference+bnb, unsloth, unsloth-fp8, unsloth-4bit (Unsloth: "
+                   "CUDA, pip install unsloth)")
     b.add_argument("--presets", default="flagperf-fp32,flagperf-fp16,bf16", help=f"comma-separated of "
                    f"{', '.join(TRAIN_PRESETS)}")
     b.add_argument("--model", help="shape preset (default: llama2-7b on a GPU, tiny on CPU)")

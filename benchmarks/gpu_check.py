@@ -238,7 +238,8 @@ def check_nf4(dev):
     installed (bit for bit), and the time of each at Llama-2-7B's gate_proj shape."""
     from lorabench.kernels.nf4 import NF4Tensor, quantize_nf4
 
-    print("\n| weight | dtype | double | elements differing from PyTorch's | from bitsandbytes' |\n|---|---|---|---|---|")
+    print("\n| weight | dtype | double | elements differing from PyTorch's | from bitsandbytes' |\n"
+          "|---|---|---|---|---|")
     try:
         import bitsandbytes.functional as bnb
     except ImportError:

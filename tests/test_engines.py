@@ -126,7 +126,8 @@ def test_unsloth_engines_say_what_they_need_on_a_cpu():
     ("unsloth", "fp8", "--engine unsloth has no FP8 weights"),
     ("unsloth-fp8", "bf16", "run it with --precision fp8"),
     ("unsloth-4bit", "bf16", "--engine unsloth-4bit holds NF4 weights; run it with --precision nf4 .preset qlora."),
-    ("unsloth", "nf4", "--engine unsloth has no NF4 weights; --precision nf4 runs on native, reference.bnb and unsloth-4bit"),
+    ("unsloth", "nf4", "--engine unsloth has no NF4 weights; --precision nf4 runs on native, reference.bnb and "
+                       "unsloth-4bit"),
 ])
 def test_a_row_label_always_says_what_the_weights_were(name, precision, message):
     """FP8 (NF4) weights only under --precision fp8 (nf4), and it only where an engine has such weights: refused

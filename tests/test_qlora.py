@@ -297,7 +297,8 @@ def test_compiled_nf4_blocks_train_as_eager():
 
 @pytest.mark.parametrize("quant", [{"quant_method": "gptq", "bits": 4},
                                    {"quant_method": "bitsandbytes", "load_in_8bit": True},
-                                   {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}])
+                                   {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                    "bnb_4bit_quant_type": "fp4"}])
 def test_config_of_another_quantization_is_refused_naming_the_field(tmp_path, quant):
     """A checkpoint quantized otherwise than bitsandbytes' NF4 (GPTQ, 8-bit, FP4) is refused at its config.json,
     before any tensor is read; bitsandbytes' NF4 config is read."""

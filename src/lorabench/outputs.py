@@ -49,7 +49,8 @@ RESUME_MAY_DIFFER = {
     "mmlu": ("tokenize_workers",),
 }
 """Settings a resumed run may change: where and how it reports, how often it checkpoints, what the backward
-keeps, the memory budget. Every other setting changes the numbers and must equal the checkpointed run's (job_fingerprint)."""
+keeps, the memory budget. Every other setting changes the numbers and must equal the checkpointed run's
+(job_fingerprint)."""
 
 
 def _plain(v):

@@ -130,7 +130,7 @@ def build(spec, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, 
     if any(getattr(native, f) is None for f in RESOLVED_BY_DEFAULT):
         native = native.resolve(precision, device)
     return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                        options=native, nf4=precision.nf4_weights, checkpointing=resolve_checkpointing(checkpointing, native, lora.dropout),
+                        options=native, checkpointing=resolve_checkpointing(checkpointing, native, lora.dropout),
                         sharder=sharder)
 
 
@@ -139,9 +139,10 @@ class NativeEngine(Engine):
     supports_prefix_cache = True
 
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
-                 options: NativeOptions, checkpointing: str = "none", sharder=None, nf4: bool = False):
-        """``options`` resolved (NativeOptions.resolve; build_engine does it); ``checkpointing``: one of
-        config.ACTIVATION_CHECKPOINTING; ``nf4``: the blocks' frozen projections as NF4 (--precision nf4). ``sharder``: called on the model while it is still on the meta device
+                 options: NativeOptions, checkpointing: str = "none", sharder=None):
+        """``options`` resolved (NativeOptions.resolve; build_engine does it: its fp8_grad is set under
+        --precision fp8, its nf4_dequant under --precision nf4); ``checkpointing``: one of
+        config.ACTIVATION_CHECKPOINTING. ``sharder``: called on the model while it is still on the meta device
         (shard.native_sharder), so weights load straight into shards."""
         self.model_cfg, self.lora_cfg, self.model_dir, self.options = model_cfg, lora, model_dir, options
         self.device = torch.device(device)
@@ -154,9 +155,8 @@ class NativeEngine(Engine):
                 raise ConfigError(f"--precision fp8 on a GPU needs projection sizes that are multiples of 16 "
                                   f"(cuBLASLt's FP8 GEMMs); this model has {', '.join(bad)}")
             quantize_projections(model, "fp8", GRAD_FORMATS[options.fp8_grad], skip=options.fp8_skip or ())
-        elif nf4:  # --precision nf4: likewise as NF4, each weight quantized as it loads
-            quantize_projections(model, "nf4", nf4_dequant=options.nf4_dequant or "torch")
-        self.nf4 = nf4
+        elif options.nf4_dequant is not None:  # --precision nf4: likewise as NF4, each weight quantized as it loads
+            quantize_projections(model, "nf4", nf4_dequant=options.nf4_dequant)
         set_mask_impl(model, options.dropout_mask)
         if sharder is not None:
             if model_cfg.tie_word_embeddings:
@@ -236,7 +236,7 @@ class NativeEngine(Engine):
             kept = "".join(f", {p}" for p in self.options.fp8_skip or ())
             numerics += (f"; block projections e4m3 with per-channel scales, activations per token e4m3, input "
                          f"gradients per token {self.options.fp8_grad}, {gemm}; embeddings, norms{kept}, lm_head bf16")
-        if self.nf4:
+        if self.options.nf4_dequant is not None:
             numerics += ("; block projections NF4 (blocks of 64, double-quantized absmax), dequantized to bf16 for "
                          "each forward and input-gradient product; embeddings, norms, lm_head bf16")
         return {**asdict(self.options), "activation_checkpointing": self.checkpointing, "numerics": numerics}

@@ -4,11 +4,10 @@ instead of ours, driven by the same loop, timing and report as every engine.
 ``unsloth`` loads the base in the run's dtype (bf16 or fp16); ``unsloth-fp8`` with ``load_in_fp8=True`` (Unsloth's
 FP8 LoRA: rowwise FP8 forward GEMMs via torchao, input gradients through the dequantized weight, as
 Unsloth's source reads); ``unsloth-4bit`` with ``load_in_4bit=True`` (QLoRA through bitsandbytes' NF4, bf16
-compute: the row --precision nf4 is set against). Unsloth reads an HF model folder: ``--model-dir`` as given, or for ``--init random`` a folder
-of the canonical random weights (checkpoint.random_hf_weights, the same every engine starts from) written once per
-shape,
-seed and dtype and reused, to /dev/shm where it fits, else to the cache folder. Gradient checkpointing only as
-``--activation-checkpointing`` says: ``block`` is Unsloth's ``use_gradient_checkpointing=True`` (each decoder
+compute: the row --precision nf4 is set against). Unsloth reads an HF model folder: ``--model-dir`` as given, or
+for ``--init random`` a folder of the canonical random weights (checkpoint.random_hf_weights, the same every engine
+starts from) written once per shape, seed and dtype and reused, to /dev/shm where it fits, else to the cache
+folder. Gradient checkpointing only as ``--activation-checkpointing`` says: ``block`` is Unsloth's ``use_gradient_checkpointing=True`` (each decoder
 layer recomputed), ``offload`` its ``"unsloth"`` mode (each layer's input also kept in host memory); the adapters
 start from the canonical values as in every engine.
 
@@ -106,7 +105,8 @@ class UnslothEngine(PeftEngine):
         FastLanguageModel = _import_unsloth(device, self.name)
         if dtype not in (torch.bfloat16, torch.float16):
             raise ConfigError(f"--engine {self.name} runs bf16 or fp16 base weights; use --precision bf16 or fp16")
-        self.model_cfg, self.lora_cfg, self.model_dir, self.fp8, self.four_bit = model_cfg, lora, model_dir, fp8, four_bit
+        self.model_cfg, self.lora_cfg, self.model_dir = model_cfg, lora, model_dir
+        self.fp8, self.four_bit = fp8, four_bit
         source = Path(model_dir) if model_dir is not None else random_hf_dir(model_cfg, seed, dtype, device)
         kw = {"load_in_fp8": True} if fp8 else {}
         self.checkpointing = checkpointing

@@ -16,6 +16,7 @@ from lorabench.data.synthetic import synthetic_chunks
 from lorabench.engines import NativeOptions, build_engine
 from lorabench.kernels.attention import ATTENTION_IMPLS
 from lorabench.precision import PRECISIONS, get_precision
+from lorabench.quantized import NF4_DEQUANT
 
 KINDS = (("attention", ("flash_fwd", "flash_bwd", "cudnn", "fmha", "sdpa_", "attention_kernel")),
          ("triton", ("triton",)),  # Inductor's kernels (an SDPA op in a fused kernel's name is its inputs' copy)
@@ -42,6 +43,7 @@ def main():
     ap.add_argument("--compile-mode", help="torch.compile mode for the training blocks (e.g. reduce-overhead)")
     ap.add_argument("--fuse", action="store_true", help="fused q/k/v and gate/up GEMMs (native)")
     ap.add_argument("--attention", default="sdpa", choices=ATTENTION_IMPLS, help="native training attention")
+    ap.add_argument("--nf4-dequant", choices=NF4_DEQUANT, help="--precision nf4: how products dequantize")
     ap.add_argument("--gemm-shapes", action="store_true",
                     help="profile once more with the host ops recorded and print GEMM time by operand shapes")
     a = ap.parse_args()
@@ -51,7 +53,8 @@ def main():
     cfg = MODEL_PRESETS[a.model]
     eng = build_engine(a.engine, cfg, LoRAConfig(), model_dir=None, device=dev, precision=precision, seed=0,
                        attn="sdpa", native=NativeOptions(compile=a.compile, attention=a.attention,
-                                                         fused_projections=a.fuse, compile_mode=a.compile_mode))
+                                                         fused_projections=a.fuse, compile_mode=a.compile_mode,
+                                                         nf4_dequant=a.nf4_dequant))
     data = torch.from_numpy(synthetic_chunks(a.batch_size * (a.steps + 6), a.seq_len, cfg.vocab_size)).long().to(dev)
     opt = torch.optim.AdamW(eng.trainable_params(), lr=1e-4)
 
@@ -74,7 +77,8 @@ def main():
             step(3 + i)
         torch.cuda.synchronize()
     title = (f"{a.engine}{' compiled' if a.compile else ''}{' fused' if a.fuse else ''} {a.precision} "
-             f"LBS {a.batch_size} T {a.seq_len} attention {a.attention}")
+             f"LBS {a.batch_size} T {a.seq_len} attention {a.attention}"
+             + (f" nf4 dequant {a.nf4_dequant}" if a.nf4_dequant else ""))
     print(f"{title}: {wall * 1e3:.1f} ms wall per step, {a.batch_size * a.seq_len / wall:.0f} tok/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print_top(prof, a.steps, title, "step", a.top)

@@ -48,6 +48,7 @@ def test_fp8_only_flags_go_to_the_fp8_rows_alone(tmp_path, monkeypatch):
     nf4 = {"compile": False, "nf4_dequant": "triton", "fp8_grad": "e5m2"}  # each to its own precision's rows
     assert native_settings_for("qlora", {}, nf4) == {"compile": False, "nf4_dequant": "triton"}
     assert native_settings_for("fp8", {}, nf4) == {"compile": False, "fp8_grad": "e5m2"}
+    assert native_settings_for("qlora-fp8", {}, nf4) == nf4  # NF4 storage and FP8 products take both
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     code = main(["bench", "--device", "cpu", "--model", "tiny", "--presets", "fp32,fp8", "--engines", "native",
                  "--steps", "3", "--untimed-steps", "1", "--seq-len", "32", "--batch-size", "2",
@@ -219,6 +220,9 @@ def test_bench_skips_rows_an_engine_cannot_run():
     assert _cannot_run("native", "fp8", {}) is None
     assert "no NF4 weights" in _cannot_run("reference", "qlora", {})
     assert _cannot_run("unsloth-4bit", "qlora", {}) is None and _cannot_run("native", "qlora", {}) is None
+    assert _cannot_run("native", "qlora-fp8", {}) is None
+    assert "NF4 weights but not --precision nf4-fp8's products; --precision nf4-fp8 runs on native" in \
+        _cannot_run("unsloth-4bit", "qlora-fp8", {})
 
 
 def test_an_out_of_memory_row_is_a_row_result(tmp_path, monkeypatch):

@@ -224,7 +224,7 @@ def test_fp8_merged_weight_is_the_dequantized_weight_plus_the_update(lora_cfg):
 def test_fp8_options_that_do_not_apply_are_refused(lora_cfg):
     with pytest.raises(ConfigError, match="--fused-projections"):
         _engine("fp8", lora_cfg, native=NativeOptions(fused_projections=True))
-    with pytest.raises(ConfigError, match="--fp8-grad applies to --precision fp8"):
+    with pytest.raises(ConfigError, match=r"--fp8-grad applies to FP8 products \(.*\) only, not bf16"):
         _engine("bf16", lora_cfg, native=NativeOptions(fp8_grad="e5m2"))
     with pytest.raises(ConfigError, match="--fp8-grad"):
         NativeOptions(fp8_grad="e3m4")

@@ -16,6 +16,7 @@ from lorabench.checkpoint import load_into, random_hf_weights, write_hf_dir
 from lorabench.config import ConfigError, LoRAConfig, ModelConfig, TrainConfig
 from lorabench.data.synthetic import synthetic_chunks
 from lorabench.engines import NativeOptions, build_engine
+from lorabench.kernels.fp8 import quantize_rows
 from lorabench.kernels.nf4 import quantize_nf4
 from lorabench.quantized import Nf4Linear, is_nf4, nf4_weight
 from lorabench.shapes import PROJECTIONS
@@ -115,6 +116,60 @@ def test_nf4_trains_as_bf16_over_the_dequantized_weights_and_learns():
     assert c4[-1] < c4[0] - 0.05
 
 
+def _dequantized_fp8_engine(e4, lora, **kw):
+    """The fp8 engine with every block projection holding the NF4 engine's weight dequantized to bf16 and then
+    quantized per row, as --precision fp8 quantizes a bf16 checkpoint's weight."""
+    e8 = _engine("fp8", lora, **kw)
+    with torch.no_grad():
+        for (_, p4, name), (_, p8, _) in zip(_projections(e4.model), _projections(e8.model), strict=True):
+            wq, scale = quantize_rows(nf4_weight(getattr(p4, name)).dequantize())
+            getattr(p8, name).weight.copy_(wq)
+            getattr(p8, name).weight_scale.copy_(scale.view(-1))
+    return e8
+
+
+def test_nf4_fp8_computes_as_fp8_over_the_dequantized_weights(lora_cfg):
+    """--precision nf4-fp8: logits, loss and adapter gradients equal those of the fp8 model holding the NF4
+    weights dequantized (the same FP8 GEMMs over the same e4m3 weights, only the storage differs), and differ
+    from nf4's bf16 products (so the FP8 path ran)."""
+    ids = torch.from_numpy(synthetic_chunks(2, 32, CFG.vocab_size, seed=4)).long()
+    e48 = _engine("nf4-fp8", lora_cfg)
+    e8 = _dequantized_fp8_engine(e48, lora_cfg)
+    results = []
+    for eng in (e48, e8, _engine("nf4", lora_cfg)):
+        with torch.no_grad():
+            for a, b in eng.adapters().values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        loss = eng.loss(ids, ids)
+        loss.backward()
+        results.append((loss.detach(), eng.logits(ids).detach(),
+                        torch.cat([p.grad.flatten() for p in eng.trainable_params()])))
+    for got, want in zip(results[0], results[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, bf16 in zip(results[0], results[2]):
+        assert not torch.equal(got, bf16)
+    assert "then to e4m3" in e48.describe()["numerics"]
+    assert e48.options.fp8_grad == "e4m3" and e48.options.nf4_dequant == "torch"
+
+
+def test_nf4_fp8_trains_as_fp8_over_the_dequantized_weights():
+    """Ten steps, same data and init: the nf4-fp8 loss curve is the fp8 engine's over the dequantized weights,
+    step for step (the backward's FP8 input gradients included, here in e5m2, which both engines are given)."""
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
+    rng = np.random.default_rng(1)
+    pair = [np.tile(rng.integers(0, CFG.vocab_size, 8), 4) for _ in range(2)]
+    data = np.stack(pair * 10).astype(np.int32)
+    cfg = TrainConfig(precision="bf16", batch_size=2, seq_len=32, epochs=1, max_steps=10, lr=3e-2, untimed_steps=0,
+                      shuffle=False)
+    opts = NativeOptions(fp8_grad="e5m2")
+    e48 = _engine("nf4-fp8", lora, native=opts)
+    e8 = _dequantized_fp8_engine(e48, lora, native=opts)
+    c48 = np.array(train_loop(e48, data, cfg, CPU, progress=False)["series"]["loss"])
+    c8 = np.array(train_loop(e8, data, cfg, CPU, progress=False)["series"]["loss"])
+    np.testing.assert_array_equal(c48, c8)
+    assert c48[-1] < c48[0] - 0.05
+
+
 def test_nf4_merged_weight_is_the_dequantized_weight_plus_the_update(lora_cfg):
     m = _engine("nf4", lora_cfg).model.layers[0].attn.v_proj
     with torch.no_grad():
@@ -126,7 +181,9 @@ def test_nf4_merged_weight_is_the_dequantized_weight_plus_the_update(lora_cfg):
 def test_nf4_options_that_do_not_apply_are_refused(lora_cfg):
     for precision, options, message in (
             ("nf4", {"fused_projections": True}, "--fused-projections does not apply to --precision nf4"),
-            ("nf4", {"fp8_grad": "e5m2"}, "--fp8-grad applies to --precision fp8 only, not nf4"),
+            ("nf4", {"fp8_grad": "e5m2"}, r"--fp8-grad applies to FP8 products \(--precision fp8, nf4-fp8\) only, "
+                                          "not nf4"),
+            ("nf4-fp8", {"fp8_skip": ("down_proj",)}, "--fp8-skip applies to --precision fp8 only, not nf4-fp8"),
             ("bf16", {"nf4_dequant": "triton"}, "--nf4-dequant applies to --precision nf4 only, not bf16"),
             ("nf4", {"nf4_dequant": "cuda"}, "--nf4-dequant 'cuda': choose from torch, triton")):
         with pytest.raises(ConfigError, match=message):
@@ -278,7 +335,8 @@ def test_native_nf4_follows_peft_over_bitsandbytes(bnb):
 
 
 @pytest.mark.slow
-def test_compiled_nf4_blocks_train_as_eager():
+@pytest.mark.parametrize("precision", ["nf4", "nf4-fp8"])
+def test_compiled_nf4_blocks_train_as_eager(precision):
     """torch.compile of NF4 blocks (the GPU default) computes the training of the eager ones, without a graph
     break. In bf16 a fused graph rounds its intermediates differently from eager ops (2^-8 relative each, mostly
     averaging out in the loss): 3e-5 relative measured, 1e-3 allowed."""
@@ -286,10 +344,11 @@ def test_compiled_nf4_blocks_train_as_eager():
     import torch._dynamo.utils
 
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
-    cfg = TrainConfig(precision="nf4", batch_size=2, seq_len=32, epochs=1, max_steps=3, lr=1e-2, untimed_steps=0)
+    cfg = TrainConfig(precision=precision, batch_size=2, seq_len=32, epochs=1, max_steps=3, lr=1e-2,
+                      untimed_steps=0)
     data = synthetic_chunks(16, 32, CFG.vocab_size, seed=2)
     torch._dynamo.utils.counters.clear()
-    engines = [_engine("nf4", lora, native=NativeOptions(compile=c)) for c in (False, True)]
+    engines = [_engine(precision, lora, native=NativeOptions(compile=c)) for c in (False, True)]
     curves = [train_loop(e, data, cfg, CPU, progress=False)["series"]["loss"] for e in engines]
     assert engines[1].model.compiled_layers is not None and not torch._dynamo.utils.counters["graph_break"]
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-3)

@@ -30,8 +30,9 @@ from .streams import OutOfMemory
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--precision": ("precision", str, "fp32 (true fp32), tf32 (fp32 weights, TF32 matmuls; CUDA), fp16 (fp16 "
                     "weights + GradScaler), bf16, fp8 (the blocks' frozen projections in FP8, forward and "
-                    "input-gradient GEMMs in FP8; Ada/Hopper GPUs, emulated on a CPU) or nf4 (QLoRA: those "
-                    "projections in 4-bit NF4, dequantized to bf16 for each product; any device)"),
+                    "input-gradient GEMMs in FP8; Ada/Hopper GPUs, emulated on a CPU), nf4 (QLoRA: those "
+                    "projections in 4-bit NF4, dequantized to bf16 for each product; any device) or nf4-fp8 (stored "
+                    "as nf4, their products run as fp8's)"),
     "--batch-size": ("batch_size", int, "local batch size (packed sequences per micro-batch per chip)"),
     "--seq-len": ("seq_len", int, "tokens per packed sequence"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimiser step"),
@@ -148,12 +149,13 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "(reduce-overhead: CUDA graphs; default: torch's default)")
     g.add_argument("--dropout-mask", choices=MASK_IMPLS, help="how adapters draw dropout masks (default philox16: "
                    "a Triton kernel on a GPU, torch's Bernoulli kernel on a CPU)")
-    g.add_argument("--fp8-grad", choices=tuple(GRAD_FORMATS), help="--precision fp8: the FP8 format input "
-                   "gradients are quantized to, per token, for their GEMMs (default e4m3)")
+    g.add_argument("--fp8-grad", choices=tuple(GRAD_FORMATS), help="--precision fp8, nf4-fp8: the FP8 format "
+                   "input gradients are quantized to, per token, for their GEMMs (default e4m3)")
     g.add_argument("--fp8-skip", type=LORA_FLAGS["--lora-targets"][1], metavar="PROJ[,PROJ]",
                    help="--precision fp8: block projections kept in bf16, e.g. down_proj (on a trained model its "
                    "input carries the largest activations: more accurate, somewhat slower)")
-    g.add_argument("--nf4-dequant", choices=NF4_DEQUANT, help="--precision nf4: how each product dequantizes its "
+    g.add_argument("--nf4-dequant", choices=NF4_DEQUANT, help="--precision nf4, nf4-fp8: how each product "
+                   "dequantizes its "
                    "4-bit weight: torch (PyTorch ops, fused by --compile; the default) or triton (one Triton kernel "
                    "on a GPU, the same values)")
 

@@ -515,6 +515,9 @@ TRAIN_PRESETS: dict[str, Preset] = {
     # QLoRA: the seed's LoRA over a 4-bit NF4 base, bf16 compute (precision.py, quantized.py).
     "qlora": Preset(TrainConfig(precision="nf4", batch_size=4, seq_len=512),
                     fix_hp="precision=nf4 (QLoRA), local_batchsize=4"),
+    # QLoRA's 4-bit base with fp8's products (precision.py).
+    "qlora-fp8": Preset(TrainConfig(precision="nf4-fp8", batch_size=4, seq_len=512),
+                        fix_hp="precision=nf4-fp8 (NF4 base, FP8 products), local_batchsize=4"),
     # The bundled tiny default: short sequences and a larger lr so that a CPU run shows learning in seconds.
     "tiny": Preset(TrainConfig(precision="fp32", batch_size=8, seq_len=128, epochs=2, lr=2e-3, untimed_steps=2,
                                eval_batches=None),

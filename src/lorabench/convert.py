@@ -18,8 +18,8 @@ def quantize_projections(model: Llama, weights: str, grad_dtype: torch.dtype | N
                          skip: tuple[str, ...] = (), nf4_dequant: str = "torch"):
     """Every decoder block's seven projections but those named in ``skip`` held as ``weights`` ("fp8": float8
     e4m3 with per-channel scales, input gradients in ``grad_dtype``; "nf4": QLoRA's 4-bit NormalFloat, dequantized
-    as ``nf4_dequant`` says, one of quantized.NF4_DEQUANT); adapted
-    ones keep their adapters; embeddings, norms, lm_head and the skipped projections stay in the model's dtype.
+    as ``nf4_dequant`` says, one of quantized.NF4_DEQUANT, its products FP8 GEMMs with input gradients in
+    ``grad_dtype`` where one is given, else in the activations' dtype); adapted ones keep their adapters; embeddings, norms, lm_head and the skipped projections stay in the model's dtype.
     Call on the meta device, before the weights are loaded, so the full-precision model never exists
     (checkpoint.load_into quantizes each tensor as it arrives)."""
     if model.compiled_layers is not None or model.layers[0].attn.qkv_weight is not None:
@@ -33,11 +33,11 @@ def quantize_projections(model: Llama, weights: str, grad_dtype: torch.dtype | N
     elif weights == "nf4":
         def adapted(c):
             c.store_nf4()
-            c.nf4_dequant = nf4_dequant
+            c.nf4_dequant, c.nf4_fp8_grad = nf4_dequant, grad_dtype
 
         def plain(c):
             q = Nf4Linear(c.in_features, c.out_features, device=c.weight.device, bias=c.bias)
-            q.nf4_dequant = nf4_dequant
+            q.nf4_dequant, q.nf4_fp8_grad = nf4_dequant, grad_dtype
             return q
     else:
         raise ValueError(f"quantized weights are fp8 or nf4, not {weights!r}")

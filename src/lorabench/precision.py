@@ -8,7 +8,7 @@ strings.
 No precision autocasts: fp16 and bf16 store the frozen base in that dtype (FlagPerf's ``model.half()``) and the
 native engine computes its adapter path in the activations' dtype over fp32 master weights (lora.py). fp8 stores
 the blocks' frozen projections in float8 e4m3 and runs everything else as bf16 does; nf4 stores them as 4-bit
-NormalFloat (QLoRA) and computes in bf16.
+NormalFloat (QLoRA) and computes in bf16; nf4-fp8 stores them as nf4 does and runs their products as fp8 does.
 """
 from __future__ import annotations
 
@@ -37,12 +37,14 @@ class Precision:
     needs_cuda: bool = False
     """Only meaningful on a CUDA device (TF32 is an NVIDIA tensor-core mode)."""
     fp8_weights: bool = False
-    """The decoder blocks' frozen projections are stored in FP8 with per-channel scales and their forward and
-    input-gradient GEMMs run in FP8 (kernels/fp8.py; emulated off CUDA); ``dtype`` is then the activations',
-    the embeddings' and lm_head's."""
+    """The decoder blocks' frozen projections are stored in FP8 with per-channel scales (kernels/fp8.py);
+    ``dtype`` is then the activations', the embeddings' and lm_head's."""
     nf4_weights: bool = False
     """The decoder blocks' frozen projections are stored as 4-bit NF4 (QLoRA; quantized.py, kernels/nf4.py) and
     dequantized to ``dtype`` for each product; ``dtype`` is the activations', the embeddings' and lm_head's."""
+    fp8_gemms: bool = False
+    """The blocks' frozen projections' forward and input-gradient products are FP8 GEMMs (kernels/fp8.py;
+    emulated off CUDA; Ada/Hopper GPUs), over the FP8 weights or NF4 ones quantized per row for each product."""
 
     @property
     def weights(self) -> str | None:
@@ -64,7 +66,7 @@ class Precision:
         if self.needs_cuda and device.type != "cuda":
             raise ConfigError(f"--precision {self.name} needs a CUDA device (TF32 is a GPU matmul mode); "
                               "use --precision fp32 on this device")
-        if self.fp8_weights:
+        if self.fp8_gemms:
             from .kernels.fp8 import fp8_gemm_supported
 
             why = fp8_gemm_supported(device)
@@ -77,9 +79,11 @@ PRECISIONS: dict[str, Precision] = {
     "tf32": Precision("tf32", torch.float32, tf32=True, peak_key="tf32", needs_cuda=True),
     "fp16": Precision("fp16", torch.float16, grad_scaler=True, peak_key="fp16"),
     "bf16": Precision("bf16", torch.bfloat16, peak_key="bf16"),
-    "fp8": Precision("fp8", torch.bfloat16, peak_key="fp8", fp8_weights=True),
+    "fp8": Precision("fp8", torch.bfloat16, peak_key="fp8", fp8_weights=True, fp8_gemms=True),
     # the products run in bf16 over weights dequantized from NF4: bf16's peak
     "nf4": Precision("nf4", torch.bfloat16, peak_key="bf16", nf4_weights=True),
+    # NF4 storage, FP8 products: the memory of QLoRA at the speed of fp8 (FP8's peak)
+    "nf4-fp8": Precision("nf4-fp8", torch.bfloat16, peak_key="fp8", nf4_weights=True, fp8_gemms=True),
 }
 
 

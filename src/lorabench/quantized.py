@@ -87,8 +87,10 @@ Triton kernel on a GPU (kernels/nf4_triton.py). A module's ``nf4_dequant`` says 
 
 
 def nf4_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x W^T over ``module``'s NF4 weight, in x's dtype (its bias, if any, not added)."""
-    return nf4_linear(x, nf4_weight(module, x.dtype), getattr(module, "nf4_dequant", "torch") == "triton")
+    """x W^T over ``module``'s NF4 weight, in x's dtype (its bias, if any, not added); as FP8 GEMMs where the
+    module's ``nf4_fp8_grad`` names the input gradient's FP8 format (--precision nf4-fp8)."""
+    return nf4_linear(x, nf4_weight(module, x.dtype), getattr(module, "nf4_dequant", "torch") == "triton",
+                      getattr(module, "nf4_fp8_grad", None))
 
 
 class Fp8Linear(nn.Module):

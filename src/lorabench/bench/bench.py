@@ -259,16 +259,16 @@ def _cannot_run(engine: str, preset: str, settings: dict) -> str | None:
     return None if name is None else precision_problem(engine, get_precision(name))
 
 
-PRECISION_ONLY = {"fp8_grad": "fp8", "fp8_skip": "fp8", "nf4_dequant": "nf4"}
-"""Native settings that only rows of one precision take: bench gives them to those rows alone, so one bench can set
-them and still run the bf16 rows beside."""
+PRECISION_ONLY = {"fp8_grad": ("fp8", "nf4-fp8"), "fp8_skip": ("fp8",), "nf4_dequant": ("nf4", "nf4-fp8")}
+"""Native settings that only rows of some precisions take: bench gives them to those rows alone, so one bench can
+set them and still run the bf16 rows beside."""
 
 
 def native_settings_for(preset: str, settings: dict, native: dict) -> dict:
-    """``native`` (the native rows' settings) for a row of ``preset``, less the PRECISION_ONLY ones of another
-    precision."""
+    """``native`` (the native rows' settings) for a row of ``preset``, less the PRECISION_ONLY ones of other
+    precisions."""
     precision = _row_precision(preset, settings)
-    return {k: v for k, v in native.items() if PRECISION_ONLY.get(k, precision) == precision}
+    return {k: v for k, v in native.items() if precision in PRECISION_ONLY.get(k, (precision,))}
 
 
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,

@@ -157,4 +157,4 @@ def floor_for_precision(cfg: ModelConfig, batch: int, seq: int, precision: str,
     kept in bf16), TF32 on only for tf32."""
     p = get_precision(precision)
     with p.matmul_mode():
-        return {**floor(cfg, batch, seq, p.dtype, fp8=p.fp8_weights, fp8_skip=fp8_skip), "precision": precision}
+        return {**floor(cfg, batch, seq, p.dtype, fp8=p.fp8_gemms, fp8_skip=fp8_skip), "precision": precision}

@@ -32,9 +32,10 @@ def precision_problem(name: str, precision: Precision) -> str | None:
     if precision.name in s.precisions:
         return None
     if precision.weights:
-        able = [e.name for e in SPECS.values() if e.can(f"{precision.weights}-weights")]
-        return (f"--engine {name} has no {precision.weights.upper()} weights; --precision {precision.name} runs on "
-                f"{either(able)}")
+        able = [e.name for e in SPECS.values() if precision.name in e.precisions]
+        what = "no " + precision.weights.upper() + " weights" if not s.can(f"{precision.weights}-weights") \
+            else f"{precision.weights.upper()} weights but not --precision {precision.name}'s products"
+        return f"--engine {name} has {what}; --precision {precision.name} runs on {either(able)}"
     held = s.precisions[0]
     if len(s.precisions) == 1 and get_precision(held).weights:
         from ..config import TRAIN_PRESETS

@@ -84,8 +84,9 @@ class NativeOptions:
         if precision.weights and self.fused_projections:
             raise ConfigError(f"--fused-projections does not apply to --precision {precision.name} (each quantized "
                               "projection keeps its own scales); leave it off")
-        if self.fp8_grad is not None and not precision.fp8_weights:
-            raise ConfigError(f"--fp8-grad applies to --precision fp8 only, not {precision.name}")
+        if self.fp8_grad is not None and not precision.fp8_gemms:
+            raise ConfigError(f"--fp8-grad applies to FP8 products (--precision fp8, nf4-fp8) only, not "
+                              f"{precision.name}")
         if self.nf4_dequant is not None and not precision.nf4_weights:
             raise ConfigError(f"--nf4-dequant applies to --precision nf4 only, not {precision.name}")
         if self.fp8_skip and not precision.fp8_weights:
@@ -101,7 +102,7 @@ class NativeOptions:
             compile=compile,
             compile_mode=self.compile_mode or "default",
             dropout_mask=self.dropout_mask or MASK_IMPLS[0],
-            fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_weights else None,
+            fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_gemms else None,
             fp8_skip=tuple(sorted(set(self.fp8_skip or ()))) if precision.fp8_weights else None,
             nf4_dequant=(self.nf4_dequant or "torch") if precision.nf4_weights else None,
         )
@@ -141,7 +142,7 @@ class NativeEngine(Engine):
     def __init__(self, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, dtype, seed: int,
                  options: NativeOptions, checkpointing: str = "none", sharder=None):
         """``options`` resolved (NativeOptions.resolve; build_engine does it: its fp8_grad is set under
-        --precision fp8, its nf4_dequant under --precision nf4); ``checkpointing``: one of
+        FP8 products, its nf4_dequant under NF4 weights); ``checkpointing``: one of
         config.ACTIVATION_CHECKPOINTING. ``sharder``: called on the model while it is still on the meta device
         (shard.native_sharder), so weights load straight into shards."""
         self.model_cfg, self.lora_cfg, self.model_dir, self.options = model_cfg, lora, model_dir, options
@@ -149,14 +150,17 @@ class NativeEngine(Engine):
         with torch.device("meta"):
             model = Llama(model_cfg).to(dtype)
         inject_lora(model, lora)
-        if options.fp8_grad is not None:  # --precision fp8: the blocks' projections in FP8 before any is loaded
+        grad_dtype = None
+        if options.fp8_grad is not None:  # FP8 products (--precision fp8, nf4-fp8)
             bad = fp8_shape_problems(projection_shapes(model_cfg)) if self.device.type == "cuda" else []
             if bad:
-                raise ConfigError(f"--precision fp8 on a GPU needs projection sizes that are multiples of 16 "
+                raise ConfigError(f"FP8 products on a GPU need projection sizes that are multiples of 16 "
                                   f"(cuBLASLt's FP8 GEMMs); this model has {', '.join(bad)}")
-            quantize_projections(model, "fp8", GRAD_FORMATS[options.fp8_grad], skip=options.fp8_skip or ())
-        elif options.nf4_dequant is not None:  # --precision nf4: likewise as NF4, each weight quantized as it loads
-            quantize_projections(model, "nf4", nf4_dequant=options.nf4_dequant)
+            grad_dtype = GRAD_FORMATS[options.fp8_grad]
+        if options.nf4_dequant is not None:  # --precision nf4, nf4-fp8: NF4 before any weight is loaded (each
+            quantize_projections(model, "nf4", grad_dtype, nf4_dequant=options.nf4_dequant)  # quantized as it loads)
+        elif grad_dtype is not None:  # --precision fp8: likewise in FP8
+            quantize_projections(model, "fp8", grad_dtype, skip=options.fp8_skip or ())
         set_mask_impl(model, options.dropout_mask)
         if sharder is not None:
             if model_cfg.tie_word_embeddings:
@@ -231,14 +235,16 @@ class NativeEngine(Engine):
 
     def describe(self) -> dict:
         numerics = "adapters: fp32 master weights, computed in the activations' dtype; no autocast"
-        if self.options.fp8_grad is not None:
-            gemm = "cuBLASLt rowwise-scaled FP8 GEMMs" if self.device.type == "cuda" else "FP8 GEMMs emulated in fp32"
-            kept = "".join(f", {p}" for p in self.options.fp8_skip or ())
-            numerics += (f"; block projections e4m3 with per-channel scales, activations per token e4m3, input "
-                         f"gradients per token {self.options.fp8_grad}, {gemm}; embeddings, norms{kept}, lm_head bf16")
+        gemm = "cuBLASLt rowwise-scaled FP8 GEMMs" if self.device.type == "cuda" else "FP8 GEMMs emulated in fp32"
+        fp8 = f"activations per token e4m3, input gradients per token {self.options.fp8_grad}, {gemm}"
         if self.options.nf4_dequant is not None:
             numerics += ("; block projections NF4 (blocks of 64, double-quantized absmax), dequantized to bf16 for "
-                         "each forward and input-gradient product; embeddings, norms, lm_head bf16")
+                         "each forward and input-gradient product"
+                         + (f", then to e4m3 with per-channel scales; {fp8}" if self.options.fp8_grad else "")
+                         + "; embeddings, norms, lm_head bf16")
+        elif self.options.fp8_grad is not None:
+            kept = "".join(f", {p}" for p in self.options.fp8_skip or ())
+            numerics += f"; block projections e4m3 with per-channel scales, {fp8}; embeddings, norms{kept}, lm_head bf16"
         return {**asdict(self.options), "activation_checkpointing": self.checkpointing, "numerics": numerics}
 
     def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

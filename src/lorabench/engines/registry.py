@@ -66,7 +66,7 @@ _NON_FP8 = ("fp32", "tf32", "fp16", "bf16")
 
 SPECS: dict[str, EngineSpec] = {s.name: s for s in (
     EngineSpec("native", "native:build", "ours: model.py + lora.py, tuned by NativeOptions",
-               (*_NON_FP8, "fp8", "nf4"), NATIVE_CHECKPOINTING,
+               (*_NON_FP8, "fp8", "nf4", "nf4-fp8"), NATIVE_CHECKPOINTING,
                frozenset({"shard", "shard-at-build", "evaluate-sharded", "packing-documents",
                           "beyond-sliding-window", "fp8-weights", "nf4-weights", "native-options"})),
     EngineSpec("reference", "reference:build", "transformers + PEFT, FlagPerf's stack", _NON_FP8,

@@ -81,28 +81,36 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     return ((a.float() @ b.float().t()) * a_scale * b_scale.view(1, -1)).to(out_dtype)
 
 
+def fp8_product(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] W^T (W = wq * w_scale per row) as the forward's FP8 GEMM: x quantized per row, in x's dtype."""
+    xq, xs = quantize_rows(x)
+    return scaled_mm(xq, xs, wq, w_scale, x.dtype)
+
+
+def fp8_input_grad(gy: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, grad_dtype: torch.dtype):
+    """gy [M, N] W as the input gradient's FP8 GEMM: the weight's scales folded into gy before it is quantized per
+    row to ``grad_dtype``, Wq^T written contiguous for the GEMM; in gy's dtype."""
+    gq, gs = quantize_rows(gy, grad_dtype, multiplier=w_scale)
+    ones = torch.ones(wq.shape[1], device=gy.device, dtype=torch.float32)
+    return scaled_mm(gq, gs, wq.t().contiguous(), ones, gy.dtype)
+
+
 class _Fp8Linear(torch.autograd.Function):
     """y = x W^T with W = Wq * s_w; saves nothing but the weight (no weight gradient: W is frozen)."""
 
     @staticmethod
     def forward(ctx, x, wq, w_scale, grad_dtype):
-        lead = x.shape[:-1]
-        xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
-        y = scaled_mm(xq, xs, wq, w_scale, x.dtype)
         ctx.save_for_backward(wq, w_scale)
         ctx.grad_dtype = grad_dtype
-        return y.view(*lead, wq.shape[0])
+        return fp8_product(x.reshape(-1, x.shape[-1]), wq, w_scale).view(*x.shape[:-1], wq.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
         wq, w_scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        lead = gy.shape[:-1]
-        gq, gs = quantize_rows(gy.reshape(-1, gy.shape[-1]), ctx.grad_dtype, multiplier=w_scale)
-        ones = torch.ones(wq.shape[1], device=gy.device, dtype=torch.float32)
-        gx = scaled_mm(gq, gs, wq.t().contiguous(), ones, gy.dtype)
-        return gx.view(*lead, wq.shape[1]), None, None, None
+        gx = fp8_input_grad(gy.reshape(-1, gy.shape[-1]), wq, w_scale, ctx.grad_dtype)
+        return gx.view(*gy.shape[:-1], wq.shape[1]), None, None, None
 
 
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,

@@ -28,6 +28,8 @@ from statistics import NormalDist
 
 import torch
 
+from .fp8 import fp8_input_grad, fp8_product, quantize_rows
+
 BLOCK = 64
 """Elements per absmax block (QLoRA's and bitsandbytes' default)."""
 NESTED_BLOCK = 256
@@ -245,31 +247,49 @@ class _Nf4Linear(torch.autograd.Function):
     """x W^T over an NF4 weight: W dequantized for the forward product and again for the input gradient's, so
     no dequantized weight outlives its product (the backward holds only the 4-bit codes and their scales). The
     weight is frozen: no gradient for it. Its tensors come as separate arguments (an offset as a 0-d tensor), so
-    that a compiled block traces one graph for every layer."""
+    that a compiled block traces one graph for every layer. With FP8 products (``meta``'s last field, the input
+    gradient's FP8 format) the dequantized weight is quantized per row to e4m3 as --precision fp8 quantizes a
+    bf16 weight, and both products are kernels/fp8.py's."""
 
     @staticmethod
     def forward(ctx, x, packed, absmax, levels, nested_absmax, nested_code, offset, meta):
         ctx.meta = meta
         ctx.save_for_backward(packed, absmax, levels, nested_absmax, nested_code, offset)
-        return torch.nn.functional.linear(x, _weight(packed, absmax, levels, nested_absmax, nested_code, offset,
-                                                     meta, x.dtype))
+        w = _weight(packed, absmax, levels, nested_absmax, nested_code, offset, meta, x.dtype)
+        if meta[-1] is None:
+            return torch.nn.functional.linear(x, w)
+        return fp8_product(x.reshape(-1, x.shape[-1]), *_fp8_weight(w)).view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         w = _weight(*ctx.saved_tensors, ctx.meta, grad.dtype)
-        return grad @ w, None, None, None, None, None, None, None
+        grad_dtype = ctx.meta[-1]
+        if grad_dtype is None:
+            gx = grad @ w
+        else:
+            gx = fp8_input_grad(grad.reshape(-1, grad.shape[-1]), *_fp8_weight(w), grad_dtype)
+            gx = gx.view(*grad.shape[:-1], w.shape[1])
+        return gx, None, None, None, None, None, None, None
+
+
+def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dequantized weight in e4m3 with its per-row scales [out], as --precision fp8 stores a weight."""
+    wq, scale = quantize_rows(w)
+    return wq, scale.view(-1)
 
 
 def _weight(packed, absmax, levels, nested_absmax, nested_code, offset, meta, dtype) -> torch.Tensor:
-    shape, block, nested_block, kernel = meta
+    shape, block, nested_block, kernel, _ = meta
     return NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset,
                      nested_block).dequantize(kernel)
 
 
-def nf4_linear(x: torch.Tensor, q: NF4Tensor, kernel: bool = False) -> torch.Tensor:
+def nf4_linear(x: torch.Tensor, q: NF4Tensor, kernel: bool = False,
+               fp8_grad: torch.dtype | None = None) -> torch.Tensor:
     """x W^T for a frozen weight stored as NF4 (``q``), computed in x's dtype (the weight dequantized in float32,
     then rounded to x's dtype, as bitsandbytes dequantizes); ``kernel``: dequantized by the Triton kernel on a
-    GPU."""
+    GPU; ``fp8_grad`` (an FP8 format): both products as FP8 GEMMs over the dequantized weight quantized per row,
+    the input gradient quantized to that format (kernels/fp8.py; --precision nf4-fp8)."""
     offset = q.offset if isinstance(q.offset, torch.Tensor) else torch.tensor(q.offset, device=q.packed.device)
     return _Nf4Linear.apply(x, q.packed, q.absmax, q.levels.to(q.packed.device), q.nested_absmax, q.nested_code,
-                            offset, (tuple(q.shape), q.block, q.nested_block, kernel))
+                            offset, (tuple(q.shape), q.block, q.nested_block, kernel, fp8_grad))

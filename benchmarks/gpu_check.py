@@ -235,7 +235,8 @@ def check_compiled_engine(dev):
 def check_nf4(dev):
     """The Triton NF4 dequantization against the plain-PyTorch one on the device (bit for bit, each output dtype,
     double-quantized and plain absmax), against bitsandbytes' dequantize_4bit of the same state where it is
-    installed (bit for bit), and the time of each at Llama-2-7B's gate_proj shape."""
+    installed (bit for bit), the NF4 -> e4m3 kernel of --precision nf4-fp8 against quantize_rows of the PyTorch
+    dequantization (bit for bit), and the time of each at Llama-2-7B's gate_proj shape."""
     from lorabench.kernels.nf4 import NF4Tensor, quantize_nf4
 
     print("\n| weight | dtype | double | elements differing from PyTorch's | from bitsandbytes' |\n"
@@ -261,10 +262,25 @@ def check_nf4(dev):
                     MISSES.append(f"nf4 {shape} {dtype} double={double}: {differ} from PyTorch's, {theirs} from "
                                   "bitsandbytes'")
                 print(f"| {shape} | {str(dtype)[6:]} | {double} | {differ} | {theirs} |")
+    print("\n| weight -> e4m3 per row (nf4-fp8) | double | codes differing from quantize_rows(PyTorch's) | scales |\n"
+          "|---|---|---|---|")
+    for shape in ((11008, 4096), (4096, 11008), (3, 2112)):
+        for double in (True, False):
+            w = torch.randn(shape, device=dev) * 0.02 * torch.logspace(-2, 1, shape[0], device=dev)[:, None]
+            q = quantize_nf4(w.bfloat16(), double_quant=double)
+            (gq, gs), (wq, ws) = q.dequantize_fp8(kernel=True), q.dequantize_fp8()
+            codes, scales = int((gq.view(torch.uint8) != wq.view(torch.uint8)).sum()), int((gs != ws).sum())
+            if codes or scales:
+                MISSES.append(f"nf4 -> e4m3 {shape} double={double}: {codes} codes, {scales} scales differ")
+            print(f"| {shape} | {double} | {codes} | {scales} |")
     q = quantize_nf4((torch.randn(11008, 4096, device=dev) * 0.02).bfloat16())
-    print("\n| dequantize [11008, 4096] -> bf16 | us | GB/s (0.5 B read + 2 B written a weight) |\n|---|---|---|")
-    for name, fn in (("Triton kernel", lambda: q.dequantize(kernel=True)), ("PyTorch ops", lambda: q.dequantize()),
-                     ("PyTorch ops, compiled", torch.compile(lambda: q.dequantize()))):
+    print("\n| dequantize [11008, 4096] | us | GB/s (0.5 B read, 2 B (bf16) or 1 B (e4m3) written a weight) |\n"
+          "|---|---|---|")
+    for name, fn, nbytes in (("-> bf16, Triton kernel", lambda: q.dequantize(kernel=True), 2.5),
+                             ("-> bf16, PyTorch ops", lambda: q.dequantize(), 2.5),
+                             ("-> bf16, PyTorch ops, compiled", torch.compile(lambda: q.dequantize()), 2.5),
+                             ("-> e4m3, Triton kernel", lambda: q.dequantize_fp8(kernel=True), 1.5),
+                             ("-> e4m3, PyTorch ops, compiled", torch.compile(lambda: q.dequantize_fp8()), 1.5)):
         for _ in range(3):
             fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -274,7 +290,7 @@ def check_nf4(dev):
         end.record()
         torch.cuda.synchronize()
         us = start.elapsed_time(end) / 20 * 1e3
-        print(f"| {name} | {us:.0f} | {2.5 * 11008 * 4096 / us / 1e3:.0f} |")
+        print(f"| {name} | {us:.0f} | {nbytes * 11008 * 4096 / us / 1e3:.0f} |")
 
 
 def check_offload(dev):

@@ -175,3 +175,65 @@ def test_dequantize_kernel_matches_the_pytorch_dequantization_in_the_interpreter
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count(" 0 differ") == 3, done.stdout
+
+
+INTERPRETED_FP8 = """
+import sys, torch, triton, triton.language as tl
+from lorabench.kernels import nf4, nf4_triton
+from lorabench.kernels.fp8 import quantize_rows
+
+@triton.jit
+def round_kernel(x_ptr, o_ptr, n, B: tl.constexpr):
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    x = tl.load(x_ptr + i, mask=i < n)
+    tl.store(o_ptr + i, nf4_triton._e4m3_round(x).to(tl.float8e4nv), mask=i < n)
+
+# every e4m3 value, the midpoints between neighbours (ties) and values a float32 ulp either side, log-uniform
+# values from 1e-12 to 448 and zeros, both signs
+grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+grid = grid[~grid.isnan() & (grid >= 0)].sort().values
+mid = (grid[:-1] + grid[1:]) / 2
+x = torch.cat([grid, mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(1e3)),
+               torch.exp(torch.empty(20000).uniform_(-27.6, 6.1)), torch.zeros(2)])
+x = torch.cat([x, -x]).clamp(-448, 448)
+out = torch.empty(x.numel(), dtype=torch.float8_e4m3fn)
+round_kernel[(-(-x.numel() // 1024),)](x, out, x.numel(), B=1024)
+differ = int((out.view(torch.uint8) != x.to(torch.float8_e4m3fn).view(torch.uint8)).sum())
+print("rounding", x.numel(), differ, "differ")
+bad = differ
+torch.manual_seed(4)
+kernel = nf4._triton_kernel("dequantize_fp8_kernel")
+for shape, double, spread in (((96, 256), True, False), ((5, 2 * nf4.FP8_ROW_CHUNK + 96), False, True),
+                              ((40, 1000), True, True)):
+    w = torch.randn(shape) * 0.02
+    if spread:  # rows of very different sizes (tiny values fall below e4m3's normals), one of zeros
+        w = w * torch.logspace(-3, 2, shape[0])[:, None]
+        w[1] = 0
+    q = nf4.quantize_nf4(w.bfloat16(), double_quant=double)
+    out, scale = torch.empty(shape, dtype=torch.float8_e4m3fn), torch.empty(shape[0])
+    nf4.launch_dequantize_fp8(kernel, q.packed, q.block_absmax().float(), q.levels, q.block, out, scale)
+    wq, ws = quantize_rows(q.dequantize())
+    differ = int((out.view(torch.uint8) != wq.view(torch.uint8)).sum()) + int((scale != ws.view(-1)).sum())
+    print(shape, double, differ, "differ")
+    bad += differ
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_nf4_to_fp8_kernel_matches_dequantize_then_quantize_rows_in_the_interpreter(tmp_path):
+    """--precision nf4-fp8's kernel (NF4 -> bf16 values -> e4m3 per row in one pass, no bf16 weight written), run
+    by Triton's interpreter: its codes and scales equal kernels/fp8.py's quantize_rows of the plain PyTorch
+    dequantization, bit for bit (rows of mixed sizes, a row of zeros, values below e4m3's normal range, a row
+    longer than one chunk); and its rounding to e4m3 by integer ops equals torch's cast on every e4m3 value, every
+    tie between two and values an ulp either side. (A file, not -c: Triton reads a kernel's source.)"""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="the test extra installs triton on Linux x86-64 (its interpreter runs here)")
+    script = tmp_path / "interpreted_fp8.py"
+    script.write_text(INTERPRETED_FP8)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(" 0 differ") == 4, done.stdout

@@ -28,7 +28,7 @@ from statistics import NormalDist
 
 import torch
 
-from .fp8 import fp8_input_grad, fp8_product, quantize_rows
+from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, quantize_rows
 
 BLOCK = 64
 """Elements per absmax block (QLoRA's and bitsandbytes' default)."""
@@ -133,6 +133,19 @@ class NF4Tensor:
             return _DEQUANTIZE(self.packed.reshape(-1), absmax, levels, self.block, self.dtype).view(self.shape)
         return _dequantize(self.packed.reshape(-1), absmax, levels, self.block, self.dtype)[:n].view(self.shape)
 
+    def dequantize_fp8(self, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight [out, in] dequantized (to ``dtype``) and then quantized per row to e4m3 as kernels/fp8.py's
+        quantize_rows does: (e4m3 codes [out, in], float32 scales [out]). With ``kernel``, on a GPU, for a bf16
+        weight, one Triton kernel does both (``dequantize_fp8_kernel``: the same values, bit for bit), so the bf16
+        weight is never written."""
+        rows, cols = self.shape[0], math.prod(self.shape[1:])
+        if (kernel and self.packed.is_cuda and self.dtype == torch.bfloat16 and cols % 2 == 0 and self.block % 2 == 0
+                and _DEQUANTIZE_FP8 is not None):
+            absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
+            return _DEQUANTIZE_FP8(self.packed.reshape(-1), absmax, levels, self.block, rows)
+        wq, scale = quantize_rows(self.dequantize(kernel).reshape(rows, cols))
+        return wq, scale.view(-1)
+
     def quant_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes saves beside ``<prefix>`` (the packed weight itself not included)."""
         meta = {"quant_type": "nf4", "blocksize": self.block, "dtype": str(self.dtype).removeprefix("torch."),
@@ -164,13 +177,13 @@ DEQUANTIZE_BYTES = 1024
 
 
 @functools.cache
-def _triton_kernel():
-    """The Triton kernel (its module imported once, on first use), or None without Triton."""
+def _triton_kernel(name: str = "dequantize_kernel"):
+    """The Triton kernel ``name`` of nf4_triton (imported once, on first use), or None without Triton."""
     try:
         from . import nf4_triton
     except ImportError:
         return None
-    return nf4_triton.dequantize_kernel
+    return getattr(nf4_triton, name)
 
 
 def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
@@ -180,6 +193,19 @@ def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, levels
     nbytes = packed.numel()
     kernel[(-(-nbytes // DEQUANTIZE_BYTES),)](packed, absmax, levels, out, nbytes, BYTES=DEQUANTIZE_BYTES,
                                                BLOCK_BYTES=block // 2)
+
+
+FP8_ROW_CHUNK = 1024
+"""Packed bytes of a row the NF4 -> e4m3 kernel reads at a time."""
+
+
+def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
+                          out: torch.Tensor, scale: torch.Tensor):
+    """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows]) and ``scale`` (float32 [rows]) with the weights of
+    ``packed``, dequantized to bf16 and quantized per row."""
+    rows = scale.numel()
+    kernel[(rows,)](packed, absmax, levels, out, scale, packed.numel() // rows, BLOCK_BYTES=block // 2,
+                    CHUNK=FP8_ROW_CHUNK, FP8_MAX=fp8_max(out.dtype))
 
 
 def _define_dequantize():
@@ -207,6 +233,35 @@ def _define_dequantize():
 
 
 _DEQUANTIZE = _define_dequantize()
+
+
+def _define_dequantize_fp8():
+    """The NF4 -> e4m3 kernel as a custom op (as _define_dequantize)."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("lorabench::nf4_dequantize_fp8", mutates_args=())
+    def op(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
+           rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = _triton_kernel("dequantize_fp8_kernel")
+        if kernel is None:
+            wq, scale = quantize_rows(_dequantize(packed, absmax, levels, block, torch.bfloat16).view(rows, -1))
+            return wq, scale.view(-1)
+        out = torch.empty(rows, 2 * packed.numel() // rows, dtype=WEIGHT_FORMAT, device=packed.device)
+        scale = torch.empty(rows, dtype=torch.float32, device=packed.device)
+        with torch.cuda.device(packed.device):
+            launch_dequantize_fp8(kernel, packed, absmax, levels, block, out, scale)
+        return out, scale
+
+    @op.register_fake
+    def _(packed, absmax, levels, block, rows):
+        return (torch.empty(rows, 2 * packed.numel() // rows, dtype=WEIGHT_FORMAT, device=packed.device),
+                torch.empty(rows, dtype=torch.float32, device=packed.device))
+
+    return op
+
+
+_DEQUANTIZE_FP8 = _define_dequantize_fp8()
 
 
 def quantize_nf4(w: torch.Tensor, double_quant: bool = True, block: int = BLOCK) -> NF4Tensor:
@@ -255,33 +310,26 @@ class _Nf4Linear(torch.autograd.Function):
     def forward(ctx, x, packed, absmax, levels, nested_absmax, nested_code, offset, meta):
         ctx.meta = meta
         ctx.save_for_backward(packed, absmax, levels, nested_absmax, nested_code, offset)
-        w = _weight(packed, absmax, levels, nested_absmax, nested_code, offset, meta, x.dtype)
+        q = _stored(packed, absmax, levels, nested_absmax, nested_code, offset, meta, x.dtype)
         if meta[-1] is None:
-            return torch.nn.functional.linear(x, w)
-        return fp8_product(x.reshape(-1, x.shape[-1]), *_fp8_weight(w)).view(*x.shape[:-1], w.shape[0])
+            return torch.nn.functional.linear(x, q.dequantize(meta[3]))
+        return fp8_product(x.reshape(-1, x.shape[-1]), *q.dequantize_fp8(meta[3])).view(*x.shape[:-1], q.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w = _weight(*ctx.saved_tensors, ctx.meta, grad.dtype)
+        q = _stored(*ctx.saved_tensors, ctx.meta, grad.dtype)
         grad_dtype = ctx.meta[-1]
         if grad_dtype is None:
-            gx = grad @ w
+            gx = grad @ q.dequantize(ctx.meta[3])
         else:
-            gx = fp8_input_grad(grad.reshape(-1, grad.shape[-1]), *_fp8_weight(w), grad_dtype)
-            gx = gx.view(*grad.shape[:-1], w.shape[1])
+            gx = fp8_input_grad(grad.reshape(-1, grad.shape[-1]), *q.dequantize_fp8(ctx.meta[3]), grad_dtype)
+            gx = gx.view(*grad.shape[:-1], q.shape[1])
         return gx, None, None, None, None, None, None, None
 
 
-def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A dequantized weight in e4m3 with its per-row scales [out], as --precision fp8 stores a weight."""
-    wq, scale = quantize_rows(w)
-    return wq, scale.view(-1)
-
-
-def _weight(packed, absmax, levels, nested_absmax, nested_code, offset, meta, dtype) -> torch.Tensor:
-    shape, block, nested_block, kernel, _ = meta
-    return NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset,
-                     nested_block).dequantize(kernel)
+def _stored(packed, absmax, levels, nested_absmax, nested_code, offset, meta, dtype) -> NF4Tensor:
+    shape, block, nested_block, _, _ = meta
+    return NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset, nested_block)
 
 
 def nf4_linear(x: torch.Tensor, q: NF4Tensor, kernel: bool = False,

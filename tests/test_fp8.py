@@ -114,6 +114,49 @@ def test_fp8_linear_forward_and_input_gradient_match_float64(grad_fmt):
     assert 1e-3 < err < 6e-2
 
 
+def test_tensorwise_scale_and_values_match_float64():
+    """One scale for the whole tensor: amax / the format's max (fp32 division, one rounding), the largest element
+    on the format's max, zeros scaled by 1; values as the float64 one-rounding cast of x / scale but for ties."""
+    x = rows_with_range(9, 160)
+    for dtype in (E4M3, E5M2):
+        q, scale = fp8.quantize_tensor(x.float(), dtype)
+        amax = x.float().double().abs().max()
+        want = amax / torch.finfo(dtype).max
+        assert scale.shape == (1, 1) and abs(scale.item() / want.item() - 1) <= 2e-7
+        assert q.float().abs().max().item() == torch.finfo(dtype).max
+        ref = (x.float().double() / scale.double()).to(dtype)
+        assert (q.float() != ref.float()).sum().item() <= 3
+    q, scale = fp8.quantize_tensor(torch.zeros(3, 16))
+    assert scale.item() == 1.0 and not q.float().any()
+
+
+def test_tensorwise_fp8_linear_forward_and_input_gradient_match_float64():
+    """--fp8-recipe tensorwise: the weight quantized with one scale (quantize_weight repeats it per row), the
+    activations and the gradients each with one; y and dx are the float64 products of those quantized values."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 48, generator=g, dtype=torch.float64) * 0.02
+    w[3] *= 50  # an outlier channel: under one scale it sets every row's resolution
+    wq, ws = fp8.quantize_weight(w.float(), E4M3, "tensorwise")
+    assert ws.shape == (40,) and torch.all(ws == ws[0])
+    x = (torch.randn(3, 5, 48, generator=g) * 2).bfloat16().requires_grad_()
+    gy = torch.randn(3, 5, 40, generator=g).bfloat16()
+    y = fp8_linear(x, wq, ws, E4M3, "tensorwise")
+    y.backward(gy)
+    xd = x.detach().reshape(15, 48).double()
+    xs = xd.abs().max() / 448
+    y_ref = ((xd / xs).to(E4M3).double() * xs) @ (wq.double() * ws[0].double()).t()
+    torch.testing.assert_close(y.detach().reshape(15, 40).double(), y_ref, rtol=2 * BF16_ULP,
+                               atol=2 * BF16_ULP * y_ref.abs().max().item())
+    gd = gy.reshape(15, 40).double()
+    gs = gd.abs().max() / 448
+    dx_ref = ((gd / gs).to(E4M3).double() * gs) @ (wq.double() * ws[0].double())
+    torch.testing.assert_close(x.grad.reshape(15, 48).double(), dx_ref, rtol=2 * BF16_ULP,
+                               atol=2 * BF16_ULP * dx_ref.abs().max().item())
+    # the rowwise recipe of the same tensors gives other numbers (it really scaled per tensor)
+    rowwise = fp8_linear(x.detach(), *fp8.quantize_weight(w.float(), E4M3), E4M3, "rowwise")
+    assert not torch.equal(rowwise, y.detach())
+
+
 def test_projection_sizes_cuBLASLt_cannot_take_are_named():
     assert fp8.fp8_shape_problems({"q_proj": (64, 64), "gate_proj": (64, 88)}) == ["gate_proj 64->88"]
 
@@ -230,6 +273,46 @@ def test_fp8_options_that_do_not_apply_are_refused(lora_cfg):
         NativeOptions(fp8_grad="e3m4")
     eng = _engine("fp8", lora_cfg, native=NativeOptions(fp8_grad="e5m2"))
     assert eng.model.layers[0].mlp.up_proj.grad_dtype == E5M2 and "e5m2" in eng.describe()["numerics"]
+    for precision in ("bf16", "nf4-fp8"):
+        with pytest.raises(ConfigError, match=f"--fp8-recipe applies to --precision fp8 only, not {precision}"):
+            _engine(precision, lora_cfg, native=NativeOptions(fp8_recipe="tensorwise"))
+    with pytest.raises(ConfigError, match="--fp8-recipe 'blockwise': choose from rowwise, tensorwise"):
+        NativeOptions(fp8_recipe="blockwise")
+    assert _engine("fp8", lora_cfg).options.fp8_recipe == "rowwise"
+
+
+def test_tensorwise_engine_holds_one_scale_a_weight_and_computes_with_it(lora_cfg):
+    """--fp8-recipe tensorwise: each block projection holds the bf16 weight quantized with one scale (on every
+    adapted and plain projection, loaded from the same checkpoint path), the logits are those of the rowwise model
+    with those weights put in but every product scaled per tensor, and training learns."""
+    e_t = _engine("fp8", lora_cfg, native=NativeOptions(fp8_recipe="tensorwise"))
+    e16 = _engine("bf16", lora_cfg)
+    p16 = dict(e16.model.named_parameters())
+    for name, m in e_t.model.named_modules():
+        if getattr(m, "weight_scale", None) is not None:
+            q, s = fp8.quantize_tensor(p16[name + ".weight"].detach())
+            assert torch.equal(m.weight.float(), q.float()) and torch.all(m.weight_scale == s.item()), name
+            assert m.fp8_recipe == "tensorwise", name
+    assert "one scale per tensor" in e_t.describe()["numerics"]
+    ids = torch.from_numpy(synthetic_chunks(2, 32, FP8_CFG.vocab_size, seed=4)).long()
+    e_r = _engine("fp8", lora_cfg)
+    with torch.no_grad():
+        assert not torch.equal(e_t.logits(ids), e_r.logits(ids))
+        for (name, m_t), m_r in zip(e_t.model.named_modules(), e_r.model.modules()):
+            if getattr(m_t, "weight_scale", None) is not None:
+                m_r.weight.copy_(m_t.weight)
+                m_r.weight_scale.copy_(m_t.weight_scale)
+                m_r.fp8_recipe = "tensorwise"
+        torch.testing.assert_close(e_t.logits(ids), e_r.logits(ids), rtol=0, atol=0)
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
+    rng = np.random.default_rng(1)
+    pair = [np.tile(rng.integers(0, FP8_CFG.vocab_size, 8), 4) for _ in range(2)]
+    data = np.stack(pair * 10).astype(np.int32)
+    cfg = TrainConfig(precision="fp8", batch_size=2, seq_len=32, epochs=1, max_steps=10, lr=3e-2, untimed_steps=0,
+                      shuffle=False)
+    curve = train_loop(_engine("fp8", lora, native=NativeOptions(fp8_recipe="tensorwise")), data, cfg, CPU,
+                       progress=False)["series"]["loss"]
+    assert curve[-1] < curve[0] - 0.05
 
 
 

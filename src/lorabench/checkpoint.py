@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, ModelConfig
-from .kernels.fp8 import FP8_DTYPES, quantize_rows
+from .kernels.fp8 import FP8_DTYPES, quantize_weight
 from .kernels.nf4 import quantize_nf4
 from .shapes import hf_param_shape
 
@@ -195,9 +195,9 @@ def load_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], to_
                 if quantized:
                     t = t.dequantize()
                 if p.dtype in FP8_DTYPES:  # quantized on its device, one tensor at a time (kernels/fp8.py)
-                    q, scale = quantize_rows(t.to(p.device), p.dtype)  # (the whole tensor's per-row scales)
+                    q, scale = quantize_weight(t.to(p.device), p.dtype, owner.fp8_recipe)  # (the whole tensor's)
                     copy_into(p, q)  # (a sharded parameter takes its rows)
-                    buffers[name + "_scale"].copy_(scale.view(-1))
+                    buffers[name + "_scale"].copy_(scale)
                 else:
                     copy_into(p, t)  # (a sharded parameter takes its part)
         seen.add(id(p))

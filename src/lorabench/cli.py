@@ -81,7 +81,7 @@ LORA_FLAGS = {
                        "comma-separated projections, e.g. q_proj,v_proj"),
 }
 NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask", "fp8_grad",
-                "fp8_skip", "nf4_dequant")
+                "fp8_skip", "fp8_recipe", "nf4_dequant")
 """NativeOptions fields, each a flag of the same name (kebab-case)."""
 
 
@@ -133,7 +133,7 @@ def _add_memory_flags(p: argparse.ArgumentParser):
 
 def _add_native_flags(p: argparse.ArgumentParser):
     from .engines.native import COMPILE_MODES
-    from .kernels.fp8 import GRAD_FORMATS
+    from .kernels.fp8 import FP8_RECIPES, GRAD_FORMATS
     from .quantized import NF4_DEQUANT
 
     g = p.add_argument_group("native engine tuning", "defaults follow the precision and device (chosen by "
@@ -154,6 +154,9 @@ def _add_native_flags(p: argparse.ArgumentParser):
     g.add_argument("--fp8-skip", type=LORA_FLAGS["--lora-targets"][1], metavar="PROJ[,PROJ]",
                    help="--precision fp8: block projections kept in bf16, e.g. down_proj (on a trained model its "
                    "input carries the largest activations: more accurate, somewhat slower)")
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, help="--precision fp8: how FP8 tensors are scaled: rowwise "
+                   "(one scale per token and per weight output channel; the default) or tensorwise (one scale per "
+                   "tensor, the weight's too: cuBLASLt's tensorwise GEMMs)")
     g.add_argument("--nf4-dequant", choices=NF4_DEQUANT, help="--precision nf4, nf4-fp8: how each product "
                    "dequantizes its "
                    "4-bit weight: torch (PyTorch ops, fused by --compile; the default) or triton (one Triton kernel "

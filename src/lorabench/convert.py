@@ -15,9 +15,9 @@ from .shapes import PROJECTIONS
 
 
 def quantize_projections(model: Llama, weights: str, grad_dtype: torch.dtype | None = None,
-                         skip: tuple[str, ...] = (), nf4_dequant: str = "torch"):
+                         skip: tuple[str, ...] = (), nf4_dequant: str = "torch", fp8_recipe: str = "rowwise"):
     """Every decoder block's seven projections but those named in ``skip`` held as ``weights`` ("fp8": float8
-    e4m3 with per-channel scales, input gradients in ``grad_dtype``; "nf4": QLoRA's 4-bit NormalFloat, dequantized
+    e4m3 scaled as ``fp8_recipe`` says (kernels.fp8.FP8_RECIPES), input gradients in ``grad_dtype``; "nf4": QLoRA's 4-bit NormalFloat, dequantized
     as ``nf4_dequant`` says, one of quantized.NF4_DEQUANT, its products FP8 GEMMs with input gradients in
     ``grad_dtype`` where one is given, else in the activations' dtype); adapted ones keep their adapters; embeddings, norms, lm_head and the skipped projections stay in the model's dtype.
     Call on the meta device, before the weights are loaded, so the full-precision model never exists
@@ -26,10 +26,11 @@ def quantize_projections(model: Llama, weights: str, grad_dtype: torch.dtype | N
         raise RuntimeError("quantized projections go before fuse_projections and compile_blocks")
     if weights == "fp8":
         def adapted(c):
-            c.store_fp8(grad_dtype)
+            c.store_fp8(grad_dtype, fp8_recipe)
 
         def plain(c):
-            return Fp8Linear(c.in_features, c.out_features, grad_dtype, device=c.weight.device, bias=c.bias)
+            return Fp8Linear(c.in_features, c.out_features, grad_dtype, device=c.weight.device, bias=c.bias,
+                             recipe=fp8_recipe)
     elif weights == "nf4":
         def adapted(c):
             c.store_nf4()

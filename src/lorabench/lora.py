@@ -64,6 +64,7 @@ class LoRALinear(Adapter, nn.Module):
         """True (--activation-checkpointing adapter-inputs): the backward reads the input through ``fresh``."""
         self.register_buffer("weight_scale", None, persistent=False)  # per-channel scales of an FP8 weight
         self.grad_dtype = WEIGHT_FORMAT  # the FP8 format of the input gradient of an FP8 weight
+        self.fp8_recipe = "rowwise"  # how an FP8 weight's products are scaled (kernels.fp8.FP8_RECIPES)
         if dev.type != "meta":
             self.reset_adapter()
 
@@ -73,12 +74,12 @@ class LoRALinear(Adapter, nn.Module):
             self.lora_A.uniform_(-bound, bound)
             self.lora_B.zero_()
 
-    def store_fp8(self, grad_dtype: torch.dtype):
+    def store_fp8(self, grad_dtype: torch.dtype, recipe: str = "rowwise"):
         """Hold the frozen weight in FP8 with per-channel scales (kernels/fp8.py), filled when it is loaded."""
         w = self.weight
         self.weight = nn.Parameter(torch.empty(w.shape, dtype=WEIGHT_FORMAT, device=w.device), requires_grad=False)
         self.weight_scale = torch.ones(self.out_features, dtype=torch.float32, device=w.device)
-        self.grad_dtype = grad_dtype
+        self.grad_dtype, self.fp8_recipe = grad_dtype, recipe
 
     def store_nf4(self):
         """Hold the frozen weight as NF4 (quantized.py), filled when it is loaded."""
@@ -93,7 +94,7 @@ class LoRALinear(Adapter, nn.Module):
         if is_nf4(self):
             y = nf4_forward(self, x)
         else:
-            y = frozen_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+            y = frozen_linear(x, self.weight, self.weight_scale, self.grad_dtype, self.fp8_recipe)
         return y if self.bias is None else y + self.bias
 
     @property

@@ -94,13 +94,15 @@ def nf4_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Fp8Linear(nn.Module):
-    """A frozen bias-free projection stored in float8 e4m3 with one fp32 scale per output channel; forward and
+    """A frozen bias-free projection stored in float8 e4m3 with one fp32 scale per output channel (all equal under
+    the tensorwise recipe); forward and
     input gradient run as FP8 GEMMs (kernels/fp8.py). Its weights arrive quantized through checkpoint.load_into."""
 
     def __init__(self, in_features: int, out_features: int, grad_dtype: torch.dtype, device=None,
-                 bias: nn.Parameter | None = None):
+                 bias: nn.Parameter | None = None, recipe: str = "rowwise"):
         super().__init__()
         self.in_features, self.out_features, self.grad_dtype = in_features, out_features, grad_dtype
+        self.fp8_recipe = recipe
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=WEIGHT_FORMAT, device=device),
                                    requires_grad=False)
         self.bias = bias  # kept in the model's dtype (Qwen2's q/k/v)
@@ -108,11 +110,11 @@ class Fp8Linear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.weight_scale, self.grad_dtype)
+        y = fp8_linear(x, self.weight, self.weight_scale, self.grad_dtype, self.fp8_recipe)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3, per-channel scales"
+        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3, {self.fp8_recipe} scales"
 
 
 class Nf4Linear(nn.Module):

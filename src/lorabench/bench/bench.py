@@ -259,7 +259,8 @@ def _cannot_run(engine: str, preset: str, settings: dict) -> str | None:
     return None if name is None else precision_problem(engine, get_precision(name))
 
 
-PRECISION_ONLY = {"fp8_grad": ("fp8", "nf4-fp8"), "fp8_skip": ("fp8",), "nf4_dequant": ("nf4", "nf4-fp8")}
+PRECISION_ONLY = {"fp8_grad": ("fp8", "nf4-fp8"), "fp8_skip": ("fp8",), "fp8_recipe": ("fp8",),
+                  "nf4_dequant": ("nf4", "nf4-fp8")}
 """Native settings that only rows of some precisions take: bench gives them to those rows alone, so one bench can
 set them and still run the bf16 rows beside."""
 

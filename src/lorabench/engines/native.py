@@ -18,7 +18,7 @@ from ..config import ConfigError, LoRAConfig, ModelConfig
 from ..convert import apply_checkpointing, compile_blocks, fuse_projections, quantize_projections
 from ..kernels.attention import ATTENTION_IMPLS
 from ..kernels.dropout import MASK_IMPLS
-from ..kernels.fp8 import GRAD_FORMATS, fp8_shape_problems
+from ..kernels.fp8 import FP8_RECIPES, GRAD_FORMATS, fp8_shape_problems
 from ..lora import inject_lora, lora_modules, set_mask_impl
 from ..model import Llama
 from ..precision import Precision
@@ -60,6 +60,9 @@ class NativeOptions:
     the rest in FP8; resolved to a sorted tuple (empty: every projection in FP8, the default). down_proj's input
     carries a trained model's largest activations: ("down_proj",) trades speed for accuracy (benchmarks/NOTES.md
     item 63)."""
+    fp8_recipe: str | None = None
+    """Under --precision fp8, how FP8 tensors are scaled, one of kernels.fp8.FP8_RECIPES (default rowwise: per
+    token and per output channel; tensorwise: one scale per tensor; benchmarks/NOTES.md)."""
     nf4_dequant: str | None = None
     """Under --precision nf4, how each product dequantizes its NF4 weight, one of quantized.NF4_DEQUANT: "torch"
     (PyTorch ops, fused into the compiled block; the default, the one measured on a card so far) or "triton" (one
@@ -70,7 +73,8 @@ class NativeOptions:
                                       ("fp8-grad", self.fp8_grad, tuple(GRAD_FORMATS)),
                                       ("compile-mode", self.compile_mode, COMPILE_MODES),
                                       ("dropout-mask", self.dropout_mask, MASK_IMPLS),
-                                      ("nf4-dequant", self.nf4_dequant, NF4_DEQUANT)):
+                                      ("nf4-dequant", self.nf4_dequant, NF4_DEQUANT),
+                                      ("fp8-recipe", self.fp8_recipe, FP8_RECIPES)):
             if value is not None and value not in choices:
                 raise ConfigError(f"--{field} {value!r}: choose from {', '.join(choices)}")
         unknown = sorted(set(self.fp8_skip or ()) - set(PROJECTIONS))
@@ -89,6 +93,8 @@ class NativeOptions:
                               f"{precision.name}")
         if self.nf4_dequant is not None and not precision.nf4_weights:
             raise ConfigError(f"--nf4-dequant applies to --precision nf4 only, not {precision.name}")
+        if self.fp8_recipe is not None and not precision.fp8_weights:
+            raise ConfigError(f"--fp8-recipe applies to --precision fp8 only, not {precision.name}")
         if self.fp8_skip and not precision.fp8_weights:
             raise ConfigError(f"--fp8-skip applies to --precision fp8 only, not {precision.name}")
         if set(self.fp8_skip or ()) >= set(PROJECTIONS):
@@ -104,6 +110,7 @@ class NativeOptions:
             dropout_mask=self.dropout_mask or MASK_IMPLS[0],
             fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_gemms else None,
             fp8_skip=tuple(sorted(set(self.fp8_skip or ()))) if precision.fp8_weights else None,
+            fp8_recipe=(self.fp8_recipe or FP8_RECIPES[0]) if precision.fp8_weights else None,
             nf4_dequant=(self.nf4_dequant or "torch") if precision.nf4_weights else None,
         )
         return resolved
@@ -160,7 +167,8 @@ class NativeEngine(Engine):
         if options.nf4_dequant is not None:  # --precision nf4, nf4-fp8: NF4 before any weight is loaded (each
             quantize_projections(model, "nf4", grad_dtype, nf4_dequant=options.nf4_dequant)  # quantized as it loads)
         elif grad_dtype is not None:  # --precision fp8: likewise in FP8
-            quantize_projections(model, "fp8", grad_dtype, skip=options.fp8_skip or ())
+            quantize_projections(model, "fp8", grad_dtype, skip=options.fp8_skip or (),
+                                 fp8_recipe=options.fp8_recipe or FP8_RECIPES[0])
         set_mask_impl(model, options.dropout_mask)
         if sharder is not None:
             if model_cfg.tie_word_embeddings:
@@ -235,8 +243,11 @@ class NativeEngine(Engine):
 
     def describe(self) -> dict:
         numerics = "adapters: fp32 master weights, computed in the activations' dtype; no autocast"
-        gemm = "cuBLASLt rowwise-scaled FP8 GEMMs" if self.device.type == "cuda" else "FP8 GEMMs emulated in fp32"
-        fp8 = f"activations per token e4m3, input gradients per token {self.options.fp8_grad}, {gemm}"
+        tensorwise = self.options.fp8_recipe == "tensorwise"
+        gemm = (f"cuBLASLt {'tensorwise' if tensorwise else 'rowwise'}-scaled FP8 GEMMs" if self.device.type == "cuda"
+                else "FP8 GEMMs emulated in fp32")
+        per = "per tensor" if tensorwise else "per token"
+        fp8 = f"activations {per} e4m3, input gradients {per} {self.options.fp8_grad}, {gemm}"
         if self.options.nf4_dequant is not None:
             numerics += ("; block projections NF4 (blocks of 64, double-quantized absmax), dequantized to bf16 for "
                          "each forward and input-gradient product"
@@ -244,7 +255,8 @@ class NativeEngine(Engine):
                          + "; embeddings, norms, lm_head bf16")
         elif self.options.fp8_grad is not None:
             kept = "".join(f", {p}" for p in self.options.fp8_skip or ())
-            numerics += f"; block projections e4m3 with per-channel scales, {fp8}; embeddings, norms{kept}, lm_head bf16"
+            scales = "one scale per tensor" if tensorwise else "per-channel scales"
+            numerics += f"; block projections e4m3 with {scales}, {fp8}; embeddings, norms{kept}, lm_head bf16"
         return {**asdict(self.options), "activation_checkpointing": self.checkpointing, "numerics": numerics}
 
     def adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

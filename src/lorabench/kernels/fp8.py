@@ -64,6 +64,33 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT, multiplie
     return cast_fp8(xf / scale, dtype), scale
 
 
+def quantize_tensor(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT, multiplier: torch.Tensor | None = None):
+    """x (times ``multiplier``) as (q in ``dtype``, scale [1, 1] fp32) with one scale for the whole tensor, its
+    amax / the format's max (1 for a tensor of zeros); otherwise as quantize_rows."""
+    xf = x.float()
+    if multiplier is not None:
+        xf = xf * multiplier
+    amax = xf.abs().amax().reshape(1, 1)
+    scale = torch.where(amax > 0, amax / fp8_max(dtype), torch.ones_like(amax))
+    return cast_fp8(xf / scale, dtype), scale
+
+
+FP8_RECIPES = ("rowwise", "tensorwise")
+"""How FP8 tensors are scaled (--fp8-recipe). rowwise: one scale per activation or gradient row (token) and per
+weight output channel, cuBLASLt's rowwise-scaled GEMMs. tensorwise: one scale per tensor (each from the tensor's own
+amax: current scaling), the weight's too, cuBLASLt's tensorwise GEMMs."""
+
+
+def quantize_weight(w: torch.Tensor, dtype: torch.dtype, recipe: str = "rowwise"):
+    """A frozen weight [out, in] as (q, scale [out] fp32) under ``recipe``: per-row scales, or the one per-tensor
+    scale repeated for every row (so both recipes store the same layout)."""
+    if recipe == "tensorwise":
+        q, scale = quantize_tensor(w, dtype)
+        return q, scale.view(1).expand(w.shape[0]).contiguous()
+    q, scale = quantize_rows(w, dtype)
+    return q, scale.view(-1)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q * scale in fp32 (``scale`` [..., 1] per row, or [out] for a stored weight)."""
     if scale.dim() == 1:
@@ -81,50 +108,61 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     return ((a.float() @ b.float().t()) * a_scale * b_scale.view(1, -1)).to(out_dtype)
 
 
-def fp8_product(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] W^T (W = wq * w_scale per row) as the forward's FP8 GEMM: x quantized per row, in x's dtype."""
+def fp8_product(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, recipe: str = "rowwise") -> torch.Tensor:
+    """x [M, K] W^T (W = wq * w_scale per row) as the forward's FP8 GEMM, in x's dtype: x quantized per row, or
+    (tensorwise: the weight's scales all one) as a whole."""
+    if recipe == "tensorwise":
+        xq, xs = quantize_tensor(x)
+        return scaled_mm(xq, xs, wq, w_scale[:1], x.dtype)
     xq, xs = quantize_rows(x)
     return scaled_mm(xq, xs, wq, w_scale, x.dtype)
 
 
-def fp8_input_grad(gy: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, grad_dtype: torch.dtype):
-    """gy [M, N] W as the input gradient's FP8 GEMM: the weight's scales folded into gy before it is quantized per
-    row to ``grad_dtype``, Wq^T written contiguous for the GEMM; in gy's dtype."""
+def fp8_input_grad(gy: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, grad_dtype: torch.dtype,
+                   recipe: str = "rowwise"):
+    """gy [M, N] W as the input gradient's FP8 GEMM, Wq^T written contiguous for it, in gy's dtype. rowwise: the
+    weight's scales folded into gy before it is quantized per row to ``grad_dtype``; tensorwise: gy quantized as a
+    whole, the weight's one scale the GEMM's second."""
+    wt = wq.t().contiguous()
+    if recipe == "tensorwise":
+        gq, gs = quantize_tensor(gy, grad_dtype)
+        return scaled_mm(gq, gs, wt, w_scale[:1], gy.dtype)
     gq, gs = quantize_rows(gy, grad_dtype, multiplier=w_scale)
     ones = torch.ones(wq.shape[1], device=gy.device, dtype=torch.float32)
-    return scaled_mm(gq, gs, wq.t().contiguous(), ones, gy.dtype)
+    return scaled_mm(gq, gs, wt, ones, gy.dtype)
 
 
 class _Fp8Linear(torch.autograd.Function):
     """y = x W^T with W = Wq * s_w; saves nothing but the weight (no weight gradient: W is frozen)."""
 
     @staticmethod
-    def forward(ctx, x, wq, w_scale, grad_dtype):
+    def forward(ctx, x, wq, w_scale, grad_dtype, recipe):
         ctx.save_for_backward(wq, w_scale)
-        ctx.grad_dtype = grad_dtype
-        return fp8_product(x.reshape(-1, x.shape[-1]), wq, w_scale).view(*x.shape[:-1], wq.shape[0])
+        ctx.grad_dtype, ctx.recipe = grad_dtype, recipe
+        return fp8_product(x.reshape(-1, x.shape[-1]), wq, w_scale, recipe).view(*x.shape[:-1], wq.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
         wq, w_scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        gx = fp8_input_grad(gy.reshape(-1, gy.shape[-1]), wq, w_scale, ctx.grad_dtype)
-        return gx.view(*gy.shape[:-1], wq.shape[1]), None, None, None
+            return None, None, None, None, None
+        gx = fp8_input_grad(gy.reshape(-1, gy.shape[-1]), wq, w_scale, ctx.grad_dtype, ctx.recipe)
+        return gx.view(*gy.shape[:-1], wq.shape[1]), None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-               grad_dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
-    """x W^T for a frozen FP8 weight (``wq`` [out, in], ``w_scale`` [out]), in x's dtype, FP8 in both directions."""
-    return _Fp8Linear.apply(x, wq, w_scale, grad_dtype)
+               grad_dtype: torch.dtype = torch.float8_e4m3fn, recipe: str = "rowwise") -> torch.Tensor:
+    """x W^T for a frozen FP8 weight (``wq`` [out, in], ``w_scale`` [out]), in x's dtype, FP8 in both directions,
+    scaled as ``recipe`` (FP8_RECIPES) says."""
+    return _Fp8Linear.apply(x, wq, w_scale, grad_dtype, recipe)
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-                  grad_dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
-    """x W^T for a frozen weight stored plainly (``scale`` None) or as FP8 with per-channel scales."""
+                  grad_dtype: torch.dtype = torch.float8_e4m3fn, recipe: str = "rowwise") -> torch.Tensor:
+    """x W^T for a frozen weight stored plainly (``scale`` None) or as FP8 with its scales."""
     if scale is None:
         return torch.nn.functional.linear(x, weight)
-    return fp8_linear(x, weight, scale, grad_dtype)
+    return fp8_linear(x, weight, scale, grad_dtype, recipe)
 
 
 def fp8_shape_problems(shapes: dict[str, tuple[int, int]]) -> list[str]:

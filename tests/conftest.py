@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,11 @@ def logprob_tol(reference) -> float:
 
 def assert_logprobs_close(got, want):
     torch.testing.assert_close(got, want, atol=logprob_tol(want), rtol=0)
+
+
+def repeated_pairs(vocab_size: int, seed: int = 1) -> np.ndarray:
+    """Twenty rows of two alternating 32-token sequences (each a repeated 8-token pattern): data a tiny model
+    learns within ten steps at a high lr, for tests that a precision trains."""
+    rng = np.random.default_rng(seed)
+    pair = [np.tile(rng.integers(0, vocab_size, 8), 4) for _ in range(2)]
+    return np.stack(pair * 10).astype(np.int32)

@@ -16,6 +16,8 @@ from lorabench.kernels import fp8
 from lorabench.kernels.fp8 import cast_fp8, fp8_linear, quantize_rows, scaled_mm
 from lorabench.train import train_loop
 
+from conftest import repeated_pairs
+
 
 CPU = torch.device("cpu")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -305,9 +307,7 @@ def test_tensorwise_engine_holds_one_scale_a_weight_and_computes_with_it(lora_cf
                 m_r.fp8_recipe = "tensorwise"
         torch.testing.assert_close(e_t.logits(ids), e_r.logits(ids), rtol=0, atol=0)
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
-    rng = np.random.default_rng(1)
-    pair = [np.tile(rng.integers(0, FP8_CFG.vocab_size, 8), 4) for _ in range(2)]
-    data = np.stack(pair * 10).astype(np.int32)
+    data = repeated_pairs(FP8_CFG.vocab_size)
     cfg = TrainConfig(precision="fp8", batch_size=2, seq_len=32, epochs=1, max_steps=10, lr=3e-2, untimed_steps=0,
                       shuffle=False)
     curve = train_loop(_engine("fp8", lora, native=NativeOptions(fp8_recipe="tensorwise")), data, cfg, CPU,

@@ -22,6 +22,8 @@ from lorabench.quantized import Nf4Linear, is_nf4, nf4_weight
 from lorabench.shapes import PROJECTIONS
 from lorabench.train import train_loop
 
+from conftest import repeated_pairs
+
 CPU = torch.device("cpu")
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0)
@@ -78,6 +80,17 @@ def _dequantized_bf16_engine(e4, lora):
     return e16
 
 
+def _loss_logits_grads(eng, ids):
+    """(loss, logits, adapter gradients) of ``eng`` on ``ids``, its B matrices drawn first (B = 0 would hide A's
+    gradient)."""
+    with torch.no_grad():
+        for a, b in eng.adapters().values():
+            b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    loss = eng.loss(ids, ids)
+    loss.backward()
+    return loss.detach(), eng.logits(ids).detach(), torch.cat([p.grad.flatten() for p in eng.trainable_params()])
+
+
 def test_nf4_computes_as_bf16_over_the_dequantized_weights(lora_cfg):
     """Logits, loss and adapter gradients of the NF4 model equal those of the bf16 model holding its dequantized
     weights: the same products in the same dtype, only the storage differs (so any difference is a bug: a weight
@@ -85,15 +98,7 @@ def test_nf4_computes_as_bf16_over_the_dequantized_weights(lora_cfg):
     ids = torch.from_numpy(synthetic_chunks(2, 32, CFG.vocab_size, seed=4)).long()
     e4 = _engine("nf4", lora_cfg)
     e16 = _dequantized_bf16_engine(e4, lora_cfg)
-    grads = []
-    for eng in (e4, e16):
-        with torch.no_grad():
-            for a, b in eng.adapters().values():
-                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))  # B = 0 would hide A's gradient
-        loss = eng.loss(ids, ids)
-        loss.backward()
-        grads.append((loss.detach(), eng.logits(ids).detach(),
-                      torch.cat([p.grad.flatten() for p in eng.trainable_params()])))
+    grads = [_loss_logits_grads(eng, ids) for eng in (e4, e16)]
     for got, want in zip(grads[0], grads[1]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with torch.no_grad():  # and the NF4 model is not the bf16 one: quantization moved the logits
@@ -103,9 +108,7 @@ def test_nf4_computes_as_bf16_over_the_dequantized_weights(lora_cfg):
 def test_nf4_trains_as_bf16_over_the_dequantized_weights_and_learns():
     """Ten steps of the same data and init (dropout 0): the loss curves are equal step for step, and fall."""
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
-    rng = np.random.default_rng(1)
-    pair = [np.tile(rng.integers(0, CFG.vocab_size, 8), 4) for _ in range(2)]
-    data = np.stack(pair * 10).astype(np.int32)
+    data = repeated_pairs(CFG.vocab_size)
     cfg = TrainConfig(precision="bf16", batch_size=2, seq_len=32, epochs=1, max_steps=10, lr=3e-2, untimed_steps=0,
                       shuffle=False)
     e4 = _engine("nf4", lora)
@@ -135,15 +138,7 @@ def test_nf4_fp8_computes_as_fp8_over_the_dequantized_weights(lora_cfg):
     ids = torch.from_numpy(synthetic_chunks(2, 32, CFG.vocab_size, seed=4)).long()
     e48 = _engine("nf4-fp8", lora_cfg)
     e8 = _dequantized_fp8_engine(e48, lora_cfg)
-    results = []
-    for eng in (e48, e8, _engine("nf4", lora_cfg)):
-        with torch.no_grad():
-            for a, b in eng.adapters().values():
-                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
-        loss = eng.loss(ids, ids)
-        loss.backward()
-        results.append((loss.detach(), eng.logits(ids).detach(),
-                        torch.cat([p.grad.flatten() for p in eng.trainable_params()])))
+    results = [_loss_logits_grads(eng, ids) for eng in (e48, e8, _engine("nf4", lora_cfg))]
     for got, want in zip(results[0], results[1]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     for got, bf16 in zip(results[0], results[2]):
@@ -156,9 +151,7 @@ def test_nf4_fp8_trains_as_fp8_over_the_dequantized_weights():
     """Ten steps, same data and init: the nf4-fp8 loss curve is the fp8 engine's over the dequantized weights,
     step for step (the backward's FP8 input gradients included, here in e5m2, which both engines are given)."""
     lora = LoRAConfig(r=4, alpha=16, dropout=0.0)
-    rng = np.random.default_rng(1)
-    pair = [np.tile(rng.integers(0, CFG.vocab_size, 8), 4) for _ in range(2)]
-    data = np.stack(pair * 10).astype(np.int32)
+    data = repeated_pairs(CFG.vocab_size)
     cfg = TrainConfig(precision="bf16", batch_size=2, seq_len=32, epochs=1, max_steps=10, lr=3e-2, untimed_steps=0,
                       shuffle=False)
     opts = NativeOptions(fp8_grad="e5m2")

@@ -310,26 +310,27 @@ class _Nf4Linear(torch.autograd.Function):
     def forward(ctx, x, packed, absmax, levels, nested_absmax, nested_code, offset, meta):
         ctx.meta = meta
         ctx.save_for_backward(packed, absmax, levels, nested_absmax, nested_code, offset)
-        q = _stored(packed, absmax, levels, nested_absmax, nested_code, offset, meta, x.dtype)
-        if meta[-1] is None:
-            return torch.nn.functional.linear(x, q.dequantize(meta[3]))
-        return fp8_product(x.reshape(-1, x.shape[-1]), *q.dequantize_fp8(meta[3])).view(*x.shape[:-1], q.shape[0])
+        q, kernel, fp8_grad = _stored(packed, absmax, levels, nested_absmax, nested_code, offset, meta, x.dtype)
+        if fp8_grad is None:
+            return torch.nn.functional.linear(x, q.dequantize(kernel))
+        return fp8_product(x.reshape(-1, x.shape[-1]), *q.dequantize_fp8(kernel)).view(*x.shape[:-1], q.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q = _stored(*ctx.saved_tensors, ctx.meta, grad.dtype)
-        grad_dtype = ctx.meta[-1]
-        if grad_dtype is None:
-            gx = grad @ q.dequantize(ctx.meta[3])
+        q, kernel, fp8_grad = _stored(*ctx.saved_tensors, ctx.meta, grad.dtype)
+        if fp8_grad is None:
+            gx = grad @ q.dequantize(kernel)
         else:
-            gx = fp8_input_grad(grad.reshape(-1, grad.shape[-1]), *q.dequantize_fp8(ctx.meta[3]), grad_dtype)
+            gx = fp8_input_grad(grad.reshape(-1, grad.shape[-1]), *q.dequantize_fp8(kernel), fp8_grad)
             gx = gx.view(*grad.shape[:-1], q.shape[1])
         return gx, None, None, None, None, None, None, None
 
 
-def _stored(packed, absmax, levels, nested_absmax, nested_code, offset, meta, dtype) -> NF4Tensor:
-    shape, block, nested_block, _, _ = meta
-    return NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset, nested_block)
+def _stored(packed, absmax, levels, nested_absmax, nested_code, offset, meta, dtype):
+    """(the NF4Tensor of the arguments, whether to dequantize by kernel, the FP8 gradient format or None)."""
+    shape, block, nested_block, kernel, fp8_grad = meta
+    q = NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset, nested_block)
+    return q, kernel, fp8_grad
 
 
 def nf4_linear(x: torch.Tensor, q: NF4Tensor, kernel: bool = False,

@@ -51,16 +51,23 @@ def cast_fp8(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return v.clamp(-top, top).to(dtype)
 
 
+def inverse_max(dtype: torch.dtype) -> float:
+    """1 / the format's largest value, as the float32 multiplier a scale is made with (``amax * inverse_max``).
+    A multiply, not ``amax / max``: PyTorch's CUDA kernels divide a tensor by a Python number as a multiply by its
+    float32 reciprocal while its CPU kernels divide, so only the multiply gives the same scales on every device
+    (and in kernels/nf4_triton.py, which must match them bit for bit). Off by at most an ulp from the quotient."""
+    return 1.0 / fp8_max(dtype)
+
+
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT, multiplier: torch.Tensor | None = None):
     """x [..., K] (times ``multiplier``, broadcast along K, when given) as (q [..., K] in ``dtype``, scale [..., 1]
-    fp32) with x ~ q * scale. Each row's scale is its amax / the format's max; a row of zeros gets scale 1 (and
-    zeros), never a division by zero; the cast saturates (``cast_fp8``)."""
+    fp32) with x ~ q * scale. Each row's scale is its amax / the format's max (``inverse_max``); a row of zeros gets
+    scale 1 (and zeros), never a division by zero; the cast saturates (``cast_fp8``)."""
     xf = x.float()
     if multiplier is not None:
         xf = xf * multiplier
-    top = fp8_max(dtype)
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * inverse_max(dtype), torch.ones_like(amax))
     return cast_fp8(xf / scale, dtype), scale
 
 
@@ -71,7 +78,7 @@ def quantize_tensor(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT, multipl
     if multiplier is not None:
         xf = xf * multiplier
     amax = xf.abs().amax().reshape(1, 1)
-    scale = torch.where(amax > 0, amax / fp8_max(dtype), torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * inverse_max(dtype), torch.ones_like(amax))
     return cast_fp8(xf / scale, dtype), scale
 
 

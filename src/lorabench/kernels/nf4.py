@@ -28,7 +28,7 @@ from statistics import NormalDist
 
 import torch
 
-from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, quantize_rows
+from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, inverse_max, quantize_rows
 
 BLOCK = 64
 """Elements per absmax block (QLoRA's and bitsandbytes' default)."""
@@ -204,8 +204,8 @@ def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, le
     """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows]) and ``scale`` (float32 [rows]) with the weights of
     ``packed``, dequantized to bf16 and quantized per row."""
     rows = scale.numel()
-    kernel[(rows,)](packed, absmax, levels, out, scale, packed.numel() // rows, BLOCK_BYTES=block // 2,
-                    CHUNK=FP8_ROW_CHUNK, FP8_MAX=fp8_max(out.dtype))
+    kernel[(rows,)](packed, absmax, levels, out, scale, packed.numel() // rows, inverse_max(out.dtype),
+                    BLOCK_BYTES=block // 2, CHUNK=FP8_ROW_CHUNK, FP8_MAX=fp8_max(out.dtype))
 
 
 def _define_dequantize():

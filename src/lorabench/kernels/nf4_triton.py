@@ -67,12 +67,13 @@ def _row_values(packed_ptr, absmax_ptr, levels_ptr, byte, inside, BLOCK_BYTES: t
 
 
 @triton.jit
-def dequantize_fp8_kernel(packed_ptr, absmax_ptr, levels_ptr, out_ptr, scale_ptr, row_bytes,
+def dequantize_fp8_kernel(packed_ptr, absmax_ptr, levels_ptr, out_ptr, scale_ptr, row_bytes, inverse_max,
                           BLOCK_BYTES: tl.constexpr, CHUNK: tl.constexpr, FP8_MAX: tl.constexpr):
     """One row a program: its weights dequantized and rounded to bf16 (as the bf16 kernel above makes them), then
-    quantized to e4m3 with the row's scale (its absolute maximum / FP8_MAX, 1 for a row of zeros), as
-    kernels/fp8.py's quantize_rows does to a bf16 weight: two passes over the row's packed bytes (the first for its
-    maximum), one write of its e4m3 codes and of its float32 scale. Divisions round to nearest, as torch's do."""
+    quantized to e4m3 with the row's scale (its absolute maximum times ``inverse_max``, a float32 1 / FP8_MAX; 1 for
+    a row of zeros), as kernels/fp8.py's quantize_rows does to a bf16 weight: two passes over the row's packed
+    bytes (the first for its maximum), one write of its e4m3 codes and of its float32 scale. The division of each
+    weight by the scale rounds to nearest, as torch's tensor division does."""
     row = tl.program_id(0).to(tl.int64)
     first = row * row_bytes
     top = tl.zeros([2 * CHUNK], dtype=tl.float32)
@@ -82,7 +83,7 @@ def dequantize_fp8_kernel(packed_ptr, absmax_ptr, levels_ptr, out_ptr, scale_ptr
         values = _row_values(packed_ptr, absmax_ptr, levels_ptr, first + byte, inside, BLOCK_BYTES)
         top = tl.maximum(top, tl.abs(values))
     amax = tl.max(top, axis=0)
-    scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)
+    scale = tl.where(amax > 0, amax * inverse_max, 1.0)
     tl.store(scale_ptr + row, scale)
     for start in range(0, row_bytes, CHUNK):
         byte = start + tl.arange(0, CHUNK)

@@ -4,7 +4,8 @@ MMLU 5-shot, a LoRA fine-tune.
 Random weights hide outliers; this runs on SmolLM2-135M-Instruct (``bash ../shared/tools/smollm2.sh DIR`` makes its
 HF folder, REFERENCE section 8) or any HF Llama folder:
 
-    PYTHONPATH=src python benchmarks/quantized_realweights.py --model-dir DIR [--quantized fp8|nf4|nf4-fp8] [--device cpu]
+    PYTHONPATH=src python benchmarks/quantized_realweights.py --model-dir DIR [--quantized fp8|nf4|nf4-fp8]
+        [--device cpu]
         [--questions-per-subject 18] [--steps 200] [--seq-len 128] [--batch-size 4] [--lr 1e-4] [--seeds 1,2,3]
         [--finetune-data dialogues,mmlu-text] [--out benchmarks/results/...]
 

@@ -17,9 +17,10 @@ from .shapes import PROJECTIONS
 def quantize_projections(model: Llama, weights: str, grad_dtype: torch.dtype | None = None,
                          skip: tuple[str, ...] = (), nf4_dequant: str = "torch", fp8_recipe: str = "rowwise"):
     """Every decoder block's seven projections but those named in ``skip`` held as ``weights`` ("fp8": float8
-    e4m3 scaled as ``fp8_recipe`` says (kernels.fp8.FP8_RECIPES), input gradients in ``grad_dtype``; "nf4": QLoRA's 4-bit NormalFloat, dequantized
-    as ``nf4_dequant`` says, one of quantized.NF4_DEQUANT, its products FP8 GEMMs with input gradients in
-    ``grad_dtype`` where one is given, else in the activations' dtype); adapted ones keep their adapters; embeddings, norms, lm_head and the skipped projections stay in the model's dtype.
+    e4m3 scaled as ``fp8_recipe`` says (kernels.fp8.FP8_RECIPES), input gradients in ``grad_dtype``; "nf4":
+    QLoRA's 4-bit NormalFloat, dequantized as ``nf4_dequant`` says, one of quantized.NF4_DEQUANT, its products FP8
+    GEMMs with input gradients in ``grad_dtype`` where one is given, else in the activations' dtype); adapted ones
+    keep their adapters; embeddings, norms, lm_head and the skipped projections stay in the model's dtype.
     Call on the meta device, before the weights are loaded, so the full-precision model never exists
     (checkpoint.load_into quantizes each tensor as it arrives)."""
     if model.compiled_layers is not None or model.layers[0].attn.qkv_weight is not None:

@@ -95,8 +95,8 @@ def nf4_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class Fp8Linear(nn.Module):
     """A frozen bias-free projection stored in float8 e4m3 with one fp32 scale per output channel (all equal under
-    the tensorwise recipe); forward and
-    input gradient run as FP8 GEMMs (kernels/fp8.py). Its weights arrive quantized through checkpoint.load_into."""
+    the tensorwise recipe); forward and input gradient run as FP8 GEMMs (kernels/fp8.py). Its weights arrive
+    quantized through checkpoint.load_into."""
 
     def __init__(self, in_features: int, out_features: int, grad_dtype: torch.dtype, device=None,
                  bias: nn.Parameter | None = None, recipe: str = "rowwise"):

@@ -1,5 +1,6 @@
-"""``--shard fsdp``: the native engine's model (or the reference engine's, for the bench) sharded across the ranks of a torchrun job with PyTorch's FSDP2
-(``torch.distributed.fsdp.fully_shard``), so no rank holds all of the frozen weights while it trains.
+"""``--shard fsdp``: the native engine's model (or the reference engine's, for the bench) sharded across the ranks
+of a torchrun job with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``), so no rank holds all of the frozen
+weights while it trains.
 
 Each decoder block is one FSDP unit and the root (embeddings, final norm, lm_head) another: a block's weights are
 all-gathered just before its forward (and again for its backward) and freed after, the adapters' gradients are

@@ -7,9 +7,9 @@ Unsloth's source reads); ``unsloth-4bit`` with ``load_in_4bit=True`` (QLoRA thro
 compute: the row --precision nf4 is set against). Unsloth reads an HF model folder: ``--model-dir`` as given, or
 for ``--init random`` a folder of the canonical random weights (checkpoint.random_hf_weights, the same every engine
 starts from) written once per shape, seed and dtype and reused, to /dev/shm where it fits, else to the cache
-folder. Gradient checkpointing only as ``--activation-checkpointing`` says: ``block`` is Unsloth's ``use_gradient_checkpointing=True`` (each decoder
-layer recomputed), ``offload`` its ``"unsloth"`` mode (each layer's input also kept in host memory); the adapters
-start from the canonical values as in every engine.
+folder. Gradient checkpointing only as ``--activation-checkpointing`` says: ``block`` is Unsloth's
+``use_gradient_checkpointing=True`` (each decoder layer recomputed), ``offload`` its ``"unsloth"`` mode (each
+layer's input also kept in host memory); the adapters start from the canonical values as in every engine.
 
 Optional and CUDA-only: absent, or on a CPU, building it fails with one line saying what to do. Offline:
 HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE and UNSLOTH_DISABLE_STATISTICS are set before Unsloth is imported.

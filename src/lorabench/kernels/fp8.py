@@ -59,27 +59,28 @@ def inverse_max(dtype: torch.dtype) -> float:
     return 1.0 / fp8_max(dtype)
 
 
+def _scaled(xf: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
+    """(float32 ``xf`` / scale cast to ``dtype``, scale) with scale = ``amax`` / the format's max
+    (``inverse_max``), 1 where amax is 0 (never a division by zero); the cast saturates (``cast_fp8``)."""
+    scale = torch.where(amax > 0, amax * inverse_max(dtype), torch.ones_like(amax))
+    return cast_fp8(xf / scale, dtype), scale
+
+
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT, multiplier: torch.Tensor | None = None):
     """x [..., K] (times ``multiplier``, broadcast along K, when given) as (q [..., K] in ``dtype``, scale [..., 1]
-    fp32) with x ~ q * scale. Each row's scale is its amax / the format's max (``inverse_max``); a row of zeros gets
-    scale 1 (and zeros), never a division by zero; the cast saturates (``cast_fp8``)."""
+    fp32) with x ~ q * scale, each row scaled by its own amax (``_scaled``); a row of zeros gets scale 1 and
+    zeros."""
     xf = x.float()
     if multiplier is not None:
         xf = xf * multiplier
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax * inverse_max(dtype), torch.ones_like(amax))
-    return cast_fp8(xf / scale, dtype), scale
+    return _scaled(xf, xf.abs().amax(dim=-1, keepdim=True), dtype)
 
 
-def quantize_tensor(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT, multiplier: torch.Tensor | None = None):
-    """x (times ``multiplier``) as (q in ``dtype``, scale [1, 1] fp32) with one scale for the whole tensor, its
-    amax / the format's max (1 for a tensor of zeros); otherwise as quantize_rows."""
+def quantize_tensor(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT):
+    """x as (q in ``dtype``, scale [1, 1] fp32) with one scale for the whole tensor, from its amax (``_scaled``;
+    a tensor of zeros gets scale 1)."""
     xf = x.float()
-    if multiplier is not None:
-        xf = xf * multiplier
-    amax = xf.abs().amax().reshape(1, 1)
-    scale = torch.where(amax > 0, amax * inverse_max(dtype), torch.ones_like(amax))
-    return cast_fp8(xf / scale, dtype), scale
+    return _scaled(xf, xf.abs().amax().reshape(1, 1), dtype)
 
 
 FP8_RECIPES = ("rowwise", "tensorwise")

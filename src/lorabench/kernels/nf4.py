@@ -28,7 +28,7 @@ from statistics import NormalDist
 
 import torch
 
-from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, inverse_max, quantize_rows
+from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, inverse_max, quantize_weight
 
 BLOCK = 64
 """Elements per absmax block (QLoRA's and bitsandbytes' default)."""
@@ -135,7 +135,7 @@ class NF4Tensor:
 
     def dequantize_fp8(self, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight [out, in] dequantized (to ``dtype``) and then quantized per row to e4m3 as kernels/fp8.py's
-        quantize_rows does: (e4m3 codes [out, in], float32 scales [out]). With ``kernel``, on a GPU, for a bf16
+        quantize_weight does: (e4m3 codes [out, in], float32 scales [out]). With ``kernel``, on a GPU, for a bf16
         weight, one Triton kernel does both (``dequantize_fp8_kernel``: the same values, bit for bit), so the bf16
         weight is never written."""
         rows, cols = self.shape[0], math.prod(self.shape[1:])
@@ -143,8 +143,7 @@ class NF4Tensor:
                 and _DEQUANTIZE_FP8 is not None):
             absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
             return _DEQUANTIZE_FP8(self.packed.reshape(-1), absmax, levels, self.block, rows)
-        wq, scale = quantize_rows(self.dequantize(kernel).reshape(rows, cols))
-        return wq, scale.view(-1)
+        return quantize_weight(self.dequantize(kernel).reshape(rows, cols), WEIGHT_FORMAT)
 
     def quant_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes saves beside ``<prefix>`` (the packed weight itself not included)."""
@@ -245,8 +244,8 @@ def _define_dequantize_fp8():
            rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         kernel = _triton_kernel("dequantize_fp8_kernel")
         if kernel is None:
-            wq, scale = quantize_rows(_dequantize(packed, absmax, levels, block, torch.bfloat16).view(rows, -1))
-            return wq, scale.view(-1)
+            return quantize_weight(_dequantize(packed, absmax, levels, block, torch.bfloat16).view(rows, -1),
+                                   WEIGHT_FORMAT)
         out = torch.empty(rows, 2 * packed.numel() // rows, dtype=WEIGHT_FORMAT, device=packed.device)
         scale = torch.empty(rows, dtype=torch.float32, device=packed.device)
         with torch.cuda.device(packed.device):

@@ -152,7 +152,7 @@ for shape, dtype, double in (((96, 256), torch.bfloat16, True), ((40, 1000), tor
                              ((3, 2 * nf4.DEQUANTIZE_BYTES + 64), torch.float32, True)):
     q = nf4.quantize_nf4((torch.randn(shape) * 0.02).to(dtype), double_quant=double)
     out = torch.empty(q.packed.numel() * 2, dtype=dtype)
-    nf4.launch_dequantize(kernel, q.packed, q.block_absmax().float(), q.levels, q.block, out)
+    nf4.launch_dequantize(kernel, *q.kernel_args(), q.block, q.nested_block, out)
     want = q.dequantize()
     differ = int((out.view(shape) != want).sum())
     print(shape, dtype, double, differ, "differ")
@@ -211,7 +211,7 @@ for shape, double, spread in (((96, 256), True, False), ((5, 2 * nf4.FP8_ROW_CHU
         w[1] = 0
     q = nf4.quantize_nf4(w.bfloat16(), double_quant=double)
     out, scale = torch.empty(shape, dtype=torch.float8_e4m3fn), torch.empty(shape[0])
-    nf4.launch_dequantize_fp8(kernel, q.packed, q.block_absmax().float(), q.levels, q.block, out, scale)
+    nf4.launch_dequantize_fp8(kernel, *q.kernel_args(), q.block, q.nested_block, out, scale)
     wq, ws = quantize_rows(q.dequantize())
     differ = int((out.view(torch.uint8) != wq.view(torch.uint8)).sum()) + int((scale != ws.view(-1)).sum())
     print(shape, double, differ, "differ")

@@ -128,9 +128,9 @@ class NF4Tensor:
         PyTorch ops; with ``kernel``, on a GPU, by one Triton kernel (``dequantize_kernel``: the same values, bit for
         bit; --nf4-dequant triton)."""
         n = math.prod(self.shape)
-        absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
         if kernel and self.packed.is_cuda and n % 2 == 0 and self.block % 2 == 0 and _DEQUANTIZE is not None:
-            return _DEQUANTIZE(self.packed.reshape(-1), absmax, levels, self.block, self.dtype).view(self.shape)
+            return _DEQUANTIZE(*self.kernel_args(), self.block, self.nested_block, self.dtype).view(self.shape)
+        absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
         return _dequantize(self.packed.reshape(-1), absmax, levels, self.block, self.dtype)[:n].view(self.shape)
 
     def dequantize_fp8(self, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +141,19 @@ class NF4Tensor:
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         if (kernel and self.packed.is_cuda and self.dtype == torch.bfloat16 and cols % 2 == 0 and self.block % 2 == 0
                 and _DEQUANTIZE_FP8 is not None):
-            absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
-            return _DEQUANTIZE_FP8(self.packed.reshape(-1), absmax, levels, self.block, rows)
+            return _DEQUANTIZE_FP8(*self.kernel_args(), self.block, self.nested_block, rows)
         return quantize_weight(self.dequantize(kernel).reshape(rows, cols), WEIGHT_FORMAT)
+
+    def kernel_args(self) -> tuple:
+        """(packed codes flat, absmax, nested absmax, nested code table, offset as a 0-d float32 tensor, levels) on
+        the weight's device, as the kernels take them; the nested three are None without double quantization."""
+        device = self.packed.device
+        levels = self.levels.to(device, torch.float32)
+        if not self.nested:
+            return self.packed.reshape(-1), self.absmax.float(), None, None, None, levels
+        offset = torch.as_tensor(self.offset, dtype=torch.float32, device=device).reshape(())
+        return (self.packed.reshape(-1), self.absmax, self.nested_absmax.float(),
+                self.nested_code.to(device, torch.float32), offset, levels)
 
     def quant_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes saves beside ``<prefix>`` (the packed weight itself not included)."""
@@ -171,8 +181,12 @@ def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor
     return values.reshape(-1)[:codes.numel()].to(dtype)
 
 
-DEQUANTIZE_BYTES = 1024
+DEQUANTIZE_BYTES = 2048
 """Packed bytes (2 x this many weights) a program of the dequantization kernel handles."""
+FP8_ROW_CHUNK = 1024
+"""Packed bytes of a row the NF4 -> e4m3 kernel reads at a time."""
+KERNEL_WARPS = 4
+"""Warps a program of either kernel."""
 
 
 @functools.cache
@@ -185,26 +199,48 @@ def _triton_kernel(name: str = "dequantize_kernel"):
     return getattr(nf4_triton, name)
 
 
-def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
-                      out: torch.Tensor):
-    """Fill ``out`` (2 x packed.numel() elements) with the weights ``packed`` codes, each block of ``block``
-    elements scaled by its float32 ``absmax``."""
+def _absmax_pointers(absmax, nested_absmax, nested_code, offset) -> dict:
+    """The kernels' block-absmax arguments: the nested ones, or (no double quantization) ``absmax`` standing in
+    for the three the kernel then does not read."""
+    nested = nested_absmax is not None
+    return dict(absmax_ptr=absmax, nested_ptr=nested_absmax if nested else absmax,
+                code_ptr=nested_code if nested else absmax, offset_ptr=offset if nested else absmax, NESTED=nested)
+
+
+def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                      nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor, block: int,
+                      nested_block: int, out: torch.Tensor, bytes_per_program: int = DEQUANTIZE_BYTES,
+                      num_warps: int = KERNEL_WARPS):
+    """Fill ``out`` (bf16, fp16 or float32, 2 x packed.numel() elements) with the weights of the flat codes
+    ``packed`` (NF4Tensor.kernel_args' fields), each block of ``block`` elements scaled by its absmax."""
+    from .nf4_triton import OUT_BF16, OUT_FP16, OUT_FP32
+    code = {torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16, torch.float32: OUT_FP32}[out.dtype]
+    words = out.view(torch.int64 if out.dtype == torch.float32 else torch.int32)
     nbytes = packed.numel()
-    kernel[(-(-nbytes // DEQUANTIZE_BYTES),)](packed, absmax, levels, out, nbytes, BYTES=DEQUANTIZE_BYTES,
-                                               BLOCK_BYTES=block // 2)
+    kernel[(-(-nbytes // bytes_per_program),)](
+        packed_ptr=packed, levels_ptr=levels, out_ptr=words, nbytes=nbytes, BYTES=bytes_per_program,
+        BLOCK_BYTES=block // 2, NESTED_BLOCK=nested_block, OUT=code, num_warps=num_warps, enable_fp_fusion=False,
+        **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
 
 
-FP8_ROW_CHUNK = 1024
-"""Packed bytes of a row the NF4 -> e4m3 kernel reads at a time."""
-
-
-def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
-                          out: torch.Tensor, scale: torch.Tensor):
+def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                          nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor,
+                          block: int, nested_block: int, out: torch.Tensor, scale: torch.Tensor,
+                          chunk: int = FP8_ROW_CHUNK, num_warps: int = KERNEL_WARPS):
     """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows]) and ``scale`` (float32 [rows]) with the weights of
-    ``packed``, dequantized to bf16 and quantized per row."""
+    ``packed`` (as launch_dequantize), dequantized to bf16 and quantized per row."""
     rows = scale.numel()
-    kernel[(rows,)](packed, absmax, levels, out, scale, packed.numel() // rows, inverse_max(out.dtype),
-                    BLOCK_BYTES=block // 2, CHUNK=FP8_ROW_CHUNK, FP8_MAX=fp8_max(out.dtype))
+    kernel[(rows,)](
+        packed_ptr=packed, levels_ptr=levels, out_ptr=out.view(torch.int16), scale_ptr=scale,
+        row_bytes=packed.numel() // rows, inverse_max=inverse_max(out.dtype), BLOCK_BYTES=block // 2,
+        NESTED_BLOCK=nested_block, CHUNK=chunk, FP8_MAX=fp8_max(out.dtype), num_warps=num_warps,
+        enable_fp_fusion=False, **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
+
+
+def _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, dtype) -> NF4Tensor:
+    """The flat NF4Tensor of kernel arguments (for the PyTorch path where Triton is missing)."""
+    return NF4Tensor(packed, absmax, (2 * packed.numel(),), dtype, block, levels, nested_absmax, nested_code,
+                     0.0 if offset is None else offset, nested_block)
 
 
 def _define_dequantize():
@@ -214,18 +250,21 @@ def _define_dequantize():
         return None
 
     @torch.library.custom_op("lorabench::nf4_dequantize", mutates_args=())
-    def op(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
-           dtype: torch.dtype) -> torch.Tensor:
+    def op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+           nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor, block: int,
+           nested_block: int, dtype: torch.dtype) -> torch.Tensor:
         kernel = _triton_kernel()
         if kernel is None:  # a GPU without Triton
-            return _dequantize(packed, absmax, levels, block, dtype)
+            return _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block,
+                          dtype).dequantize()
         out = torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
         with torch.cuda.device(packed.device):
-            launch_dequantize(kernel, packed, absmax, levels, block, out)
+            launch_dequantize(kernel, packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block,
+                              out)
         return out
 
     @op.register_fake
-    def _(packed, absmax, levels, block, dtype):
+    def _(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, dtype):
         return torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
 
     return op
@@ -240,20 +279,23 @@ def _define_dequantize_fp8():
         return None
 
     @torch.library.custom_op("lorabench::nf4_dequantize_fp8", mutates_args=())
-    def op(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int,
-           rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+           nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor, block: int,
+           nested_block: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         kernel = _triton_kernel("dequantize_fp8_kernel")
         if kernel is None:
-            return quantize_weight(_dequantize(packed, absmax, levels, block, torch.bfloat16).view(rows, -1),
-                                   WEIGHT_FORMAT)
+            weight = _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block,
+                            torch.bfloat16).dequantize()
+            return quantize_weight(weight.view(rows, -1), WEIGHT_FORMAT)
         out = torch.empty(rows, 2 * packed.numel() // rows, dtype=WEIGHT_FORMAT, device=packed.device)
         scale = torch.empty(rows, dtype=torch.float32, device=packed.device)
         with torch.cuda.device(packed.device):
-            launch_dequantize_fp8(kernel, packed, absmax, levels, block, out, scale)
+            launch_dequantize_fp8(kernel, packed, absmax, nested_absmax, nested_code, offset, levels, block,
+                                  nested_block, out, scale)
         return out, scale
 
     @op.register_fake
-    def _(packed, absmax, levels, block, rows):
+    def _(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, rows):
         return (torch.empty(rows, 2 * packed.numel() // rows, dtype=WEIGHT_FORMAT, device=packed.device),
                 torch.empty(rows, dtype=torch.float32, device=packed.device))
 

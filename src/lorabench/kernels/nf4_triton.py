@@ -1,40 +1,76 @@
-"""The Triton kernel of kernels/nf4.py's dequantization (that module says what it computes); imported only when an
-NF4 weight is first dequantized on a GPU, so importing lorabench does not import Triton."""
+"""The Triton kernels of kernels/nf4.py's dequantization (that module says what they compute); imported only when an
+NF4 weight is first dequantized on a GPU, so importing lorabench does not import Triton.
+
+Both read each packed byte once a pass and write each byte's two outputs as one word (two bf16 or fp16
+weights in 32 bits, two float32 in 64, two e4m3 codes in 16), so every store is a wide, contiguous one; a double-
+quantized block absmax is decoded in the kernel (its code's value x its group's float32 absmax + offset), not by
+separate PyTorch ops in front of it. They are launched with floating-point contraction off: the decode multiplies
+then adds, rounding after each, as PyTorch's separate ops do, where a fused multiply-add would round once."""
 import triton
 import triton.language as tl
 
+OUT_BF16, OUT_FP16, OUT_FP32 = 0, 1, 2
+"""The output dtype codes of ``dequantize_kernel``'s OUT."""
+
 
 @triton.jit
-def dequantize_kernel(packed_ptr, absmax_ptr, levels_ptr, out_ptr, nbytes, BYTES: tl.constexpr,
-                      BLOCK_BYTES: tl.constexpr):
-    """BYTES packed bytes a program: each byte's two codes (the first element in the high four bits) looked up in
-    the 16 levels and multiplied by their block's float32 absmax (BLOCK_BYTES bytes a block), in float32, then
-    rounded once to the output's dtype, to nearest even, and stored side by side. (bf16 is rounded with integer
-    ops: Triton's CPU interpreter, which the tests run, truncates its float32 -> bf16 casts.)"""
-    first = tl.program_id(0).to(tl.int64) * BYTES
-    byte = first + tl.arange(0, BYTES)
-    inside = byte < nbytes
+def _block_absmax(absmax_ptr, nested_ptr, code_ptr, offset_ptr, block, inside, NESTED: tl.constexpr,
+                  NESTED_BLOCK: tl.constexpr):
+    """The float32 absmax of each block index ``block``: stored as is, or (NESTED) the nested code table's value of
+    its 8-bit code times its group's float32 absmax, plus the offset, rounded after the product and after the sum;
+    0 outside (where ``inside`` is false), so masked lanes add nothing to a row's maximum."""
+    if NESTED:
+        code = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
+        value = tl.load(code_ptr + code) * tl.load(nested_ptr + block // NESTED_BLOCK, mask=inside, other=0.0)
+        return tl.where(inside, value + tl.load(offset_ptr), 0.0)
+    return tl.load(absmax_ptr + block, mask=inside, other=0.0)
+
+
+@triton.jit
+def _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, byte, inside,
+                 BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+    """The float32 weights of the packed bytes at ``byte``: (first, second), the first element of a byte being
+    its high four bits, each level[code] x its block's absmax."""
     b = tl.load(packed_ptr + byte, mask=inside, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + byte // BLOCK_BYTES, mask=inside, other=0.0)
-    high = tl.load(levels_ptr + (b >> 4)) * scale
-    low = tl.load(levels_ptr + (b & 15)) * scale
-    values = tl.interleave(high, low)
-    if out_ptr.dtype.element_ty == tl.bfloat16:  # rounded to nearest even by hand: the same in every Triton
-        bits = values.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        values = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    scale = _block_absmax(absmax_ptr, nested_ptr, code_ptr, offset_ptr, byte // BLOCK_BYTES, inside, NESTED,
+                          NESTED_BLOCK)
+    return tl.load(levels_ptr + (b >> 4)) * scale, tl.load(levels_ptr + (b & 15)) * scale
+
+
+@triton.jit
+def _bf16_bits(v):
+    """float32 ``v`` rounded to the nearest bf16 (ties to even) with integer ops, its 16 bits in a uint32 (Triton's
+    CPU interpreter, which the tests run, truncates its float32 -> bf16 casts)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+
+@triton.jit
+def dequantize_kernel(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, out_ptr, nbytes,
+                      BYTES: tl.constexpr, BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr,
+                      NESTED_BLOCK: tl.constexpr, OUT: tl.constexpr):
+    """BYTES packed bytes a program: each byte's two weights computed in float32, rounded once to the output dtype
+    (OUT: bf16 to nearest even by hand) and stored as one word of ``out_ptr`` (int32 words for the 16-bit dtypes,
+    int64 for float32; the first weight in the low half, so the words are the weights in order in memory)."""
+    byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    inside = byte < nbytes
+    first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, byte, inside,
+                                 BLOCK_BYTES, NESTED, NESTED_BLOCK)
+    if OUT == 2:
+        word = (first.to(tl.uint32, bitcast=True).to(tl.uint64)
+                | (second.to(tl.uint32, bitcast=True).to(tl.uint64) << 32))
+    elif OUT == 1:
+        word = (first.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+                | (second.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
     else:
-        values = values.to(out_ptr.dtype.element_ty)
-    element = 2 * first + tl.arange(0, 2 * BYTES)
-    tl.store(out_ptr + element, values, mask=element < 2 * nbytes)
+        word = _bf16_bits(first) | (_bf16_bits(second) << 16)
+    tl.store(out_ptr + byte, word.to(out_ptr.dtype.element_ty, bitcast=True), mask=inside)
 
 
 @triton.jit
 def _bf16_round(v):
     """float32 ``v`` rounded to the nearest bf16 (ties to even), kept in float32, with integer ops."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    return (_bf16_bits(v) << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -57,38 +93,36 @@ def _e4m3_round(v):
 
 
 @triton.jit
-def _row_values(packed_ptr, absmax_ptr, levels_ptr, byte, inside, BLOCK_BYTES: tl.constexpr):
-    """The bf16-rounded weights (as float32, interleaved: 2 a byte) of the packed bytes at ``byte``."""
-    b = tl.load(packed_ptr + byte, mask=inside, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + byte // BLOCK_BYTES, mask=inside, other=0.0)
-    high = _bf16_round(tl.load(levels_ptr + (b >> 4)) * scale)
-    low = _bf16_round(tl.load(levels_ptr + (b & 15)) * scale)
-    return tl.interleave(high, low)
+def _e4m3_code(v, scale, FP8_MAX: tl.constexpr):
+    """The e4m3 code (in a uint16) of ``v`` / ``scale``, the division rounded to nearest as torch's is."""
+    q = _e4m3_round(tl.clamp(tl.div_rn(v, scale), -FP8_MAX, FP8_MAX)).to(tl.float8e4nv)
+    return q.to(tl.uint8, bitcast=True).to(tl.uint16)
 
 
 @triton.jit
-def dequantize_fp8_kernel(packed_ptr, absmax_ptr, levels_ptr, out_ptr, scale_ptr, row_bytes, inverse_max,
-                          BLOCK_BYTES: tl.constexpr, CHUNK: tl.constexpr, FP8_MAX: tl.constexpr):
+def dequantize_fp8_kernel(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, out_ptr, scale_ptr,
+                          row_bytes, inverse_max, BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr,
+                          NESTED_BLOCK: tl.constexpr, CHUNK: tl.constexpr, FP8_MAX: tl.constexpr):
     """One row a program: its weights dequantized and rounded to bf16 (as the bf16 kernel above makes them), then
     quantized to e4m3 with the row's scale (its absolute maximum times ``inverse_max``, a float32 1 / FP8_MAX; 1 for
     a row of zeros), as kernels/fp8.py's quantize_rows does to a bf16 weight: two passes over the row's packed
-    bytes (the first for its maximum), one write of its e4m3 codes and of its float32 scale. The division of each
-    weight by the scale rounds to nearest, as torch's tensor division does."""
-    row = tl.program_id(0).to(tl.int64)
-    first = row * row_bytes
-    top = tl.zeros([2 * CHUNK], dtype=tl.float32)
+    bytes (the first for its maximum), one write of its e4m3 codes (two a 16-bit word of ``out_ptr``) and of its
+    float32 scale."""
+    first_byte = tl.program_id(0).to(tl.int64) * row_bytes
+    top = tl.zeros([CHUNK], dtype=tl.float32)
     for start in range(0, row_bytes, CHUNK):
         byte = start + tl.arange(0, CHUNK)
         inside = byte < row_bytes
-        values = _row_values(packed_ptr, absmax_ptr, levels_ptr, first + byte, inside, BLOCK_BYTES)
-        top = tl.maximum(top, tl.abs(values))
+        first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr,
+                                     first_byte + byte, inside, BLOCK_BYTES, NESTED, NESTED_BLOCK)
+        top = tl.maximum(top, tl.maximum(tl.abs(_bf16_round(first)), tl.abs(_bf16_round(second))))
     amax = tl.max(top, axis=0)
     scale = tl.where(amax > 0, amax * inverse_max, 1.0)
-    tl.store(scale_ptr + row, scale)
+    tl.store(scale_ptr + tl.program_id(0), scale)
     for start in range(0, row_bytes, CHUNK):
         byte = start + tl.arange(0, CHUNK)
         inside = byte < row_bytes
-        values = _row_values(packed_ptr, absmax_ptr, levels_ptr, first + byte, inside, BLOCK_BYTES)
-        q = _e4m3_round(tl.clamp(tl.div_rn(values, scale), -FP8_MAX, FP8_MAX)).to(out_ptr.dtype.element_ty)
-        element = 2 * start + tl.arange(0, 2 * CHUNK)
-        tl.store(out_ptr + 2 * first + element, q, mask=element < 2 * row_bytes)
+        first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr,
+                                     first_byte + byte, inside, BLOCK_BYTES, NESTED, NESTED_BLOCK)
+        word = _e4m3_code(_bf16_round(first), scale, FP8_MAX) | (_e4m3_code(_bf16_round(second), scale, FP8_MAX) << 8)
+        tl.store(out_ptr + first_byte + byte, word.to(out_ptr.dtype.element_ty, bitcast=True), mask=inside)

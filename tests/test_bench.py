@@ -209,6 +209,73 @@ def test_rounds_alternate_engines_and_compare_within_each_round(tmp_path, monkey
     assert "--rounds 0" in capsys.readouterr().err
 
 
+def test_variants_are_native_rows_with_their_own_settings_compared_within_rounds(tmp_path, monkeypatch):
+    """--variant NAME:FLAGS adds a native row per preset named native[NAME], run with the plain native settings
+    and its own over them, kept apart from plain native through the rounds, and compared with it and the other
+    engines (not plain native with it, which would say the same twice); a variant whose settings do not apply to a
+    preset's precision is left out there, not run as a copy of plain native."""
+    import lorabench.bench.bench as bench
+
+    speeds = {"native": [100.0, 90.0], "native_rw": [110.0, 99.0], "unsloth-fp8": [50.0, 45.0]}
+    seen = []
+
+    def fake_row(engine, preset, model, steps, warmup, device, row_dir, overrides, timeout, nproc=1):
+        key, k = row_dir.name.split("__")[1], int(row_dir.name.rsplit("round", 1)[-1] if "round" in row_dir.name else 1)
+        seen.append((preset, key, overrides))
+        return {"engine": engine, "preset": preset, "tokens_per_s_per_chip": speeds[key][k - 1], "losses": [2.0],
+                "batch_size": 4, "mfu": None, "peak_mem_allocated_gib": 1.0, "loss_final": 1.0,
+                "step_time_ci95_rel": 0.01, "device_name": "cpu"}
+
+    monkeypatch.setattr(bench, "run_row", fake_row)
+    logs = []
+    rows, _ = bench.run_bench(["native", "unsloth-fp8"], ["fp8", "bf16"], "tiny", 4, 1, "cpu", tmp_path, {}, 60.0,
+                              log=lambda *a, **k: logs.append(a[0]), floor=False, rounds=2,
+                              native_overrides={"attention": "matmul"},
+                              variants={"rw": {"fp8_recipe": "tensorwise", "attention": "sdpa"}},
+                              to_flags=lambda s: sorted(f"{k}={v}" for k, v in s.items() if v is not None))
+    assert seen[:3] == [("fp8", "native", ["attention=matmul"]), ("fp8", "unsloth-fp8", []),
+                        ("fp8", "native_rw", ["attention=sdpa", "fp8_recipe=tensorwise"])]
+    assert ("bf16", "native_rw", ["attention=sdpa"]) in seen  # its attention applies to bf16 too
+    assert [bench.label(r) for r in rows] == ["native", "unsloth-fp8", "native[rw]", "native", "native[rw]"]
+    fp8 = [r for r in rows if r["preset"] == "fp8"]
+    assert [r["rounds_tokens_per_s"] for r in fp8] == [[100.0, 90.0], [50.0, 45.0], [110.0, 99.0]]
+    lines = bench.native_lines(fp8).splitlines()
+    assert lines == ["- native / unsloth-fp8, fp8 LBS 4: 2.000x (rounds: 2.000, 2.000); loss gap 0.000%",
+                     "- native[rw] / native, fp8 LBS 4: 1.100x (rounds: 1.100, 1.100); loss gap 0.000%",
+                     "- native[rw] / unsloth-fp8, fp8 LBS 4: 2.200x (rounds: 2.200, 2.200); loss gap 0.000%"]
+    assert "| native[rw] | fp8 | 4 | 99 (CPU) |" in bench.table(fp8)  # its median round (the lower middle)
+    assert bench.best_lines(fp8) == ("- best LBS, fp8: native 90 (LBS 4); unsloth-fp8 45 (LBS 4); native[rw] 99 "
+                                     "(LBS 4); native / best other: 2.00x")  # the other stacks, not its variants
+    rows, _ = bench.run_bench(["native"], ["bf16"], "tiny", 4, 1, "cpu", tmp_path / "b", {}, 60.0,
+                              log=lambda *a, **k: logs.append(a[0]), floor=False,
+                              variants={"rw": {"fp8_recipe": "tensorwise"}}, to_flags=lambda s: [])
+    assert [bench.label(r) for r in rows] == ["native"]
+    assert any(line.startswith("bench: native[rw] / bf16 skipped: its settings do not apply to this precision")
+               for line in logs)
+
+
+def test_variant_flags_are_checked_before_any_row_runs(tmp_path, capsys):
+    """--variant takes NAME:FLAGS of the native engine's tuning; a bad name, a repeated one, a flag that is not
+    native tuning, a bad value or no flags fail at once with the --variant named."""
+    from lorabench.bench.command import parse_variants
+    from lorabench.config import ConfigError
+
+    got = parse_variants(["tw:--fp8-recipe tensorwise --no-compile", "dq.t:--nf4-dequant triton"])
+    assert got == {"tw": {"fp8_recipe": "tensorwise", "compile": False}, "dq.t": {"nf4_dequant": "triton"}}
+    for spec, said in (("--fp8-recipe tensorwise", "NAME:FLAGS"), ("a b:--compile", "NAME:FLAGS"),
+                       ("x:--lr 1", "unrecognized arguments: --lr 1"), ("x:--fp8-recipe sideways", "invalid choice"),
+                       ("x:", "no flags")):
+        with pytest.raises(ConfigError, match="--variant") as e:
+            parse_variants([spec])
+        assert said in str(e.value)
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_variants(["x:--compile", "x:--no-compile"])
+    assert main(["bench", "--device", "cpu", "--engines", "reference", "--variant", "x:--compile",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    assert "put native in --engines" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_bench_skips_rows_an_engine_cannot_run():
     """unsloth-fp8 only under fp8, the reference stacks never under fp8: such rows are skipped, not run mislabelled."""
     from lorabench.bench.bench import _cannot_run

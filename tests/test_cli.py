@@ -183,7 +183,8 @@ def test_each_mmlu_flag_reaches_its_option():
 def test_bench_passes_its_overrides_to_every_row_and_native_tuning_to_native_rows():
     """bench's flags become typed run settings, and those become the row process's flags, which run's parser reads
     back as the same values."""
-    from lorabench.cli import bench_settings, build_parser, run_flags
+    from lorabench.bench.command import bench_settings, run_flags
+    from lorabench.cli import build_parser
 
     a = build_parser().parse_args(["bench", "--precision", "bf16", "--seq-len", "64", "--attention", "matmul",
                                    "--no-fused-projections", "--compile", "--dropout-mask", "bernoulli",
@@ -211,7 +212,7 @@ def test_bench_gives_native_tuning_to_native_rows_only(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(bb, "run_row", lambda engine, preset, *args, **kw: seen.setdefault(engine, args[5]) and
                         {"engine": engine, "preset": preset, "error": "not run"})
-    from lorabench.cli import run_flags
+    from lorabench.bench.command import run_flags
 
     bb.run_bench(["native", "reference"], ["fp32"], "tiny", 2, 1, "cpu", tmp_path, {"seq_len": 32}, 10,
                  log=lambda *a, **k: None, floor=False, native_overrides={"attention": "matmul"}, to_flags=run_flags)

@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=1, help="run every row this many times, round after round (each "
                    "engine once, then again), so a machine's drift slows all engines alike; a row reports its median "
                    "round and the spread, its speed-up the median of the ratios within each round")
+    b.add_argument("--variant", action="append", default=[], metavar="NAME:FLAGS", help="one more native row per "
+                   "preset and LBS, named native[NAME], run with the native tuning FLAGS (e.g. 'tensorwise:--fp8-recipe "
+                   "tensorwise'; repeat for more), to compare settings side by side within the rounds")
     b.add_argument("--nproc", type=int, default=1, help="run every row as a torchrun job of this many processes "
                    "on this host (tok/s stays per chip)")
     b.add_argument("--shard", choices=SHARDINGS, help="every row's --shard (fsdp: FSDP2, with "
@@ -428,83 +431,6 @@ def cmd_eval(a) -> int:
     return 0
 
 
-BENCH_COMMON = ("precision", "seq_len", "lora_dropout", "lora_r", "lora_alpha", "lora_targets", "lr", "attn",
-                "activation_checkpointing", "memory_budget_gib", "shard")
-"""bench's flags that every row takes, as run's settings of the same names."""
-
-
-def run_flags(settings: dict) -> list[str]:
-    """``lorabench run``'s flags for ``settings`` ({dest: value}): how a bench row's job reaches its process."""
-    from . import config_file
-
-    return config_file.as_flags(build_parser().subcommands["run"], settings)
-
-
-def bench_settings(a) -> tuple[dict, dict]:
-    """The ``lorabench run`` settings ({dest: value}) bench's own overrides give every row, and those (the native
-    engine's tuning) given to the native rows alone; unset ones left out."""
-    common = {k: getattr(a, k) for k in BENCH_COMMON if getattr(a, k) is not None}
-    native = {k: getattr(a, k) for k in NATIVE_FLAGS if getattr(a, k) is not None}
-    return common, native
-
-
-def cmd_bench(a) -> int:
-    import torch
-
-    from .engines import ENGINES
-
-    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
-    presets = [p.strip() for p in a.presets.split(",") if p.strip()]
-    bad = [e for e in engines if e not in ENGINES] + [p for p in presets if p not in TRAIN_PRESETS]
-    if bad or not engines or not presets:
-        raise ConfigError(f"--engines/--presets: unknown {bad or 'empty list'}; engines: {', '.join(ENGINES)}; "
-                          f"presets: {', '.join(TRAIN_PRESETS)}")
-    if a.steps <= a.untimed_steps:
-        raise ConfigError(f"--steps {a.steps} must exceed --untimed-steps {a.untimed_steps}")
-    if a.rounds < 1:
-        raise ConfigError(f"--rounds {a.rounds}: give 1 or more")
-    if a.nproc < 1:
-        raise ConfigError(f"--nproc {a.nproc}: give 1 or more")
-    if not a.timeout > 0:
-        raise ConfigError(f"--timeout {a.timeout}: give the seconds a row may take, more than 0")
-    if a.seq_len is not None and a.seq_len < 2:
-        raise ConfigError(f"--seq-len {a.seq_len}: a sequence needs at least 2 tokens (one input, one target)")
-    native_options(a)  # a bad combination fails here, not in every row
-    model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
-    batch_sizes = [None]
-    if a.batch_size is not None:
-        try:
-            batch_sizes = [int(x) for x in a.batch_size.split(",") if x.strip()]
-        except ValueError:
-            batch_sizes = []
-        if not batch_sizes or min(batch_sizes) < 1:
-            raise ConfigError(f"--batch-size {a.batch_size!r}: give a positive integer or a comma-separated list "
-                              "of them (e.g. 4,16,32)")
-    run_dir, held = rundir.claim(a.run_dir, a.overwrite, Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench",
-                                 "bench")
-    with held:
-        return _bench(a, run_dir, engines, presets, model, batch_sizes)
-
-
-def _bench(a, run_dir, engines, presets, model, batch_sizes) -> int:
-    from .bench.bench import best_lines, floor_lines, native_lines, run_bench, table
-
-    common, native = bench_settings(a)
-    rows, floors = run_bench(engines, presets, model, a.steps, a.untimed_steps, a.device, run_dir, common,
-                             a.timeout, floor=not a.no_floor, batch_sizes=batch_sizes, rounds=a.rounds,
-                             nproc=a.nproc, native_overrides=native, to_flags=run_flags)
-    print(table(rows))
-    versus = native_lines(rows)
-    if versus:
-        print(versus)
-    if floors:
-        print(floor_lines(floors))
-    if len(batch_sizes) > 1:
-        print(best_lines(rows))
-    print(f"wrote {run_dir / 'bench.json'} and {run_dir / 'bench.md'}")
-    return 0 if any("error" not in r for r in rows) else 1
-
-
 def cmd_report(a) -> int:
     from .plots import plot_run
     from .files import write_text_atomic
@@ -566,7 +492,11 @@ def main(argv: list[str] | None = None) -> int:
                 run = parser.subcommands["run"]
                 run.set_defaults(**config_file.defaults_from(run, config_file.read(path), path))
                 args = parser.parse_args(argv)
-        return {"run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report}[args.cmd](args)
+        if args.cmd == "bench":
+            from .bench.command import cmd_bench
+
+            return cmd_bench(args)
+        return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
     except ConfigError as e:
         print(f"lorabench: error: {e}", file=sys.stderr)
         return 2

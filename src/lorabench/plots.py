@@ -97,6 +97,8 @@ def step_time_scale(ms: list[float], untimed: int) -> tuple[float, list[int]]:
 def plot_bench(bench: dict, out_dir: Path) -> list[Path] | str:
     """bench_speed.png (tok/s and peak memory per engine and preset, the floor drawn) and bench_loss.png (the
     engines' loss curves overlaid, one panel per preset and LBS); or NO_MATPLOTLIB."""
+    from .bench.bench import label
+
     plt = _pyplot()
     if plt is None:
         return NO_MATPLOTLIB
@@ -105,7 +107,7 @@ def plot_bench(bench: dict, out_dir: Path) -> list[Path] | str:
     rows = [r for r in bench["rows"] if "error" not in r]
     if not rows:
         return []
-    labels = [f"{r['engine']}\n{r['preset']} LBS {r['batch_size']}" for r in rows]
+    labels = [f"{label(r)}\n{r['preset']} LBS {r['batch_size']}" for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4.5))
     a1.bar(range(len(rows)), [r["tokens_per_s_per_chip"] for r in rows])
     for f in (bench.get("floors") or {}).values():
@@ -129,7 +131,7 @@ def plot_bench(bench: dict, out_dir: Path) -> list[Path] | str:
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, ((preset, lbs), group) in zip(axes[0], groups.items()):
         for r in group:
-            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], lw=1.2, label=r["engine"])
+            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], lw=1.2, label=label(r))
         ax.set(xlabel="optimiser step", ylabel="train loss", title=f"{preset} LBS {lbs}")
         ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / "bench_loss.png"))

@@ -63,6 +63,11 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
             "fp8_skip": r["config"]["engine_options"].get("fp8_skip") or []}
 
 
+def label(row: dict) -> str:
+    """A row's engine as the tables name it: ``native[NAME]`` for a row of the variant NAME (--variant)."""
+    return row["engine"] + (f"[{row['variant']}]" if row.get("variant") else "")
+
+
 def combine_rounds(rows: list[dict]) -> list[dict]:
     """One row per engine x preset x LBS from its rounds (rows with a ``round``): the median round (the lower of
     the two middle ones for an even count, so the row is one that was measured), with every round's tok/s
@@ -70,7 +75,7 @@ def combine_rounds(rows: list[dict]) -> list[dict]:
     first error."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["preset"], r.get("lbs"), r["engine"]), []).append(r)
+        groups.setdefault((r["preset"], r.get("lbs"), label(r)), []).append(r)
     out = []
     for group in groups.values():
         ok = [r for r in group if "error" not in r]
@@ -98,7 +103,7 @@ def speedup(row: dict, base: dict) -> tuple[float, list[float]]:
 def compare(rows: list[dict]) -> None:
     """Add speed-up (``speedup``) and largest per-step loss gap against the plain reference row of the same
     preset and LBS."""
-    refs = {(r["preset"], r.get("lbs")): r for r in rows if r["engine"] == BASELINE and "error" not in r}
+    refs = {(r["preset"], r.get("lbs")): r for r in rows if label(r) == BASELINE and "error" not in r}
     for r in rows:
         ref = refs.get((r["preset"], r.get("lbs")))
         if ref is None or "error" in r or r is ref:
@@ -115,21 +120,22 @@ def loss_gap(row: dict, base: dict) -> float | None:
 
 def native_lines(rows: list[dict]) -> str:
     """Native against every other engine of the same preset and LBS (the targets compare it with the optimised
-    stacks, not only the plain reference); with rounds, the ratio of each round in parentheses; then the largest
-    per-step loss gap between the two (same weights and batches: bf16 rounding, and the engines' own dropout
-    masks where dropout > 0)."""
+    stacks, not only the plain reference), and each native variant against plain native and the other engines;
+    with rounds, the ratio of each round in parentheses; then the largest per-step loss gap between the two (same
+    weights and batches: bf16 rounding, and the engines' own dropout masks where dropout > 0)."""
     out = []
     for nat in (r for r in rows if r["engine"] == OURS and "error" not in r):
         for other in rows:
-            if other is nat or "error" in other or (other["preset"], other.get("lbs")) != (nat["preset"],
-                                                                                          nat.get("lbs")):
+            if (other is nat or "error" in other
+                    or (other["preset"], other.get("lbs")) != (nat["preset"], nat.get("lbs"))
+                    or (other["engine"] == OURS and (other.get("variant") or not nat.get("variant")))):
                 continue
             value, ratios = speedup(nat, other)
             each = f" (rounds: {', '.join(f'{x:.3f}' for x in ratios)})" if ratios else ""
             gap = loss_gap(other, nat)
             gap = "" if gap is None else f"; loss gap {100 * gap:.3f}%"
-            out.append(f"- native / {other['engine']}, {nat['preset']} LBS {nat['batch_size']}: {value:.3f}x{each}"
-                       f"{gap}")
+            out.append(f"- {label(nat)} / {label(other)}, {nat['preset']} LBS {nat['batch_size']}: {value:.3f}x"
+                       f"{each}{gap}")
     return "\n".join(out)
 
 
@@ -187,13 +193,13 @@ def best_lines(rows: list[dict]) -> str:
         best: dict[str, dict] = {}
         for r in rows:
             if r["preset"] == preset and "error" not in r and (
-                    r["engine"] not in best or r["tokens_per_s_per_chip"] > best[r["engine"]]["tokens_per_s_per_chip"]):
-                best[r["engine"]] = r
+                    label(r) not in best or r["tokens_per_s_per_chip"] > best[label(r)]["tokens_per_s_per_chip"]):
+                best[label(r)] = r
         if not best:
             continue
         line = f"- best LBS, {preset}: " + "; ".join(f"{e} {r['tokens_per_s_per_chip']:.0f} (LBS {r['batch_size']})"
                                                      for e, r in best.items())
-        others = [r for e, r in best.items() if e != OURS]
+        others = [r for r in best.values() if r["engine"] != OURS]  # other stacks: native's variants are not
         if OURS in best and others:  # within rounds where both ran, as every speed-up here
             top = max(others, key=lambda r: r["tokens_per_s_per_chip"])
             line += f"; {OURS} / best other: {speedup(best[OURS], top)[0]:.2f}x"
@@ -209,12 +215,12 @@ def table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         if "error" in r:
-            line = {"engine": r["engine"], "preset": r["preset"], "LBS": r.get("lbs") or "", "tok/s/chip": "error",
+            line = {"engine": label(r), "preset": r["preset"], "LBS": r.get("lbs") or "", "tok/s/chip": "error",
                     "±95%": "", "MFU": "", "peak alloc GiB": "", "loss@N": "", "vs reference": r["error"][:80],
                     "max loss gap": "", "of floor": ""}
         else:
             line = {
-                "engine": r["engine"], "preset": r["preset"], "LBS": r["batch_size"],
+                "engine": label(r), "preset": r["preset"], "LBS": r["batch_size"],
                 "tok/s/chip": f(r["tokens_per_s_per_chip"], ".0f")
                 + (" (CPU)" if str(r.get("device_name", "")).startswith("cpu") else ""),
                 "±95%": "-" if r.get("step_time_ci95_rel") is None else f"{100 * r['step_time_ci95_rel']:.1f}%",
@@ -272,36 +278,52 @@ def native_settings_for(preset: str, settings: dict, native: dict) -> dict:
     return {k: v for k, v in native.items() if precision in PRECISION_ONLY.get(k, (precision,))}
 
 
+def _entries(engines: list[str], variants: dict[str, dict]) -> list[tuple[str, str | None, dict]]:
+    """(engine, variant name or None, the variant's native settings) of every row of a preset x LBS: the engines,
+    then native once per variant."""
+    return [(e, None, {}) for e in engines] + [(OURS, name, s) for name, s in variants.items()]
+
+
 def run_bench(engines: list[str], presets: list[str], model: str, steps: int, warmup: int, device: str,
               run_dir: Path, overrides: list[str], timeout: float, log=print, floor: bool = True,
               batch_sizes: list[int | None] = (None,), rounds: int = 1, nproc: int = 1,
-              native_overrides: dict | None = None, *, to_flags):
+              native_overrides: dict | None = None, variants: dict[str, dict] | None = None, *, to_flags):
     """Run every engine x preset x batch size row (None: the preset's own), ``rounds`` times round after round,
     compare them, and (on a GPU, unless ``floor`` is False) time the floor. ``overrides``: settings ({dest:
     value}, as ``lorabench run`` names them) of every row; ``native_overrides``: of the native rows alone (the
-    native engine's tuning, which other engines refuse; the FP8-only ones of the fp8 rows alone); ``to_flags``:
-    a row's settings as its process's flags (config_file.as_flags over run's parser).
+    native engine's tuning, which other engines refuse; the FP8-only ones of the fp8 rows alone); ``variants``:
+    {name: native settings}, each one more native row (``native[name]``) with those settings over
+    ``native_overrides`` (left out of a preset whose precision they do not apply to); ``to_flags``: a row's
+    settings as its process's flags (config_file.as_flags over run's parser).
     Returns (rows, floors); writes bench.json and bench.md to ``run_dir``."""
     rows = []
+    entries = _entries(engines, variants or {})
     for k in range(1, rounds + 1):
         for preset in presets:
             for lbs in batch_sizes:
-                for engine in engines:
+                first = k == 1 and lbs == batch_sizes[0]
+                for engine, variant, settings in entries:
+                    name = engine + (f"[{variant}]" if variant else "")
                     why = _cannot_run(engine, preset, overrides)
-                    if why:
-                        if k == 1 and lbs == batch_sizes[0]:
-                            log(f"bench: {engine} / {preset} skipped: {why}", flush=True)
-                        continue
-                    name = (f"{engine} / {preset}" + (f" / LBS {lbs}" if lbs else "")
-                            + (f" / round {k} of {rounds}" if rounds > 1 else ""))
-                    log(f"bench: {name} ...", flush=True)
-                    row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"__lbs{lbs}" if lbs else "")
-                                         + (f"__round{k}" if rounds > 1 else ""))
-                    native = (native_settings_for(preset, overrides, native_overrides or {})
+                    native = (native_settings_for(preset, overrides, {**(native_overrides or {}), **settings})
                               if spec(engine).can("native-options") else {})
+                    if not why and variant and native == native_settings_for(preset, overrides,
+                                                                            native_overrides or {}):
+                        why = "its settings do not apply to this precision (the row would be plain native's)"
+                    if why:
+                        if first:
+                            log(f"bench: {name} / {preset} skipped: {why}", flush=True)
+                        continue
+                    title = (f"{name} / {preset}" + (f" / LBS {lbs}" if lbs else "")
+                             + (f" / round {k} of {rounds}" if rounds > 1 else ""))
+                    log(f"bench: {title} ...", flush=True)
+                    row_dir = run_dir / (f"{preset}__{engine.replace('+', '_')}" + (f"_{variant}" if variant else "")
+                                         + (f"__lbs{lbs}" if lbs else "") + (f"__round{k}" if rounds > 1 else ""))
                     flags = to_flags({**overrides, **native, "batch_size": lbs})
                     row = run_row(engine, preset, model, steps, warmup, device, row_dir, flags, timeout, nproc=nproc)
                     row["lbs"] = lbs
+                    if variant:
+                        row["variant"] = variant
                     log(f"  -> {row.get('error') or format(row['tokens_per_s_per_chip'], '.0f') + ' tok/s/chip'}",
                         flush=True)
                     rows.append({**row, "round": k} if rounds > 1 else row)
@@ -314,6 +336,7 @@ def run_bench(engines: list[str], presets: list[str], model: str, steps: int, wa
     write_json_atomic(run_dir / "bench.json", {"device_name": dev, "model": model, "steps": steps, "warmup": warmup,
                                                "overrides": overrides,
                                                "native_overrides": native_overrides or {},
+                                               "variants": variants or {},
                                                "batch_sizes": list(batch_sizes),
                                                "rounds": rounds, "rows": rows, "floors": floors})
     each = f", median of {rounds} rounds" if rounds > 1 else ""

@@ -148,14 +148,17 @@ from lorabench.kernels import nf4
 kernel = nf4._triton_kernel()
 torch.manual_seed(4)
 bad = 0
-for shape, dtype, double in (((96, 256), torch.bfloat16, True), ((40, 1000), torch.float16, False),
-                             ((3, 2 * nf4.DEQUANTIZE_BYTES + 64), torch.float32, True)):
-    q = nf4.quantize_nf4((torch.randn(shape) * 0.02).to(dtype), double_quant=double)
+for shape, dtype, double, block, per in (((96, 256), torch.bfloat16, True, 64, nf4.DEQUANTIZE_BYTES),
+                                        ((40, 1000), torch.float16, False, 64, nf4.DEQUANTIZE_BYTES),
+                                        ((3, 2 * nf4.DEQUANTIZE_BYTES + 64), torch.float32, True, 64, 1024),
+                                        ((7, 1000), torch.bfloat16, True, 128, 256),  # a last block part full
+                                        ((2, 3000), torch.bfloat16, False, 4096, 1024)):  # blocks above `per`
+    q = nf4.quantize_nf4((torch.randn(shape) * 0.02).to(dtype), double_quant=double, block=block)
     out = torch.empty(q.packed.numel() * 2, dtype=dtype)
-    nf4.launch_dequantize(kernel, *q.kernel_args(), q.block, q.nested_block, out)
+    nf4.launch_dequantize(kernel, *q.kernel_args(), q.block, q.nested_block, out, per)
     want = q.dequantize()
     differ = int((out.view(shape) != want).sum())
-    print(shape, dtype, double, differ, "differ")
+    print(shape, dtype, double, block, differ, "differ")
     bad += differ
 sys.exit(1 if bad else 0)
 """
@@ -174,7 +177,7 @@ def test_dequantize_kernel_matches_the_pytorch_dequantization_in_the_interpreter
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" 0 differ") == 3, done.stdout
+    assert done.stdout.count(" 0 differ") == 5, done.stdout
 
 
 INTERPRETED_FP8 = """
@@ -203,8 +206,8 @@ print("rounding", x.numel(), differ, "differ")
 bad = differ
 torch.manual_seed(4)
 kernel = nf4._triton_kernel("dequantize_fp8_kernel")
-for shape, double, spread in (((96, 256), True, False), ((5, 2 * nf4.FP8_ROW_CHUNK + 96), False, True),
-                              ((40, 1000), True, True)):
+for shape, double, spread in (((96, 256), True, False), ((5, 4 * nf4.FP8_ROW_CHUNK + 192), False, True),
+                              ((40, 960), True, True)):  # rows of 2 chunks and a part, of part of one
     w = torch.randn(shape) * 0.02
     if spread:  # rows of very different sizes (tiny values fall below e4m3's normals), one of zeros
         w = w * torch.logspace(-3, 2, shape[0])[:, None]

@@ -128,7 +128,7 @@ class NF4Tensor:
         PyTorch ops; with ``kernel``, on a GPU, by one Triton kernel (``dequantize_kernel``: the same values, bit for
         bit; --nf4-dequant triton)."""
         n = math.prod(self.shape)
-        if kernel and self.packed.is_cuda and n % 2 == 0 and self.block % 2 == 0 and _DEQUANTIZE is not None:
+        if kernel and self.packed.is_cuda and n % 2 == 0 and _tiled(self.block) and _DEQUANTIZE is not None:
             return _DEQUANTIZE(*self.kernel_args(), self.block, self.nested_block, self.dtype).view(self.shape)
         absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
         return _dequantize(self.packed.reshape(-1), absmax, levels, self.block, self.dtype)[:n].view(self.shape)
@@ -136,11 +136,11 @@ class NF4Tensor:
     def dequantize_fp8(self, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight [out, in] dequantized (to ``dtype``) and then quantized per row to e4m3 as kernels/fp8.py's
         quantize_weight does: (e4m3 codes [out, in], float32 scales [out]). With ``kernel``, on a GPU, for a bf16
-        weight, one Triton kernel does both (``dequantize_fp8_kernel``: the same values, bit for bit), so the bf16
-        weight is never written."""
+        weight whose rows are whole blocks, one Triton kernel does both (``dequantize_fp8_kernel``: the same values,
+        bit for bit), so the bf16 weight is never written."""
         rows, cols = self.shape[0], math.prod(self.shape[1:])
-        if (kernel and self.packed.is_cuda and self.dtype == torch.bfloat16 and cols % 2 == 0 and self.block % 2 == 0
-                and _DEQUANTIZE_FP8 is not None):
+        if (kernel and self.packed.is_cuda and self.dtype == torch.bfloat16 and cols % self.block == 0
+                and _tiled(self.block) and _DEQUANTIZE_FP8 is not None):
             return _DEQUANTIZE_FP8(*self.kernel_args(), self.block, self.nested_block, rows)
         return quantize_weight(self.dequantize(kernel).reshape(rows, cols), WEIGHT_FORMAT)
 
@@ -189,6 +189,12 @@ KERNEL_WARPS = 4
 """Warps a program of either kernel."""
 
 
+def _tiled(block: int) -> bool:
+    """Whether the kernels take blocks of ``block`` elements: they tile whole blocks of block / 2 bytes, a power of
+    two (bitsandbytes' block sizes all are)."""
+    return block >= 2 and block & (block - 1) == 0
+
+
 @functools.cache
 def _triton_kernel(name: str = "dequantize_kernel"):
     """The Triton kernel ``name`` of nf4_triton (imported once, on first use), or None without Triton."""
@@ -212,13 +218,15 @@ def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested
                       nested_block: int, out: torch.Tensor, bytes_per_program: int = DEQUANTIZE_BYTES,
                       num_warps: int = KERNEL_WARPS):
     """Fill ``out`` (bf16, fp16 or float32, 2 x packed.numel() elements) with the weights of the flat codes
-    ``packed`` (NF4Tensor.kernel_args' fields), each block of ``block`` elements scaled by its absmax."""
+    ``packed`` (NF4Tensor.kernel_args' fields), each block of ``block`` elements (a power of two) scaled by its
+    absmax; ``bytes_per_program``: a power of two (raised to a block's bytes where a block is larger)."""
     from .nf4_triton import OUT_BF16, OUT_FP16, OUT_FP32
     code = {torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16, torch.float32: OUT_FP32}[out.dtype]
     words = out.view(torch.int64 if out.dtype == torch.float32 else torch.int32)
     nbytes = packed.numel()
-    kernel[(-(-nbytes // bytes_per_program),)](
-        packed_ptr=packed, levels_ptr=levels, out_ptr=words, nbytes=nbytes, BYTES=bytes_per_program,
+    per = max(bytes_per_program, block // 2)  # whole blocks a program
+    kernel[(-(-nbytes // per),)](
+        packed_ptr=packed, levels_ptr=levels, out_ptr=words, nbytes=nbytes, BYTES=per,
         BLOCK_BYTES=block // 2, NESTED_BLOCK=nested_block, OUT=code, num_warps=num_warps, enable_fp_fusion=False,
         **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
 
@@ -227,13 +235,14 @@ def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, ne
                           nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor,
                           block: int, nested_block: int, out: torch.Tensor, scale: torch.Tensor,
                           chunk: int = FP8_ROW_CHUNK, num_warps: int = KERNEL_WARPS):
-    """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows]) and ``scale`` (float32 [rows]) with the weights of
-    ``packed`` (as launch_dequantize), dequantized to bf16 and quantized per row."""
+    """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows], each row whole blocks) and ``scale`` (float32 [rows])
+    with the weights of ``packed`` (as launch_dequantize), dequantized to bf16 and quantized per row; ``chunk``:
+    the bytes of a row read at a time, a power of two."""
     rows = scale.numel()
     kernel[(rows,)](
         packed_ptr=packed, levels_ptr=levels, out_ptr=out.view(torch.int16), scale_ptr=scale,
         row_bytes=packed.numel() // rows, inverse_max=inverse_max(out.dtype), BLOCK_BYTES=block // 2,
-        NESTED_BLOCK=nested_block, CHUNK=chunk, FP8_MAX=fp8_max(out.dtype), num_warps=num_warps,
+        NESTED_BLOCK=nested_block, CHUNK=max(chunk, block // 2), FP8_MAX=fp8_max(out.dtype), num_warps=num_warps,
         enable_fp_fusion=False, **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
 
 

@@ -1,11 +1,12 @@
 """The Triton kernels of kernels/nf4.py's dequantization (that module says what they compute); imported only when an
 NF4 weight is first dequantized on a GPU, so importing lorabench does not import Triton.
 
-Both read each packed byte once a pass and write each byte's two outputs as one word (two bf16 or fp16
-weights in 32 bits, two float32 in 64, two e4m3 codes in 16), so every store is a wide, contiguous one; a double-
-quantized block absmax is decoded in the kernel (its code's value x its group's float32 absmax + offset), not by
-separate PyTorch ops in front of it. They are launched with floating-point contraction off: the decode multiplies
-then adds, rounding after each, as PyTorch's separate ops do, where a fused multiply-add would round once."""
+Both work on tiles of whole absmax blocks (one absmax read and decoded a block, broadcast along it), read each packed
+byte once a pass and write each byte's two outputs as one word (two bf16 or fp16 weights in 32 bits, two float32 in
+64, two e4m3 codes in 16), so every store is a wide, contiguous one; a double-quantized block absmax is decoded in
+the kernel (its code's value x its group's float32 absmax + offset), not by separate PyTorch ops in front of it.
+They are launched with floating-point contraction off: the decode multiplies then adds, rounding after each, as
+PyTorch's separate ops do, where a fused multiply-add would round once."""
 import triton
 import triton.language as tl
 
@@ -27,14 +28,18 @@ def _block_absmax(absmax_ptr, nested_ptr, code_ptr, offset_ptr, block, inside, N
 
 
 @triton.jit
-def _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, byte, inside,
+def _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, blocks, limit,
                  BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
-    """The float32 weights of the packed bytes at ``byte``: (first, second), the first element of a byte being
-    its high four bits, each level[code] x its block's absmax."""
+    """A tile of whole absmax blocks (``blocks``: their indices, [R]) as [R, BLOCK_BYTES] packed bytes: (their
+    byte offsets, which of them lie below ``limit``, the float32 weights (first, second) of each byte, the first
+    element of a byte being its high four bits, level[code] x the block's absmax). One absmax per block, broadcast
+    along it."""
+    byte = blocks[:, None] * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)[None, :]
+    inside = byte < limit
     b = tl.load(packed_ptr + byte, mask=inside, other=0).to(tl.int32)
-    scale = _block_absmax(absmax_ptr, nested_ptr, code_ptr, offset_ptr, byte // BLOCK_BYTES, inside, NESTED,
-                          NESTED_BLOCK)
-    return tl.load(levels_ptr + (b >> 4)) * scale, tl.load(levels_ptr + (b & 15)) * scale
+    scale = _block_absmax(absmax_ptr, nested_ptr, code_ptr, offset_ptr, blocks, blocks * BLOCK_BYTES < limit, NESTED,
+                          NESTED_BLOCK)[:, None]
+    return byte, inside, tl.load(levels_ptr + (b >> 4)) * scale, tl.load(levels_ptr + (b & 15)) * scale
 
 
 @triton.jit
@@ -49,13 +54,13 @@ def _bf16_bits(v):
 def dequantize_kernel(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, out_ptr, nbytes,
                       BYTES: tl.constexpr, BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr,
                       NESTED_BLOCK: tl.constexpr, OUT: tl.constexpr):
-    """BYTES packed bytes a program: each byte's two weights computed in float32, rounded once to the output dtype
-    (OUT: bf16 to nearest even by hand) and stored as one word of ``out_ptr`` (int32 words for the 16-bit dtypes,
-    int64 for float32; the first weight in the low half, so the words are the weights in order in memory)."""
-    byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
-    inside = byte < nbytes
-    first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, byte, inside,
-                                 BLOCK_BYTES, NESTED, NESTED_BLOCK)
+    """BYTES packed bytes a program (whole blocks of BLOCK_BYTES): each byte's two weights computed in float32,
+    rounded once to the output dtype (OUT: bf16 to nearest even by hand) and stored as one word of ``out_ptr``
+    (int32 words for the 16-bit dtypes, int64 for float32; the first weight in the low half, so the words are the
+    weights in order in memory)."""
+    blocks = tl.program_id(0).to(tl.int64) * (BYTES // BLOCK_BYTES) + tl.arange(0, BYTES // BLOCK_BYTES)
+    byte, inside, first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr,
+                                               blocks, nbytes, BLOCK_BYTES, NESTED, NESTED_BLOCK)
     if OUT == 2:
         word = (first.to(tl.uint32, bitcast=True).to(tl.uint64)
                 | (second.to(tl.uint32, bitcast=True).to(tl.uint64) << 32))
@@ -103,26 +108,26 @@ def _e4m3_code(v, scale, FP8_MAX: tl.constexpr):
 def dequantize_fp8_kernel(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, out_ptr, scale_ptr,
                           row_bytes, inverse_max, BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr,
                           NESTED_BLOCK: tl.constexpr, CHUNK: tl.constexpr, FP8_MAX: tl.constexpr):
-    """One row a program: its weights dequantized and rounded to bf16 (as the bf16 kernel above makes them), then
-    quantized to e4m3 with the row's scale (its absolute maximum times ``inverse_max``, a float32 1 / FP8_MAX; 1 for
-    a row of zeros), as kernels/fp8.py's quantize_rows does to a bf16 weight: two passes over the row's packed
-    bytes (the first for its maximum), one write of its e4m3 codes (two a 16-bit word of ``out_ptr``) and of its
-    float32 scale."""
-    first_byte = tl.program_id(0).to(tl.int64) * row_bytes
-    top = tl.zeros([CHUNK], dtype=tl.float32)
-    for start in range(0, row_bytes, CHUNK):
-        byte = start + tl.arange(0, CHUNK)
-        inside = byte < row_bytes
-        first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr,
-                                     first_byte + byte, inside, BLOCK_BYTES, NESTED, NESTED_BLOCK)
+    """One row a program (a row is whole absmax blocks): its weights dequantized and rounded to bf16 (as the bf16
+    kernel above makes them), then quantized to e4m3 with the row's scale (its absolute maximum times
+    ``inverse_max``, a float32 1 / FP8_MAX; 1 for a row of zeros), as kernels/fp8.py's quantize_rows does to a bf16
+    weight: two passes over the row's packed bytes, CHUNK at a time (the first for its maximum), one write of its
+    e4m3 codes (two a 16-bit word of ``out_ptr``) and of its float32 scale."""
+    row = tl.program_id(0).to(tl.int64)
+    limit = (row + 1) * row_bytes
+    first_block = row * (row_bytes // BLOCK_BYTES)
+    tile = tl.arange(0, CHUNK // BLOCK_BYTES)
+    top = tl.zeros([CHUNK // BLOCK_BYTES, BLOCK_BYTES], dtype=tl.float32)
+    for start in range(0, row_bytes // BLOCK_BYTES, CHUNK // BLOCK_BYTES):
+        _, _, first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr,
+                                           first_block + start + tile, limit, BLOCK_BYTES, NESTED, NESTED_BLOCK)
         top = tl.maximum(top, tl.maximum(tl.abs(_bf16_round(first)), tl.abs(_bf16_round(second))))
-    amax = tl.max(top, axis=0)
+    amax = tl.max(tl.max(top, axis=1), axis=0)
     scale = tl.where(amax > 0, amax * inverse_max, 1.0)
-    tl.store(scale_ptr + tl.program_id(0), scale)
-    for start in range(0, row_bytes, CHUNK):
-        byte = start + tl.arange(0, CHUNK)
-        inside = byte < row_bytes
-        first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr,
-                                     first_byte + byte, inside, BLOCK_BYTES, NESTED, NESTED_BLOCK)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, row_bytes // BLOCK_BYTES, CHUNK // BLOCK_BYTES):
+        byte, inside, first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr,
+                                                   levels_ptr, first_block + start + tile, limit, BLOCK_BYTES,
+                                                   NESTED, NESTED_BLOCK)
         word = _e4m3_code(_bf16_round(first), scale, FP8_MAX) | (_e4m3_code(_bf16_round(second), scale, FP8_MAX) << 8)
-        tl.store(out_ptr + first_byte + byte, word.to(out_ptr.dtype.element_ty, bitcast=True), mask=inside)
+        tl.store(out_ptr + byte, word.to(out_ptr.dtype.element_ty, bitcast=True), mask=inside)

@@ -185,8 +185,8 @@ DEQUANTIZE_BYTES = 2048
 """Packed bytes (2 x this many weights) a program of the dequantization kernel handles."""
 FP8_ROW_CHUNK = 1024
 """Packed bytes of a row the NF4 -> e4m3 kernel reads at a time."""
-KERNEL_WARPS = 4
-"""Warps a program of either kernel."""
+DEQUANTIZE_WARPS = FP8_ROW_WARPS = 4
+"""Warps a program of each kernel."""
 
 
 def _tiled(block: int) -> bool:
@@ -215,35 +215,37 @@ def _absmax_pointers(absmax, nested_absmax, nested_code, offset) -> dict:
 
 def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
                       nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor, block: int,
-                      nested_block: int, out: torch.Tensor, bytes_per_program: int = DEQUANTIZE_BYTES,
-                      num_warps: int = KERNEL_WARPS):
+                      nested_block: int, out: torch.Tensor, bytes_per_program: int | None = None,
+                      num_warps: int | None = None):
     """Fill ``out`` (bf16, fp16 or float32, 2 x packed.numel() elements) with the weights of the flat codes
     ``packed`` (NF4Tensor.kernel_args' fields), each block of ``block`` elements (a power of two) scaled by its
-    absmax; ``bytes_per_program``: a power of two (raised to a block's bytes where a block is larger)."""
+    absmax; ``bytes_per_program``: a power of two (raised to a block's bytes where a block is larger; default
+    DEQUANTIZE_BYTES), ``num_warps`` (default DEQUANTIZE_WARPS)."""
     from .nf4_triton import OUT_BF16, OUT_FP16, OUT_FP32
     code = {torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16, torch.float32: OUT_FP32}[out.dtype]
     words = out.view(torch.int64 if out.dtype == torch.float32 else torch.int32)
     nbytes = packed.numel()
-    per = max(bytes_per_program, block // 2)  # whole blocks a program
+    per = max(bytes_per_program or DEQUANTIZE_BYTES, block // 2)  # whole blocks a program
     kernel[(-(-nbytes // per),)](
         packed_ptr=packed, levels_ptr=levels, out_ptr=words, nbytes=nbytes, BYTES=per,
-        BLOCK_BYTES=block // 2, NESTED_BLOCK=nested_block, OUT=code, num_warps=num_warps, enable_fp_fusion=False,
-        **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
+        BLOCK_BYTES=block // 2, NESTED_BLOCK=nested_block, OUT=code, num_warps=num_warps or DEQUANTIZE_WARPS,
+        enable_fp_fusion=False, **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
 
 
 def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
                           nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor,
                           block: int, nested_block: int, out: torch.Tensor, scale: torch.Tensor,
-                          chunk: int = FP8_ROW_CHUNK, num_warps: int = KERNEL_WARPS):
+                          chunk: int | None = None, num_warps: int | None = None):
     """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows], each row whole blocks) and ``scale`` (float32 [rows])
     with the weights of ``packed`` (as launch_dequantize), dequantized to bf16 and quantized per row; ``chunk``:
-    the bytes of a row read at a time, a power of two."""
+    the bytes of a row read at a time, a power of two (default FP8_ROW_CHUNK); ``num_warps`` (default
+    FP8_ROW_WARPS)."""
     rows = scale.numel()
     kernel[(rows,)](
         packed_ptr=packed, levels_ptr=levels, out_ptr=out.view(torch.int16), scale_ptr=scale,
         row_bytes=packed.numel() // rows, inverse_max=inverse_max(out.dtype), BLOCK_BYTES=block // 2,
-        NESTED_BLOCK=nested_block, CHUNK=max(chunk, block // 2), FP8_MAX=fp8_max(out.dtype), num_warps=num_warps,
-        enable_fp_fusion=False, **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
+        NESTED_BLOCK=nested_block, CHUNK=max(chunk or FP8_ROW_CHUNK, block // 2), FP8_MAX=fp8_max(out.dtype),
+        num_warps=num_warps or FP8_ROW_WARPS, enable_fp_fusion=False, **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
 
 
 def _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, dtype) -> NF4Tensor:

@@ -246,7 +246,7 @@ def check_nf4(dev):
     except ImportError:
         bnb = None
     torch.manual_seed(5)
-    for shape in ((11008, 4096), (4096, 11008), (3, 2112)):
+    for shape in ((11008, 4096), (4096, 11008), (3, 2112), (7, 1000)):  # the last: a last block part full
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for double in (True, False):
                 w = (torch.randn(shape, device=dev) * 0.02).to(dtype)

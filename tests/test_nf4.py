@@ -206,12 +206,15 @@ print("rounding", x.numel(), differ, "differ")
 bad = differ
 torch.manual_seed(4)
 kernel = nf4._triton_kernel("dequantize_fp8_kernel")
-for shape, double, spread in (((96, 256), True, False), ((5, 4 * nf4.FP8_ROW_CHUNK + 192), False, True),
-                              ((40, 960), True, True)):  # rows of 2 chunks and a part, of part of one
+for shape, double, spread in (((96, 256), True, None), ((5, 4 * nf4.FP8_ROW_CHUNK + 192), False, "rows"),
+                              ((40, 960), True, "rows"), ((6, 1024), False, "columns")):
+    # rows of 2 chunks and a part, of part of one
     w = torch.randn(shape) * 0.02
-    if spread:  # rows of very different sizes (tiny values fall below e4m3's normals), one of zeros
+    if spread == "rows":  # rows of very different sizes, one of zeros
         w = w * torch.logspace(-3, 2, shape[0])[:, None]
         w[1] = 0
+    if spread == "columns":  # blocks of a row from 1e-7 to 1 of its largest: e4m3's subnormals and underflow
+        w = w * torch.logspace(-7, 0, shape[1])[None, :]
     q = nf4.quantize_nf4(w.bfloat16(), double_quant=double)
     out, scale = torch.empty(shape, dtype=torch.float8_e4m3fn), torch.empty(shape[0])
     nf4.launch_dequantize_fp8(kernel, *q.kernel_args(), q.block, q.nested_block, out, scale)
@@ -226,9 +229,9 @@ sys.exit(1 if bad else 0)
 def test_nf4_to_fp8_kernel_matches_dequantize_then_quantize_rows_in_the_interpreter(tmp_path):
     """--precision nf4-fp8's kernel (NF4 -> bf16 values -> e4m3 per row in one pass, no bf16 weight written), run
     by Triton's interpreter: its codes and scales equal kernels/fp8.py's quantize_rows of the plain PyTorch
-    dequantization, bit for bit (rows of mixed sizes, a row of zeros, values below e4m3's normal range, a row
-    longer than one chunk); and its rounding to e4m3 by integer ops equals torch's cast on every e4m3 value, every
-    tie between two and values an ulp either side. (A file, not -c: Triton reads a kernel's source.)"""
+    dequantization, bit for bit (rows of mixed sizes, a row of zeros, blocks whose values fall below e4m3's normal
+    range or round to zero, a row longer than one chunk); and its rounding to e4m3 by integer ops equals torch's
+    cast on every e4m3 value, every tie between two and values an ulp either side. (A file, not -c: Triton reads a kernel's source.)"""
     import os
     import subprocess
     import sys
@@ -239,4 +242,4 @@ def test_nf4_to_fp8_kernel_matches_dequantize_then_quantize_rows_in_the_interpre
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" 0 differ") == 4, done.stdout
+    assert done.stdout.count(" 0 differ") == 5, done.stdout

@@ -23,8 +23,10 @@ def _block_absmax(absmax_ptr, nested_ptr, code_ptr, offset_ptr, block, inside, N
     if NESTED:
         code = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
         value = tl.load(code_ptr + code) * tl.load(nested_ptr + block // NESTED_BLOCK, mask=inside, other=0.0)
-        return tl.where(inside, value + tl.load(offset_ptr), 0.0)
-    return tl.load(absmax_ptr + block, mask=inside, other=0.0)
+        value = tl.where(inside, value + tl.load(offset_ptr), 0.0)
+    else:  # one return after the branch: Triton's compiler types every return statement, dead or not
+        value = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+    return value
 
 
 @triton.jit
@@ -99,9 +101,17 @@ def _e4m3_round(v):
 
 @triton.jit
 def _e4m3_code(v, scale, FP8_MAX: tl.constexpr):
-    """The e4m3 code (in a uint16) of ``v`` / ``scale``, the division rounded to nearest as torch's is."""
-    q = _e4m3_round(tl.clamp(tl.div_rn(v, scale), -FP8_MAX, FP8_MAX)).to(tl.float8e4nv)
-    return q.to(tl.uint8, bitcast=True).to(tl.uint16)
+    """The e4m3 code (in a uint16) of ``v`` / ``scale``, the division rounded to nearest as torch's is. The code is
+    assembled from the rounded float32's bits, not by a float8 cast (on an H100 the cast's results moved with the
+    launch's warps per element): sign; then a normal value's exponent rebiased (float32 bias 127, e4m3's 7) and its
+    three mantissa bits, or a subnormal's multiple of 2^-9."""
+    r = _e4m3_round(tl.clamp(tl.div_rn(v, scale), -FP8_MAX, FP8_MAX))
+    bits = r.to(tl.uint32, bitcast=True)
+    exponent = (bits >> 23) & 0xFF
+    normal = ((exponent - 120) << 3) | ((bits >> 20) & 7)
+    subnormal = (tl.abs(r) * 512.0).to(tl.uint32)
+    code = tl.where(exponent >= 121, normal, subnormal) | ((bits >> 24) & 0x80)
+    return code.to(tl.uint16)
 
 
 @triton.jit

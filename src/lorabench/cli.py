@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "engine once, then again), so a machine's drift slows all engines alike; a row reports its median "
                    "round and the spread, its speed-up the median of the ratios within each round")
     b.add_argument("--variant", action="append", default=[], metavar="NAME:FLAGS", help="one more native row per "
-                   "preset and LBS, named native[NAME], run with the native tuning FLAGS (e.g. 'tensorwise:--fp8-recipe "
-                   "tensorwise'; repeat for more), to compare settings side by side within the rounds")
+                   "preset and LBS, named native[NAME], run with the native tuning FLAGS (e.g. "
+                   "'tensorwise:--fp8-recipe tensorwise'; repeat for more), to compare settings side by side within the rounds")
     b.add_argument("--nproc", type=int, default=1, help="run every row as a torchrun job of this many processes "
                    "on this host (tok/s stays per chip)")
     b.add_argument("--shard", choices=SHARDINGS, help="every row's --shard (fsdp: FSDP2, with "

@@ -245,7 +245,8 @@ def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, ne
         packed_ptr=packed, levels_ptr=levels, out_ptr=out.view(torch.int16), scale_ptr=scale,
         row_bytes=packed.numel() // rows, inverse_max=inverse_max(out.dtype), BLOCK_BYTES=block // 2,
         NESTED_BLOCK=nested_block, CHUNK=max(chunk or FP8_ROW_CHUNK, block // 2), FP8_MAX=fp8_max(out.dtype),
-        num_warps=num_warps or FP8_ROW_WARPS, enable_fp_fusion=False, **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
+        num_warps=num_warps or FP8_ROW_WARPS, enable_fp_fusion=False,
+        **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
 
 
 def _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, dtype) -> NF4Tensor:

@@ -513,3 +513,27 @@ def test_unsloth_engine_passes_its_checkpointing_mode(policy, passed, tmp_path, 
     assert set(eng.adapters()) == set(want)
     for k, (a, b) in eng.adapters().items():
         torch.testing.assert_close(a.float(), want[k][0].float(), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_forward_has_no_graph_break():
+    """Evaluation through the compiled blocks (no_grad, dropout off: q and v read one input, so their adapters run
+    as one stacked product) traces whole, without a graph break in every block (torch.compile breaks on an
+    autograd.Function under no_grad), and gives the eager engine's logits."""
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.05)
+    ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=2)).long()
+    logits = []
+    for compiled in (False, True):
+        eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision="fp32", seed=0,
+                           native=NativeOptions(compile=compiled))
+        with torch.no_grad():
+            for _, b in eng.adapters().values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+            eng.model.eval()
+            torch._dynamo.utils.counters.clear()
+            logits.append(eng.logits(ids))
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)

@@ -183,8 +183,16 @@ def shared_input_deltas(x: torch.Tensor, adapters: list[LoRALinear]) -> tuple[to
     dropout each adapter drops its own mask (as PEFT's do), so their inputs differ: ``LoRALinear.delta`` each."""
     a = torch.cat([m.lora_A for m in adapters]).to(x.dtype)
     bs = [m.lora_B.to(x.dtype) for m in adapters]
-    return _StackedDelta.apply(x, a, tuple(m.r for m in adapters), tuple(m.scale for m in adapters),
-                               any(m.fresh_input for m in adapters), *bs)
+    ranks, scales = tuple(m.r for m in adapters), tuple(m.scale for m in adapters)
+    if not torch.is_grad_enabled():  # evaluation: the same products without the autograd.Function, which
+        return _stacked_products(x, a, ranks, scales, bs)[1]  # torch.compile breaks its graph on under no_grad
+    return _StackedDelta.apply(x, a, ranks, scales, any(m.fresh_input for m in adapters), *bs)
+
+
+def _stacked_products(x, a, ranks, scales, bs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(``x a^T``, each adapter's slice of it times its own B^T and scale)."""
+    xa = x @ a.t()
+    return xa, tuple((p @ b.t()) * s for p, b, s in zip(xa.split(ranks, dim=-1), bs, scales))
 
 
 class _StackedDelta(torch.autograd.Function):
@@ -192,11 +200,10 @@ class _StackedDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, ranks, scales, fresh_input, *bs):
-        xa = x @ a.t()
-        parts = xa.split(ranks, dim=-1)
+        xa, deltas = _stacked_products(x, a, ranks, scales, bs)
         ctx.save_for_backward(x, xa, a, *bs)
         ctx.ranks, ctx.scales, ctx.fresh_input = ranks, scales, fresh_input
-        return tuple((p @ b.t()) * s for p, b, s in zip(parts, bs, scales))
+        return deltas
 
     @staticmethod
     def backward(ctx, *grads):

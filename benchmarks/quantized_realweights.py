@@ -5,7 +5,7 @@ Random weights hide outliers; this runs on SmolLM2-135M-Instruct (``bash ../shar
 HF folder, REFERENCE section 8) or any HF Llama folder:
 
     PYTHONPATH=src python benchmarks/quantized_realweights.py --model-dir DIR [--quantized fp8|nf4|nf4-fp8]
-        [--device cpu]
+        [--fp8-recipe rowwise|tensorwise] [--device cpu]
         [--questions-per-subject 18] [--steps 200] [--seq-len 128] [--batch-size 4] [--lr 1e-4] [--seeds 1,2,3]
         [--finetune-data dialogues,mmlu-text] [--out benchmarks/results/...]
 
@@ -62,15 +62,17 @@ def texts(mmlu: Path, n: int) -> dict[str, list[str]]:
     return {"MMLU questions": qs[:n], "dialogues": dialogues}
 
 
-def distributions(model_dir: Path, device: torch.device, mmlu: Path, n: int, max_len: int, q: str) -> dict:
+def distributions(model_dir: Path, device: torch.device, mmlu: Path, n: int, max_len: int, q: str,
+                  recipe: list[str]) -> dict:
     from transformers import AutoTokenizer
 
     from lorabench.config import LoRAConfig, ModelConfig
-    from lorabench.engines import build_engine
+    from lorabench.engines import NativeOptions, build_engine
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = ModelConfig.from_hf_json(model_dir / "config.json")
-    engines = {p: build_engine("native", cfg, LoRAConfig(), model_dir=model_dir, device=device, precision=p, seed=0)
+    engines = {p: build_engine("native", cfg, LoRAConfig(), model_dir=model_dir, device=device, precision=p, seed=0,
+                               native=NativeOptions(fp8_recipe=recipe[1] if recipe and p == q else None))
                for p in ("fp32", "bf16", q)}
     out = {}
     for source, items in texts(mmlu, n).items():
@@ -106,13 +108,15 @@ def lorabench(args: list[str]) -> None:
         raise SystemExit(f"lorabench {' '.join(args)} failed:\n{res.stderr[-3000:]}")
 
 
-def mmlu_runs(model_dir: Path, device: str, mmlu: Path, per_subject: int, out: Path, q: str) -> dict:
+def mmlu_runs(model_dir: Path, device: str, mmlu: Path, per_subject: int, out: Path, q: str,
+              recipe: list[str]) -> dict:
     res = {}
     for p in ("bf16", q):
         d = out / f"mmlu_{p}"
         t = time.time()
         lorabench(["eval", "--model-dir", str(model_dir), "--device", device, "--mmlu", str(mmlu), "--limit",
-                   str(per_subject), "--precision", p, "--no-progress", "--run-dir", str(d), "--overwrite"])
+                   str(per_subject), "--precision", p, "--no-progress", "--run-dir", str(d), "--overwrite"]
+                  + (recipe if p == q else []))
         preds = [json.loads(line) for line in (d / "mmlu_predictions.jsonl").read_text().splitlines()]
         res[p] = {"accuracy": sum(q["pred"] == q["gold"] for q in preds) / len(preds), "questions": len(preds),
                   "preds": {(q["subject"], q["index"]): q["pred"] for q in preds}, "seconds": time.time() - t}
@@ -148,7 +152,7 @@ def mmlu_text(mmlu: Path, out: Path, n_train: int = 4000, n_val: int = 500) -> P
 
 
 def finetunes(model_dir: Path, device: str, data: dict[str, Path], seeds: list[int], steps: int, seq: int,
-              batch: int, lr: float, out: Path, q: str) -> dict:
+              batch: int, lr: float, out: Path, q: str, recipe: list[str]) -> dict:
     """{data set: {seed: {precision: losses}, "gaps": q against bf16 per seed, in %}}."""
     import statistics
 
@@ -162,7 +166,7 @@ def finetunes(model_dir: Path, device: str, data: dict[str, Path], seeds: list[i
                            "--precision", p, "--max-steps", str(steps), "--epochs", "100", "--seq-len", str(seq),
                            "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed), "--no-mmlu",
                            "--no-progress", "--no-save-adapter", "--no-tensorboard", "--run-dir", str(d),
-                           "--overwrite"])
+                           "--overwrite"] + (recipe if p == q else []))
                 r = json.loads((d / "result.json").read_text())
                 loss = r["series"]["loss"]
                 runs.setdefault(seed, {})[p] = {"first": loss[0], "last10_mean": statistics.mean(loss[-10:]),
@@ -183,6 +187,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--quantized", choices=tuple(TARGET_PCT), default="fp8", help="the precision set against bf16")
+    ap.add_argument("--fp8-recipe", choices=("rowwise", "tensorwise"), help="--quantized fp8 or nf4-fp8: the "
+                    "scaling recipe of its FP8 products (default: lorabench's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--mmlu", type=Path, default=SHARED_MMLU)
     ap.add_argument("--texts", type=int, default=32, help="texts of each source for the distributions")
@@ -199,14 +205,18 @@ def main():
     ap.add_argument("--out", type=Path, default=None, help="default runs/<time>-<quantized>-realweights")
     a = ap.parse_args()
     q = a.quantized
+    if a.fp8_recipe and q == "nf4":
+        raise SystemExit("--fp8-recipe: --quantized nf4 has no FP8 products; use fp8 or nf4-fp8")
+    recipe = ["--fp8-recipe", a.fp8_recipe] if a.fp8_recipe else []
     a.out = a.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{q}-realweights"
     a.out.mkdir(parents=True, exist_ok=True)
     skip = set(a.skip.split(","))
     dev = torch.device(a.device)
     result = {"model_dir": str(a.model_dir), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-              "cpu" + " (fp8 emulated)" * (q != "nf4"), "torch": torch.__version__, "quantized": q}
+              "cpu" + " (fp8 emulated)" * (q != "nf4"), "torch": torch.__version__, "quantized": q,
+              "fp8_recipe": a.fp8_recipe or ("rowwise" if q != "nf4" else None)}
     if "distributions" not in skip:
-        result["distributions"] = distributions(a.model_dir, dev, a.mmlu, a.texts, a.max_len, q)
+        result["distributions"] = distributions(a.model_dir, dev, a.mmlu, a.texts, a.max_len, q, recipe)
         print(f"| text | tokens | KL(bf16 || {q}) | KL(fp32 || bf16) | KL(fp32 || {q}) | top-1 {q} = bf16 | "
               f"{q} = fp32 | bf16 = fp32 |\n|---|---|---|---|---|---|---|---|")
         for src, r in result["distributions"].items():
@@ -214,7 +224,7 @@ def main():
                   f"{r['kl_fp32_q']:.2e} | {r['top1_q_bf16']:.1%} | {r['top1_q_fp32']:.1%} | "
                   f"{r['top1_bf16_fp32']:.1%} |", flush=True)
     if "mmlu" not in skip:
-        m = result["mmlu"] = mmlu_runs(a.model_dir, a.device, a.mmlu, a.questions_per_subject, a.out, q)
+        m = result["mmlu"] = mmlu_runs(a.model_dir, a.device, a.mmlu, a.questions_per_subject, a.out, q, recipe)
         print(f"\nMMLU 5-shot, {m['bf16']['questions']} questions: bf16 {m['bf16']['accuracy']:.2%}, {q} "
               f"{m[q]['accuracy']:.2%} ({100 * (m[q]['accuracy'] - m['bf16']['accuracy']):+.2f} points); "
               f"same letter on {m['same_letter']}", flush=True)
@@ -227,7 +237,7 @@ def main():
         data = {n: sets[n] or mmlu_text(a.mmlu, a.out / "mmlu-text") for n in names}
         seeds = [int(x) for x in a.seeds.split(",") if x]
         f = result["finetune"] = finetunes(a.model_dir, a.device, data, seeds, a.steps, a.seq_len, a.batch_size,
-                                           a.lr, a.out, q)
+                                           a.lr, a.out, q, recipe)
         print(f"\nLoRA fine-tunes, {a.steps} steps, {q} against bf16 of the same seed:\n"
               f"| data | seed | bf16 last 10 | {q} last 10 | gap | bf16 eval | {q} eval | gap |\n"
               "|---|---|---|---|---|---|---|---|")

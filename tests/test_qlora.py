@@ -181,7 +181,13 @@ def test_nf4_options_that_do_not_apply_are_refused(lora_cfg):
             ("nf4", {"nf4_dequant": "cuda"}, "--nf4-dequant 'cuda': choose from torch, triton")):
         with pytest.raises(ConfigError, match=message):
             _engine(precision, lora_cfg, native=NativeOptions(**options))
-    assert _engine("nf4", lora_cfg).options.nf4_dequant == "torch"  # the measured default
+    assert _engine("nf4", lora_cfg).options.nf4_dequant == "torch"  # off a GPU: what runs there either way
+    from lorabench.kernels.nf4 import kernels_available
+    from lorabench.precision import get_precision
+
+    on_gpu = {p: NativeOptions().resolve(get_precision(p), torch.device("cuda")).nf4_dequant
+              for p in ("nf4", "nf4-fp8")}
+    assert on_gpu == dict.fromkeys(on_gpu, "triton" if kernels_available() else "torch")  # the measured default
     eng = _engine("nf4", lora_cfg, native=NativeOptions(nf4_dequant="triton"))
     assert eng.options.nf4_dequant == "triton"
     assert {m.nf4_dequant for _, p, name in _projections(eng.model) for m in [getattr(p, name)]} == {"triton"}

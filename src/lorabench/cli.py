@@ -158,8 +158,8 @@ def _add_native_flags(p: argparse.ArgumentParser):
                    "(one scale per token and per weight output channel; the default) or tensorwise (one scale per "
                    "tensor, the weight's too: cuBLASLt's tensorwise GEMMs)")
     g.add_argument("--nf4-dequant", choices=NF4_DEQUANT, help="--precision nf4, nf4-fp8: how each product "
-                   "dequantizes its 4-bit weight: torch (PyTorch ops, fused by --compile; the default) or triton "
-                   "(one Triton kernel on a GPU, the same values)")
+                   "dequantizes its 4-bit weight: triton (one Triton kernel; the default on a GPU) or torch (PyTorch "
+                   "ops, fused by --compile; the default elsewhere), the same values bit for bit")
 
 
 def native_options(a):

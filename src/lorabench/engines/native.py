@@ -19,6 +19,7 @@ from ..convert import apply_checkpointing, compile_blocks, fuse_projections, qua
 from ..kernels.attention import ATTENTION_IMPLS
 from ..kernels.dropout import MASK_IMPLS
 from ..kernels.fp8 import FP8_RECIPES, GRAD_FORMATS, fp8_shape_problems
+from ..kernels.nf4 import kernels_available as nf4_kernels
 from ..lora import inject_lora, lora_modules, set_mask_impl
 from ..model import Llama
 from ..precision import Precision
@@ -64,9 +65,10 @@ class NativeOptions:
     """Under --precision fp8, how FP8 tensors are scaled, one of kernels.fp8.FP8_RECIPES (default rowwise: per
     token and per output channel; tensorwise: one scale per tensor; benchmarks/NOTES.md)."""
     nf4_dequant: str | None = None
-    """Under --precision nf4, how each product dequantizes its NF4 weight, one of quantized.NF4_DEQUANT: "torch"
-    (PyTorch ops, fused into the compiled block; the default, the one measured on a card so far) or "triton" (one
-    Triton kernel on a GPU, bit for bit the same values; benchmarks/NOTES.md items 81, 84)."""
+    """Under --precision nf4 or nf4-fp8, how each product dequantizes its NF4 weight, one of quantized.NF4_DEQUANT:
+    "triton" (one Triton kernel, bit for bit the same values; the default on a GPU where Triton imports: 1.23x the
+    qlora row's speed on an H100, benchmarks/NOTES.md item 91) or "torch" (PyTorch ops, fused into the compiled
+    block; the default elsewhere, and what a CPU runs either way)."""
 
     def __post_init__(self):
         for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
@@ -111,7 +113,8 @@ class NativeOptions:
             fp8_grad=(self.fp8_grad or "e4m3") if precision.fp8_gemms else None,
             fp8_skip=tuple(sorted(set(self.fp8_skip or ()))) if precision.fp8_weights else None,
             fp8_recipe=(self.fp8_recipe or FP8_RECIPES[0]) if precision.fp8_weights else None,
-            nf4_dequant=(self.nf4_dequant or "torch") if precision.nf4_weights else None,
+            nf4_dequant=(self.nf4_dequant or ("triton" if gpu and nf4_kernels() else "torch"))
+            if precision.nf4_weights else None,
         )
         return resolved
 

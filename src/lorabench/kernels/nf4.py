@@ -205,6 +205,11 @@ def _triton_kernel(name: str = "dequantize_kernel"):
     return getattr(nf4_triton, name)
 
 
+def kernels_available() -> bool:
+    """Whether the Triton kernels import here (Triton installed; they then run on a GPU)."""
+    return _triton_kernel() is not None
+
+
 def _absmax_pointers(absmax, nested_absmax, nested_code, offset) -> dict:
     """The kernels' block-absmax arguments: the nested ones, or (no double quantization) ``absmax`` standing in
     for the three the kernel then does not read."""

@@ -206,9 +206,11 @@ print("rounding", x.numel(), differ, "differ")
 bad = differ
 torch.manual_seed(4)
 kernel = nf4._triton_kernel("dequantize_fp8_kernel")
-for shape, double, spread in (((96, 256), True, None), ((5, 4 * nf4.FP8_ROW_CHUNK + 192), False, "rows"),
-                              ((40, 960), True, "rows"), ((6, 1024), False, "columns")):
-    # rows of 2 chunks and a part, of part of one
+# rows shorter than a program (several rows a program), longer than one with a last program part full, a program
+# smaller than a row, a row of one block
+for shape, double, spread, per in (((96, 256), True, None, nf4.FP8_BYTES), ((5, 4 * nf4.FP8_BYTES + 192), False,
+                                   "rows", nf4.FP8_BYTES), ((40, 960), True, "rows", 64),
+                                   ((6, 1024), False, "columns", nf4.FP8_BYTES), ((33, 64), True, "rows", 256)):
     w = torch.randn(shape) * 0.02
     if spread == "rows":  # rows of very different sizes, one of zeros
         w = w * torch.logspace(-3, 2, shape[0])[:, None]
@@ -216,22 +218,23 @@ for shape, double, spread in (((96, 256), True, None), ((5, 4 * nf4.FP8_ROW_CHUN
     if spread == "columns":  # blocks of a row from 1e-7 to 1 of its largest: e4m3's subnormals and underflow
         w = w * torch.logspace(-7, 0, shape[1])[None, :]
     q = nf4.quantize_nf4(w.bfloat16(), double_quant=double)
-    out, scale = torch.empty(shape, dtype=torch.float8_e4m3fn), torch.empty(shape[0])
-    nf4.launch_dequantize_fp8(kernel, *q.kernel_args(), q.block, q.nested_block, out, scale)
+    scale, out = q.fp8_row_scales(), torch.empty(shape, dtype=torch.float8_e4m3fn)
+    nf4.launch_dequantize_fp8(kernel, *q.kernel_args(), q.block, q.nested_block, scale, out, per)
     wq, ws = quantize_rows(q.dequantize())
     differ = int((out.view(torch.uint8) != wq.view(torch.uint8)).sum()) + int((scale != ws.view(-1)).sum())
-    print(shape, double, differ, "differ")
+    print(shape, double, per, differ, "differ")
     bad += differ
 sys.exit(1 if bad else 0)
 """
 
 
 def test_nf4_to_fp8_kernel_matches_dequantize_then_quantize_rows_in_the_interpreter(tmp_path):
-    """--precision nf4-fp8's kernel (NF4 -> bf16 values -> e4m3 per row in one pass, no bf16 weight written), run
-    by Triton's interpreter: its codes and scales equal kernels/fp8.py's quantize_rows of the plain PyTorch
-    dequantization, bit for bit (rows of mixed sizes, a row of zeros, blocks whose values fall below e4m3's normal
-    range or round to zero, a row longer than one chunk); and its rounding to e4m3 by integer ops equals torch's
-    cast on every e4m3 value, every tie between two and values an ulp either side. (A file, not -c: Triton reads a kernel's source.)"""
+    """--precision nf4-fp8's kernel (NF4 -> bf16 values -> e4m3 under the row scales kept from loading, no bf16
+    weight written), run by Triton's interpreter: its codes, and the row scales NF4Tensor.fp8_row_scales computes,
+    equal kernels/fp8.py's quantize_rows of the plain PyTorch dequantization, bit for bit (rows of mixed sizes, a
+    row of zeros, blocks whose values fall below e4m3's normal range or round to zero, rows shorter and longer than
+    a program); and its rounding to e4m3 by integer ops equals torch's cast on every e4m3 value, every tie between
+    two and values an ulp either side. (A file, not -c: Triton reads a kernel's source.)"""
     import os
     import subprocess
     import sys
@@ -242,4 +245,4 @@ def test_nf4_to_fp8_kernel_matches_dequantize_then_quantize_rows_in_the_interpre
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" 0 differ") == 5, done.stdout
+    assert done.stdout.count(" 0 differ") == 6, done.stdout

@@ -145,6 +145,10 @@ def test_nf4_fp8_computes_as_fp8_over_the_dequantized_weights(lora_cfg):
         assert not torch.equal(got, bf16)
     assert "then to e4m3" in e48.describe()["numerics"]
     assert e48.options.fp8_grad == "e4m3" and e48.options.nf4_dequant == "torch"
+    # the e4m3 row scales are made once, as each weight loads (the products do not reduce over the weight again)
+    for (_, p48, name), (_, p8, _) in zip(_projections(e48.model), _projections(e8.model), strict=True):
+        assert torch.equal(getattr(p48, name).weight_fp8_scale, getattr(p8, name).weight_scale)
+    assert all(getattr(p, name).weight_fp8_scale is None for _, p, name in _projections(_engine("nf4", lora_cfg).model))
 
 
 def test_nf4_fp8_trains_as_fp8_over_the_dequantized_weights():

@@ -5,8 +5,10 @@ model; an adapted projection (lora.LoRALinear) holds the same storage itself.
 A projection stored as NF4 keeps its packed codes in ``weight`` (uint8 [out, in / 2], frozen: the parameter a
 checkpoint's tensor is loaded into, so names, devices and DDP see it as any frozen weight) and its quantization
 state in non-persistent buffers beside it, ``weight_absmax``, ``weight_nested_absmax``, ``weight_offset``,
-``weight_levels`` and ``weight_nested_code``. ``store_nf4`` makes them (empty, on the meta device before loading),
-``set_nf4`` fills them from an ``NF4Tensor``, and ``nf4_weight`` reads them back as one for ``nf4_linear``.
+``weight_levels`` and ``weight_nested_code`` (and, under FP8 products, ``weight_fp8_scale``: the e4m3 row scales
+of the dequantized weight, computed once as it loads). ``store_nf4`` makes them (empty, on the meta device before
+loading), ``set_nf4`` fills them from an ``NF4Tensor``, and ``nf4_weight`` reads them back as one for
+``nf4_linear``.
 
 Weights arrive in two ways (checkpoint.load_into): a bf16/fp16/fp32 tensor is quantized as it arrives, one tensor
 at a time (QLoRA's recipe: blocks of 64, double quantization); a checkpoint that bitsandbytes quantized
@@ -46,6 +48,7 @@ def store_nf4(module: nn.Module, out_features: int, in_features: int, device: to
                     ("levels", torch.empty(16, device=device)),
                     ("nested_code", torch.empty(256, device=device))):
         module.register_buffer("weight_" + name, t, persistent=False)
+    module.register_buffer("weight_fp8_scale", None, persistent=False)
 
 
 def is_nf4(module: nn.Module) -> bool:
@@ -71,6 +74,8 @@ def set_nf4(module: nn.Module, q: NF4Tensor):
         module.weight_nested_absmax = module.weight_nested_code = None
         module.weight_offset = torch.zeros((), device=dev)
     module.nf4_block = (q.block, q.nested_block)
+    if getattr(module, "nf4_fp8_grad", None) is not None:  # FP8 products: the e4m3 row scales, once (frozen)
+        module.weight_fp8_scale = nf4_weight(module).fp8_row_scales(getattr(module, "nf4_dequant", "") == "triton")
 
 
 def nf4_weight(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> NF4Tensor:
@@ -78,7 +83,8 @@ def nf4_weight(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> NF4Ten
     w = module.weight
     block, nested_block = getattr(module, "nf4_block", (BLOCK, NESTED_BLOCK))
     return NF4Tensor(w, module.weight_absmax, (w.shape[0], w.shape[1] * 2), dtype, block, module.weight_levels,
-                     module.weight_nested_absmax, module.weight_nested_code, module.weight_offset, nested_block)
+                     module.weight_nested_absmax, module.weight_nested_code, module.weight_offset, nested_block,
+                     getattr(module, "weight_fp8_scale", None))
 
 
 NF4_DEQUANT = ("torch", "triton")

@@ -63,7 +63,13 @@ def _scaled(xf: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
     """(float32 ``xf`` / scale cast to ``dtype``, scale) with scale = ``amax`` / the format's max
     (``inverse_max``), 1 where amax is 0 (never a division by zero); the cast saturates (``cast_fp8``)."""
     scale = torch.where(amax > 0, amax * inverse_max(dtype), torch.ones_like(amax))
-    return cast_fp8(xf / scale, dtype), scale
+    return with_scales(xf, scale, dtype), scale
+
+
+def with_scales(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in float32 divided by ``scale`` (broadcast) and cast to ``dtype`` (``cast_fp8``): the codes of x under
+    scales already known (a frozen weight's, computed once)."""
+    return cast_fp8(x.float() / scale, dtype)
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = WEIGHT_FORMAT, multiplier: torch.Tensor | None = None):

@@ -20,6 +20,7 @@ bitsandbytes bit for bit where it is installed, and with the float64 levels ever
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -28,7 +29,7 @@ from statistics import NormalDist
 
 import torch
 
-from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, inverse_max, quantize_weight
+from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, quantize_weight, with_scales
 
 BLOCK = 64
 """Elements per absmax block (QLoRA's and bitsandbytes' default)."""
@@ -109,6 +110,9 @@ class NF4Tensor:
     offset: float | torch.Tensor = 0.0
     """Double quantization: the mean subtracted from the absmax constants (a 0-d float32 tensor in a module)."""
     nested_block: int = NESTED_BLOCK
+    fp8_scale: torch.Tensor | None = None
+    """float32 [rows]: the per-row e4m3 scales of the weight dequantized to bf16 (``fp8_row_scales``), for FP8
+    products; the weight is frozen, so they are computed once, where it is loaded, and kept."""
 
     @property
     def nested(self) -> bool:
@@ -133,16 +137,30 @@ class NF4Tensor:
         absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
         return _dequantize(self.packed.reshape(-1), absmax, levels, self.block, self.dtype)[:n].view(self.shape)
 
+    def fp8_row_scales(self, kernel: bool = False) -> torch.Tensor:
+        """float32 [rows]: the scales kernels/fp8.py's quantize_weight gives the weight dequantized to bf16, one a
+        row (its largest magnitude / 448)."""
+        rows = self.shape[0]
+        bf16 = dataclasses.replace(self, dtype=torch.bfloat16)
+        return quantize_weight(bf16.dequantize(kernel).reshape(rows, -1), WEIGHT_FORMAT)[1]
+
     def dequantize_fp8(self, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight [out, in] dequantized (to ``dtype``) and then quantized per row to e4m3 as kernels/fp8.py's
-        quantize_weight does: (e4m3 codes [out, in], float32 scales [out]). With ``kernel``, on a GPU, for a bf16
-        weight whose rows are whole blocks, one Triton kernel does both (``dequantize_fp8_kernel``: the same values,
-        bit for bit), so the bf16 weight is never written."""
+        quantize_weight does: (e4m3 codes [out, in], float32 scales [out]); a bf16 weight's scales are
+        ``fp8_scale`` where kept. With ``kernel``, on a GPU, for a bf16 weight whose rows are whole blocks, one
+        Triton kernel makes the codes (``dequantize_fp8_kernel``: the same values, bit for bit), so the bf16 weight
+        is never written."""
         rows, cols = self.shape[0], math.prod(self.shape[1:])
-        if (kernel and self.packed.is_cuda and self.dtype == torch.bfloat16 and cols % self.block == 0
-                and _tiled(self.block) and _DEQUANTIZE_FP8 is not None):
-            return _DEQUANTIZE_FP8(*self.kernel_args(), self.block, self.nested_block, rows)
-        return quantize_weight(self.dequantize(kernel).reshape(rows, cols), WEIGHT_FORMAT)
+        bf16 = self.dtype == torch.bfloat16
+        scale = self.fp8_scale if bf16 and self.fp8_scale is not None else None
+        if (kernel and self.packed.is_cuda and bf16 and cols % self.block == 0 and _tiled(self.block)
+                and _DEQUANTIZE_FP8 is not None):
+            scale = self.fp8_row_scales(kernel) if scale is None else scale
+            return _DEQUANTIZE_FP8(*self.kernel_args(), self.block, self.nested_block, scale).view(rows, cols), scale
+        weight = self.dequantize(kernel).reshape(rows, cols)
+        if scale is None:
+            return quantize_weight(weight, WEIGHT_FORMAT)
+        return with_scales(weight, scale[:, None], WEIGHT_FORMAT), scale
 
     def kernel_args(self) -> tuple:
         """(packed codes flat, absmax, nested absmax, nested code table, offset as a 0-d float32 tensor, levels) on
@@ -181,11 +199,9 @@ def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor
     return values.reshape(-1)[:codes.numel()].to(dtype)
 
 
-DEQUANTIZE_BYTES = 2048
-"""Packed bytes (2 x this many weights) a program of the dequantization kernel handles."""
-FP8_ROW_CHUNK = 1024
-"""Packed bytes of a row the NF4 -> e4m3 kernel reads at a time."""
-DEQUANTIZE_WARPS = FP8_ROW_WARPS = 4
+DEQUANTIZE_BYTES = FP8_BYTES = 2048
+"""Packed bytes (2 x this many weights) a program of each kernel handles (NF4 -> bf16, NF4 -> e4m3)."""
+DEQUANTIZE_WARPS = FP8_WARPS = 4
 """Warps a program of each kernel."""
 
 
@@ -239,18 +255,17 @@ def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested
 
 def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
                           nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor,
-                          block: int, nested_block: int, out: torch.Tensor, scale: torch.Tensor,
-                          chunk: int | None = None, num_warps: int | None = None):
-    """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows], each row whole blocks) and ``scale`` (float32 [rows])
-    with the weights of ``packed`` (as launch_dequantize), dequantized to bf16 and quantized per row; ``chunk``:
-    the bytes of a row read at a time, a power of two (default FP8_ROW_CHUNK); ``num_warps`` (default
-    FP8_ROW_WARPS)."""
-    rows = scale.numel()
-    kernel[(rows,)](
-        packed_ptr=packed, levels_ptr=levels, out_ptr=out.view(torch.int16), scale_ptr=scale,
-        row_bytes=packed.numel() // rows, inverse_max=inverse_max(out.dtype), BLOCK_BYTES=block // 2,
-        NESTED_BLOCK=nested_block, CHUNK=max(chunk or FP8_ROW_CHUNK, block // 2), FP8_MAX=fp8_max(out.dtype),
-        num_warps=num_warps or FP8_ROW_WARPS, enable_fp_fusion=False,
+                          block: int, nested_block: int, scale: torch.Tensor, out: torch.Tensor,
+                          bytes_per_program: int | None = None, num_warps: int | None = None):
+    """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows], each row whole blocks) with the weights of ``packed``
+    (as launch_dequantize), dequantized to bf16 and coded per row with the float32 row scales ``scale`` [rows];
+    ``bytes_per_program`` (default FP8_BYTES) and ``num_warps`` (default FP8_WARPS) as launch_dequantize's."""
+    nbytes = packed.numel()
+    per = max(bytes_per_program or FP8_BYTES, block // 2)
+    kernel[(-(-nbytes // per),)](
+        packed_ptr=packed, levels_ptr=levels, scale_ptr=scale, out_ptr=out.view(torch.int16), nbytes=nbytes,
+        row_bytes=nbytes // scale.numel(), BYTES=per, BLOCK_BYTES=block // 2, NESTED_BLOCK=nested_block,
+        FP8_MAX=fp8_max(out.dtype), num_warps=num_warps or FP8_WARPS, enable_fp_fusion=False,
         **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
 
 
@@ -298,23 +313,21 @@ def _define_dequantize_fp8():
     @torch.library.custom_op("lorabench::nf4_dequantize_fp8", mutates_args=())
     def op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
            nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor, block: int,
-           nested_block: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+           nested_block: int, scale: torch.Tensor) -> torch.Tensor:
         kernel = _triton_kernel("dequantize_fp8_kernel")
         if kernel is None:
             weight = _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block,
                             torch.bfloat16).dequantize()
-            return quantize_weight(weight.view(rows, -1), WEIGHT_FORMAT)
-        out = torch.empty(rows, 2 * packed.numel() // rows, dtype=WEIGHT_FORMAT, device=packed.device)
-        scale = torch.empty(rows, dtype=torch.float32, device=packed.device)
+            return with_scales(weight.view(scale.numel(), -1), scale[:, None], WEIGHT_FORMAT).view(-1)
+        out = torch.empty(2 * packed.numel(), dtype=WEIGHT_FORMAT, device=packed.device)
         with torch.cuda.device(packed.device):
             launch_dequantize_fp8(kernel, packed, absmax, nested_absmax, nested_code, offset, levels, block,
-                                  nested_block, out, scale)
-        return out, scale
+                                  nested_block, scale, out)
+        return out
 
     @op.register_fake
-    def _(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, rows):
-        return (torch.empty(rows, 2 * packed.numel() // rows, dtype=WEIGHT_FORMAT, device=packed.device),
-                torch.empty(rows, dtype=torch.float32, device=packed.device))
+    def _(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, scale):
+        return torch.empty(2 * packed.numel(), dtype=WEIGHT_FORMAT, device=packed.device)
 
     return op
 
@@ -362,13 +375,15 @@ class _Nf4Linear(torch.autograd.Function):
     weight is frozen: no gradient for it. Its tensors come as separate arguments (an offset as a 0-d tensor), so
     that a compiled block traces one graph for every layer. With FP8 products (``meta``'s last field, the input
     gradient's FP8 format) the dequantized weight is quantized per row to e4m3 as --precision fp8 quantizes a
-    bf16 weight, and both products are kernels/fp8.py's."""
+    bf16 weight (its row scales ``fp8_scale``, kept from loading, or computed here where None), and both products
+    are kernels/fp8.py's."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, levels, nested_absmax, nested_code, offset, meta):
+    def forward(ctx, x, packed, absmax, levels, nested_absmax, nested_code, offset, fp8_scale, meta):
         ctx.meta = meta
-        ctx.save_for_backward(packed, absmax, levels, nested_absmax, nested_code, offset)
-        q, kernel, fp8_grad = _stored(packed, absmax, levels, nested_absmax, nested_code, offset, meta, x.dtype)
+        ctx.save_for_backward(packed, absmax, levels, nested_absmax, nested_code, offset, fp8_scale)
+        q, kernel, fp8_grad = _stored(packed, absmax, levels, nested_absmax, nested_code, offset, fp8_scale, meta,
+                                      x.dtype)
         if fp8_grad is None:
             return torch.nn.functional.linear(x, q.dequantize(kernel))
         return fp8_product(x.reshape(-1, x.shape[-1]), *q.dequantize_fp8(kernel)).view(*x.shape[:-1], q.shape[0])
@@ -381,13 +396,14 @@ class _Nf4Linear(torch.autograd.Function):
         else:
             gx = fp8_input_grad(grad.reshape(-1, grad.shape[-1]), *q.dequantize_fp8(kernel), fp8_grad)
             gx = gx.view(*grad.shape[:-1], q.shape[1])
-        return gx, None, None, None, None, None, None, None
+        return gx, None, None, None, None, None, None, None, None
 
 
-def _stored(packed, absmax, levels, nested_absmax, nested_code, offset, meta, dtype):
+def _stored(packed, absmax, levels, nested_absmax, nested_code, offset, fp8_scale, meta, dtype):
     """(the NF4Tensor of the arguments, whether to dequantize by kernel, the FP8 gradient format or None)."""
     shape, block, nested_block, kernel, fp8_grad = meta
-    q = NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset, nested_block)
+    q = NF4Tensor(packed, absmax, shape, dtype, block, levels, nested_absmax, nested_code, offset, nested_block,
+                  fp8_scale)
     return q, kernel, fp8_grad
 
 
@@ -399,4 +415,4 @@ def nf4_linear(x: torch.Tensor, q: NF4Tensor, kernel: bool = False,
     the input gradient quantized to that format (kernels/fp8.py; --precision nf4-fp8)."""
     offset = q.offset if isinstance(q.offset, torch.Tensor) else torch.tensor(q.offset, device=q.packed.device)
     return _Nf4Linear.apply(x, q.packed, q.absmax, q.levels.to(q.packed.device), q.nested_absmax, q.nested_code,
-                            offset, (tuple(q.shape), q.block, q.nested_block, kernel, fp8_grad))
+                            offset, q.fp8_scale, (tuple(q.shape), q.block, q.nested_block, kernel, fp8_grad))

@@ -2,7 +2,7 @@
 NF4 weight is first dequantized on a GPU, so importing lorabench does not import Triton.
 
 Both work on tiles of whole absmax blocks (one absmax read and decoded a block, broadcast along it), read each packed
-byte once a pass and write each byte's two outputs as one word (two bf16 or fp16 weights in 32 bits, two float32 in
+byte once and write each byte's two outputs as one word (two bf16 or fp16 weights in 32 bits, two float32 in
 64, two e4m3 codes in 16), so every store is a wide, contiguous one; a double-quantized block absmax is decoded in
 the kernel (its code's value x its group's float32 absmax + offset), not by separate PyTorch ops in front of it.
 They are launched with floating-point contraction off: the decode multiplies then adds, rounding after each, as
@@ -115,29 +115,18 @@ def _e4m3_code(v, scale, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def dequantize_fp8_kernel(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, out_ptr, scale_ptr,
-                          row_bytes, inverse_max, BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr,
-                          NESTED_BLOCK: tl.constexpr, CHUNK: tl.constexpr, FP8_MAX: tl.constexpr):
-    """One row a program (a row is whole absmax blocks): its weights dequantized and rounded to bf16 (as the bf16
-    kernel above makes them), then quantized to e4m3 with the row's scale (its absolute maximum times
-    ``inverse_max``, a float32 1 / FP8_MAX; 1 for a row of zeros), as kernels/fp8.py's quantize_rows does to a bf16
-    weight: two passes over the row's packed bytes, CHUNK at a time (the first for its maximum), one write of its
-    e4m3 codes (two a 16-bit word of ``out_ptr``) and of its float32 scale."""
-    row = tl.program_id(0).to(tl.int64)
-    limit = (row + 1) * row_bytes
-    first_block = row * (row_bytes // BLOCK_BYTES)
-    tile = tl.arange(0, CHUNK // BLOCK_BYTES)
-    top = tl.zeros([CHUNK // BLOCK_BYTES, BLOCK_BYTES], dtype=tl.float32)
-    for start in range(0, row_bytes // BLOCK_BYTES, CHUNK // BLOCK_BYTES):
-        _, _, first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr,
-                                           first_block + start + tile, limit, BLOCK_BYTES, NESTED, NESTED_BLOCK)
-        top = tl.maximum(top, tl.maximum(tl.abs(_bf16_round(first)), tl.abs(_bf16_round(second))))
-    amax = tl.max(tl.max(top, axis=1), axis=0)
-    scale = tl.where(amax > 0, amax * inverse_max, 1.0)
-    tl.store(scale_ptr + row, scale)
-    for start in range(0, row_bytes // BLOCK_BYTES, CHUNK // BLOCK_BYTES):
-        byte, inside, first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr,
-                                                   levels_ptr, first_block + start + tile, limit, BLOCK_BYTES,
-                                                   NESTED, NESTED_BLOCK)
-        word = _e4m3_code(_bf16_round(first), scale, FP8_MAX) | (_e4m3_code(_bf16_round(second), scale, FP8_MAX) << 8)
-        tl.store(out_ptr + byte, word.to(out_ptr.dtype.element_ty, bitcast=True), mask=inside)
+def dequantize_fp8_kernel(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr, scale_ptr, out_ptr,
+                          nbytes, row_bytes, BYTES: tl.constexpr, BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr,
+                          NESTED_BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
+    """BYTES packed bytes a program (whole blocks, a row being whole blocks of ``row_bytes`` / BLOCK_BYTES): each
+    byte's two weights dequantized and rounded to bf16 (as the bf16 kernel above makes them), divided by their row's
+    float32 scale (``scale_ptr``, one a row, read once a block) and coded in e4m3, the two codes stored as one
+    16-bit word of ``out_ptr``: as kernels/fp8.py's quantize_rows codes a bf16 weight whose row scales are
+    given. One pass: the scales of a frozen weight are computed once, where it is loaded."""
+    blocks = tl.program_id(0).to(tl.int64) * (BYTES // BLOCK_BYTES) + tl.arange(0, BYTES // BLOCK_BYTES)
+    byte, inside, first, second = _pair_values(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_ptr, levels_ptr,
+                                               blocks, nbytes, BLOCK_BYTES, NESTED, NESTED_BLOCK)
+    start = blocks * BLOCK_BYTES
+    scale = tl.load(scale_ptr + start // row_bytes, mask=start < nbytes, other=1.0)[:, None]
+    word = _e4m3_code(_bf16_round(first), scale, FP8_MAX) | (_e4m3_code(_bf16_round(second), scale, FP8_MAX) << 8)
+    tl.store(out_ptr + byte, word.to(out_ptr.dtype.element_ty, bitcast=True), mask=inside)

@@ -234,3 +234,16 @@ def test_memory_budget_is_a_fraction_of_the_card_and_changes_no_number(monkeypat
         with pytest.raises(ConfigError, match="--memory-budget-gib"):
             TrainConfig(memory_budget_gib=bad)
     assert "memory_budget_gib" in NOT_IN_FIX_HP and "memory_budget_gib" in RESUME_MAY_DIFFER["train"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_cpu_without_bf16_instructions_is_named_before_a_bf16_run(native, monkeypatch, capsys):
+    """bf16 products on a CPU without native bf16 matrix instructions run tens of times slower than fp32 (oneDNN's
+    fallback): resolve says so, with the faster choice; on a CPU that has them, and for fp32 runs, it says
+    nothing."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    resolve(replace(tiny_job(), train=replace(tiny_job().train, precision="bf16")))
+    said = capsys.readouterr().err
+    assert ("no native bf16 matrix instructions" in said and "--precision fp32" in said) != native
+    resolve(tiny_job())
+    assert "matrix instructions" not in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from .config import MODEL_PRESETS, ConfigError, LoRAConfig, ModelConfig, TrainCo
 from .engines import (Engine, NativeOptions, build_engine, check_native_flags, checkpointing_policy,
                       precision_problem, spec)
 from .mmlu.evaluate import MmluOptions
-from .precision import PRECISIONS, Precision, get_precision
+from .precision import PRECISIONS, Precision, get_precision, slow_on_cpu
 from .files import write_json_atomic
 from .measure import measure
 from .outputs import best_adapter_writer, claim_output, write
@@ -187,6 +188,9 @@ def resolve(job: Job) -> Plan:
     why = precision_problem(job.engine, precision)
     if why:
         raise ConfigError(why)
+    slow = slow_on_cpu(precision, device)
+    if slow and rank == 0:
+        print(f"lorabench: {slow}", file=sys.stderr)
     check_native_flags(job.engine, job.native)
     train = replace(job.train, precision=precision.name)
     cfg = model_config(job)

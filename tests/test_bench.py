@@ -312,6 +312,25 @@ def test_an_out_of_memory_row_is_a_row_result(tmp_path, monkeypatch):
     assert "| out of memory |" in B.table(rows)
 
 
+def test_a_failed_row_names_the_exception_and_keeps_the_whole_log(tmp_path, monkeypatch):
+    """A run that dies with a traceback whose message spans several lines: the row's error is the exception's
+    line (not the advice the message ends with), and the whole stderr is kept beside the row."""
+    import subprocess
+
+    from lorabench.bench import bench as B
+
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+              "torch.utils.checkpoint.CheckpointError: torch.utils.checkpoint: Recomputed values for the following "
+              "tensors have different metadata than during the forward pass.\ntensor at position 12:\n"
+              "saved metadata: {'shape': torch.Size([8])}\n\nTo narrow down, enable checkpoint-debug mode globally.\n")
+    monkeypatch.setattr(B.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
+    row = B.run_row("native", "qlora", "tiny", 3, 1, "cpu", tmp_path / "r", [], 60)
+    assert row["error"].startswith("torch.utils.checkpoint.CheckpointError: torch.utils.checkpoint: Recomputed")
+    assert (tmp_path / "r" / "stderr.log").read_text() == stderr and row["log"] == str(tmp_path / "r" / "stderr.log")
+    assert B.failure_line(["x", "lorabench: error: --model-dir d: no such folder", "y"]).endswith("no such folder")
+    assert B.failure_line(["just this"]) == "just this"
+
+
 @pytest.mark.slow
 def test_rows_of_several_processes_run_under_torchrun(tmp_path, monkeypatch):
     """bench --nproc 2 --shard fsdp: each row is one torchrun job of two processes with the row's --shard."""

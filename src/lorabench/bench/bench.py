@@ -14,6 +14,7 @@ one round.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,20 @@ import torch
 from ..engines.registry import BASELINE, OURS, spec
 from ..files import write_json_atomic, write_text_atomic
 from ..report import markdown_table
+
+
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b[^:]*:")
+"""A traceback's last line names the exception: ``module.SomeError: its message``."""
+
+
+def failure_line(lines: list[str]) -> str:
+    """The line that says why a run failed: its own ``lorabench: error:`` line, else the exception line that ends
+    a traceback (a message of several lines ends with its advice, not with the error), else the last line."""
+    for ln in reversed(lines):
+        if ln.startswith("lorabench: error:"):
+            return ln
+    raised = [ln for ln in lines if _RAISED.match(ln)]
+    return raised[-1] if raised else lines[-1]
 
 
 def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, device: str, row_dir: Path,
@@ -47,10 +62,14 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
     row["wall_s"] = time.perf_counter() - t0
     result_path = row_dir / "result.json"
     if proc.returncode != 0 or not result_path.is_file():
-        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        text = proc.stderr or proc.stdout or ""
+        row_dir.mkdir(parents=True, exist_ok=True)
+        (row_dir / "stderr.log").write_text(text)  # the whole of it; the table keeps one line
+        row["log"] = str(row_dir / "stderr.log")
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         if proc.returncode == 4:  # the run's out-of-memory message: a result of this row, the others go on
             return {**row, "error": "out of memory", "oom": lines[-1] if lines else ""}
-        return {**row, "error": lines[-1][:300] if lines else f"exit code {proc.returncode}"}
+        return {**row, "error": failure_line(lines)[:300] if lines else f"exit code {proc.returncode}"}
     r = json.loads(result_path.read_text())
     m = r["metrics"]
     keep = ("tokens_per_s_per_chip", "tokens_per_s_per_chip_median", "mfu", "mfu_flagperf", "flops_per_token",

@@ -329,6 +329,9 @@ def test_a_failed_row_names_the_exception_and_keeps_the_whole_log(tmp_path, monk
     assert (tmp_path / "r" / "stderr.log").read_text() == stderr and row["log"] == str(tmp_path / "r" / "stderr.log")
     assert B.failure_line(["x", "lorabench: error: --model-dir d: no such folder", "y"]).endswith("no such folder")
     assert B.failure_line(["just this"]) == "just this"
+    torchrun = ["[rank0]: Traceback (most recent call last):", "[rank0]: RuntimeError: NCCL timed out", "",
+                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: "]
+    assert B.failure_line(torchrun) == "RuntimeError: NCCL timed out"
 
 
 @pytest.mark.slow

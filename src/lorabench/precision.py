@@ -96,10 +96,9 @@ def get_precision(name: str) -> Precision:
 
 
 def slow_on_cpu(precision: Precision, device: torch.device) -> str | None:
-    """Why ``precision`` will run slowly on ``device``, or None: a CPU without native bf16/fp16 matrix
-    instructions (AVX512-BF16, AVX512-FP16 or AMX; oneDNN reports which it has) computes such products through a
-    fallback tens of times slower than its fp32 ones (an AVX2 EPYC, 2026-12-07: 1.2 GFLOP/s in bf16 against 37 in
-    fp32 at [512, 576] x [576, 1536])."""
+    """Why ``precision`` will run slowly on ``device``, or None: on a CPU where oneDNN reports no native bf16
+    (fp16) support, PyTorch computes bf16 (fp16) matrix products through a fallback tens of times slower than its
+    fp32 ones (an AVX2 EPYC, 2026-12-07: 1.2 GFLOP/s in bf16 against 37 in fp32 at [512, 576] x [576, 1536])."""
     if device.type != "cpu" or precision.dtype not in (torch.bfloat16, torch.float16):
         return None
     probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
@@ -111,8 +110,8 @@ def slow_on_cpu(precision: Precision, device: torch.device) -> str | None:
         return None
     kind = "bf16" if precision.dtype == torch.bfloat16 else "fp16"
     return (f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native {kind} matrix instructions, "
-            f"so --precision {precision.name}'s products run tens of times slower than fp32's here; --precision "
-            "fp32 is the fast choice on it")
+            f"so --precision {precision.name}'s {kind} products run tens of times slower than fp32's here; "
+            "--precision fp32 is the fast choice on it")
 
 
 def default_eval_precision(device: torch.device) -> str:

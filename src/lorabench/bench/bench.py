@@ -28,17 +28,21 @@ from ..files import write_json_atomic, write_text_atomic
 from ..report import markdown_table
 
 
-_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b[^:]*:")
-"""A traceback's last line names the exception: ``module.SomeError: its message``."""
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:|$)")
+"""A traceback's last line names the exception: ``module.SomeError: its message`` (or the bare name)."""
+_RANK = re.compile(r"^\[rank\d+\]:\s*")
+"""torchrun's prefix on a worker's lines."""
 
 
 def failure_line(lines: list[str]) -> str:
     """The line that says why a run failed: its own ``lorabench: error:`` line, else the exception line that ends
-    a traceback (a message of several lines ends with its advice, not with the error), else the last line."""
-    for ln in reversed(lines):
+    a traceback (a message of several lines ends with its advice, not with the error), a worker's rather than
+    torchrun's own ChildFailedError, else the last line."""
+    bare = [_RANK.sub("", ln) for ln in lines]
+    for ln in reversed(bare):
         if ln.startswith("lorabench: error:"):
             return ln
-    raised = [ln for ln in lines if _RAISED.match(ln)]
+    raised = [ln for ln in bare if _RAISED.match(ln) and "ChildFailedError" not in ln]
     return raised[-1] if raised else lines[-1]
 
 
@@ -64,7 +68,7 @@ def run_row(engine: str, preset: str, model: str, steps: int, warmup: int, devic
     if proc.returncode != 0 or not result_path.is_file():
         text = proc.stderr or proc.stdout or ""
         row_dir.mkdir(parents=True, exist_ok=True)
-        (row_dir / "stderr.log").write_text(text)  # the whole of it; the table keeps one line
+        (row_dir / "stderr.log").write_text(proc.stderr or "")  # the whole of it; the table keeps one line
         row["log"] = str(row_dir / "stderr.log")
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         if proc.returncode == 4:  # the run's out-of-memory message: a result of this row, the others go on

@@ -54,8 +54,8 @@ def cast_fp8(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def inverse_max(dtype: torch.dtype) -> float:
     """1 / the format's largest value, as the float32 multiplier a scale is made with (``amax * inverse_max``).
     A multiply, not ``amax / max``: PyTorch's CUDA kernels divide a tensor by a Python number as a multiply by its
-    float32 reciprocal while its CPU kernels divide, so only the multiply gives the same scales on every device
-    (and in kernels/nf4_triton.py, which must match them bit for bit). Off by at most an ulp from the quotient."""
+    float32 reciprocal while its CPU kernels divide, so only the multiply gives the same scales on every device.
+    Off by at most an ulp from the quotient."""
     return 1.0 / fp8_max(dtype)
 
 

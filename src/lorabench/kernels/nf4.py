@@ -149,7 +149,7 @@ class NF4Tensor:
         quantize_weight does: (e4m3 codes [out, in], float32 scales [out]); a bf16 weight's scales are
         ``fp8_scale`` where kept. With ``kernel``, on a GPU, for a bf16 weight whose rows are whole blocks, one
         Triton kernel makes the codes (``dequantize_fp8_kernel``: the same values, bit for bit), so the bf16 weight
-        is never written."""
+        is not written (only where no scales were kept are they made first, from the bf16 weight)."""
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         bf16 = self.dtype == torch.bfloat16
         scale = self.fp8_scale if bf16 and self.fp8_scale is not None else None

@@ -19,7 +19,7 @@ def _block_absmax(absmax_ptr, nested_ptr, code_ptr, offset_ptr, block, inside, N
                   NESTED_BLOCK: tl.constexpr):
     """The float32 absmax of each block index ``block``: stored as is, or (NESTED) the nested code table's value of
     its 8-bit code times its group's float32 absmax, plus the offset, rounded after the product and after the sum;
-    0 outside (where ``inside`` is false), so masked lanes add nothing to a row's maximum."""
+    0 outside (where ``inside`` is false)."""
     if NESTED:
         code = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
         value = tl.load(code_ptr + code) * tl.load(nested_ptr + block // NESTED_BLOCK, mask=inside, other=0.0)

@@ -75,7 +75,7 @@ def set_nf4(module: nn.Module, q: NF4Tensor):
         module.weight_offset = torch.zeros((), device=dev)
     module.nf4_block = (q.block, q.nested_block)
     if getattr(module, "nf4_fp8_grad", None) is not None:  # FP8 products: the e4m3 row scales, once (frozen)
-        module.weight_fp8_scale = nf4_weight(module).fp8_row_scales(getattr(module, "nf4_dequant", "") == "triton")
+        module.weight_fp8_scale = nf4_weight(module).fp8_row_scales(_by_kernel(module))
 
 
 def nf4_weight(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> NF4Tensor:
@@ -95,8 +95,12 @@ Triton kernel on a GPU (kernels/nf4_triton.py). A module's ``nf4_dequant`` says 
 def nf4_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x W^T over ``module``'s NF4 weight, in x's dtype (its bias, if any, not added); as FP8 GEMMs where the
     module's ``nf4_fp8_grad`` names the input gradient's FP8 format (--precision nf4-fp8)."""
-    return nf4_linear(x, nf4_weight(module, x.dtype), getattr(module, "nf4_dequant", "torch") == "triton",
-                      getattr(module, "nf4_fp8_grad", None))
+    return nf4_linear(x, nf4_weight(module, x.dtype), _by_kernel(module), getattr(module, "nf4_fp8_grad", None))
+
+
+def _by_kernel(module: nn.Module) -> bool:
+    """Whether ``module`` dequantizes its NF4 weight by the Triton kernel (its ``nf4_dequant``, NF4_DEQUANT)."""
+    return getattr(module, "nf4_dequant", "torch") == "triton"
 
 
 class Fp8Linear(nn.Module):

@@ -62,8 +62,14 @@ def inverse_max(dtype: torch.dtype) -> float:
 def _scaled(xf: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
     """(float32 ``xf`` / scale cast to ``dtype``, scale) with scale = ``amax`` / the format's max
     (``inverse_max``), 1 where amax is 0 (never a division by zero); the cast saturates (``cast_fp8``)."""
-    scale = torch.where(amax > 0, amax * inverse_max(dtype), torch.ones_like(amax))
+    scale = scale_of(amax, dtype)
     return with_scales(xf, scale, dtype), scale
+
+
+def scale_of(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 scale that puts ``amax`` on the format's largest value (``amax * inverse_max``), 1 where amax
+    is 0."""
+    return torch.where(amax > 0, amax * inverse_max(dtype), torch.ones_like(amax))
 
 
 def with_scales(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -29,7 +29,7 @@ from statistics import NormalDist
 
 import torch
 
-from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, quantize_weight, with_scales
+from .fp8 import WEIGHT_FORMAT, fp8_input_grad, fp8_max, fp8_product, quantize_weight, scale_of, with_scales
 
 BLOCK = 64
 """Elements per absmax block (QLoRA's and bitsandbytes' default)."""
@@ -139,10 +139,9 @@ class NF4Tensor:
 
     def fp8_row_scales(self, kernel: bool = False) -> torch.Tensor:
         """float32 [rows]: the scales kernels/fp8.py's quantize_weight gives the weight dequantized to bf16, one a
-        row (its largest magnitude / 448)."""
-        rows = self.shape[0]
-        bf16 = dataclasses.replace(self, dtype=torch.bfloat16)
-        return quantize_weight(bf16.dequantize(kernel).reshape(rows, -1), WEIGHT_FORMAT)[1]
+        row (its largest magnitude / 448; the scales alone, no codes made)."""
+        weight = dataclasses.replace(self, dtype=torch.bfloat16).dequantize(kernel).reshape(self.shape[0], -1)
+        return scale_of(weight.abs().amax(dim=1).float(), WEIGHT_FORMAT)  # (a bf16 maximum is exact in float32)
 
     def dequantize_fp8(self, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight [out, in] dequantized (to ``dtype``) and then quantized per row to e4m3 as kernels/fp8.py's
@@ -152,7 +151,7 @@ class NF4Tensor:
         is not written (only where no scales were kept are they made first, from the bf16 weight)."""
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         bf16 = self.dtype == torch.bfloat16
-        scale = self.fp8_scale if bf16 and self.fp8_scale is not None else None
+        scale = self.fp8_scale if bf16 else None
         if (kernel and self.packed.is_cuda and bf16 and cols % self.block == 0 and _tiled(self.block)
                 and _DEQUANTIZE_FP8 is not None):
             scale = self.fp8_row_scales(kernel) if scale is None else scale

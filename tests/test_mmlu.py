@@ -323,6 +323,20 @@ def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention):
     read = [[json.loads(x)["logprobs"] for x in (tmp_path / d / "mmlu_predictions.jsonl").read_text().splitlines()]
             for d in ("eager", "compiled")]
     assert_logprobs_close(torch.tensor(read[1]), torch.tensor(read[0]))
+    # FlagPerf's protocol takes the same option: its compiled predictions are its eager ones
+    from lorabench.mmlu.flagperf import evaluate_flagperf
+
+    subjects = load_mmlu(TINY_MMLU)
+    calls = []
+    eng.model.eval_layers = tuple((lambda f: lambda *a: calls.append(1) or f(*a))(f) for f in eng.model.eval_layers)
+    runs = {}
+    for graph in (False, True):
+        calls.clear()
+        evaluate_flagperf(eng, TINY_MODEL, subjects, 5, 512, CPU, tmp_path / f"fp{graph}", batch_size=3,
+                          compiled_graph=graph, prefix_attention=prefix_attention)
+        runs[graph] = (tmp_path / f"fp{graph}" / "mmlu_flagperf_predictions.jsonl").read_text()
+        assert bool(calls) == graph
+    assert runs[True] == runs[False]
 
 
 def test_length_batches_by_count_tokens_and_padding():

@@ -217,7 +217,8 @@ def evaluate_protocols(engine, model_dir, opts: MmluOptions, device, out_dir: Pa
                                                 reqs=prepared.result() if prepared else None,
                                                 prefix_cache=opts.prefix_cache,
                                                 prefix_attention=opts.prefix_attention,
-                                                kv_tokens=opts.kv_tokens or None)
+                                                kv_tokens=opts.kv_tokens or None,
+                                                compiled_graph=opts.compiled_graph)
             out["flagperf"]["eval_s"] = time.perf_counter() - t0  # (its prompts' making overlapped on a GPU)
     finally:
         if pool is not None:

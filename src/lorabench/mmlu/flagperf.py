@@ -152,16 +152,17 @@ def flagperf_requests(model_dir, subjects: list[Subject], shots: int, seq_len: i
 
 def evaluate_flagperf(engine, model_dir, subjects: list[Subject], shots: int, seq_len: int, device,
                       out_dir: Path | None, batch_size: int, batch_tokens: int | None = None,
-                      reqs: list[FlagperfRequest] | None = None, **prefix) -> dict:
+                      reqs: list[FlagperfRequest] | None = None, compiled_graph: bool = False, **prefix) -> dict:
     """MMLU by FlagPerf's rules over ``subjects``; writes mmlu_flagperf.json and mmlu_flagperf_predictions.jsonl
     (subject, index, pred_token_id, gold_token_id, correct, shots per question) to ``out_dir``. ``reqs``: the
-    questions' requests where already made (flagperf_requests); ``prefix``: predict's prefix_cache,
+    questions' requests where already made (flagperf_requests); ``compiled_graph``: score with the engine's
+    compiled evaluation graph where it has one (MmluOptions.compiled_graph); ``prefix``: predict's prefix_cache,
     prefix_attention and kv_tokens."""
     tok = Tokenizer(model_dir)
     gold_ids = letter_ids(tok)
     if reqs is None:
         reqs = flagperf_requests(model_dir, subjects, shots, seq_len)
-    with engine.evaluating(compiled=False):
+    with engine.evaluating(compiled_graph):
         preds = predict(engine, reqs, device, batch_size, batch_tokens, **prefix)
     correct = [int(p == gold_ids[r.q.gold]) for r, p in zip(reqs, preds)]
     summary = summarize(reqs, correct, shots, seq_len)

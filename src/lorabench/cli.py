@@ -201,8 +201,8 @@ def _add_mmlu_flags(p: argparse.ArgumentParser, in_run: bool):
         g.add_argument("--seq-len", type=int, default=512, help="FlagPerf's length rule: the prompt and BOS within "
                        "this many tokens (default 512, the case's)")
     g.add_argument("--mmlu-compiled-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="score with the compiled evaluation graph when the blocks are compiled (default: from "
-                   "6,000 questions, where compiling pays)")
+                   help="score with the compiled evaluation graph when the blocks are compiled, in either protocol "
+                   "(default: from 6,000 questions, where compiling pays)")
 
 
 def mmlu_options(a, mmlu_dir: str, default_protocol: str = "lm-eval"):

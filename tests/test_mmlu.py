@@ -339,6 +339,15 @@ def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention):
     assert runs[True] == runs[False]
 
 
+def test_gpu_defaults_for_all_of_mmlu():
+    """All 14,042 questions on a GPU: batches capped by count and tokens, tokenising in workers, and the blocks run
+    eagerly unless asked (the compiled graph scored no faster at that size, and compiling costs ~25 s)."""
+    opts = MmluOptions(str(TINY_MMLU)).resolve(True, 14042, 100_000)
+    assert (opts.batch_size, opts.batch_tokens, opts.kv_tokens) == (256, 16384, 100_000)
+    assert opts.tokenize_workers >= 1 and opts.compiled_graph is False
+    assert MmluOptions(str(TINY_MMLU), compiled_graph=True).resolve(True, 14042, 100_000).compiled_graph is True
+
+
 def test_length_batches_by_count_tokens_and_padding():
     lengths = [5, 1, 3, 3, 9, 2, 40]
     # count only: ascending runs of two

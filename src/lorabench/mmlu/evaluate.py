@@ -1,10 +1,10 @@
 """MMLU k-shot evaluation as lm-evaluation-harness scores it (its mmlu task; hendrycks/test): the typed options, the
 whole evaluation loop and its outputs (mmlu.json, mmlu.md, mmlu_predictions.jsonl).
 
-The questions and prompts come from data.py, the scores from scoring.py. Speed: on a GPU the blocks run compiled
-(one shape-generic graph, from COMPILED_EVAL_MIN questions, as compiling costs seconds), worker processes tokenise
-the next subjects while the GPU scores, and the host queues each subject's batches before it reads the previous
-subject's scores back, so the device does not wait for the host between subjects.
+The questions and prompts come from data.py, the scores from scoring.py. Speed: worker processes tokenise the next
+subjects while the GPU scores, and the host queues each subject's batches before it reads the previous subject's
+scores back, so the device does not wait for the host between subjects; the blocks run eagerly unless
+``compiled_graph`` asks for the compiled one (one shape-generic graph).
 """
 from __future__ import annotations
 
@@ -35,10 +35,6 @@ KV_COPY_BYTES = 2 << 30
 Llama-2-7B in bf16): at most ~3 GB transient, whatever the prefix length."""
 BACKGROUND_TOKENIZE_MIN = 2000
 """Questions from which tokenising runs in worker processes, overlapped with scoring."""
-COMPILED_EVAL_MIN = 6000
-"""Questions from which evaluation runs the compiled graph (when the engine has one): compiling costs seconds once
-and saves a share of every question's time, so it pays from a few thousand questions on (benchmarks/NOTES.md
-item 18)."""
 TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 """Tokenising workers: four keep up with a fast GPU where the host has the cores (benchmarks/NOTES.md item 18)."""
 
@@ -75,8 +71,9 @@ class MmluOptions:
     """Worker processes that tokenise while the device scores (None: TOKENIZE_WORKERS from
     BACKGROUND_TOKENIZE_MIN questions, else 0 = tokenise inline)."""
     compiled_graph: bool | None = None
-    """Score with the compiled blocks' evaluation graph where the engine has one (None: from COMPILED_EVAL_MIN
-    questions)."""
+    """Score with the compiled blocks' evaluation graph where the engine has one (None: no). Off by default: all of
+    MMLU on an H100 scored as fast eagerly as through the graph (FlagPerf's protocol, 68.8 and 68.5 s), which costs
+    ~25 s to compile cold (benchmarks/NOTES.md items 98, 100)."""
     protocol: str = "lm-eval"
     """How questions are asked and scored: lm-eval (lm-evaluation-harness: the four letters' log-likelihoods),
     flagperf (FlagPerf's prompt, length rule and whole-vocabulary argmax: flagperf.py) or both."""
@@ -117,7 +114,7 @@ class MmluOptions:
                        kv_tokens=cap(self.kv_tokens, kv_tokens if gpu else 0),
                        tokenize_workers=cap(self.tokenize_workers,
                                             TOKENIZE_WORKERS if questions >= BACKGROUND_TOKENIZE_MIN else 0),
-                       compiled_graph=cap(self.compiled_graph, questions >= COMPILED_EVAL_MIN))
+                       compiled_graph=cap(self.compiled_graph, False))
 
 
 def check_mmlu_options(opts: MmluOptions, model_dir) -> list[Subject]:

@@ -90,31 +90,15 @@ def main():
 
 def step(variant: str, op, nf4, batch: int = 16, seq: int = 512):
     from lorabench.config import MODEL_PRESETS, LoRAConfig
-    from lorabench.data.synthetic import synthetic_chunks
     from lorabench.engines import NativeOptions, build_engine
+    from profile_step import timed_steps
 
     if variant == "triton_op":
         nf4._DEQUANTIZE = op  # NF4Tensor.dequantize reads it at trace time
     cfg, dev = MODEL_PRESETS["llama2-7b"], torch.device("cuda")
     eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, precision="nf4", seed=0,
                        attn="sdpa", native=NativeOptions(compile=True, nf4_dequant="triton"))
-    data = torch.from_numpy(synthetic_chunks(batch * 12, seq, cfg.vocab_size)).long().to(dev)
-    opt = torch.optim.AdamW(eng.trainable_params(), lr=1e-4)
-
-    def one(i):
-        ids = data[i * batch:(i + 1) * batch]
-        eng.loss(ids, ids).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for i in range(3):
-        one(i)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(8):
-        one(3 + i)
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / 8
+    dt = timed_steps(eng, cfg.vocab_size, batch, seq, 8, dev)[1]
     print(f"{variant}: 7B nf4 LBS {batch} T {seq}: {dt * 1e3:.1f} ms a step, {batch * seq / dt:.0f} tok/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

@@ -55,23 +55,7 @@ def main():
                        attn="sdpa", native=NativeOptions(compile=a.compile, attention=a.attention,
                                                          fused_projections=a.fuse, compile_mode=a.compile_mode,
                                                          nf4_dequant=a.nf4_dequant))
-    data = torch.from_numpy(synthetic_chunks(a.batch_size * (a.steps + 6), a.seq_len, cfg.vocab_size)).long().to(dev)
-    opt = torch.optim.AdamW(eng.trainable_params(), lr=1e-4)
-
-    def step(i):
-        ids = data[i * a.batch_size:(i + 1) * a.batch_size]
-        eng.loss(ids, ids).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for i in range(3):
-        step(i)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(a.steps):
-        step(3 + i)
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / a.steps
+    step, wall = timed_steps(eng, cfg.vocab_size, a.batch_size, a.seq_len, a.steps, dev)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(a.steps):
             step(3 + i)
@@ -90,6 +74,29 @@ def main():
                 step(3 + i)
             torch.cuda.synchronize()
         print_gemm_shapes(prof, a.steps, a.top)
+
+
+def timed_steps(eng, vocab: int, batch: int, seq: int, steps: int, dev):
+    """(step(i): a training step of ``eng`` on synthetic batch i, AdamW at lr 1e-4; the wall seconds a step over
+    ``steps`` of them after three warm-up steps, compiling included in those). Batches 3 to 3 + steps may run
+    again (a profile of the same steps)."""
+    data = torch.from_numpy(synthetic_chunks(batch * (steps + 6), seq, vocab)).long().to(dev)
+    opt = torch.optim.AdamW(eng.trainable_params(), lr=1e-4)
+
+    def step(i):
+        ids = data[i * batch:(i + 1) * batch]
+        eng.loss(ids, ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(3):
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(3 + i)
+    torch.cuda.synchronize()
+    return step, (time.perf_counter() - t0) / steps
 
 
 def print_top(prof, reps: int, title: str, unit: str, top: int):

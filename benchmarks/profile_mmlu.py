@@ -1,7 +1,7 @@
-"""Where MMLU scoring's time goes, as `lorabench eval` scores (compiled evaluation graph, prefix cache, the default
-batch caps): the token work (prefix, real and padded suffix tokens), the first pass's wall time (compiling
-included), then a warm pass's wall time, GPU time by kind of kernel, the top kernels and the idle gaps between
-them (torch.profiler), optionally GEMM time by operand shapes.
+"""Where MMLU scoring's time goes, as `lorabench eval` scores (prefix cache, the default batch caps, eager blocks or
+with ``--compiled-graph`` the compiled evaluation graph): the token work (prefix, real and padded suffix tokens),
+the first pass's wall time (compiling included), then a warm pass's wall time, GPU time by kind of kernel, the top
+kernels and the idle gaps between them (torch.profiler), optionally GEMM time by operand shapes.
 
     PYTHONPATH=src python benchmarks/profile_mmlu.py --mmlu ../shared/data/mmlu --model-dir <llama2-dir>
 
@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--gemm-shapes", action="store_true")
+    ap.add_argument("--compiled-graph", action="store_true", help="score through the compiled evaluation graph")
     a = ap.parse_args()
     dev, cfg = torch.device("cuda"), MODEL_PRESETS["llama2-7b"]
     tok_dir = a.model_dir
@@ -88,7 +89,7 @@ def main():
 
     def timed() -> float:
         t = time.perf_counter()
-        with eng.evaluating(True):
+        with eng.evaluating(a.compiled_graph):
             score()
         torch.cuda.synchronize()
         return time.perf_counter() - t

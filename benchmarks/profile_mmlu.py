@@ -22,7 +22,7 @@ from lorabench.engines import NativeOptions, build_engine
 from lorabench.mmlu import flagperf
 from lorabench.mmlu.data import load_mmlu, make_requests
 from lorabench.mmlu.evaluate import DEFAULT_BATCH_GPU, DEFAULT_BATCH_TOKENS
-from lorabench.mmlu.scoring import _common_prefix, length_batches, score_requests
+from lorabench.mmlu.scoring import length_batches, prefix_length, score_requests
 from mmlu_speed import mmlu_tokenizer
 from profile_step import print_gaps, print_gemm_shapes, print_top
 
@@ -31,7 +31,7 @@ def token_work(seqs_by_group: list[list[list[int]]], batch_size: int, batch_toke
     """Prefix tokens (once per group), the suffixes' real tokens and the tokens their padded batches run."""
     prefix = real = padded = batches = 0
     for seqs in seqs_by_group:
-        P = max(_common_prefix(seqs) - 1, 0) if len(seqs) > 1 else 0
+        P = prefix_length(seqs) if len(seqs) > 1 else 0  # as the scorers cache it
         lengths = [len(s) - P for s in seqs]
         prefix += P
         real += sum(lengths)
@@ -70,20 +70,17 @@ def main():
     t0 = time.perf_counter()
     if a.protocol == "lm-eval":
         reqs = make_requests(tok, items, 5, cfg.max_position_embeddings)
-        groups: dict[tuple, list[list[int]]] = {}
-        for r in reqs:
-            groups.setdefault((r.q.subject, r.shots), []).append(r.context)
 
         def score():
             score_requests(eng, reqs, dev, a.batch_size, True, batch_tokens=a.batch_tokens)
     else:
         reqs = flagperf.make_requests(tok, items, 5, 512)
-        groups = {}
-        for r in reqs:
-            groups.setdefault((r.q.subject, r.shots), []).append(r.ids)
 
         def score():
             flagperf.predict(eng, reqs, dev, a.batch_size, a.batch_tokens)
+    groups: dict[tuple, list[list[int]]] = {}  # the scorers' groups: one subject, the same shots kept
+    for r in reqs:
+        groups.setdefault((r.q.subject, r.shots), []).append(r.context if a.protocol == "lm-eval" else r.ids)
     print(f"{a.protocol}: {len(reqs)} questions of {len(subs)} subjects, tokenised in {time.perf_counter() - t0:.1f} s; "
           + token_work(list(groups.values()), a.batch_size, a.batch_tokens))
 

@@ -60,10 +60,16 @@ def forward_padded(engine, seqs: list[list[int]], device, prefix=None, copy_pref
     return engine.forward_hidden(ids, kv_caches=kv, position_offset=P, attn_mask=mask)
 
 
+def prefix_length(seqs: list[list[int]]) -> int:
+    """Tokens of the prefix ``shared_prefix`` caches for ``seqs``: the longest all share, less one token so that
+    every row keeps a suffix to run (0: none to cache)."""
+    return max(_common_prefix(seqs) - 1, 0)
+
+
 def shared_prefix(engine, seqs: list[list[int]], device):
-    """(kv_caches, P) of the longest token prefix all ``seqs`` share, less one token so that every row keeps a
-    suffix to run; None where they share nothing (a left-truncated prompt, say)."""
-    P = _common_prefix(seqs) - 1
+    """(kv_caches, P) of the ``prefix_length`` tokens all ``seqs`` share; None where they share nothing (a
+    left-truncated prompt, say)."""
+    P = prefix_length(seqs)
     return (engine.prefix_kv(to_device([seqs[0][:P]], device)), P) if P > 0 else None
 
 

@@ -1,10 +1,11 @@
-"""What launching the NF4 -> bf16 dequantization costs the host: the kernel as today's Python custom op (one Python
-call and one Triton launch from Python per product) against the same kernel as a ``torch.library.triton_op``, which
-a compiled block launches from Inductor's generated code. The 4-bit step is host-bound at these launches
-(benchmarks/NOTES.md item 101). Prints whether the triton_op's values equal the custom op's bit for bit (eager and
-compiled; it is first launched with floating-point contraction off, as the custom op is, and without that option
-where wrap_triton refuses it), the host time and the time with the GPU per call of each, eager and compiled, and
-with ``--step``, a Llama-2-7B nf4 training step (LBS 16, seq 512, seed LoRA, compiled blocks) with one of them.
+"""What launching the NF4 -> bf16 dequantization costs the host: the kernel as lorabench's op (a
+``torch.library.triton_op``, which a compiled block launches from Inductor's generated code) against the same kernel
+behind an opaque ``torch.library.custom_op`` (one Python call and one Triton launch from Python per product, as
+lorabench launched it before; the 4-bit step was host-bound there: benchmarks/NOTES.md item 101). Prints whether
+the values are bit for bit the plain PyTorch dequantization's (each launch, eager and compiled: the compiled graph
+launches the kernel with no launch options, so its exactness cannot rest on any), the host time and the time with
+the GPU per call of each, and with ``--step``, a Llama-2-7B nf4 training step (LBS 16, seq 512, seed LoRA, compiled
+blocks) with one of them.
 
     PYTHONPATH=src python benchmarks/nf4_launch.py --step triton_op   # then --step custom_op in a fresh process
 """
@@ -17,26 +18,20 @@ from typing import Optional
 import torch
 
 
-def triton_op_dequantize(options: dict):
-    """The bf16 dequantization kernel as a triton_op; ``options``: extra launch options (enable_fp_fusion)."""
-    import triton
-    from torch.library import triton_op, wrap_triton
+def custom_op_dequantize():
+    """The bf16 dequantization kernel behind an opaque custom op, launched from Python on every call."""
+    from lorabench.kernels.nf4 import _triton_kernel, launch_dequantize
 
-    from lorabench.kernels.nf4 import DEQUANTIZE_BYTES, DEQUANTIZE_WARPS
-    from lorabench.kernels.nf4_triton import OUT_BF16, dequantize_kernel
-
-    @triton_op("lorabench_bench::nf4_dequantize", mutates_args={})
+    @torch.library.custom_op("lorabench_bench::nf4_dequantize", mutates_args=())
     def op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
            nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], levels: torch.Tensor, block: int,
            nested_block: int, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
-        nbytes, per, nested = packed.numel(), max(DEQUANTIZE_BYTES, block // 2), nested_absmax is not None
-        wrap_triton(dequantize_kernel)[(triton.cdiv(nbytes, per),)](
-            packed, absmax, nested_absmax if nested else absmax, nested_code if nested else absmax,
-            offset if nested else absmax, levels, out.view(torch.int32), nbytes, BYTES=per,
-            BLOCK_BYTES=block // 2, NESTED=nested, NESTED_BLOCK=nested_block, OUT=OUT_BF16,
-            num_warps=DEQUANTIZE_WARPS, **options)
-        return out
+        return launch_dequantize(_triton_kernel(), packed, absmax, nested_absmax, nested_code, offset, levels, block,
+                                 nested_block, dtype)
+
+    @op.register_fake
+    def _(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, dtype):
+        return torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
 
     return op
 
@@ -63,38 +58,35 @@ def main():
     a = ap.parse_args()
     dev = torch.device("cuda")
     rows, cols = map(int, a.shape.split(","))
-    q = nf4.quantize_nf4(torch.randn(rows, cols, device=dev, dtype=torch.bfloat16) * 0.02)
-    args = (*q.kernel_args(), q.block, q.nested_block, torch.bfloat16)
-    ref = nf4._DEQUANTIZE(*args)
-    options = {"enable_fp_fusion": False}
-    op = triton_op_dequantize(options)
-    try:
-        got = op(*args)
-    except Exception as e:  # noqa: BLE001 - a refused launch option is what this reports
-        print(f"wrap_triton refused enable_fp_fusion ({type(e).__name__}: {str(e)[:160]}); launching without it")
-        options.clear()
-        got = op(*args)
-    compiled_op = torch.compile(lambda *x: op(*x) + 0)
-    compiled_custom = torch.compile(lambda *x: nf4._DEQUANTIZE(*x) + 0)
-    print(f"[{rows}, {cols}] triton_op {options or 'with contraction on'}: bit for bit the custom op eager "
-          f"{torch.equal(ref.view(torch.int16), got.view(torch.int16))}, compiled "
-          f"{torch.equal(ref.view(torch.int16), compiled_op(*args).view(torch.int16))}")
-    for name, fn in (("custom op, eager", lambda: nf4._DEQUANTIZE(*args)), ("triton_op, eager", lambda: op(*args)),
+    custom = custom_op_dequantize()
+    print(f"lorabench's op is a triton_op: {hasattr(torch.library, 'triton_op')}")
+    for double in (True, False):
+        q = nf4.quantize_nf4(torch.randn(rows, cols, device=dev, dtype=torch.bfloat16) * 0.02, double_quant=double)
+        args = (*q.kernel_args(), q.block, q.nested_block, torch.bfloat16)
+        want = q.dequantize().view(-1).view(torch.int16)
+        for name, op in (("triton_op", nf4._DEQUANTIZE), ("custom op", custom)):
+            compiled = torch.compile(lambda *x, op=op: op(*x) + 0)
+            differ = [int((got.view(torch.int16) != want).sum()) for got in (op(*args), compiled(*args))]
+            print(f"[{rows}, {cols}] double={double} {name}: values differing from PyTorch's eager {differ[0]}, "
+                  f"compiled {differ[1]}")
+    compiled_op = torch.compile(lambda *x: nf4._DEQUANTIZE(*x) + 0)
+    compiled_custom = torch.compile(lambda *x: custom(*x) + 0)
+    for name, fn in (("custom op, eager", lambda: custom(*args)), ("triton_op, eager", lambda: nf4._DEQUANTIZE(*args)),
                      ("custom op, compiled", lambda: compiled_custom(*args)),
                      ("triton_op, compiled", lambda: compiled_op(*args))):
         host, total = per_call(fn)
         print(f"  {name:20s} host {host * 1e6:6.0f} us a call, {total * 1e6:6.0f} us with the GPU")
     if a.step:
-        step(a.step, op, nf4)
+        step(a.step, custom, nf4)
 
 
-def step(variant: str, op, nf4, batch: int = 16, seq: int = 512):
+def step(variant: str, custom, nf4, batch: int = 16, seq: int = 512):
     from lorabench.config import MODEL_PRESETS, LoRAConfig
     from lorabench.engines import NativeOptions, build_engine
     from profile_step import timed_steps
 
-    if variant == "triton_op":
-        nf4._DEQUANTIZE = op  # NF4Tensor.dequantize reads it at trace time
+    if variant == "custom_op":
+        nf4._DEQUANTIZE = custom  # NF4Tensor.dequantize reads it at trace time
     cfg, dev = MODEL_PRESETS["llama2-7b"], torch.device("cuda")
     eng = build_engine("native", cfg, LoRAConfig(), model_dir=None, device=dev, precision="nf4", seed=0,
                        attn="sdpa", native=NativeOptions(compile=True, nf4_dequant="triton"))

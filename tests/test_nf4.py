@@ -21,6 +21,20 @@ def test_levels_are_the_normal_quantiles_of_qlora():
     assert nf4.NF4_LEVELS.tolist() == sorted(nf4.NF4_LEVELS.tolist())
 
 
+def test_nf4_tensor_defaults_hold_no_tensor_and_levels_default_to_nf4():
+    """A compiled 4-bit block builds an NF4Tensor at each product. torch.compile (2.11 on an H100) could not trace
+    a constructor whose defaults held a tensor (the levels' did): a graph break at every product, 129 in a 7B
+    block-checkpointed step, where the recomputed block then saved a different number of tensors than its forward
+    (torch 2.13, on this machine, traces it either way). So no field's default is a tensor, and a missing ``levels``
+    still means NF4's."""
+    import dataclasses
+
+    for f in dataclasses.fields(nf4.NF4Tensor):
+        assert not isinstance(f.default, torch.Tensor), f.name
+    q = nf4.NF4Tensor(torch.zeros(4, dtype=torch.uint8), torch.ones(1), (8,), torch.float32)
+    assert q.levels is nf4.NF4_LEVELS and torch.equal(q.dequantize(), torch.full((8,), -1.0))
+
+
 def test_dynamic_map_has_2_to_the_i_values_in_decade_i():
     m = nf4.dynamic_map()
     assert m.shape == (256,) and m.dtype == torch.float32 and torch.all(m[1:] > m[:-1])
@@ -154,10 +168,10 @@ for shape, dtype, double, block, per in (((96, 256), torch.bfloat16, True, 64, n
                                         ((7, 1000), torch.bfloat16, True, 128, 256),  # a last block part full
                                         ((2, 3000), torch.bfloat16, False, 4096, 1024)):  # blocks above `per`
     q = nf4.quantize_nf4((torch.randn(shape) * 0.02).to(dtype), double_quant=double, block=block)
-    out = torch.empty(q.packed.numel() * 2, dtype=dtype)
-    nf4.launch_dequantize(kernel, *q.kernel_args(), q.block, q.nested_block, out, per)
+    out = nf4.launch_dequantize(kernel, *q.kernel_args(), q.block, q.nested_block, dtype, per)
+    via_op = nf4._DEQUANTIZE(*q.kernel_args(), q.block, q.nested_block, dtype)  # as a product launches it
     want = q.dequantize()
-    differ = int((out.view(shape) != want).sum())
+    differ = int((out.view(shape) != want).sum()) + int((via_op.view(shape) != want).sum())
     print(shape, dtype, double, block, differ, "differ")
     bad += differ
 sys.exit(1 if bad else 0)
@@ -218,10 +232,12 @@ for shape, double, spread, per in (((96, 256), True, None, nf4.FP8_BYTES), ((5, 
     if spread == "columns":  # blocks of a row from 1e-7 to 1 of its largest: e4m3's subnormals and underflow
         w = w * torch.logspace(-7, 0, shape[1])[None, :]
     q = nf4.quantize_nf4(w.bfloat16(), double_quant=double)
-    scale, out = q.fp8_row_scales(), torch.empty(shape, dtype=torch.float8_e4m3fn)
-    nf4.launch_dequantize_fp8(kernel, *q.kernel_args(), q.block, q.nested_block, scale, out, per)
+    scale = q.fp8_row_scales()
+    out = nf4.launch_dequantize_fp8(kernel, *q.kernel_args(), q.block, q.nested_block, scale, per).view(shape)
+    via_op = nf4._DEQUANTIZE_FP8(*q.kernel_args(), q.block, q.nested_block, scale).view(shape)
     wq, ws = quantize_rows(q.dequantize())
     differ = int((out.view(torch.uint8) != wq.view(torch.uint8)).sum()) + int((scale != ws.view(-1)).sum())
+    differ += int((via_op.view(torch.uint8) != wq.view(torch.uint8)).sum())
     print(shape, double, per, differ, "differ")
     bad += differ
 sys.exit(1 if bad else 0)

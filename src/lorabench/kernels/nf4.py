@@ -20,6 +20,7 @@ bitsandbytes bit for bit where it is installed, and with the float64 levels ever
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -103,7 +104,9 @@ class NF4Tensor:
     dtype: torch.dtype
     """The dtype the weight dequantizes to (and was quantized from)."""
     block: int = BLOCK
-    levels: torch.Tensor = NF4_LEVELS
+    levels: torch.Tensor | None = None
+    """The 16 float32 levels (None: NF4_LEVELS). No tensor as the default: torch.compile (2.11) cannot trace a
+    constructor whose defaults hold a tensor and broke every compiled 4-bit block into pieces at each product."""
     nested_absmax: torch.Tensor | None = None
     """Double quantization: float32 absmax per block of NESTED_BLOCK absmax codes."""
     nested_code: torch.Tensor | None = None
@@ -113,6 +116,10 @@ class NF4Tensor:
     fp8_scale: torch.Tensor | None = None
     """float32 [rows]: the per-row e4m3 scales of the weight dequantized to bf16 (``fp8_row_scales``), for FP8
     products; the weight is frozen, so they are computed once, where it is loaded, and kept."""
+
+    def __post_init__(self):
+        if self.levels is None:
+            self.levels = NF4_LEVELS
 
     @property
     def nested(self) -> bool:
@@ -235,37 +242,43 @@ def _absmax_pointers(absmax, nested_absmax, nested_code, offset) -> dict:
 
 def launch_dequantize(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
                       nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor, block: int,
-                      nested_block: int, out: torch.Tensor, bytes_per_program: int | None = None,
-                      num_warps: int | None = None):
-    """Fill ``out`` (bf16, fp16 or float32, 2 x packed.numel() elements) with the weights of the flat codes
-    ``packed`` (NF4Tensor.kernel_args' fields), each block of ``block`` elements (a power of two) scaled by its
+                      nested_block: int, dtype: torch.dtype, bytes_per_program: int | None = None,
+                      num_warps: int | None = None) -> torch.Tensor:
+    """The weights of the flat codes ``packed`` (NF4Tensor.kernel_args' fields) as ``dtype`` (bf16, fp16 or
+    float32; 2 x packed.numel() of them, flat), each block of ``block`` elements (a power of two) scaled by its
     absmax; ``bytes_per_program``: a power of two (raised to a block's bytes where a block is larger; default
-    DEQUANTIZE_BYTES), ``num_warps`` (default DEQUANTIZE_WARPS)."""
+    DEQUANTIZE_BYTES), ``num_warps`` (default DEQUANTIZE_WARPS). The kernel writes words of two weights, allocated
+    here as integers and returned viewed as ``dtype`` (a compiled graph then sees the kernel write a fresh tensor,
+    not a view)."""
     from .nf4_triton import OUT_BF16, OUT_FP16, OUT_FP32
-    code = {torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16, torch.float32: OUT_FP32}[out.dtype]
-    words = out.view(torch.int64 if out.dtype == torch.float32 else torch.int32)
+    code = {torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16, torch.float32: OUT_FP32}[dtype]
     nbytes = packed.numel()
+    words = torch.empty(nbytes, dtype=torch.int64 if dtype == torch.float32 else torch.int32, device=packed.device)
     per = max(bytes_per_program or DEQUANTIZE_BYTES, block // 2)  # whole blocks a program
     kernel[(-(-nbytes // per),)](
-        packed_ptr=packed, levels_ptr=levels, out_ptr=words, nbytes=nbytes, BYTES=per,
-        BLOCK_BYTES=block // 2, NESTED_BLOCK=nested_block, OUT=code, num_warps=num_warps or DEQUANTIZE_WARPS,
-        enable_fp_fusion=False, **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
+        packed_ptr=packed, levels_ptr=levels, out_ptr=words, nbytes=nbytes, BYTES=per, BLOCK_BYTES=block // 2,
+        NESTED_BLOCK=nested_block, OUT=code, num_warps=num_warps or DEQUANTIZE_WARPS,
+        **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
+    return words.view(dtype)
 
 
 def launch_dequantize_fp8(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
                           nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor,
-                          block: int, nested_block: int, scale: torch.Tensor, out: torch.Tensor,
-                          bytes_per_program: int | None = None, num_warps: int | None = None):
-    """Fill ``out`` (e4m3 [rows, 2 x packed.numel() / rows], each row whole blocks) with the weights of ``packed``
-    (as launch_dequantize), dequantized to bf16 and coded per row with the float32 row scales ``scale`` [rows];
-    ``bytes_per_program`` (default FP8_BYTES) and ``num_warps`` (default FP8_WARPS) as launch_dequantize's."""
+                          block: int, nested_block: int, scale: torch.Tensor, bytes_per_program: int | None = None,
+                          num_warps: int | None = None) -> torch.Tensor:
+    """The e4m3 codes (flat, 2 x packed.numel(); ``scale.numel()`` rows, each whole blocks) of the weights of
+    ``packed`` (as launch_dequantize), dequantized to bf16 and coded per row with the float32 row scales ``scale``
+    [rows]; ``bytes_per_program`` (default FP8_BYTES) and ``num_warps`` (default FP8_WARPS) as launch_dequantize's;
+    written as 16-bit words of two codes and returned viewed as e4m3."""
     nbytes = packed.numel()
+    words = torch.empty(nbytes, dtype=torch.int16, device=packed.device)
     per = max(bytes_per_program or FP8_BYTES, block // 2)
     kernel[(-(-nbytes // per),)](
-        packed_ptr=packed, levels_ptr=levels, scale_ptr=scale, out_ptr=out.view(torch.int16), nbytes=nbytes,
+        packed_ptr=packed, levels_ptr=levels, scale_ptr=scale, out_ptr=words, nbytes=nbytes,
         row_bytes=nbytes // scale.numel(), BYTES=per, BLOCK_BYTES=block // 2, NESTED_BLOCK=nested_block,
-        FP8_MAX=fp8_max(out.dtype), num_warps=num_warps or FP8_WARPS, enable_fp_fusion=False,
+        FP8_MAX=fp8_max(WEIGHT_FORMAT), num_warps=num_warps or FP8_WARPS,
         **_absmax_pointers(absmax, nested_absmax, nested_code, offset))
+    return words.view(WEIGHT_FORMAT)
 
 
 def _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, dtype) -> NF4Tensor:
@@ -274,13 +287,33 @@ def _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, ne
                      0.0 if offset is None else offset, nested_block)
 
 
+def _op(name: str):
+    """(a decorator making a kernel's launch a torch op named ``name``, a function giving the kernel as that op's
+    body launches it). Where torch has ``triton_op`` (2.6 on), the op is one: a compiled block sees the kernel
+    inside it and launches it from its generated code, with no Python a call (the 4-bit step was host-bound at
+    the opaque custom op's ~200 us of Python a product: benchmarks/NOTES.md items 94, 101); eagerly it runs the
+    body as written. Before that, a custom op a compiled block calls as one opaque kernel (Inductor's own fusion
+    of the PyTorch ops ran far from the memory bandwidth: item 81); None before torch 2.4."""
+    library = torch.library
+    if hasattr(library, "triton_op"):
+        return library.triton_op(name, mutates_args=()), library.wrap_triton
+    if hasattr(library, "custom_op"):
+        return library.custom_op(name, mutates_args=()), lambda kernel: kernel
+    return None, None
+
+
+def _on(device: torch.device):
+    """Launches on ``device`` (Triton launches on the current CUDA device; a CPU tensor: the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _define_dequantize():
-    """The kernel as a custom op, which a compiled block calls as one opaque kernel (Inductor's own fusion of the
-    PyTorch ops ran far from the memory bandwidth: benchmarks/NOTES.md item 81)."""
-    if not hasattr(torch.library, "custom_op"):
+    """The bf16 (fp16, float32) dequantization kernel as a torch op (``_op``)."""
+    define, wrap = _op("lorabench::nf4_dequantize")
+    if define is None:
         return None
 
-    @torch.library.custom_op("lorabench::nf4_dequantize", mutates_args=())
+    @define
     def op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
            nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor, block: int,
            nested_block: int, dtype: torch.dtype) -> torch.Tensor:
@@ -288,16 +321,13 @@ def _define_dequantize():
         if kernel is None:  # a GPU without Triton
             return _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block,
                           dtype).dequantize()
-        out = torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
-        with torch.cuda.device(packed.device):
-            launch_dequantize(kernel, packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block,
-                              out)
-        return out
+        with _on(packed.device):
+            return launch_dequantize(wrap(kernel), packed, absmax, nested_absmax, nested_code, offset, levels, block,
+                                     nested_block, dtype)
 
-    @op.register_fake
-    def _(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, dtype):
-        return torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
-
+    if not hasattr(torch.library, "triton_op"):  # a triton_op traces its body for shapes
+        op.register_fake(lambda packed, *rest: torch.empty(2 * packed.numel(), dtype=rest[-1],  # rest[-1]: dtype
+                                                            device=packed.device))
     return op
 
 
@@ -305,11 +335,12 @@ _DEQUANTIZE = _define_dequantize()
 
 
 def _define_dequantize_fp8():
-    """The NF4 -> e4m3 kernel as a custom op (as _define_dequantize)."""
-    if not hasattr(torch.library, "custom_op"):
+    """The NF4 -> e4m3 kernel as a torch op (``_op``)."""
+    define, wrap = _op("lorabench::nf4_dequantize_fp8")
+    if define is None:
         return None
 
-    @torch.library.custom_op("lorabench::nf4_dequantize_fp8", mutates_args=())
+    @define
     def op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
            nested_code: torch.Tensor | None, offset: torch.Tensor | None, levels: torch.Tensor, block: int,
            nested_block: int, scale: torch.Tensor) -> torch.Tensor:
@@ -318,16 +349,13 @@ def _define_dequantize_fp8():
             weight = _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block,
                             torch.bfloat16).dequantize()
             return with_scales(weight.view(scale.numel(), -1), scale[:, None], WEIGHT_FORMAT).view(-1)
-        out = torch.empty(2 * packed.numel(), dtype=WEIGHT_FORMAT, device=packed.device)
-        with torch.cuda.device(packed.device):
-            launch_dequantize_fp8(kernel, packed, absmax, nested_absmax, nested_code, offset, levels, block,
-                                  nested_block, scale, out)
-        return out
+        with _on(packed.device):
+            return launch_dequantize_fp8(wrap(kernel), packed, absmax, nested_absmax, nested_code, offset, levels,
+                                         block, nested_block, scale)
 
-    @op.register_fake
-    def _(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, scale):
-        return torch.empty(2 * packed.numel(), dtype=WEIGHT_FORMAT, device=packed.device)
-
+    if not hasattr(torch.library, "triton_op"):
+        op.register_fake(lambda packed, *_: torch.empty(2 * packed.numel(), dtype=WEIGHT_FORMAT,
+                                                        device=packed.device))
     return op
 
 

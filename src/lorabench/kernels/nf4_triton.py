@@ -5,10 +5,18 @@ Both work on tiles of whole absmax blocks (one absmax read and decoded a block, 
 byte once and write each byte's two outputs as one word (two bf16 or fp16 weights in 32 bits, two float32 in
 64, two e4m3 codes in 16), so every store is a wide, contiguous one; a double-quantized block absmax is decoded in
 the kernel (its code's value x its group's float32 absmax + offset), not by separate PyTorch ops in front of it.
-They are launched with floating-point contraction off: the decode multiplies then adds, rounding after each, as
-PyTorch's separate ops do, where a fused multiply-add would round once."""
+The absmax decode multiplies then adds, rounding after each, as PyTorch's separate ops (and bitsandbytes') do: the
+product is libdevice's ``mul_rn``, which the compiler does not fuse with the sum into one multiply-add (that would
+round once), whatever the launch's ``enable_fp_fusion``, so the kernels are exact however they are launched (from
+Python or from a compiled graph's generated code, which sets no launch options). Triton's CPU interpreter, which the
+tests run, has no libdevice and never fuses: there the product is a plain one."""
 import triton
 import triton.language as tl
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # Triton before 3.2 kept it under the CUDA backend
+    from triton.language.extra.cuda import libdevice
 
 OUT_BF16, OUT_FP16, OUT_FP32 = 0, 1, 2
 """The output dtype codes of ``dequantize_kernel``'s OUT."""
@@ -22,7 +30,12 @@ def _block_absmax(absmax_ptr, nested_ptr, code_ptr, offset_ptr, block, inside, N
     0 outside (where ``inside`` is false)."""
     if NESTED:
         code = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
-        value = tl.load(code_ptr + code) * tl.load(nested_ptr + block // NESTED_BLOCK, mask=inside, other=0.0)
+        code_value = tl.load(code_ptr + code)
+        group_absmax = tl.load(nested_ptr + block // NESTED_BLOCK, mask=inside, other=0.0)
+        if _COMPILED:
+            value = libdevice.mul_rn(code_value, group_absmax)
+        else:
+            value = code_value * group_absmax
         value = tl.where(inside, value + tl.load(offset_ptr), 0.0)
     else:  # one return after the branch: Triton's compiler types every return statement, dead or not
         value = tl.load(absmax_ptr + block, mask=inside, other=0.0)
@@ -130,3 +143,7 @@ def dequantize_fp8_kernel(packed_ptr, absmax_ptr, nested_ptr, code_ptr, offset_p
     scale = tl.load(scale_ptr + start // row_bytes, mask=start < nbytes, other=1.0)[:, None]
     word = _e4m3_code(_bf16_round(first), scale, FP8_MAX) | (_e4m3_code(_bf16_round(second), scale, FP8_MAX) << 8)
     tl.store(out_ptr + byte, word.to(out_ptr.dtype.element_ty, bitcast=True), mask=inside)
+
+
+_COMPILED = tl.constexpr(isinstance(dequantize_kernel, triton.runtime.JITFunction))
+"""Whether the kernels compile for a device (False under Triton's CPU interpreter, which has no libdevice)."""

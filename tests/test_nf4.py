@@ -23,9 +23,9 @@ def test_levels_are_the_normal_quantiles_of_qlora():
 
 def test_nf4_tensor_defaults_hold_no_tensor_and_levels_default_to_nf4():
     """A compiled 4-bit block builds an NF4Tensor at each product. torch.compile (2.11 on an H100) could not trace
-    a constructor whose defaults held a tensor (the levels' did): a graph break at every product, 129 in a 7B
-    block-checkpointed step, where the recomputed block then saved a different number of tensors than its forward
-    (torch 2.13, on this machine, traces it either way). So no field's default is a tensor, and a missing ``levels``
+    a constructor whose defaults held a tensor (the levels' did): a graph break at every product (43 logged in a
+    7B block-checkpointed step, whose recomputed blocks then saved a different number of tensors than their
+    forward; benchmarks/NOTES.md item 105). torch 2.13, which CI runs, traces it either way. So no field's default is a tensor, and a missing ``levels``
     still means NF4's."""
     import dataclasses
 

@@ -13,27 +13,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Optional
 
 import torch
 
 
 def custom_op_dequantize():
-    """The bf16 dequantization kernel behind an opaque custom op, launched from Python on every call."""
-    from lorabench.kernels.nf4 import _triton_kernel, launch_dequantize
+    """The bf16 dequantization kernel behind an opaque custom op, launched from Python on every call (as torch
+    before 2.6 gets it)."""
+    from lorabench.kernels.nf4 import _define_dequantize
 
-    @torch.library.custom_op("lorabench_bench::nf4_dequantize", mutates_args=())
-    def op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
-           nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], levels: torch.Tensor, block: int,
-           nested_block: int, dtype: torch.dtype) -> torch.Tensor:
-        return launch_dequantize(_triton_kernel(), packed, absmax, nested_absmax, nested_code, offset, levels, block,
-                                 nested_block, dtype)
-
-    @op.register_fake
-    def _(packed, absmax, nested_absmax, nested_code, offset, levels, block, nested_block, dtype):
-        return torch.empty(2 * packed.numel(), dtype=dtype, device=packed.device)
-
-    return op
+    return _define_dequantize("lorabench_bench::nf4_dequantize", triton_op=False)
 
 
 def per_call(fn, calls: int = 200) -> tuple[float, float]:

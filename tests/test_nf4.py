@@ -174,15 +174,28 @@ for shape, dtype, double, block, per in (((96, 256), torch.bfloat16, True, 64, n
     differ = int((out.view(shape) != want).sum()) + int((via_op.view(shape) != want).sum())
     print(shape, dtype, double, block, differ, "differ")
     bad += differ
+# the op as torch before 2.6 defines it (a custom op, its output's shape registered beside it): values, and the shape
+# and dtype a compiled graph is told
+from torch._subclasses.fake_tensor import FakeTensorMode
+custom = nf4._define_dequantize("lorabench_test::nf4_dequantize", triton_op=False)
+q = nf4.quantize_nf4((torch.randn(40, 256) * 0.02).bfloat16())
+args = (*q.kernel_args(), q.block, q.nested_block, torch.bfloat16)
+differ = int((custom(*args).view(40, 256) != q.dequantize()).sum())
+with FakeTensorMode() as mode:
+    fake = custom(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+differ += int(fake.shape != (40 * 256,) or fake.dtype != torch.bfloat16)
+print("custom op", differ, "differ")
+bad += differ
 sys.exit(1 if bad else 0)
 """
 
 
 def test_dequantize_kernel_matches_the_pytorch_dequantization_in_the_interpreter():
     """The Triton kernel itself, run by Triton's CPU interpreter: bit for bit the plain PyTorch dequantization
-    (bf16, fp16 and fp32 outputs; double-quantized and plain absmax; a last program only partly full). In a fresh
-    process: the interpreter must be on before triton is imported. On a GPU, benchmarks/gpu_check.py compares
-    the compiled kernel the same way."""
+    (bf16, fp16 and fp32 outputs; double-quantized and plain absmax; a last program only partly full), launched
+    directly and through the op a product calls (a triton_op), and through the custom op torch before 2.6 gets
+    (with the output shape and dtype it declares to a compiled graph). In a fresh process: the interpreter must be
+    on before triton is imported. On a GPU, benchmarks/gpu_check.py compares the compiled kernel the same way."""
     import os
     import subprocess
     import sys
@@ -191,7 +204,7 @@ def test_dequantize_kernel_matches_the_pytorch_dequantization_in_the_interpreter
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" 0 differ") == 5, done.stdout
+    assert done.stdout.count(" 0 differ") == 6, done.stdout
 
 
 INTERPRETED_FP8 = """
@@ -240,6 +253,17 @@ for shape, double, spread, per in (((96, 256), True, None, nf4.FP8_BYTES), ((5, 
     differ += int((via_op.view(torch.uint8) != wq.view(torch.uint8)).sum())
     print(shape, double, per, differ, "differ")
     bad += differ
+from torch._subclasses.fake_tensor import FakeTensorMode
+custom = nf4._define_dequantize_fp8("lorabench_test::nf4_dequantize_fp8", triton_op=False)
+q = nf4.quantize_nf4((torch.randn(40, 256) * 0.02).bfloat16())
+args = (*q.kernel_args(), q.block, q.nested_block, q.fp8_row_scales())
+wq = quantize_rows(q.dequantize())[0]
+differ = int((custom(*args).view(40, 256).view(torch.uint8) != wq.view(torch.uint8)).sum())
+with FakeTensorMode() as mode:
+    fake = custom(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+differ += int(fake.shape != (40 * 256,) or fake.dtype != torch.float8_e4m3fn)
+print("custom op", differ, "differ")
+bad += differ
 sys.exit(1 if bad else 0)
 """
 
@@ -261,4 +285,4 @@ def test_nf4_to_fp8_kernel_matches_dequantize_then_quantize_rows_in_the_interpre
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" 0 differ") == 6, done.stdout
+    assert done.stdout.count(" 0 differ") == 7, done.stdout

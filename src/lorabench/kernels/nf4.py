@@ -287,19 +287,21 @@ def _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, ne
                      0.0 if offset is None else offset, nested_block)
 
 
-def _op(name: str):
+def _op(name: str, triton_op: bool = True):
     """(a decorator making a kernel's launch a torch op named ``name``, a function giving the kernel as that op's
-    body launches it). Where torch has ``triton_op`` (2.6 on), the op is one: a compiled block sees the kernel
-    inside it and launches it from its generated code, with no Python a call (the 4-bit step was host-bound at
-    the opaque custom op's ~200 us of Python a product: benchmarks/NOTES.md items 94, 101); eagerly it runs the
-    body as written. Before that, a custom op a compiled block calls as one opaque kernel (Inductor's own fusion
-    of the PyTorch ops ran far from the memory bandwidth: item 81); None before torch 2.4."""
+    body launches it, whether the op traces its body). Where torch has ``triton_op`` (2.6 on; ``triton_op``: use
+    it), the op is one: a compiled block sees the kernel inside it and launches it from its generated code, with no
+    Python a call (the 4-bit step was host-bound at the opaque custom op's ~200 us of Python a product:
+    benchmarks/NOTES.md items 94, 101), and its body, traced, gives the output's shape; eagerly it runs the body as
+    written. Before that, a custom op a compiled block calls as one opaque kernel (Inductor's own fusion of the
+    PyTorch ops ran far from the memory bandwidth: item 81), its output's shape registered beside it; None before
+    torch 2.4."""
     library = torch.library
-    if hasattr(library, "triton_op"):
-        return library.triton_op(name, mutates_args=()), library.wrap_triton
+    if triton_op and hasattr(library, "triton_op"):
+        return library.triton_op(name, mutates_args=()), library.wrap_triton, True
     if hasattr(library, "custom_op"):
-        return library.custom_op(name, mutates_args=()), lambda kernel: kernel
-    return None, None
+        return library.custom_op(name, mutates_args=()), lambda kernel: kernel, False
+    return None, None, False
 
 
 def _on(device: torch.device):
@@ -307,9 +309,9 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _define_dequantize():
-    """The bf16 (fp16, float32) dequantization kernel as a torch op (``_op``)."""
-    define, wrap = _op("lorabench::nf4_dequantize")
+def _define_dequantize(name: str = "lorabench::nf4_dequantize", triton_op: bool = True):
+    """The bf16 (fp16, float32) dequantization kernel as the torch op ``name`` (``_op``)."""
+    define, wrap, traced = _op(name, triton_op)
     if define is None:
         return None
 
@@ -325,7 +327,7 @@ def _define_dequantize():
             return launch_dequantize(wrap(kernel), packed, absmax, nested_absmax, nested_code, offset, levels, block,
                                      nested_block, dtype)
 
-    if not hasattr(torch.library, "triton_op"):  # a triton_op traces its body for shapes
+    if not traced:
         op.register_fake(lambda packed, *rest: torch.empty(2 * packed.numel(), dtype=rest[-1],  # rest[-1]: dtype
                                                             device=packed.device))
     return op
@@ -334,9 +336,9 @@ def _define_dequantize():
 _DEQUANTIZE = _define_dequantize()
 
 
-def _define_dequantize_fp8():
-    """The NF4 -> e4m3 kernel as a torch op (``_op``)."""
-    define, wrap = _op("lorabench::nf4_dequantize_fp8")
+def _define_dequantize_fp8(name: str = "lorabench::nf4_dequantize_fp8", triton_op: bool = True):
+    """The NF4 -> e4m3 kernel as the torch op ``name`` (``_op``)."""
+    define, wrap, traced = _op(name, triton_op)
     if define is None:
         return None
 
@@ -353,7 +355,7 @@ def _define_dequantize_fp8():
             return launch_dequantize_fp8(wrap(kernel), packed, absmax, nested_absmax, nested_code, offset, levels,
                                          block, nested_block, scale)
 
-    if not hasattr(torch.library, "triton_op"):
+    if not traced:
         op.register_fake(lambda packed, *_: torch.empty(2 * packed.numel(), dtype=WEIGHT_FORMAT,
                                                         device=packed.device))
     return op

@@ -207,6 +207,42 @@ def test_dequantize_kernel_matches_the_pytorch_dequantization_in_the_interpreter
     assert done.stdout.count(" 0 differ") == 6, done.stdout
 
 
+def _sm90_ptx(kernel, signature: dict, constexprs: dict) -> str:
+    """``kernel`` compiled for an H100 (sm_90) to PTX with floating-point contraction on, as a compiled graph
+    launches it (Triton's NVIDIA backend compiles here without a GPU); a skip where this Triton cannot."""
+    triton = pytest.importorskip("triton", reason="the test extra installs triton on Linux x86-64")
+    try:
+        from triton.backends.compiler import GPUTarget
+
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True}).asm["ptx"]
+    except (ImportError, TypeError, RuntimeError) as e:  # another Triton's compile API, or no NVIDIA backend
+        pytest.skip(f"Triton {triton.__version__} does not compile for sm_90 here: {type(e).__name__}: {e}")
+
+
+def test_absmax_decode_multiplies_then_adds_on_a_gpu(monkeypatch, tmp_path):
+    """The decode of a double-quantized absmax rounds its product before adding the offset, as PyTorch's separate
+    ops (and bitsandbytes) do. Compiled for an H100 with contraction on, the product is libdevice's ``mul.rn`` (which
+    ptxas never fuses) and no multiply-add appears; the same kernel with a plain product (as the interpreter runs
+    it) compiles to ``fma``: what the launches' ``enable_fp_fusion=False`` used to prevent, which a compiled graph
+    would not pass. (``mul.rn.ftz``: a product or group absmax below float32's normal range, 1.2e-38, would flush
+    to zero; no real weight has such block scales.)"""
+    import re
+
+    from lorabench.kernels import nf4_triton
+
+    signature = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_ptr": "*fp32", "code_ptr": "*fp32",
+                 "offset_ptr": "*fp32", "levels_ptr": "*fp32", "out_ptr": "*i32", "nbytes": "i32",
+                 "BYTES": "constexpr", "BLOCK_BYTES": "constexpr", "NESTED": "constexpr",
+                 "NESTED_BLOCK": "constexpr", "OUT": "constexpr"}
+    constexprs = {"BYTES": 2048, "BLOCK_BYTES": 32, "NESTED": True, "NESTED_BLOCK": 256, "OUT": nf4_triton.OUT_BF16}
+    ptx = _sm90_ptx(nf4_triton.dequantize_kernel, signature, constexprs)
+    assert re.search(r"mul\.rn(\.ftz)?\.f32", ptx) and "fma" not in ptx
+    monkeypatch.setattr(nf4_triton, "_COMPILED", type(nf4_triton._COMPILED)(False))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # not the first compile's cached PTX
+    assert "fma.rn.f32" in _sm90_ptx(nf4_triton.dequantize_kernel, signature, constexprs)
+
+
 INTERPRETED_FP8 = """
 import sys, torch, triton, triton.language as tl
 from lorabench.kernels import nf4, nf4_triton

@@ -8,8 +8,11 @@ the kernel (its code's value x its group's float32 absmax + offset), not by sepa
 The absmax decode multiplies then adds, rounding after each, as PyTorch's separate ops (and bitsandbytes') do: the
 product is libdevice's ``mul_rn``, which the compiler does not fuse with the sum into one multiply-add (that would
 round once), whatever the launch's ``enable_fp_fusion``, so the kernels are exact however they are launched (from
-Python or from a compiled graph's generated code, which sets no launch options). Triton's CPU interpreter, which the
-tests run, has no libdevice and never fuses: there the product is a plain one."""
+Python or from a compiled graph's generated code, which sets no launch options; tests/test_nf4.py compiles the
+kernel for an H100 and finds no fused multiply-add). Triton links libdevice flushing subnormals (``mul.rn.ftz``): a
+product or group absmax below float32's normal range (1.2e-38) would become zero, which no real weight's block
+scales come near. Triton's CPU interpreter, which the tests run, has no libdevice and never fuses: there the
+product is a plain one."""
 import triton
 import triton.language as tl
 

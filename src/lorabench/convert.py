@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .kernels.nf4 import define_ops
 from .lora import LoRALinear, lora_modules
 from .model import Llama
 from .quantized import Fp8Linear, Nf4Linear
@@ -33,6 +34,9 @@ def quantize_projections(model: Llama, weights: str, grad_dtype: torch.dtype | N
             return Fp8Linear(c.in_features, c.out_features, grad_dtype, device=c.weight.device, bias=c.bias,
                              recipe=fp8_recipe)
     elif weights == "nf4":
+        if nf4_dequant == "triton":
+            define_ops()  # before anything is compiled
+
         def adapted(c):
             c.store_nf4()
             c.nf4_dequant, c.nf4_fp8_grad = nf4_dequant, grad_dtype

@@ -139,8 +139,8 @@ class NF4Tensor:
         PyTorch ops; with ``kernel``, on a GPU, by one Triton kernel (``dequantize_kernel``: the same values, bit for
         bit; --nf4-dequant triton)."""
         n = math.prod(self.shape)
-        if kernel and self.packed.is_cuda and n % 2 == 0 and _tiled(self.block) and _DEQUANTIZE is not None:
-            return _DEQUANTIZE(*self.kernel_args(), self.block, self.nested_block, self.dtype).view(self.shape)
+        if kernel and self.packed.is_cuda and n % 2 == 0 and _tiled(self.block) and (op := _ops()[0]) is not None:
+            return op(*self.kernel_args(), self.block, self.nested_block, self.dtype).view(self.shape)
         absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
         return _dequantize(self.packed.reshape(-1), absmax, levels, self.block, self.dtype)[:n].view(self.shape)
 
@@ -160,9 +160,9 @@ class NF4Tensor:
         bf16 = self.dtype == torch.bfloat16
         scale = self.fp8_scale if bf16 else None
         if (kernel and self.packed.is_cuda and bf16 and cols % self.block == 0 and _tiled(self.block)
-                and _DEQUANTIZE_FP8 is not None):
+                and (op := _ops()[1]) is not None):
             scale = self.fp8_row_scales(kernel) if scale is None else scale
-            return _DEQUANTIZE_FP8(*self.kernel_args(), self.block, self.nested_block, scale).view(rows, cols), scale
+            return op(*self.kernel_args(), self.block, self.nested_block, scale).view(rows, cols), scale
         weight = self.dequantize(kernel).reshape(rows, cols)
         if scale is None:
             return quantize_weight(weight, WEIGHT_FORMAT)
@@ -289,19 +289,26 @@ def _plain(packed, absmax, nested_absmax, nested_code, offset, levels, block, ne
 
 def _op(name: str, triton_op: bool = True):
     """(a decorator making a kernel's launch a torch op named ``name``, a function giving the kernel as that op's
-    body launches it, whether the op traces its body). Where torch has ``triton_op`` (2.6 on; ``triton_op``: use
-    it), the op is one: a compiled block sees the kernel inside it and launches it from its generated code, with no
-    Python a call (the 4-bit step was host-bound at the opaque custom op's ~200 us of Python a product:
-    benchmarks/NOTES.md items 94, 101), and its body, traced, gives the output's shape; eagerly it runs the body as
-    written. Before that, a custom op a compiled block calls as one opaque kernel (Inductor's own fusion of the
-    PyTorch ops ran far from the memory bandwidth: item 81), its output's shape registered beside it; None before
-    torch 2.4."""
+    body launches it, whether the op traces its body), or (None, None, False) before torch 2.4. Where torch has
+    ``triton_op`` (2.6 on; ``triton_op``: use it), the op is one: a compiled block sees the kernel inside it and
+    launches it from its generated code, with no Python a call (an opaque op costs ~50-200 us of host time a
+    product: benchmarks/NOTES.md items 95, 103), and its body, traced, gives the output's shape; eagerly it runs the
+    body as written. Before that, a custom op a compiled block calls as one opaque kernel (Inductor's own fusion of
+    the PyTorch ops ran far from the memory bandwidth: item 81), its output's shape registered beside it."""
     library = torch.library
     if triton_op and hasattr(library, "triton_op"):
-        return library.triton_op(name, mutates_args=()), library.wrap_triton, True
+        return library.triton_op(name, mutates_args=()), _wrapped, True
     if hasattr(library, "custom_op"):
         return library.custom_op(name, mutates_args=()), lambda kernel: kernel, False
     return None, None, False
+
+
+def _wrapped(kernel):
+    """``kernel`` as a triton_op's body launches it: wrapped for tracing, unless Triton's CPU interpreter runs it
+    (torch before 2.13 refuses to wrap an interpreted kernel, even eagerly)."""
+    from triton.runtime import JITFunction
+
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 
 def _on(device: torch.device):
@@ -333,7 +340,6 @@ def _define_dequantize(name: str = "lorabench::nf4_dequantize", triton_op: bool 
     return op
 
 
-_DEQUANTIZE = _define_dequantize()
 
 
 def _define_dequantize_fp8(name: str = "lorabench::nf4_dequantize_fp8", triton_op: bool = True):
@@ -361,7 +367,27 @@ def _define_dequantize_fp8(name: str = "lorabench::nf4_dequantize_fp8", triton_o
     return op
 
 
-_DEQUANTIZE_FP8 = _define_dequantize_fp8()
+_DEQUANTIZE = _DEQUANTIZE_FP8 = None
+"""The two kernels' ops once ``define_ops`` has made them."""
+
+
+def define_ops() -> tuple:
+    """(the bf16 dequantization's op, the NF4 -> e4m3 kernel's op), defined on the first call (None before torch
+    2.4). Not at import: a triton_op reads its body's source for kernels as it is defined, which imports Triton
+    and Inductor (seconds) that a CPU run never needs. convert.quantize_projections calls this where products are
+    to use the kernels, before any block is compiled."""
+    global _DEQUANTIZE, _DEQUANTIZE_FP8
+    if _DEQUANTIZE is None:
+        _DEQUANTIZE, _DEQUANTIZE_FP8 = _define_dequantize(), _define_dequantize_fp8()
+    return _DEQUANTIZE, _DEQUANTIZE_FP8
+
+
+def _ops() -> tuple:
+    """The ops, defining them on first use outside a compiled graph's tracing (inside one, the ops defined so far:
+    quantize_projections has defined them for a model's products; where it has not, the PyTorch path runs)."""
+    if _DEQUANTIZE is not None or torch.compiler.is_compiling():
+        return _DEQUANTIZE, _DEQUANTIZE_FP8
+    return define_ops()
 
 
 def quantize_nf4(w: torch.Tensor, double_quant: bool = True, block: int = BLOCK) -> NF4Tensor:

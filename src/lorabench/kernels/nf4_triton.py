@@ -16,10 +16,10 @@ product is a plain one."""
 import triton
 import triton.language as tl
 
-try:
-    from triton.language.extra import libdevice
-except ImportError:  # Triton before 3.2 kept it under the CUDA backend
-    from triton.language.extra.cuda import libdevice
+try:  # keep the name `libdevice`: a compiled graph copies the kernels' source into its own code, whose header
+    from triton.language.extra import libdevice  # imports libdevice under that name, not this module's imports
+except ImportError:  # Triton before 3.2 kept it under the CUDA backend (a Triton with neither, or a ROCm build
+    from triton.language.extra.cuda import libdevice  # without mul_rn: the kernels are not used, PyTorch's path is)
 
 OUT_BF16, OUT_FP16, OUT_FP32 = 0, 1, 2
 """The output dtype codes of ``dequantize_kernel``'s OUT."""

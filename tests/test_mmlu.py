@@ -261,22 +261,21 @@ def test_multi_token_and_per_letter_splits_score_only_the_continuation():
             assert s[k] == pytest.approx(want, abs=logprob_tol(want))
 
 
-def test_prefix_mask_forms_agree():
+def test_prefix_mask_forms_agree(monkeypatch):
     """The lower-right causal bias and the explicit boolean mask give the same attention (GQA included)."""
     from lorabench.mmlu import scoring as mmlu
 
-    if mmlu._CAUSAL_LOWER_RIGHT is None:
+    if mmlu._lower_right_causal() is None:
         pytest.skip("this torch has no lower-right causal bias with GQA")
     import torch.nn.functional as F
 
     q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
-    saved = mmlu._CAUSAL_LOWER_RIGHT
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mmlu._prefix_mask(5, 7, CPU), enable_gqa=True)
-    try:
-        mmlu._CAUSAL_LOWER_RIGHT = None
-        b = F.scaled_dot_product_attention(q, k, v, attn_mask=mmlu._prefix_mask(5, 7, CPU), enable_gqa=True)
-    finally:
-        mmlu._CAUSAL_LOWER_RIGHT = saved
+    bias = mmlu._prefix_mask(5, 7, CPU)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    monkeypatch.setattr(mmlu, "_lower_right_causal", lambda: None)
+    mask = mmlu._prefix_mask(5, 7, CPU)
+    assert type(bias).__name__ == "CausalBias" and type(mask) is torch.Tensor  # the two forms, each once
+    b = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 

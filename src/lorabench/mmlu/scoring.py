@@ -9,12 +9,16 @@ questions.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .data import Request
 
+@functools.cache
 def _lower_right_causal():
-    """torch's lower-right causal bias (query i sees keys up to P + i) where SDPA takes it with GQA, else None."""
+    """torch's lower-right causal bias (query i sees keys up to P + i) where SDPA takes it with GQA, else None.
+    Looked up on first use: its module imports torch's compiler stack (and Triton), seconds at every start-up."""
     try:
         import inspect
 
@@ -24,14 +28,11 @@ def _lower_right_causal():
     return causal_lower_right if "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters else None
 
 
-_CAUSAL_LOWER_RIGHT = _lower_right_causal()
-
-
 def _prefix_mask(T: int, P: int, device):
     """Suffix queries see the whole cached prefix and the suffix causally. The lower-right causal bias says that
     without a materialised mask (and lets SDPA pick its flash kernel); a boolean mask otherwise."""
-    if _CAUSAL_LOWER_RIGHT is not None:
-        return _CAUSAL_LOWER_RIGHT(T, P + T)
+    if (lower_right := _lower_right_causal()) is not None:
+        return lower_right(T, P + T)
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     return torch.cat((torch.ones(T, P, dtype=torch.bool, device=device), causal), dim=1)[None, None]
 

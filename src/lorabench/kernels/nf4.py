@@ -139,7 +139,7 @@ class NF4Tensor:
         PyTorch ops; with ``kernel``, on a GPU, by one Triton kernel (``dequantize_kernel``: the same values, bit for
         bit; --nf4-dequant triton)."""
         n = math.prod(self.shape)
-        if kernel and self.packed.is_cuda and n % 2 == 0 and _tiled(self.block) and (op := _ops()[0]) is not None:
+        if kernel and self.packed.is_cuda and n % 2 == 0 and _tiled(self.block) and (op := define_ops()[0]) is not None:
             return op(*self.kernel_args(), self.block, self.nested_block, self.dtype).view(self.shape)
         absmax, levels = self.block_absmax().float(), self.levels.to(self.packed.device, torch.float32)
         return _dequantize(self.packed.reshape(-1), absmax, levels, self.block, self.dtype)[:n].view(self.shape)
@@ -160,7 +160,7 @@ class NF4Tensor:
         bf16 = self.dtype == torch.bfloat16
         scale = self.fp8_scale if bf16 else None
         if (kernel and self.packed.is_cuda and bf16 and cols % self.block == 0 and _tiled(self.block)
-                and (op := _ops()[1]) is not None):
+                and (op := define_ops()[1]) is not None):
             scale = self.fp8_row_scales(kernel) if scale is None else scale
             return op(*self.kernel_args(), self.block, self.nested_block, scale).view(rows, cols), scale
         weight = self.dequantize(kernel).reshape(rows, cols)
@@ -340,8 +340,6 @@ def _define_dequantize(name: str = "lorabench::nf4_dequantize", triton_op: bool 
     return op
 
 
-
-
 def _define_dequantize_fp8(name: str = "lorabench::nf4_dequantize_fp8", triton_op: bool = True):
     """The NF4 -> e4m3 kernel as the torch op ``name`` (``_op``)."""
     define, wrap, traced = _op(name, triton_op)
@@ -372,22 +370,15 @@ _DEQUANTIZE = _DEQUANTIZE_FP8 = None
 
 
 def define_ops() -> tuple:
-    """(the bf16 dequantization's op, the NF4 -> e4m3 kernel's op), defined on the first call (None before torch
-    2.4). Not at import: a triton_op reads its body's source for kernels as it is defined, which imports Triton
-    and Inductor (seconds) that a CPU run never needs. convert.quantize_projections calls this where products are
-    to use the kernels, before any block is compiled."""
+    """(the bf16 dequantization's op, the NF4 -> e4m3 kernel's op), defined on the first call made outside a
+    compiled graph's tracing (None before torch 2.4; inside a tracing, the ops defined so far, and where there are
+    none the PyTorch path runs). Not at import: a triton_op reads its body's source for kernels as it is defined,
+    which imports Triton and Inductor (seconds) that a CPU run never needs. convert.quantize_projections calls this
+    where products are to use the kernels, before any block is compiled."""
     global _DEQUANTIZE, _DEQUANTIZE_FP8
-    if _DEQUANTIZE is None:
+    if _DEQUANTIZE is None and not torch.compiler.is_compiling():
         _DEQUANTIZE, _DEQUANTIZE_FP8 = _define_dequantize(), _define_dequantize_fp8()
     return _DEQUANTIZE, _DEQUANTIZE_FP8
-
-
-def _ops() -> tuple:
-    """The ops, defining them on first use outside a compiled graph's tracing (inside one, the ops defined so far:
-    quantize_projections has defined them for a model's products; where it has not, the PyTorch path runs)."""
-    if _DEQUANTIZE is not None or torch.compiler.is_compiling():
-        return _DEQUANTIZE, _DEQUANTIZE_FP8
-    return define_ops()
 
 
 def quantize_nf4(w: torch.Tensor, double_quant: bool = True, block: int = BLOCK) -> NF4Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from .data import Request
 
+
 @functools.cache
 def _lower_right_causal():
     """torch's lower-right causal bias (query i sees keys up to P + i) where SDPA takes it with GQA, else None.

@@ -13,7 +13,7 @@ from lorabench.engines import build_engine
 from lorabench.assets import TINY_MMLU, TINY_MODEL
 from lorabench.mmlu.data import (CATEGORY, LETTERS, Question, Subject, build_context, load_mmlu, make_request,
                                  make_requests, subject_requests)
-from lorabench.mmlu.evaluate import MmluOptions, evaluate_mmlu, summarize
+from lorabench.mmlu.evaluate import COMPILED_GRAPH_MIN, MmluOptions, evaluate_mmlu, summarize
 from lorabench.mmlu.scoring import length_batches, score_requests
 
 from conftest import assert_logprobs_close, logprob_tol, need_shared_mmlu
@@ -339,12 +339,20 @@ def test_compiled_blocks_score_like_eager(tmp_path, prefix_attention):
 
 
 def test_gpu_defaults_for_all_of_mmlu():
-    """All 14,042 questions on a GPU: batches capped by count and tokens, tokenising in workers, and the blocks run
-    eagerly unless asked (the compiled graph scored no faster at that size, and compiling costs ~25 s)."""
+    """All 14,042 questions on a GPU: batches capped by count and tokens, tokenising in workers, and lm-eval's
+    protocol through the compiled graph (it pays for its compile there), FlagPerf's alone eagerly; a CPU, a short
+    evaluation and an explicit choice run as asked or eagerly."""
     opts = MmluOptions(str(TINY_MMLU)).resolve(True, 14042, 100_000)
     assert (opts.batch_size, opts.batch_tokens, opts.kv_tokens) == (256, 16384, 100_000)
-    assert opts.tokenize_workers >= 1 and opts.compiled_graph is False
-    assert MmluOptions(str(TINY_MMLU), compiled_graph=True).resolve(True, 14042, 100_000).compiled_graph is True
+    assert opts.tokenize_workers >= 1 and opts.compiled_graph is True
+
+    def graph(gpu=True, questions=14042, **kw):
+        return MmluOptions(str(TINY_MMLU), **kw).resolve(gpu, questions, 100_000).compiled_graph
+
+    assert graph(protocol="both") is True and graph(protocol="flagperf") is False
+    assert graph(gpu=False) is False and graph(questions=COMPILED_GRAPH_MIN - 1) is False
+    assert graph(questions=COMPILED_GRAPH_MIN) is True
+    assert graph(compiled_graph=False) is False and graph(questions=10, compiled_graph=True) is True
 
 
 def test_length_batches_by_count_tokens_and_padding():

@@ -4,7 +4,7 @@ whole evaluation loop and its outputs (mmlu.json, mmlu.md, mmlu_predictions.json
 The questions and prompts come from data.py, the scores from scoring.py. Speed: worker processes tokenise the next
 subjects while the GPU scores, and the host queues each subject's batches before it reads the previous subject's
 scores back, so the device does not wait for the host between subjects; the blocks run eagerly unless
-``compiled_graph`` asks for the compiled one (one shape-generic graph).
+``compiled_graph`` asks for the compiled one (one shape-generic graph; the default for all of MMLU on a GPU).
 """
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ TOKENIZE_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 PROTOCOLS = ("lm-eval", "flagperf", "both")
+COMPILED_GRAPH_MIN = 10_000
+"""Questions from which a GPU scores lm-eval's protocol (alone or with FlagPerf's) through the compiled evaluation
+graph by default. All of MMLU (14,042) on one H100, side by side: eager 80.9 s, the graph 72.7 s with its cold
+compile (~24 s: the first subject's time, benchmarks/NOTES.md items 98, 108), so the graph pays from ~10,500
+questions on. FlagPerf's protocol alone stays eager: there the graph scored no faster even compiled (item 100)."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,8 @@ class MmluOptions:
     """Worker processes that tokenise while the device scores (None: TOKENIZE_WORKERS from
     BACKGROUND_TOKENIZE_MIN questions, else 0 = tokenise inline)."""
     compiled_graph: bool | None = None
-    """Score with the compiled blocks' evaluation graph where the engine has one (None: no). Off by default: all of
-    MMLU on an H100 scored as fast eagerly as through the graph (FlagPerf's protocol, 68.8 and 68.5 s), which costs
-    ~25 s to compile cold (benchmarks/NOTES.md items 98, 100)."""
+    """Score with the compiled blocks' evaluation graph where the engine has one (None: on a GPU for lm-eval's
+    protocol from COMPILED_GRAPH_MIN questions on, else eager: compiling costs ~24 s cold)."""
     protocol: str = "lm-eval"
     """How questions are asked and scored: lm-eval (lm-evaluation-harness: the four letters' log-likelihoods),
     flagperf (FlagPerf's prompt, length rule and whole-vocabulary argmax: flagperf.py) or both."""
@@ -114,7 +118,8 @@ class MmluOptions:
                        kv_tokens=cap(self.kv_tokens, kv_tokens if gpu else 0),
                        tokenize_workers=cap(self.tokenize_workers,
                                             TOKENIZE_WORKERS if questions >= BACKGROUND_TOKENIZE_MIN else 0),
-                       compiled_graph=cap(self.compiled_graph, False))
+                       compiled_graph=cap(self.compiled_graph, gpu and self.protocol != "flagperf"
+                                          and questions >= COMPILED_GRAPH_MIN))
 
 
 def check_mmlu_options(opts: MmluOptions, model_dir) -> list[Subject]:

@@ -227,7 +227,8 @@ def test_run_records_the_resolved_settings(tmp_path):
     options = {k: v for k, v in c["engine_options"].items() if k != "numerics"}
     assert options == {"attention": "matmul", "fused_projections": False, "compile": False,
                        "compile_mode": "default", "dropout_mask": "philox16", "fp8_grad": None, "fp8_skip": None,
-                       "fp8_recipe": None, "nf4_dequant": None, "activation_checkpointing": "none"}
+                       "fp8_recipe": None, "nf4_dequant": None, "checkpoint_blocks": None,
+                       "activation_checkpointing": "none"}
     assert "fp32 master weights" in c["engine_options"]["numerics"]
     assert c["tf32"] == {"on": False, "why": "preset tiny"} and c["precision"] == "fp32"
 

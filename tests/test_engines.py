@@ -189,7 +189,9 @@ def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
     """--activation-checkpointing block and matmuls: the same loss and adapter gradients as keeping everything (the
     recompute redraws the same dropout masks: dropout 0.05 here), while the forward keeps only the blocks' inputs
     (bytes that autograd saves, counted with saved-tensor hooks); matmuls keeps the blocks' matrix products too,
-    so its backward runs no product twice where block's recomputes every forward product (counted per aten op)."""
+    so its backward runs no product twice where block's recomputes every forward product (counted per aten op).
+    block with --checkpoint-blocks 1 (of 2): the same numbers, and only the first block runs twice (counted by a
+    forward pre-hook), so its memory and recomputed products lie between none's and block's."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountProducts(TorchDispatchMode):
@@ -203,10 +205,14 @@ def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
 
     lora = LoRAConfig(r=4, alpha=16, dropout=0.05)
     ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=8)).long()
-    out = {}
-    for policy in ("none", "block", "matmuls"):
+    out, calls = {}, {}
+    for name in ("none", "block", "matmuls", "block:1"):
+        policy, _, blocks = name.partition(":")
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision=precision, seed=0,
-                           checkpointing=policy)
+                           checkpointing=policy, native=NativeOptions(checkpoint_blocks=int(blocks) if blocks else None))
+        calls[name] = [0] * len(eng.model.layers)
+        for i, layer in enumerate(eng.model.layers):
+            layer.register_forward_pre_hook(lambda *_, i=i, n=calls[name]: n.__setitem__(i, n[i] + 1))
         with torch.no_grad():
             for _, b in eng.adapters().values():
                 b.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
@@ -221,13 +227,36 @@ def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
             loss = eng.loss(ids, ids)
         with CountProducts() as products:
             loss.backward()
-        out[policy] = (loss.item(), torch.cat([p.grad.flatten() for p in eng.trainable_params()]), sum(saved),
-                       products.n)
-    for policy in ("block", "matmuls"):
-        assert out[policy][0] == out["none"][0]
-        torch.testing.assert_close(out[policy][1], out["none"][1], rtol=0, atol=0)
+        out[name] = (loss.item(), torch.cat([p.grad.flatten() for p in eng.trainable_params()]), sum(saved),
+                     products.n)
+    for name in ("block", "matmuls", "block:1"):
+        assert out[name][0] == out["none"][0]
+        torch.testing.assert_close(out[name][1], out["none"][1], rtol=0, atol=0)
     assert out["block"][2] < 0.5 * out["none"][2] and out["matmuls"][2] == out["block"][2]
     assert out["matmuls"][3] == out["none"][3] < out["block"][3]
+    assert calls["none"] == [1, 1] and calls["block"] == [2, 2] and calls["block:1"] == [2, 1]
+    assert out["block"][2] < out["block:1"][2] < out["none"][2]
+    assert out["none"][3] < out["block:1"][3] < out["block"][3]
+
+
+def test_checkpoint_blocks_is_refused_where_it_cannot_apply():
+    """--checkpoint-blocks needs block or matmuls, at most the model's blocks, 0 or more, and the native engine."""
+    from lorabench.config import ConfigError
+    from lorabench.engines import checkpointing_policy
+
+    for policy in ("none", "offload", "adapter-inputs", None):
+        with pytest.raises(ConfigError, match="--checkpoint-blocks 1 applies to --activation-checkpointing block "
+                                              "or matmuls"):
+            checkpointing_policy("native", policy, NativeOptions(checkpoint_blocks=1, compile=True), 0.0, 2)
+    with pytest.raises(ConfigError, match="--checkpoint-blocks 3: the model has 2 decoder blocks; give at most 2"):
+        build_engine("native", SMALL, LoRAConfig(), model_dir=None, device=CPU, precision="fp32", seed=0,
+                     checkpointing="block", native=NativeOptions(checkpoint_blocks=3))
+    with pytest.raises(ConfigError, match="--checkpoint-blocks must be 0 or more"):
+        NativeOptions(checkpoint_blocks=-1)
+    assert checkpointing_policy("native", "matmuls", NativeOptions(checkpoint_blocks=2), 0.0, 2) == "matmuls"
+    with pytest.raises(ConfigError, match="--checkpoint-blocks: native engine tuning; --engine reference"):
+        from lorabench.engines import check_native_flags
+        check_native_flags("reference", NativeOptions(checkpoint_blocks=1))
 
 
 def test_documents_packing_gives_each_document_its_own_logits_and_matches_transformers():

@@ -213,6 +213,12 @@ def test_out_of_memory_names_the_step_the_shape_what_to_try_and_keeps_the_steps_
     assert f"the 3 steps so far are in {d / 'metrics.jsonl'}" in err[0]
     assert [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert not (d / "result.json").exists()
+    calls[0] = 3  # the next micro-batch fails: with only some blocks recomputing, more of them is what to try
+    assert main(FLAGS + ["--run-dir", str(tmp_path / "oom2"), "--activation-checkpointing", "block",
+                         "--checkpoint-blocks", "1"]) == 4
+    err = capsys.readouterr().err
+    assert "--activation-checkpointing block --checkpoint-blocks 1); try" in err
+    assert "or --checkpoint-blocks 2 or more (now 1 of 4 blocks recompute)" in err
 
 
 def test_tensorboard_without_its_package_is_refused_by_name(tmp_path, monkeypatch, capsys):

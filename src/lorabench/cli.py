@@ -81,7 +81,7 @@ LORA_FLAGS = {
                        "comma-separated projections, e.g. q_proj,v_proj"),
 }
 NATIVE_FLAGS = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask", "fp8_grad",
-                "fp8_skip", "fp8_recipe", "nf4_dequant")
+                "fp8_skip", "fp8_recipe", "nf4_dequant", "checkpoint_blocks")
 """NativeOptions fields, each a flag of the same name (kebab-case)."""
 
 
@@ -160,6 +160,10 @@ def _add_native_flags(p: argparse.ArgumentParser):
     g.add_argument("--nf4-dequant", choices=NF4_DEQUANT, help="--precision nf4, nf4-fp8: how each product "
                    "dequantizes its 4-bit weight: triton (one Triton kernel; the default on a GPU) or torch (PyTorch "
                    "ops, fused by --compile; the default elsewhere), the same values bit for bit")
+    g.add_argument("--checkpoint-blocks", type=int, metavar="N", help="--activation-checkpointing block or "
+                   "matmuls: only the first N decoder blocks recompute, the later ones keep every activation "
+                   "(default: all); raise N until the step fits (--memory-budget-gib), each block kept saves its "
+                   "recomputation")
 
 
 def native_options(a):

@@ -100,10 +100,12 @@ def compile_blocks(model: Llama, mode: str | None = None):
     model.eval_layers = tuple(torch.compile(layer, dynamic=True) for layer in model.layers)
 
 
-def apply_checkpointing(model: Llama, policy: str):
+def apply_checkpointing(model: Llama, policy: str, blocks: int | None = None):
     """What the training forward keeps for the backward (config.ACTIVATION_CHECKPOINTING; recompute.py has the
-    policies): the model's forward reads its ``activation_checkpointing``; under "adapter-inputs" each adapter reads
-    its input through lora.fresh in the backward."""
+    policies): the model's forward reads its ``activation_checkpointing`` and, for a recomputing policy, runs the
+    first ``blocks`` decoder blocks under it (None: all); under "adapter-inputs" each adapter reads its input
+    through lora.fresh in the backward."""
     model.activation_checkpointing = policy
+    model.checkpoint_blocks = blocks
     for m in lora_modules(model).values():
         m.fresh_input = policy == "adapter-inputs"

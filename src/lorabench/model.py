@@ -218,6 +218,7 @@ class Llama(nn.Module):
         self.eval_graph_enabled = True  # evaluation may run eval_layers (a short evaluation turns it off)
         self.attention = "sdpa"
         self.activation_checkpointing = "none"
+        self.checkpoint_blocks: int | None = None  # of a recomputing policy: the first this many (None: all)
         """"block": training keeps each decoder block's input only and recomputes the block in the backward."""
         self._window_masks: dict = {}
         """A sliding window's training masks by (length, device): the same for every batch of a length."""
@@ -268,10 +269,12 @@ class Llama(nn.Module):
         with sdpa_priority(self.attention):
             recompute = self.activation_checkpointing in RECOMPUTING and torch.is_grad_enabled() and \
                 kv_caches is None
+            recomputed = len(layers) if self.checkpoint_blocks is None else self.checkpoint_blocks
             chain = []  # offload: the blocks' host copies, each fetched back during the next one's backward
             for i, layer in enumerate(layers):
-                if recompute:  # keep each block's input (and with "matmuls" its products); the backward runs the
-                    # rest of the block again, drawing the same dropout masks (the RNG state is replayed)
+                if recompute and i < recomputed:  # keep each block's input (and with "matmuls" its products); the
+                    # backward runs the rest of the block again, drawing the same dropout masks (the RNG state is
+                    # replayed). The later blocks keep everything: the backward frees theirs before it recomputes
                     x, kv = checkpointed(_under_priority(layer, self.attention), self.activation_checkpointing, x,
                                          cos, sin, attn_mask, None, chain=chain)
                 else:

@@ -47,6 +47,7 @@ RESUME_MAY_DIFFER = {
     "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
               "activation_checkpointing", "memory_budget_gib"),  # memory, not the numbers
     "mmlu": ("tokenize_workers",),
+    "native": ("checkpoint_blocks",),
 }
 """Settings a resumed run may change: where and how it reports, how often it checkpoints, what the backward
 keeps, the memory budget. Every other setting changes the numbers and must equal the checkpointed run's
@@ -70,7 +71,7 @@ def job_fingerprint(plan: Plan, data: Data) -> dict:
     out = {k: v for k, v in asdict(job).items() if k not in skip["job"]}
     out.update({k: v for k, v in asdict(plan.train).items() if k not in skip["train"]})
     out.update({f"lora_{k}": v for k, v in asdict(job.lora).items()})
-    out.update(asdict(plan.native))
+    out.update({k: v for k, v in asdict(plan.native).items() if k not in skip["native"]})
     out["mmlu"] = None if job.mmlu is None else {k: v for k, v in asdict(job.mmlu).items() if k not in skip["mmlu"]}
     out.update(device=str(plan.device), world_size=plan.world, chunks=len(data.train),
                tokens_sha256=hashlib.sha256(np.ascontiguousarray(data.train).tobytes()).hexdigest()[:16])

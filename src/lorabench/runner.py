@@ -247,7 +247,8 @@ def resolve(job: Job) -> Plan:
     nnodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     native = job.native.resolve(precision, device)
     train = replace(train, activation_checkpointing=checkpointing_policy(job.engine, train.activation_checkpointing,
-                                                                         native, job.lora.dropout))
+                                                                         native, job.lora.dropout,
+                                                                         cfg.num_hidden_layers))
     return Plan(job, device, precision, train, tf32, cfg, native, mmlu, subjects, rank, world, nnodes)
 
 

@@ -30,7 +30,8 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
 
         engine = spec(job.engine)
         policy = plan.train.activation_checkpointing
-        shape += f", --activation-checkpointing {policy}"
+        blocks, layers = plan.native.checkpoint_blocks, plan.model_cfg.num_hidden_layers
+        shape += f", --activation-checkpointing {policy}" + ("" if blocks is None else f" --checkpoint-blocks {blocks}")
         held = ""
         if plan.device.type == "cuda":
             total = torch.cuda.get_device_properties(plan.device).total_memory
@@ -39,7 +40,10 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
         tries = []
         if t.batch_size > 1:
             tries.append(f"--batch-size {t.batch_size // 2} --grad-accum {2 * t.grad_accum} (the same global batch)")
-        if policy in ("none", "adapter-inputs") and "block" in engine.checkpointing:
+        if blocks is not None and blocks < layers:
+            tries.append(f"--checkpoint-blocks {min(layers, blocks + max(1, layers // 8))} or more (now {blocks} of "
+                         f"{layers} blocks recompute)")
+        elif policy in ("none", "adapter-inputs") and "block" in engine.checkpointing:
             tries.append("--activation-checkpointing block")
         elif policy == "block" and "offload" in engine.checkpointing:
             tries.append("--activation-checkpointing offload (the blocks' inputs in host memory)")

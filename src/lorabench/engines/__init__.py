@@ -58,12 +58,15 @@ def check_native_flags(name: str, given: NativeOptions):
                               "--engine native)")
 
 
-def checkpointing_policy(name: str, policy: str | None, native: NativeOptions, lora_dropout: float) -> str:
+def checkpointing_policy(name: str, policy: str | None, native: NativeOptions, lora_dropout: float,
+                        layers: int | None = None) -> str:
     """The activation-checkpointing policy engine ``name`` runs: ``policy`` as given (refused where the engine
     lacks it), else the engine's default (the native engine's follows its resolved ``native`` options and the
-    adapters' dropout: native.resolve_checkpointing; the others', "none")."""
+    adapters' dropout, and checks them against the model's ``layers``: native.resolve_checkpointing; the
+    others', "none")."""
     s = spec(name)
-    policy = resolve_checkpointing(policy, native, lora_dropout) if s.can("native-options") else policy or "none"
+    policy = (resolve_checkpointing(policy, native, lora_dropout, layers) if s.can("native-options")
+              else policy or "none")
     s.check_checkpointing(policy)
     return policy
 

@@ -69,6 +69,11 @@ class NativeOptions:
     "triton" (one Triton kernel, bit for bit the same values; the default on a GPU where Triton imports: 1.23x the
     qlora row's speed on an H100, benchmarks/NOTES.md item 91) or "torch" (PyTorch ops, fused into the compiled
     block; the default elsewhere, and what a CPU runs either way)."""
+    checkpoint_blocks: int | None = None
+    """Under a recomputing activation-checkpointing policy (block, matmuls): how many decoder blocks, the first
+    ones, run under it; the later blocks keep every activation, so the memory a card has to spare buys back their
+    recomputation (None: all of them). The first ones: at the end of the forward every kept activation is held
+    either way, and the backward frees the kept blocks' before it recomputes any block (model.py)."""
 
     def __post_init__(self):
         for field, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
@@ -79,6 +84,8 @@ class NativeOptions:
                                       ("fp8-recipe", self.fp8_recipe, FP8_RECIPES)):
             if value is not None and value not in choices:
                 raise ConfigError(f"--{field} {value!r}: choose from {', '.join(choices)}")
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
+            raise ConfigError(f"--checkpoint-blocks must be 0 or more, got {self.checkpoint_blocks}")
         unknown = sorted(set(self.fp8_skip or ()) - set(PROJECTIONS))
         if unknown:
             raise ConfigError(f"--fp8-skip {', '.join(unknown)}: not a block projection; choose from "
@@ -119,15 +126,28 @@ class NativeOptions:
         return resolved
 
 
-def resolve_checkpointing(policy: str | None, options: NativeOptions, lora_dropout: float) -> str:
+def resolve_checkpointing(policy: str | None, options: NativeOptions, lora_dropout: float,
+                          layers: int | None = None) -> str:
     """The native engine's activation-checkpointing policy: ``policy`` as given, else "adapter-inputs" for
     compiled blocks (resolved ``options``) whose adapters have no dropout (the compiled block recomputes those
-    inputs; with dropout every adapter's input is recomputed anyway), else "none"."""
+    inputs; with dropout every adapter's input is recomputed anyway), else "none". Refuses a
+    ``checkpoint_blocks`` the policy does not take or beyond the model's ``layers`` (where given)."""
     policy = policy or ("adapter-inputs" if options.compile and lora_dropout == 0 else "none")
     if policy == "adapter-inputs" and not options.compile:
         raise ConfigError("--activation-checkpointing adapter-inputs works through the compiled blocks' "
                           "recomputation; add --compile (the default on a GPU)")
+    n = options.checkpoint_blocks
+    if n is not None and policy not in PARTIAL_CHECKPOINTING:
+        raise ConfigError(f"--checkpoint-blocks {n} applies to --activation-checkpointing "
+                          f"{' or '.join(PARTIAL_CHECKPOINTING)}, not {policy}")
+    if n is not None and layers is not None and n > layers:
+        raise ConfigError(f"--checkpoint-blocks {n}: the model has {layers} decoder blocks; give at most {layers}")
     return policy
+
+
+PARTIAL_CHECKPOINTING = ("block", "matmuls")
+"""The policies --checkpoint-blocks divides between recomputed and kept blocks (offload's copies are chained
+block to block, so it runs on all of them)."""
 
 
 RESOLVED_BY_DEFAULT = ("attention", "fused_projections", "compile", "compile_mode", "dropout_mask")
@@ -141,7 +161,8 @@ def build(spec, model_cfg: ModelConfig, lora: LoRAConfig, *, model_dir, device, 
     if any(getattr(native, f) is None for f in RESOLVED_BY_DEFAULT):
         native = native.resolve(precision, device)
     return NativeEngine(model_cfg, lora, model_dir=model_dir, device=device, dtype=precision.dtype, seed=seed,
-                        options=native, checkpointing=resolve_checkpointing(checkpointing, native, lora.dropout),
+                        options=native, checkpointing=resolve_checkpointing(checkpointing, native, lora.dropout,
+                                                                            model_cfg.num_hidden_layers),
                         sharder=sharder)
 
 
@@ -187,7 +208,7 @@ class NativeEngine(Engine):
             load_into(model, iter_checkpoint(model_dir), True, str(model_dir))
         model.set_attention(options.attention)
         self.checkpointing = checkpointing
-        apply_checkpointing(model, checkpointing)
+        apply_checkpointing(model, checkpointing, options.checkpoint_blocks)
         self.model = model
         self.set_adapters(canonical_adapters(model_cfg, lora, seed), source="canonical init")
         if options.fused_projections:

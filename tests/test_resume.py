@@ -92,11 +92,12 @@ def test_periodic_checkpoints_resume_from_the_last_one(tmp_path, monkeypatch):
 
 def test_a_run_resumes_under_another_checkpointing_policy(tmp_path, monkeypatch):
     """What the backward keeps is not part of the job: a run stopped (say for memory) resumes with
-    --activation-checkpointing block and ends as the run that never stopped (block recomputes bit for bit)."""
+    --activation-checkpointing block and some --checkpoint-blocks, and ends as the run that never stopped (block
+    recomputes bit for bit)."""
     assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
     d = tmp_path / "stopped"
     stop_after(monkeypatch, tmp_path, 3, ["--run-dir", str(d)])
-    assert main(FLAGS + ["--activation-checkpointing", "block", "--resume", str(d)]) == 0
+    assert main(FLAGS + ["--activation-checkpointing", "block", "--checkpoint-blocks", "3", "--resume", str(d)]) == 0
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
 
 

@@ -274,6 +274,14 @@ def test_variant_flags_are_checked_before_any_row_runs(tmp_path, capsys):
                  "--run-dir", str(tmp_path / "r")]) == 2
     assert "put native in --engines" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    for flags, said in ((["--variant", "ck:--checkpoint-blocks 2"], "--variant ck: --checkpoint-blocks 2 applies to "
+                         "--activation-checkpointing block or matmuls, not none (the default here)"),
+                        (["--activation-checkpointing", "block", "--checkpoint-blocks", "5"],
+                         "--checkpoint-blocks 5: the model has 4 decoder blocks")):
+        assert main(["bench", "--device", "cpu", "--model", "tiny", "--engines", "native", *flags,
+                     "--run-dir", str(tmp_path / "r")]) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
 
 
 def test_bench_skips_rows_an_engine_cannot_run():

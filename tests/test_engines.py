@@ -206,7 +206,7 @@ def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
     lora = LoRAConfig(r=4, alpha=16, dropout=0.05)
     ids = torch.from_numpy(synthetic_chunks(2, 32, SMALL.vocab_size, seed=8)).long()
     out, calls = {}, {}
-    for name in ("none", "block", "matmuls", "block:1"):
+    for name in ("none", "block", "matmuls", "block:1", "block:0", "matmuls:1"):
         policy, _, blocks = name.partition(":")
         eng = build_engine("native", SMALL, lora, model_dir=None, device=CPU, precision=precision, seed=0,
                            checkpointing=policy, native=NativeOptions(checkpoint_blocks=int(blocks) if blocks else None))
@@ -229,14 +229,16 @@ def test_block_checkpointing_gives_the_same_gradients_and_keeps_less(precision):
             loss.backward()
         out[name] = (loss.item(), torch.cat([p.grad.flatten() for p in eng.trainable_params()]), sum(saved),
                      products.n)
-    for name in ("block", "matmuls", "block:1"):
+    for name in ("block", "matmuls", "block:1", "block:0", "matmuls:1"):
         assert out[name][0] == out["none"][0]
         torch.testing.assert_close(out[name][1], out["none"][1], rtol=0, atol=0)
     assert out["block"][2] < 0.5 * out["none"][2] and out["matmuls"][2] == out["block"][2]
     assert out["matmuls"][3] == out["none"][3] < out["block"][3]
-    assert calls["none"] == [1, 1] and calls["block"] == [2, 2] and calls["block:1"] == [2, 1]
-    assert out["block"][2] < out["block:1"][2] < out["none"][2]
-    assert out["none"][3] < out["block:1"][3] < out["block"][3]
+    assert calls["none"] == calls["block:0"] == [1, 1] and calls["block"] == [2, 2] and calls["block:1"] == [2, 1]
+    assert out["block"][2] < out["block:1"][2] < out["none"][2] == out["block:0"][2]
+    assert out["none"][3] < out["block:1"][3] < out["block"][3] and out["block:0"][3] == out["none"][3]
+    assert calls["matmuls:1"] == [2, 1] and out["matmuls:1"][3] == out["none"][3]
+    assert out["matmuls"][2] < out["matmuls:1"][2] < out["none"][2]
 
 
 def test_checkpoint_blocks_is_refused_where_it_cannot_apply():
@@ -244,10 +246,13 @@ def test_checkpoint_blocks_is_refused_where_it_cannot_apply():
     from lorabench.config import ConfigError
     from lorabench.engines import checkpointing_policy
 
-    for policy in ("none", "offload", "adapter-inputs", None):
-        with pytest.raises(ConfigError, match="--checkpoint-blocks 1 applies to --activation-checkpointing block "
-                                              "or matmuls"):
+    for policy in ("none", "offload", "adapter-inputs"):
+        with pytest.raises(ConfigError, match=f"--checkpoint-blocks 1 applies to --activation-checkpointing block "
+                                              f"or matmuls, not {policy}: give --checkpoint-blocks all"):
             checkpointing_policy("native", policy, NativeOptions(checkpoint_blocks=1, compile=True), 0.0, 2)
+    with pytest.raises(ConfigError, match=r"not adapter-inputs \(the default here\): add --activation-checkpointing "
+                                          "block"):
+        checkpointing_policy("native", None, NativeOptions(checkpoint_blocks=1, compile=True), 0.0, 2)
     with pytest.raises(ConfigError, match="--checkpoint-blocks 3: the model has 2 decoder blocks; give at most 2"):
         build_engine("native", SMALL, LoRAConfig(), model_dir=None, device=CPU, precision="fp32", seed=0,
                      checkpointing="block", native=NativeOptions(checkpoint_blocks=3))

@@ -90,14 +90,22 @@ def test_periodic_checkpoints_resume_from_the_last_one(tmp_path, monkeypatch):
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
 
 
-def test_a_run_resumes_under_another_checkpointing_policy(tmp_path, monkeypatch):
+def test_a_run_resumes_under_another_checkpointing_policy(tmp_path, monkeypatch, capsys):
     """What the backward keeps is not part of the job: a run stopped (say for memory) resumes with
     --activation-checkpointing block and some --checkpoint-blocks, and ends as the run that never stopped (block
-    recomputes bit for bit)."""
+    recomputes bit for bit); one started so resumes without them, given --checkpoint-blocks all over the number its
+    config.toml holds."""
     assert main(FLAGS + ["--run-dir", str(tmp_path / "straight")]) == 0
     d = tmp_path / "stopped"
     stop_after(monkeypatch, tmp_path, 3, ["--run-dir", str(d)])
     assert main(FLAGS + ["--activation-checkpointing", "block", "--checkpoint-blocks", "3", "--resume", str(d)]) == 0
+    assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
+    d = tmp_path / "partial"
+    stop_after(monkeypatch, tmp_path, 3, ["--activation-checkpointing", "block", "--checkpoint-blocks", "3",
+                                          "--run-dir", str(d)])
+    assert main(FLAGS + ["--activation-checkpointing", "none", "--resume", str(d)]) == 2
+    assert "give --checkpoint-blocks all" in capsys.readouterr().err
+    assert main(FLAGS + ["--activation-checkpointing", "none", "--checkpoint-blocks", "all", "--resume", str(d)]) == 0
     assert outputs(tmp_path / "straight")[0]["series"]["loss"] == outputs(d)[0]["series"]["loss"]
 
 

@@ -131,7 +131,19 @@ def _add_memory_flags(p: argparse.ArgumentParser):
                    "result.json (CUDA only)")
 
 
-def _add_native_flags(p: argparse.ArgumentParser):
+def _blocks(text) -> int | None:
+    """--checkpoint-blocks: a count, or "all" (None: every block under the policy, also over a config file's N)."""
+    if isinstance(text, int):
+        return text
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of blocks or all") from None
+
+
+def _add_native_flags(p: argparse.ArgumentParser, training: bool = True):
     from .engines.native import COMPILE_MODES
     from .kernels.fp8 import FP8_RECIPES, GRAD_FORMATS
     from .quantized import NF4_DEQUANT
@@ -160,16 +172,17 @@ def _add_native_flags(p: argparse.ArgumentParser):
     g.add_argument("--nf4-dequant", choices=NF4_DEQUANT, help="--precision nf4, nf4-fp8: how each product "
                    "dequantizes its 4-bit weight: triton (one Triton kernel; the default on a GPU) or torch (PyTorch "
                    "ops, fused by --compile; the default elsewhere), the same values bit for bit")
-    g.add_argument("--checkpoint-blocks", type=int, metavar="N", help="--activation-checkpointing block or "
-                   "matmuls: only the first N decoder blocks recompute, the later ones keep every activation "
-                   "(default: all); raise N until the step fits (--memory-budget-gib), each block kept saves its "
-                   "recomputation")
+    if training:
+        g.add_argument("--checkpoint-blocks", type=_blocks, metavar="N|all", help="--activation-checkpointing block "
+                       "or matmuls: only the first N decoder blocks recompute, the later ones keep every activation "
+                       "(default: all); raise N until the step fits (--memory-budget-gib), each block kept saves "
+                       "its recomputation")
 
 
 def native_options(a):
     from .engines import NativeOptions
 
-    return NativeOptions(**{f: getattr(a, f) for f in NATIVE_FLAGS})
+    return NativeOptions(**{f: getattr(a, f, None) for f in NATIVE_FLAGS})
 
 
 def _add_mmlu_flags(p: argparse.ArgumentParser, in_run: bool):
@@ -288,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", type=Path, help="PEFT-format LoRA adapter folder (lorabench's or PEFT's)")
     ev.add_argument("--precision", choices=tuple(PRECISIONS), help="the same precisions as run (default: bf16 on "
                     "GPU, fp32 on CPU)")
-    _add_native_flags(ev)
+    _add_native_flags(ev, training=False)
     ev.add_argument("--run-dir", type=Path, help="output folder, absent or empty (default: a new runs/<time>-eval)")
     ev.add_argument("--overwrite", action="store_true", help="replace a --run-dir that is not empty, whole")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")

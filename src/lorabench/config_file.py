@@ -69,7 +69,7 @@ def defaults_from(parser: argparse.ArgumentParser, table: dict, path: Path) -> d
         if action.type is not None:
             try:
                 value = action.type(value if not isinstance(value, bool) else str(value))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
                 raise ConfigError(f"--config {path}: {key} = {value!r} is not what {flag} takes") from None
         out[dest] = value
     return out

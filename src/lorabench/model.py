@@ -218,8 +218,9 @@ class Llama(nn.Module):
         self.eval_graph_enabled = True  # evaluation may run eval_layers (a short evaluation turns it off)
         self.attention = "sdpa"
         self.activation_checkpointing = "none"
-        self.checkpoint_blocks: int | None = None  # of a recomputing policy: the first this many (None: all)
         """"block": training keeps each decoder block's input only and recomputes the block in the backward."""
+        self.checkpoint_blocks: int | None = None
+        """Of a recomputing policy: the first this many blocks run under it (None: all)."""
         self._window_masks: dict = {}
         """A sliding window's training masks by (length, device): the same for every batch of a length."""
 

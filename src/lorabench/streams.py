@@ -46,7 +46,8 @@ def out_of_memory_message(plan, done: list, where: str | None = None):
         elif policy in ("none", "adapter-inputs") and "block" in engine.checkpointing:
             tries.append("--activation-checkpointing block")
         elif policy == "block" and "offload" in engine.checkpointing:
-            tries.append("--activation-checkpointing offload (the blocks' inputs in host memory)")
+            tries.append("--activation-checkpointing offload" + ("" if blocks is None else " --checkpoint-blocks all")
+                         + " (the blocks' inputs in host memory)")
         if engine.can("fp8-weights") and not plan.precision.weights:
             tries.append("--precision fp8 (Ada/Hopper)" if plan.precision.dtype in (torch.bfloat16, torch.float16)
                          else "--precision bf16")

@@ -32,6 +32,26 @@ def bench_settings(a) -> tuple[dict, dict]:
     return common, native
 
 
+def check_checkpoint_blocks(a, variants: dict[str, dict], model: str):
+    """--checkpoint-blocks, bench's own and each --variant's, against bench's --activation-checkpointing and the
+    model's blocks, once here rather than in every native row's process."""
+    from ..config import MODEL_PRESETS
+    from ..engines import NativeOptions
+    from ..engines.native import resolve_checkpointing
+
+    layers = MODEL_PRESETS[model].num_hidden_layers if model in MODEL_PRESETS else None
+    dropout = 0.05 if a.lora_dropout is None else a.lora_dropout  # (the presets' LoRA dropout)
+    for name, settings in {None: {}, **variants}.items():
+        blocks = settings.get("checkpoint_blocks", a.checkpoint_blocks)
+        compile = settings.get("compile", a.compile)
+        try:
+            resolve_checkpointing(a.activation_checkpointing,
+                                  NativeOptions(checkpoint_blocks=blocks, compile=compile is not False), dropout,
+                                  layers)
+        except ConfigError as e:
+            raise ConfigError(f"{e}" if name is None else f"--variant {name}: {e}") from None
+
+
 def cmd_bench(a) -> int:
     import torch
 
@@ -60,6 +80,7 @@ def cmd_bench(a) -> int:
     for settings in variants.values():  # each variant's settings over bench's own native ones
         native_options(argparse.Namespace(**{k: settings.get(k, getattr(a, k)) for k in NATIVE_FLAGS}))
     model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
+    check_checkpoint_blocks(a, variants, model)
     batch_sizes = [None]
     if a.batch_size is not None:
         try:

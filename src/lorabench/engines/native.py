@@ -132,14 +132,17 @@ def resolve_checkpointing(policy: str | None, options: NativeOptions, lora_dropo
     compiled blocks (resolved ``options``) whose adapters have no dropout (the compiled block recomputes those
     inputs; with dropout every adapter's input is recomputed anyway), else "none". Refuses a
     ``checkpoint_blocks`` the policy does not take or beyond the model's ``layers`` (where given)."""
+    given = policy
     policy = policy or ("adapter-inputs" if options.compile and lora_dropout == 0 else "none")
     if policy == "adapter-inputs" and not options.compile:
         raise ConfigError("--activation-checkpointing adapter-inputs works through the compiled blocks' "
                           "recomputation; add --compile (the default on a GPU)")
     n = options.checkpoint_blocks
     if n is not None and policy not in PARTIAL_CHECKPOINTING:
+        how = (" (the default here): add --activation-checkpointing block" if given is None else
+               ": give --checkpoint-blocks all (a resumed run takes the number from its config.toml)")
         raise ConfigError(f"--checkpoint-blocks {n} applies to --activation-checkpointing "
-                          f"{' or '.join(PARTIAL_CHECKPOINTING)}, not {policy}")
+                          f"{' or '.join(PARTIAL_CHECKPOINTING)}, not {policy}{how}")
     if n is not None and layers is not None and n > layers:
         raise ConfigError(f"--checkpoint-blocks {n}: the model has {layers} decoder blocks; give at most {layers}")
     return policy

@@ -6,6 +6,7 @@ import argparse
 import re
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .. import rundir
@@ -32,24 +33,20 @@ def bench_settings(a) -> tuple[dict, dict]:
     return common, native
 
 
-def check_checkpoint_blocks(a, variants: dict[str, dict], model: str):
-    """--checkpoint-blocks, bench's own and each --variant's, against bench's --activation-checkpointing and the
-    model's blocks, once here rather than in every native row's process."""
+def check_checkpoint_blocks(a, options, model: str, variant: str | None = None):
+    """A native row's ``options`` (bench's own, or --variant ``variant``'s) against bench's
+    --activation-checkpointing and the model's blocks (--checkpoint-blocks), once here rather than in every native
+    row's process."""
     from ..config import MODEL_PRESETS
-    from ..engines import NativeOptions
     from ..engines.native import resolve_checkpointing
 
     layers = MODEL_PRESETS[model].num_hidden_layers if model in MODEL_PRESETS else None
     dropout = 0.05 if a.lora_dropout is None else a.lora_dropout  # (the presets' LoRA dropout)
-    for name, settings in {None: {}, **variants}.items():
-        blocks = settings.get("checkpoint_blocks", a.checkpoint_blocks)
-        compile = settings.get("compile", a.compile)
-        try:
-            resolve_checkpointing(a.activation_checkpointing,
-                                  NativeOptions(checkpoint_blocks=blocks, compile=compile is not False), dropout,
-                                  layers)
-        except ConfigError as e:
-            raise ConfigError(f"{e}" if name is None else f"--variant {name}: {e}") from None
+    try:  # compile unset: on, as on the GPU that bench runs on
+        resolve_checkpointing(a.activation_checkpointing, replace(options, compile=options.compile is not False),
+                              dropout, layers)
+    except ConfigError as e:
+        raise ConfigError(f"{e}" if variant is None else f"--variant {variant}: {e}") from None
 
 
 def cmd_bench(a) -> int:
@@ -73,14 +70,14 @@ def cmd_bench(a) -> int:
         raise ConfigError(f"--timeout {a.timeout}: give the seconds a row may take, more than 0")
     if a.seq_len is not None and a.seq_len < 2:
         raise ConfigError(f"--seq-len {a.seq_len}: a sequence needs at least 2 tokens (one input, one target)")
-    native_options(a)  # a bad combination fails here, not in every row
+    model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
+    check_checkpoint_blocks(a, native_options(a), model)  # a bad combination fails here, not in every row
     variants = parse_variants(a.variant)
     if variants and "native" not in engines:
         raise ConfigError("--variant adds native rows beside the plain native one: put native in --engines")
-    for settings in variants.values():  # each variant's settings over bench's own native ones
-        native_options(argparse.Namespace(**{k: settings.get(k, getattr(a, k)) for k in NATIVE_FLAGS}))
-    model = a.model or ("llama2-7b" if torch.cuda.is_available() and a.device != "cpu" else "tiny")
-    check_checkpoint_blocks(a, variants, model)
+    for name, settings in variants.items():  # each variant's settings over bench's own native ones
+        options = native_options(argparse.Namespace(**{k: settings.get(k, getattr(a, k)) for k in NATIVE_FLAGS}))
+        check_checkpoint_blocks(a, options, model, name)
     batch_sizes = [None]
     if a.batch_size is not None:
         try:
